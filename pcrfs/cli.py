@@ -1,0 +1,260 @@
+"""The `pcrfs` command line."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .units import format_size, parse_size
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"pcrfs: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _open(store: str):
+    from .store.reader import StoreError, open_store
+
+    try:
+        return open_store(store)
+    except StoreError as e:
+        _fail(str(e))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pcrfs")
+def main() -> None:
+    """pcrfs: image datasets as Progressive Compressed Records, served as a filesystem.
+
+    \b
+    Typical use:
+      pcrfs convert ~/data/imagenet/train /data/train.pcr   # once, lossless for JPEGs
+      pcrfs mount /data/train.pcr /mnt/train                # views /mnt/train/scan1 ... /full
+      python train.py --data /mnt/train/scan5               # any unmodified loader
+    """
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("-j", "--workers", type=click.IntRange(1), default=None,
+              help="Parallel transcoding threads [default: all cores].")
+@click.option("--record-size", type=SIZE, default="64M", show_default=True,
+              help="Target size of each record file.")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
+              help="JPEG quality for re-encoding non-JPEG inputs (JPEGs are never re-encoded).")
+@click.option("--non-jpeg", type=click.Choice(["encode", "skip", "fail"]), default="encode", show_default=True,
+              help="What to do with PNG/WebP/BMP/TIFF/GIF... inputs.")
+@click.option("--keep-metadata", is_flag=True, help="Keep EXIF/ICC/comment markers (dropped by default).")
+@click.option("--max-pixels", type=click.IntRange(1), default=178_956_970, show_default=True,
+              help="Refuse images with more pixels than this (decompression bombs).")
+@click.option("--skip-bad", is_flag=True,
+              help="Exit 0 even if some files could not be converted (they are listed in the report).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at STORE.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def convert(src: Path, store: Path, workers, record_size, quality, non_jpeg, keep_metadata, max_pixels,
+            skip_bad, overwrite, quiet) -> None:
+    """Convert the image tree SRC into a PCR store at STORE.
+
+    SRC is an image tree such as torchvision's ImageFolder layout (class/img.jpg);
+    any nesting works and relative paths are kept exactly. JPEGs are transcoded
+    losslessly to progressive JPEG (identical pixels at full fidelity); other image
+    formats are encoded at --quality and marked as re-encoded. SRC is never modified.
+
+    Interrupted conversions (Ctrl-C, kill, full disk) resume when the same command
+    is run again. Files that cannot be converted are listed in STORE/report.json;
+    the command then exits 1 unless --skip-bad is given.
+    """
+    from tqdm import tqdm
+
+    from .convert import StoreExists, convert as run_convert, list_sources
+    from .jpeg.transcode import TranscodeOptions
+    from .jpeg.turbojpeg import TurboJPEGUnavailable
+    from .store.writer import ResumeMismatch
+
+    opts = TranscodeOptions(keep_metadata=keep_metadata, quality=quality, non_jpeg=non_jpeg, max_pixels=max_pixels)
+    if not quiet:
+        click.echo(f"Listing {src} ...", err=True)
+    listing = list_sources(src)
+    bar = None
+
+    def on_start(total: int, done: int) -> None:
+        nonlocal bar
+        if done:
+            click.echo(f"Resuming an interrupted conversion: {done} of {total} files already done.", err=True)
+        if not quiet:
+            bar = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True, desc="convert",
+                       file=sys.stderr, smoothing=0.1)
+            bar.bytes = 0
+
+    def on_progress(n: int, nbytes: int) -> None:
+        if bar is not None:
+            bar.bytes += nbytes
+            bar.update(n)
+            elapsed = bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix_str(f"{bar.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+
+    try:
+        result = run_convert(src, store, opts=opts, workers=workers, record_bytes=record_size,
+                             overwrite=overwrite, listing=listing, on_start=on_start, on_progress=on_progress)
+    except KeyboardInterrupt:
+        if bar:
+            bar.close()
+        _fail("interrupted; run the same command again to resume", 130)
+    except (StoreExists, ResumeMismatch, ValueError, FileNotFoundError, TurboJPEGUnavailable) as e:
+        _fail(str(e))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            _fail(f"no space left on the device holding {store}; free some and run the same command "
+                  "again to resume (finished records are kept)")
+        _fail(f"{e.filename or store}: {e.strerror or e}")
+    finally:
+        if bar:
+            bar.close()
+    ratio = result.bytes_out / result.bytes_in if result.bytes_in else 0
+    click.echo(
+        f"{result.images} images in {result.manifest['num_records']} records, {result.manifest['num_groups']} scan groups; "
+        f"{format_size(result.bytes_in)} read, {format_size(result.bytes_out)} stored ({ratio:.1%}) "
+        f"in {result.seconds:.1f}s; {result.reencoded} re-encoded, {len(result.skipped)} skipped, "
+        f"{len(result.bad)} bad.", err=True)
+    for p in result.bad[:20]:
+        click.echo(f"  bad: {p['path']}: {p['reason']}", err=True)
+    if len(result.bad) > 20:
+        click.echo(f"  ... {len(result.bad) - 20} more in {store / 'report.json'}", err=True)
+    if result.bad and not skip_bad:
+        _fail(f"{len(result.bad)} file(s) could not be converted (see {store / 'report.json'}); "
+              "the store holds the others. Use --skip-bad to accept this.")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(store: str, as_json: bool) -> None:
+    """Show counts, classes, scan groups and the bytes each fidelity view needs."""
+    from .store.verify import cumulative_fractions
+
+    s = _open(store)
+    m = s.manifest
+    fractions = cumulative_fractions(s)
+    summary = {
+        "store": str(store), "format_version": m["format_version"], "pcrfs_version": m.get("pcrfs_version"),
+        "created": m.get("created"), "images": m["num_images"], "classes": len(m.get("classes", [])),
+        "records": m["num_records"], "scan_groups": m["num_groups"], "stored_bytes": m.get("total_bytes"),
+        "reencoded": int((s.index.images["flags"] & 1).sum()), "options": m.get("options"),
+        "views": fractions,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"store        {store}")
+    click.echo(f"images       {summary['images']} in {summary['classes']} classes, {summary['records']} records "
+               f"({summary['reencoded']} re-encoded)")
+    click.echo(f"stored       {format_size(summary['stored_bytes'] or 0)}, {summary['scan_groups']} scan groups")
+    click.echo("")
+    click.echo(f"{'view':>6}  {'bytes':>12}  {'of full':>8}")
+    for v in fractions:
+        click.echo(f"{'scan' + str(v['k']):>6}  {format_size(v['bytes']):>12}  {v['fraction']:>8.1%}")
+
+
+@main.command()
+@click.argument("store")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def verify(store: str, quiet: bool) -> None:
+    """Check every scan group's checksum and the store structure.
+
+    Names each damaged image and group; exits 1 if anything is wrong.
+    """
+    from tqdm import tqdm
+
+    from .store.verify import verify_store
+
+    s = _open(store)
+    total = int(s.index.records["size"].sum()) if len(s.index.records) else 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=quiet, file=sys.stderr) as bar:
+        damage = verify_store(s, on_record=bar.update)
+    for d in damage:
+        click.echo(f"DAMAGED {d}")
+    if damage:
+        _fail(f"{len(damage)} problem(s) found in {store}")
+    click.echo(f"OK: {s.num_images} images, {len(s.index.records)} records, all checksums match", err=True)
+
+
+@main.command()
+@click.argument("store")
+@click.argument("path")
+@click.option("-k", "--scan", "k", type=click.IntRange(1), default=None,
+              help="Number of scan groups (fidelity) [default: full].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here instead of standard output.")
+def get(store: str, path: str, k, output) -> None:
+    """Extract the image at PATH (relative, as in the source tree) at fidelity --scan."""
+    from .store.reader import CorruptData
+
+    s = _open(store)
+    k = k or s.num_groups
+    if k > s.num_groups:
+        _fail(f"--scan must be at most {s.num_groups} for this store")
+    try:
+        data = s.read(path, k)
+    except KeyError:
+        _fail(f"no image {path!r} in {store}")
+    except CorruptData as e:
+        _fail(str(e))
+    if output is None:
+        if sys.stdout.isatty():
+            _fail("refusing to write JPEG bytes to a terminal; use -o FILE or a pipe")
+        sys.stdout.buffer.write(data)
+    else:
+        output.write_bytes(data)
+
+
+@main.command("make-demo")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--per-class", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_demo_cmd(dest: Path, per_class: int, seed: int) -> None:
+    """Write the demo dataset (real photographs, ImageFolder layout) to DEST."""
+    from .demo import make_demo
+
+    try:
+        summary = make_demo(dest, per_class=per_class, seed=seed, progress=True)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    click.echo(f"{summary.count} JPEGs in {len(summary.classes)} classes, "
+               f"{format_size(summary.total_bytes)} in {dest}", err=True)
+
+
+def _register_optional() -> None:
+    """Commands that live with their subsystem (mount, umount, stats, demo tour)."""
+    try:
+        from .fuse.commands import register
+    except ImportError:
+        return
+    register(main)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""`pcrfs convert`: an image tree in, a PCR store out; the source is only ever read.
+
+Images are processed in a fixed order (sorted path components) by a thread pool
+(the libjpeg-turbo transform and Pillow release the GIL) and written by one
+writer in that same order, so the store is identical whatever the worker count,
+and a re-run resumes after the last finished record.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .jpeg.transcode import BadImage, SkippedImage, TranscodeOptions, transcode
+from .store import format as fmt
+from .store.writer import ImageEntry, Problem, StoreWriter
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    rel: str        # '/'-separated path relative to the source root
+    abs: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Listing:
+    files: list[SourceFile] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # found while walking (unreadable dirs, ...)
+
+
+def _inside(path: str, root_real: str) -> bool:
+    return path == root_real or path.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def list_sources(src: Path) -> Listing:
+    """Every regular file under ``src`` in store order.
+
+    Hidden entries (dot-names) are ignored. Symlinks to files are followed only if
+    their target lies inside ``src``; symlinked directories are never followed (no
+    loops, no escapes). Both are reported, never silently dropped.
+    """
+    listing = Listing()
+    root_real = os.path.realpath(src)
+
+    def walk(directory: str, rel_parts: tuple[str, ...]) -> Iterator[None]:
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            listing.problems.append(Problem("/".join(rel_parts) or ".", f"cannot list directory: {e.strerror}"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = "/".join(rel_parts + (entry.name,))
+            try:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if os.path.isdir(target):
+                        listing.problems.append(Problem(rel, "symlinked directory not followed", "skipped"))
+                        continue
+                    if not _inside(target, root_real):
+                        listing.problems.append(Problem(rel, "symlink points outside the source tree"))
+                        continue
+                st = os.stat(entry.path)
+            except OSError as e:
+                listing.problems.append(Problem(rel, f"cannot stat: {e.strerror}"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                yield from walk(entry.path, rel_parts + (entry.name,))
+            elif stat.S_ISREG(st.st_mode):
+                listing.files.append(SourceFile(rel, entry.path, st.st_size, st.st_mtime_ns))
+                yield None
+            else:
+                listing.problems.append(Problem(rel, "not a regular file", "skipped"))
+
+    for _ in walk(str(src), ()):
+        pass
+    listing.files.sort(key=lambda f: fmt.path_sort_key(f.rel))
+    return listing
+
+
+def _process(sf: SourceFile, opts: TranscodeOptions) -> ImageEntry | Problem:
+    """Read and transcode one source file; every failure becomes a Problem."""
+    try:
+        with open(sf.abs, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except OSError as e:
+        return Problem(sf.rel, f"cannot read: {e.strerror}")
+    try:
+        out = transcode(data, opts)
+    except SkippedImage as e:
+        return Problem(sf.rel, f"non-JPEG input skipped ({e})", "skipped")
+    except BadImage as e:
+        return Problem(sf.rel, str(e))
+    except MemoryError:
+        return Problem(sf.rel, "out of memory while transcoding")
+    flags = fmt.FLAG_REENCODED if out.reencoded else 0
+    return ImageEntry(sf.rel, st.st_size, st.st_mtime_ns, flags, out.groups)
+
+
+@dataclass
+class ConvertResult:
+    images: int
+    bad: list[dict]
+    skipped: list[dict]
+    reencoded: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    resumed_from: int  # source files already done by an earlier, interrupted run
+    manifest: dict
+
+
+class StoreExists(RuntimeError):
+    pass
+
+
+def fingerprint(listing: Listing, opts: TranscodeOptions, record_bytes: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"opts": asdict(opts), "record_bytes": record_bytes,
+                         "format": fmt.FORMAT_VERSION}, sort_keys=True).encode())
+    for f in listing.files:
+        h.update(fmt.encode_path(f.rel) + b"\0" + f"{f.size}:{f.mtime_ns}".encode() + b"\n")
+    return h.hexdigest()
+
+
+def prepare_target(store: Path, overwrite: bool) -> None:
+    """Refuse to clobber a finished store; with ``overwrite`` remove an old one."""
+    if not store.exists():
+        return
+    if not store.is_dir():
+        raise StoreExists(f"{store} exists and is not a directory")
+    is_store = (store / fmt.MANIFEST).exists() or (store / fmt.PARTIAL_DIR).exists()
+    if overwrite and is_store:
+        shutil.rmtree(store)
+        return
+    if (store / fmt.MANIFEST).exists():
+        raise StoreExists(f"{store} already holds a finished store; use --overwrite to replace it")
+    if not is_store and any(store.iterdir()):
+        raise StoreExists(f"{store} exists, is not empty and is not a PCR store; refusing to write into it")
+
+
+ProgressFn = Callable[[int, int], None]  # (images done, bytes read) increments
+
+
+def convert(src: Path, store: Path, *, opts: TranscodeOptions = TranscodeOptions(), workers: int | None = None,
+            record_bytes: int = fmt.DEFAULT_RECORD_BYTES, overwrite: bool = False,
+            listing: Listing | None = None, on_start: Callable[[int, int], None] | None = None,
+            on_progress: ProgressFn | None = None) -> ConvertResult:
+    """Convert the image tree ``src`` into a store at ``store``.
+
+    ``on_start(total, already_done)`` and ``on_progress(n, bytes)`` drive a progress bar.
+    """
+    src, store = Path(src), Path(store)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source {src} is not a directory")
+    if _inside(os.path.realpath(store), os.path.realpath(src)):
+        raise ValueError("the store must not be inside the source tree (the source is never modified)")
+    t0 = time.monotonic()
+    listing = listing or list_sources(src)
+    prepare_target(store, overwrite)
+    writer = StoreWriter(store, record_bytes)
+    writer.start(fingerprint(listing, opts, record_bytes))
+    start = writer.sources_consumed
+    todo = listing.files[start:]
+    if on_start:
+        on_start(len(listing.files), start)
+    workers = workers or os.cpu_count() or 1
+    window = workers * 4  # bounded in-flight work keeps memory flat whatever the dataset size
+    bytes_in = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pcrfs-convert") as pool:
+        pending: deque[tuple[int, SourceFile, Future]] = deque()
+        it = iter(enumerate(todo, start=start))
+        try:
+            for _ in range(window):
+                pos_sf = next(it, None)
+                if pos_sf is None:
+                    break
+                pending.append((pos_sf[0], pos_sf[1], pool.submit(_process, pos_sf[1], opts)))
+            while pending:
+                pos, sf, fut = pending.popleft()
+                result = fut.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt[0], nxt[1], pool.submit(_process, nxt[1], opts)))
+                if isinstance(result, Problem):
+                    writer.add_problem(result)
+                else:
+                    writer.add(result, source_end=pos + 1)
+                bytes_in += sf.size
+                if on_progress:
+                    on_progress(1, sf.size)
+        except BaseException:
+            for _, _, fut in pending:
+                fut.cancel()
+            raise
+    writer.finish_sources(len(listing.files))
+    manifest = writer.finalize({
+        "record_target_bytes": record_bytes,
+        "options": {"keep_metadata": opts.keep_metadata, "quality": opts.quality,
+                    "non_jpeg": opts.non_jpeg, "max_pixels": opts.max_pixels},
+    }, extra_problems=listing.problems)
+    report = json.loads((store / fmt.REPORT).read_text())
+    return ConvertResult(
+        images=manifest["num_images"], bad=report["bad"], skipped=report["skipped"],
+        reencoded=report["reencoded"], bytes_in=bytes_in, bytes_out=manifest["total_bytes"],
+        seconds=time.monotonic() - t0, resumed_from=start, manifest=manifest)
