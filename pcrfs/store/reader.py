@@ -20,6 +20,7 @@ from typing import Iterator, Union
 import numpy as np
 import yaml
 
+from ..cache import ByteLRU
 from ..jpeg.scans import EOI_BYTES
 from . import format as fmt
 from .index import Index, IndexError_
@@ -56,6 +57,8 @@ class RecordFiles:
         self._sizes = record_sizes
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
+        self.requests = 0  # counters for the mount's stats file
+        self.bytes_read = 0
 
     def _fd(self, record: int) -> int:
         fd = self._fds.get(record)
@@ -78,6 +81,9 @@ class RecordFiles:
 
     def read(self, record: int, offset: int, length: int) -> bytes:
         data = os.pread(self._fd(record), length, offset)
+        with self._lock:
+            self.requests += 1
+            self.bytes_read += len(data)
         if len(data) != length:
             raise CorruptData(f"record {record}: short read at {offset} ({len(data)} of {length} bytes)")
         return data
@@ -92,8 +98,9 @@ class RecordFiles:
 class Store:
     """A read-only PCR store."""
 
-    def __init__(self, root: Path, manifest: dict, index: Index) -> None:
+    def __init__(self, root: Path, manifest: dict, index: Index, cache: ByteLRU | None = None) -> None:
         self.root = root
+        self.cache = cache  # verified groups, keyed (image, group)
         self.manifest = manifest
         self.index = index
         self.records = RecordFiles(root, np.asarray(index.records["size"]))
@@ -186,10 +193,16 @@ class Store:
     # ---- reading -------------------------------------------------------------
 
     def _read_group(self, i: int, rng: GroupRange) -> bytes:
+        if self.cache is not None:
+            data = self.cache.get((i, rng.group))
+            if data is not None:
+                return data
         data = self.records.read(rng.record, rng.offset, rng.length)
         if zlib.crc32(data) != rng.crc32:
             raise CorruptData(f"{self.path(i)}: scan group {rng.group} fails its CRC-32 check "
                               f"(record {rng.record}, offset {rng.offset})")
+        if self.cache is not None:
+            self.cache.put((i, rng.group), data)
         return data
 
     def read(self, image: ImageRef, k: int) -> bytes:
@@ -262,11 +275,12 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def open_store(location: str | os.PathLike, verify_index: bool = True) -> Store:
+def open_store(location: str | os.PathLike, verify_index: bool = True, cache_bytes: int = 0) -> Store:
     """Open the store at ``location`` read-only.
 
     With ``verify_index`` (the default) the index files are checked against the
     CRC-32s in the manifest, so a damaged index is refused rather than trusted.
+    ``cache_bytes`` > 0 keeps that many bytes of recently read scan groups in memory.
     """
     root = Path(location)
     manifest = read_manifest(root)
@@ -276,4 +290,4 @@ def open_store(location: str | os.PathLike, verify_index: bool = True) -> Store:
         raise StoreError(str(e)) from e
     if index.num_images != manifest["num_images"] or len(index.records) != manifest["num_records"]:
         raise StoreError(f"{root}: index and manifest disagree on the image or record count")
-    return Store(root, manifest, index)
+    return Store(root, manifest, index, ByteLRU(cache_bytes) if cache_bytes > 0 else None)

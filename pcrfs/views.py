@@ -1,0 +1,260 @@
+"""Fidelity views over a store: the filesystem tree the mount serves.
+
+``/scan1`` ... ``/scanN`` mirror the source tree with each image cut after k scan
+groups; ``/full`` is the full-fidelity view; ``/.pcrfs/stats`` holds counters.
+This layer is plain Python (no FUSE): the FUSE adapter, tests and tools use it.
+
+Directory listings are built once per directory from the index's directory
+ranges and kept in a small LRU, so nothing per image is created at mount time.
+"""
+from __future__ import annotations
+
+import json
+import stat as st
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Union
+
+from .store.reader import Store
+
+STATS_DIR = ".pcrfs"
+STATS_FILE = "stats"
+FULL_VIEW = "full"
+FILE_MODE = st.S_IFREG | 0o444
+DIR_MODE = st.S_IFDIR | 0o555
+
+
+@dataclass(frozen=True)
+class View:
+    name: str
+    k: int  # scan groups served
+
+
+@dataclass(frozen=True)
+class Attr:
+    mode: int
+    size: int
+    mtime_ns: int
+    ino: int
+    nlink: int = 1
+
+    @property
+    def is_dir(self) -> bool:
+        return st.S_ISDIR(self.mode)
+
+
+@dataclass(frozen=True)
+class DirNode:
+    view: View | None  # None for the root and the stats directory
+    dir_id: int        # index into the store's directory table (-1: root, -2: stats dir)
+
+
+@dataclass(frozen=True)
+class FileNode:
+    view: View
+    image: int
+
+
+@dataclass(frozen=True)
+class StatsNode:
+    pass
+
+
+Node = Union[DirNode, FileNode, StatsNode]
+
+
+class Listing:
+    """One source directory: its subdirectories and files (name -> image)."""
+
+    __slots__ = ("subdirs", "files")
+
+    def __init__(self, subdirs: dict[str, int], files: dict[str, int]) -> None:
+        self.subdirs = subdirs
+        self.files = files
+
+
+class ViewCounters:
+    """Per-view counters for the stats file (opens and bytes served)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._lock = threading.Lock()
+        self.opened = {n: 0 for n in names}
+        self.served = {n: 0 for n in names}
+
+    def open(self, view: str) -> None:
+        with self._lock:
+            self.opened[view] += 1
+
+    def serve(self, view: str, n: int) -> None:
+        with self._lock:
+            self.served[view] += n
+
+
+class ViewTree:
+    """Resolve, list, stat and read paths of the mounted tree."""
+
+    def __init__(self, store: Store, listing_cache: int = 256) -> None:
+        self.store = store
+        n = store.num_groups
+        self.views: dict[str, View] = {f"scan{k}": View(f"scan{k}", k) for k in range(1, n + 1)}
+        if n:
+            self.views[FULL_VIEW] = View(FULL_VIEW, n)
+        self._view_slot = {name: slot for slot, name in enumerate(self.views)}
+        index = store.index
+        self._dir_names = [index.dirs[d] for d in range(len(index.dirs))]
+        self._dir_ids = {name: d for d, name in enumerate(self._dir_names)}
+        self._ranges = [(int(a), int(b)) for a, b in index.dir_ranges]
+        self._children: dict[int, list[int]] = {}
+        for d, name in enumerate(self._dir_names):
+            if name:
+                parent = name.rsplit("/", 1)[0] if "/" in name else ""
+                self._children.setdefault(self._dir_ids[parent], []).append(d)
+        self._listings: OrderedDict[int, Listing] = OrderedDict()
+        self._listing_cap = listing_cache
+        self._lock = threading.Lock()
+        self.counters = ViewCounters(list(self.views))
+        self.mtime_ns = int(time.time_ns())
+        self._per_view = 2 + len(self._dir_names) + store.num_images
+        self.started = time.time()
+
+    # ---- directory listings ----------------------------------------------------
+
+    def listing(self, dir_id: int) -> Listing:
+        with self._lock:
+            hit = self._listings.get(dir_id)
+            if hit is not None:
+                self._listings.move_to_end(dir_id)
+                return hit
+        listing = self._build_listing(dir_id)
+        with self._lock:
+            self._listings[dir_id] = listing
+            while len(self._listings) > self._listing_cap:
+                self._listings.popitem(last=False)
+        return listing
+
+    def _build_listing(self, dir_id: int) -> Listing:
+        name = self._dir_names[dir_id]
+        subdirs = {}
+        covered = []
+        for child in self._children.get(dir_id, []):
+            subdirs[self._dir_names[child].rsplit("/", 1)[-1]] = child
+            covered.append(self._ranges[child])
+        covered.sort()
+        first, end = self._ranges[dir_id]
+        files = {}
+        prefix_len = len(name) + 1 if name else 0
+        paths = self.store.index.paths
+        pos = first
+        for a, b in covered + [(end, end)]:
+            for i in range(pos, a):
+                files[paths[i][prefix_len:]] = i
+            pos = max(pos, b)
+        return Listing(subdirs, files)
+
+    # ---- resolution ------------------------------------------------------------
+
+    def resolve(self, path: str) -> Node:
+        """The node at an absolute mount path; FileNotFoundError if none."""
+        parts = [p for p in path.split("/") if p]
+        if not parts:
+            return DirNode(None, -1)
+        if parts[0] == STATS_DIR:
+            if len(parts) == 1:
+                return DirNode(None, -2)
+            if len(parts) == 2 and parts[1] == STATS_FILE:
+                return StatsNode()
+            raise FileNotFoundError(path)
+        view = self.views.get(parts[0])
+        if view is None:
+            raise FileNotFoundError(path)
+        dir_id = self._dir_ids.get("")
+        if dir_id is None:  # empty store
+            if len(parts) == 1:
+                return DirNode(view, -3)
+            raise FileNotFoundError(path)
+        for depth, part in enumerate(parts[1:], start=1):
+            listing = self.listing(dir_id)
+            sub = listing.subdirs.get(part)
+            if sub is not None:
+                dir_id = sub
+                continue
+            image = listing.files.get(part)
+            if image is not None and depth == len(parts) - 1:
+                return FileNode(view, image)
+            raise FileNotFoundError(path)
+        return DirNode(view, dir_id)
+
+    # ---- attributes --------------------------------------------------------------
+
+    def _ino(self, view: View | None, offset: int) -> int:
+        if view is None:
+            return 1 + offset
+        return 16 + self._view_slot[view.name] * self._per_view + offset
+
+    def attr(self, node: Node) -> Attr:
+        if isinstance(node, FileNode):
+            s = self.store
+            return Attr(FILE_MODE, s.size(node.image, node.view.k), s.source_mtime_ns(node.image),
+                        self._ino(node.view, 1 + len(self._dir_names) + node.image))
+        if isinstance(node, StatsNode):
+            return Attr(FILE_MODE, len(self.stats_bytes()), time.time_ns(), self._ino(None, 2))
+        if node.view is None:
+            ino = self._ino(None, 0 if node.dir_id == -1 else 1)
+        else:
+            ino = self._ino(node.view, max(node.dir_id, 0))
+        return Attr(DIR_MODE, 0, self.mtime_ns, ino, nlink=2)
+
+    def getattr(self, path: str) -> Attr:
+        return self.attr(self.resolve(path))
+
+    def readdir(self, path: str) -> list[tuple[str, Attr]]:
+        """Entries of a directory with their attributes (one call serves `ls -l`)."""
+        node = self.resolve(path)
+        if not isinstance(node, DirNode):
+            raise NotADirectoryError(path)
+        if node.view is None and node.dir_id == -1:
+            out = [(name, self.attr(DirNode(v, max(self._dir_ids.get("", 0), 0))))
+                   for name, v in self.views.items()]
+            out.append((STATS_DIR, self.attr(DirNode(None, -2))))
+            return out
+        if node.view is None:
+            return [(STATS_FILE, self.attr(StatsNode()))]
+        if node.dir_id < 0:
+            return []
+        listing = self.listing(node.dir_id)
+        out = [(name, self.attr(DirNode(node.view, d))) for name, d in listing.subdirs.items()]
+        out += [(name, self.attr(FileNode(node.view, i))) for name, i in listing.files.items()]
+        return out
+
+    # ---- reading -----------------------------------------------------------------
+
+    def read(self, node: FileNode | StatsNode, offset: int, size: int) -> bytes:
+        if isinstance(node, StatsNode):
+            return self.stats_bytes()[offset:offset + size]
+        data = self.store.read_at(node.image, node.view.k, offset, size)
+        self.counters.serve(node.view.name, len(data))
+        return data
+
+    def opened(self, node: FileNode) -> None:
+        self.counters.open(node.view.name)
+
+    # ---- stats -----------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        rec = self.store.records
+        cache = self.store.cache
+        return {
+            "store": str(self.store.root),
+            "uptime_s": round(time.time() - self.started, 3),
+            "views": {name: {"opened": self.counters.opened[name], "bytes_served": self.counters.served[name]}
+                      for name in self.views},
+            "store_reads": {"requests": rec.requests, "bytes": rec.bytes_read},
+            "cache": {"capacity": cache.capacity if cache else 0, "bytes": cache.nbytes if cache else 0,
+                      "hits": cache.hits if cache else 0, "misses": cache.misses if cache else 0},
+            "listings_cached": len(self._listings),
+        }
+
+    def stats_bytes(self) -> bytes:
+        return (json.dumps(self.stats(), indent=1) + "\n").encode()
