@@ -17,6 +17,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Union
 
+import numpy as np
+
+from .jpeg.scans import EOI_BYTES
+from .store import format as fmt
 from .store.reader import Store
 
 STATS_DIR = ".pcrfs"
@@ -66,13 +70,19 @@ Node = Union[DirNode, FileNode, StatsNode]
 
 
 class Listing:
-    """One source directory: its subdirectories and files (name -> image)."""
+    """One source directory: subdirectories, files (name -> image) and, for
+    ``readdir``, the files' sizes at every fidelity computed in one vectorized step."""
 
-    __slots__ = ("subdirs", "files")
+    __slots__ = ("subdirs", "files", "names", "images", "sizes", "mtimes")
 
-    def __init__(self, subdirs: dict[str, int], files: dict[str, int]) -> None:
+    def __init__(self, subdirs: dict[str, int], names: list[str], images: np.ndarray,
+                 sizes: np.ndarray, mtimes: list[int]) -> None:
         self.subdirs = subdirs
-        self.files = files
+        self.names = names
+        self.images = images          # image index of each file, in name order
+        self.files = dict(zip(names, images.tolist()))
+        self.sizes = sizes            # int64[n_files, G]: size of the file in view scanK at [:, K-1]
+        self.mtimes = mtimes
 
 
 class ViewCounters:
@@ -95,7 +105,7 @@ class ViewCounters:
 class ViewTree:
     """Resolve, list, stat and read paths of the mounted tree."""
 
-    def __init__(self, store: Store, listing_cache: int = 256) -> None:
+    def __init__(self, store: Store, listing_cache: int = 128) -> None:
         self.store = store
         n = store.num_groups
         self.views: dict[str, View] = {f"scan{k}": View(f"scan{k}", k) for k in range(1, n + 1)}
@@ -143,15 +153,27 @@ class ViewTree:
             covered.append(self._ranges[child])
         covered.sort()
         first, end = self._ranges[dir_id]
-        files = {}
-        prefix_len = len(name) + 1 if name else 0
-        paths = self.store.index.paths
-        pos = first
+        # the directory's own files: its image range minus its subdirectories' ranges
+        spans, pos = [], first
         for a, b in covered + [(end, end)]:
-            for i in range(pos, a):
-                files[paths[i][prefix_len:]] = i
+            if a > pos:
+                spans.append((pos, a))
             pos = max(pos, b)
-        return Listing(subdirs, files)
+        prefix_len = len(fmt.encode_path(name)) + 1 if name else 0
+        index = self.store.index
+        names: list[str] = []
+        for a, b in spans:
+            # one slice of the path blob per span, split in Python: no per-file numpy access
+            offs = index.paths.offsets[a:b + 1]
+            base = int(offs[0])
+            blob = index.paths.raw_span(base, int(offs[-1]))
+            rel = (offs - base).tolist()
+            names.extend(fmt.decode_path(blob[rel[j] + prefix_len:rel[j + 1]]) for j in range(b - a))
+        images = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.zeros(0, np.int64)
+        lengths = np.asarray(index.group_lengths[images], dtype=np.int64)
+        sizes = np.cumsum(lengths, axis=1) + len(EOI_BYTES)
+        mtimes = np.asarray(index.images["src_mtime_ns"][images]).tolist()
+        return Listing(subdirs, names, images, sizes, mtimes)
 
     # ---- resolution ------------------------------------------------------------
 
@@ -224,8 +246,12 @@ class ViewTree:
         if node.dir_id < 0:
             return []
         listing = self.listing(node.dir_id)
-        out = [(name, self.attr(DirNode(node.view, d))) for name, d in listing.subdirs.items()]
-        out += [(name, self.attr(FileNode(node.view, i))) for name, i in listing.files.items()]
+        view = node.view
+        out = [(name, self.attr(DirNode(view, d))) for name, d in listing.subdirs.items()]
+        base = self._ino(view, 1 + len(self._dir_names))
+        sizes = listing.sizes[:, view.k - 1].tolist() if len(listing.names) else []
+        out += [(name, Attr(FILE_MODE, size, mtime, base + i))
+                for name, size, mtime, i in zip(listing.names, sizes, listing.mtimes, listing.images.tolist())]
         return out
 
     # ---- reading -----------------------------------------------------------------

@@ -33,6 +33,10 @@ class StringTable:
     def raw(self, i: int) -> bytes:
         return bytes(self._blob[int(self.offsets[i]):int(self.offsets[i + 1])])
 
+    def raw_span(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the blob: several consecutive strings in one copy."""
+        return bytes(self._blob[start:end])
+
     def __getitem__(self, i: int) -> str:
         return fmt.decode_path(self.raw(i))
 

@@ -223,44 +223,58 @@ class StoreWriter:
         index = Index(images, lengths, crcs, records, rec_offsets,
                       StringTable.from_strings(paths), StringTable.from_strings(dir_names), dir_ranges)
 
-        tmp_index = self.root / (fmt.INDEX_DIR + ".tmp")
-        if tmp_index.exists():
-            shutil.rmtree(tmp_index)
-        checks = index.save(tmp_index)
-        final_index = self.root / fmt.INDEX_DIR
-        if final_index.exists():
-            shutil.rmtree(final_index)
-        os.replace(tmp_index, final_index)
-
         problems = [p.as_dict() for p in extra_problems] + self.problems()
-        report = {
-            "images": n,
-            "reencoded": int(np.count_nonzero(images["flags"] & fmt.FLAG_REENCODED)),
-            "bad": [p for p in problems if p["kind"] == "bad"],
-            "skipped": [p for p in problems if p["kind"] == "skipped"],
-        }
-        _write_atomic(self.root / fmt.REPORT, json.dumps(report, indent=1, ensure_ascii=False).encode())
-
-        classes = [name for name in dir_names if name and "/" not in name]
-        manifest = {
-            "format": fmt.FORMAT_NAME,
-            "format_version": fmt.FORMAT_VERSION,
-            "pcrfs_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "num_images": n,
-            "num_groups": n_groups,
-            "num_records": len(self.done),
-            "total_bytes": int(lengths.sum(dtype=np.uint64)),
-            "classes": classes,
-            **manifest_extra,
-            "index_files": checks,
-        }
-        _fsync_dir(self.records_dir)
-        _write_atomic(self.root / fmt.MANIFEST,
-                      yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True).encode())
-        _fsync_dir(self.root)
+        manifest = publish(self.root, index, problems, manifest_extra)
         shutil.rmtree(self.partial, ignore_errors=True)
         return manifest
+
+
+def publish(root: Path, index: Index, problems: list[dict], manifest_extra: dict) -> dict:
+    """Write the index, the report and, last, the manifest that marks the store complete.
+
+    The record files must already be in place.
+    """
+    root = Path(root)
+    images = index.images
+    n = len(images)
+    n_groups = index.num_groups
+    lengths = index.group_lengths
+    tmp_index = root / (fmt.INDEX_DIR + ".tmp")
+    if tmp_index.exists():
+        shutil.rmtree(tmp_index)
+    checks = index.save(tmp_index)
+    final_index = root / fmt.INDEX_DIR
+    if final_index.exists():
+        shutil.rmtree(final_index)
+    os.replace(tmp_index, final_index)
+
+    report = {
+        "images": n,
+        "reencoded": int(np.count_nonzero(images["flags"] & fmt.FLAG_REENCODED)),
+        "bad": [p for p in problems if p["kind"] == "bad"],
+        "skipped": [p for p in problems if p["kind"] == "skipped"],
+    }
+    _write_atomic(root / fmt.REPORT, json.dumps(report, indent=1, ensure_ascii=False).encode())
+
+    classes = [name for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
+    manifest = {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "pcrfs_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "num_images": n,
+        "num_groups": n_groups,
+        "num_records": len(index.records),
+        "total_bytes": int(lengths.sum(dtype=np.uint64)),
+        "classes": classes,
+        **manifest_extra,
+        "index_files": checks,
+    }
+    _fsync_dir(root / fmt.RECORDS_DIR)
+    _write_atomic(root / fmt.MANIFEST,
+                  yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True).encode())
+    _fsync_dir(root)
+    return manifest
 
 
 class ResumeMismatch(RuntimeError):

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Write an ImageNet-scale PCR store (1,281,167 entries in 1,000 classes) in minutes.
+
+The index, manifest and directory structure are exactly what `pcrfs convert`
+produces (same writer code: ``pcrfs.store.writer.publish``). To keep disk use
+small, every record holds the same pool of tiny real progressive JPEGs (cut
+from the demo photographs), repeated; each record file is still a real,
+verifiable record, so reads through the reader or the mount return valid JPEGs.
+
+    python tools/make_scale_store.py /tmp/scale.pcr                 # 1,281,167 entries
+    python tools/make_scale_store.py /tmp/s100k.pcr --images 100000 --classes 100
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pcrfs.jpeg import scans, turbojpeg  # noqa: E402
+from pcrfs.store import format as fmt  # noqa: E402
+from pcrfs.store.index import Index, StringTable  # noqa: E402
+from pcrfs.store.writer import publish  # noqa: E402
+
+IMAGENET_TRAIN = 1_281_167
+
+
+def class_counts(n_images: int, n_classes: int, full: int = 1300) -> np.ndarray:
+    """ImageNet-like: most classes full, the shortfall spread over the last ones."""
+    counts = np.full(n_classes, min(full, -(-n_images // n_classes)), dtype=np.int64)
+    deficit = int(counts.sum()) - n_images
+    i = n_classes - 1
+    while deficit > 0:
+        take = min(deficit, int(counts[i]) // 2, 600)
+        counts[i] -= take
+        deficit -= take
+        i = (i - 1) % n_classes
+    return counts
+
+
+def pool_images(n: int, seed: int) -> list[list[bytes]]:
+    """``n`` tiny progressive JPEGs (scan groups) cut from the demo photographs."""
+    from PIL import Image
+
+    from pcrfs.demo import demo_photos
+
+    photos = [p for p in demo_photos().values() if p.ndim == 3]
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(n):
+        photo = photos[j % len(photos)]
+        h, w = photo.shape[:2]
+        y, x = int(rng.integers(0, h - 64)), int(rng.integers(0, w - 64))
+        img = Image.fromarray(np.ascontiguousarray(photo[y:y + 64, x:x + 64, :3])).resize((32, 24))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        prog = turbojpeg.to_progressive(buf.getvalue())
+        out.append([bytes(g) for g in scans.split_groups(prog)])
+    return out
+
+
+def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int = 1000,
+                     per_record: int = 1000, pool: int = 1000, seed: int = 0) -> dict:
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / fmt.RECORDS_DIR).mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    groups = pool_images(min(pool, per_record), seed)
+    n_groups = max(len(g) for g in groups)
+    p = len(groups)
+
+    # One record body, reused by every record (only the header differs).
+    pool_len = np.zeros((p, n_groups), dtype=fmt.GROUP_LENGTH_DTYPE)
+    pool_crc = np.zeros((p, n_groups), dtype=fmt.GROUP_CRC_DTYPE)
+    for j, gs in enumerate(groups):
+        pool_len[j, :len(gs)] = [len(g) for g in gs]
+        pool_crc[j, :len(gs)] = [zlib.crc32(g) for g in gs]
+    slot = np.arange(per_record) % p  # pool image behind each slot of a record
+    body_parts, group_offsets, off = [], [], fmt.RECORD_HEADER_SIZE
+    for g in range(n_groups):
+        group_offsets.append(off)
+        for j in slot:
+            if g < len(groups[j]):
+                body_parts.append(groups[j][g])
+                off += len(groups[j][g])
+    body = b"".join(body_parts)
+    record_size = fmt.RECORD_HEADER_SIZE + len(body)
+
+    n_records = -(-n_images // per_record)
+    for r in range(n_records):
+        count = min(per_record, n_images - r * per_record)
+        path = dest / fmt.record_name(r)
+        with open(path, "wb") as f:
+            f.write(fmt.record_header(r))
+            if count == per_record:
+                f.write(body)
+            else:  # a short last record: write its own group-major body
+                for g in range(n_groups):
+                    for j in slot[:count]:
+                        if g < len(groups[j]):
+                            f.write(groups[j][g])
+
+    # Index arrays: image i is slot i % per_record of record i // per_record.
+    idx_slot = slot[np.arange(n_images) % per_record]
+    images = np.zeros(n_images, dtype=fmt.IMAGE_DTYPE)
+    images["src_size"] = pool_len[idx_slot].sum(axis=1) + 2
+    images["src_mtime_ns"] = 1_600_000_000_000_000_000 + rng.integers(0, 10**15, n_images)
+    images["n_groups"] = (pool_len[idx_slot] > 0).sum(axis=1)
+    lengths = pool_len[idx_slot]
+    crcs = pool_crc[idx_slot]
+    records = np.zeros(n_records, dtype=fmt.RECORD_DTYPE)
+    records["first_image"] = np.arange(n_records) * per_record
+    records["n_images"] = np.minimum(per_record, n_images - records["first_image"])
+    records["size"] = record_size
+    rec_offsets = np.tile(np.array(group_offsets, dtype=fmt.OFFSET_DTYPE), (n_records, 1))
+    if n_images % per_record:
+        last = n_records - 1
+        last_len = lengths[records[last]["first_image"]:].astype(np.uint64)
+        sizes = last_len.sum(axis=0)
+        rec_offsets[last] = fmt.RECORD_HEADER_SIZE + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        records["size"][last] = fmt.RECORD_HEADER_SIZE + int(sizes.sum())
+
+    # Names like ImageNet's: n01440764/n01440764_10026.JPEG, sorted like convert sorts.
+    wnids = sorted({f"n{v:08d}" for v in rng.choice(10**8, size=n_classes * 2, replace=False)})[:n_classes]
+    counts = class_counts(n_images, n_classes)
+    paths: list[str] = []
+    dir_ranges = [[0, n_images]]
+    for wnid, count in zip(wnids, counts):
+        numbers = rng.choice(20_000, size=int(count), replace=False)
+        names = sorted(f"{wnid}_{v}.JPEG" for v in numbers)
+        dir_ranges.append([len(paths), len(paths) + int(count)])
+        paths.extend(f"{wnid}/{name}" for name in names)
+    index = Index(images, lengths, crcs, records, rec_offsets, StringTable.from_strings(paths),
+                  StringTable.from_strings([""] + wnids), np.array(dir_ranges, dtype=fmt.OFFSET_DTYPE))
+    index.check_shapes()
+    return publish(dest, index, [], {"record_target_bytes": record_size, "options": {"synthetic_scale_store": True}})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dest", type=Path)
+    ap.add_argument("--images", type=int, default=IMAGENET_TRAIN)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--per-record", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    m = make_scale_store(args.dest, args.images, args.classes, args.per_record, seed=args.seed)
+    du = sum(f.stat().st_size for f in args.dest.rglob("*") if f.is_file())
+    print(f"{m['num_images']} images, {len(m['classes'])} classes, {m['num_records']} records, "
+          f"{du / 2**20:.0f} MiB on disk in {time.monotonic() - t0:.1f}s -> {args.dest}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
