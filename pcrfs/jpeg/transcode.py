@@ -66,11 +66,13 @@ def _encode_with_pillow(data: bytes, opts: TranscodeOptions, what: str) -> Trans
         raise BadImage(f"{what} (use --non-jpeg encode to re-encode it)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 _check_pixels(img.width, img.height, opts)
                 img.load()
-                if img.mode in ("L", "1", "I;16", "I", "F"):
+                if img.mode.startswith("I;16") or img.mode == "I":
+                    img = img.convert("I").point(lambda v: v / 256).convert("L")
+                elif img.mode in ("L", "1", "F"):
                     img = img.convert("L")
                 elif img.mode != "RGB":
                     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
@@ -93,8 +95,12 @@ def _encode_with_pillow(data: bytes, opts: TranscodeOptions, what: str) -> Trans
 def _identify(data: bytes) -> str | None:
     """Pillow's format name for ``data`` without decoding pixels, or None."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.format
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.format
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb: {e}") from e
     except Exception:
         return None
 

@@ -144,7 +144,9 @@ def read_header(data: bytes) -> JPEGHeader:
     rc = h.lib.tjDecompressHeader3(h.ptr, data, len(data), ctypes.byref(w), ctypes.byref(hh),
                                    ctypes.byref(ss), ctypes.byref(cs))
     if rc != 0:
-        raise TransformError(h.error())
+        msg = h.error()
+        _local.handle = None  # the failed call leaves the decompressor mid-header
+        raise TransformError(msg)
     return JPEGHeader(w.value, hh.value, TJCS_NAMES.get(cs.value, str(cs.value)))
 
 
@@ -156,6 +158,10 @@ def to_progressive(data: bytes, keep_metadata: bool = False) -> bytes:
     errors: a silently grey-filled image is worse than a reported one.
     """
     h = _handle()
+    if getattr(h, "keep_metadata", keep_metadata) != keep_metadata:
+        _local.handle = None  # saved-marker setup persists in a handle
+        h = _handle()
+    h.keep_metadata = keep_metadata
     xform = _TJTransform()
     xform.op = TJXOP_NONE
     xform.options = TJXOPT_PROGRESSIVE | (0 if keep_metadata else TJXOPT_COPYNONE)
@@ -165,7 +171,9 @@ def to_progressive(data: bytes, keep_metadata: bool = False) -> bytes:
                            ctypes.byref(xform), TJFLAG_STOPONWARNING | TJFLAG_LIMITSCANS)
     try:
         if rc != 0:
-            raise TransformError(h.error())
+            msg = h.error()
+            _local.handle = None
+            raise TransformError(msg)
         return ctypes.string_at(out_ptr, out_size.value)
     finally:
         if out_ptr:

@@ -272,6 +272,14 @@ def read_manifest(root: Path) -> dict:
     for key in ("num_images", "num_groups", "num_records", "index_files"):
         if key not in manifest:
             raise StoreError(f"{path} is damaged: no '{key}'")
+    files = manifest["index_files"]
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("crc32"), int)
+            for v in files.values()):
+        raise StoreError(f"{path} is damaged: 'index_files' is not a table of sizes and CRC-32s")
+    for key in ("num_images", "num_groups", "num_records"):
+        if type(manifest[key]) is not int:
+            raise StoreError(f"{path} is damaged: '{key}' is not an integer")
     return manifest
 
 

@@ -254,7 +254,7 @@ def publish(root: Path, index: Index, problems: list[dict], manifest_extra: dict
         "bad": [p for p in problems if p["kind"] == "bad"],
         "skipped": [p for p in problems if p["kind"] == "skipped"],
     }
-    _write_atomic(root / fmt.REPORT, json.dumps(report, indent=1, ensure_ascii=False).encode())
+    _write_atomic(root / fmt.REPORT, json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8", "backslashreplace"))
 
     classes = [name for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
     manifest = {

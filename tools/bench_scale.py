@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""ImageNet-scale metadata benchmark: mount time, daemon memory, listing and walk speed.
+
+For each entry count (default 10k, 100k, 1,281,167) it builds a scale store
+(tools/make_scale_store.py) and, side by side in one run, a plain tmpfs tree
+with the same names (empty files), then measures:
+
+* `pcrfs info` and `open_store` time, `pcrfs mount` until ready;
+* daemon RSS right after mount and after listing every directory of one view;
+* `ls -l` of one class folder, `os.walk` of a whole view and
+  `torchvision.datasets.ImageFolder` construction, each vs the plain tree;
+* index size on disk per image (with and without names).
+
+    python tools/bench_scale.py                      # writes results/bench_scale.{json,png}
+    python tools/bench_scale.py --sizes 10000 100000 # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import pcrfs  # noqa: E402
+from make_scale_store import make_scale_store  # noqa: E402
+from pcrfs.fuse import daemon  # noqa: E402
+
+NAMES_FILES = ("paths.bin", "path_offsets.npy", "dirs.bin", "dir_offsets.npy")
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t0, out
+
+
+def run_wall(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def plain_tree(store, dest: Path) -> None:
+    """Empty files with the store's names, on tmpfs: the fastest a directory tree gets."""
+    made = set()
+    for path in store.paths():
+        parent = os.path.dirname(path)
+        if parent not in made:
+            os.makedirs(dest / parent, exist_ok=True)
+            made.add(parent)
+        os.close(os.open(dest / path, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def walk_count(top: str) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = 0
+    for _, _, files in os.walk(top):
+        n += len(files)
+    return time.perf_counter() - t0, n
+
+
+def imagefolder_time(top: str) -> float | None:
+    try:
+        from torchvision.datasets import ImageFolder
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    ImageFolder(top)
+    return time.perf_counter() - t0
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def bench_size(n: int, work: Path) -> dict:
+    classes = 1000 if n >= 100_000 else max(10, n // 1300)
+    store_dir = work / f"scale-{n}.pcr"
+    t_make, _ = timed(make_scale_store, store_dir, n, classes)
+    index_dir = store_dir / "index"
+    index_bytes = sum(f.stat().st_size for f in index_dir.iterdir())
+    names_bytes = sum((index_dir / f).stat().st_size for f in NAMES_FILES)
+    t_open, store = timed(pcrfs.open_store, store_dir)
+    t_info = run_wall(["pcrfs", "info", str(store_dir)])
+
+    plain = work / f"plain-{n}"
+    plain.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g,nr_inodes=0", "tmpfs", str(plain)], check=True)
+    mnt = work / f"mnt-{n}"
+    mnt.mkdir()
+    result: dict = {"entries": n, "classes": len(store.classes), "make_store_s": round(t_make, 2)}
+    try:
+        t_plain, _ = timed(plain_tree, store, plain)
+        t_mount = run_wall(["pcrfs", "mount", str(store_dir), str(mnt)])
+        pid = daemon.read_pid(str(mnt))
+        rss_mount = rss_mb(pid)
+        one_class = store.classes[len(store.classes) // 2]
+        t_ls_pcr = run_wall(["ls", "-l", str(mnt / "scan1" / one_class)])
+        t_ls_plain = run_wall(["ls", "-l", str(plain / one_class)])
+        t_walk_pcr, files_pcr = walk_count(str(mnt / "scan1"))
+        t_walk_plain, files_plain = walk_count(str(plain))
+        rss_walk = rss_mb(pid)
+        # ImageFolder on a view not walked yet, so the kernel's dentry cache does not help
+        t_if_pcr = imagefolder_time(str(mnt / "scan2"))
+        t_if_plain = imagefolder_time(str(plain))
+        rss_end = rss_mb(pid)
+        result.update({
+            "open_store_s": round(t_open, 3), "pcrfs_info_s": round(t_info, 3), "mount_ready_s": round(t_mount, 3),
+            "daemon_rss_mb_after_mount": round(rss_mount, 1), "daemon_rss_mb_after_walk": round(rss_walk, 1),
+            "daemon_rss_mb_after_imagefolder": round(rss_end, 1),
+            "ls_l_class_s": {"pcrfs": round(t_ls_pcr, 4), "plain": round(t_ls_plain, 4),
+                             "ratio": round(t_ls_pcr / t_ls_plain, 2)},
+            "os_walk_s": {"pcrfs": round(t_walk_pcr, 3), "plain": round(t_walk_plain, 3),
+                          "ratio": round(t_walk_pcr / t_walk_plain, 2), "files": files_pcr},
+            "imagefolder_s": None if t_if_pcr is None else
+            {"pcrfs": round(t_if_pcr, 3), "plain": round(t_if_plain, 3), "ratio": round(t_if_pcr / t_if_plain, 2)},
+            "index_bytes_per_image": round((index_bytes - names_bytes) / n, 1),
+            "index_bytes_per_image_with_names": round(index_bytes / n, 1),
+            "plain_tree_build_s": round(t_plain, 1),
+        })
+        assert files_pcr == files_plain == n, (files_pcr, files_plain, n)
+    finally:
+        if daemon.mount_entry(str(mnt)):
+            daemon.umount(str(mnt))
+        subprocess.run(["umount", str(plain)], check=False)
+        store.close()
+    return result
+
+
+def plot(results: list[dict], out: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    xs = [r["entries"] for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    ax.plot(xs, [r["mount_ready_s"] for r in results], "o-", label="mount ready")
+    ax.plot(xs, [r["open_store_s"] for r in results], "s-", label="open_store")
+    ax.axhline(2.0, color="grey", ls="--", label="target 2 s")
+    ax.set(xscale="log", xlabel="entries", ylabel="seconds", title="Time to open / mount")
+    ax.legend()
+    ax = axes[1]
+    ax.plot(xs, [r["daemon_rss_mb_after_mount"] for r in results], "o-", label="after mount")
+    ax.plot(xs, [r["daemon_rss_mb_after_walk"] for r in results], "s-", label="after listing every dir")
+    ax.axhline(300, color="grey", ls="--", label="target 300 MB")
+    ax.set(xscale="log", xlabel="entries", ylabel="MiB", title="Daemon RSS")
+    ax.legend()
+    ax = axes[2]
+    ax.plot(xs, [r["os_walk_s"]["ratio"] for r in results], "o-", label="os.walk")
+    if all(r["imagefolder_s"] for r in results):
+        ax.plot(xs, [r["imagefolder_s"]["ratio"] for r in results], "s-", label="ImageFolder()")
+    ax.plot(xs, [r["ls_l_class_s"]["ratio"] for r in results], "^-", label="ls -l one class")
+    ax.axhline(3.0, color="grey", ls="--", label="target 3x")
+    ax.set(xscale="log", xlabel="entries", ylabel="pcrfs / plain tmpfs tree", title="Metadata cost vs plain tree")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_281_167])
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_scale.json")
+    ap.add_argument("--plot", type=Path, default=ROOT / "results" / "bench_scale.png")
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pcrfs-scale-") as tmp:
+        for n in args.sizes:
+            r = bench_size(n, Path(tmp))
+            print(json.dumps(r), file=sys.stderr)
+            results.append(r)
+    doc = {"benchmark": "pcrfs at ImageNet scale (metadata)", "command": "python tools/bench_scale.py " +
+           " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "machine": {"nproc": os.cpu_count(), "platform": platform.platform(),
+                       "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
+           "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2))
+    plot(results, args.plot)
+    print(f"wrote {args.out} and {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
