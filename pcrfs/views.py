@@ -277,8 +277,8 @@ class ViewTree:
             "views": {name: {"opened": self.counters.opened[name], "bytes_served": self.counters.served[name]}
                       for name in self.views},
             "store_reads": {"requests": rec.requests, "bytes": rec.bytes_read},
-            "cache": {"capacity": cache.capacity if cache else 0, "bytes": cache.nbytes if cache else 0,
-                      "hits": cache.hits if cache else 0, "misses": cache.misses if cache else 0},
+            "cache": {"capacity": cache.capacity if cache is not None else 0, "bytes": cache.nbytes if cache is not None else 0,
+                      "hits": cache.hits if cache is not None else 0, "misses": cache.misses if cache is not None else 0},
             "listings_cached": len(self._listings),
         }
 

@@ -1,0 +1,462 @@
+"""Mounting and unmounting: the daemon process, readiness, stale mounts.
+
+``mount()`` by default starts ``python -m pcrfs.fuse.daemon STORE MNT --foreground``
+as a daemon in its own session, with stdin from /dev/null and stdout/stderr
+going to a log file (never to the caller's streams: a caller that captures them
+would otherwise wait forever for them to close), and returns once the mount
+answers. The daemon writes its pid to a pid file (see :func:`pid_file_for`) and
+into ``/.pcrfs/stats``.
+
+A mount whose daemon died (``kill -9``, OOM) stays in the mount table and fails
+every access with ENOTCONN ("Transport endpoint is not connected"). ``mount()``
+notices that on its mount point (with ``statfs``: ``stat`` may be answered from
+the kernel's attribute cache), detaches the dead mount and mounts afresh.
+
+SIGTERM, SIGINT and SIGHUP make the daemon unmount and exit (libfuse's handlers).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..units import format_size, parse_size
+
+log = logging.getLogger("pcrfs.fuse")
+
+DEFAULT_CACHE_SIZE = "256M"
+READY_TIMEOUT = 30.0
+FSTYPE = "fuse.pcrfs"
+STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+# Options handled by pcrfs itself rather than passed to libfuse.
+_IGNORED_OPTIONS = {"ro", "rw"}   # the mount is always read-only
+_NONEMPTY = "nonempty"            # allow a non-empty mount point (hidden while mounted)
+
+Echo = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class MountError(Exception):
+    """A mount or unmount cannot be done; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    store: str
+    mountpoint: str
+    pid: int
+    log_file: str | None
+    pid_file: str
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+# ---- where state lives ------------------------------------------------------------------
+
+def runtime_dir() -> Path:
+    """Directory for pid files and default logs (/run/pcrfs for root)."""
+    candidates = []
+    if os.geteuid() == 0:
+        candidates.append(Path("/run/pcrfs"))
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        candidates.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "pcrfs")
+    candidates.append(Path(f"/tmp/pcrfs-{os.geteuid()}"))
+    for d in candidates:
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(d, os.W_OK):
+            return d
+    raise MountError("no writable directory for pcrfs's pid files (tried " +
+                     ", ".join(map(str, candidates)) + ")")
+
+
+def _state_name(mountpoint: str) -> str:
+    digest = hashlib.sha1(mountpoint.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    readable = mountpoint.strip("/").replace("/", "-")[-60:].lstrip("-") or "root"
+    return f"{readable}-{digest}"
+
+
+def pid_file_for(mountpoint: str) -> Path:
+    return runtime_dir() / (_state_name(_abs(mountpoint)) + ".pid")
+
+
+def default_log_file(mountpoint: str) -> Path:
+    return runtime_dir() / (_state_name(_abs(mountpoint)) + ".log")
+
+
+def _abs(path: str | os.PathLike) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def read_pid(mountpoint: str) -> int | None:
+    try:
+        return int(pid_file_for(mountpoint).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+# ---- the mount table ----------------------------------------------------------------------
+
+def _unescape_mountinfo(field: str) -> str:
+    """/proc/self/mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_entry(mountpoint: str) -> MountEntry | None:
+    """The (topmost) mount at ``mountpoint``, or None."""
+    target = _abs(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rest = right.split()
+            if len(fields) < 5 or len(rest) < 2:
+                continue
+            if _unescape_mountinfo(fields[4]) == target:
+                found = MountEntry(target, rest[0], _unescape_mountinfo(rest[1]))
+    return found
+
+
+def is_stale(mountpoint: str) -> bool:
+    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN)."""
+    try:
+        os.statvfs(mountpoint)
+    except OSError as e:
+        return e.errno in STALE_ERRNOS
+    return False
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+
+
+def _unmount_commands(mountpoint: str, lazy: bool) -> list[list[str]]:
+    cmds = []
+    for tool in ("fusermount3", "fusermount"):
+        if shutil.which(tool):
+            cmds.append([tool, "-u"] + (["-z"] if lazy else []) + [mountpoint])
+    if os.geteuid() == 0 and shutil.which("umount"):
+        cmds.append(["umount"] + (["-l"] if lazy else []) + [mountpoint])
+    return cmds
+
+
+def _try_unmount(mountpoint: str, lazy: bool) -> tuple[bool, str]:
+    """Run the unmount tools in turn; (success, what the last one said)."""
+    said = "no fusermount3, fusermount or umount found"
+    for cmd in _unmount_commands(mountpoint, lazy):
+        try:
+            res = _run(cmd)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            said = f"{cmd[0]}: {e}"
+            continue
+        if res.returncode == 0 and mount_entry(mountpoint) is None:
+            return True, ""
+        said = (res.stderr or res.stdout).strip() or f"{' '.join(cmd)} exited {res.returncode}"
+        if mount_entry(mountpoint) is None:
+            return True, ""
+    return False, said
+
+
+def detach_stale(mountpoint: str, echo: Echo = _stderr) -> None:
+    """Remove the dead FUSE mount at ``mountpoint`` (its daemon is gone)."""
+    echo(f"pcrfs: {mountpoint} is a stale mount (its daemon is gone: Transport endpoint is not "
+         "connected); unmounting it")
+    ok, said = _try_unmount(mountpoint, lazy=False)
+    if not ok:
+        ok, said = _try_unmount(mountpoint, lazy=True)
+    if not ok:
+        raise MountError(f"{mountpoint} is a stale mount and could not be unmounted ({said}); "
+                         f"try: fusermount3 -uz {mountpoint}  (or as root: umount -l {mountpoint})")
+    stale_pid = pid_file_for(mountpoint)
+    stale_pid.unlink(missing_ok=True)
+
+
+def prepare_mountpoint(mountpoint: str, echo: Echo = _stderr, allow_nonempty: bool = False) -> None:
+    """Check that ``mountpoint`` can be mounted on; recover it if it is a stale mount."""
+    entry = mount_entry(mountpoint)
+    if entry is not None:
+        if entry.fstype.startswith("fuse") and is_stale(mountpoint):
+            detach_stale(mountpoint, echo)
+        else:
+            raise MountError(f"{mountpoint} is already mounted ({entry.fstype} from {entry.source}); "
+                             f"unmount it first: pcrfs umount {mountpoint}")
+    if not os.path.exists(mountpoint):
+        raise MountError(f"mount point {mountpoint} does not exist (create it: mkdir -p {mountpoint})")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    if not allow_nonempty:
+        with os.scandir(mountpoint) as it:
+            if next(it, None) is not None:
+                raise MountError(f"mount point {mountpoint} is not empty; pcrfs mounts on an empty "
+                                 "directory (the mount would hide what is there). Use an empty directory, "
+                                 "or -o nonempty to hide the contents while mounted")
+
+
+# ---- options --------------------------------------------------------------------------------
+
+def split_options(options: Iterable[str]) -> list[str]:
+    """['a,b=1', 'c'] -> ['a', 'b=1', 'c'] (a backslash escapes a comma)."""
+    out: list[str] = []
+    for group in options:
+        cur, escaped = [], False
+        for ch in group:
+            if escaped:
+                cur.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == ",":
+                out.append("".join(cur))
+                cur = []
+            else:
+                cur.append(ch)
+        out.append("".join(cur))
+    return [o.strip() for o in out if o.strip()]
+
+
+def fuse_options(options: Iterable[str], allow_other: bool) -> tuple[dict[str, object], bool]:
+    """libfuse keyword options from ``-o`` strings, and whether ``nonempty`` was asked for."""
+    kwargs: dict[str, object] = {}
+    nonempty = False
+    for opt in split_options(options):
+        key, eq, value = opt.partition("=")
+        if key in _IGNORED_OPTIONS:
+            continue
+        if key == _NONEMPTY:
+            nonempty = True
+            continue
+        kwargs[key] = value if eq else True
+    if allow_other:
+        kwargs["allow_other"] = True
+    return kwargs, nonempty
+
+
+# ---- the daemon itself ---------------------------------------------------------------------
+
+def _open_store(store: str, cache_bytes: int):
+    from ..store.reader import StoreError, open_store
+
+    try:
+        return open_store(store, cache_bytes=cache_bytes)
+    except StoreError as e:
+        raise MountError(str(e)) from e
+
+
+def _redirect_output(log_file: str) -> None:
+    """Send fds 1 and 2 (Python and libfuse messages alike) to ``log_file``."""
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def run_foreground(store: str, mountpoint: str, *, options: Iterable[str] = (), cache_size: int,
+                   log_file: str | None = None, allow_other: bool = False, echo: Echo = _stderr) -> None:
+    """Mount and serve in this process until unmounted or signalled."""
+    from ..views import ViewTree
+    from .ops import FUSE_MAIN_FAILURES, FUSE_MAIN_LOOP_ENDED, PcrfsOperations, serve
+
+    store, mountpoint = _abs(store), _abs(mountpoint)
+    kwargs, nonempty = fuse_options(options, allow_other)
+    s = _open_store(store, cache_size)
+    prepare_mountpoint(mountpoint, echo, allow_nonempty=nonempty)
+    if log_file:
+        _redirect_output(log_file)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s pcrfs[%(process)d] %(levelname)s %(message)s")
+    tree = ViewTree(s)
+    pid_file = pid_file_for(mountpoint)
+    ops = PcrfsOperations(tree, extra_stats={"mountpoint": mountpoint, "log_file": log_file,
+                                             "pid_file": str(pid_file)})
+    pid_file.write_text(f"{os.getpid()}\n")
+    log.info("mounting %s at %s (cache %s, options %s)", store, mountpoint, format_size(cache_size),
+             ",".join(f"{k}={v}" if v is not True else k for k, v in kwargs.items()) or "-")
+    try:
+        status = serve(ops, mountpoint, fsname=store, options=kwargs)
+    finally:
+        if read_pid(mountpoint) == os.getpid():
+            pid_file.unlink(missing_ok=True)
+        s.close()
+    if status in FUSE_MAIN_FAILURES:
+        raise MountError(f"libfuse could not {FUSE_MAIN_FAILURES[status]} (fuse_main status {status}); "
+                         "its message is above")
+    log.info("unmounted %s%s", mountpoint, " (stopped by a signal)" if status == FUSE_MAIN_LOOP_ENDED else "")
+
+
+_children: dict[int, subprocess.Popen] = {}  # keeps Popen objects alive (no ResourceWarning)
+
+
+def daemon_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie child of this process counts as gone and is reaped)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            _children.pop(pid, None)
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _log_tail(path: str, start: int = 0, lines: int = 15) -> str:
+    """The last ``lines`` lines ``path`` gained after byte ``start``, indented."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return "    (no log)"
+    return "\n".join("    " + line for line in text[-lines:]) or "    (nothing logged)"
+
+
+def _wait_ready(proc: subprocess.Popen, mountpoint: str, log_file: str, log_start: int, timeout: float) -> None:
+    stats = os.path.join(mountpoint, ".pcrfs", "stats")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _children.pop(proc.pid, None)
+            raise MountError(f"the pcrfs daemon exited with status {proc.returncode} before the mount was "
+                             f"ready; the end of its log {log_file}:\n{_log_tail(log_file, log_start)}")
+        entry = mount_entry(mountpoint)
+        if entry is not None and entry.fstype == FSTYPE and os.path.exists(stats):
+            return
+        time.sleep(0.02)
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    _children.pop(proc.pid, None)
+    if mount_entry(mountpoint) is not None:
+        _try_unmount(mountpoint, lazy=True)
+    raise MountError(f"the mount at {mountpoint} was not ready after {timeout:.0f}s; see {log_file}:\n"
+                     f"{_log_tail(log_file, log_start)}")
+
+
+def mount(store: str | os.PathLike, mountpoint: str | os.PathLike, foreground: bool = False,
+          options: Iterable[str] = (), cache_size: int | str = DEFAULT_CACHE_SIZE,
+          log_file: str | os.PathLike | None = None, allow_other: bool = False,
+          echo: Echo = _stderr, timeout: float = READY_TIMEOUT) -> MountInfo | None:
+    """Mount ``store`` at ``mountpoint``.
+
+    In the background (default) this returns a :class:`MountInfo` once the mount
+    is ready; with ``foreground=True`` it serves until unmounted and returns None.
+    Raises :class:`MountError` with a message meant for the user.
+    """
+    store_s, mp = _abs(store), _abs(mountpoint)
+    cache_bytes = parse_size(cache_size) if isinstance(cache_size, str) else int(cache_size)
+    options = list(options)
+    if foreground:
+        run_foreground(store_s, mp, options=options, cache_size=cache_bytes,
+                       log_file=os.fspath(log_file) if log_file else None, allow_other=allow_other, echo=echo)
+        return None
+    _, nonempty = fuse_options(options, allow_other)
+    _open_store(store_s, 0).close()  # a clear error now rather than in the daemon's log
+    prepare_mountpoint(mp, echo, allow_nonempty=nonempty)
+    log_path = _abs(log_file) if log_file else str(default_log_file(mp))
+    argv = [sys.executable, "-m", "pcrfs.fuse.daemon", store_s, mp, "--foreground",
+            "--cache-size", str(cache_bytes), "--log-file", log_path]
+    for opt in options:
+        argv += ["-o", opt]
+    if allow_other:
+        argv.append("--allow-other")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "ab") as logf:
+        log_start = logf.tell()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, cwd="/", env=env)
+    _children[proc.pid] = proc
+    _wait_ready(proc, mp, log_path, log_start, timeout)
+    info = MountInfo(store_s, mp, proc.pid, log_path, str(pid_file_for(mp)))
+    echo(f"pcrfs: mounted {store_s} at {mp} (daemon pid {proc.pid}, log {log_path})")
+    return info
+
+
+def umount(mountpoint: str | os.PathLike, lazy: bool = False, echo: Echo = _stderr,
+           timeout: float = 10.0) -> None:
+    """Unmount a pcrfs mount and wait for its daemon to exit (unless ``lazy``)."""
+    mp = _abs(mountpoint)
+    entry = mount_entry(mp)
+    if entry is None:
+        raise MountError(f"{mp} is not mounted")
+    if not entry.fstype.startswith("fuse"):
+        raise MountError(f"{mp} is a {entry.fstype} mount, not pcrfs; use umount(8)")
+    pid = read_pid(mp)
+    ok, said = _try_unmount(mp, lazy)
+    if not ok:
+        if "busy" in said.lower():
+            raise MountError(f"{mp} is busy: a process has a file open there or its working directory "
+                             f"inside (see: fuser -vm {mp}). Close it and retry, or detach now with "
+                             f"`pcrfs umount --lazy {mp}` (the mount is released when the last user lets go).")
+        raise MountError(f"could not unmount {mp}: {said}")
+    if pid is not None and not lazy:
+        deadline = time.monotonic() + timeout
+        while daemon_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not daemon_alive(pid):
+            pid_file_for(mp).unlink(missing_ok=True)
+    echo(f"pcrfs: unmounted {mp}" + (" (lazily: released when no longer in use)" if lazy else ""))
+
+
+# ---- python -m pcrfs.fuse.daemon ------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pcrfs.fuse.daemon",
+                                description="Serve a PCR store at a mount point (used by `pcrfs mount`).")
+    p.add_argument("store")
+    p.add_argument("mountpoint")
+    p.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
+    p.add_argument("-o", dest="options", action="append", default=[], help="mount options (a,b=c)")
+    p.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, help="scan-group cache size (e.g. 256M)")
+    p.add_argument("--log-file", default=None)
+    p.add_argument("--allow-other", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        mount(a.store, a.mountpoint, foreground=a.foreground, options=a.options, cache_size=a.cache_size,
+              log_file=a.log_file, allow_other=a.allow_other)
+    except (MountError, ValueError) as e:
+        _stderr(f"pcrfs: error: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

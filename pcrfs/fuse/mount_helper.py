@@ -1,0 +1,97 @@
+"""``mount.pcrfs``: lets ``mount -t pcrfs`` and /etc/fstab mount stores.
+
+mount(8) runs ``mount.pcrfs SPEC DIR [-sfnv] [-o OPTIONS]`` for filesystems of
+type ``pcrfs``. It looks for helpers in /sbin (and /sbin/fs.d, /sbin/fs), so
+link the console script there once::
+
+    ln -s "$(command -v mount.pcrfs)" /sbin/mount.pcrfs
+
+Then::
+
+    mount -t pcrfs -o allow_other,cache_size=1G /data/train.pcr /mnt/train
+
+    # /etc/fstab
+    /data/train.pcr  /mnt/train  pcrfs  allow_other,cache_size=1G,nofail,x-systemd.requires-mounts-for=/data  0 0
+
+Options pcrfs handles itself: ``cache_size=SIZE``, ``log_file=PATH``,
+``nonempty``. Options that are only for mount(8) or systemd (``defaults``,
+``auto``/``noauto``, ``user``/``users``, ``nofail``, ``_netdev``, ``x-*``,
+``comment=*``) are dropped; ``ro``/``rw`` are ignored (the mount is always
+read-only). Everything else goes to libfuse (e.g. ``allow_other``).
+"""
+from __future__ import annotations
+
+import sys
+
+from .daemon import DEFAULT_CACHE_SIZE, MountError, mount, split_options
+
+USAGE = "usage: mount.pcrfs STORE MOUNTPOINT [-sfnv] [-o OPTION[,OPTION...]]"
+_MOUNT8_ONLY = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
+                "nofail", "_netdev", "loud", "silent"}
+
+
+def parse_argv(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
+    """(positional args, -o option strings, single-letter flags) of a mount(8) helper call."""
+    positional: list[str] = []
+    options: list[str] = []
+    flags: set[str] = set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-o":
+            if i + 1 >= len(argv):
+                raise MountError("-o needs an argument")
+            options.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("-o") and len(arg) > 2:
+            options.append(arg[2:])
+        elif arg.startswith("-") and len(arg) > 1:
+            flags.update(arg[1:])
+        else:
+            positional.append(arg)
+        i += 1
+    return positional, options, flags
+
+
+def sort_options(options: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split -o options into pcrfs's own (cache_size, log_file) and those for libfuse."""
+    own: dict[str, str] = {}
+    fuse: list[str] = []
+    for opt in split_options(options):
+        key, _, value = opt.partition("=")
+        if key in ("cache_size", "log_file"):
+            own[key] = value
+        elif key in _MOUNT8_ONLY or key.startswith("x-") or key == "comment":
+            continue
+        else:
+            fuse.append(opt)
+    return own, fuse
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        positional, options, flags = parse_argv(argv)
+        if len(positional) != 2:
+            print(USAGE, file=sys.stderr)
+            return 1
+        store, mountpoint = positional
+        own, fuse = sort_options(options)
+        if "v" in flags:
+            print(f"mount.pcrfs: {store} on {mountpoint}, libfuse options {','.join(fuse) or '-'}, "
+                  f"cache {own.get('cache_size', DEFAULT_CACHE_SIZE)}", file=sys.stderr)
+        if "f" in flags:  # mount -f: "fake", do everything but the mount itself
+            return 0
+        quiet = "v" not in flags  # mount(8) helpers are silent unless asked
+        mount(store, mountpoint, options=fuse, cache_size=own.get("cache_size", DEFAULT_CACHE_SIZE),
+              log_file=own.get("log_file") or None,
+              echo=(lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr)))
+    except (MountError, ValueError) as e:
+        print(f"mount.pcrfs: {e}", file=sys.stderr)
+        return 32  # mount(8): "mount failure"
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
