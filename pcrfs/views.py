@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 
@@ -36,8 +36,8 @@ class View:
     k: int  # scan groups served
 
 
-@dataclass(frozen=True)
-class Attr:
+class Attr(NamedTuple):
+    """A file's attributes (a tuple: listings build one per entry, so it must be cheap)."""
     mode: int
     size: int
     mtime_ns: int

@@ -204,11 +204,14 @@ class PcrfsOperations(mf.Operations):
         return self._put(entries)
 
     @_errors_mapped
-    def readdir_with_offset(self, path: str, offset: int, fh: int) -> Iterator[tuple[str, Any, int]]:
+    def _listing_for(self, fh: int, path: str) -> list:
         entries = self._table.get(fh)
         if entries is None:  # not opened through opendir (should not happen): list afresh
             entries = self.tree.readdir(path)
-        return self._entries_from(entries, offset)
+        return entries
+
+    def readdir_with_offset(self, path: str, offset: int, fh: int) -> Iterator[tuple[str, Any, int]]:
+        return self._entries_from(self._listing_for(fh, path), offset)
 
     def _entries_from(self, entries: list, offset: int) -> Iterator[tuple[str, Any, int]]:
         for pos in range(offset, len(entries)):
@@ -285,14 +288,30 @@ class PcrfsFUSE(mf.FUSE):
         return 0
 
     def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
+        # Hot path of every directory walk: one reused stat buffer filled field by
+        # field (no per-entry dict, no memset), names encoded once per listing.
         plus = bool(flags & FUSE_READDIR_PLUS)
-        decoded = None if path is None else path.decode(self.encoding, self.errors)
-        stbuf = mf.c_stat()
-        for name, attrs, off in self.operations.readdir_with_offset(decoded, offset, fip.contents.fh):
-            ctypes.memset(ctypes.byref(stbuf), 0, ctypes.sizeof(stbuf))
-            mf.set_st_attrs(stbuf, attrs, use_ns=True)
+        ops = self.operations
+        try:
+            entries = ops._listing_for(fip.contents.fh, None if path is None else path.decode(self.encoding, self.errors))
+        except mf.FuseOSError as e:
+            return -e.errno
+        st = mf.c_stat()
+        st.st_uid, st.st_gid = ops.owner
+        st.st_blksize = 4096
+        mt, at, ct = st.st_mtimespec, st.st_atimespec, st.st_ctimespec
+        for pos in range(offset, len(entries)):
+            name, a = entries[pos]
+            st.st_ino = a.ino
+            st.st_mode = a.mode
+            st.st_nlink = a.nlink
+            st.st_size = a.size
+            st.st_blocks = (a.size + 511) >> 9
+            sec, nsec = divmod(a.mtime_ns, 1_000_000_000)
+            mt.tv_sec = at.tv_sec = ct.tv_sec = sec
+            mt.tv_nsec = at.tv_nsec = ct.tv_nsec = nsec
             fill = FUSE_FILL_DIR_PLUS if plus and name not in _DOTS else 0
-            if filler(buf, name.encode(self.encoding, self.errors), stbuf, off, fill) != 0:
+            if filler(buf, name.encode(self.encoding, self.errors), st, pos + 1, fill) != 0:
                 break
         return 0
 
