@@ -245,16 +245,10 @@ def make_demo_cmd(dest: Path, per_class: int, seed: int) -> None:
                f"{format_size(summary.total_bytes)} in {dest}", err=True)
 
 
-def _register_optional() -> None:
-    """Commands that live with their subsystem (mount, umount, stats, demo tour)."""
-    try:
-        from .fuse.commands import register
-    except ImportError:
-        return
-    register(main)
+# Mount-related commands live with the FUSE layer (they import no libfuse until run).
+from .fuse.commands import register as _register_fuse_commands  # noqa: E402
 
-
-_register_optional()
+_register_fuse_commands(main)
 
 if __name__ == "__main__":
     main()

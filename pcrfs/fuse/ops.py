@@ -174,9 +174,12 @@ class PcrfsOperations(mf.Operations):
             config_3.negative_timeout = self.cache_timeout
             config_3.use_ino = 1
         if conn_info is not None and mf.fuse_version_major == 3:
-            # Always readdirplus (not only for the first chunk of a listing).
+            # Readdirplus in the kernel's "auto" mode: entries carry attributes when the
+            # caller goes on to stat them (ls -l, find -size), plain names for a bare walk
+            # (os.walk, ImageFolder). Forcing "always" made libfuse keep a node per listed
+            # entry: daemon RSS grew to 433 MiB after one os.walk of 1.28M entries.
             if conn_info.capable & FUSE_CAP_READDIRPLUS:
-                conn_info.want = (conn_info.want | FUSE_CAP_READDIRPLUS) & ~FUSE_CAP_READDIRPLUS_AUTO
+                conn_info.want = conn_info.want | FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO
         log.info("serving %s (%d images, views %s) with libfuse %d.%d", self.tree.store.root,
                  self.tree.store.num_images, ", ".join(self.tree.views) or "none",
                  mf.fuse_version_major, mf.fuse_version_minor)
