@@ -84,6 +84,12 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
+def anon_mb(pid: int) -> float:
+    """RSS minus file-backed pages (the memory-mapped index is file-backed and reclaimable)."""
+    m = psutil.Process(pid).memory_info()
+    return (m.rss - m.shared) / 2**20
+
+
 def bench_size(n: int, work: Path) -> dict:
     classes = 1000 if n >= 100_000 else max(10, n // 1300)
     store_dir = work / f"scale-{n}.pcr"
@@ -104,21 +110,23 @@ def bench_size(n: int, work: Path) -> dict:
         t_plain, _ = timed(plain_tree, store, plain)
         t_mount = run_wall(["pcrfs", "mount", str(store_dir), str(mnt)])
         pid = daemon.read_pid(str(mnt))
-        rss_mount = rss_mb(pid)
+        rss_mount, anon_mount = rss_mb(pid), anon_mb(pid)
         one_class = store.classes[len(store.classes) // 2]
         t_ls_pcr = run_wall(["ls", "-l", str(mnt / "scan1" / one_class)])
         t_ls_plain = run_wall(["ls", "-l", str(plain / one_class)])
         t_walk_pcr, files_pcr = walk_count(str(mnt / "scan1"))
         t_walk_plain, files_plain = walk_count(str(plain))
-        rss_walk = rss_mb(pid)
+        rss_walk, anon_walk = rss_mb(pid), anon_mb(pid)
         # ImageFolder on a view not walked yet, so the kernel's dentry cache does not help
         t_if_pcr = imagefolder_time(str(mnt / "scan2"))
         t_if_plain = imagefolder_time(str(plain))
-        rss_end = rss_mb(pid)
+        rss_end, anon_end = rss_mb(pid), anon_mb(pid)
         result.update({
             "open_store_s": round(t_open, 3), "pcrfs_info_s": round(t_info, 3), "mount_ready_s": round(t_mount, 3),
             "daemon_rss_mb_after_mount": round(rss_mount, 1), "daemon_rss_mb_after_walk": round(rss_walk, 1),
             "daemon_rss_mb_after_imagefolder": round(rss_end, 1),
+            "daemon_anon_mb": {"after_mount": round(anon_mount, 1), "after_walk": round(anon_walk, 1),
+                               "after_imagefolder": round(anon_end, 1)},
             "ls_l_class_s": {"pcrfs": round(t_ls_pcr, 4), "plain": round(t_ls_plain, 4),
                              "ratio": round(t_ls_pcr / t_ls_plain, 2)},
             "os_walk_s": {"pcrfs": round(t_walk_pcr, 3), "plain": round(t_walk_plain, 3),
@@ -157,6 +165,8 @@ def plot(results: list[dict], out: Path) -> None:
     ax = axes[1]
     ax.plot(xs, [r["daemon_rss_mb_after_mount"] for r in results], "o-", label="after mount")
     ax.plot(xs, [r["daemon_rss_mb_after_walk"] for r in results], "s-", label="after listing every dir")
+    ax.plot(xs, [r["daemon_anon_mb"]["after_walk"] for r in results], "^--",
+            label="... of which not file-backed (index mmap excluded)")
     ax.axhline(300, color="grey", ls="--", label="target 300 MB")
     ax.set(xscale="log", xlabel="entries", ylabel="MiB", title="Daemon RSS")
     ax.legend()
