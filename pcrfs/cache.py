@@ -31,6 +31,15 @@ class ByteLRU:
             self.hits += 1
             return value
 
+    def peek(self, key: Hashable) -> bytes | None:
+        """The value if present, without counting a hit or a miss or refreshing it."""
+        with self._lock:
+            return self._items.get(key)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
     def put(self, key: Hashable, value: bytes) -> None:
         size = len(value)
         if size > self.capacity:

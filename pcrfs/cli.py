@@ -33,11 +33,20 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def _open(store: str):
-    from .store.reader import StoreError, open_store
+def endpoint_option(fn):
+    """``--endpoint-url`` for commands that take a STORE (which may be an s3:// URL)."""
+    return click.option(
+        "--endpoint-url", metavar="URL", default=None,
+        help="S3-compatible endpoint for s3:// stores (MinIO, Ceph, moto ...) [default: AWS, or "
+             "$AWS_ENDPOINT_URL]. Credentials and region come from the usual AWS variables/files.")(fn)
+
+
+def _open(store: str, endpoint_url: str | None = None):
+    from .remote.fs import RemoteOptions
+    from .store.reader import ReadOptions, StoreError, open_store
 
     try:
-        return open_store(store)
+        return open_store(store, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url)))
     except StoreError as e:
         _fail(str(e))
 
@@ -57,7 +66,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store")
 @click.option("-j", "--workers", type=click.IntRange(1), default=None,
               help="Parallel transcoding threads [default: all cores].")
 @click.option("--record-size", type=SIZE, default="64M", show_default=True,
@@ -73,8 +82,9 @@ def main() -> None:
               help="Exit 0 even if some files could not be converted (they are listed in the report).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at STORE.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def convert(src: Path, store: Path, workers, record_size, quality, non_jpeg, keep_metadata, max_pixels,
-            skip_bad, overwrite, quiet) -> None:
+@endpoint_option
+def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep_metadata, max_pixels,
+            skip_bad, overwrite, quiet, endpoint_url) -> None:
     """Convert the image tree SRC into a PCR store at STORE.
 
     SRC is an image tree such as torchvision's ImageFolder layout (class/img.jpg);
@@ -85,13 +95,20 @@ def convert(src: Path, store: Path, workers, record_size, quality, non_jpeg, kee
     Interrupted conversions (Ctrl-C, kill, full disk) resume when the same command
     is run again. Files that cannot be converted are listed in STORE/report.json;
     the command then exits 1 unless --skip-bad is given.
+
+    STORE may be a URL such as s3://bucket/prefix (the bucket must exist): the
+    conversion then runs in a staging directory under ~/.cache/pcrfs, uploads each
+    record as it is finished and the manifest last.
     """
     from tqdm import tqdm
 
     from .convert import StoreExists, convert as run_convert, list_sources
     from .jpeg.transcode import TranscodeOptions
     from .jpeg.turbojpeg import TurboJPEGUnavailable
+    from .remote.fs import RemoteError, RemoteOptions, is_url
     from .store.writer import ResumeMismatch
+
+    report_path = f"{store.rstrip('/')}/report.json" if is_url(store) else str(Path(store) / "report.json")
 
     opts = TranscodeOptions(keep_metadata=keep_metadata, quality=quality, non_jpeg=non_jpeg, max_pixels=max_pixels)
     if not quiet:
@@ -117,12 +134,13 @@ def convert(src: Path, store: Path, workers, record_size, quality, non_jpeg, kee
 
     try:
         result = run_convert(src, store, opts=opts, workers=workers, record_bytes=record_size,
-                             overwrite=overwrite, listing=listing, on_start=on_start, on_progress=on_progress)
+                             overwrite=overwrite, listing=listing, on_start=on_start, on_progress=on_progress,
+                             remote=RemoteOptions(endpoint_url=endpoint_url))
     except KeyboardInterrupt:
         if bar:
             bar.close()
         _fail("interrupted; run the same command again to resume", 130)
-    except (StoreExists, ResumeMismatch, ValueError, FileNotFoundError, TurboJPEGUnavailable) as e:
+    except (StoreExists, ResumeMismatch, ValueError, FileNotFoundError, TurboJPEGUnavailable, RemoteError) as e:
         _fail(str(e))
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -141,20 +159,21 @@ def convert(src: Path, store: Path, workers, record_size, quality, non_jpeg, kee
     for p in result.bad[:20]:
         click.echo(f"  bad: {p['path']}: {p['reason']}", err=True)
     if len(result.bad) > 20:
-        click.echo(f"  ... {len(result.bad) - 20} more in {store / 'report.json'}", err=True)
+        click.echo(f"  ... {len(result.bad) - 20} more in {report_path}", err=True)
     if result.bad and not skip_bad:
-        _fail(f"{len(result.bad)} file(s) could not be converted (see {store / 'report.json'}); "
+        _fail(f"{len(result.bad)} file(s) could not be converted (see {report_path}); "
               "the store holds the others. Use --skip-bad to accept this.")
 
 
 @main.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(store: str, as_json: bool) -> None:
+@endpoint_option
+def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
     """Show counts, classes, scan groups and the bytes each fidelity view needs."""
     from .store.verify import cumulative_fractions
 
-    s = _open(store)
+    s = _open(store, endpoint_url)
     m = s.manifest
     fractions = cumulative_fractions(s)
     summary = {
@@ -180,7 +199,8 @@ def info(store: str, as_json: bool) -> None:
 @main.command()
 @click.argument("store")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def verify(store: str, quiet: bool) -> None:
+@endpoint_option
+def verify(store: str, quiet: bool, endpoint_url: str | None) -> None:
     """Check every scan group's checksum and the store structure.
 
     Names each damaged image and group; exits 1 if anything is wrong.
@@ -189,7 +209,7 @@ def verify(store: str, quiet: bool) -> None:
 
     from .store.verify import verify_store
 
-    s = _open(store)
+    s = _open(store, endpoint_url)
     total = int(s.index.records["size"].sum()) if len(s.index.records) else 0
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=quiet, file=sys.stderr) as bar:
         damage = verify_store(s, on_record=bar.update)
@@ -207,11 +227,12 @@ def verify(store: str, quiet: bool) -> None:
               help="Number of scan groups (fidelity) [default: full].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here instead of standard output.")
-def get(store: str, path: str, k, output) -> None:
+@endpoint_option
+def get(store: str, path: str, k, output, endpoint_url: str | None) -> None:
     """Extract the image at PATH (relative, as in the source tree) at fidelity --scan."""
-    from .store.reader import CorruptData
+    from .store.reader import CorruptData, StoreUnavailable
 
-    s = _open(store)
+    s = _open(store, endpoint_url)
     k = k or s.num_groups
     if k > s.num_groups:
         _fail(f"--scan must be at most {s.num_groups} for this store")
@@ -219,8 +240,8 @@ def get(store: str, path: str, k, output) -> None:
         data = s.read(path, k)
     except KeyError:
         _fail(f"no image {path!r} in {store}")
-    except CorruptData as e:
-        _fail(str(e))
+    except (CorruptData, StoreUnavailable) as e:
+        _fail(e.strerror or str(e))
     if output is None:
         if sys.stdout.isatty():
             _fail("refusing to write JPEG bytes to a terminal; use -o FILE or a pipe")

@@ -4,6 +4,10 @@ Images are processed in a fixed order (sorted path components) by a thread pool
 (the libjpeg-turbo transform and Pillow release the GIL) and written by one
 writer in that same order, so the store is identical whatever the worker count,
 and a re-run resumes after the last finished record.
+
+The store may also be a URL (``s3://bucket/prefix``): the conversion then runs
+in a local staging directory and uploads each record as it is finished, the
+manifest last (see :class:`~pcrfs.store.location.RemoteTarget`).
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .jpeg.transcode import BadImage, SkippedImage, TranscodeOptions, transcode
+from .remote.fs import RemoteOptions, is_url
 from .store import format as fmt
+from .store.location import RemoteTarget
 from .store.writer import ImageEntry, Problem, StoreWriter
 
 
@@ -152,26 +158,51 @@ def prepare_target(store: Path, overwrite: bool) -> None:
         raise StoreExists(f"{store} exists, is not empty and is not a PCR store; refusing to write into it")
 
 
+def prepare_remote_target(target: RemoteTarget, overwrite: bool) -> None:
+    """The same rules as :func:`prepare_target`, for a store at a URL."""
+    target.check()
+    finished = target.exists(fmt.MANIFEST)
+    unfinished = not finished and target.exists(fmt.RECORDS_DIR)
+    if overwrite and (finished or unfinished):
+        target.remove_store()
+        return
+    if finished:
+        raise StoreExists(f"{target.url} already holds a finished store; use --overwrite to replace it")
+    if not unfinished and not target.is_empty():
+        raise StoreExists(f"{target.url} is not empty and is not a PCR store; refusing to write into it")
+
+
 ProgressFn = Callable[[int, int], None]  # (images done, bytes read) increments
 
 
-def convert(src: Path, store: Path, *, opts: TranscodeOptions = TranscodeOptions(), workers: int | None = None,
-            record_bytes: int = fmt.DEFAULT_RECORD_BYTES, overwrite: bool = False,
+def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeOptions(),
+            workers: int | None = None, record_bytes: int = fmt.DEFAULT_RECORD_BYTES, overwrite: bool = False,
             listing: Listing | None = None, on_start: Callable[[int, int], None] | None = None,
-            on_progress: ProgressFn | None = None) -> ConvertResult:
-    """Convert the image tree ``src`` into a store at ``store``.
+            on_progress: ProgressFn | None = None, remote: RemoteOptions = RemoteOptions(),
+            staging_dir: Path | None = None) -> ConvertResult:
+    """Convert the image tree ``src`` into a store at ``store`` (a directory or a URL).
 
     ``on_start(total, already_done)`` and ``on_progress(n, bytes)`` drive a progress bar.
+    For a URL, ``remote`` says how to reach it and ``staging_dir`` where the local
+    work happens (default: under ``~/.cache/pcrfs``); it is removed when done.
+    RemoteError is raised if the object store cannot be used.
     """
-    src, store = Path(src), Path(store)
+    src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"source {src} is not a directory")
-    if _inside(os.path.realpath(store), os.path.realpath(src)):
-        raise ValueError("the store must not be inside the source tree (the source is never modified)")
+    target = RemoteTarget(str(store), remote, staging_dir) if is_url(str(store)) else None
+    if target is None:
+        store = Path(store)
+        if _inside(os.path.realpath(store), os.path.realpath(src)):
+            raise ValueError("the store must not be inside the source tree (the source is never modified)")
     t0 = time.monotonic()
     listing = listing or list_sources(src)
-    prepare_target(store, overwrite)
-    writer = StoreWriter(store, record_bytes)
+    if target is None:
+        prepare_target(store, overwrite)
+        writer = StoreWriter(store, record_bytes)
+    else:
+        prepare_remote_target(target, overwrite)
+        writer = StoreWriter(target.staging, record_bytes, target=target)
     writer.start(fingerprint(listing, opts, record_bytes))
     start = writer.sources_consumed
     todo = listing.files[start:]
@@ -212,7 +243,9 @@ def convert(src: Path, store: Path, *, opts: TranscodeOptions = TranscodeOptions
         "options": {"keep_metadata": opts.keep_metadata, "quality": opts.quality,
                     "non_jpeg": opts.non_jpeg, "max_pixels": opts.max_pixels},
     }, extra_problems=listing.problems)
-    report = json.loads((store / fmt.REPORT).read_text())
+    report = json.loads((writer.root / fmt.REPORT).read_text())
+    if target is not None:
+        shutil.rmtree(target.staging, ignore_errors=True)
     return ConvertResult(
         images=manifest["num_images"], bad=report["bad"], skipped=report["skipped"],
         reencoded=report["reencoded"], bytes_in=bytes_in, bytes_out=manifest["total_bytes"],

@@ -49,7 +49,7 @@ def _echo_err(message: str) -> None:
 # ---- mount / umount ---------------------------------------------------------------------------
 
 @click.command("mount")
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-f", "--foreground", is_flag=True,
               help="Serve in this process until unmounted or interrupted (for systemd, containers "
@@ -64,8 +64,24 @@ def _echo_err(message: str) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
               help="Where the daemon logs (errors such as damaged groups are named there) "
                    "[default: /run/pcrfs/<mount>.log for root, else under $XDG_RUNTIME_DIR or /tmp].")
+@click.option("--endpoint-url", metavar="URL", default=None,
+              help="S3-compatible endpoint for an s3:// STORE (MinIO, Ceph, moto ...) [default: AWS, "
+                   "or $AWS_ENDPOINT_URL]. Credentials and region come from the usual AWS variables/files.")
+@click.option("--bwlimit", metavar="RATE", default=None,
+              help="Cap the bandwidth taken from the store, all requests together, e.g. 10M (bytes/s, "
+                   "binary units, like rclone's --bwlimit).")
+@click.option("--disk-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Also keep fetched scan groups on local disk in DIR (kept across mounts), so later "
+                   "epochs do not download again. Remote stores also keep their index there.")
+@click.option("--disk-cache-size", type=SIZE, default="10G", show_default=True,
+              help="Size cap of --disk-cache; least recently used images are dropped first.")
+@click.option("--readahead", type=SIZE, default=None, metavar="SIZE",
+              help="Budget of one readahead window for reads in image order (a sequential epoch "
+                   "fetches groups 1..k of the next images in one request per group); 0 disables "
+                   "[default: 16M for remote stores, 0 for local ones].")
 def mount_cmd(store: str, mountpoint: str, foreground: bool, options: tuple[str, ...], cache_size: int,
-              log_file: str | None) -> None:
+              log_file: str | None, endpoint_url: str | None, bwlimit: str | None, disk_cache: str | None,
+              disk_cache_size: int, readahead: int | None) -> None:
     """Mount the PCR store STORE at the empty directory MOUNTPOINT, read-only.
 
     \b
@@ -80,10 +96,24 @@ def mount_cmd(store: str, mountpoint: str, foreground: bool, options: tuple[str,
     Returns once the mount is ready; the daemon keeps running in the background and
     stops on `pcrfs umount MOUNTPOINT` (or SIGTERM). A mount left behind by a daemon
     that died ("Transport endpoint is not connected") is cleaned up automatically.
+
+    STORE may be a URL such as s3://bucket/prefix: its index is downloaded once,
+    then each read fetches only the byte ranges it needs (ranged GETs, retried on
+    failures; an unreachable store reads as EIO until it is back).
     """
+    from ..remote.bwlimit import parse_rate
+    from ..remote.fs import RemoteOptions
+    from ..store.reader import ReadOptions
+
+    try:
+        rate = parse_rate(bwlimit) if bwlimit else None
+    except ValueError as e:
+        _fail(f"--bwlimit: {e}")
+    read_options = ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url), bwlimit=rate,
+                               disk_cache=disk_cache, disk_cache_bytes=disk_cache_size, readahead_bytes=readahead)
     try:
         mount(store, mountpoint, foreground=foreground, options=options, cache_size=cache_size,
-              log_file=log_file, echo=_echo_err)
+              log_file=log_file, echo=_echo_err, read_options=read_options)
     except MountError as e:
         _fail(str(e))
     except KeyboardInterrupt:

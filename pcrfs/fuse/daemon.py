@@ -27,9 +27,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..units import format_size, parse_size
+
+if TYPE_CHECKING:  # the store layer itself is imported when a mount starts
+    from ..store.reader import ReadOptions
 
 log = logging.getLogger("pcrfs.fuse")
 
@@ -263,13 +266,50 @@ def fuse_options(options: Iterable[str], allow_other: bool) -> tuple[dict[str, o
 
 # ---- the daemon itself ---------------------------------------------------------------------
 
-def _open_store(store: str, cache_bytes: int):
+def _store_location(store: str | os.PathLike) -> str:
+    """An absolute path for a local store; a URL (s3://...) as it is."""
+    from ..remote.fs import is_url
+
+    text = os.fspath(store)
+    return text.rstrip("/") if is_url(text) else _abs(text)
+
+
+def _open_store(store: str, cache_bytes: int, read_options: "ReadOptions | None" = None):
     from ..store.reader import StoreError, open_store
 
     try:
-        return open_store(store, cache_bytes=cache_bytes)
+        return open_store(store, cache_bytes=cache_bytes, options=read_options)
     except StoreError as e:
         raise MountError(str(e)) from e
+
+
+def read_options_argv(o: "ReadOptions | None") -> list[str]:
+    """Daemon arguments that carry ``o`` (the inverse of :func:`read_options_from_args`)."""
+    if o is None:
+        return []
+    argv = []
+    if o.remote.endpoint_url:
+        argv += ["--endpoint-url", o.remote.endpoint_url]
+    if o.bwlimit:
+        argv += ["--bwlimit", str(o.bwlimit)]
+    if o.disk_cache:
+        argv += ["--disk-cache", _abs(o.disk_cache), "--disk-cache-size", str(o.disk_cache_bytes)]
+    if o.readahead_bytes is not None:
+        argv += ["--readahead", str(o.readahead_bytes)]
+    return argv
+
+
+def read_options_from_args(a: argparse.Namespace) -> "ReadOptions":
+    from ..remote.bwlimit import parse_rate
+    from ..remote.fs import RemoteOptions
+    from ..store.reader import ReadOptions
+
+    return ReadOptions(
+        remote=RemoteOptions(endpoint_url=a.endpoint_url),
+        bwlimit=parse_rate(a.bwlimit) if a.bwlimit else None,
+        disk_cache=a.disk_cache,
+        disk_cache_bytes=parse_size(a.disk_cache_size),
+        readahead_bytes=parse_size(a.readahead) if a.readahead is not None else None)
 
 
 def _redirect_output(log_file: str) -> None:
@@ -283,14 +323,15 @@ def _redirect_output(log_file: str) -> None:
 
 
 def run_foreground(store: str, mountpoint: str, *, options: Iterable[str] = (), cache_size: int,
-                   log_file: str | None = None, allow_other: bool = False, echo: Echo = _stderr) -> None:
+                   log_file: str | None = None, allow_other: bool = False, echo: Echo = _stderr,
+                   read_options: "ReadOptions | None" = None) -> None:
     """Mount and serve in this process until unmounted or signalled."""
     from ..views import ViewTree
     from .ops import FUSE_MAIN_FAILURES, FUSE_MAIN_LOOP_ENDED, PcrfsOperations, serve
 
-    store, mountpoint = _abs(store), _abs(mountpoint)
+    store, mountpoint = _store_location(store), _abs(mountpoint)
     kwargs, nonempty = fuse_options(options, allow_other)
-    s = _open_store(store, cache_size)
+    s = _open_store(store, cache_size, read_options)
     prepare_mountpoint(mountpoint, echo, allow_nonempty=nonempty)
     if log_file:
         _redirect_output(log_file)
@@ -374,26 +415,31 @@ def _wait_ready(proc: subprocess.Popen, mountpoint: str, log_file: str, log_star
 def mount(store: str | os.PathLike, mountpoint: str | os.PathLike, foreground: bool = False,
           options: Iterable[str] = (), cache_size: int | str = DEFAULT_CACHE_SIZE,
           log_file: str | os.PathLike | None = None, allow_other: bool = False,
-          echo: Echo = _stderr, timeout: float = READY_TIMEOUT) -> MountInfo | None:
+          echo: Echo = _stderr, timeout: float = READY_TIMEOUT,
+          read_options: "ReadOptions | None" = None) -> MountInfo | None:
     """Mount ``store`` at ``mountpoint``.
 
     In the background (default) this returns a :class:`MountInfo` once the mount
     is ready; with ``foreground=True`` it serves until unmounted and returns None.
+    ``store`` is a directory or a URL (``s3://bucket/prefix``); ``read_options``
+    carries the endpoint, bandwidth limit, disk cache and readahead settings.
     Raises :class:`MountError` with a message meant for the user.
     """
-    store_s, mp = _abs(store), _abs(mountpoint)
+    store_s, mp = _store_location(store), _abs(mountpoint)
     cache_bytes = parse_size(cache_size) if isinstance(cache_size, str) else int(cache_size)
     options = list(options)
     if foreground:
         run_foreground(store_s, mp, options=options, cache_size=cache_bytes,
-                       log_file=os.fspath(log_file) if log_file else None, allow_other=allow_other, echo=echo)
+                       log_file=os.fspath(log_file) if log_file else None, allow_other=allow_other, echo=echo,
+                       read_options=read_options)
         return None
     _, nonempty = fuse_options(options, allow_other)
-    _open_store(store_s, 0).close()  # a clear error now rather than in the daemon's log
+    _open_store(store_s, 0, read_options).close()  # a clear error now rather than in the daemon's log
     prepare_mountpoint(mp, echo, allow_nonempty=nonempty)
     log_path = _abs(log_file) if log_file else str(default_log_file(mp))
     argv = [sys.executable, "-m", "pcrfs.fuse.daemon", store_s, mp, "--foreground",
             "--cache-size", str(cache_bytes), "--log-file", log_path]
+    argv += read_options_argv(read_options)
     for opt in options:
         argv += ["-o", opt]
     if allow_other:
@@ -448,10 +494,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, help="scan-group cache size (e.g. 256M)")
     p.add_argument("--log-file", default=None)
     p.add_argument("--allow-other", action="store_true")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// stores")
+    p.add_argument("--bwlimit", default=None, help="cap on the store bandwidth (bytes/s, e.g. 10M)")
+    p.add_argument("--disk-cache", default=None, help="directory for an on-disk group cache")
+    p.add_argument("--disk-cache-size", default="10G", help="size cap of the disk cache")
+    p.add_argument("--readahead", default=None, help="readahead window budget (0: off)")
     a = p.parse_args(argv)
     try:
         mount(a.store, a.mountpoint, foreground=a.foreground, options=a.options, cache_size=a.cache_size,
-              log_file=a.log_file, allow_other=a.allow_other)
+              log_file=a.log_file, allow_other=a.allow_other, read_options=read_options_from_args(a))
     except (MountError, ValueError) as e:
         _stderr(f"pcrfs: error: {e}")
         return 1

@@ -5,38 +5,37 @@ its first k scan groups plus an EOI marker; the store reads exactly those byte
 ranges (never a whole record) and checks each group's CRC-32 before returning it,
 so damaged data raises :class:`CorruptData` (errno EIO) instead of coming back as
 garbage.
+
+A store lives at a local path or at an fsspec URL such as ``s3://bucket/prefix``
+(:mod:`pcrfs.store.location`); the same :class:`Store` serves both. Which bytes
+are requested when (caches, coalescing, readahead) is :mod:`pcrfs.store.fetch`'s
+business; where they come from is a record source's (:mod:`pcrfs.store.backends`).
 """
 from __future__ import annotations
 
-import errno
 import os
-import threading
-import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 import numpy as np
 import yaml
 
 from ..cache import ByteLRU
+from ..diskcache import DiskCache
 from ..jpeg.scans import EOI_BYTES
+from ..readahead import Readahead
+from ..remote.bwlimit import TokenBucket
+from ..remote.fs import RemoteOptions
 from . import format as fmt
+from .backends import RecordFiles, RecordSource  # noqa: F401 - RecordFiles: the local source's old name
+from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
+from .fetch import GroupFetcher
 from .index import Index, IndexError_
+from .location import LocalLocation, RemoteLocation, StoreLocation, open_location
 
 ImageRef = Union[int, str]
-
-
-class StoreError(Exception):
-    """The store cannot be opened (missing, incomplete, damaged manifest or index)."""
-
-
-class CorruptData(OSError):
-    """Stored bytes failed their check; maps to EIO on the mount."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EIO, message)
 
 
 @dataclass(frozen=True)
@@ -49,66 +48,56 @@ class GroupRange:
     crc32: int
 
 
-class RecordFiles:
-    """Positional reads from local record files, one cached descriptor per record."""
+DEFAULT_READAHEAD = 16 << 20  # bytes per readahead window (remote stores)
 
-    def __init__(self, root: Path, record_sizes: np.ndarray) -> None:
-        self.root = root
-        self._sizes = record_sizes
-        self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
-        self.requests = 0  # counters for the mount's stats file
-        self.bytes_read = 0
 
-    def _fd(self, record: int) -> int:
-        fd = self._fds.get(record)
-        if fd is not None:
-            return fd
-        with self._lock:
-            fd = self._fds.get(record)
-            if fd is None:
-                path = self.root / fmt.record_name(record)
-                try:
-                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                except OSError as e:
-                    raise CorruptData(f"record file {path} cannot be opened: {e.strerror}") from e
-                size = os.fstat(fd).st_size
-                if size != int(self._sizes[record]):
-                    os.close(fd)
-                    raise CorruptData(f"record file {path} is {size} bytes, index says {int(self._sizes[record])}")
-                self._fds[record] = fd
-        return fd
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a store is read (everything but the location itself)."""
+    cache_bytes: int = 0                  # memory for verified scan groups (0: none)
+    remote: RemoteOptions = RemoteOptions()
+    bwlimit: int | None = None            # bytes per second taken from the store, all requests together
+    disk_cache: str | None = None         # directory for a size-capped on-disk group cache
+    disk_cache_bytes: int = 10 << 30
+    readahead_bytes: int | None = None    # window budget; None: on for remote stores, off for local; 0: off
 
-    def read(self, record: int, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd(record), length, offset)
-        with self._lock:
-            self.requests += 1
-            self.bytes_read += len(data)
-        if len(data) != length:
-            raise CorruptData(f"record {record}: short read at {offset} ({len(data)} of {length} bytes)")
-        return data
-
-    def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+    def readahead_for(self, remote: bool) -> int:
+        if self.readahead_bytes is None:
+            return DEFAULT_READAHEAD if remote else 0
+        return max(0, int(self.readahead_bytes))
 
 
 class Store:
     """A read-only PCR store."""
 
-    def __init__(self, root: Path, manifest: dict, index: Index, cache: ByteLRU | None = None) -> None:
-        self.root = root
+    def __init__(self, location: StoreLocation, manifest: dict, index: Index, cache: ByteLRU | None = None,
+                 options: ReadOptions = ReadOptions(), disk: DiskCache | None = None) -> None:
+        self.location = location
         self.cache = cache  # verified groups, keyed (image, group)
         self.manifest = manifest
         self.index = index
-        self.records = RecordFiles(root, np.asarray(index.records["size"]))
+        self.options = options
+        remote = isinstance(location, RemoteLocation)
+        bwlimit = TokenBucket(options.bwlimit) if options.bwlimit else None
+        self.records: RecordSource = location.records(np.asarray(index.records["size"]), bwlimit)
+        readahead_bytes = options.readahead_for(remote)
+        self.fetcher = GroupFetcher(self, self.records, cache, disk,
+                                    Readahead() if readahead_bytes else None, readahead_bytes,
+                                    whole_image=remote)
         self.classes: list[str] = list(manifest.get("classes", []))
         depth1 = [d for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
         self._class_first = np.array([int(index.dir_ranges[d][0]) for d in depth1], dtype=np.int64)
         self._class_end = np.array([int(index.dir_ranges[d][1]) for d in depth1], dtype=np.int64)
         self._record_offsets = lru_cache(maxsize=256)(index.record_offsets)
+
+    @property
+    def root(self) -> Path | str:
+        """The store's directory (a Path) or, for a remote store, its URL."""
+        return self.location.root
+
+    @property
+    def url(self) -> str:
+        return self.location.url
 
     # ---- catalogue -------------------------------------------------------------
 
@@ -192,23 +181,10 @@ class Store:
 
     # ---- reading -------------------------------------------------------------
 
-    def _read_group(self, i: int, rng: GroupRange) -> bytes:
-        if self.cache is not None:
-            data = self.cache.get((i, rng.group))
-            if data is not None:
-                return data
-        data = self.records.read(rng.record, rng.offset, rng.length)
-        if zlib.crc32(data) != rng.crc32:
-            raise CorruptData(f"{self.path(i)}: scan group {rng.group} fails its CRC-32 check "
-                              f"(record {rng.record}, offset {rng.offset})")
-        if self.cache is not None:
-            self.cache.put((i, rng.group), data)
-        return data
-
     def read(self, image: ImageRef, k: int) -> bytes:
         """The image at fidelity k as a complete JPEG (whole image if it has < k groups)."""
         i = self._ref(image)
-        parts = [self._read_group(i, rng) for rng in self.ranges(i, k)]
+        parts = self.fetcher.read_groups(i, k, self.ranges(i, k))
         parts.append(EOI_BYTES)
         return b"".join(parts)
 
@@ -217,16 +193,19 @@ class Store:
         groups that overlap the request (each whole, to check its CRC)."""
         i = self._ref(image)
         end = offset + size
-        out = []
+        overlapping, starts = [], []
         pos = 0
         for rng in self.ranges(i, k):
             g_end = pos + rng.length
             if g_end > offset and pos < end:
-                data = self._read_group(i, rng)
-                out.append(data[max(offset - pos, 0):min(end - pos, rng.length)])
+                overlapping.append(rng)
+                starts.append(pos)
             pos = g_end
             if pos >= end:
                 break
+        out = []
+        for rng, start, data in zip(overlapping, starts, self.fetcher.read_groups(i, k, overlapping)):
+            out.append(data[max(offset - start, 0):min(end - start, rng.length)])
         if end > pos:  # the request reaches into the EOI marker
             out.append(EOI_BYTES[max(offset - pos, 0):min(end - pos, len(EOI_BYTES))])
         return b"".join(out)
@@ -234,14 +213,27 @@ class Store:
     def verify_image(self, i: int) -> list[str]:
         """Problems with image i's stored groups (empty if it is intact)."""
         problems = []
-        for rng in self.ranges(i, self.num_groups or 1):
+        k = self.num_groups or 1
+        for rng in self.ranges(i, k):
             try:
-                self._read_group(i, rng)
+                self.fetcher.read_groups(i, k, [rng])
             except CorruptData as e:
                 problems.append(str(e))
         return problems
 
+    def record_bytes(self, r: int) -> bytes:
+        """The whole record file ``r`` (for verification)."""
+        return self.records.read_record(r)
+
+    def io_stats(self) -> dict[str, Any]:
+        """Counters of the read path: requests and bytes from the store, retries,
+        bandwidth limit, readahead and disk cache."""
+        out = {"source": self.records.stats()}
+        out.update(self.fetcher.stats())
+        return out
+
     def close(self) -> None:
+        self.fetcher.close()
         self.records.close()
 
     def __enter__(self) -> "Store":
@@ -251,51 +243,67 @@ class Store:
         self.close()
 
 
-def read_manifest(root: Path) -> dict:
-    path = root / fmt.MANIFEST
-    if not path.exists():
-        if (root / fmt.PARTIAL_DIR).exists():
-            raise StoreError(f"{root} is an unfinished conversion (no {fmt.MANIFEST}); "
-                             "run the same `pcrfs convert` again to resume it")
-        if not root.exists():
-            raise StoreError(f"{root}: no such store")
-        raise StoreError(f"{root} is not a PCR store (no {fmt.MANIFEST})")
+def parse_manifest(raw: bytes, where: str) -> dict:
+    """The manifest from its bytes, checked for the keys readers rely on; ``where`` names it in errors."""
     try:
-        manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
+        manifest = yaml.safe_load(raw.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path} is damaged: {e}") from e
+        raise StoreError(f"{where} is damaged: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
-        raise StoreError(f"{path} is not a PCR manifest")
+        raise StoreError(f"{where} is not a PCR manifest")
     if manifest.get("format_version") != fmt.FORMAT_VERSION:
-        raise StoreError(f"{path}: format version {manifest.get('format_version')} is not supported "
+        raise StoreError(f"{where}: format version {manifest.get('format_version')} is not supported "
                          f"(this pcrfs reads version {fmt.FORMAT_VERSION})")
     for key in ("num_images", "num_groups", "num_records", "index_files"):
         if key not in manifest:
-            raise StoreError(f"{path} is damaged: no '{key}'")
+            raise StoreError(f"{where} is damaged: no '{key}'")
     files = manifest["index_files"]
     if not isinstance(files, dict) or not all(
             isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("crc32"), int)
             for v in files.values()):
-        raise StoreError(f"{path} is damaged: 'index_files' is not a table of sizes and CRC-32s")
+        raise StoreError(f"{where} is damaged: 'index_files' is not a table of sizes and CRC-32s")
     for key in ("num_images", "num_groups", "num_records"):
         if type(manifest[key]) is not int:
-            raise StoreError(f"{path} is damaged: '{key}' is not an integer")
+            raise StoreError(f"{where} is damaged: '{key}' is not an integer")
     return manifest
 
 
-def open_store(location: str | os.PathLike, verify_index: bool = True, cache_bytes: int = 0) -> Store:
-    """Open the store at ``location`` read-only.
+def read_manifest(root: Path) -> dict:
+    """The manifest of the local store at ``root``."""
+    location = LocalLocation(root)
+    return parse_manifest(location.manifest_bytes(), str(Path(root) / fmt.MANIFEST))
+
+
+def open_store(location: str | os.PathLike, verify_index: bool = True, cache_bytes: int = 0,
+               options: ReadOptions | None = None) -> Store:
+    """Open the store at ``location`` (a directory, or a URL such as ``s3://bucket/prefix``) read-only.
 
     With ``verify_index`` (the default) the index files are checked against the
     CRC-32s in the manifest, so a damaged index is refused rather than trusted.
-    ``cache_bytes`` > 0 keeps that many bytes of recently read scan groups in memory.
+    ``cache_bytes`` > 0 keeps that many bytes of recently read scan groups in memory
+    (``options.cache_bytes`` says the same). A remote store's index is downloaded
+    once into the local cache directory (``options.disk_cache``, else
+    ``~/.cache/pcrfs``) and read from there afterwards.
     """
-    root = Path(location)
-    manifest = read_manifest(root)
+    options = options or ReadOptions()
+    cache_dir = Path(options.disk_cache) if options.disk_cache else None
+    loc = open_location(location, options.remote, cache_dir)
+    raw = loc.manifest_bytes()
+    manifest = parse_manifest(raw, f"{loc.url}/{fmt.MANIFEST}" if isinstance(loc, RemoteLocation)
+                              else str(Path(loc.root) / fmt.MANIFEST))
+    index_dir, checked = loc.index_dir(manifest, raw)
     try:
-        index = Index.load(root / fmt.INDEX_DIR, manifest["index_files"] if verify_index else None)
+        index = Index.load(index_dir, manifest["index_files"] if verify_index and not checked else None)
     except IndexError_ as e:
         raise StoreError(str(e)) from e
     if index.num_images != manifest["num_images"] or len(index.records) != manifest["num_records"]:
-        raise StoreError(f"{root}: index and manifest disagree on the image or record count")
-    return Store(root, manifest, index, ByteLRU(cache_bytes) if cache_bytes > 0 else None)
+        raise StoreError(f"{loc.url}: index and manifest disagree on the image or record count")
+    remote = isinstance(loc, RemoteLocation)
+    cache_bytes = max(cache_bytes, options.cache_bytes)
+    readahead = options.readahead_for(remote)
+    if readahead:  # prefetched groups wait in the memory cache until they are read
+        cache_bytes = max(cache_bytes, 4 * readahead)
+    disk = None
+    if options.disk_cache and options.disk_cache_bytes > 0:
+        disk = DiskCache(Path(options.disk_cache) / "groups" / loc.identity(raw), options.disk_cache_bytes)
+    return Store(loc, manifest, index, ByteLRU(cache_bytes) if cache_bytes > 0 else None, options, disk)

@@ -43,11 +43,10 @@ def verify_store(store: Store, on_record: Callable[[int], None] | None = None) -
 def _verify_record(store: Store, r: int) -> list[Damage]:
     index = store.index
     rec = index.records[r]
-    path = store.root / fmt.record_name(r)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        return [Damage(r, None, None, f"record file {path} unreadable: {e.strerror}")]
+        data = store.record_bytes(r)  # local file or remote object, through the store's record source
+    except OSError as e:  # CorruptData (missing, unreadable) or StoreUnavailable (unreachable)
+        return [Damage(r, None, None, e.strerror or str(e))]
     out = []
     if len(data) != int(rec["size"]):
         out.append(Damage(r, None, None, f"record file is {len(data)} bytes, index says {int(rec['size'])}"))

@@ -5,6 +5,11 @@ A conversion appends images in index order. Each finished record is written to
 with both is considered done, so ``kill -9`` at any point loses at most the record
 in progress. ``finalize`` writes the index, the report and, last of all, the
 manifest: a store without ``pcr.yaml`` is never readable as complete.
+
+With a :class:`~pcrfs.store.location.RemoteTarget` the writer works in a local
+staging directory and uploads as it goes: each record right after it is
+written (then its local copy is dropped; its description records that it is
+uploaded), the index and report at the end, and the manifest last of all.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import shutil
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import yaml
@@ -22,6 +28,9 @@ import yaml
 from .. import __version__
 from . import format as fmt
 from .index import Index, StringTable, directories_of
+
+if TYPE_CHECKING:
+    from .location import RemoteTarget
 
 
 @dataclass
@@ -72,8 +81,10 @@ def _fsync_dir(path: Path) -> None:
 class StoreWriter:
     """Builds a store in ``root``; call ``add`` in index order, then ``finalize``."""
 
-    def __init__(self, root: Path, record_bytes: int = fmt.DEFAULT_RECORD_BYTES) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path, record_bytes: int = fmt.DEFAULT_RECORD_BYTES,
+                 target: "RemoteTarget | None" = None) -> None:
+        self.root = Path(root)  # the store itself, or the local staging directory of a remote one
+        self.target = target
         self.record_bytes = record_bytes
         self.partial = self.root / fmt.PARTIAL_DIR
         self.records_dir = self.root / fmt.RECORDS_DIR
@@ -118,14 +129,13 @@ class StoreWriter:
         while True:
             r = len(self.done)
             desc = self.partial / f"{r:05d}.json"
-            rec = self.root / fmt.record_name(r)
-            if not (desc.exists() and rec.exists()):
+            if not desc.exists():
                 break
             try:
                 d = json.loads(desc.read_text())
             except ValueError:
                 break  # torn description: redo this record
-            if rec.stat().st_size != d["size"]:
+            if not self._record_in_place(r, d["size"]):
                 break
             self.done.append(d)
         # Anything past the last complete record is a leftover of the interrupted run.
@@ -137,6 +147,13 @@ class StoreWriter:
             stem = p.name.split(".")[0]
             if int(stem) >= len(self.done) or p.name.endswith(".tmp"):
                 p.unlink()
+
+    def _record_in_place(self, r: int, size: int) -> bool:
+        """True if record ``r`` is where it belongs (local store, or uploaded) with ``size`` bytes."""
+        if self.target is not None:
+            return self.target.size(fmt.record_name(r)) == size
+        rec = self.root / fmt.record_name(r)
+        return rec.exists() and rec.stat().st_size == size
 
     # ---- adding images -----------------------------------------------------
 
@@ -177,6 +194,8 @@ class StoreWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, rec_path)
+        if self.target is not None:
+            self.target.upload(fmt.record_name(r), rec_path)
         desc = {
             "record": r,
             "first_image": first_image,
@@ -189,6 +208,8 @@ class StoreWriter:
             "problems": [p.as_dict() for p in self._pending_problems],
         }
         _write_atomic(self.partial / f"{r:05d}.json", json.dumps(desc).encode())
+        if self.target is not None:
+            rec_path.unlink()  # uploaded and described: the staging copy is no longer needed
         self.done.append(desc)
         self._pending, self._pending_bytes, self._pending_problems = [], 0, []
 
@@ -224,15 +245,24 @@ class StoreWriter:
                       StringTable.from_strings(paths), StringTable.from_strings(dir_names), dir_ranges)
 
         problems = [p.as_dict() for p in extra_problems] + self.problems()
-        manifest = publish(self.root, index, problems, manifest_extra)
+        upload = None
+        if self.target is not None:
+            for stale in self.target.record_ids():  # left by an earlier, abandoned conversion
+                if stale >= len(self.done):
+                    self.target.remove(fmt.record_name(stale))
+            upload = lambda name: self.target.upload(name, self.root / name)  # noqa: E731
+        manifest = publish(self.root, index, problems, manifest_extra, upload=upload)
         shutil.rmtree(self.partial, ignore_errors=True)
         return manifest
 
 
-def publish(root: Path, index: Index, problems: list[dict], manifest_extra: dict) -> dict:
+def publish(root: Path, index: Index, problems: list[dict], manifest_extra: dict,
+            upload: Callable[[str], None] | None = None) -> dict:
     """Write the index, the report and, last, the manifest that marks the store complete.
 
-    The record files must already be in place.
+    The record files must already be in place. ``upload(name)``, if given, is
+    called for each of those files (relative names) once it is final locally,
+    the manifest last.
     """
     root = Path(root)
     images = index.images
@@ -271,9 +301,15 @@ def publish(root: Path, index: Index, problems: list[dict], manifest_extra: dict
         "index_files": checks,
     }
     _fsync_dir(root / fmt.RECORDS_DIR)
+    if upload is not None:
+        for name in fmt.INDEX_FILES:
+            upload(f"{fmt.INDEX_DIR}/{name}")
+        upload(fmt.REPORT)
     _write_atomic(root / fmt.MANIFEST,
                   yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True).encode())
     _fsync_dir(root)
+    if upload is not None:
+        upload(fmt.MANIFEST)  # last: its presence marks the remote store complete
     return manifest
 
 

@@ -1,0 +1,203 @@
+"""Record sources: byte ranges of a store's record files, wherever they live.
+
+A :class:`RecordSource` answers "these (record, offset, length) spans" and counts
+requests and bytes for the mount's stats. :class:`LocalRecords` reads local
+files with ``pread``; :class:`FsspecRecords` issues one ranged GET per span to an
+object store, many at once, with retries. Both honour an optional bandwidth
+limit. Which spans to ask for (coalescing, readahead, caching) is decided above
+this layer, in :mod:`pcrfs.store.fetch`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from ..remote.bwlimit import TokenBucket
+from ..remote.fs import RemoteOptions, explain
+from ..remote.retry import RetryPolicy
+from . import format as fmt
+from .errors import CorruptData, StoreUnavailable
+
+
+class Span(NamedTuple):
+    record: int
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def coalesce(spans: Sequence[Span]) -> list[Span]:
+    """Merge spans that touch or overlap (same record) into single spans, sorted."""
+    out: list[Span] = []
+    for s in sorted(spans):
+        if out and out[-1].record == s.record and s.offset <= out[-1].end:
+            last = out[-1]
+            out[-1] = Span(last.record, last.offset, max(last.end, s.end) - last.offset)
+        else:
+            out.append(s)
+    return out
+
+
+class RecordSource(ABC):
+    """Reads spans of record files; thread-safe; counts what it fetched."""
+
+    def __init__(self, bwlimit: TokenBucket | None = None) -> None:
+        self.bwlimit = bwlimit
+        self._counter_lock = threading.Lock()
+        self.requests = 0   # counters for the mount's stats file
+        self.bytes_read = 0
+
+    @abstractmethod
+    def _fetch(self, span: Span) -> bytes:
+        """The bytes of one span (may be short if the record is)."""
+
+    def describe(self, record: int) -> str:
+        """Where record ``record`` lives, for messages."""
+        return fmt.record_name(record)
+
+    def read(self, record: int, offset: int, length: int) -> bytes:
+        return self._read_one(Span(record, offset, length))
+
+    def read_spans(self, spans: Sequence[Span]) -> list[bytes]:
+        """The bytes of every span, in order (sources that can, fetch them concurrently)."""
+        return [self._read_one(s) for s in spans]
+
+    def _read_one(self, span: Span) -> bytes:
+        data = self._fetch(span)
+        self._account(len(data))
+        if len(data) != span.length:
+            raise CorruptData(f"record {span.record}: short read at {span.offset} "
+                              f"({len(data)} of {span.length} bytes; {self.describe(span.record)} is truncated)")
+        return data
+
+    def _account(self, nbytes: int) -> None:
+        with self._counter_lock:
+            self.requests += 1
+            self.bytes_read += nbytes
+        if self.bwlimit is not None:
+            self.bwlimit.consume(nbytes)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"requests": self.requests, "bytes": self.bytes_read}
+        if self.bwlimit is not None:
+            out["bwlimit_bytes_per_s"] = int(self.bwlimit.rate)
+            out["bwlimit_waited_s"] = round(self.bwlimit.waited, 3)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class LocalRecords(RecordSource):
+    """Positional reads from local record files, one cached descriptor per record."""
+
+    def __init__(self, root: Path, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> None:
+        super().__init__(bwlimit)
+        self.root = Path(root)
+        self._sizes = record_sizes
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def describe(self, record: int) -> str:
+        return str(self.root / fmt.record_name(record))
+
+    def _fd(self, record: int) -> int:
+        fd = self._fds.get(record)
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds.get(record)
+            if fd is None:
+                path = self.root / fmt.record_name(record)
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as e:
+                    raise CorruptData(f"record file {path} cannot be opened: {e.strerror}") from e
+                size = os.fstat(fd).st_size
+                if size != int(self._sizes[record]):
+                    os.close(fd)
+                    raise CorruptData(f"record file {path} is {size} bytes, index says {int(self._sizes[record])}")
+                self._fds[record] = fd
+        return fd
+
+    def _fetch(self, span: Span) -> bytes:
+        return os.pread(self._fd(span.record), span.length, span.offset)
+
+    def read_record(self, record: int) -> bytes:
+        """A whole record file (for verification)."""
+        path = self.root / fmt.record_name(record)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise CorruptData(f"record file {path} unreadable: {e.strerror}") from e
+        self._account(len(data))
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+RecordFiles = LocalRecords  # the name this class had before remote stores
+
+
+class FsspecRecords(RecordSource):
+    """Ranged GETs against an fsspec filesystem (s3fs for ``s3://``), concurrently, with retries."""
+
+    def __init__(self, fs: Any, base: str, url: str, options: RemoteOptions = RemoteOptions(),
+                 bwlimit: TokenBucket | None = None, retry: RetryPolicy | None = None) -> None:
+        super().__init__(bwlimit)
+        self.fs = fs
+        self.base = base.rstrip("/")
+        self.url = url.rstrip("/")
+        self.options = options
+        self.retry = retry or RetryPolicy(attempts=options.attempts)
+        self._pool = ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="pcrfs-get")
+
+    def describe(self, record: int) -> str:
+        return f"{self.url}/{fmt.record_name(record)}"
+
+    def _get(self, record: int, what: str, **range_kwargs: int) -> bytes:
+        path = f"{self.base}/{fmt.record_name(record)}"
+        try:
+            return self.retry.call(lambda: self.fs.cat_file(path, **range_kwargs), what=what)
+        except FileNotFoundError as e:
+            if "bucket" in str(e).lower():
+                raise StoreUnavailable(explain(e, self.url, self.options)) from None
+            raise CorruptData(f"record file {self.describe(record)} is missing") from None
+        except Exception as e:  # noqa: BLE001 - every other failure is "unavailable", with its reason
+            raise StoreUnavailable(explain(e, self.describe(record), self.options)) from None
+
+    def _fetch(self, span: Span) -> bytes:
+        return self._get(span.record, f"GET {self.describe(span.record)} [{span.offset}, {span.end})",
+                         start=span.offset, end=span.end)
+
+    def read_spans(self, spans: Sequence[Span]) -> list[bytes]:
+        if len(spans) <= 1:
+            return [self._read_one(s) for s in spans]
+        return list(self._pool.map(self._read_one, spans))
+
+    def read_record(self, record: int) -> bytes:
+        """A whole record object (for verification) in one GET."""
+        data = self._get(record, f"GET {self.describe(record)}")
+        self._account(len(data))
+        return data
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out["retries"] = self.retry.retried
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,259 @@
+"""From "groups of image i" to verified bytes: caches, requests in flight, readahead.
+
+:class:`GroupFetcher` sits between the store's catalogue (which groups an image
+at fidelity k needs, where they are) and a record source (bytes of spans). For
+every group it tries, in order:
+
+1. the memory cache (:class:`~pcrfs.cache.ByteLRU`, keyed (image, group));
+2. a request already in flight for it (another reader's, or readahead's);
+3. the disk cache (:class:`~pcrfs.diskcache.DiskCache`), one file per image
+   holding a prefix of its groups (groups 1..m, concatenated);
+4. the source: the missing groups become spans, adjacent spans are merged
+   (:func:`~pcrfs.store.backends.coalesce`), and all of them are requested at
+   once.
+
+Every group's CRC-32 is checked before its bytes are returned or cached.
+With ``whole_image`` (remote stores) the first read of an image fetches all
+its groups 1..k together, not only those the read overlaps: the kernel reads
+a file in 128 KiB pieces, and k concurrent requests beat k sequential ones.
+A :class:`~pcrfs.readahead.Readahead` policy, if given, is told about every
+read and answers with runs of following images; those are fetched in the
+background, one span per (record, group) -- "groups 1..k of the next images"
+costs k requests, whatever the number of images.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+
+from ..cache import ByteLRU
+from ..diskcache import DiskCache
+from ..readahead import Readahead
+from .backends import RecordSource, Span, coalesce
+from .errors import CorruptData
+
+if TYPE_CHECKING:
+    from .reader import GroupRange, Store
+
+log = logging.getLogger("pcrfs.store")
+Key = tuple[int, int]                  # (image, 1-based group)
+Item = tuple[int, "GroupRange"]        # (image, where its group lives)
+
+
+class GroupFetcher:
+    def __init__(self, store: "Store", source: RecordSource, memory: ByteLRU | None = None,
+                 disk: DiskCache | None = None, readahead: Readahead | None = None,
+                 readahead_bytes: int = 16 << 20, whole_image: bool = False, prefetch_threads: int = 2) -> None:
+        self.store = store
+        self.source = source
+        self.memory = memory
+        self.disk = disk
+        self.readahead = readahead
+        self.readahead_bytes = readahead_bytes
+        self.whole_image = whole_image
+        self._inflight: dict[Key, Future] = {}
+        self._lock = threading.Lock()
+        self._pool = (ThreadPoolExecutor(max_workers=prefetch_threads, thread_name_prefix="pcrfs-readahead")
+                      if readahead is not None else None)
+        self.prefetched_groups = 0  # groups fetched by readahead
+        self.prefetch_failures = 0
+
+    # ---- the read path -------------------------------------------------------------
+
+    def read_groups(self, i: int, k: int, wanted: list["GroupRange"]) -> list[bytes]:
+        """Verified bytes of ``wanted`` (groups of image ``i``, read at fidelity ``k``)."""
+        if self.readahead is not None:
+            self._maybe_prefetch(i, k)
+        have: dict[int, bytes] = {}
+        missing: list[GroupRange] = []
+        for rng in wanted:
+            data = self._cached(i, rng)
+            if data is None:
+                missing.append(rng)
+            else:
+                have[rng.group] = data
+        if missing:
+            if self.whole_image:
+                asked = {r.group for r in missing}
+                missing += [r for r in self.store.ranges(i, k)
+                            if r.group not in asked and not self._available(i, r.group)]
+            futures = self._fetch([(i, r) for r in missing])
+            for rng in wanted:
+                if rng.group not in have:
+                    have[rng.group] = self._result(i, rng, futures[(i, rng.group)])
+        return [have[r.group] for r in wanted]
+
+    def _result(self, i: int, rng: "GroupRange", fut: Future) -> bytes:
+        try:
+            return fut.result()
+        except CorruptData:
+            raise
+        except Exception:  # noqa: BLE001 - someone else's fetch failed (readahead): try ourselves once
+            fut = self._fetch([(i, rng)])[(i, rng.group)]
+            return fut.result()
+
+    def _cached(self, i: int, rng: "GroupRange") -> bytes | None:
+        if self.memory is not None:
+            data = self.memory.get((i, rng.group))
+            if data is not None:
+                return data
+        if self.disk is not None:
+            return self._from_disk(i, rng)
+        return None
+
+    def _available(self, i: int, g: int) -> bool:
+        key = (i, g)
+        if self.memory is not None and key in self.memory:
+            return True
+        with self._lock:
+            return key in self._inflight
+
+    # ---- fetching ----------------------------------------------------------------------
+
+    def _fetch(self, items: list[Item]) -> dict[Key, Future]:
+        """Futures for every item; the ones nobody is fetching yet are fetched now, here."""
+        mine, futures = self._claim(items)
+        if mine:
+            self._run(mine, futures)
+        return futures
+
+    def _claim(self, items: Iterable[Item]) -> tuple[list[Item], dict[Key, Future]]:
+        mine: list[Item] = []
+        futures: dict[Key, Future] = {}
+        with self._lock:
+            for i, rng in items:
+                key = (i, rng.group)
+                fut = self._inflight.get(key)
+                if fut is None:
+                    fut = self._inflight[key] = Future()
+                    mine.append((i, rng))
+                futures[key] = fut
+        return mine, futures
+
+    def _run(self, mine: list[Item], futures: dict[Key, Future]) -> None:
+        try:
+            results = self._download(mine)
+        except BaseException as e:  # noqa: BLE001 - handed to every waiter
+            results = {(i, rng.group): e for i, rng in mine}
+        with self._lock:
+            for key in results:
+                self._inflight.pop(key, None)
+        for key, value in results.items():
+            if isinstance(value, BaseException):
+                futures[key].set_exception(value)
+            else:
+                futures[key].set_result(value)
+
+    def _download(self, items: list[Item]) -> dict[Key, bytes | BaseException]:
+        """Fetch, split, check and cache ``items``; a CRC failure affects its own group only."""
+        spans = coalesce([Span(r.record, r.offset, r.length) for _, r in items if r.length])
+        blobs = self.source.read_spans(spans)
+        starts = [(s.record, s.offset) for s in spans]
+        out: dict[Key, bytes | BaseException] = {}
+        for i, rng in items:
+            if not rng.length:
+                out[(i, rng.group)] = b""
+                continue
+            j = bisect.bisect_right(starts, (rng.record, rng.offset)) - 1
+            rel = rng.offset - spans[j].offset
+            data = blobs[j][rel:rel + rng.length]
+            if zlib.crc32(data) != rng.crc32:
+                out[(i, rng.group)] = CorruptData(
+                    f"{self.store.path(i)}: scan group {rng.group} fails its CRC-32 check "
+                    f"(record {rng.record}, offset {rng.offset})")
+                continue
+            out[(i, rng.group)] = data
+            if self.memory is not None:
+                self.memory.put((i, rng.group), data)
+        if self.disk is not None:
+            self._to_disk({i for i, _ in items}, out)
+        return out
+
+    # ---- readahead ---------------------------------------------------------------------
+
+    def _maybe_prefetch(self, i: int, k: int) -> None:
+        plan = self.readahead.access(i, k, self.store.num_images, clip=self._clip)
+        if plan is None:
+            return
+        items = [(j, rng) for j in range(*plan) for rng in self.store.ranges(j, k)
+                 if not self._available(j, rng.group) and not self._on_disk(j, rng)]
+        mine, futures = self._claim(items)
+        if mine:
+            self.prefetched_groups += len(mine)
+            self._pool.submit(self._prefetch, mine, futures)
+
+    def _prefetch(self, mine: list[Item], futures: dict[Key, Future]) -> None:
+        self._run(mine, futures)
+        failed = [f.exception() for f in futures.values() if f.done() and f.exception() is not None]
+        if failed:
+            self.prefetch_failures += 1
+            log.warning("readahead of %d groups failed: %s", len(mine), failed[0])
+
+    def _clip(self, first: int, end: int, k: int) -> int:
+        """The end of the longest run from ``first`` whose groups 1..k fit the readahead budget."""
+        lengths = np.asarray(self.store.index.group_lengths[first:end, :k], dtype=np.int64).sum(axis=1)
+        fits = int(np.searchsorted(np.cumsum(lengths), self.readahead_bytes, side="right"))
+        return first + max(1, fits)
+
+    # ---- the disk cache: one file per image, a prefix of its groups ------------------------
+
+    def _prefix(self, i: int, groups: int) -> int:
+        return int(np.asarray(self.store.index.group_lengths[i, :groups], dtype=np.int64).sum())
+
+    def _on_disk(self, i: int, rng: "GroupRange") -> bool:
+        if self.disk is None:
+            return False
+        size = self.disk.size(str(i))
+        return size is not None and size >= self._prefix(i, rng.group)
+
+    def _from_disk(self, i: int, rng: "GroupRange") -> bytes | None:
+        data = self.disk.read(str(i), self._prefix(i, rng.group - 1), rng.length)
+        if data is None:
+            return None
+        if zlib.crc32(data) != rng.crc32:
+            log.warning("disk cache entry of %s fails its CRC-32 check; dropped", self.store.path(i))
+            self.disk.discard(str(i))
+            return None
+        if self.memory is not None:
+            self.memory.put((i, rng.group), data)
+        return data
+
+    def _to_disk(self, images: set[int], fresh: dict[Key, Any]) -> None:
+        """Write each image's longest available prefix of groups, if it is longer than the stored one."""
+        for i in images:
+            key = str(i)
+            stored = self.disk.size(key) or 0
+            parts = []
+            for g in range(1, int(self.store.index.images[i]["n_groups"]) + 1):
+                data = fresh.get((i, g))
+                if not isinstance(data, bytes) and self.memory is not None:
+                    data = self.memory.peek((i, g))
+                if not isinstance(data, bytes) and self._prefix(i, g) <= stored:
+                    data = self.disk.read(key, self._prefix(i, g - 1), self._prefix(i, g) - self._prefix(i, g - 1))
+                if not isinstance(data, bytes):
+                    break
+                parts.append(data)
+            size = sum(len(p) for p in parts)
+            if size > stored:
+                self.disk.put(key, b"".join(parts))
+
+    # ---- bookkeeping -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.readahead is not None:
+            out["readahead"] = dict(self.readahead.stats(), groups=self.prefetched_groups,
+                                    failures=self.prefetch_failures, budget_bytes=self.readahead_bytes)
+        if self.disk is not None:
+            out["disk_cache"] = self.disk.stats()
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,278 @@
+"""Where a store lives: a local directory or an fsspec URL (``s3://bucket/prefix``).
+
+A :class:`StoreLocation` gives the reader three things: the manifest's bytes, a
+local directory holding the (verified) index files, and a record source. For a
+remote store the index files are downloaded once into a local cache directory,
+checked against the manifest's sizes and CRC-32s, and then memory-mapped like a
+local index; only record bytes travel on every read.
+
+:class:`RemoteTarget` is the writing side used by ``pcrfs convert SRC s3://...``:
+the conversion runs in a local staging directory (resumable as usual) and each
+finished record is uploaded (multipart for large ones) before its local copy is
+dropped; the index and report follow, and the manifest is uploaded last, so a
+half-written remote store is never taken as complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import zlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..remote.bwlimit import TokenBucket
+from ..remote.fs import RemoteError, RemoteOptions, explain, filesystem, is_url, split_url
+from ..remote.retry import RetryPolicy
+from . import format as fmt
+from .backends import FsspecRecords, LocalRecords, RecordSource
+from .errors import StoreError
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/pcrfs`` or ``~/.cache/pcrfs``: downloaded indexes, conversion staging."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pcrfs"
+
+
+def _digest(*parts: bytes | str, n: int = 16) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogateescape") if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()[:n]
+
+
+class StoreLocation(ABC):
+    url: str             # as the user wrote it (for messages and stats)
+    root: Path | str     # a local Path, or the URL of a remote store
+
+    @abstractmethod
+    def manifest_bytes(self) -> bytes:
+        """The manifest's bytes; StoreError with a clear message if there is none."""
+
+    @abstractmethod
+    def index_dir(self, manifest: dict, manifest_bytes: bytes) -> tuple[Path, bool]:
+        """A local directory with the index files, and whether they were already checked
+        against the manifest (True) or still need checking (False)."""
+
+    @abstractmethod
+    def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource: ...
+
+    def identity(self, manifest_bytes: bytes) -> str:
+        """A short name for this store's content (caches of different stores never mix)."""
+        return _digest(self.url, manifest_bytes)
+
+
+class LocalLocation(StoreLocation):
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def manifest_bytes(self) -> bytes:
+        path = self.root / fmt.MANIFEST
+        if not path.exists():
+            if (self.root / fmt.PARTIAL_DIR).exists():
+                raise StoreError(f"{self.root} is an unfinished conversion (no {fmt.MANIFEST}); "
+                                 "run the same `pcrfs convert` again to resume it")
+            if not self.root.exists():
+                raise StoreError(f"{self.root}: no such store")
+            raise StoreError(f"{self.root} is not a PCR store (no {fmt.MANIFEST})")
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"{path}: {e.strerror}") from e
+
+    def index_dir(self, manifest: dict, manifest_bytes: bytes) -> tuple[Path, bool]:
+        return self.root / fmt.INDEX_DIR, False
+
+    def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
+        return LocalRecords(self.root, record_sizes, bwlimit)
+
+
+class RemoteLocation(StoreLocation):
+    """A store at an fsspec URL; index files cached under ``cache_dir``."""
+
+    def __init__(self, url: str, options: RemoteOptions = RemoteOptions(), cache_dir: Path | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.root = self.url
+        self.options = options
+        self.fs = filesystem(self.url, options)
+        self.base = split_url(self.url)[1]
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.retry = RetryPolicy(attempts=options.attempts)
+
+    def _path(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def _call(self, fn, what: str) -> Any:
+        """``fn()`` with retries; any failure becomes a StoreError with a readable message."""
+        try:
+            return self.retry.call(fn, what=what)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported as a message, not a traceback
+            raise StoreError(explain(e, self.url, self.options)) from None
+
+    def manifest_bytes(self) -> bytes:
+        try:
+            return self._call(lambda: self.fs.cat_file(self._path(fmt.MANIFEST)), f"GET {self.url}/{fmt.MANIFEST}")
+        except FileNotFoundError as e:
+            if "bucket" in str(e).lower():
+                raise StoreError(explain(e, self.url, self.options)) from None
+        try:
+            has_records = bool(self._call(lambda: self.fs.exists(self._path(fmt.RECORDS_DIR)), f"LIST {self.url}"))
+        except FileNotFoundError as e:
+            raise StoreError(explain(e, self.url, self.options)) from None
+        if has_records:
+            raise StoreError(f"{self.url} is an unfinished conversion (no {fmt.MANIFEST}); run the same "
+                             "`pcrfs convert` again to resume it")
+        raise StoreError(f"{self.url}: no such store (no {fmt.MANIFEST})")
+
+    def index_dir(self, manifest: dict, manifest_bytes: bytes) -> tuple[Path, bool]:
+        directory = self.cache_dir / "index" / self.identity(manifest_bytes)
+        directory.mkdir(parents=True, exist_ok=True)
+        checks = manifest["index_files"]
+        for name in fmt.INDEX_FILES:
+            want = checks.get(name)
+            if want is None:
+                raise StoreError(f"{self.url}/{fmt.MANIFEST} has no checksum for index file {name}")
+            local = directory / name
+            if _matches(local, want):
+                continue
+            try:
+                data = self._call(lambda: self.fs.cat_file(self._path(f"{fmt.INDEX_DIR}/{name}")),
+                                  f"GET {self.url}/{fmt.INDEX_DIR}/{name}")
+            except FileNotFoundError:
+                raise StoreError(f"index file missing: {self.url}/{fmt.INDEX_DIR}/{name}") from None
+            if len(data) != want["size"]:
+                raise StoreError(f"index file {self.url}/{fmt.INDEX_DIR}/{name} is {len(data)} bytes, "
+                                 f"manifest says {want['size']}")
+            if zlib.crc32(data) != want["crc32"]:
+                raise StoreError(f"index file {self.url}/{fmt.INDEX_DIR}/{name} is damaged (CRC-32 mismatch)")
+            tmp = local.with_name(f"{name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, local)
+        return directory, True
+
+    def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
+        return FsspecRecords(self.fs, self.base, self.url, self.options, bwlimit)
+
+
+def _matches(path: Path, want: dict) -> bool:
+    """True if ``path`` exists with the manifest's size and CRC-32."""
+    try:
+        if path.stat().st_size != want["size"]:
+            return False
+    except OSError:
+        return False
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc == want["crc32"]
+
+
+def open_location(location: str | os.PathLike, options: RemoteOptions = RemoteOptions(),
+                  cache_dir: Path | None = None) -> StoreLocation:
+    """The location for a path or URL (``file://`` URLs are local paths)."""
+    text = os.fspath(location)
+    if is_url(text):
+        try:
+            return RemoteLocation(text, options, cache_dir)
+        except RemoteError as e:
+            raise StoreError(str(e)) from None
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return LocalLocation(text)
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+class RemoteTarget:
+    """The remote end of a conversion: uploads files from a local staging directory."""
+
+    def __init__(self, url: str, options: RemoteOptions = RemoteOptions(), cache_dir: Path | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.options = options
+        self.fs = filesystem(self.url, options)
+        self.base = split_url(self.url)[1]
+        self.bucket = self.base.split("/", 1)[0]
+        self.staging = (Path(cache_dir) if cache_dir else default_cache_dir()) / "staging" / _digest(self.url)
+        self.retry = RetryPolicy(attempts=options.attempts)
+        self.uploaded = 0  # bytes
+
+    def _path(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def _call(self, fn, what: str) -> Any:
+        try:
+            return self.retry.call(fn, what=what)
+        except Exception as e:  # noqa: BLE001
+            raise RemoteError(explain(e, self.url, self.options)) from None
+
+    def check(self) -> None:
+        """RemoteError now, before any work, if the bucket is missing or unusable."""
+        try:
+            self.retry.call(lambda: self.fs.ls(self.bucket), what=f"LIST s3://{self.bucket}")
+        except FileNotFoundError as e:
+            raise RemoteError(explain(e if "bucket" in str(e).lower() else FileNotFoundError("NoSuchBucket: bucket"),
+                                      self.url, self.options)) from None
+        except Exception as e:  # noqa: BLE001
+            raise RemoteError(explain(e, self.url, self.options)) from None
+
+    def exists(self, name: str) -> bool:
+        return bool(self._call(lambda: self.fs.exists(self._path(name)), f"HEAD {self.url}/{name}"))
+
+    def is_empty(self) -> bool:
+        def listing() -> list:
+            try:
+                return self.fs.ls(self.base)
+            except FileNotFoundError:
+                return []
+        return not self._call(listing, f"LIST {self.url}")
+
+    def size(self, name: str) -> int | None:
+        def info() -> int | None:
+            try:
+                return int(self.fs.size(self._path(name)))
+            except FileNotFoundError:
+                return None
+        return self._call(info, f"HEAD {self.url}/{name}")
+
+    def upload(self, name: str, local: Path) -> None:
+        """Put ``local`` at ``name`` (s3fs uses a multipart upload for large files)."""
+        self._call(lambda: self.fs.put_file(str(local), self._path(name)), f"PUT {self.url}/{name}")
+        self.uploaded += local.stat().st_size
+
+    def record_ids(self) -> list[int]:
+        def listing() -> list:
+            try:
+                return self.fs.ls(self._path(fmt.RECORDS_DIR), detail=False)
+            except FileNotFoundError:
+                return []
+        ids = []
+        for p in self._call(listing, f"LIST {self.url}/{fmt.RECORDS_DIR}"):
+            stem = p.rsplit("/", 1)[-1].split(".")[0]
+            if stem.isdigit():
+                ids.append(int(stem))
+        return sorted(ids)
+
+    def remove(self, name: str) -> None:
+        self._call(lambda: self.fs.rm(self._path(name)), f"DELETE {self.url}/{name}")
+
+    def remove_store(self) -> None:
+        """Delete everything under the prefix (``--overwrite``) and the local staging state."""
+        def rm() -> None:
+            # the objects under the prefix, never the bucket itself (s3://bucket has no prefix)
+            try:
+                paths = self.fs.find(self.base)
+            except FileNotFoundError:
+                return
+            if paths:
+                self.fs.rm(paths)
+        self._call(rm, f"DELETE {self.url}")
+        shutil.rmtree(self.staging, ignore_errors=True)
