@@ -271,5 +271,9 @@ from .fuse.commands import register as _register_fuse_commands  # noqa: E402
 
 _register_fuse_commands(main)
 
+from .quality_cli import register as _register_quality  # noqa: E402
+
+_register_quality(main)
+
 if __name__ == "__main__":
     main()

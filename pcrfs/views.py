@@ -2,6 +2,8 @@
 
 ``/scan1`` ... ``/scanN`` mirror the source tree with each image cut after k scan
 groups; ``/full`` is the full-fidelity view; ``/.pcrfs/stats`` holds counters.
+A store with an adaptive index (``pcrfs quality --write-index``) also gets
+``/ssim90``, ``/ssim95``, ``/ssim98``: the same tree, each image cut at its own k.
 This layer is plain Python (no FUSE): the FUSE adapter, tests and tools use it.
 
 Directory listings are built once per directory from the index's directory
@@ -10,11 +12,12 @@ ranges and kept in a small LRU, so nothing per image is created at mount time.
 from __future__ import annotations
 
 import json
+import logging
 import stat as st
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Union
 
 import numpy as np
@@ -29,11 +32,29 @@ FULL_VIEW = "full"
 FILE_MODE = st.S_IFREG | 0o444
 DIR_MODE = st.S_IFDIR | 0o555
 
+log = logging.getLogger("pcrfs.views")
+
 
 @dataclass(frozen=True)
 class View:
+    """A fidelity view: every image at ``k`` scan groups, or, for an adaptive
+    view, image i at ``ks[i]`` groups (``k`` is then the store's group count)."""
     name: str
-    k: int  # scan groups served
+    k: int  # scan groups served (fixed-k views)
+    ks: np.ndarray | None = field(default=None, compare=False, repr=False)  # u1[n]: per-image k
+
+    def k_of(self, image: int) -> int:
+        """Scan groups served for ``image`` in this view."""
+        return self.k if self.ks is None else int(self.ks[image])
+
+    def sizes(self, listing: "Listing") -> list[int]:
+        """Sizes of a listing's files in this view (one vectorized gather)."""
+        if not len(listing.names):
+            return []
+        if self.ks is None:
+            return listing.sizes[:, self.k - 1].tolist()
+        cols = self.ks[listing.images].astype(np.intp) - 1
+        return listing.sizes[np.arange(len(cols)), cols].tolist()
 
 
 class Attr(NamedTuple):
@@ -111,6 +132,7 @@ class ViewTree:
         self.views: dict[str, View] = {f"scan{k}": View(f"scan{k}", k) for k in range(1, n + 1)}
         if n:
             self.views[FULL_VIEW] = View(FULL_VIEW, n)
+            self.views.update(adaptive_views(store))
         self._view_slot = {name: slot for slot, name in enumerate(self.views)}
         index = store.index
         self._dir_names = [index.dirs[d] for d in range(len(index.dirs))]
@@ -218,7 +240,7 @@ class ViewTree:
     def attr(self, node: Node) -> Attr:
         if isinstance(node, FileNode):
             s = self.store
-            return Attr(FILE_MODE, s.size(node.image, node.view.k), s.source_mtime_ns(node.image),
+            return Attr(FILE_MODE, s.size(node.image, node.view.k_of(node.image)), s.source_mtime_ns(node.image),
                         self._ino(node.view, 1 + len(self._dir_names) + node.image))
         if isinstance(node, StatsNode):
             return Attr(FILE_MODE, len(self.stats_bytes()), time.time_ns(), self._ino(None, 2))
@@ -249,7 +271,7 @@ class ViewTree:
         view = node.view
         out = [(name, self.attr(DirNode(view, d))) for name, d in listing.subdirs.items()]
         base = self._ino(view, 1 + len(self._dir_names))
-        sizes = listing.sizes[:, view.k - 1].tolist() if len(listing.names) else []
+        sizes = view.sizes(listing)
         out += [(name, Attr(FILE_MODE, size, mtime, base + i))
                 for name, size, mtime, i in zip(listing.names, sizes, listing.mtimes, listing.images.tolist())]
         return out
@@ -259,7 +281,7 @@ class ViewTree:
     def read(self, node: FileNode | StatsNode, offset: int, size: int) -> bytes:
         if isinstance(node, StatsNode):
             return self.stats_bytes()[offset:offset + size]
-        data = self.store.read_at(node.image, node.view.k, offset, size)
+        data = self.store.read_at(node.image, node.view.k_of(node.image), offset, size)
         self.counters.serve(node.view.name, len(data))
         return data
 
@@ -284,3 +306,22 @@ class ViewTree:
 
     def stats_bytes(self) -> bytes:
         return (json.dumps(self.stats(), indent=1) + "\n").encode()
+
+
+def adaptive_views(store: Store) -> dict[str, View]:
+    """The ``ssimNN`` views of a store with an adaptive index (none otherwise).
+
+    The index is optional: if it is damaged or stale the mount goes on without
+    these views and says why in its log.
+    """
+    from .quality.adaptive import AdaptiveIndexError, load
+
+    try:
+        index = load(store)
+    except AdaptiveIndexError as e:
+        log.warning("no adaptive views: %s", e)
+        return {}
+    if index is None:
+        return {}
+    n = store.num_groups
+    return {name: View(name, n, index.column(name, n)) for name in index.views}

@@ -1,0 +1,255 @@
+"""The adaptive-k index: per image, the smallest k reaching each MS-SSIM threshold.
+
+It is the one optional addition to a finished store (docs/format.md, "Adaptive
+views"): ``index/adaptive_k-XXXXXXXX.npy``, a u1[n, T] array, described in
+``pcr.yaml`` under ``adaptive_index``. The mount shows one view per threshold
+(``ssim90``, ``ssim95``, ``ssim98``) serving image i with ``ks[i, t]`` groups.
+
+Writing it never leaves a reader with a half-written state: the array goes to
+a new file named after its CRC-32, the manifest is then replaced atomically
+(write, fsync, rename) to point at it, and only then is any previous array
+removed. Until the rename the old manifest and its old array stay valid; after
+it, the new ones are.
+
+This module is imported by the view layer at mount time, so it needs numpy and
+PyYAML only; computing the index (decoding, MS-SSIM) is in :mod:`.measure`.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import io
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import yaml
+
+from .. import __version__
+from ..jpeg.scans import EOI_BYTES
+from ..store import format as fmt
+from ..store.reader import Store, read_manifest
+
+MANIFEST_KEY = "adaptive_index"
+METRIC = "ms-ssim-luma"
+THRESHOLDS = (0.90, 0.95, 0.98)
+FILE_PREFIX = "adaptive_k-"
+DTYPE = np.dtype("u1")
+BINDS_TO = "group_crc32.npy"  # the index file whose CRC-32 ties the array to this store's content
+
+
+class AdaptiveIndexError(ValueError):
+    """The adaptive index is missing from the manifest's description, damaged or stale."""
+
+
+def view_name(threshold: float) -> str:
+    """ssim90 for 0.90, ssim95 for 0.95, ssim995 for 0.995."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"an MS-SSIM threshold must lie strictly between 0 and 1, got {threshold}")
+    digits = f"{threshold:.4f}"[2:].rstrip("0")
+    return "ssim" + digits.ljust(2, "0")
+
+
+def smallest_k(ms_ssim: np.ndarray, n_groups: int, thresholds: Sequence[float] = THRESHOLDS) -> np.ndarray:
+    """u1[T]: for each threshold, the smallest k (1-based) whose score reaches it.
+
+    ``ms_ssim[k-1]`` is the score of k groups against the full decode (NaN where
+    not measured); k = ``n_groups`` is the full image, which always qualifies.
+    """
+    scores = np.asarray(ms_ssim, dtype=np.float64)[:n_groups]
+    out = np.empty(len(thresholds), dtype=DTYPE)
+    for t, threshold in enumerate(thresholds):
+        hits = np.flatnonzero(scores[:n_groups - 1] >= threshold)
+        out[t] = hits[0] + 1 if len(hits) else n_groups
+    return out
+
+
+@dataclass
+class AdaptiveIndex:
+    thresholds: list[float]
+    views: list[str]
+    ks: np.ndarray  # u1[n, T]; 0 = not measured (served at full fidelity)
+
+    def column(self, view: str, num_groups: int) -> np.ndarray:
+        """u1[n]: the k served for every image in ``view``, with 0 resolved to ``num_groups``."""
+        col = np.asarray(self.ks[:, self.views.index(view)])
+        return np.where(col == 0, num_groups, col).astype(DTYPE)
+
+
+def compute(store: Store, thresholds: Sequence[float] = THRESHOLDS, *, workers: int = 1,
+            on_start: Callable[[int], None] | None = None, on_done: Callable[[int], None] | None = None
+            ) -> tuple[np.ndarray, list]:
+    """Score every image of ``store``; returns (u1[n, T] ks, failures).
+
+    Each image is decoded only up to the first k that reaches the highest
+    threshold. Images that cannot be scored get k = 0 (served whole) and are
+    returned as :class:`~.measure.MeasureFailed`.
+    """
+    from .measure import MeasureFailed, measure_many
+
+    thresholds = list(thresholds)
+    n = store.num_images
+    ks = np.zeros((n, len(thresholds)), dtype=DTYPE)
+    failures = []
+    if on_start:
+        on_start(n)
+    for result in measure_many(store, range(n), stop_at=max(thresholds), workers=workers, on_done=on_done):
+        if isinstance(result, MeasureFailed):
+            failures.append(result)
+        else:
+            ks[result.image] = smallest_k(result.ms_ssim, result.n_groups, thresholds)
+    return ks, failures
+
+
+def summarize(store: Store, ks: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> list[dict]:
+    """Per adaptive view, from the index alone: bytes, fraction of the full view, mean k, images per k."""
+    g = store.num_groups
+    full_total = 0
+    totals = np.zeros(len(thresholds), dtype=np.int64)
+    counts = np.zeros((len(thresholds), g + 1), dtype=np.int64)
+    chunk = 1 << 16
+    for start in range(0, store.num_images, chunk):  # bounded memory at ImageNet scale
+        lengths = np.asarray(store.index.group_lengths[start:start + chunk], dtype=np.int64)
+        sizes = np.cumsum(lengths, axis=1) + len(EOI_BYTES)  # file size at every k
+        full_total += int(sizes[:, -1].sum())
+        for t in range(len(thresholds)):
+            col = np.asarray(ks[start:start + chunk, t], dtype=np.intp)
+            col = np.where(col == 0, g, col)
+            totals[t] += int(sizes[np.arange(len(col)), col - 1].sum())
+            counts[t] += np.bincount(col, minlength=g + 1)
+    out = []
+    for t, threshold in enumerate(thresholds):
+        n = int(counts[t].sum())
+        out.append({
+            "view": view_name(threshold), "threshold": float(threshold), "bytes": int(totals[t]),
+            "fraction": totals[t] / full_total if full_total else 0.0,
+            "mean_k": float((counts[t] * np.arange(g + 1)).sum() / n) if n else 0.0,
+            "k_counts": {k: int(c) for k, c in enumerate(counts[t]) if c},
+        })
+    return out
+
+
+# ---- on disk ---------------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _npy_bytes(ks: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(ks, dtype=DTYPE), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write(root: str | os.PathLike, ks: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict:
+    """Install ``ks`` (u1[n, T]) as the store's adaptive index; returns the manifest entry.
+
+    Serialised against concurrent writers by a lock on the store directory.
+    """
+    if not isinstance(root, (str, os.PathLike)) or "://" in str(root):
+        raise AdaptiveIndexError(f"the adaptive index can only be written to a local store, not {root}")
+    root = Path(root)
+    thresholds = [float(t) for t in thresholds]
+    views = [view_name(t) for t in thresholds]
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        manifest = read_manifest(root)
+        n, g = manifest["num_images"], manifest["num_groups"]
+        ks = np.asarray(ks)
+        if ks.shape != (n, len(thresholds)):
+            raise AdaptiveIndexError(f"adaptive index has shape {ks.shape}, the store needs ({n}, {len(thresholds)})")
+        if ks.size and int(ks.max()) > g:
+            raise AdaptiveIndexError(f"adaptive index names k = {int(ks.max())} > {g} scan groups")
+        data = _npy_bytes(ks)
+        crc = zlib.crc32(data)
+        name = f"{FILE_PREFIX}{crc:08x}.npy"
+        index_dir = root / fmt.INDEX_DIR
+        _write_file(index_dir / name, data)
+        _fsync_dir(index_dir)
+        previous = manifest.get(MANIFEST_KEY) or {}
+        entry = {
+            "file": name, "size": len(data), "crc32": crc, "metric": METRIC,
+            "thresholds": thresholds, "views": views,
+            "index_crc32": manifest["index_files"][BINDS_TO]["crc32"],
+            "pcrfs_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        manifest[MANIFEST_KEY] = entry
+        _write_file(root / fmt.MANIFEST, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True).encode())
+        _fsync_dir(root)
+        old = previous.get("file") if isinstance(previous, dict) else None
+        if isinstance(old, str) and old != name and old.startswith(FILE_PREFIX) and "/" not in old:
+            (index_dir / old).unlink(missing_ok=True)
+        return entry
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def load(store: Store) -> AdaptiveIndex | None:
+    """The store's adaptive index, checked against the manifest; None if it has none.
+
+    Raises :class:`AdaptiveIndexError` when the manifest describes one that is
+    missing, damaged, or belongs to other store contents.
+    """
+    entry = store.manifest.get(MANIFEST_KEY)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise AdaptiveIndexError(f"'{MANIFEST_KEY}' in the manifest is not a table")
+    try:
+        name, size, crc = entry["file"], entry["size"], entry["crc32"]
+        thresholds = [float(t) for t in entry["thresholds"]]
+        views = [str(v) for v in entry["views"]]
+        binds = entry["index_crc32"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdaptiveIndexError(f"'{MANIFEST_KEY}' in the manifest is incomplete: {e}") from None
+    if entry.get("metric") != METRIC:
+        raise AdaptiveIndexError(f"adaptive index metric {entry.get('metric')!r} is not supported (expected {METRIC})")
+    if not isinstance(name, str) or "/" in name or not name.startswith(FILE_PREFIX):
+        raise AdaptiveIndexError(f"adaptive index file name {name!r} is not valid")
+    try:
+        expected = [view_name(t) for t in thresholds]
+    except ValueError as e:
+        raise AdaptiveIndexError(f"adaptive index: {e}") from None
+    if views != expected or len(set(views)) != len(views):
+        raise AdaptiveIndexError(f"adaptive index views {views} do not match its thresholds {thresholds}")
+    if binds != store.manifest["index_files"].get(BINDS_TO, {}).get("crc32"):
+        raise AdaptiveIndexError("adaptive index belongs to other store contents (stale); "
+                                 "run `pcrfs quality STORE --write-index` again")
+    if not isinstance(store.root, Path):
+        raise AdaptiveIndexError(f"adaptive views of a store at a URL ({store.root}) are not supported yet")
+    path = store.root / fmt.INDEX_DIR / name
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise AdaptiveIndexError(f"adaptive index {path} cannot be read: {e.strerror}") from None
+    if len(data) != size or zlib.crc32(data) != crc:
+        raise AdaptiveIndexError(f"adaptive index {path} is damaged (size or CRC-32 mismatch)")
+    try:
+        ks = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:
+        raise AdaptiveIndexError(f"adaptive index {path} is unreadable: {e}") from None
+    if ks.dtype != DTYPE or ks.shape != (store.num_images, len(thresholds)):
+        raise AdaptiveIndexError(f"adaptive index {path} has dtype {ks.dtype} and shape {ks.shape}, expected "
+                                 f"u1[{store.num_images}, {len(thresholds)}]")
+    if ks.size and int(ks.max()) > store.num_groups:
+        raise AdaptiveIndexError(f"adaptive index {path} names more scan groups than the store has")
+    return AdaptiveIndex(thresholds, views, ks)

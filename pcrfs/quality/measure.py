@@ -1,0 +1,293 @@
+"""Scoring every fidelity of an image against its full decode, and the per-k table.
+
+For one image, :func:`measure_image` decodes the first k scan groups for every
+k (luminance only, straight from libjpeg: the Y plane, no colour conversion)
+and scores it against the full decode with MS-SSIM and PSNR. Scans that carry
+only chroma (3, 4, 8 and 9 in libjpeg's standard script for colour images)
+leave the luminance unchanged, so such a k gets exactly the score of k-1
+without being scored again. With ``timing`` it also times a complete RGB
+decode of each k, which is what a data loader pays.
+
+:func:`quality_table` runs that on a reproducible sample and aggregates it per
+k; :func:`choose_k` picks the smallest k whose 5th-percentile quality meets a
+target.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..store.reader import Store
+from . import msssim
+
+METRICS = ("ms_ssim", "psnr")
+PERCENTILE = 5  # the "bad tail" statistic: 5th percentile over images (numpy's linear interpolation)
+
+
+def decode_luma(data: bytes) -> np.ndarray:
+    """The luminance (Y) plane of a JPEG as uint8 [H, W]; libjpeg skips the chroma for colour images."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode in ("RGB", "YCbCr"):
+            im.draft("L", None)  # libjpeg out_color_space = JCS_GRAYSCALE: Y only, no upsampling
+        if im.mode != "L":  # CMYK and other rare colour spaces: Pillow's conversion
+            return np.asarray(im.convert("L"))
+        return np.asarray(im)
+
+
+def time_rgb_decode(data: bytes) -> float:
+    """Seconds for a full decode to RGB pixels, as an image loader does it."""
+    t0 = time.perf_counter()
+    with Image.open(io.BytesIO(data)) as im:
+        im.convert("RGB").load()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class ImageScores:
+    """Every fidelity of one image. Arrays are indexed by k-1 for k = 1..G (the store's count)."""
+    image: int
+    n_groups: int
+    sizes: np.ndarray     # int64[G] bytes of the file at fidelity k
+    ms_ssim: np.ndarray   # float64[G] against the full decode (1.0 from n_groups on)
+    psnr: np.ndarray      # float64[G] dB, capped at msssim.PSNR_CAP
+    decode_s: np.ndarray | None = None  # float64[G] RGB decode seconds (with timing)
+
+
+def measure_image(store: Store, i: int, timing: bool = False, stop_at: float | None = None) -> ImageScores:
+    """Score image ``i`` at every k against its full decode.
+
+    ``stop_at``: stop decoding once MS-SSIM reaches this value; the remaining ks
+    are left as NaN (enough to find the smallest k reaching thresholds up to it).
+    """
+    g_store = store.num_groups
+    n = store.n_groups(i)
+    sizes = np.array([store.size(i, k) for k in range(1, g_store + 1)], dtype=np.int64)
+    ssim = np.full(g_store, np.nan)
+    psnr = np.full(g_store, np.nan)
+    ssim[n - 1:] = 1.0
+    psnr[n - 1:] = msssim.PSNR_CAP
+    decode_s = np.full(g_store, np.nan) if timing else None
+    full = store.read(i, n)
+    ref = msssim.Reference(decode_luma(full))
+    previous = None
+    for k in range(1, n):
+        data = store.read(i, k)
+        if timing:
+            decode_s[k - 1] = time_rgb_decode(data)
+        y = decode_luma(data)
+        if previous is not None and np.array_equal(y, previous):
+            ssim[k - 1], psnr[k - 1] = ssim[k - 2], psnr[k - 2]  # a chroma-only scan
+        else:
+            ssim[k - 1], psnr[k - 1] = ref.ms_ssim(y), ref.psnr(y)
+        previous = y
+        if stop_at is not None and ssim[k - 1] >= stop_at:
+            break
+    if timing:
+        decode_s[n - 1:] = time_rgb_decode(full)
+    return ImageScores(i, n, sizes, ssim, psnr, decode_s)
+
+
+def sample_images(num_images: int, sample: int | None, seed: int) -> np.ndarray:
+    """A reproducible sample (sorted image indices); all images if ``sample`` is None or >= n."""
+    if sample is None or sample >= num_images:
+        return np.arange(num_images)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_images, size=sample, replace=False))
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class MeasureFailed(Exception):
+    """An image could not be scored (damaged data or an undecodable file)."""
+
+    def __init__(self, image: int, reason: str) -> None:
+        super().__init__(f"image {image}: {reason}")
+        self.image = image
+        self.reason = reason
+
+
+_worker_store: Store | None = None
+
+
+def _init_worker(root: str) -> None:
+    global _worker_store
+    from ..store.reader import open_store
+
+    _worker_store = open_store(root, verify_index=False)  # the parent has verified it
+
+
+def _measure_or_fail(store: Store, i: int, timing: bool, stop_at: float | None) -> ImageScores | MeasureFailed:
+    try:
+        return measure_image(store, i, timing=timing, stop_at=stop_at)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return MeasureFailed(i, str(e) or type(e).__name__)  # CorruptData is an OSError
+
+
+def _measure_in_worker(job: tuple[int, bool, float | None]) -> ImageScores | MeasureFailed:
+    i, timing, stop_at = job
+    return _measure_or_fail(_worker_store, i, timing, stop_at)
+
+
+def measure_many(store: Store, images: Iterable[int], *, timing: bool = False, stop_at: float | None = None,
+                 workers: int = 1, on_done: Callable[[int], None] | None = None
+                 ) -> Iterator[ImageScores | MeasureFailed]:
+    """:func:`measure_image` over ``images``, in order; an image that cannot be
+    scored yields a :class:`MeasureFailed` instead.
+
+    ``workers`` > 1 uses that many processes (the Gaussian filtering holds the
+    GIL, so threads would not scale), each with its own handle on the store.
+    """
+    jobs = [(int(i), timing, stop_at) for i in images]
+    local = isinstance(store.root, Path)  # workers reopen the store by path; a URL store stays in-process
+    if workers <= 1 or len(jobs) < 2 or not local:
+        for i, _t, _s in jobs:
+            yield _measure_or_fail(store, i, timing, stop_at)
+            if on_done:
+                on_done(1)
+        return
+    # fork: workers start in milliseconds and need no importable __main__ (spawn would
+    # re-run the caller's script); each reopens the store, sharing nothing with the parent.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(str(store.root),)) as pool:
+        for result in pool.map(_measure_in_worker, jobs, chunksize=2):
+            yield result
+            if on_done:
+                on_done(1)
+
+
+# ---- the table ------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """Quality of one view over the sample."""
+    view: str
+    k: int | None             # scan groups (None for an adaptive view: each image has its own)
+    bytes_mean: float         # bytes per image
+    fraction_total: float     # bytes of the view / bytes of the full view, over the sample
+    fraction_mean: float      # per-image byte fraction: mean, standard deviation, 5th and 95th percentile
+    fraction_std: float
+    fraction_p5: float
+    fraction_p95: float
+    psnr_mean: float
+    psnr_p5: float
+    ms_ssim_mean: float
+    ms_ssim_p5: float
+    decode_ms_mean: float | None = None
+
+
+@dataclass
+class QualityTable:
+    store: str
+    images: int                # in the store
+    sample: list[int]          # image indices measured
+    seed: int
+    num_groups: int
+    rows: list[Row]            # scan1..scanG, then any adaptive views
+    seconds: float = 0.0
+    adaptive: dict = field(default_factory=dict)  # view -> threshold, when the store has the index
+
+    def row(self, view: str) -> Row:
+        return next(r for r in self.rows if r.view == view)
+
+    def fixed_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.k is not None]
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["sample_size"] = len(self.sample)
+        out["psnr_cap_db"] = msssim.PSNR_CAP
+        out["percentile"] = PERCENTILE
+        return out
+
+
+def _row(view: str, k: int | None, sizes: np.ndarray, full: np.ndarray, ssim: np.ndarray, psnr: np.ndarray,
+         decode_s: np.ndarray | None) -> Row:
+    frac = sizes / full
+    return Row(
+        view=view, k=k, bytes_mean=float(sizes.mean()), fraction_total=float(sizes.sum() / full.sum()),
+        fraction_mean=float(frac.mean()), fraction_std=float(frac.std()),
+        fraction_p5=float(np.percentile(frac, PERCENTILE)), fraction_p95=float(np.percentile(frac, 100 - PERCENTILE)),
+        psnr_mean=float(psnr.mean()), psnr_p5=float(np.percentile(psnr, PERCENTILE)),
+        ms_ssim_mean=float(ssim.mean()), ms_ssim_p5=float(np.percentile(ssim, PERCENTILE)),
+        decode_ms_mean=None if decode_s is None else float(np.nanmean(decode_s) * 1000),
+    )
+
+
+def aggregate(scores: Sequence[ImageScores], num_groups: int,
+              adaptive: dict[str, np.ndarray] | None = None) -> list[Row]:
+    """Per-k rows from per-image scores; ``adaptive`` maps a view name to the
+    k of every *store* image (0 = full), giving one more row each."""
+    sizes = np.stack([s.sizes for s in scores])       # [n, G]
+    ssim = np.stack([s.ms_ssim for s in scores])
+    psnr = np.stack([s.psnr for s in scores])
+    timing = scores[0].decode_s is not None
+    decode = np.stack([s.decode_s for s in scores]) if timing else None
+    full = sizes[:, -1].astype(np.float64)
+    rows = [_row(f"scan{k}", k, sizes[:, k - 1], full, ssim[:, k - 1], psnr[:, k - 1],
+                 decode[:, k - 1] if timing else None) for k in range(1, num_groups + 1)]
+    images = np.array([s.image for s in scores])
+    pick = np.arange(len(scores))
+    for view, ks in (adaptive or {}).items():
+        col = np.asarray(ks[images], dtype=np.int64)
+        col = np.where(col == 0, num_groups, col) - 1
+        rows.append(_row(view, None, sizes[pick, col], full, ssim[pick, col], psnr[pick, col],
+                         decode[pick, col] if timing else None))
+    return rows
+
+
+def quality_table(store: Store, *, sample: int | None = 200, seed: int = 0, timing: bool = True,
+                  workers: int = 1, adaptive: dict[str, tuple[float, np.ndarray]] | None = None,
+                  on_start: Callable[[int], None] | None = None,
+                  on_done: Callable[[int], None] | None = None) -> QualityTable:
+    """Measure a reproducible sample of ``store`` and tabulate quality per k.
+
+    ``adaptive``: view name -> (threshold, per-image k) for rows of the adaptive views.
+    """
+    t0 = time.perf_counter()
+    images = sample_images(store.num_images, sample, seed)
+    if on_start:
+        on_start(len(images))
+    if len(images) == 0:
+        raise ValueError("the store has no images to measure")
+    scores = []
+    for result in measure_many(store, images, timing=timing, workers=workers, on_done=on_done):
+        if isinstance(result, MeasureFailed):
+            raise result
+        scores.append(result)
+    ks = {v: k for v, (_t, k) in (adaptive or {}).items()}
+    rows = aggregate(scores, store.num_groups, ks)
+    return QualityTable(str(store.root), store.num_images, images.tolist(), seed, store.num_groups, rows,
+                        time.perf_counter() - t0, {v: t for v, (t, _k) in (adaptive or {}).items()})
+
+
+@dataclass
+class Choice:
+    metric: str
+    target: float
+    row: Row
+    value: float     # the row's 5th-percentile value of the metric
+    saving: float    # 1 - byte fraction of the chosen view against full
+
+
+def choose_k(rows: Sequence[Row], metric: str, target: float) -> Choice | None:
+    """The fixed-k view with the smallest k whose 5th-percentile ``metric`` is at least ``target``."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}")
+    for r in sorted((r for r in rows if r.k is not None), key=lambda r: r.k):
+        value = r.ms_ssim_p5 if metric == "ms_ssim" else r.psnr_p5
+        if value >= target:
+            return Choice(metric, target, r, value, 1.0 - r.fraction_total)
+    return None

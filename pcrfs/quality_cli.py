@@ -1,0 +1,241 @@
+"""`pcrfs quality`: the quality/bytes trade-off of a store, targets, and the adaptive index."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .units import format_size
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"pcrfs: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"pcrfs: warning: {message}", err=True)
+
+
+def _progress(quiet: bool, desc: str):
+    """(on_start, on_done, close) callbacks driving a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def on_start(total: int) -> None:
+        nonlocal bar
+        if not quiet:
+            bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+
+    def on_done(n: int) -> None:
+        if bar is not None:
+            bar.update(n)
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return on_start, on_done, close
+
+
+def format_table(table) -> str:
+    """The terminal table: one line per view."""
+    head = (f"{'view':<8} {'bytes/img':>10} {'of full':>8} {'per image':>15}  {'PSNR dB':>7} {'p5':>6}  "
+            f"{'MS-SSIM':>7} {'p5':>7}  {'decode':>7}")
+    lines = [head, f"{'':<8} {'':>10} {'':>8} {'mean ± sd':>15}  {'mean':>7} {'':>6}  {'mean':>7} {'':>7}  "
+                   f"{'ms/img':>7}"]
+    for n, r in enumerate(table.rows):
+        if r.k is None and n and table.rows[n - 1].k is not None:
+            lines.append("")  # adaptive views below the fixed ones
+        decode = f"{r.decode_ms_mean:7.2f}" if r.decode_ms_mean is not None else f"{'-':>7}"
+        spread = f"{r.fraction_mean:.1%} ± {r.fraction_std:.1%}"
+        lines.append(f"{r.view:<8} {format_size(r.bytes_mean):>10} {r.fraction_total:>8.1%} {spread:>15}  "
+                     f"{r.psnr_mean:7.2f} {r.psnr_p5:6.2f}  {r.ms_ssim_mean:7.4f} {r.ms_ssim_p5:7.4f}  {decode}")
+    return "\n".join(lines)
+
+
+def _describe_choice(choice, metric_label: str) -> str:
+    r = choice.row
+    value = f"{choice.value:.4f}" if choice.metric == "ms_ssim" else f"{choice.value:.2f} dB"
+    target = f"{choice.target:g}" if choice.metric == "ms_ssim" else f"{choice.target:g} dB"
+    return (f"{r.view} is the smallest view whose 5th-percentile {metric_label} ({value}) reaches {target}: "
+            f"it reads {r.fraction_total:.1%} of the full view's bytes, a saving of {choice.saving:.1%}.")
+
+
+def _load_adaptive(store):
+    from .quality.adaptive import AdaptiveIndexError, load
+
+    try:
+        return load(store)
+    except AdaptiveIndexError as e:
+        _warn(f"{e}; the table shows the fixed-k views only")
+        return None
+
+
+def _write_index(store, store_path: str, workers: int, quiet: bool, as_json: bool) -> None:
+    from .quality import adaptive
+
+    on_start, on_done, close = _progress(quiet, "score")
+    try:
+        ks, failures = adaptive.compute(store, workers=workers, on_start=on_start, on_done=on_done)
+    except KeyboardInterrupt:
+        close()
+        _fail("interrupted; the store is unchanged", 130)
+    finally:
+        close()
+    for f in failures[:20]:
+        _warn(f"{store.path(f.image)}: not scored ({f.reason}); its adaptive views serve it whole")
+    entry = adaptive.write(store.root, ks)
+    summary = {"store": store_path, "file": entry["file"], "images": store.num_images,
+               "not_scored": len(failures),
+               "views": adaptive.summarize(store, ks, entry["thresholds"])}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"wrote index/{entry['file']} for {store.num_images} images "
+               f"({len(failures)} not scored); the mount now shows {', '.join(entry['views'])}")
+    click.echo(f"{'view':<8} {'MS-SSIM >=':>10} {'bytes':>12} {'of full':>8} {'mean k':>7}  images per k")
+    for v in summary["views"]:
+        counts = " ".join(f"k{k}:{c}" for k, c in v["k_counts"].items())
+        click.echo(f"{v['view']:<8} {v['threshold']:>10g} {format_size(v['bytes']):>12} {v['fraction']:>8.1%} "
+                   f"{v['mean_k']:>7.2f}  {counts}")
+
+
+@click.command("quality")
+@click.argument("store")
+@click.option("--sample", type=click.IntRange(1), default=200, show_default=True,
+              help="Images to measure (a reproducible random sample; all if the store has fewer).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on standard output.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a plot of quality against bytes (PNG, or any format matplotlib knows by extension).")
+@click.option("--target-ssim", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Print the smallest k whose 5th-percentile MS-SSIM reaches this (0-1] and what it saves.")
+@click.option("--target-psnr", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="The same for PSNR in dB (identical decodes count as 60 dB).")
+@click.option("--write-index", is_flag=True,
+              help="Score every image and store, per image, the smallest k reaching MS-SSIM 0.90/0.95/0.98; "
+                   "mounts then show ssim90/, ssim95/, ssim98/.")
+@click.option("--no-timing", is_flag=True, help="Skip the RGB decode timing (faster).")
+@click.option("-j", "--workers", type=click.IntRange(1), default=None,
+              help="Worker processes [default: all cores].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json: bool, plot: Path | None,
+                target_ssim: float | None, target_psnr: float | None, write_index: bool, no_timing: bool,
+                workers: int | None, quiet: bool) -> None:
+    """How much quality each fidelity view keeps, for how many bytes.
+
+    \b
+    On a reproducible sample of STORE's images, every view scanK is decoded and
+    compared with the full decode of the same image: PSNR and MS-SSIM (Wang et
+    al. 2003, 5 scales, on luminance), as a mean and as the 5th percentile over
+    images (the bad tail), with the byte fraction each view reads and the time
+    a full RGB decode of it takes.
+
+    \b
+    Examples:
+      pcrfs quality /data/train.pcr --target-ssim 0.95     # which scanK to train on
+      pcrfs quality /data/train.pcr --plot quality.png --json > quality.json
+      pcrfs quality /data/train.pcr --write-index          # per-image k: ssim90/ ssim95/ ssim98/
+    """
+    from .quality import measure
+    from .quality.msssim import PSNR_CAP
+    from .store.reader import StoreError, open_store
+
+    if target_ssim is not None and target_psnr is not None:
+        raise click.UsageError("give --target-ssim or --target-psnr, not both")
+    if target_psnr is not None and target_psnr > PSNR_CAP:
+        raise click.BadParameter(f"must be at most {PSNR_CAP:g} dB (identical decodes count as {PSNR_CAP:g} dB)",
+                                 param_hint="--target-psnr")
+    if write_index:
+        given = [name for name, on in (("--plot", plot is not None), ("--target-ssim", target_ssim is not None),
+                                       ("--target-psnr", target_psnr is not None), ("--no-timing", no_timing))
+                 if on]
+        for name in ("sample", "seed"):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                given.append(f"--{name}")
+        if given:
+            raise click.UsageError(f"--write-index scores every image and cannot be combined with {', '.join(given)}")
+    if plot is not None:
+        if not plot.parent.is_dir():
+            raise click.BadParameter(f"directory {str(plot.parent)!r} does not exist", param_hint="--plot")
+        from .quality.plot import check_format
+
+        problem = check_format(plot)
+        if problem:
+            raise click.BadParameter(problem, param_hint="--plot")
+
+    try:
+        s = open_store(store)
+    except StoreError as e:
+        _fail(str(e))
+    if s.num_images == 0:
+        _fail(f"{store} holds no images")
+    workers = workers or measure.default_workers()
+
+    if write_index:
+        if not isinstance(s.root, Path):
+            _fail(f"--write-index needs a local store directory; {store} is not one")
+        try:
+            _write_index(s, store, workers, quiet, as_json)
+        except (OSError, ValueError) as e:
+            _fail(f"could not write the adaptive index: {e}")
+        return
+
+    adaptive_ks = None
+    index = _load_adaptive(s)
+    if index is not None:
+        adaptive_ks = {v: (t, index.column(v, s.num_groups)) for v, t in zip(index.views, index.thresholds)}
+    on_start, on_done, close = _progress(quiet, "quality")
+    try:
+        table = measure.quality_table(s, sample=sample, seed=seed, timing=not no_timing, workers=workers,
+                                      adaptive=adaptive_ks, on_start=on_start, on_done=on_done)
+    except KeyboardInterrupt:
+        close()
+        _fail("interrupted", 130)
+    except measure.MeasureFailed as e:
+        close()
+        _fail(f"{s.path(e.image)} could not be scored: {e.reason} (run `pcrfs verify {store}`)")
+    finally:
+        close()
+
+    choice = None
+    if target_ssim is not None:
+        choice = measure.choose_k(table.rows, "ms_ssim", target_ssim)
+    elif target_psnr is not None:
+        choice = measure.choose_k(table.rows, "psnr", target_psnr)
+    if plot is not None:
+        from .quality.plot import plot_table
+
+        try:
+            plot_table(table, plot, choice=choice)
+        except ImportError:
+            _fail("--plot needs matplotlib: pip install matplotlib")
+
+    if as_json:
+        doc = table.as_dict()
+        if choice is not None or target_ssim is not None or target_psnr is not None:
+            doc["target"] = None if choice is None else {
+                "metric": choice.metric, "target": choice.target, "view": choice.row.view, "k": choice.row.k,
+                "p5": choice.value, "fraction": choice.row.fraction_total, "saving": choice.saving}
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(f"{store}: {len(table.sample)} of {table.images} images (seed {seed}), "
+                   f"quality against each image's full decode; p5 = 5th percentile over images")
+        click.echo(format_table(table))
+        if choice is not None:
+            click.echo("")
+            click.echo(_describe_choice(choice, "MS-SSIM" if choice.metric == "ms_ssim" else "PSNR"))
+    if plot is not None:
+        click.echo(f"plot written to {plot}", err=True)
+    if (target_ssim is not None or target_psnr is not None) and choice is None:
+        _fail("no view reaches the target on this sample")
+
+
+def register(main: click.Group) -> None:
+    """Add `quality` to the ``pcrfs`` command group."""
+    main.add_command(quality_cmd)
