@@ -59,7 +59,7 @@ def filesystem(url: str, options: RemoteOptions = RemoteOptions()) -> Any:
         except ImportError:
             raise RemoteError("stores on S3 need s3fs: pip install 'pcrfs[s3]'") from None
         client_kwargs = {"endpoint_url": options.endpoint_url} if options.endpoint_url else {}
-        config_kwargs = {"retries": {"max_attempts": 1, "mode": "standard"},
+        config_kwargs = {"retries": {"total_max_attempts": 1, "mode": "standard"},  # "max_attempts" would mean retries
                          "connect_timeout": options.connect_timeout, "read_timeout": options.read_timeout,
                          "max_pool_connections": max(10, options.concurrency)}
         fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs,

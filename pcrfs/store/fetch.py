@@ -83,20 +83,28 @@ class GroupFetcher:
                 asked = {r.group for r in missing}
                 missing += [r for r in self.store.ranges(i, k)
                             if r.group not in asked and not self._available(i, r.group)]
-            futures = self._fetch([(i, r) for r in missing])
+            mine, futures = self._claim([(i, r) for r in missing])
+            if mine:
+                self._run(mine, futures)
+            ours = {rng.group for _, rng in mine}
             for rng in wanted:
                 if rng.group not in have:
-                    have[rng.group] = self._result(i, rng, futures[(i, rng.group)])
+                    have[rng.group] = self._result(i, rng, futures[(i, rng.group)], rng.group in ours)
         return [have[r.group] for r in wanted]
 
-    def _result(self, i: int, rng: "GroupRange", fut: Future) -> bytes:
+    def _result(self, i: int, rng: "GroupRange", fut: Future, ours: bool) -> bytes:
         try:
             return fut.result()
         except CorruptData:
             raise
-        except Exception:  # noqa: BLE001 - someone else's fetch failed (readahead): try ourselves once
-            fut = self._fetch([(i, rng)])[(i, rng.group)]
-            return fut.result()
+        except Exception:  # noqa: BLE001 - a failed fetch of our own is final
+            if ours:
+                raise
+        # someone else's fetch (readahead, another reader) failed: try once ourselves
+        mine, futures = self._claim([(i, rng)])
+        if mine:
+            self._run(mine, futures)
+        return futures[(i, rng.group)].result()
 
     def _cached(self, i: int, rng: "GroupRange") -> bytes | None:
         if self.memory is not None:
@@ -116,13 +124,6 @@ class GroupFetcher:
 
     # ---- fetching ----------------------------------------------------------------------
 
-    def _fetch(self, items: list[Item]) -> dict[Key, Future]:
-        """Futures for every item; the ones nobody is fetching yet are fetched now, here."""
-        mine, futures = self._claim(items)
-        if mine:
-            self._run(mine, futures)
-        return futures
-
     def _claim(self, items: Iterable[Item]) -> tuple[list[Item], dict[Key, Future]]:
         mine: list[Item] = []
         futures: dict[Key, Future] = {}
@@ -131,8 +132,15 @@ class GroupFetcher:
                 key = (i, rng.group)
                 fut = self._inflight.get(key)
                 if fut is None:
-                    fut = self._inflight[key] = Future()
-                    mine.append((i, rng))
+                    # a fetch may have finished since the caller looked: results reach the
+                    # memory cache before they leave the in-flight table
+                    data = self.memory.peek(key) if self.memory is not None else None
+                    fut = Future()
+                    if data is not None:
+                        fut.set_result(data)
+                    else:
+                        self._inflight[key] = fut
+                        mine.append((i, rng))
                 futures[key] = fut
         return mine, futures
 

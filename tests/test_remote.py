@@ -1,0 +1,368 @@
+"""Stores on S3: against a real S3 API (moto's server mode) on 127.0.0.1.
+
+A module fixture starts moto in a subprocess and stops it at the end; fault
+cases go through tests/s3util.FaultProxy (500s for a while, the server going
+away and coming back). Mount tests undo every mount (tests/mountutil.py).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pcrfs
+from pcrfs.convert import convert
+from pcrfs.remote.fs import RemoteOptions, filesystem
+from pcrfs.store import format as fmt
+from pcrfs.store import location as location_mod
+from pcrfs.store.reader import ReadOptions, StoreError, StoreUnavailable, open_store
+
+from mountutil import Mounts, fuse_unavailable, pcrfs_cli, wait_until
+from s3util import NO_CREDENTIALS_ENV, S3_ENV, FaultProxy, MotoServer, s3_available
+
+pytestmark = pytest.mark.skipif(s3_available() is not None, reason=str(s3_available()))
+needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+
+BUCKET = "pcrfs-test"
+RECORD_BYTES = 256 * 1024  # as the demo_store fixture: several records
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    """Credentials for moto, and a cache directory of our own (inherited by mount daemons)."""
+    keys = list(S3_ENV) + ["XDG_CACHE_HOME"]
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(S3_ENV)
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def moto(s3_env, tmp_path_factory):
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def remote(moto) -> RemoteOptions:
+    fs = filesystem(f"s3://{BUCKET}", RemoteOptions(endpoint_url=moto.endpoint))
+    fs.mkdir(BUCKET)
+    return RemoteOptions(endpoint_url=moto.endpoint)
+
+
+@pytest.fixture(scope="module")
+def remote_store(demo_src, remote) -> str:
+    """demo_src converted straight to S3 (same options as the local demo_store)."""
+    url = f"s3://{BUCKET}/demo.pcr"
+    convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)
+    return url
+
+
+@pytest.fixture(scope="module")
+def one_record_store(demo_src, remote) -> str:
+    """demo_src in a single record (default record size): readahead spans the whole view."""
+    url = f"s3://{BUCKET}/one-record.pcr"
+    convert(demo_src, url, workers=2, remote=remote)
+    return url
+
+
+@pytest.fixture(scope="module")
+def local(demo_store):
+    s = pcrfs.open_store(demo_store)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    m = Mounts(tmp_path / "mounts")
+    yield m
+    m.cleanup()
+
+
+def ropts(remote: RemoteOptions, **kwargs) -> ReadOptions:
+    return ReadOptions(remote=remote, **kwargs)
+
+
+def views(store) -> list[tuple[str, int]]:
+    n = store.num_groups
+    return [(f"scan{k}", k) for k in range(1, n + 1)] + [("full", n)]
+
+
+def view_bytes(store, k: int) -> int:
+    return sum(store.size(i, k) - 2 for i in range(store.num_images))  # stored bytes (no EOI)
+
+
+def stats_of(mnt: Path) -> dict:
+    return json.loads((mnt / ".pcrfs" / "stats").read_bytes())
+
+
+# ---- convert to S3, read back -------------------------------------------------------------------
+
+def test_convert_uploads_a_complete_store(remote_store, remote, demo_store):
+    fs = filesystem(remote_store, remote)
+    base = remote_store[len("s3://"):]
+    names = {p[len(base) + 1:] for p in fs.find(base)}
+    local_names = {str(p.relative_to(demo_store)) for p in demo_store.rglob("*") if p.is_file()}
+    assert names == local_names  # records, index, report, manifest: nothing more, nothing less
+    for name in local_names - {fmt.MANIFEST, fmt.REPORT}:
+        assert fs.cat_file(f"{base}/{name}") == (demo_store / name).read_bytes(), name
+    staging = Path(os.environ["XDG_CACHE_HOME"]) / "pcrfs" / "staging"
+    assert not staging.exists() or not any(staging.iterdir())  # staging removed when done
+
+
+def test_remote_store_reads_like_the_local_one(remote_store, remote, local):
+    with open_store(remote_store, options=ropts(remote, readahead_bytes=0, cache_bytes=8 << 20)) as s:
+        assert s.num_images == local.num_images and s.classes == local.classes
+        assert s.manifest["index_files"] == local.manifest["index_files"]
+        # the first read of an image fetches its groups 1..k at once, one request per group
+        s.read_at(7, 6, 0, 10)
+        assert s.records.requests == min(6, s.n_groups(7))
+        assert s.read_at(7, 6, 1000, 50000) == local.read(7, 6)[1000:51000]
+        assert s.records.requests == min(6, s.n_groups(7))
+        for i in range(s.num_images):
+            assert s.path(i) == local.path(i) and s.label(i) == local.label(i)
+            for k in (1, 2, 5, s.num_groups):
+                assert s.read(i, k) == local.read(i, k)
+        data = local.read(3, 4)
+        assert s.read_at(3, 4, 100, 5000) == data[100:5100]
+
+
+def test_index_is_downloaded_once_and_verified(remote_store, remote, tmp_path):
+    opts = ropts(remote, disk_cache=str(tmp_path / "cache"), disk_cache_bytes=0)
+    with open_store(remote_store, options=opts):
+        pass
+    index_dirs = list((tmp_path / "cache" / "index").iterdir())
+    assert len(index_dirs) == 1
+    # a damaged cached copy is noticed and downloaded again
+    victim = index_dirs[0] / "group_lengths.npy"
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with open_store(remote_store, options=opts) as s:
+        assert s.read(0, 1)
+    assert victim.read_bytes() != bytes(raw)
+
+
+def test_manifest_is_uploaded_last_and_interrupted_conversions_resume(demo_src, remote, monkeypatch):
+    url = f"s3://{BUCKET}/interrupted.pcr"
+    order: list[str] = []
+    real_upload = location_mod.RemoteTarget.upload
+
+    def failing_upload(self, name, local):
+        if name.startswith(fmt.RECORDS_DIR) and len(order) == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C after three records
+        order.append(name)
+        return real_upload(self, name, local)
+
+    monkeypatch.setattr(location_mod.RemoteTarget, "upload", failing_upload)
+    with pytest.raises(KeyboardInterrupt):
+        convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)
+    with pytest.raises(StoreError, match="unfinished conversion"):
+        open_store(url, options=ropts(remote))
+    monkeypatch.setattr(location_mod.RemoteTarget, "upload",
+                        lambda self, name, local: (order.append(name), real_upload(self, name, local))[1])
+    result = convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)
+    assert result.resumed_from > 0
+    assert order[-1] == fmt.MANIFEST
+    assert order.index(f"{fmt.INDEX_DIR}/images.npy") > max(i for i, n in enumerate(order) if n.startswith("records/"))
+    with open_store(url, options=ropts(remote)) as s, open_store(f"s3://{BUCKET}/demo.pcr", options=ropts(remote)) as t:
+        assert [s.read(i, 3) for i in range(s.num_images)] == [t.read(i, 3) for i in range(t.num_images)]
+
+
+def test_convert_refuses_to_clobber(demo_src, remote_store, remote):
+    from pcrfs.convert import StoreExists
+
+    with pytest.raises(StoreExists, match="--overwrite"):
+        convert(demo_src, remote_store, record_bytes=RECORD_BYTES, remote=remote)
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+def test_cli_info_verify_get(remote_store, moto, local, tmp_path):
+    ep = ["--endpoint-url", moto.endpoint]
+    res = pcrfs_cli("info", remote_store, "--json", *ep)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["images"] == local.num_images
+    res = pcrfs_cli("verify", "-q", remote_store, *ep)
+    assert res.returncode == 0 and "all checksums match" in res.stderr, res.stderr
+    out = tmp_path / "one.jpg"
+    res = pcrfs_cli("get", remote_store, local.path(5), "-k", "2", "-o", str(out), *ep)
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == local.read(5, 2)
+
+
+def test_verify_names_a_damaged_remote_record(demo_src, remote, moto):
+    url = f"s3://{BUCKET}/damaged.pcr"
+    convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)
+    fs = filesystem(url, remote)
+    key = f"{BUCKET}/damaged.pcr/{fmt.record_name(1)}"
+    raw = bytearray(fs.cat_file(key))
+    raw[fmt.RECORD_HEADER_SIZE + 10] ^= 0xFF
+    fs.pipe_file(key, bytes(raw))
+    res = pcrfs_cli("verify", "-q", url, "--endpoint-url", moto.endpoint)
+    assert res.returncode == 1
+    assert "DAMAGED" in res.stdout and "record 1" in res.stdout
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "get", "mount", "convert"])
+def test_missing_bucket_is_a_clear_error(command, moto, demo_src, tmp_path):
+    url = "s3://no-such-bucket/x.pcr"
+    args = {"info": [url], "verify": [url], "get": [url, "a.jpg"], "mount": [url, str(tmp_path)],
+            "convert": [str(demo_src), url]}[command]
+    res = pcrfs_cli(command, *args, "--endpoint-url", moto.endpoint)
+    assert res.returncode == 1
+    assert "bucket 'no-such-bucket' does not exist" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_store_and_unreachable_endpoint_are_clear_errors(moto, remote):
+    res = pcrfs_cli("info", f"s3://{BUCKET}/nothing-here", "--endpoint-url", moto.endpoint)
+    assert res.returncode == 1 and "no such store" in res.stderr and "Traceback" not in res.stderr
+    dead = FaultProxy(moto.port)
+    dead.down()
+    res = pcrfs_cli("info", f"s3://{BUCKET}/demo.pcr", "--endpoint-url", dead.endpoint)
+    assert res.returncode == 1 and "cannot reach the object store" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_credentials_are_a_clear_error(remote_store, moto):
+    env = {k: v for k, v in os.environ.items() if k not in NO_CREDENTIALS_ENV}
+    env.update({k: v for k, v in NO_CREDENTIALS_ENV.items() if v is not None})
+    res = subprocess.run([sys.executable, "-m", "pcrfs.cli", "info", remote_store, "--endpoint-url", moto.endpoint],
+                         capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1
+    assert "no credentials" in res.stderr and "AWS_ACCESS_KEY_ID" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+# ---- faults: retries, the server going away --------------------------------------------------------
+
+def test_retries_ride_out_a_burst_of_500s(remote_store, moto, local):
+    proxy = FaultProxy(moto.port)
+    try:
+        with open_store(remote_store, options=ropts(RemoteOptions(endpoint_url=proxy.endpoint),
+                                                    readahead_bytes=0)) as s:
+            proxy.fail_for(0.4)
+            for i in (0, 30, 60):
+                assert s.read(i, 4) == local.read(i, 4)
+            assert proxy.failed > 0
+            assert s.io_stats()["source"]["retries"] > 0
+            # a fault that outlasts the retries is an error (EIO), not data; the next read works
+            proxy.fail_for(30)
+            with pytest.raises(StoreUnavailable) as e:
+                s.read(80, 2)
+            assert e.value.errno == errno.EIO and "InternalError" in str(e.value) or "injected" in str(e.value)
+            proxy.fail_for(0)
+            assert s.read(80, 2) == local.read(80, 2)
+    finally:
+        proxy.close()
+
+
+@needs_fuse
+def test_mount_reads_every_view_like_the_local_store(remote_store, moto, local, mounts):
+    info = mounts.mount(remote_store, "s3", read_options=ropts(RemoteOptions(endpoint_url=moto.endpoint)))
+    mnt = Path(info.mountpoint)
+    assert sorted(os.listdir(mnt)) == sorted([v for v, _ in views(local)] + [".pcrfs"])
+    for view, k in views(local):
+        for i in range(local.num_images):
+            assert (mnt / view / local.path(i)).read_bytes() == local.read(i, k), (view, i)
+    doc = stats_of(mnt)
+    assert doc["store"] == remote_store
+    # every stored byte fetched once: no duplicate downloads, nothing unused
+    assert doc["store_reads"]["bytes"] == view_bytes(local, local.num_groups)
+    assert doc["errors"]["eio"] == 0
+
+
+@needs_fuse
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_sequential_epoch_costs_few_requests_and_shuffled_no_waste(one_record_store, moto, local, mounts, k):
+    opts = ropts(RemoteOptions(endpoint_url=moto.endpoint))
+    n = local.num_images
+    seq = Path(mounts.mount(one_record_store, f"seq{k}", read_options=opts).mountpoint)
+    for i in range(n):
+        (seq / f"scan{k}" / local.path(i)).read_bytes()
+    doc = stats_of(seq)["store_reads"]
+    assert doc["bytes"] == view_bytes(local, k)
+    assert doc["requests"] / n <= 1.2, doc
+
+    shuf = Path(mounts.mount(one_record_store, f"shuf{k}", read_options=opts).mountpoint)
+    order = list(range(n))
+    random.Random(k).shuffle(order)
+    for i in order:
+        assert (shuf / f"scan{k}" / local.path(i)).read_bytes() == local.read(i, k)
+    assert stats_of(shuf)["store_reads"]["bytes"] == view_bytes(local, k)  # readahead wasted nothing
+
+
+@needs_fuse
+def test_server_going_away_is_eio_and_the_mount_recovers(remote_store, moto, local, mounts):
+    proxy = FaultProxy(moto.port)
+    try:
+        info = mounts.mount(remote_store, "flaky", read_options=ropts(RemoteOptions(endpoint_url=proxy.endpoint)))
+        mnt = Path(info.mountpoint)
+        assert (mnt / "scan2" / local.path(0)).read_bytes() == local.read(0, 2)
+        proxy.down()
+        victim = mnt / "full" / local.path(50)
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            victim.read_bytes()
+        assert e.value.errno == errno.EIO
+        assert time.monotonic() - t0 < 20  # bounded retries, then an answer
+        doc = stats_of(mnt)  # the daemon is alive and answers
+        assert doc["errors"]["eio"] >= 1
+        proxy.up()
+        assert wait_until(lambda: _reads(victim) == local.read(50, local.num_groups), timeout=20)
+        assert (mnt / "scan3" / local.path(70)).read_bytes() == local.read(70, 3)
+    finally:
+        proxy.close()
+
+
+def _reads(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+# ---- caches and the bandwidth limit ---------------------------------------------------------------
+
+@needs_fuse
+def test_disk_cache_serves_a_remount_without_downloads(remote_store, moto, local, mounts, tmp_path):
+    opts = ropts(RemoteOptions(endpoint_url=moto.endpoint), disk_cache=str(tmp_path / "dc"),
+                 disk_cache_bytes=64 << 20)
+    first = Path(mounts.mount(remote_store, "dc1", read_options=opts).mountpoint)
+    for i in range(local.num_images):
+        (first / "scan4" / local.path(i)).read_bytes()
+    assert stats_of(first)["store_reads"]["bytes"] == view_bytes(local, 4)
+    mounts.cleanup()
+    second = Path(mounts.mount(remote_store, "dc2", read_options=opts).mountpoint)
+    for i in range(local.num_images):
+        assert (second / "scan3" / local.path(i)).read_bytes() == local.read(i, 3)
+    assert stats_of(second)["store_reads"]["requests"] == 0
+
+
+def test_bwlimit_caps_the_store_bandwidth(remote_store, remote, local):
+    rate = 1 << 20
+    with open_store(remote_store, options=ropts(remote, bwlimit=rate, readahead_bytes=0)) as s:
+        s.read(0, 1)  # the bucket's burst
+        t0 = time.monotonic()
+        got = sum(len(s.read(i, s.num_groups)) for i in range(1, 40))
+        elapsed = time.monotonic() - t0
+        assert s.io_stats()["source"]["bwlimit_bytes_per_s"] == rate
+    assert got > rate  # more than a second's worth
+    assert elapsed >= 0.9 * got / rate
