@@ -185,6 +185,7 @@ class Row:
     psnr_p5: float
     ms_ssim_mean: float
     ms_ssim_p5: float
+    ms_ssim_min: float
     decode_ms_mean: float | None = None
 
 
@@ -222,6 +223,7 @@ def _row(view: str, k: int | None, sizes: np.ndarray, full: np.ndarray, ssim: np
         fraction_p5=float(np.percentile(frac, PERCENTILE)), fraction_p95=float(np.percentile(frac, 100 - PERCENTILE)),
         psnr_mean=float(psnr.mean()), psnr_p5=float(np.percentile(psnr, PERCENTILE)),
         ms_ssim_mean=float(ssim.mean()), ms_ssim_p5=float(np.percentile(ssim, PERCENTILE)),
+        ms_ssim_min=float(ssim.min()),
         decode_ms_mean=None if decode_s is None else float(np.nanmean(decode_s) * 1000),
     )
 

@@ -1,11 +1,13 @@
 """The plot users look at: quality against the bytes each view reads (matplotlib, optional)."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from .msssim import PSNR_CAP
 
 NEEDS = "--plot needs matplotlib: pip install matplotlib"
+ADAPTIVE_MARKERS = ("v", "*", "D", "P", "X")
 
 
 def check_format(path: Path) -> str | None:
@@ -26,7 +28,7 @@ def check_format(path: Path) -> str | None:
 def plot_table(table, path: Path, choice=None, title: str | None = None) -> None:
     """MS-SSIM and PSNR (mean and 5th percentile) against the byte fraction of every view.
 
-    Fixed-k views are a line with k marked at each point; adaptive views are stars.
+    Fixed-k views are lines with k marked at each point; adaptive views are single green markers.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -43,13 +45,11 @@ def plot_table(table, path: Path, choice=None, title: str | None = None) -> None
         ax.plot(x, [getattr(r, p5_key) for r in fixed], "s--", color="tab:orange", label="scanK, 5th percentile")
         for r, xi in zip(fixed, x):
             ax.annotate(str(r.k), (xi, getattr(r, p5_key)), textcoords="offset points", xytext=(4, -11), fontsize=8)
-        for r in adaptive:
-            xi = 100 * r.fraction_total
-            ax.plot([xi], [getattr(r, p5_key)], "*", color="tab:green", markersize=13)
-            ax.annotate(r.view, (xi, getattr(r, p5_key)), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8, color="tab:green")
-        if adaptive:
-            ax.plot([], [], "*", color="tab:green", markersize=10, label="adaptive view, 5th percentile")
+        for r, marker in zip(adaptive, itertools.cycle(ADAPTIVE_MARKERS)):
+            ax.plot([100 * r.fraction_total], [getattr(r, p5_key)], marker, color="tab:green",
+                    markersize=13 if marker == "*" else 9,
+                    markeredgecolor="black", markeredgewidth=0.5, linestyle="none",
+                    label=f"{r.view}, 5th percentile", zorder=5)
         if choice is not None and (choice.metric == "ms_ssim") == (mean_key == "ms_ssim_mean"):
             ax.axhline(choice.target, color="grey", linewidth=0.8, linestyle=":")
             ax.annotate(f"target {choice.target:g}: {choice.row.view}", (1, choice.target),
