@@ -17,6 +17,7 @@ import stat as st
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Union
 
@@ -68,6 +69,50 @@ class Attr(NamedTuple):
     @property
     def is_dir(self) -> bool:
         return st.S_ISDIR(self.mode)
+
+
+class DirEntries(Sequence):
+    """A directory's entries as columns, so the FUSE adapter can fill a listing
+    without one Python object per entry; indexing still gives ``(name, Attr)``."""
+
+    __slots__ = ("names", "modes", "sizes", "mtimes", "inos", "nlinks")
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.modes: list[int] = []
+        self.sizes: list[int] = []
+        self.mtimes: list[int] = []
+        self.inos: list[int] = []
+        self.nlinks: list[int] = []
+
+    def add(self, name: str, a: Attr) -> None:
+        self.names.append(name)
+        self.modes.append(a.mode)
+        self.sizes.append(a.size)
+        self.mtimes.append(a.mtime_ns)
+        self.inos.append(a.ino)
+        self.nlinks.append(a.nlink)
+
+    def add_files(self, names: list[str], sizes: list[int], mtimes: list[int], inos: list[int]) -> None:
+        self.names += names
+        self.sizes += sizes
+        self.mtimes += mtimes
+        self.inos += inos
+        self.modes += [FILE_MODE] * len(names)
+        self.nlinks += [1] * len(names)
+
+    def extend(self, other: "DirEntries") -> None:
+        for col in self.__slots__:
+            getattr(self, col).extend(getattr(other, col))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, pos):
+        if isinstance(pos, slice):
+            return [self[j] for j in range(*pos.indices(len(self)))]
+        return self.names[pos], Attr(self.modes[pos], self.sizes[pos], self.mtimes[pos], self.inos[pos],
+                                     self.nlinks[pos])
 
 
 @dataclass(frozen=True)
@@ -190,7 +235,11 @@ class ViewTree:
             base = int(offs[0])
             blob = index.paths.raw_span(base, int(offs[-1]))
             rel = (offs - base).tolist()
-            names.extend(fmt.decode_path(blob[rel[j] + prefix_len:rel[j + 1]]) for j in range(b - a))
+            if blob.isascii():  # the common case: decode the span once, slice str by byte offsets
+                text = blob.decode("ascii")
+                names.extend(text[rel[j] + prefix_len:rel[j + 1]] for j in range(b - a))
+            else:
+                names.extend(fmt.decode_path(blob[rel[j] + prefix_len:rel[j + 1]]) for j in range(b - a))
         images = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.zeros(0, np.int64)
         lengths = np.asarray(index.group_lengths[images], dtype=np.int64)
         sizes = np.cumsum(lengths, axis=1) + len(EOI_BYTES)
@@ -253,27 +302,29 @@ class ViewTree:
     def getattr(self, path: str) -> Attr:
         return self.attr(self.resolve(path))
 
-    def readdir(self, path: str) -> list[tuple[str, Attr]]:
+    def readdir(self, path: str) -> DirEntries:
         """Entries of a directory with their attributes (one call serves `ls -l`)."""
         node = self.resolve(path)
         if not isinstance(node, DirNode):
             raise NotADirectoryError(path)
+        out = DirEntries()
         if node.view is None and node.dir_id == -1:
-            out = [(name, self.attr(DirNode(v, max(self._dir_ids.get("", 0), 0))))
-                   for name, v in self.views.items()]
-            out.append((STATS_DIR, self.attr(DirNode(None, -2))))
+            for name, v in self.views.items():
+                out.add(name, self.attr(DirNode(v, max(self._dir_ids.get("", 0), 0))))
+            out.add(STATS_DIR, self.attr(DirNode(None, -2)))
             return out
         if node.view is None:
-            return [(STATS_FILE, self.attr(StatsNode()))]
+            out.add(STATS_FILE, self.attr(StatsNode()))
+            return out
         if node.dir_id < 0:
-            return []
+            return out
         listing = self.listing(node.dir_id)
         view = node.view
-        out = [(name, self.attr(DirNode(view, d))) for name, d in listing.subdirs.items()]
+        for name, d in listing.subdirs.items():
+            out.add(name, self.attr(DirNode(view, d)))
         base = self._ino(view, 1 + len(self._dir_names))
-        sizes = view.sizes(listing)
-        out += [(name, Attr(FILE_MODE, size, mtime, base + i))
-                for name, size, mtime, i in zip(listing.names, sizes, listing.mtimes, listing.images.tolist())]
+        inos = (listing.images + base).tolist() if len(listing.names) else []
+        out.add_files(listing.names, view.sizes(listing), listing.mtimes, inos)
         return out
 
     # ---- reading -----------------------------------------------------------------

@@ -44,7 +44,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from ..store.reader import CorruptData
-from ..views import Attr, DirNode, FileNode, StatsNode, ViewTree
+from ..views import Attr, DirEntries, DirNode, FileNode, StatsNode, ViewTree
 from . import load_mfusepy
 
 mf = load_mfusepy()
@@ -202,8 +202,10 @@ class PcrfsOperations(mf.Operations):
             raise NotADirectoryError(path)
         parent = self.tree.resolve(path.rstrip("/").rsplit("/", 1)[0] or "/")
         # "..": glibc's readdir hides entries with inode 0, so it needs its real one
-        entries = [(".", self.tree.attr(node)), ("..", self.tree.attr(parent))]
-        entries += self.tree.readdir(path)
+        entries = DirEntries()
+        entries.add(".", self.tree.attr(node))
+        entries.add("..", self.tree.attr(parent))
+        entries.extend(self.tree.readdir(path))
         return self._put(entries)
 
     @_errors_mapped
@@ -292,7 +294,7 @@ class PcrfsFUSE(mf.FUSE):
 
     def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
         # Hot path of every directory walk: one reused stat buffer filled field by
-        # field (no per-entry dict, no memset), names encoded once per listing.
+        # field from the listing's columns (no per-entry dict or object, no memset).
         plus = bool(flags & FUSE_READDIR_PLUS)
         ops = self.operations
         try:
@@ -303,18 +305,25 @@ class PcrfsFUSE(mf.FUSE):
         st.st_uid, st.st_gid = ops.owner
         st.st_blksize = 4096
         mt, at, ct = st.st_mtimespec, st.st_atimespec, st.st_ctimespec
-        for pos in range(offset, len(entries)):
-            name, a = entries[pos]
-            st.st_ino = a.ino
-            st.st_mode = a.mode
-            st.st_nlink = a.nlink
-            st.st_size = a.size
-            st.st_blocks = (a.size + 511) >> 9
-            sec, nsec = divmod(a.mtime_ns, 1_000_000_000)
-            mt.tv_sec = at.tv_sec = ct.tv_sec = sec
-            mt.tv_nsec = at.tv_nsec = ct.tv_nsec = nsec
-            fill = FUSE_FILL_DIR_PLUS if plus and name not in _DOTS else 0
-            if filler(buf, name.encode(self.encoding, self.errors), st, pos + 1, fill) != 0:
+        names, modes, inos = entries.names, entries.modes, entries.inos
+        sizes, mtimes, nlinks = entries.sizes, entries.mtimes, entries.nlinks
+        encoding, errors = self.encoding, self.errors
+        for pos in range(offset, len(names)):
+            name = names[pos]
+            st.st_ino = inos[pos]
+            st.st_mode = modes[pos]
+            if plus and name not in _DOTS:  # full attributes only when the kernel keeps them
+                size = sizes[pos]
+                st.st_nlink = nlinks[pos]
+                st.st_size = size
+                st.st_blocks = (size + 511) >> 9
+                sec, nsec = divmod(mtimes[pos], 1_000_000_000)
+                mt.tv_sec = at.tv_sec = ct.tv_sec = sec
+                mt.tv_nsec = at.tv_nsec = ct.tv_nsec = nsec
+                fill = FUSE_FILL_DIR_PLUS
+            else:
+                fill = 0
+            if filler(buf, name.encode(encoding, errors), st, pos + 1, fill) != 0:
                 break
         return 0
 
