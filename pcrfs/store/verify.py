@@ -1,7 +1,10 @@
 """Whole-store checks for `pcrfs verify` and statistics for `pcrfs info`.
 
-Verification reads each record file once, sequentially, and checks the header,
-the size and every scan group's CRC-32 against the index.
+Verification first checks the index's own structure (what every reader relies on:
+group counts, the records' layout, the name tables), then reads each record file
+once, sequentially, and checks the header, the size and every scan group's CRC-32
+against the index. A record whose layout in the index does not add up is reported
+and not read: its offsets cannot be trusted.
 """
 from __future__ import annotations
 
@@ -12,32 +15,124 @@ from typing import Callable
 import numpy as np
 
 from . import format as fmt
+from .index import directories_of
 from .reader import Store
 
 
 @dataclass
 class Damage:
-    record: int
+    record: int | None  # None for damage to the index itself
     image: str | None   # relative path, None for record-level damage
     group: int | None   # 1-based
     reason: str
 
     def __str__(self) -> str:
-        where = f"record {self.record}"
+        where = "index" if self.record is None else f"record {self.record}"
         if self.image is not None:
             where = f"{self.image} (scan group {self.group}, {where})"
         return f"{where}: {self.reason}"
 
 
 def verify_store(store: Store, on_record: Callable[[int], None] | None = None) -> list[Damage]:
-    """Every problem found in the store's records; an empty list means intact."""
-    damage: list[Damage] = []
+    """Every problem found in the store's index and records; an empty list means intact."""
     index = store.index
+    damage, checkable = _verify_index(store)
     for r in range(len(index.records)):
-        damage.extend(_verify_record(store, r))
+        if r in checkable:
+            damage.extend(_verify_record(store, r))
         if on_record:
             on_record(int(index.records[r]["size"]))
     return damage
+
+
+# ---- the index's own structure -------------------------------------------------------------
+
+def _verify_index(store: Store) -> tuple[list[Damage], set[int]]:
+    """Problems in the index, and the records whose layout in it can be trusted enough to check."""
+    index = store.index
+    out: list[Damage] = []
+    bad_images = _check_group_counts(store, out)
+    checkable: set[int] = set()
+    if _check_record_coverage(index, out):
+        untrusted = {index.record_of(i) for i in bad_images} | _check_record_layout(index, out)
+        checkable = set(range(len(index.records))) - untrusted
+    _check_names(store, out)
+    return out, checkable
+
+
+def _index_damage(out: list[Damage], reason: str, image: str | None = None) -> None:
+    out.append(Damage(None, image, None, reason))
+
+
+def _check_group_counts(store: Store, out: list[Damage]) -> set[int]:
+    """Each image has 1..G groups, and a length for exactly those (G: the store's group count)."""
+    index = store.index
+    n, g = index.group_lengths.shape
+    counts = np.asarray(index.images["n_groups"], dtype=np.int64)
+    present = np.arange(g)[None, :] < counts[:, None]
+    has_bytes = np.asarray(index.group_lengths) > 0
+    bad = np.flatnonzero((counts < 1) | (counts > g) | (present != has_bytes).any(axis=1))
+    for i in bad[:10]:
+        _index_damage(out, f"image {i} claims {counts[i]} scan groups but has lengths for "
+                           f"{int(has_bytes[i].sum())} (the store has {g})", store.path(int(i)))
+    if len(bad) > 10:
+        _index_damage(out, f"... and {len(bad) - 10} more images with inconsistent group counts")
+    return {int(i) for i in bad}
+
+
+def _check_record_coverage(index, out: list[Damage]) -> bool:
+    """Records hold consecutive runs of images, in order, covering all of them."""
+    counts = np.asarray(index.records["n_images"], dtype=np.uint64)
+    firsts = np.asarray(index.records["first_image"], dtype=np.uint64)
+    expected = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.uint64) if len(counts) else counts
+    if np.array_equal(firsts, expected) and int(counts.sum()) == index.num_images:
+        return True
+    _index_damage(out, "records.npy: the records do not hold consecutive runs of images covering all "
+                       f"{index.num_images} images; no record can be checked")
+    return False
+
+
+def _check_record_layout(index, out: list[Damage]) -> set[int]:
+    """Where each group region starts follows from the group lengths (group-major layout)."""
+    bad = set()
+    lengths = index.group_lengths
+    for r, rec in enumerate(index.records):
+        first, n = int(rec["first_image"]), int(rec["n_images"])
+        regions = np.asarray(lengths[first:first + n], dtype=np.uint64).sum(axis=0, dtype=np.uint64)
+        ends = fmt.RECORD_HEADER_SIZE + np.cumsum(regions, dtype=np.uint64)
+        starts = ends - regions
+        size = int(ends[-1]) if len(ends) else fmt.RECORD_HEADER_SIZE
+        if not np.array_equal(np.asarray(index.record_group_offsets[r], dtype=np.uint64), starts) \
+                or int(rec["size"]) != size:
+            out.append(Damage(r, None, None, "the index's layout of this record does not add up "
+                                             "(group offsets, lengths and size disagree); not checked"))
+            bad.add(r)
+    return bad
+
+
+def _check_names(store: Store, out: list[Damage]) -> None:
+    """Names are clean relative paths, sorted and unique, and the directory table (names and
+    image ranges, which listings and labels come from) is the one they imply."""
+    index = store.index
+    for name, table in (("path", index.paths), ("directory", index.dirs)):
+        offsets = np.asarray(table.offsets, dtype=np.uint64)
+        if len(offsets) == 0 or offsets[0] != 0 or (np.diff(offsets.astype(np.int64)) < 0).any():
+            _index_damage(out, f"the {name} table's offsets are not increasing from 0")
+            return
+    paths = [store.path(i) for i in range(index.num_images)]
+    previous: tuple[str, ...] = ()
+    for i, path in enumerate(paths):
+        key = fmt.path_sort_key(path)
+        if any(part in ("", ".", "..") or "\0" in part for part in key):
+            _index_damage(out, f"image {i}: {path!r} is not a clean relative path")
+        elif i and key <= previous:
+            _index_damage(out, f"image {i}: {path!r} is out of order (names must be sorted and unique)")
+        previous = key
+    names, ranges = directories_of(paths)
+    if [index.dirs[d] for d in range(len(index.dirs))] != names or \
+            not np.array_equal(np.asarray(index.dir_ranges, dtype=np.uint64), ranges):
+        _index_damage(out, "the directory table (dirs.bin, dir_offsets.npy, dir_ranges.npy) does not match "
+                           "the image names")
 
 
 def _verify_record(store: Store, r: int) -> list[Damage]:
