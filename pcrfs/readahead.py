@@ -13,8 +13,8 @@ Detection works on the stream of first accesses to (view fidelity k, image):
   accessed recently (within the last ``history`` distinct accesses) and in
   order. Several readers walking different parts of a view at once (DataLoader
   workers taking alternate batches) each look sequential on their own;
-* a sequential access asks for a **window** of the following images, twice as
-  long as the run seen so far (``initial`` .. ``maximum`` images), starting
+* a sequential access asks for a **window** of the following images, ``growth``
+  times as long as the run seen so far (``initial`` .. ``maximum`` images), starting
   after what was already asked for, and only once less than half a window is
   left ahead: two windows are in flight at most, and a reader that stops costs
   at most one unused window;
@@ -35,14 +35,15 @@ Clip = Callable[[int, int, int], int]  # (first, end, k) -> a smaller end that f
 class Readahead:
     """What to prefetch after each access; thread-safe, O(window) per access at worst."""
 
-    def __init__(self, initial: int = 4, maximum: int = 256, min_run: int = 2, history: int = 32,
-                 planned_memory: int = 16384) -> None:
+    def __init__(self, initial: int = 8, maximum: int = 256, min_run: int = 2, history: int = 32,
+                 growth: int = 4, planned_memory: int = 16384) -> None:
         if not 1 <= initial <= maximum:
             raise ValueError("need 1 <= initial <= maximum")
         self.initial = initial
         self.maximum = maximum
         self.min_run = min_run
         self.history = history
+        self.growth = growth
         self._seq = itertools.count()
         self._recent: OrderedDict[tuple[int, int], int] = OrderedDict()   # (k, image) -> access number
         self._planned: OrderedDict[tuple[int, int], None] = OrderedDict()  # (k, image) already asked for
@@ -71,7 +72,7 @@ class Readahead:
                 self.random += 1
                 return None
             self.sequential += 1
-            window = max(self.initial, min(self.maximum, 2 * run))
+            window = max(self.initial, min(self.maximum, self.growth * run))
             first = image + 1
             while (k, first) in self._planned and first < image + 1 + window:
                 first += 1

@@ -217,10 +217,9 @@ class RemoteTarget:
     def check(self) -> None:
         """RemoteError now, before any work, if the bucket is missing or unusable."""
         try:
-            self.retry.call(lambda: self.fs.ls(self.bucket), what=f"LIST s3://{self.bucket}")
-        except FileNotFoundError as e:
-            raise RemoteError(explain(e if "bucket" in str(e).lower() else FileNotFoundError("NoSuchBucket: bucket"),
-                                      self.url, self.options)) from None
+            self.retry.call(lambda: self.fs.ls(self.bucket), what=f"LIST {self.bucket}")
+        except FileNotFoundError:  # listing the bucket itself: only the bucket can be missing
+            raise RemoteError(explain(FileNotFoundError("no such bucket"), self.url, self.options)) from None
         except Exception as e:  # noqa: BLE001
             raise RemoteError(explain(e, self.url, self.options)) from None
 
