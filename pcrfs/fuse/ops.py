@@ -276,6 +276,12 @@ class PcrfsOperations(mf.Operations):
     chmod = chown = truncate = utimens = setxattr = removexattr = fallocate = _read_only
 
 
+_worker = threading.local()
+_PyGILState_Ensure = ctypes.pythonapi.PyGILState_Ensure
+_PyGILState_Ensure.restype = ctypes.c_int
+_PyGILState_Ensure.argtypes = []
+
+
 class PcrfsFUSE(mf.FUSE):
     """mfusepy's FUSE with libfuse 3 readdirplus and cached directory listings.
 
@@ -283,6 +289,16 @@ class PcrfsFUSE(mf.FUSE):
     kernel would look every entry up again; here complete stats go with the
     entries when the kernel asks for them.
     """
+
+    def _wrapper(self, func, *args, **kwargs):
+        # libfuse's worker threads are not Python threads: ctypes creates a Python
+        # thread state for every callback and destroys it on return, which cost more
+        # CPU than the callbacks themselves. One extra, never-released
+        # PyGILState_Ensure per worker keeps its thread state for the worker's life.
+        if not getattr(_worker, "pinned", False):
+            _PyGILState_Ensure()
+            _worker.pinned = True
+        return super()._wrapper(func, *args, **kwargs)
 
     def opendir(self, path: bytes, fip) -> int:
         fi = fip.contents
