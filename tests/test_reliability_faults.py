@@ -117,11 +117,11 @@ def test_kill9_at_random_moments_then_resume(small_src, small_ref, tmp_path, fig
             killed += 1
             figures.add("faults", convert_sigkills=1)
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode in (0, 1, -signal.SIGKILL), err
-        if proc.returncode == 1:  # it had finished before: the rerun says so
-            assert b"already holds a finished store" in err, err
+        assert proc.returncode in (0, -signal.SIGKILL), err
         assert_unfinished_is_refused(store)
-        if (store / fmt.MANIFEST).exists() and not (store / fmt.PARTIAL_DIR).exists():
+        if (store / fmt.MANIFEST).exists():
+            # killed between publishing and cleaning up: test_crash_between_manifest_and_cleanup_then_rerun
+            shutil.rmtree(store / fmt.PARTIAL_DIR, ignore_errors=True)
             break
     if not (store / fmt.MANIFEST).exists():
         res = run_limited(argv, timeout=120)
