@@ -1,10 +1,10 @@
 """Reading a store: the API the FUSE layer, the CLI and the tests share.
 
 ``open_store(path)`` returns a read-only :class:`Store`. An image at fidelity k is
-its first k scan groups plus an EOI marker; the store reads exactly those byte
-ranges (never a whole record) and checks each group's CRC-32 before returning it,
-so damaged data raises :class:`CorruptData` (errno EIO) instead of coming back as
-garbage.
+its first k scan groups plus an EOI marker; the store reads only those byte
+ranges (never a whole record; with readahead, also the same groups of the images
+that follow) and checks each group's CRC-32 before returning it, so damaged data
+raises :class:`CorruptData` (errno EIO) instead of coming back as garbage.
 
 A store lives at a local path or at an fsspec URL such as ``s3://bucket/prefix``
 (:mod:`pcrfs.store.location`); the same :class:`Store` serves both. Which bytes
