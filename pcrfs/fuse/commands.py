@@ -165,6 +165,26 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m"
 
 
+def _io_lines(io: dict) -> list[str]:
+    """Lines for the read path's counters (Store.io_stats()), when the stats carry them."""
+    lines = []
+    source = io.get("source", {})
+    if "retries" in source or "bwlimit_bytes_per_s" in source:
+        limit = source.get("bwlimit_bytes_per_s")
+        lines.append(f"remote       {source.get('retries', 0)} retries" +
+                     (f", bwlimit {format_size(limit)}/s (held back {source.get('bwlimit_waited_s', 0)}s)"
+                      if limit else ""))
+    ra = io.get("readahead")
+    if ra:
+        lines.append(f"readahead    {ra.get('windows', 0)} windows, {ra.get('images', 0)} images "
+                     f"({ra.get('sequential', 0)} sequential / {ra.get('random', 0)} random accesses)")
+    dc = io.get("disk_cache")
+    if dc:
+        lines.append(f"disk cache   {format_size(dc.get('bytes', 0))} of {format_size(dc.get('capacity', 0))}, "
+                     f"{dc.get('hits', 0)} hits, {dc.get('misses', 0)} misses")
+    return lines
+
+
 def format_stats(doc: dict) -> str:
     cache = doc.get("cache", {})
     lookups = cache.get("hits", 0) + cache.get("misses", 0)
@@ -179,6 +199,7 @@ def format_stats(doc: dict) -> str:
         f"group cache  {format_size(cache.get('bytes', 0))} of {format_size(cache.get('capacity', 0))}, "
         f"hit rate {hit_rate} ({cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses)",
         f"errors       {doc.get('errors', {}).get('eio', 0)} EIO (damaged data; see the log)",
+        *_io_lines(doc.get("io") or {}),
         "",
         f"{'view':<8} {'opened':>10} {'served':>12}",
     ]
