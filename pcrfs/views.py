@@ -353,6 +353,7 @@ class ViewTree:
             "cache": {"capacity": cache.capacity if cache is not None else 0, "bytes": cache.nbytes if cache is not None else 0,
                       "hits": cache.hits if cache is not None else 0, "misses": cache.misses if cache is not None else 0},
             "listings_cached": len(self._listings),
+            "io": self.store.io_stats(),
         }
 
     def stats_bytes(self) -> bytes:

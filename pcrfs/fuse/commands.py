@@ -59,8 +59,10 @@ def _echo_err(message: str) -> None:
                    "user_allow_other in /etc/fuse.conf), nonempty (mount over a non-empty directory), "
                    "debug (log every FUSE request), or any other libfuse option.")
 @click.option("--cache-size", type=SIZE, default=DEFAULT_CACHE_SIZE, show_default=True,
-              help="Memory for recently read scan groups, shared by all views (scan1's bytes are the "
-                   "start of scan5's); 0 disables it. The kernel page cache comes on top of this.")
+              help="Memory for verified scan groups, shared by all views (scan1's bytes are the "
+                   "start of scan5's); 0 disables it. For a remote store it holds every group fetched; "
+                   "for a local one only groups a read cuts in two (the kernel's page cache already "
+                   "holds the record files and the served files).")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
               help="Where the daemon logs (errors such as damaged groups are named there) "
                    "[default: /run/pcrfs/<mount>.log for root, else under $XDG_RUNTIME_DIR or /tmp].")

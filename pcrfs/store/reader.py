@@ -14,6 +14,7 @@ business; where they come from is a record source's (:mod:`pcrfs.store.backends`
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -84,6 +85,10 @@ class Store:
         self.fetcher = GroupFetcher(self, self.records, cache, disk,
                                     Readahead() if readahead_bytes else None, readahead_bytes,
                                     whole_image=remote)
+        # Local files without readahead, disk cache or rate limit need none of the
+        # fetcher's machinery (futures, in-flight sharing, span merging): a pread and a
+        # CRC per group. Measured: the fetcher path cost ~7x this floor per file.
+        self._direct = not remote and not readahead_bytes and disk is None and bwlimit is None
         self.classes: list[str] = list(manifest.get("classes", []))
         depth1 = [d for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
         self._class_first = np.array([int(index.dir_ranges[d][0]) for d in depth1], dtype=np.int64)
@@ -181,10 +186,39 @@ class Store:
 
     # ---- reading -------------------------------------------------------------
 
+    def _group_table(self, i: int, k: int) -> tuple[int, list[int], list[int], list[int]]:
+        """(record, offsets, lengths, crcs) of groups 1..min(k, n) of image i, as plain lists."""
+        kk = self._groups_for(i, k)
+        index = self.index
+        r = index.record_of(i)
+        row = self._record_offsets(r)[i - int(index.records[r]["first_image"])]
+        return (r, row[:kk].tolist(), index.group_lengths[i, :kk].tolist(),
+                index.group_crc32[i, :kk].tolist())
+
+    def _read_direct(self, i: int, r: int, g: int, offset: int, length: int, crc: int, keep: bool) -> bytes:
+        """One verified group straight from a local record; ``keep`` caches it (partial reads)."""
+        cache = self.cache
+        if cache is not None:
+            data = cache.get((i, g + 1))
+            if data is not None:
+                return data
+        data = self.records.read(r, offset, length)
+        if zlib.crc32(data) != crc:
+            raise CorruptData(f"{self.path(i)}: scan group {g + 1} fails its CRC-32 check "
+                              f"(record {r}, offset {offset})")
+        if keep and cache is not None:
+            cache.put((i, g + 1), data)
+        return data
+
     def read(self, image: ImageRef, k: int) -> bytes:
         """The image at fidelity k as a complete JPEG (whole image if it has < k groups)."""
         i = self._ref(image)
-        parts = self.fetcher.read_groups(i, k, self.ranges(i, k))
+        if self._direct:
+            r, offsets, lengths, crcs = self._group_table(i, k)
+            parts = [self._read_direct(i, r, g, offsets[g], lengths[g], crcs[g], True)
+                     for g in range(len(lengths))]
+        else:
+            parts = self.fetcher.read_groups(i, k, self.ranges(i, k))
         parts.append(EOI_BYTES)
         return b"".join(parts)
 
@@ -192,6 +226,8 @@ class Store:
         """``size`` bytes at ``offset`` of the fidelity-k file, reading only the
         groups that overlap the request (each whole, to check its CRC)."""
         i = self._ref(image)
+        if self._direct:
+            return self._read_at_direct(i, k, offset, size)
         end = offset + size
         overlapping, starts = [], []
         pos = 0
@@ -206,6 +242,26 @@ class Store:
         out = []
         for rng, start, data in zip(overlapping, starts, self.fetcher.read_groups(i, k, overlapping)):
             out.append(data[max(offset - start, 0):min(end - start, rng.length)])
+        if end > pos:  # the request reaches into the EOI marker
+            out.append(EOI_BYTES[max(offset - pos, 0):min(end - pos, len(EOI_BYTES))])
+        return b"".join(out)
+
+    def _read_at_direct(self, i: int, k: int, offset: int, size: int) -> bytes:
+        r, offsets, lengths, crcs = self._group_table(i, k)
+        end = offset + size
+        out = []
+        pos = 0
+        for g, length in enumerate(lengths):
+            g_end = pos + length
+            if g_end > offset and pos < end:
+                # A group the request covers whole goes to the kernel's page cache with
+                # the file; only one it cuts is kept here for the next read of the rest.
+                partial = pos < offset or g_end > end
+                data = self._read_direct(i, r, g, offsets[g], length, crcs[g], partial)
+                out.append(data if not partial else data[max(offset - pos, 0):min(end - pos, length)])
+            pos = g_end
+            if pos >= end:
+                break
         if end > pos:  # the request reaches into the EOI marker
             out.append(EOI_BYTES[max(offset - pos, 0):min(end - pos, len(EOI_BYTES))])
         return b"".join(out)
