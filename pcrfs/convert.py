@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import yaml
+
 from .jpeg.transcode import BadImage, SkippedImage, TranscodeOptions, transcode
 from .remote.fs import RemoteOptions, is_url
 from .store import format as fmt
@@ -36,6 +38,8 @@ class SourceFile:
     abs: str
     size: int
     mtime_ns: int
+    dev: int = 0    # identity of the file the listing checked: the file read later must be it
+    ino: int = 0
 
 
 @dataclass
@@ -85,7 +89,7 @@ def list_sources(src: Path) -> Listing:
             if stat.S_ISDIR(st.st_mode):
                 yield from walk(entry.path, rel_parts + (entry.name,))
             elif stat.S_ISREG(st.st_mode):
-                listing.files.append(SourceFile(rel, entry.path, st.st_size, st.st_mtime_ns))
+                listing.files.append(SourceFile(rel, entry.path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino))
                 yield None
             else:
                 listing.problems.append(Problem(rel, "not a regular file", "skipped"))
@@ -101,6 +105,9 @@ def _process(sf: SourceFile, opts: TranscodeOptions) -> ImageEntry | Problem:
     try:
         with open(sf.abs, "rb") as f:
             st = os.fstat(f.fileno())
+            if sf.ino and (st.st_dev, st.st_ino) != (sf.dev, sf.ino):
+                # replaced (e.g. by a symlink out of SRC) after the listing vetted it
+                return Problem(sf.rel, "file was replaced since the source was listed; not read")
             data = f.read()
     except OSError as e:
         return Problem(sf.rel, f"cannot read: {e.strerror}")
@@ -133,6 +140,11 @@ class StoreExists(RuntimeError):
     pass
 
 
+class FinishedButNotCleaned(Exception):
+    """The manifest (written last) is there but the resume state is not yet removed:
+    the conversion was complete when it was interrupted."""
+
+
 def fingerprint(listing: Listing, opts: TranscodeOptions, record_bytes: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"opts": asdict(opts), "record_bytes": record_bytes,
@@ -153,9 +165,29 @@ def prepare_target(store: Path, overwrite: bool) -> None:
         shutil.rmtree(store)
         return
     if (store / fmt.MANIFEST).exists():
+        if (store / fmt.PARTIAL_DIR).exists():
+            raise FinishedButNotCleaned(store)
         raise StoreExists(f"{store} already holds a finished store; use --overwrite to replace it")
     if not is_store and any(store.iterdir()):
         raise StoreExists(f"{store} exists, is not empty and is not a PCR store; refusing to write into it")
+
+
+def _finish_cleanup(store: Path, fp: str, t0: float, n_sources: int) -> ConvertResult:
+    """Complete a conversion that was killed after its manifest: drop the resume state."""
+    state = store / fmt.PARTIAL_DIR / "state.json"
+    try:
+        same = json.loads(state.read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise StoreExists(f"{store} already holds a finished store (of other inputs or options); "
+                          "use --overwrite to replace it")
+    shutil.rmtree(store / fmt.PARTIAL_DIR)
+    manifest = yaml.safe_load((store / fmt.MANIFEST).read_text(encoding="utf-8"))
+    report = json.loads((store / fmt.REPORT).read_text())
+    return ConvertResult(images=manifest["num_images"], bad=report["bad"], skipped=report["skipped"],
+                         reencoded=report["reencoded"], bytes_in=0, bytes_out=manifest["total_bytes"],
+                         seconds=time.monotonic() - t0, resumed_from=n_sources, manifest=manifest)
 
 
 def prepare_remote_target(target: RemoteTarget, overwrite: bool) -> None:
@@ -198,7 +230,10 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
     t0 = time.monotonic()
     listing = listing or list_sources(src)
     if target is None:
-        prepare_target(store, overwrite)
+        try:
+            prepare_target(store, overwrite)
+        except FinishedButNotCleaned:
+            return _finish_cleanup(store, fingerprint(listing, opts, record_bytes), t0, len(listing.files))
         writer = StoreWriter(store, record_bytes)
     else:
         prepare_remote_target(target, overwrite)

@@ -371,9 +371,6 @@ def _fresh_index(demo_store: Path, root: Path) -> None:
     shutil.copy(demo_store / fmt.MANIFEST, root / fmt.MANIFEST)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (pcrfs/store/index.py check_shapes, pcrfs/store/reader.py open_store): an "
-                   "index whose values are inconsistent but whose manifest checksums match escapes open_store or "
-                   "Store.read as OverflowError/IndexError/ValueError instead of StoreError/CorruptData")
 def test_inconsistent_index_is_refused_or_read_as_corrupt(demo_store, index_scratch):
     rng = random.Random(0)
     hows = ["zero", "one", "plus_one", "minus_one", "huge", "max", "random"]

@@ -50,6 +50,10 @@ class StringTable:
     def blob_bytes(self) -> bytes:
         return bytes(self._blob)
 
+    def blob(self) -> memoryview | bytes:
+        """The concatenated strings, without a copy."""
+        return self._blob
+
 
 def directories_of(paths: list[str]) -> tuple[list[str], np.ndarray]:
     """Every directory (root is "") with the [first, end) range of images beneath it.
@@ -195,8 +199,72 @@ class Index:
             problems.append("dir_ranges.npy does not match the directory table")
         if r and (int(self.records["n_images"].sum()) != n or int(self.records[0]["first_image"]) != 0):
             problems.append("records do not cover the images")
+        if not problems:
+            problems = self._value_problems()
         if problems:
             raise IndexError_("inconsistent index: " + "; ".join(problems))
+
+    def _value_problems(self) -> list[str]:
+        """Values a reader relies on (all vectorized or per record/directory, never per image
+        in Python): offsets inside their files, ranges inside the image count, canonical names.
+        The manifest's CRCs catch accidents; these catch a crafted or mis-written index."""
+        n, g_max = self.group_lengths.shape
+        problems = []
+        for name, table in (("path", self.paths), ("directory", self.dirs)):
+            o = table.offsets
+            if o.dtype != fmt.OFFSET_DTYPE or o[0] != 0 or o[-1] != len(table.blob()) or np.any(o[1:] < o[:-1]):
+                problems.append(f"{name} offsets do not partition the {name} table")
+        if np.any(self.images["n_groups"] > g_max):
+            problems.append("an image has more scan groups than the index has columns")
+        rec = self.records
+        first, count, size = (np.asarray(rec[f], dtype=np.uint64) for f in ("first_image", "n_images", "size"))
+        if len(rec) and np.any(first[1:] != first[:-1] + count[:-1]):
+            problems.append("records are not consecutive")
+        if len(rec) and (np.any(size > 1 << 62) or int(first[-1]) + int(count[-1]) != n):
+            problems.append("record sizes or image ranges are out of bounds")
+        for r in range(len(rec)):
+            if problems:
+                break
+            a, b = int(first[r]), int(first[r]) + int(count[r])
+            starts = self.record_group_offsets[r]
+            region = self.group_lengths[a:b].sum(axis=0, dtype=np.uint64)
+            # compared without adding, so a crafted huge offset cannot wrap around
+            if np.any(starts < fmt.RECORD_HEADER_SIZE) or np.any(starts > size[r]) or np.any(region > size[r] - starts):
+                problems.append(f"record {r}: group regions lie outside the record file")
+        dr = self.dir_ranges
+        if len(dr) and (np.any(dr[:, 0] > dr[:, 1]) or np.any(dr[:, 1] > n)):
+            problems.append("a directory range lies outside the images")
+        return problems or self._name_problems()
+
+    def _name_problems(self) -> list[str]:
+        """Every path must be relative and canonical: no '', '.', '..' components, no NUL,
+        so no view and no extraction by name can step outside its tree."""
+        blob = np.frombuffer(self.paths.blob(), dtype=np.uint8)
+        if blob.size and np.any(blob == 0):
+            return ["a path contains a NUL byte"]
+        for d in range(len(self.dirs)):
+            name = self.dirs[d]
+            if name and (not _canonical(name) or "\0" in name):
+                return [f"directory {name!r} is not a canonical relative path"]
+        o = self.paths.offsets.astype(np.int64)
+        starts, ends = o[:-1], o[1:]
+        lengths = ends - starts
+        if np.any(lengths == 0):
+            return ["an image has an empty path"]
+        slash, dot = ord("/"), ord(".")
+        at = lambda pos: np.where(pos >= starts, blob[np.clip(pos, 0, max(blob.size - 1, 0))], -1)  # noqa: E731
+        last, prev, prev2 = at(ends - 1), at(ends - 2), at(ends - 3)
+        bad = (blob[starts] == slash) | (last == slash)
+        bad |= (last == dot) & ((prev == slash) | (lengths == 1))
+        bad |= (last == dot) & (prev == dot) & ((prev2 == slash) | (lengths == 2))
+        if np.any(bad):
+            i = int(np.argmax(bad))
+            return [f"image path {self.paths[i]!r} is not a canonical relative path"]
+        return []
+
+
+def _canonical(path: str) -> bool:
+    return all(part not in ("", ".", "..") for part in path.split("/"))
 
 
 def file_crc32(path: Path, chunk: int = 1 << 20) -> int:

@@ -299,10 +299,26 @@ class Store:
         self.close()
 
 
+class _ManifestLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: pcrfs never writes them, and an alias bomb
+    ("billion laughs") would expand to unbounded memory in whoever walks the result."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases are not allowed in a pcrfs manifest",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def parse_manifest(raw: bytes, where: str) -> dict:
     """The manifest from its bytes, checked for the keys readers rely on; ``where`` names it in errors."""
     try:
-        manifest = yaml.safe_load(raw.decode("utf-8"))
+        loader = _ManifestLoader(raw.decode("utf-8"))
+        try:
+            manifest = loader.get_single_data()
+        finally:
+            loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise StoreError(f"{where} is damaged: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
