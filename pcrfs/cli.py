@@ -3,29 +3,13 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .units import format_size, parse_size
-
-
-class SizeType(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = SizeType()
+from .units import SIZE, format_size
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
-import io
 import json
 import math
 import os
@@ -46,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from collections import deque

@@ -33,8 +33,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time

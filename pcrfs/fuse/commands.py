@@ -16,25 +16,10 @@ from pathlib import Path
 
 import click
 
-from ..units import format_size, parse_size
+from ..units import SIZE, format_size
 from .daemon import DEFAULT_CACHE_SIZE, MountError, mount, mount_entry, umount
 
 STATS_PATH = (".pcrfs", "stats")
-
-
-class _Size(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = _Size()
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import yaml
 
+from ..fsutil import fsync_dir, write_atomic
 from .. import __version__
 from ..jpeg.scans import EOI_BYTES
 from ..store import format as fmt
@@ -134,22 +135,6 @@ def summarize(store: Store, ks: np.ndarray, thresholds: Sequence[float] = THRESH
 
 # ---- on disk ---------------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _npy_bytes(ks: np.ndarray) -> bytes:
@@ -182,8 +167,8 @@ def write(root: str | os.PathLike, ks: np.ndarray, thresholds: Sequence[float] =
         crc = zlib.crc32(data)
         name = f"{FILE_PREFIX}{crc:08x}.npy"
         index_dir = root / fmt.INDEX_DIR
-        _write_file(index_dir / name, data)
-        _fsync_dir(index_dir)
+        write_atomic(index_dir / name, data)
+        fsync_dir(index_dir)
         previous = manifest.get(MANIFEST_KEY) or {}
         entry = {
             "file": name, "size": len(data), "crc32": crc, "metric": METRIC,
@@ -193,8 +178,8 @@ def write(root: str | os.PathLike, ks: np.ndarray, thresholds: Sequence[float] =
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         manifest[MANIFEST_KEY] = entry
-        _write_file(root / fmt.MANIFEST, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True).encode())
-        _fsync_dir(root)
+        write_atomic(root / fmt.MANIFEST, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True).encode())
+        fsync_dir(root)
         old = previous.get("file") if isinstance(previous, dict) else None
         if isinstance(old, str) and old != name and old.startswith(FILE_PREFIX) and "/" not in old:
             (index_dir / old).unlink(missing_ok=True)

@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 from .. import __version__
+from ..fsutil import fsync_dir, write_atomic
 from . import format as fmt
 from .index import Index, StringTable, directories_of
 
@@ -61,21 +62,6 @@ class Problem:
         return {"path": self.path, "reason": self.reason, "kind": self.kind}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StoreWriter:
@@ -121,7 +107,7 @@ class StoreWriter:
                     "different options; use --overwrite to start over"
                 )
         else:
-            _write_atomic(state, json.dumps({"fingerprint": fingerprint}).encode())
+            write_atomic(state, json.dumps({"fingerprint": fingerprint}).encode())
         self._load_done()
 
     def _load_done(self) -> None:
@@ -207,7 +193,7 @@ class StoreWriter:
                         [len(g) for g in e.groups], e.crcs] for e in entries],
             "problems": [p.as_dict() for p in self._pending_problems],
         }
-        _write_atomic(self.partial / f"{r:05d}.json", json.dumps(desc).encode())
+        write_atomic(self.partial / f"{r:05d}.json", json.dumps(desc).encode())
         if self.target is not None:
             rec_path.unlink()  # uploaded and described: the staging copy is no longer needed
         self.done.append(desc)
@@ -284,7 +270,7 @@ def publish(root: Path, index: Index, problems: list[dict], manifest_extra: dict
         "bad": [p for p in problems if p["kind"] == "bad"],
         "skipped": [p for p in problems if p["kind"] == "skipped"],
     }
-    _write_atomic(root / fmt.REPORT, json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8", "backslashreplace"))
+    write_atomic(root / fmt.REPORT, json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8", "backslashreplace"))
 
     classes = [name for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
     manifest = {
@@ -300,14 +286,14 @@ def publish(root: Path, index: Index, problems: list[dict], manifest_extra: dict
         **manifest_extra,
         "index_files": checks,
     }
-    _fsync_dir(root / fmt.RECORDS_DIR)
+    fsync_dir(root / fmt.RECORDS_DIR)
     if upload is not None:
         for name in fmt.INDEX_FILES:
             upload(f"{fmt.INDEX_DIR}/{name}")
         upload(fmt.REPORT)
-    _write_atomic(root / fmt.MANIFEST,
+    write_atomic(root / fmt.MANIFEST,
                   yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True).encode())
-    _fsync_dir(root)
+    fsync_dir(root)
     if upload is not None:
         upload(fmt.MANIFEST)  # last: its presence marks the remote store complete
     return manifest
