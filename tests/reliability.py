@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import functools
 import json
 import os
 import platform
@@ -163,8 +164,9 @@ def _mounted(path: Path) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
+@functools.lru_cache(maxsize=None)
 def tmpfs_unavailable() -> str | None:
-    """Why a tmpfs cannot be mounted here (not root, no CAP_SYS_ADMIN ...), or None."""
+    """Why this process cannot mount (a tmpfs, a bind mount) here: not root, no CAP_SYS_ADMIN ...; or None."""
     if os.geteuid() != 0 or not shutil.which("mount"):
         return "mounting a tmpfs needs root and mount(8)"
     with tempfile.TemporaryDirectory() as d:
@@ -263,7 +265,8 @@ def reader_loop(mnt: str | os.PathLike, store_path: str | os.PathLike, *, second
     rng = random.Random(seed)
     all_views = views(store)
     expected: dict[tuple[int, int], bytes] = {}
-    out = {"reads": 0, "bytes": 0, "wrong_reads": 0, "wrong_bytes": 0, "listings": 0, "errors": Counter()}
+    out = {"reads": 0, "bytes": 0, "wrong_reads": 0, "wrong_bytes": 0, "listings": 0, "errors": Counter(),
+           "wrong_samples": []}
     mnt = os.fsencode(mnt)
     t0 = time.monotonic()
     deadline = t0 + seconds
@@ -274,12 +277,17 @@ def reader_loop(mnt: str | os.PathLike, store_path: str | os.PathLike, *, second
             data = expected[(i, k)] = store.read(i, k)
         return data
 
-    def check(data: bytes, good: bytes) -> None:
+    def check(data: bytes, good: bytes, what: str) -> None:
         out["reads"] += 1
         out["bytes"] += len(data)
         if data != good:
             out["wrong_reads"] += 1
             out["wrong_bytes"] += max(len(data), 1)
+            if len(out["wrong_samples"]) < 5:  # enough to tell a short read from other bytes
+                out["wrong_samples"].append({"what": what, "got": len(data), "want": len(good),
+                                             "is_prefix": good.startswith(data),
+                                             "first_difference": next((j for j, (a, b) in enumerate(zip(data, good))
+                                                                       if a != b), None)})
 
     try:
         while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
@@ -296,6 +304,7 @@ def reader_loop(mnt: str | os.PathLike, store_path: str | os.PathLike, *, second
                                 "utf-8", "surrogateescape"))
                             if entry.stat().st_size != store.size(j, k):
                                 out["wrong_reads"] += 1
+                                out["wrong_samples"].append({"what": f"listing size {entry.path!r}"})
                     out["listings"] += 1
                 elif mode < 0.45:  # whole file, then drop its pages: the next read reaches the daemon
                     fd = os.open(path, os.O_RDONLY)
@@ -304,27 +313,27 @@ def reader_loop(mnt: str | os.PathLike, store_path: str | os.PathLike, *, second
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                     finally:
                         os.close(fd)
-                    check(data, want(i, k))
+                    check(data, want(i, k), f"whole+fadvise {path!r}")
                 elif mode < 0.6:  # O_DIRECT: every request goes to the daemon (FUSE needs no alignment)
                     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
                     try:
                         data = b"".join(iter(lambda: os.read(fd, rng.choice((4096, 1 << 16, 1 << 20))), b""))
                     finally:
                         os.close(fd)
-                    check(data, want(i, k))
+                    check(data, want(i, k), f"O_DIRECT {path!r}")
                 elif mode < 0.85:  # chunks at random offsets, as a decoder seeking in a file would
                     good = want(i, k)
                     fd = os.open(path, os.O_RDONLY)
                     try:
                         for _ in range(4):
                             off, size = rng.randrange(len(good)), rng.randrange(1, 65536)
-                            check(os.pread(fd, size, off), good[off:off + size])
+                            check(_pread_fully(fd, size, off), good[off:off + size], f"pread {size}@{off} {path!r}")
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                     finally:
                         os.close(fd)
                 else:  # plain buffered read through the page cache
                     with open(path, "rb") as f:
-                        check(f.read(), want(i, k))
+                        check(f.read(), want(i, k), f"buffered {path!r}")
             except OSError as e:
                 out["errors"][errno.errorcode.get(e.errno, str(e.errno))] += 1
                 time.sleep(pause_on_error)
@@ -333,6 +342,20 @@ def reader_loop(mnt: str | os.PathLike, store_path: str | os.PathLike, *, second
     out["seconds"] = time.monotonic() - t0
     out["errors"] = dict(out["errors"])
     return out
+
+
+def _pread_fully(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset`` or up to the end of the file, as a careful reader gets them: a
+    read may return less when an error follows (POSIX: the bytes so far, the error next time)."""
+    parts = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
 
 
 def reader_process_main() -> None:
@@ -351,9 +374,10 @@ def start_reader_process(mnt, store, seconds: float, seed: int) -> subprocess.Po
 
 
 def merge_counts(results: list[dict]) -> dict:
-    total = {"reads": 0, "bytes": 0, "wrong_reads": 0, "wrong_bytes": 0, "listings": 0, "seconds": 0.0, "errors": {}}
+    total = {"reads": 0, "bytes": 0, "wrong_reads": 0, "wrong_bytes": 0, "listings": 0, "seconds": 0.0, "errors": {},
+             "wrong_samples": []}
     for r in results:
-        for key in ("reads", "bytes", "wrong_reads", "wrong_bytes", "listings", "seconds"):
+        for key in ("reads", "bytes", "wrong_reads", "wrong_bytes", "listings", "seconds", "wrong_samples"):
             total[key] += r[key]
         for name, n in r["errors"].items():
             total["errors"][name] = total["errors"].get(name, 0) + n
@@ -366,6 +390,7 @@ class Load:
     def __init__(self, mnt: Path, store: Path, seconds: float, threads: int = 3, processes: int = 2,
                  seed: int = 0) -> None:
         self.results: list[dict] = []
+        self.ends = time.monotonic() + seconds
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._thread, args=(mnt, store, seconds, seed + t), daemon=True)
                         for t in range(threads)]
@@ -377,8 +402,9 @@ class Load:
         self.results.append(reader_loop(mnt, store, seconds=seconds, seed=seed, stop=self.stop))
 
     def finish(self, timeout: float = 30) -> dict:
-        """Wait for every reader; fail if one hangs. Returns the merged counters."""
-        deadline = time.monotonic() + timeout
+        """Wait for every reader (``timeout`` seconds past the end of its run); fail if one hangs.
+        Returns the merged counters."""
+        deadline = max(time.monotonic(), self.ends) + timeout
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
         hung = [t for t in self.threads if t.is_alive()]

@@ -526,6 +526,7 @@ def _check_split(data: bytes) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")  # Pillow on broken TIFF/EXIF
 def test_split_and_transcode_in_process_full_budget(figures):
     """The full budget for the in-process properties test_scans.py checks with 200 examples,
     with this module's richer mutations (table/scan fields, marker runs, segment shuffles)."""

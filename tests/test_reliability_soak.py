@@ -79,7 +79,7 @@ def test_soak_threads_and_processes_over_all_views(demo_store, mounts, figures, 
                 bytes_wrong=counts["wrong_bytes"], errors=sum(counts["errors"].values()) + stats["errors"]["eio"],
                 max_daemon_rss_mib=round(max(rss) / 2**20, 1),
                 max_daemon_rss_growth_mib=round((late - early) / 2**20, 1))
-    assert counts["wrong_reads"] == 0 and counts["wrong_bytes"] == 0
+    assert counts["wrong_reads"] == 0 and counts["wrong_bytes"] == 0, counts["wrong_samples"]
     assert counts["errors"] == {} and stats["errors"]["eio"] == 0
     assert after["wrong"] == [] and not after["eio"] and not after["other_errors"]
     assert counts["reads"] > 100 * seconds  # the readers really worked
