@@ -194,10 +194,6 @@ class Tmpfs:
         subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True, capture_output=True)
         self.size = size
 
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.path)
-        return st.f_bavail * st.f_frsize
-
     def __exit__(self, *exc) -> None:
         for cmd in (["umount", str(self.path)], ["umount", "-l", str(self.path)]):
             if not _mounted(self.path):
