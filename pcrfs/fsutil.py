@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename:
-    readers see the old file or the whole new one, never a torn one."""
+def write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Write ``data`` (bytes, or chunks written in order without joining them) to
+    ``path`` through a temporary file, fsync and rename: readers see the old file or
+    the whole new one, never a torn one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            f.write(data)
+        else:
+            f.writelines(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -174,12 +174,7 @@ class StoreWriter:
                     chunks.append(e.groups[g])
                     offset += len(e.groups[g])
         rec_path = self.root / fmt.record_name(r)
-        tmp = rec_path.with_name(rec_path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.writelines(chunks)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, rec_path)
+        write_atomic(rec_path, chunks)
         if self.target is not None:
             self.target.upload(fmt.record_name(r), rec_path)
         desc = {
