@@ -1,9 +1,12 @@
 """`pcrfs convert`: an image tree in, a PCR store out; the source is only ever read.
 
-Images are processed in a fixed order (sorted path components) by a thread pool
-(the libjpeg-turbo transform and Pillow release the GIL) and written by one
-writer in that same order, so the store is identical whatever the worker count,
-and a re-run resumes after the last finished record.
+The sorted listing is cut into batches by source bytes (:func:`plan_batches`);
+batch r becomes record r. Locally, images are processed in that order by a thread
+pool (the libjpeg-turbo transform and Pillow release the GIL) and each batch is
+written as a record when its last file is in; on a Dask cluster
+(:mod:`pcrfs.distributed`) each batch is one task. Either way the store is
+identical, whatever the worker count, and a re-run resumes with the records not
+yet finished.
 
 The store may also be a URL (``s3://bucket/prefix``): the conversion then runs
 in a local staging directory and uploads each record as it is finished, the
@@ -21,7 +24,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import yaml
 
@@ -30,6 +33,9 @@ from .remote.fs import RemoteOptions, is_url
 from .store import format as fmt
 from .store.location import RemoteTarget
 from .store.writer import ImageEntry, Problem, StoreWriter
+
+if TYPE_CHECKING:
+    import distributed
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,40 @@ def prepare_remote_target(target: RemoteTarget, overwrite: bool) -> None:
         raise StoreExists(f"{target.url} is not empty and is not a PCR store; refusing to write into it")
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Listing positions [start, end) that become record ``record``; ``nbytes`` of source."""
+    record: int
+    start: int
+    end: int
+    nbytes: int
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start
+
+
+def plan_batches(files: Sequence[SourceFile], record_bytes: int) -> list[Batch]:
+    """Cut the listing into consecutive batches, one per record.
+
+    A batch closes as soon as its *source* bytes reach ``record_bytes`` (at least one
+    file each). Source sizes are known before any work, so a Dask client can hand
+    whole batches to workers, and a local conversion cuts at the same places: both
+    give the same records. Lossless transcoding keeps a JPEG's size within a few
+    percent, so records still come out close to ``record_bytes``.
+    """
+    batches: list[Batch] = []
+    start, acc = 0, 0
+    for i, f in enumerate(files):
+        acc += f.size
+        if acc >= record_bytes:
+            batches.append(Batch(len(batches), start, i + 1, acc))
+            start, acc = i + 1, 0
+    if start < len(files):
+        batches.append(Batch(len(batches), start, len(files), acc))
+    return batches
+
+
 ProgressFn = Callable[[int, int], None]  # (images done, bytes read) increments
 
 
@@ -211,13 +251,18 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
             workers: int | None = None, record_bytes: int = fmt.DEFAULT_RECORD_BYTES, overwrite: bool = False,
             listing: Listing | None = None, on_start: Callable[[int, int], None] | None = None,
             on_progress: ProgressFn | None = None, remote: RemoteOptions = RemoteOptions(),
-            staging_dir: Path | None = None) -> ConvertResult:
+            staging_dir: Path | None = None, client: "distributed.Client | None" = None) -> ConvertResult:
     """Convert the image tree ``src`` into a store at ``store`` (a directory or a URL).
 
     ``on_start(total, already_done)`` and ``on_progress(n, bytes)`` drive a progress bar.
     For a URL, ``remote`` says how to reach it and ``staging_dir`` where the local
     work happens (default: under ``~/.cache/pcrfs``); it is removed when done.
     RemoteError is raised if the object store cannot be used.
+
+    With a Dask ``client`` the batches are converted by the cluster's workers, which
+    must read ``src`` and write ``store`` at the same paths (or the same URL) as this
+    process (see docs/distributed.md); ``workers`` is then unused. The store is the
+    same as a local conversion's.
     """
     src = Path(src)
     if not src.is_dir():
@@ -227,52 +272,38 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
         store = Path(store)
         if _inside(os.path.realpath(store), os.path.realpath(src)):
             raise ValueError("the store must not be inside the source tree (the source is never modified)")
+    if client is not None:
+        # workers open these paths themselves, from their own working directories
+        src = Path(os.path.abspath(src))
+        if target is None:
+            store = Path(os.path.abspath(store))
     t0 = time.monotonic()
     listing = listing or list_sources(src)
+    if client is not None and listing.files and not os.path.isabs(listing.files[0].abs):
+        raise ValueError("a conversion on Dask needs a listing of an absolute source path")
+    fp = fingerprint(listing, opts, record_bytes)
     if target is None:
         try:
             prepare_target(store, overwrite)
         except FinishedButNotCleaned:
-            return _finish_cleanup(store, fingerprint(listing, opts, record_bytes), t0, len(listing.files))
+            return _finish_cleanup(store, fp, t0, len(listing.files))
         writer = StoreWriter(store, record_bytes)
     else:
         prepare_remote_target(target, overwrite)
         writer = StoreWriter(target.staging, record_bytes, target=target)
-    writer.start(fingerprint(listing, opts, record_bytes))
-    start = writer.sources_consumed
-    todo = listing.files[start:]
+    plan = plan_batches(listing.files, record_bytes)
+    writer.start(fp, [(b.start, b.end) for b in plan])
+    todo = [b for b in plan if b.record not in writer.done]
+    resumed = writer.sources_done
     if on_start:
-        on_start(len(listing.files), start)
-    workers = workers or os.cpu_count() or 1
-    window = workers * 4  # bounded in-flight work keeps memory flat whatever the dataset size
-    bytes_in = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pcrfs-convert") as pool:
-        pending: deque[tuple[int, SourceFile, Future]] = deque()
-        it = iter(enumerate(todo, start=start))
-        try:
-            for _ in range(window):
-                pos_sf = next(it, None)
-                if pos_sf is None:
-                    break
-                pending.append((pos_sf[0], pos_sf[1], pool.submit(_process, pos_sf[1], opts)))
-            while pending:
-                pos, sf, fut = pending.popleft()
-                result = fut.result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((nxt[0], nxt[1], pool.submit(_process, nxt[1], opts)))
-                if isinstance(result, Problem):
-                    writer.add_problem(result)
-                else:
-                    writer.add(result, source_end=pos + 1)
-                bytes_in += sf.size
-                if on_progress:
-                    on_progress(1, sf.size)
-        except BaseException:
-            for _, _, fut in pending:
-                fut.cancel()
-            raise
-    writer.finish_sources(len(listing.files))
+        on_start(len(listing.files), resumed)
+    if client is None:
+        bytes_in = _convert_locally(listing.files, todo, writer, opts, workers, on_progress)
+    else:
+        from .distributed import convert_batches
+
+        bytes_in = convert_batches(client, listing.files, todo, writer, opts, str(src),
+                                   target.url if target is not None else str(store), remote, fp, on_progress)
     manifest = writer.finalize({
         "record_target_bytes": record_bytes,
         "options": {"keep_metadata": opts.keep_metadata, "quality": opts.quality,
@@ -284,4 +315,50 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
     return ConvertResult(
         images=manifest["num_images"], bad=report["bad"], skipped=report["skipped"],
         reencoded=report["reencoded"], bytes_in=bytes_in, bytes_out=manifest["total_bytes"],
-        seconds=time.monotonic() - t0, resumed_from=start, manifest=manifest)
+        seconds=time.monotonic() - t0, resumed_from=resumed, manifest=manifest)
+
+
+def _convert_locally(files: list[SourceFile], todo: list[Batch], writer: StoreWriter, opts: TranscodeOptions,
+                     workers: int | None, on_progress: ProgressFn | None) -> int:
+    """Convert the batches ``todo`` in order with a thread pool; returns the source bytes read.
+
+    Files are transcoded ``workers`` at a time (libjpeg-turbo and Pillow release the GIL)
+    but taken in listing order, and each batch is written as a record as soon as its last
+    file is in: the records are the same whatever the worker count.
+    """
+    workers = workers or os.cpu_count() or 1
+    window = workers * 4  # bounded in-flight work keeps memory flat whatever the dataset size
+    jobs = ((b, pos) for b in todo for pos in range(b.start, b.end))
+    bytes_in = 0
+    entries: list[ImageEntry] = []
+    problems: list[Problem] = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pcrfs-convert") as pool:
+        pending: deque[tuple[Batch, int, Future]] = deque()
+
+        def submit_next() -> None:
+            job = next(jobs, None)
+            if job is not None:
+                pending.append((job[0], job[1], pool.submit(_process, files[job[1]], opts)))
+
+        try:
+            for _ in range(window):
+                submit_next()
+            while pending:
+                batch, pos, fut = pending.popleft()
+                result = fut.result()
+                submit_next()
+                if isinstance(result, Problem):
+                    problems.append(result)
+                else:
+                    entries.append(result)
+                if pos == batch.end - 1:
+                    writer.write_record(batch.record, entries, problems, (batch.start, batch.end))
+                    entries, problems = [], []
+                bytes_in += files[pos].size
+                if on_progress:
+                    on_progress(1, files[pos].size)
+        except BaseException:
+            for _, _, fut in pending:
+                fut.cancel()
+            raise
+    return bytes_in

@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Iterable
 
 
-def write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview]) -> None:
+def write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview], unique_tmp: bool = False) -> None:
     """Write ``data`` (bytes, or chunks written in order without joining them) to
     ``path`` through a temporary file, fsync and rename: readers see the old file or
-    the whole new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
+    the whole new one, never a torn one.
+
+    ``unique_tmp`` names the temporary file after this process and a random token, for
+    writers that may race on the same ``path`` (two attempts of one Dask task, on one or
+    several machines sharing the filesystem): each renames its own complete file.
+    """
+    suffix = f".{os.getpid()}-{secrets.token_hex(4)}.tmp" if unique_tmp else ".tmp"
+    tmp = path.with_name(path.name + suffix)
     with open(tmp, "wb") as f:
         if isinstance(data, (bytes, bytearray, memoryview)):
             f.write(data)

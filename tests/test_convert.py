@@ -341,6 +341,88 @@ def test_resume_after_kill_9(tmp_path, demo_src):
         assert len(s) == 96
 
 
+# ----------------------------------------------------------------- the batch plan
+
+
+def test_plan_batches_cuts_by_source_bytes():
+    from pcrfs.convert import SourceFile, plan_batches
+
+    sizes = [50, 60, 10, 200, 5, 5, 5, 99, 1]
+    files = [SourceFile(f"c/{i:02d}.jpg", f"/x/c/{i:02d}.jpg", n, 0) for i, n in enumerate(sizes)]
+    plan = plan_batches(files, 100)
+    assert [(b.start, b.end) for b in plan] == [(0, 2), (2, 4), (4, 8), (8, 9)]
+    assert [b.record for b in plan] == [0, 1, 2, 3]
+    assert [b.nbytes for b in plan] == [110, 210, 114, 1]
+    for b in plan[:-1]:  # every batch but the last reaches the target, and only at its last file
+        assert sum(sizes[b.start:b.end]) >= 100 > sum(sizes[b.start:b.end - 1])
+    assert len(plan_batches(files, 1)) == len(files)  # at least one file per batch
+    assert plan_batches([], 100) == []
+
+
+def test_local_records_follow_the_batch_plan(tmp_path, demo_src):
+    """Record r holds exactly batch r's files: the records a Dask run writes are the same."""
+    from pcrfs.convert import list_sources, plan_batches
+
+    files = list_sources(demo_src).files
+    plan = plan_batches(files, 64 * 1024)
+    convert(demo_src, tmp_path / "s.pcr", record_bytes=64 * 1024, workers=2)
+    with open_store(tmp_path / "s.pcr") as s:
+        records = s.index.records
+        assert len(records) == len(plan) > 10
+        for b, rec in zip(plan, records):
+            assert int(rec["first_image"]) == b.start and int(rec["n_images"]) == b.count
+            assert [s.path(i) for i in range(b.start, b.end)] == [f.rel for f in files[b.start:b.end]]
+            data = (tmp_path / "s.pcr" / fmt.record_name(b.record)).read_bytes()
+            assert data[:fmt.RECORD_HEADER_SIZE] == fmt.record_header(b.record) and len(data) == rec["size"]
+
+
+def test_batch_of_bad_files_only_is_an_empty_record(tmp_path, demo_src):
+    """A batch with no convertible file still becomes its record (0 images): record r stays
+    batch r, and readers and `verify` accept the empty record between full ones."""
+    from pcrfs.store.verify import verify_store
+
+    src = tmp_path / "src"
+    copy_classes(demo_src, src, classes=("cat",), per_class=3)
+    (src / "cat" / "cat_0000b.jpg").write_bytes(b"not a jpeg" * 1000)  # sorts second
+    res = convert(src, tmp_path / "s.pcr", record_bytes=1, workers=2)  # one file per batch
+    assert res.images == 3 and [b["path"] for b in res.bad] == ["cat/cat_0000b.jpg"]
+    with open_store(tmp_path / "s.pcr") as s:
+        assert [int(r["n_images"]) for r in s.index.records] == [1, 0, 1, 1]
+        assert int(s.index.records[1]["size"]) == fmt.RECORD_HEADER_SIZE
+        assert verify_store(s) == []
+        assert s.read("cat/cat_0001.jpg", s.num_groups) == s.read(1, s.num_groups)
+    r = run_cli("verify", "-q", tmp_path / "s.pcr")
+    assert r.exit_code == 0, r.output
+
+
+def test_resume_counts_finished_records_in_any_order(tmp_path, demo_src):
+    """Records need not finish in order (a Dask run does not): every record with a valid
+    description and its file in place is kept; the gaps are converted."""
+    ref = tmp_path / "ref.pcr"
+    convert(demo_src, ref, record_bytes=128 * 1024, workers=2)
+    out = tmp_path / "gaps.pcr"
+    seen = 0
+
+    def bomb(n, nbytes):
+        nonlocal seen
+        seen += n
+        if seen == 40:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        convert(demo_src, out, record_bytes=128 * 1024, workers=2, on_progress=bomb)
+    partial = out / fmt.PARTIAL_DIR
+    described = sorted(int(p.stem) for p in partial.glob("[0-9]*.json"))
+    assert len(described) >= 3
+    (partial / "00001.json").unlink()                        # a hole: record 1 is redone
+    (out / fmt.record_name(described[-1])).write_bytes(b"x")  # wrong size: redone
+    kept = [json.loads((partial / f"{r:05d}.json").read_text()) for r in described if r not in (1, described[-1])]
+    res = convert(demo_src, out, record_bytes=128 * 1024, workers=1)
+    assert res.resumed_from == sum(d["sources"][1] - d["sources"][0] for d in kept) > 0
+    assert store_files(out) == store_files(ref)
+    assert manifest(out) == manifest(ref)
+
+
 # ----------------------------------------------------------------- refusals
 
 

@@ -1,10 +1,12 @@
 """Writing a store: group-major record files, resumable, finalized atomically.
 
-A conversion appends images in index order. Each finished record is written to
-``records/NNNNN.pcr`` and then described in ``.partial/NNNNN.json``; only a record
-with both is considered done, so ``kill -9`` at any point loses at most the record
-in progress. ``finalize`` writes the index, the report and, last of all, the
-manifest: a store without ``pcr.yaml`` is never readable as complete.
+A conversion is cut into batches of source files (``pcrfs.convert.plan_batches``);
+batch r becomes record r. Each finished record is written to ``records/NNNNN.pcr``
+and then described in ``.partial/NNNNN.json``; only a record with both is
+considered done, in whatever order records finish (a Dask cluster finishes them out
+of order), so ``kill -9`` at any point loses at most the records in progress.
+``finalize`` writes the index, the report and, last of all, the manifest: a store
+without ``pcr.yaml`` is never readable as complete.
 
 With a :class:`~pcrfs.store.location.RemoteTarget` the writer works in a local
 staging directory and uploads as it goes: each record right after it is
@@ -17,10 +19,11 @@ import datetime
 import json
 import os
 import shutil
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import yaml
@@ -62,10 +65,54 @@ class Problem:
         return {"path": self.path, "reason": self.reason, "kind": self.kind}
 
 
+def build_record(record: int, entries: Sequence[ImageEntry], problems: Sequence[Problem] = (),
+                 sources: tuple[int, int] | None = None) -> tuple[list, dict]:
+    """Record ``record`` holding ``entries``: its bytes (as chunks, header first) and its description.
+
+    Pure: the local writer and a Dask task (pcrfs.distributed) build records with it, so
+    both give the same bytes. The description is what ``.partial/NNNNN.json`` holds and
+    what ``finalize`` turns into index rows: per image its name, source size and mtime,
+    flags, group lengths and CRCs; the record's size and group region offsets; the
+    problems of its batch; and ``sources``, the listing positions [start, end) the record
+    was made from (a resumed conversion checks them against its own batch plan).
+    The record's first image number is not in it: that follows from the records before
+    it, which a Dask task does not know; ``finalize`` derives it.
+    """
+    n_groups = max((len(e.groups) for e in entries), default=0)
+    chunks: list = [fmt.record_header(record)]
+    offset = fmt.RECORD_HEADER_SIZE
+    group_offsets = []
+    # group-major: group 1 of every image, then group 2 of every image, ...
+    for g in range(n_groups):
+        group_offsets.append(offset)
+        for e in entries:
+            if g < len(e.groups):
+                chunks.append(e.groups[g])
+                offset += len(e.groups[g])
+    desc = {
+        "record": record,
+        "n_images": len(entries),
+        "size": offset,
+        "group_offsets": group_offsets,
+        "sources": list(sources) if sources is not None else None,
+        "images": [[e.path, e.src_size, e.src_mtime_ns, e.flags,
+                    [len(g) for g in e.groups], e.crcs] for e in entries],
+        "problems": [p.as_dict() for p in problems],
+    }
+    return chunks, desc
+
+
+class RecordNotVisible(RuntimeError):
+    """A record that a Dask worker reported written is not where the client looks for it."""
 
 
 class StoreWriter:
-    """Builds a store in ``root``; call ``add`` in index order, then ``finalize``."""
+    """Builds a store in ``root``: ``start``, then records (in any order), then ``finalize``.
+
+    Records come from :meth:`write_record` (built and written here), from
+    :meth:`record_written` (built and written by a Dask worker), or from the streaming
+    :meth:`add` for producers without a batch plan (tests, synthetic stores).
+    """
 
     def __init__(self, root: Path, record_bytes: int = fmt.DEFAULT_RECORD_BYTES,
                  target: "RemoteTarget | None" = None) -> None:
@@ -74,27 +121,27 @@ class StoreWriter:
         self.record_bytes = record_bytes
         self.partial = self.root / fmt.PARTIAL_DIR
         self.records_dir = self.root / fmt.RECORDS_DIR
+        self.plan: list[tuple[int, int]] | None = None
+        self.done: dict[int, dict] = {}  # descriptions of finished records, by record id
         self._pending: list[ImageEntry] = []
         self._pending_bytes = 0
         self._pending_problems: list[Problem] = []
-        self.done: list[dict] = []  # descriptions of finished records, in order
+        self._stream_start = 0
 
     # ---- state ---------------------------------------------------------------
 
     @property
-    def next_record(self) -> int:
-        return len(self.done)
+    def sources_done(self) -> int:
+        """How many source files the finished records account for."""
+        return sum(d["sources"][1] - d["sources"][0] for d in self.done.values() if d.get("sources"))
 
-    @property
-    def sources_consumed(self) -> int:
-        """How many source files (in listing order) finished records account for."""
-        return self.done[-1]["source_end"] if self.done else 0
-
-    def start(self, fingerprint: str) -> None:
+    def start(self, fingerprint: str, plan: Sequence[tuple[int, int]] | None = None) -> None:
         """Create the store directories or resume an unfinished conversion.
 
         ``fingerprint`` identifies the source listing and options; resuming with a
-        different one would mix two conversions, so it is refused.
+        different one would mix two conversions, so it is refused. ``plan`` gives the
+        listing range [start, end) of every record; a finished record from an earlier
+        run counts only if its description names the same range.
         """
         self.partial.mkdir(parents=True, exist_ok=True)
         self.records_dir.mkdir(parents=True, exist_ok=True)
@@ -108,43 +155,109 @@ class StoreWriter:
                 )
         else:
             write_atomic(state, json.dumps({"fingerprint": fingerprint}).encode())
+        self.plan = [tuple(b) for b in plan] if plan is not None else None
         self._load_done()
 
     def _load_done(self) -> None:
-        self.done = []
-        while True:
-            r = len(self.done)
-            desc = self.partial / f"{r:05d}.json"
-            if not desc.exists():
-                break
-            try:
-                d = json.loads(desc.read_text())
-            except ValueError:
-                break  # torn description: redo this record
-            if not self._record_in_place(r, d["size"]):
-                break
-            self.done.append(d)
-        # Anything past the last complete record is a leftover of the interrupted run.
+        """Every record whose description is valid and whose file is in place is done, in
+        any order (Dask finishes records out of order); everything else is redone."""
+        self.done = {}
+        for desc in sorted(self.partial.glob("[0-9]*.json")):
+            stem = desc.name[:-len(".json")]
+            if not stem.isdigit():
+                continue
+            d = self._valid_description(int(stem), desc)
+            if d is not None:
+                self.done[int(stem)] = d
+        self.remove_leftovers()
+        # a streaming producer (add) continues after the records it already finished
+        self._stream_start = max((d["sources"][1] for d in self.done.values() if d.get("sources")), default=0)
+
+    def _valid_description(self, r: int, path: Path) -> dict | None:
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # torn description: redo this record
+        if not isinstance(d, dict) or d.get("record") != r or "size" not in d:
+            return None
+        if self.plan is not None and (r >= len(self.plan) or d.get("sources") != list(self.plan[r])):
+            return None  # made from other batch boundaries (an older pcrfs): redo
+        if not self._record_in_place(r, d["size"]):
+            return None
+        return d
+
+    def remove_leftovers(self) -> None:
+        """Delete what no finished record accounts for: records without a description,
+        temporary files of interrupted writes (ours, or of a Dask attempt on a worker that
+        died) and torn descriptions. Called at start and again before finalizing."""
+        keep = {fmt.record_name(r).rsplit("/", 1)[1] for r in self.done}
         for p in self.records_dir.iterdir():
-            stem = p.name.split(".")[0]
-            if not stem.isdigit() or int(stem) >= len(self.done) or p.name.endswith(".tmp"):
-                p.unlink()
-        for p in self.partial.glob("[0-9]*.json*"):
-            stem = p.name.split(".")[0]
-            if int(stem) >= len(self.done) or p.name.endswith(".tmp"):
-                p.unlink()
+            if p.name not in keep and not p.is_dir():
+                p.unlink(missing_ok=True)
+        keep_desc = {f"{r:05d}.json" for r in self.done} | {"state.json"}
+        for p in self.partial.iterdir():
+            if p.name not in keep_desc and not p.is_dir():
+                p.unlink(missing_ok=True)
 
     def _record_in_place(self, r: int, size: int) -> bool:
         """True if record ``r`` is where it belongs (local store, or uploaded) with ``size`` bytes."""
         if self.target is not None:
             return self.target.size(fmt.record_name(r)) == size
         rec = self.root / fmt.record_name(r)
-        return rec.exists() and rec.stat().st_size == size
+        try:
+            return rec.stat().st_size == size
+        except FileNotFoundError:
+            return False
 
-    # ---- adding images -----------------------------------------------------
+    # ---- adding records ------------------------------------------------------
+
+    def write_record(self, record: int, entries: Sequence[ImageEntry], problems: Sequence[Problem] = (),
+                     sources: tuple[int, int] | None = None) -> dict:
+        """Build record ``record``, write it (upload it for a remote store), then describe it."""
+        chunks, desc = build_record(record, entries, problems, sources)
+        rec_path = self.root / fmt.record_name(record)
+        write_atomic(rec_path, chunks)
+        if self.target is not None:
+            self.target.upload(fmt.record_name(record), rec_path)
+        self._describe(desc)
+        if self.target is not None:
+            rec_path.unlink()  # uploaded and described: the staging copy is no longer needed
+        return desc
+
+    def record_written(self, desc: dict, wait: float = 15.0) -> None:
+        """Count a record that someone else (a Dask worker) built and wrote as done.
+
+        The record must be visible here with the described size before its description
+        is written; a shared filesystem may show another machine's new file a little
+        late, so it is looked for during ``wait`` seconds before RecordNotVisible.
+        """
+        r, size = desc["record"], desc["size"]
+        deadline = time.monotonic() + wait
+        delay = 0.05
+        while not self._record_in_place(r, size):
+            if time.monotonic() >= deadline:
+                where = f"{self.target.url}/{fmt.record_name(r)}" if self.target else str(self.root / fmt.record_name(r))
+                raise RecordNotVisible(
+                    f"record {r} was written by a worker but {where} is missing or not {size} bytes here: "
+                    "workers must write the store at the same path as this client (a shared filesystem) "
+                    "or to an object store URL")
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
+        self._describe(desc)
+
+    def _describe(self, desc: dict) -> None:
+        write_atomic(self.partial / f"{desc['record']:05d}.json", json.dumps(desc).encode())
+        self.done[desc["record"]] = desc
+
+    # ---- streaming (no batch plan) -------------------------------------------
 
     def add(self, entry: ImageEntry, source_end: int) -> None:
-        """Append an image; ``source_end`` is the listing position after it."""
+        """Append an image; a record is closed when its *output* bytes reach ``record_bytes``.
+
+        For producers without a source listing to plan batches from (tests, synthetic
+        stores); ``pcrfs convert`` writes whole batches with :meth:`write_record`.
+        ``source_end`` is the listing position after the image.
+        """
         self._pending.append(entry)
         self._pending_bytes += entry.nbytes
         if self._pending_bytes >= self.record_bytes:
@@ -159,52 +272,29 @@ class StoreWriter:
             self._flush(source_end)
 
     def _flush(self, source_end: int) -> None:
-        r = self.next_record
-        first_image = sum(d["n_images"] for d in self.done)
-        entries = self._pending
-        n_groups = max((len(e.groups) for e in entries), default=0)
-        chunks: list = [fmt.record_header(r)]
-        offset = fmt.RECORD_HEADER_SIZE
-        group_offsets = []
-        # group-major: group 1 of every image, then group 2 of every image, ...
-        for g in range(n_groups):
-            group_offsets.append(offset)
-            for e in entries:
-                if g < len(e.groups):
-                    chunks.append(e.groups[g])
-                    offset += len(e.groups[g])
-        rec_path = self.root / fmt.record_name(r)
-        write_atomic(rec_path, chunks)
-        if self.target is not None:
-            self.target.upload(fmt.record_name(r), rec_path)
-        desc = {
-            "record": r,
-            "first_image": first_image,
-            "n_images": len(entries),
-            "size": offset,
-            "group_offsets": group_offsets,
-            "source_end": source_end,
-            "images": [[e.path, e.src_size, e.src_mtime_ns, e.flags,
-                        [len(g) for g in e.groups], e.crcs] for e in entries],
-            "problems": [p.as_dict() for p in self._pending_problems],
-        }
-        write_atomic(self.partial / f"{r:05d}.json", json.dumps(desc).encode())
-        if self.target is not None:
-            rec_path.unlink()  # uploaded and described: the staging copy is no longer needed
-        self.done.append(desc)
+        record = max(self.done, default=-1) + 1
+        self.write_record(record, self._pending, self._pending_problems, (self._stream_start, source_end))
+        self._stream_start = source_end
         self._pending, self._pending_bytes, self._pending_problems = [], 0, []
 
     # ---- finalization ------------------------------------------------------
 
     def problems(self) -> list[dict]:
-        return [p for d in self.done for p in d["problems"]]
+        return [p for r in sorted(self.done) for p in self.done[r]["problems"]]
 
-    def finalize(self, manifest_extra: dict, extra_problems: list[Problem] = ()) -> dict:
+    def finalize(self, manifest_extra: dict, extra_problems: Sequence[Problem] = ()) -> dict:
         """Write index, report and manifest (last); remove the partial state.
 
+        Every record of the plan (without a plan: 0 .. the highest written) must be done.
         ``extra_problems`` (found while listing the source) join the report.
         """
-        rows = [row for d in self.done for row in d["images"]]
+        n_records = len(self.plan) if self.plan is not None else max(self.done, default=-1) + 1
+        missing = [r for r in range(n_records) if r not in self.done]
+        if missing or len(self.done) != n_records:
+            raise RuntimeError(f"cannot finalize {self.root}: records {missing[:10]} are not finished")
+        self.remove_leftovers()  # temporary files of attempts that died: never part of a store
+        done = [self.done[r] for r in range(n_records)]
+        rows = [row for d in done for row in d["images"]]
         n = len(rows)
         n_groups = max((len(row[4]) for row in rows), default=0)
         images = np.zeros(n, dtype=fmt.IMAGE_DTYPE)
@@ -214,10 +304,12 @@ class StoreWriter:
             images[i] = (size, mtime, len(lens), flags)
             lengths[i, :len(lens)] = lens
             crcs[i, :len(cs)] = cs
-        records = np.zeros(len(self.done), dtype=fmt.RECORD_DTYPE)
-        rec_offsets = np.zeros((len(self.done), n_groups), dtype=fmt.OFFSET_DTYPE)
-        for r, d in enumerate(self.done):
-            records[r] = (d["first_image"], d["n_images"], d["size"])
+        records = np.zeros(n_records, dtype=fmt.RECORD_DTYPE)
+        rec_offsets = np.zeros((n_records, n_groups), dtype=fmt.OFFSET_DTYPE)
+        first_image = 0
+        for r, d in enumerate(done):
+            records[r] = (first_image, d["n_images"], d["size"])
+            first_image += d["n_images"]
             go = d["group_offsets"] + [d["size"]] * (n_groups - len(d["group_offsets"]))
             rec_offsets[r] = go
         paths = [row[0] for row in rows]
@@ -229,7 +321,7 @@ class StoreWriter:
         upload = None
         if self.target is not None:
             for stale in self.target.record_ids():  # left by an earlier, abandoned conversion
-                if stale >= len(self.done):
+                if stale >= n_records:
                     self.target.remove(fmt.record_name(stale))
             upload = lambda name: self.target.upload(name, self.root / name)  # noqa: E731
         manifest = publish(self.root, index, problems, manifest_extra, upload=upload)
