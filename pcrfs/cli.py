@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -66,9 +67,14 @@ def main() -> None:
               help="Exit 0 even if some files could not be converted (they are listed in the report).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at STORE.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--dask", "use_dask", is_flag=True,
+              help="Convert on a Dask LocalCluster of -j worker processes on this machine (pip install 'pcrfs[dask]').")
+@click.option("--scheduler", metavar="ADDR", default=None,
+              help="Convert on the Dask cluster at ADDR (e.g. tcp://host:8786). Workers must read SRC and "
+                   "write STORE at the same path (shared filesystem) or URL; see docs/distributed.md.")
 @endpoint_option
 def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep_metadata, max_pixels,
-            skip_bad, overwrite, quiet, endpoint_url) -> None:
+            skip_bad, overwrite, quiet, use_dask, scheduler, endpoint_url) -> None:
     """Convert the image tree SRC into a PCR store at STORE.
 
     SRC is an image tree such as torchvision's ImageFolder layout (class/img.jpg);
@@ -83,7 +89,13 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     STORE may be a URL such as s3://bucket/prefix (the bucket must exist): the
     conversion then runs in a staging directory under ~/.cache/pcrfs, uploads each
     record as it is finished and the manifest last.
+
+    With --dask or --scheduler each record-sized batch of SRC is converted by a Dask
+    task that writes its record straight into STORE; the store is the same as a local
+    conversion's, and interrupted runs resume the same way.
     """
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
     from .convert import StoreExists, convert as run_convert, list_sources
@@ -91,6 +103,20 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     from .jpeg.turbojpeg import TurboJPEGUnavailable
     from .remote.fs import RemoteError, RemoteOptions, is_url
     from .store.writer import ResumeMismatch
+
+    if use_dask and scheduler:
+        raise click.UsageError("--dask and --scheduler are mutually exclusive")
+    on_dask = use_dask or bool(scheduler)
+    if on_dask:
+        from .distributed import DaskUnavailable, require_dask
+        try:
+            require_dask()
+        except DaskUnavailable as e:
+            _fail(str(e))
+        # workers open SRC and STORE themselves: give them paths that do not depend on our cwd
+        src = Path(os.path.abspath(src))
+        if not is_url(store):
+            store = os.path.abspath(store)
 
     report_path = f"{store.rstrip('/')}/report.json" if is_url(store) else str(Path(store) / "report.json")
 
@@ -116,10 +142,17 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
             elapsed = bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix_str(f"{bar.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
 
+    cluster = nullcontext(None)
+    if on_dask:
+        from .distributed import dask_client
+        cluster = dask_client(scheduler, n_workers=workers)
     try:
-        result = run_convert(src, store, opts=opts, workers=workers, record_bytes=record_size,
-                             overwrite=overwrite, listing=listing, on_start=on_start, on_progress=on_progress,
-                             remote=RemoteOptions(endpoint_url=endpoint_url))
+        with cluster as client:
+            if client is not None:
+                _describe_cluster(client)
+            result = run_convert(src, store, opts=opts, workers=workers, record_bytes=record_size,
+                                 overwrite=overwrite, listing=listing, on_start=on_start, on_progress=on_progress,
+                                 remote=RemoteOptions(endpoint_url=endpoint_url), client=client)
     except KeyboardInterrupt:
         if bar:
             bar.close()
@@ -131,6 +164,16 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
             _fail(f"no space left on the device holding {store}; free some and run the same command "
                   "again to resume (finished records are kept)")
         _fail(f"{e.filename or store}: {e.strerror or e}")
+    except Exception as e:  # noqa: BLE001
+        if not on_dask:
+            raise
+        from .distributed import ClusterUnavailable
+        if isinstance(e, ClusterUnavailable):
+            _fail(str(e))
+        # the cluster's own failures (unreachable scheduler, a task that kept killing its
+        # workers, a worker that cannot see SRC or STORE): one line, and the store resumes
+        _fail(f"the conversion on Dask failed: {type(e).__name__}: {e}; finished records are kept, "
+              "run the same command again to resume")
     finally:
         if bar:
             bar.close()
@@ -147,6 +190,16 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     if result.bad and not skip_bad:
         _fail(f"{len(result.bad)} file(s) could not be converted (see {report_path}); "
               "the store holds the others. Use --skip-bad to accept this.")
+
+
+def _describe_cluster(client) -> None:
+    """The dashboard link and the cluster's size, before the progress bar takes the terminal."""
+    workers = client.scheduler_info().get("workers", {})
+    threads = sum(w.get("nthreads", 0) for w in workers.values())
+    if "dashboard" in client.scheduler_info().get("services", {}):
+        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
+    click.echo(f"Dask cluster at {client.scheduler.address}: {len(workers)} workers, {threads} threads"
+               + ("" if workers else " (tasks wait until workers connect)"), err=True)
 
 
 @main.command()
