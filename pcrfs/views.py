@@ -48,14 +48,12 @@ class View:
         """Scan groups served for ``image`` in this view."""
         return self.k if self.ks is None else int(self.ks[image])
 
-    def sizes(self, listing: "Listing") -> list[int]:
+    def sizes(self, listing: "Listing") -> np.ndarray:
         """Sizes of a listing's files in this view (one vectorized gather)."""
-        if not len(listing.names):
-            return []
         if self.ks is None:
-            return listing.sizes[:, self.k - 1].tolist()
+            return listing.sizes[:, self.k - 1]
         cols = self.ks[listing.images].astype(np.intp) - 1
-        return listing.sizes[np.arange(len(cols)), cols].tolist()
+        return listing.sizes[np.arange(len(cols)), cols]
 
 
 class Attr(NamedTuple):
@@ -72,47 +70,46 @@ class Attr(NamedTuple):
 
 
 class DirEntries(Sequence):
-    """A directory's entries as columns, so the FUSE adapter can fill a listing
-    without one Python object per entry; indexing still gives ``(name, Attr)``."""
+    """A directory's entries: a few named ones (subdirectories, the views) as
+    ``(name, Attr)`` rows, then its files as columns, so a listing of thousands
+    of files costs no Python object per file until someone asks for one.
+    Indexing gives ``(name, Attr)`` for every entry alike."""
 
-    __slots__ = ("names", "modes", "sizes", "mtimes", "inos", "nlinks")
+    __slots__ = ("named", "file_names", "file_sizes", "file_mtimes", "file_inos")
 
     def __init__(self) -> None:
-        self.names: list[str] = []
-        self.modes: list[int] = []
-        self.sizes: list[int] = []
-        self.mtimes: list[int] = []
-        self.inos: list[int] = []
-        self.nlinks: list[int] = []
+        self.named: list[tuple[str, Attr]] = []
+        self.file_names: list[bytes] = []  # raw (encoded) names, as the kernel gets them
+        self.file_sizes = _EMPTY
+        self.file_mtimes = _EMPTY
+        self.file_inos = _EMPTY
 
     def add(self, name: str, a: Attr) -> None:
-        self.names.append(name)
-        self.modes.append(a.mode)
-        self.sizes.append(a.size)
-        self.mtimes.append(a.mtime_ns)
-        self.inos.append(a.ino)
-        self.nlinks.append(a.nlink)
+        self.named.append((name, a))
 
-    def add_files(self, names: list[str], sizes: list[int], mtimes: list[int], inos: list[int]) -> None:
-        self.names += names
-        self.sizes += sizes
-        self.mtimes += mtimes
-        self.inos += inos
-        self.modes += [FILE_MODE] * len(names)
-        self.nlinks += [1] * len(names)
+    def set_files(self, names: list[bytes], sizes: np.ndarray, mtimes: np.ndarray, inos: np.ndarray) -> None:
+        self.file_names, self.file_sizes, self.file_mtimes, self.file_inos = names, sizes, mtimes, inos
 
-    def extend(self, other: "DirEntries") -> None:
-        for col in self.__slots__:
-            getattr(self, col).extend(getattr(other, col))
+    def raw_names(self) -> list[bytes]:
+        """Every entry's name as bytes, in order."""
+        return [fmt.encode_path(name) for name, _ in self.named] + self.file_names
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.named) + len(self.file_names)
 
     def __getitem__(self, pos):
         if isinstance(pos, slice):
             return [self[j] for j in range(*pos.indices(len(self)))]
-        return self.names[pos], Attr(self.modes[pos], self.sizes[pos], self.mtimes[pos], self.inos[pos],
-                                     self.nlinks[pos])
+        if pos < 0:
+            pos += len(self)
+        if pos < len(self.named):
+            return self.named[pos]
+        j = pos - len(self.named)
+        return fmt.decode_path(self.file_names[j]), Attr(FILE_MODE, int(self.file_sizes[j]),
+                                                         int(self.file_mtimes[j]), int(self.file_inos[j]))
+
+
+_EMPTY = np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -136,19 +133,51 @@ Node = Union[DirNode, FileNode, StatsNode]
 
 
 class Listing:
-    """One source directory: subdirectories, files (name -> image) and, for
-    ``readdir``, the files' sizes at every fidelity computed in one vectorized step."""
+    """One source directory: subdirectories, files and, for ``readdir``, the
+    files' sizes at every fidelity computed in one vectorized step.
 
-    __slots__ = ("subdirs", "files", "names", "images", "sizes", "mtimes")
+    File names are kept as the raw bytes the kernel wants; the ``name -> image``
+    map that path lookups need is built on the first lookup, so a bare walk
+    (``os.walk``, ImageFolder) never pays for it."""
 
-    def __init__(self, subdirs: dict[str, int], names: list[str], images: np.ndarray,
-                 sizes: np.ndarray, mtimes: list[int]) -> None:
+    __slots__ = ("subdirs", "raw_names", "images", "sizes", "mtimes", "_files")
+
+    def __init__(self, subdirs: dict[str, int], raw_names: list[bytes], images: np.ndarray,
+                 sizes: np.ndarray, mtimes: np.ndarray) -> None:
         self.subdirs = subdirs
-        self.names = names
+        self.raw_names = raw_names
         self.images = images          # image index of each file, in name order
-        self.files = dict(zip(names, images.tolist()))
         self.sizes = sizes            # int64[n_files, G]: size of the file in view scanK at [:, K-1]
-        self.mtimes = mtimes
+        self.mtimes = mtimes          # int64[n_files]
+        self._files: dict[str, int] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [fmt.decode_path(raw) for raw in self.raw_names]
+
+    @property
+    def files(self) -> dict[str, int]:
+        """name -> image index (built once, on first use; a racing second build is harmless)."""
+        files = self._files
+        if files is None:
+            files = self._files = dict(zip(self.names, self.images.tolist()))
+        return files
+
+
+def split_names(blob: bytes, rel: list[int], prefix: bytes) -> list[bytes]:
+    """The names of consecutive paths ``prefix + name`` stored back to back in ``blob``
+    (path j is ``blob[rel[j]:rel[j+1]]``), all direct children of one directory.
+
+    The fast way is one ``replace`` + ``split``: names contain no ``/`` and the prefix
+    ends with one, so every match of the prefix is a real one. The slicing
+    fallback covers the root directory (no prefix) and double-checks the count."""
+    n = len(rel) - 1
+    if prefix:
+        names = blob.replace(prefix, b"/").split(b"/")[1:]
+        if len(names) == n:
+            return names
+    p = len(prefix)
+    return [blob[rel[j] + p:rel[j + 1]] for j in range(n)]
 
 
 class ViewCounters:
@@ -226,24 +255,18 @@ class ViewTree:
             if a > pos:
                 spans.append((pos, a))
             pos = max(pos, b)
-        prefix_len = len(fmt.encode_path(name)) + 1 if name else 0
+        prefix = fmt.encode_path(name) + b"/" if name else b""
         index = self.store.index
-        names: list[str] = []
+        names: list[bytes] = []
         for a, b in spans:
-            # one slice of the path blob per span, split in Python: no per-file numpy access
+            # one slice of the path blob per span, split in C: no per-file numpy access
             offs = index.paths.offsets[a:b + 1]
             base = int(offs[0])
-            blob = index.paths.raw_span(base, int(offs[-1]))
-            rel = (offs - base).tolist()
-            if blob.isascii():  # the common case: decode the span once, slice str by byte offsets
-                text = blob.decode("ascii")
-                names.extend(text[rel[j] + prefix_len:rel[j + 1]] for j in range(b - a))
-            else:
-                names.extend(fmt.decode_path(blob[rel[j] + prefix_len:rel[j + 1]]) for j in range(b - a))
+            names += split_names(index.paths.raw_span(base, int(offs[-1])), (offs - base).tolist(), prefix)
         images = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.zeros(0, np.int64)
         lengths = np.asarray(index.group_lengths[images], dtype=np.int64)
         sizes = np.cumsum(lengths, axis=1) + len(EOI_BYTES)
-        mtimes = np.asarray(index.images["src_mtime_ns"][images]).tolist()
+        mtimes = np.asarray(index.images["src_mtime_ns"][images], dtype=np.int64)
         return Listing(subdirs, names, images, sizes, mtimes)
 
     # ---- resolution ------------------------------------------------------------
@@ -323,8 +346,7 @@ class ViewTree:
         for name, d in listing.subdirs.items():
             out.add(name, self.attr(DirNode(view, d)))
         base = self._ino(view, 1 + len(self._dir_names))
-        inos = (listing.images + base).tolist() if len(listing.names) else []
-        out.add_files(listing.names, view.sizes(listing), listing.mtimes, inos)
+        out.set_files(listing.raw_names, view.sizes(listing), listing.mtimes, listing.images + base)
         return out
 
     # ---- reading -----------------------------------------------------------------

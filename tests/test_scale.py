@@ -74,3 +74,35 @@ def test_walk_whole_view_counts_every_file_with_bounded_memory(scale_mount):
     assert files == N
     rss_mb = psutil.Process(pid).memory_info().rss / 2**20
     assert rss_mb < 300, f"daemon RSS {rss_mb:.0f} MiB after listing {N} entries"
+
+
+def test_listing_attributes_follow_their_use(scale_store, tmp_path_factory):
+    """Readdirplus attributes go with every listed file while callers stat what they
+    list (ls -l), and only with the first few files of a listing after a bare walk,
+    which never looks at them (each costs the kernel an inode)."""
+    import json
+
+    mounts = Mounts(tmp_path_factory.mktemp("attrs-mnt"))
+    try:
+        mnt = Path(mounts.mount(scale_store, "m").mountpoint)
+        classes = pcrfs.open_store(scale_store).classes
+
+        stats_file = mnt / ".pcrfs" / "stats"
+
+        def attr_requests() -> int:
+            return json.loads(stats_file.read_bytes())["attr_requests"]
+
+        def ls_l(view: str, cls: str) -> int:
+            os.stat(mnt / view / cls)  # the directory's own lookup is not what is measured
+            before = attr_requests()
+            sizes = [e.stat().st_size for e in os.scandir(mnt / view / cls)]  # readdir, stat each as it comes
+            assert len(sizes) == 1000 and all(sizes)
+            return attr_requests() - before
+
+        assert ls_l("scan3", classes[1]) == 0  # every file came with its attributes
+        assert sum(len(f) for _, _, f in os.walk(mnt / "scan4")) == N  # a bare walk: names only
+        after_walk = ls_l("scan5", classes[2])
+        assert 0 < after_walk <= 1000 - 64  # the first files had attributes, the rest were looked up
+        assert ls_l("scan6", classes[3]) == 0  # stat-ing callers are back: attributes for all again
+    finally:
+        mounts.cleanup()
