@@ -17,6 +17,12 @@ because a shared machine is noisy):
              group-major record files in Python. A thread pool of W workers.
   bare       ``pcrfs.jpeg.turbojpeg.to_progressive`` over bytes already in memory, a
              ThreadPool of W: no reading, splitting, checksums or writing. The floor.
+  daskN      ``convert(src, store, client=...)`` on a Dask LocalCluster of N worker
+             processes (one thread each; ``--dask-workers 1,2``): one task per record
+             batch (``--dask-record-size``, default 8M, so a small set still makes
+             enough tasks). Cluster startup is timed apart and not in the rate; CPU
+             counts the client and the worker processes. Needs ``pcrfs[dask]``
+             (skipped with a note without it, or with ``--dask-workers ''``).
 
 All three produce the same JPEG bytes (checked): pcrfs stores each image's scan
 groups without the 2-byte EOI, so pcrfs bytes + 2 * images == sum of jpegtran outputs.
@@ -26,6 +32,7 @@ Usage (from the repository root):
     python3 tools/bench_convert.py                      # ~2000 demo photos, all cores
     python3 tools/bench_convert.py --images 500 --rounds 5 --workers 1
     python3 tools/bench_convert.py --src /data/photos   # reuse (or create) a photo set
+    python3 tools/bench_convert.py --rounds 1 --dask-workers 1,2 --no-breakdown   # quick
 
 Writes results/bench_convert.json and results/bench_convert.png (needs matplotlib;
 without it the plot is skipped with a note).
@@ -305,6 +312,49 @@ def run_bare(datas: list[bytes], workers: int) -> dict:
     return {"seconds": dt, "images": len(outs), "bytes_out": sum(len(o) for o in outs), "outs": outs}
 
 
+def _worker_cpu(client) -> float:
+    """User+system CPU seconds of all the cluster's worker processes so far."""
+    return sum(t[0] + t[1] for t in client.run(os.times).values())
+
+
+def run_dask(src: Path, out: Path, n_workers: int, record_bytes: int) -> dict:
+    """``convert`` on a fresh LocalCluster of ``n_workers`` processes; startup timed apart.
+
+    ``seconds``, ``cpu_seconds`` (client + workers) and ``busy_seconds`` (the whole
+    machine, for the noise estimate) cover the conversion only.
+    """
+    from distributed import Client, LocalCluster
+
+    t0 = time.perf_counter()
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    try:
+        with Client(cluster) as client:
+            client.run(lambda: None)  # every worker up and answering
+            startup = time.perf_counter() - t0
+            store = out / "store"
+            w0, c0, b0 = _worker_cpu(client), os.times(), machine_busy_seconds()
+            t1 = time.perf_counter()
+            res = convert(src, store, record_bytes=record_bytes, client=client)
+            dt = time.perf_counter() - t1
+            w1, c1, b1 = _worker_cpu(client), os.times(), machine_busy_seconds()
+    finally:
+        cluster.close()
+    if res.bad or res.skipped:
+        raise RuntimeError(f"pcrfs on Dask reported problems: {res.bad[:3]} {res.skipped[:3]}")
+    return {"seconds": dt, "images": res.images, "bytes_out": res.bytes_out, "store": store,
+            "startup_seconds": startup, "records": res.manifest["num_records"],
+            "cpu_seconds": (w1 - w0) + (c1[0] + c1[1]) - (c0[0] + c0[1]),
+            "busy_seconds": None if b0 is None else b1 - b0}
+
+
+def check_dask_store(pcrfs_store: Path, dask_store: Path) -> bool:
+    """The image part of the index (names, sizes, group lengths and CRCs) does not depend on
+    record boundaries: it must be byte-identical to the local conversion's."""
+    same = ("images.npy", "group_lengths.npy", "group_crc32.npy", "paths.bin", "path_offsets.npy")
+    return all((pcrfs_store / fmt.INDEX_DIR / f).read_bytes() == (dask_store / fmt.INDEX_DIR / f).read_bytes()
+               for f in same)
+
+
 # ---- a serial stage breakdown of pcrfs (where the time goes) --------------------------
 
 def stage_breakdown(src: Path, out: Path, limit: int) -> dict:
@@ -491,20 +541,25 @@ def plot(result: dict, path: Path) -> str | None:
               "bare": "bare tjTransform\n(in memory, floor)"}
     colors = {"pcrfs": "#2a7ab0", "reference": "#b0b0b0", "bare": "#6a6a6a"}
     m = result["methods"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
+    ways = [k for k in m if k in METHODS or k.startswith("dask")]
+    for k in ways:
+        if k.startswith("dask"):
+            labels[k] = f"pcrfs on Dask\n{k[4:]} worker\nprocess{'es' if k[4:] != '1' else ''}"
+            colors[k] = "#7fb8de"
+    fig, axes = plt.subplots(1, 3, figsize=(14 + 1.6 * (len(ways) - len(METHODS)), 4.6))
     for ax, key, unit in ((axes[0], "images_per_s", "images/s (higher is better)"),
                           (axes[1], "mb_per_s", "MB/s of source JPEG (higher is better)"),
                           (axes[2], "cpu_ms_per_image", "CPU ms per image, all processes (lower is better)")):
-        xs = range(len(METHODS))
-        vals = [m[k][key] for k in METHODS]
-        bars = ax.bar(xs, vals, color=[colors[k] for k in METHODS], width=0.6)
-        for x, k in zip(xs, METHODS):  # every round as a dot: the spread is the noise
+        xs = range(len(ways))
+        vals = [m[k][key] for k in ways]
+        bars = ax.bar(xs, vals, color=[colors[k] for k in ways], width=0.6)
+        for x, k in zip(xs, ways):  # every round as a dot: the spread is the noise
             per = m[k]["per_round_" + key]
             ax.plot([x] * len(per), per, "k.", ms=4, alpha=0.6)
         for b, v in zip(bars, vals):
             ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}", (b.get_x() + b.get_width() / 2, v),
                         ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(list(xs), [labels[k] for k in METHODS], fontsize=8)
+        ax.set_xticks(list(xs), [labels[k] for k in ways], fontsize=8 if len(ways) <= 3 else 7)
         ax.set_ylabel(unit)
         ax.set_ylim(0, max(vals) * 1.18)
         ax.spines[["top", "right"]].set_visible(False)
@@ -548,7 +603,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="images to compare byte for byte (0 = all, default)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the serial per-stage breakdown of pcrfs")
     p.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    p.add_argument("--dask-workers", default="1,2",
+                   help="worker process counts of the Dask LocalCluster ways, comma-separated; '' for none "
+                        "(default 1,2)")
+    p.add_argument("--dask-record-size", default="8M",
+                   help="record size of the Dask ways: one task per record batch (default 8M)")
     args = p.parse_args(argv)
+    from pcrfs.units import parse_size
+    try:
+        dask_workers = [int(x) for x in args.dask_workers.split(",") if x.strip()]
+        dask_record_bytes = parse_size(args.dask_record_size)
+    except ValueError as e:
+        p.error(f"--dask-workers / --dask-record-size: {e}")
     if args.workers < 1 or args.rounds < 1 or args.images < 1:
         p.error("--workers, --rounds and --images must be >= 1")
 
@@ -568,6 +634,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no files under {src}")
         dataset = {**src_info, **describe_dataset(files)}
         helper, helper_desc = build_helper(args.helper, tmp_root)
+        dask_ways = [f"dask{k}" for k in dask_workers]
+        if dask_ways:
+            try:
+                import distributed  # noqa: F401
+            except ImportError as e:
+                notes.append(f"Dask ways skipped: {e} (pip install 'pcrfs[dask]')")
+                print(notes[-1])
+                dask_ways = []
+        ways = list(METHODS) + dask_ways
         print(f"{dataset['images']} images, {dataset['bytes'] / 1e6:.1f} MB; workers={args.workers}; "
               f"rounds={args.rounds}; tmp={tmp_root}", flush=True)
 
@@ -582,13 +657,14 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([*helper, str(warm)], check=True, stdout=subprocess.DEVNULL)
         turbojpeg.to_progressive(datas[0])
 
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
-        cpu: dict[str, list[float]] = {m: [] for m in METHODS}
-        foreign: dict[str, list[float | None]] = {m: [] for m in METHODS}
+        times: dict[str, list[float]] = {m: [] for m in ways}
+        cpu: dict[str, list[float]] = {m: [] for m in ways}
+        foreign: dict[str, list[float | None]] = {m: [] for m in ways}
+        startup: dict[str, list[float]] = {m: [] for m in dask_ways}
         ncpu = machine["nproc"] or 1
         last: dict[str, dict] = {}
         for rnd in range(args.rounds):
-            order = METHODS[rnd % 3:] + METHODS[:rnd % 3]  # rotate who goes first
+            order = ways[rnd % len(ways):] + ways[:rnd % len(ways)]  # rotate who goes first
             for m in order:
                 out = tmp_root / f"out-{m}"
                 if out.exists():
@@ -602,21 +678,29 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_pcrfs(src, out, args.workers)
                 elif m == "reference":
                     r = run_reference(src, out, args.workers, helper, jpegtran, fmt.DEFAULT_RECORD_BYTES)
-                else:
+                elif m == "bare":
                     r = run_bare(datas, args.workers)
+                else:
+                    r = run_dask(src, out, int(m[4:]), dask_record_bytes)
                 if r["images"] != len(files):
                     raise RuntimeError(f"{m} converted {r['images']} of {len(files)} images")
                 c1 = os.times()
                 b1 = machine_busy_seconds()
                 times[m].append(r["seconds"])
-                cpu[m].append(sum(c1[:4]) - sum(c0[:4]))  # user+sys, this process and reaped children
+                if "cpu_seconds" in r:  # Dask: measured around the conversion only, workers included
+                    cpu[m].append(r["cpu_seconds"])
+                    startup[m].append(r["startup_seconds"])
+                    b0, b1 = (None, None) if r["busy_seconds"] is None else (0.0, r["busy_seconds"])
+                else:
+                    cpu[m].append(sum(c1[:4]) - sum(c0[:4]))  # user+sys, this process and reaped children
                 # other processes' share of the machine while this way ran: the noise
                 foreign[m].append(None if b0 is None else
                                   max(0.0, (b1 - b0) - cpu[m][-1]) / (r["seconds"] * ncpu))
                 last[m] = r
                 busy = "" if foreign[m][-1] is None else f"  (other processes: {foreign[m][-1]:4.0%} of the CPUs)"
+                extra = f"  (+{r['startup_seconds']:.2f} s cluster startup)" if "startup_seconds" in r else ""
                 print(f"  round {rnd + 1}/{args.rounds}  {m:<9} {r['seconds']:7.2f} s  "
-                      f"{len(files) / r['seconds']:8.1f} img/s{busy}", flush=True)
+                      f"{len(files) / r['seconds']:8.1f} img/s{busy}{extra}", flush=True)
 
         n, mb = len(files), dataset["bytes"] / 1e6
         methods = {}
@@ -629,7 +713,13 @@ def main(argv: list[str] | None = None) -> int:
             "bare": f"multiprocessing.pool.ThreadPool({args.workers}).map(pcrfs.jpeg.turbojpeg.to_progressive) "
                     "over bytes preloaded in memory; nothing read, split or written",
         }
-        for m in METHODS:
+        for m in dask_ways:
+            desc[m] = (f"pcrfs.convert.convert(src, store, record_bytes={dask_record_bytes}, client=Client("
+                       f"LocalCluster(n_workers={m[4:]}, threads_per_worker=1, processes=True))): one Dask task "
+                       "per record batch (read, transcode, split, CRC-32, write the record, fsync); the client "
+                       "writes descriptions, index and manifest. Cluster startup not included (see "
+                       "cluster_startup_seconds_per_round); CPU = client + worker processes")
+        for m in ways:
             med = statistics.median(times[m])
             methods[m] = {
                 "description": desc[m],
@@ -647,6 +737,12 @@ def main(argv: list[str] | None = None) -> int:
                 "other_processes_cpu_share_per_round": [None if x is None else round(x, 3) for x in foreign[m]],
                 "bytes_out": last[m]["bytes_out"],
             }
+            if m in dask_ways:
+                methods[m].update({
+                    "workers": int(m[4:]), "record_bytes": dask_record_bytes, "records": last[m]["records"],
+                    "cluster_startup_seconds_per_round": [round(x, 3) for x in startup[m]],
+                    "speedup_over_pcrfs_local": round(methods[m]["images_per_s"] / methods["pcrfs"]["images_per_s"], 3),
+                })
         ratios = {
             "pcrfs_over_reference": round(methods["pcrfs"]["images_per_s"] / methods["reference"]["images_per_s"], 3),
             "pcrfs_over_bare": round(methods["pcrfs"]["images_per_s"] / methods["bare"]["images_per_s"], 3),
@@ -663,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
         print("verifying outputs ...", flush=True)
         check = verify(files, last["pcrfs"]["store"], last["reference"]["tmpdir"], last["bare"]["outs"],
                        args.verify_sample, args.seed)
+        check["dask_index_equals_local"] = {m: check_dask_store(last["pcrfs"]["store"], last[m]["store"])
+                                            for m in dask_ways}
         last["bare"]["outs"] = None
         datas = None
 
@@ -677,7 +775,8 @@ def main(argv: list[str] | None = None) -> int:
             "pcrfs_over_bare_min": TARGET_VS_BARE,
             "vs_reference_met": ratios["pcrfs_over_reference"] >= TARGET_VS_REFERENCE,
             "vs_bare_met": ratios["pcrfs_over_bare"] >= TARGET_VS_BARE,
-            "output_size_equal_met": check["sizes_equal"] and check["byte_identical"],
+            "output_size_equal_met": check["sizes_equal"] and check["byte_identical"]
+                                     and all(check["dask_index_equals_local"].values()),
         }
         machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         result = {
@@ -686,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "workers": args.workers,
             "rounds": args.rounds,
-            "interleaving": "each round runs all three ways, the starting way rotating; medians over rounds",
+            "interleaving": "each round runs every way, the starting way rotating; medians over rounds",
             "reference_helper": helper_desc,
             "machine": machine,
             "dataset": dataset,
@@ -697,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
             "pcrfs_stage_breakdown": breakdown,
             "notes": notes,
         }
-        shares = [x for m in METHODS for x in foreign[m] if x is not None]
+        shares = [x for m in ways for x in foreign[m] if x is not None]
         if shares and max(shares) > 0.10:
             notes.append(f"the machine was shared: other processes took up to {max(shares):.0%} of the CPUs "
                          "during a timed run; wall-clock ratios are unreliable then (a way that spawns "
@@ -718,10 +817,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print()
         print(f"{'way':<10} {'median s':>9} {'img/s':>9} {'MB/s':>8} {'CPU ms/img':>11}")
-        for m in METHODS:
+        for m in ways:
             r = methods[m]
+            startup_note = (f"   (+{statistics.median(r['cluster_startup_seconds_per_round']):.2f} s cluster startup, "
+                            f"{r['records']} tasks)" if m in dask_ways else "")
             print(f"{m:<10} {r['median_seconds']:9.2f} {r['images_per_s']:9.1f} {r['mb_per_s']:8.2f} "
-                  f"{r['cpu_ms_per_image']:11.3f}")
+                  f"{r['cpu_ms_per_image']:11.3f}{startup_note}")
         print(f"pcrfs / reference = {ratios['pcrfs_over_reference']:.2f}x (target >= {TARGET_VS_REFERENCE}: "
               f"{'met' if targets['vs_reference_met'] else 'MISSED'})")
         print(f"pcrfs / bare      = {ratios['pcrfs_over_bare']:.2f}x (target >= {TARGET_VS_BARE}: "
