@@ -23,6 +23,7 @@ on a real cluster.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
 from contextlib import contextmanager
@@ -177,6 +178,19 @@ def convert_batches(client: "distributed.Client", files: list[SourceFile], todo:
     return bytes_in
 
 
+def _ignore_sigint() -> None:
+    """Run on each worker of a LocalCluster, in its main thread (where client.run calls it).
+
+    Ctrl-C in a terminal reaches the whole process group, worker processes included; only
+    the client should act on it (cancel, leave the store resumable, close the cluster), not
+    every worker with a KeyboardInterrupt traceback. Done once the workers are up, so that a
+    Ctrl-C during startup still stops the client (the workers may then print tracebacks).
+    Ignoring SIGINT while they are spawned would lose such a Ctrl-C, and blocking it here
+    did not reach them when tried (the cluster's threads ran with an empty signal mask).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def dask_client(scheduler: str | None = None, n_workers: int | None = None,
                 dashboard_address: str | None = ":8787") -> Iterator["distributed.Client"]:
@@ -202,6 +216,7 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None,
     try:
         client = Client(cluster)
         try:
+            client.run(_ignore_sigint)
             yield client
         finally:
             client.close()
