@@ -228,11 +228,33 @@ def test_operations_refuse_writes_without_the_kernel(reader):
     with pytest.raises(mf.FuseOSError) as e:
         ops.getattr("/full/no/such.jpg")
     assert e.value.errno == errno.ENOENT
-    assert ops.ioctl("/full", 0x5401, None, None, 0, None) == -errno.ENOTTY
     fh = ops.opendir("/scan1")
     entries = list(ops.readdir_with_offset("/scan1", 0, fh))
     assert [e[0] for e in entries[:2]] == [".", ".."]
     assert all(e[1]["st_ino"] > 0 and e[2] == pos + 1 for pos, e in enumerate(entries))
+
+
+def test_ioctl_is_enotty_and_open_stats_snapshots_stay_whole(mnt, reader):
+    import fcntl
+    import termios
+
+    path = mnt / "scan1" / reader.path(0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert not os.isatty(fd)
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd, termios.TCGETS, bytes(64))
+        assert e.value.errno == errno.ENOTTY
+    finally:
+        os.close(fd)
+    # a stats handle outlived by many later opens (snapshots are kept for the last
+    # few handles only) still reads as one complete document
+    with open(mnt / ".pcrfs" / "stats", "rb", buffering=0) as held:
+        head = held.read(10)
+        for _ in range(100):
+            stats_of(mnt)
+        doc = json.loads(head + held.read())
+    assert doc["views"]["scan1"]["opened"] >= 1
 
 
 # ---- concurrency and what is read from the store --------------------------------------------------------
