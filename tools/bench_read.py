@@ -30,11 +30,10 @@ ratarmount; the targets are judged on ``remount``).
 After the second pass of each pcrfs view, ``fincore`` (util-linux) reports which
 fraction of a sample of the view's files is resident in the kernel page cache.
 
-Untargeted variants (``--variants``; interleaved with the rest, MNT/full only) run the
-same daemon code started from this file with one thing changed from the outside (no
-pcrfs source is edited): ``cache0`` (no scan-group memory cache), ``nothreads``
-(libfuse's single-threaded loop), ``pinned`` (libfuse worker threads keep their Python
-thread state instead of ctypes creating and destroying one around every callback).
+Untargeted variants (``--variants cache0 nothreads+cache0``; none by default;
+interleaved with the rest, MNT/full only) run the same daemon code started from this
+file with one thing changed from the outside (no pcrfs source is edited): ``cache0``
+(no scan-group memory cache), ``nothreads`` (libfuse's single-threaded loop).
 
 With ``--profile auto`` (default) a target miss triggers, after the rounds:
   * py-spy of the pcrfs daemon during extra (untimed) first passes over MNT/full; the
@@ -648,20 +647,14 @@ def _fn_file(frame: str) -> str:
 # so that it can be changed from the outside for an experiment, never by editing pcrfs:
 #   --census DIR   count and time every mfusepy callback (wall time inside Python, per op name);
 #                  a watcher thread answers snapshot requests (DIR/req holds a tag, DIR/<tag>.json)
-#   --pin-tstate   the first callback on each libfuse worker thread calls PyGILState_Ensure once
-#                  and never releases it, so the thread keeps its PyThreadState. Without that,
-#                  ctypes creates and destroys a PyThreadState around every callback that
-#                  arrives on a thread Python did not create (every libfuse worker thread).
 
-VARIANTS = {  # name -> (mount options, cache size, pin tstate); combine with "+"
-    "cache0": ([], "0", False),
-    "nothreads": (["nothreads"], None, False),
-    "pinned": ([], None, True),
+VARIANTS = {  # name -> (mount options, cache size); combine with "+"
+    "cache0": ([], "0"),
+    "nothreads": (["nothreads"], None),
 }
 
 
 def hidden_daemon(argv: list[str]) -> int:
-    import ctypes
     import threading
     from pcrfs.fuse import load_mfusepy
     from pcrfs.units import parse_size
@@ -672,23 +665,10 @@ def hidden_daemon(argv: list[str]) -> int:
     p.add_argument("--log-file", required=True)
     p.add_argument("--cache-size", default=daemon.DEFAULT_CACHE_SIZE)
     p.add_argument("-o", dest="options", action="append", default=[])
-    p.add_argument("--pin-tstate", action="store_true")
     p.add_argument("--census", default=None)
     a = p.parse_args(argv)
     mf = load_mfusepy()
-    orig = mf.FUSE._wrapper
-    wrapper = orig
-    if a.pin_tstate:
-        local = threading.local()
-        ctypes.pythonapi.PyGILState_Ensure.restype = ctypes.c_int
-
-        def pinned(self, func, *args, **kw):
-            if not getattr(local, "pinned", False):
-                ctypes.pythonapi.PyGILState_Ensure()  # never released: the thread keeps its tstate
-                local.pinned = True
-            return orig(self, func, *args, **kw)
-
-        wrapper = pinned
+    wrapper = mf.FUSE._wrapper
     if a.census:
         lock = threading.Lock()
         counts: dict[str, list] = collections.defaultdict(lambda: [0, 0])
@@ -736,12 +716,10 @@ class ToolDaemonMount:
         self.argv = [sys.executable, str(Path(__file__).resolve()), "--_daemon", str(store), mp,
                      "--log-file", str(log_file)]
         for part in filter(None, variant.split("+")):
-            opts, cache, pin = VARIANTS[part]
+            opts, cache = VARIANTS[part]
             self.argv += [x for o in opts for x in ("-o", o)]
             if cache is not None:
                 self.argv += ["--cache-size", cache]
-            if pin:
-                self.argv.append("--pin-tstate")
         if census_dir is not None:
             self.argv += ["--census", str(census_dir)]
         self.mp, self.log_file = mp, log_file
@@ -957,10 +935,9 @@ def main() -> int:
                     help="py-spy the daemon during an extra first pass (auto: if a target is missed)")
     ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--profile-passes", type=int, default=4, help="first passes sampled by py-spy (default 4)")
-    ap.add_argument("--variants", nargs="*", default=["cache0", "pinned", "pinned+cache0", "nothreads+cache0"],
+    ap.add_argument("--variants", nargs="*", default=[],
                     help="extra, untargeted pcrfs full cases: the same daemon started from this tool with "
-                         "a changed setting (cache0: --cache-size 0; nothreads: -o nothreads; pinned: libfuse "
-                         "threads keep their PyThreadState; see the source). '--variants' alone: none")
+                         "a changed setting (cache0: --cache-size 0; nothreads: -o nothreads; combine with +)")
     ap.add_argument("--ratarmount-args", nargs=argparse.REMAINDER, default=[],
                     help="extra ratarmount arguments (last on the line)")
     ap.add_argument("--workers", type=int, default=2, help="convert workers for building the store")
