@@ -199,6 +199,11 @@ class Store:
         return (r, row[:kk].tolist(), index.group_lengths[i, :kk].tolist(),
                 index.group_crc32[i, :kk].tolist())
 
+    def _check_group(self, i: int, r: int, g: int, offset: int, data: bytes, crc: int) -> None:
+        if zlib.crc32(data) != crc:
+            raise CorruptData(f"{self.path(i)}: scan group {g + 1} fails its CRC-32 check "
+                              f"(record {r}, offset {offset})")
+
     def _read_direct(self, i: int, r: int, g: int, offset: int, length: int, crc: int, keep: bool) -> bytes:
         """One verified group straight from a local record; ``keep`` caches it (partial reads)."""
         cache = self.cache
@@ -207,9 +212,7 @@ class Store:
             if data is not None:
                 return data
         data = self.records.read(r, offset, length)
-        if zlib.crc32(data) != crc:
-            raise CorruptData(f"{self.path(i)}: scan group {g + 1} fails its CRC-32 check "
-                              f"(record {r}, offset {offset})")
+        self._check_group(i, r, g, offset, data, crc)
         if keep and cache is not None:
             cache.put((i, g + 1), data)
         return data
@@ -253,6 +256,12 @@ class Store:
     def _read_at_direct(self, i: int, k: int, offset: int, size: int) -> bytes:
         r, offsets, lengths, crcs = self._group_table(i, k)
         end = offset + size
+        if offset == 0 and end >= sum(lengths) + len(EOI_BYTES):  # the whole file: the common case
+            parts = self.records.read_in_record(r, offsets, lengths)
+            for g, data in enumerate(parts):
+                self._check_group(i, r, g, offsets[g], data, crcs[g])
+            parts.append(EOI_BYTES)
+            return b"".join(parts)
         out = []
         pos = 0
         for g, length in enumerate(lengths):
