@@ -173,7 +173,10 @@ def convert_batches(client: "distributed.Client", files: list[SourceFile], todo:
                 on_progress(b.count, b.nbytes)
             submit_more()
     except BaseException:
-        client.cancel(list(futures))
+        try:
+            client.cancel(list(futures))
+        except Exception:  # noqa: BLE001 - a broken connection must not hide why we stopped
+            pass
         raise
     return bytes_in
 
