@@ -113,3 +113,18 @@ def test_readdir_resumes_at_offsets_and_stops_when_full(tree):
     assert [g[0] for g in first] == [g[0] for g in whole[:3]]
     rest = _fill(ops, path, 3, 0)
     assert [g[:2] for g in rest] == [g[:2] for g in whole[3:]]
+
+
+def test_after_a_bare_walk_listings_go_whole_and_names_only(tree):
+    ops = PcrfsOperations(tree)
+    path = "/scan1/" + next(name for name, _ in tree.readdir("/scan1"))
+    paged = _fill(ops, path, 0, FUSE_READDIR_PLUS)
+    _fill(ops, path, len(paged), 0)  # the kernel asked for a later chunk without attributes
+    assert ops._listing_attrs_used is False
+    whole = _fill(ops, path, 0, FUSE_READDIR_PLUS)
+    # every entry at offset 0 (libfuse keeps the listing) and none with attributes ...
+    assert [(g[1], g[2]) for g in whole] == [(0, 0)] * len(paged)
+    # ... but with the names, inode numbers and types a walk needs
+    assert [(g[0], g[3], g[4]) for g in whole] == [(g[0], g[3], g[4]) for g in paged]
+    ops._attr_of(path + "/" + os.fsdecode(whole[-1][0]))  # a file lookup: callers stat again
+    assert [g[2] for g in _fill(ops, path, 0, FUSE_READDIR_PLUS)] == [g[2] for g in paged]

@@ -25,9 +25,9 @@ Semantics (what the kernel sees):
   so ``ls -l``/``os.scandir``/``find -size`` need no ``getattr`` per file. Each
   such entry costs the kernel an inode, wasted on a bare walk (``os.walk``,
   ImageFolder: names and d_type only; 0.5 s of a 1.28M-file walk), so after a
-  listing whose attributes went unused only subdirectories and the first
-  ``PLUS_FIRST_FILES`` files of the next listing carry them, until the kernel
-  shows (by asking for attributes past a first chunk) that callers use them.
+  listing whose attributes went unused (the kernel asked for its later chunks
+  without them) listings are names only, handed to libfuse whole, until a
+  lookup of a file shows that callers stat what they list again.
 * **Errors.** A missing path is ENOENT; stored bytes that fail their checksum
   (or a missing/changed record file) are EIO with one log line naming the file;
   the daemon keeps serving everything else. ``ioctl`` (Python's ``open()``
@@ -73,9 +73,6 @@ FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # conn capability: kernel decides per call 
 # stats snapshots and directory listings come from a counter above this.
 _TABLE_HANDLES = 1 << 62
 STATS_SNAPSHOTS = 64  # stats-file snapshots kept for open handles (see PcrfsOperations._snapshot)
-# Files that get attributes in the first chunk of a listing while callers are not
-# using them (see readdir_fuse_3): enough for a small directory's `ls -l`.
-PLUS_FIRST_FILES = 64
 _DOTS = (".", "..")
 
 
@@ -224,6 +221,9 @@ class PcrfsOperations(mf.Operations):
         with self._mutex:
             self.attr_requests += 1
         node = self.tree.resolve(path)
+        if isinstance(node, FileNode):
+            # the kernel lacks this file's attributes: callers do stat what they list
+            self._listing_attrs_used = True
         a = self.tree.attr(node)
         if isinstance(node, StatsNode):
             a = a._replace(size=len(self.stats_document()))
@@ -369,28 +369,57 @@ class PcrfsFUSE(mf.FUSE):
                 fip.contents.fh, None if path is None else path.decode(self.encoding, self.errors))
         except mf.FuseOSError as e:
             return -e.errno
-        fill_entry = _raw_filler(filler)
-        names, address, step = listing.names, listing.address, STAT_SIZE
-        buf_arg, stat_arg, off_arg = ctypes.c_void_p(buf), ctypes.c_void_p(), ctypes.c_int64()
-        plus = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
         ops = self.operations
+        plus = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
+        fill = _Filler(filler, buf, listing)
+        n = len(listing.names)
         if offset:
             # The kernel asks for attributes past the first chunk only if the caller
             # used the ones it got (stat after readdir, like `ls -l`): remember that.
             ops._listing_attrs_used = bool(plus)
-            plus_end = len(names)
+        if offset or ops._listing_attrs_used:
+            start = offset
+            if start < len(_DOTS):  # "." and ".." never carry attributes (libfuse would look them up)
+                if not fill.paged(start, len(_DOTS), 0):
+                    return 0
+                start = len(_DOTS)
+            fill.paged(start, n, plus)
         else:
-            # Attributes cost the kernel an inode per entry, wasted on a bare walk
-            # (os.walk, ImageFolder use d_type only). Subdirectories always get them;
-            # files all of them only while callers have been using them lately.
-            plus_end = len(names) if ops._listing_attrs_used else listing.n_named + PLUS_FIRST_FILES
-        # "." and ".." never carry attributes (libfuse would look them up by name)
-        for pos in range(offset, len(names)):
-            stat_arg.value = address + pos * step
-            off_arg.value = pos + 1
-            if fill_entry(buf_arg, names[pos], stat_arg, off_arg, plus if len(_DOTS) <= pos < plus_end else 0):
-                break
+            # A bare walk (os.walk, ImageFolder: names and d_type only) is what came
+            # last, and attributes cost the kernel an inode each: names only, and the
+            # whole listing at once (offset 0: libfuse keeps it and answers the kernel's
+            # next chunks itself, without a callback).
+            fill.whole(n)
         return 0
+
+
+class _Filler:
+    """Calls libfuse's filler for a range of a listing's entries (see readdir_fuse_3)."""
+
+    __slots__ = ("call", "buf", "names", "address", "stat", "offset")
+
+    def __init__(self, filler, buf: int, listing: "FuseListing") -> None:
+        self.call = _raw_filler(filler)
+        self.buf, self.stat, self.offset = ctypes.c_void_p(buf), ctypes.c_void_p(), ctypes.c_int64()
+        self.names, self.address = listing.names, listing.address
+
+    def paged(self, start: int, end: int, flag: int) -> bool:
+        """Entries start..end-1 with their positions as offsets, until libfuse's buffer
+        for this request is full; False if it filled up."""
+        call, buf, stat, off, names = self.call, self.buf, self.stat, self.offset, self.names
+        for pos, address in zip(range(start, end), range(self.address + start * STAT_SIZE, 1 << 62, STAT_SIZE)):
+            stat.value = address
+            off.value = pos + 1
+            if call(buf, names[pos], stat, off, flag):
+                return False
+        return True
+
+    def whole(self, end: int) -> None:
+        """Entries 0..end-1, without attributes, at offset 0: libfuse buffers the whole listing."""
+        call, buf, stat, off = self.call, self.buf, self.stat, self.offset
+        for name, address in zip(self.names[:end], range(self.address, 1 << 62, STAT_SIZE)):
+            stat.value = address
+            call(buf, name, stat, off, 0)
 
 
 STAT_DTYPE = np.dtype(mf.c_stat)  # numpy's view of the platform's struct stat, as mfusepy declares it
@@ -402,13 +431,13 @@ class FuseListing:
     """A directory as the kernel receives it: raw names and one contiguous block
     of complete ``struct stat``s built with a few vectorized assignments."""
 
-    __slots__ = ("entries", "names", "stats", "address", "n_named")
+    __slots__ = ("entries", "names", "stats", "address")
 
     def __init__(self, entries: DirEntries, owner: tuple[int, int]) -> None:
         self.entries = entries
         self.names = entries.raw_names()
         named = [a for _, a in entries.named]
-        k = self.n_named = len(named)
+        k = len(named)
         st = self.stats = np.zeros(len(self.names), STAT_DTYPE)
         for col, values in (("st_mode", [a.mode for a in named]), ("st_ino", [a.ino for a in named]),
                             ("st_nlink", [a.nlink for a in named]), ("st_size", [a.size for a in named])):
