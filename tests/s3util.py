@@ -16,6 +16,9 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 LOOPBACK = "127.0.0.1"
 
@@ -30,6 +33,25 @@ NO_CREDENTIALS_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials", "AWS_CONFIG_FILE": "/nonexistent/config",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+
+
+@contextmanager
+def s3_environment(cache_dir: str | os.PathLike) -> Iterator[None]:
+    """moto's credentials and a private pcrfs cache directory in os.environ for the
+    duration (inherited by the mount daemons and cluster workers started meanwhile);
+    the previous values are restored afterwards."""
+    keys = list(S3_ENV) + ["XDG_CACHE_HOME"]
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(S3_ENV)
+    os.environ["XDG_CACHE_HOME"] = str(Path(cache_dir))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ from pcrfs.store import format as fmt
 from pcrfs.store.reader import ReadOptions, StoreError, open_store
 from pcrfs.store.verify import verify_store
 
-from s3util import S3_ENV, MotoServer, s3_available
+from s3util import MotoServer, s3_available, s3_environment
 
 
 def _dask_missing() -> str | None:
@@ -48,16 +48,8 @@ BUCKET = "pcrfs-dask"
 def env(tmp_path_factory):
     """Credentials for moto and a private cache directory, set before the cluster starts so
     that its worker processes inherit them (as workers of a real cluster have their own)."""
-    keys = list(S3_ENV) + ["XDG_CACHE_HOME"]
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(S3_ENV)
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3_environment(tmp_path_factory.mktemp("xdg-cache")):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pcrfs.store import location as location_mod
 from pcrfs.store.reader import ReadOptions, StoreError, StoreUnavailable, open_store
 
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli, wait_until
-from s3util import NO_CREDENTIALS_ENV, S3_ENV, FaultProxy, MotoServer, s3_available
+from s3util import NO_CREDENTIALS_ENV, FaultProxy, MotoServer, s3_available, s3_environment
 
 pytestmark = pytest.mark.skipif(s3_available() is not None, reason=str(s3_available()))
 needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
@@ -39,16 +39,8 @@ RECORD_BYTES = 256 * 1024  # as the demo_store fixture: several records
 @pytest.fixture(scope="module")
 def s3_env(tmp_path_factory):
     """Credentials for moto, and a cache directory of our own (inherited by mount daemons)."""
-    keys = list(S3_ENV) + ["XDG_CACHE_HOME"]
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(S3_ENV)
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3_environment(tmp_path_factory.mktemp("xdg-cache")):
+        yield
 
 
 @pytest.fixture(scope="module")
