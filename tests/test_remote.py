@@ -359,3 +359,30 @@ def test_bwlimit_caps_the_store_bandwidth(remote_store, remote, local):
         assert s.io_stats()["source"]["bwlimit_bytes_per_s"] == rate
     assert got > rate  # more than a second's worth
     assert elapsed >= 0.9 * got / rate
+
+
+@needs_fuse
+def test_mount_helper_passes_the_remote_options(remote_store, moto, local, mounts, tmp_path):
+    """`mount -t pcrfs s3://... DIR -o endpoint_url=...` (an fstab line) reaches the store."""
+    from pcrfs.fuse.mount_helper import main as mount_pcrfs
+
+    mnt = mounts.point("helper-s3")
+    cache = tmp_path / "disk-cache"
+    opts = f"endpoint_url={moto.endpoint},bwlimit=64M,disk_cache={cache},disk_cache_size=1G,readahead=0,_netdev"
+    assert mount_pcrfs([remote_store, str(mnt), "-o", opts]) == 0
+    mounts.track(mnt)
+    for i in range(local.num_images):
+        assert (mnt / "scan3" / local.path(i)).read_bytes() == local.read(i, 3)
+    io = stats_of(mnt)["io"]
+    assert io["source"]["bwlimit_bytes_per_s"] == 64 << 20
+    assert any(cache.rglob("*")), "the disk cache was not used"
+
+
+def test_mount_helper_rejects_malformed_options(remote_store, tmp_path, capsys):
+    from pcrfs.fuse.mount_helper import main as mount_pcrfs
+
+    # -f (fake) checks the options and mounts nothing
+    assert mount_pcrfs([remote_store, str(tmp_path), "-f", "-o", "readahead=lots"]) == 32
+    assert "readahead" in capsys.readouterr().err
+    assert mount_pcrfs([remote_store, str(tmp_path), "-f", "-o", "bwlimit=fast"]) == 32
+    assert "bwlimit" in capsys.readouterr().err

@@ -299,17 +299,30 @@ def read_options_argv(o: "ReadOptions | None") -> list[str]:
     return argv
 
 
-def read_options_from_args(a: argparse.Namespace) -> "ReadOptions":
+def read_options_from(endpoint_url: str | None = None, bwlimit: str | None = None, disk_cache: str | None = None,
+                      disk_cache_size: str = "10G", readahead: str | None = None) -> "ReadOptions":
+    """ReadOptions from their command-line spellings (sizes and rates as text, e.g.
+    ``10M``); ValueError naming the malformed one."""
     from ..remote.bwlimit import parse_rate
     from ..remote.fs import RemoteOptions
     from ..store.reader import ReadOptions
 
+    def parsed(name: str, parse, value: str):
+        try:
+            return parse(value)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
     return ReadOptions(
-        remote=RemoteOptions(endpoint_url=a.endpoint_url),
-        bwlimit=parse_rate(a.bwlimit) if a.bwlimit else None,
-        disk_cache=a.disk_cache,
-        disk_cache_bytes=parse_size(a.disk_cache_size),
-        readahead_bytes=parse_size(a.readahead) if a.readahead is not None else None)
+        remote=RemoteOptions(endpoint_url=endpoint_url or None),
+        bwlimit=parsed("bwlimit", parse_rate, bwlimit) if bwlimit else None,
+        disk_cache=disk_cache or None,
+        disk_cache_bytes=parsed("disk_cache_size", parse_size, disk_cache_size),
+        readahead_bytes=parsed("readahead", parse_size, readahead) if readahead is not None else None)
+
+
+def read_options_from_args(a: argparse.Namespace) -> "ReadOptions":
+    return read_options_from(a.endpoint_url, a.bwlimit, a.disk_cache, a.disk_cache_size, a.readahead)
 
 
 def _redirect_output(log_file: str) -> None:

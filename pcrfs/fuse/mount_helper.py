@@ -12,9 +12,13 @@ Then::
 
     # /etc/fstab
     /data/train.pcr  /mnt/train  pcrfs  allow_other,cache_size=1G,nofail,x-systemd.requires-mounts-for=/data  0 0
+    s3://bucket/train.pcr  /mnt/s3train  pcrfs  endpoint_url=https://minio.lan:9000,disk_cache=/var/cache/pcrfs,_netdev,nofail  0 0
 
 Options pcrfs handles itself: ``cache_size=SIZE``, ``log_file=PATH``,
-``nonempty``. Options that are only for mount(8) or systemd (``defaults``,
+``nonempty``, and for stores at a URL ``endpoint_url=URL``, ``bwlimit=RATE``,
+``disk_cache=DIR``, ``disk_cache_size=SIZE``, ``readahead=SIZE`` (the
+``pcrfs mount`` options of the same names; credentials come from the usual AWS
+variables and files of the user mount(8) runs as). Options that are only for mount(8) or systemd (``defaults``,
 ``auto``/``noauto``, ``user``/``users``, ``nofail``, ``_netdev``, ``x-*``,
 ``comment=*``) are dropped; ``ro``/``rw`` are ignored (the mount is always
 read-only). Everything else goes to libfuse (e.g. ``allow_other``).
@@ -23,9 +27,11 @@ from __future__ import annotations
 
 import sys
 
-from .daemon import DEFAULT_CACHE_SIZE, MountError, mount, split_options
+from .daemon import DEFAULT_CACHE_SIZE, MountError, mount, read_options_from, split_options
 
 USAGE = "usage: mount.pcrfs STORE MOUNTPOINT [-sfnv] [-o OPTION[,OPTION...]]"
+_READ_OPTIONS = ("endpoint_url", "bwlimit", "disk_cache", "disk_cache_size", "readahead")  # read_options_from()
+_OWN = ("cache_size", "log_file") + _READ_OPTIONS
 _MOUNT8_ONLY = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
                 "nofail", "_netdev", "loud", "silent"}
 
@@ -55,12 +61,12 @@ def parse_argv(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
 
 
 def sort_options(options: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Split -o options into pcrfs's own (cache_size, log_file) and those for libfuse."""
+    """Split -o options into pcrfs's own (cache_size, log_file, read options) and those for libfuse."""
     own: dict[str, str] = {}
     fuse: list[str] = []
     for opt in split_options(options):
         key, _, value = opt.partition("=")
-        if key in ("cache_size", "log_file"):
+        if key in _OWN:
             own[key] = value
         elif key in _MOUNT8_ONLY or key.startswith("x-") or key == "comment":
             continue
@@ -81,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         if "v" in flags:
             print(f"mount.pcrfs: {store} on {mountpoint}, libfuse options {','.join(fuse) or '-'}, "
                   f"cache {own.get('cache_size', DEFAULT_CACHE_SIZE)}", file=sys.stderr)
+        read_options = read_options_from(**{k: own[k] for k in _READ_OPTIONS if k in own})
         if "f" in flags:  # mount -f: "fake", do everything but the mount itself
             return 0
         quiet = "v" not in flags  # mount(8) helpers are silent unless asked
         mount(store, mountpoint, options=fuse, cache_size=own.get("cache_size", DEFAULT_CACHE_SIZE),
-              log_file=own.get("log_file") or None,
+              log_file=own.get("log_file") or None, read_options=read_options,
               echo=(lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr)))
     except (MountError, ValueError) as e:
         print(f"mount.pcrfs: {e}", file=sys.stderr)
