@@ -10,20 +10,13 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_options import endpoint_option
 from .units import SIZE, format_size
 
 
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"pcrfs: error: {message}", err=True)
     sys.exit(code)
-
-
-def endpoint_option(fn):
-    """``--endpoint-url`` for commands that take a STORE (which may be an s3:// URL)."""
-    return click.option(
-        "--endpoint-url", metavar="URL", default=None,
-        help="S3-compatible endpoint for s3:// stores (MinIO, Ceph, moto ...) [default: AWS, or "
-             "$AWS_ENDPOINT_URL]. Credentials and region come from the usual AWS variables/files.")(fn)
 
 
 def _open(store: str, endpoint_url: str | None = None):

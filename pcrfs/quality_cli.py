@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .cli_options import endpoint_option
 from .units import format_size
 
 
@@ -88,7 +89,7 @@ def _write_index(store, store_path: str, workers: int, quiet: bool, as_json: boo
         close()
     for f in failures[:20]:
         _warn(f"{store.path(f.image)}: not scored ({f.reason}); its adaptive views serve it whole")
-    entry = adaptive.write(store.root, ks)
+    entry = adaptive.write(store, ks)
     summary = {"store": store_path, "file": entry["file"], "images": store.num_images,
                "not_scored": len(failures),
                "views": adaptive.summarize(store, ks, entry["thresholds"])}
@@ -123,10 +124,11 @@ def _write_index(store, store_path: str, workers: int, quiet: bool, as_json: boo
 @click.option("-j", "--workers", type=click.IntRange(1), default=None,
               help="Worker processes [default: all cores].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@endpoint_option
 @click.pass_context
 def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json: bool, plot: Path | None,
                 target_ssim: float | None, target_psnr: float | None, write_index: bool, no_timing: bool,
-                workers: int | None, quiet: bool) -> None:
+                workers: int | None, quiet: bool, endpoint_url: str | None) -> None:
     """How much quality each fidelity view keeps, for how many bytes.
 
     \b
@@ -144,7 +146,8 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
     """
     from .quality import measure
     from .quality.msssim import PSNR_CAP
-    from .store.reader import StoreError, open_store
+    from .remote.fs import RemoteOptions
+    from .store.reader import ReadOptions, StoreError, open_store
 
     if target_ssim is not None and target_psnr is not None:
         raise click.UsageError("give --target-ssim or --target-psnr, not both")
@@ -170,7 +173,7 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
             raise click.BadParameter(problem, param_hint="--plot")
 
     try:
-        s = open_store(store)
+        s = open_store(store, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url)))
     except StoreError as e:
         _fail(str(e))
     if s.num_images == 0:
@@ -178,11 +181,9 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
     workers = workers or measure.default_workers()
 
     if write_index:
-        if not isinstance(s.root, Path):
-            _fail(f"--write-index needs a local store directory; {store} is not one")
         try:
             _write_index(s, store, workers, quiet, as_json)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, StoreError) as e:
             _fail(f"could not write the adaptive index: {e}")
         return
 

@@ -211,14 +211,16 @@ def test_crash_before_the_manifest_keeps_the_old_index(store_copy, monkeypatch):
     s = pcrfs.open_store(store_copy)
     old = np.full((s.num_images, 3), 3, np.uint8)
     adaptive.write(store_copy, old)
-    real = adaptive.write_atomic
+    from pcrfs.store import location
+
+    real = location.write_atomic
 
     def crash_on_manifest(path, data):
         if path.name == fmt.MANIFEST:
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(adaptive, "write_atomic", crash_on_manifest)
+    monkeypatch.setattr(location, "write_atomic", crash_on_manifest)
     with pytest.raises(OSError):
         adaptive.write(store_copy, np.full((s.num_images, 3), 1, np.uint8))
     assert np.array_equal(adaptive.load(pcrfs.open_store(store_copy)).ks, old)

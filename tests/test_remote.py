@@ -15,9 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import pcrfs
+from pcrfs.cli import main
 from pcrfs.convert import convert
 from pcrfs.remote.fs import RemoteOptions, filesystem
 from pcrfs.store import format as fmt
@@ -386,3 +389,36 @@ def test_mount_helper_rejects_malformed_options(remote_store, tmp_path, capsys):
     assert "readahead" in capsys.readouterr().err
     assert mount_pcrfs([remote_store, str(tmp_path), "-f", "-o", "bwlimit=fast"]) == 32
     assert "bwlimit" in capsys.readouterr().err
+
+
+@needs_fuse
+def test_adaptive_views_of_a_remote_store(demo_src, remote, moto, local, mounts):
+    """`pcrfs quality s3://... --write-index` installs the adaptive index in the bucket
+    (array first, manifest last) and a mount of the URL serves ssim90/95/98."""
+    from pcrfs.quality import adaptive
+
+    url = f"s3://{BUCKET}/adaptive.pcr"
+    convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)
+    res = CliRunner().invoke(main, ["quality", url, "--write-index", "-q", "-j", "2", "--json",
+                                    "--endpoint-url", moto.endpoint])
+    assert res.exit_code == 0, res.output
+    entry = json.loads(res.output)
+    store = pcrfs.open_store(url, options=ropts(remote))
+    index = adaptive.load(store)
+    assert index is not None and index.views == ["ssim90", "ssim95", "ssim98"]
+    fs = filesystem(url, remote)
+    assert fs.exists(f"{BUCKET}/adaptive.pcr/index/{entry['file']}")
+
+    mnt = Path(mounts.mount(url, "adaptive", read_options=ropts(remote)).mountpoint)
+    for view in index.views:
+        ks = index.column(view, local.num_groups)
+        for i in range(0, local.num_images, 7):
+            data = (mnt / view / local.path(i)).read_bytes()
+            assert data == local.read(i, int(ks[i])), (view, i)
+    # replaced: the new array is in place and named by the manifest, the old one is gone
+    whole = np.full_like(index.ks, local.num_groups)
+    again = adaptive.write(store, whole)
+    assert again["file"] != entry["file"]
+    assert fs.exists(f"{BUCKET}/adaptive.pcr/index/{again['file']}")
+    assert not fs.exists(f"{BUCKET}/adaptive.pcr/index/{entry['file']}")
+    assert np.array_equal(adaptive.load(pcrfs.open_store(url, options=ropts(remote))).ks, whole)

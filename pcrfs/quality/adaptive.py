@@ -22,17 +22,17 @@ import io
 import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import yaml
 
-from ..fsutil import fsync_dir, write_atomic
 from .. import __version__
 from ..jpeg.scans import EOI_BYTES
 from ..store import format as fmt
-from ..store.reader import Store, read_manifest
+from ..store.errors import StoreError
+from ..store.location import LocalLocation, StoreLocation, open_location
+from ..store.reader import Store, parse_manifest
 
 MANIFEST_KEY = "adaptive_index"
 METRIC = "ms-ssim-luma"
@@ -143,49 +143,53 @@ def _npy_bytes(ks: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write(root: str | os.PathLike, ks: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict:
-    """Install ``ks`` (u1[n, T]) as the store's adaptive index; returns the manifest entry.
+def write(target: "Store | str | os.PathLike", ks: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict:
+    """Install ``ks`` (u1[n, T]) as the adaptive index of ``target`` (an open Store, a
+    store directory or a store URL); returns the manifest entry.
 
-    Serialised against concurrent writers by a lock on the store directory.
+    A local store is locked against concurrent writers for the duration; on an object
+    store the last writer wins (each PUT is atomic, so readers never see a mix).
     """
-    if not isinstance(root, (str, os.PathLike)) or "://" in str(root):
-        raise AdaptiveIndexError(f"the adaptive index can only be written to a local store, not {root}")
-    root = Path(root)
+    location = target.location if isinstance(target, Store) else open_location(target)
+    if isinstance(location, LocalLocation):
+        fd = os.open(location.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return _install(location, ks, thresholds)
+        finally:
+            os.close(fd)  # releases the lock
+    return _install(location, ks, thresholds)
+
+
+def _install(location: StoreLocation, ks: np.ndarray, thresholds: Sequence[float]) -> dict:
     thresholds = [float(t) for t in thresholds]
     views = [view_name(t) for t in thresholds]
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        manifest = read_manifest(root)
-        n, g = manifest["num_images"], manifest["num_groups"]
-        ks = np.asarray(ks)
-        if ks.shape != (n, len(thresholds)):
-            raise AdaptiveIndexError(f"adaptive index has shape {ks.shape}, the store needs ({n}, {len(thresholds)})")
-        if ks.size and int(ks.max()) > g:
-            raise AdaptiveIndexError(f"adaptive index names k = {int(ks.max())} > {g} scan groups")
-        data = _npy_bytes(ks)
-        crc = zlib.crc32(data)
-        name = f"{FILE_PREFIX}{crc:08x}.npy"
-        index_dir = root / fmt.INDEX_DIR
-        write_atomic(index_dir / name, data)
-        fsync_dir(index_dir)
-        previous = manifest.get(MANIFEST_KEY) or {}
-        entry = {
-            "file": name, "size": len(data), "crc32": crc, "metric": METRIC,
-            "thresholds": thresholds, "views": views,
-            "index_crc32": manifest["index_files"][BINDS_TO]["crc32"],
-            "pcrfs_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        manifest[MANIFEST_KEY] = entry
-        write_atomic(root / fmt.MANIFEST, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True).encode())
-        fsync_dir(root)
-        old = previous.get("file") if isinstance(previous, dict) else None
-        if isinstance(old, str) and old != name and old.startswith(FILE_PREFIX) and "/" not in old:
-            (index_dir / old).unlink(missing_ok=True)
-        return entry
-    finally:
-        os.close(fd)  # releases the lock
+    manifest = parse_manifest(location.manifest_bytes(), f"{location.url}/{fmt.MANIFEST}")
+    n, g = manifest["num_images"], manifest["num_groups"]
+    ks = np.asarray(ks)
+    if ks.shape != (n, len(thresholds)):
+        raise AdaptiveIndexError(f"adaptive index has shape {ks.shape}, the store needs ({n}, {len(thresholds)})")
+    if ks.size and int(ks.max()) > g:
+        raise AdaptiveIndexError(f"adaptive index names k = {int(ks.max())} > {g} scan groups")
+    data = _npy_bytes(ks)
+    crc = zlib.crc32(data)
+    name = f"{FILE_PREFIX}{crc:08x}.npy"
+    location.write_file(f"{fmt.INDEX_DIR}/{name}", data)
+    previous = manifest.get(MANIFEST_KEY) or {}
+    entry = {
+        "file": name, "size": len(data), "crc32": crc, "metric": METRIC,
+        "thresholds": thresholds, "views": views,
+        "index_crc32": manifest["index_files"][BINDS_TO]["crc32"],
+        "pcrfs_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest[MANIFEST_KEY] = entry
+    # the array is in place before the manifest names it; the old one goes only after
+    location.write_file(fmt.MANIFEST, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True).encode())
+    old = previous.get("file") if isinstance(previous, dict) else None
+    if isinstance(old, str) and old != name and old.startswith(FILE_PREFIX) and "/" not in old:
+        location.remove_file(f"{fmt.INDEX_DIR}/{old}")
+    return entry
 
 
 def load(store: Store) -> AdaptiveIndex | None:
@@ -219,13 +223,11 @@ def load(store: Store) -> AdaptiveIndex | None:
     if binds != store.manifest["index_files"].get(BINDS_TO, {}).get("crc32"):
         raise AdaptiveIndexError("adaptive index belongs to other store contents (stale); "
                                  "run `pcrfs quality STORE --write-index` again")
-    if not isinstance(store.root, Path):
-        raise AdaptiveIndexError(f"adaptive views of a store at a URL ({store.root}) are not supported yet")
-    path = store.root / fmt.INDEX_DIR / name
+    path = f"{store.location.url}/{fmt.INDEX_DIR}/{name}"
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise AdaptiveIndexError(f"adaptive index {path} cannot be read: {e.strerror}") from None
+        data = store.location.read_file(f"{fmt.INDEX_DIR}/{name}")
+    except StoreError as e:
+        raise AdaptiveIndexError(f"adaptive index: {e}") from None
     if len(data) != size or zlib.crc32(data) != crc:
         raise AdaptiveIndexError(f"adaptive index {path} is damaged (size or CRC-32 mismatch)")
     try:

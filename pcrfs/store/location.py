@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..fsutil import fsync_dir, write_atomic
 from ..remote.bwlimit import TokenBucket
 from ..remote.fs import RemoteError, RemoteOptions, explain, filesystem, is_url, split_url
 from ..remote.retry import RetryPolicy
@@ -62,6 +63,20 @@ class StoreLocation(ABC):
     @abstractmethod
     def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource: ...
 
+    # Small files beside the index (the optional adaptive index), read and written whole.
+
+    @abstractmethod
+    def read_file(self, name: str) -> bytes:
+        """The bytes of ``name`` (relative to the store); StoreError if it cannot be read."""
+
+    @abstractmethod
+    def write_file(self, name: str, data: bytes) -> None:
+        """Replace ``name`` atomically: a reader sees the old bytes or all the new ones."""
+
+    @abstractmethod
+    def remove_file(self, name: str) -> None:
+        """Delete ``name`` if it exists."""
+
     def identity(self, manifest_bytes: bytes) -> str:
         """A short name for this store's content (caches of different stores never mix)."""
         return _digest(self.url, manifest_bytes)
@@ -91,6 +106,20 @@ class LocalLocation(StoreLocation):
 
     def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
         return LocalRecords(self.root, record_sizes, bwlimit)
+
+    def read_file(self, name: str) -> bytes:
+        try:
+            return (self.root / name).read_bytes()
+        except OSError as e:
+            raise StoreError(f"{self.root / name} cannot be read: {e.strerror}") from None
+
+    def write_file(self, name: str, data: bytes) -> None:
+        path = self.root / name
+        write_atomic(path, data)
+        fsync_dir(path.parent)
+
+    def remove_file(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
 
 
 class RemoteLocation(StoreLocation):
@@ -160,6 +189,24 @@ class RemoteLocation(StoreLocation):
 
     def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
         return FsspecRecords(self.fs, self.base, self.url, self.options, bwlimit)
+
+    def read_file(self, name: str) -> bytes:
+        try:
+            return self._call(lambda: self.fs.cat_file(self._path(name)), f"GET {self.url}/{name}")
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}/{name} does not exist") from None
+
+    def write_file(self, name: str, data: bytes) -> None:
+        # one PUT: an object store shows the old object or the whole new one
+        self._call(lambda: self.fs.pipe_file(self._path(name), data), f"PUT {self.url}/{name}")
+
+    def remove_file(self, name: str) -> None:
+        def rm() -> None:
+            try:
+                self.fs.rm_file(self._path(name))
+            except FileNotFoundError:
+                pass
+        self._call(rm, f"DELETE {self.url}/{name}")
 
 
 def _matches(path: Path, want: dict) -> bool:
