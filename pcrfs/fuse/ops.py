@@ -231,14 +231,14 @@ class PcrfsOperations(mf.Operations):
 
     @_errors_mapped
     def opendir(self, path: str) -> int:
+        return self._put(self._fuse_listing(path))
+
+    def _fuse_listing(self, path: str) -> "FuseListing":
         node = self.tree.resolve(path)
         if not isinstance(node, DirNode):
             raise NotADirectoryError(path)
-        parent = self.tree.resolve(path.rstrip("/").rsplit("/", 1)[0] or "/")
-        return self._put(self._fuse_listing(path, self.tree.attr(node), self.tree.attr(parent)))
-
-    def _fuse_listing(self, path: str, me: Attr, parent: Attr) -> "FuseListing":
         # "..": glibc's readdir hides entries with inode 0, so it needs its real one
+        me, parent = self.tree.attr(node), self.tree.getattr(path.rstrip("/").rsplit("/", 1)[0] or "/")
         listed = self.tree.readdir(path)
         entries = DirEntries()
         entries.named = [(".", me), ("..", parent)] + listed.named
@@ -249,8 +249,7 @@ class PcrfsOperations(mf.Operations):
     def _listing_for(self, fh: int, path: str) -> "FuseListing":
         listing = self._table.get(fh)
         if listing is None:  # not opened through opendir (should not happen): list afresh
-            node = self.tree.attr(self.tree.resolve(path))
-            listing = self._fuse_listing(path, node, node)
+            listing = self._fuse_listing(path)
         return listing
 
     def readdir_with_offset(self, path: str, offset: int, fh: int) -> Iterator[tuple[str, Any, int]]:
