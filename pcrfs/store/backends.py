@@ -205,10 +205,6 @@ class FsspecRecords(RecordSource):
         return self._get(span.record, f"GET {self.describe(span.record)} [{span.offset}, {span.end})",
                          start=span.offset, end=span.end)
 
-    def read_in_record(self, record: int, offsets: list[int], lengths: list[int]) -> list[bytes]:
-        """Several ranges of one record (a whole image's groups), in order."""
-        return [self.read(record, o, n) for o, n in zip(offsets, lengths)]
-
     def read_spans(self, spans: Sequence[Span]) -> list[bytes]:
         if len(spans) <= 1:
             return [self._read_one(s) for s in spans]
