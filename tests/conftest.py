@@ -8,6 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/corpus.py helpers
 
+import pcrfs  # noqa: E402
+from mountutil import Mounts  # noqa: E402
 from pcrfs.convert import convert  # noqa: E402
 from pcrfs.demo import make_demo  # noqa: E402
 
@@ -26,3 +28,20 @@ def demo_store(demo_src, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("store") / "demo.pcr"
     convert(demo_src, store, record_bytes=256 * 1024, workers=2)
     return store
+
+
+@pytest.fixture(scope="module")
+def reader(demo_store):
+    """The reader API on ``demo_store`` (what the mount's bytes are compared with)."""
+    s = pcrfs.open_store(demo_store)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    """Fresh mounts for one test (a cold page cache, counters from zero); every one is
+    unmounted and its daemon killed when the test ends, even on failure."""
+    m = Mounts(tmp_path / "mounts")
+    yield m
+    m.cleanup()

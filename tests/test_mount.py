@@ -22,23 +22,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pcrfs
 from pcrfs.fuse import daemon
 from pcrfs.store import format as fmt
 
-from mountutil import Mounts, fuse_unavailable, kill_daemon, pcrfs_cli, wait_until
+from mountutil import Mounts, fuse_unavailable, pcrfs_cli, wait_until
 
 pytestmark = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 
 
 # ---- fixtures --------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def reader(demo_store):
-    s = pcrfs.open_store(demo_store)
-    yield s
-    s.close()
-
 
 @pytest.fixture(scope="module")
 def module_mounts(tmp_path_factory):
@@ -51,14 +43,6 @@ def module_mounts(tmp_path_factory):
 def mnt(demo_store, module_mounts) -> Path:
     """One mount of the demo store shared by the read-only tests of this module."""
     return Path(module_mounts.mount(demo_store, "shared").mountpoint)
-
-
-@pytest.fixture
-def mounts(tmp_path):
-    """Fresh mounts for one test (a cold page cache, counters from zero)."""
-    m = Mounts(tmp_path / "mounts")
-    yield m
-    m.cleanup()
 
 
 def views(store) -> list[tuple[str, int]]:

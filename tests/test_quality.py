@@ -19,13 +19,6 @@ from pcrfs.views import ViewTree
 
 
 @pytest.fixture(scope="module")
-def reader(demo_store):
-    s = pcrfs.open_store(demo_store)
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
 def table(reader):
     return measure.quality_table(reader, sample=24, seed=3, timing=True, workers=1)
 

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pcrfs
-from mountutil import Mounts, fuse_unavailable
+from mountutil import fuse_unavailable
 from pcrfs.fuse import daemon
 from pcrfs.store import format as fmt
 from pcrfs.store.index import file_crc32
@@ -42,13 +42,6 @@ def intact(demo_store):
     s = open_store(demo_store)
     yield s
     s.close()
-
-
-@pytest.fixture
-def mounts(tmp_path):
-    m = Mounts(tmp_path / "mounts")
-    yield m
-    m.cleanup()
 
 
 # ---- damage and its prediction ---------------------------------------------------------------------

@@ -31,7 +31,7 @@ import psutil
 import pytest
 import yaml
 
-from mountutil import Mounts, fuse_unavailable, pcrfs_cli, wait_until
+from mountutil import fuse_unavailable, pcrfs_cli, wait_until
 from pcrfs.fuse import daemon
 from pcrfs.store import format as fmt
 from pcrfs.store.reader import StoreError, open_store
@@ -257,13 +257,6 @@ def test_disk_full_then_resume_after_freeing_space(demo_src, tmp_path, figures, 
 
 
 # ---- the daemon under faults ----------------------------------------------------------------------------
-
-@pytest.fixture
-def mounts(tmp_path):
-    m = Mounts(tmp_path / "mounts")
-    yield m
-    m.cleanup()
-
 
 @pytest.fixture(scope="module")
 def intact(demo_store):

@@ -50,13 +50,6 @@ needs_mount = pytest.mark.skipif(tmpfs_unavailable() is not None, reason=f"bind 
 NOBODY = 65534
 
 
-@pytest.fixture
-def mounts(tmp_path):
-    m = Mounts(tmp_path / "mounts")
-    yield m
-    m.cleanup()
-
-
 def _jpeg(demo_src: Path, n: int = 0) -> bytes:
     return sorted((demo_src / "cat").iterdir())[n].read_bytes()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mountutil import Mounts, fuse_unavailable
+from mountutil import fuse_unavailable
 from pcrfs.fuse import daemon
 from pcrfs.store.reader import open_store
 from reliability import Load, budget, figures, read_all_files  # noqa: F401 (fixture)
@@ -47,13 +47,6 @@ class RssSampler:
         self._stop.set()
         self._thread.join(5)
         return self.samples
-
-
-@pytest.fixture
-def mounts(tmp_path):
-    m = Mounts(tmp_path / "mounts")
-    yield m
-    m.cleanup()
 
 
 @budget(fast=4.0, slow=120.0)

@@ -27,7 +27,7 @@ from pcrfs.store import format as fmt
 from pcrfs.store import location as location_mod
 from pcrfs.store.reader import ReadOptions, StoreError, StoreUnavailable, open_store
 
-from mountutil import Mounts, fuse_unavailable, pcrfs_cli, wait_until
+from mountutil import fuse_unavailable, pcrfs_cli, wait_until
 from s3util import NO_CREDENTIALS_ENV, FaultProxy, MotoServer, s3_available, s3_environment
 
 pytestmark = pytest.mark.skipif(s3_available() is not None, reason=str(s3_available()))
@@ -81,13 +81,6 @@ def local(demo_store):
     s = pcrfs.open_store(demo_store)
     yield s
     s.close()
-
-
-@pytest.fixture
-def mounts(tmp_path):
-    m = Mounts(tmp_path / "mounts")
-    yield m
-    m.cleanup()
 
 
 def ropts(remote: RemoteOptions, **kwargs) -> ReadOptions:
