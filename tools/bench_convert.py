@@ -484,19 +484,9 @@ def _cmd(args: list[str]) -> str:
 
 
 def machine_info(jpegtran: str, tmp_root: Path) -> dict:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
+    from machine import cpu_model, memory_gb
+
+    cpu, mem_gb = cpu_model(), memory_gb()
     import numpy
     import PIL
     info = {

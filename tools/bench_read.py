@@ -1215,19 +1215,13 @@ def machine_info() -> dict:
         except PackageNotFoundError:
             return None
 
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+    from machine import cpu_model, memory_gb
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
             "pcrfs": pcrfs.__version__, "ratarmount": ver("ratarmount"), "ratarmountcore": ver("ratarmountcore"),
             "mfusepy": ver("mfusepy"),
             "libfuse_pcrfs_binding": f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}",
-            "pillow": ver("pillow"), "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+            "pillow": ver("pillow"), "mem_gb": memory_gb()}
 
 
 def plot(doc: dict, png: Path) -> None:
