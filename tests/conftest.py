@@ -1,7 +1,10 @@
 """Shared fixtures: the demo photos converted once per test session."""
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,32 @@ import pcrfs  # noqa: E402
 from mountutil import Mounts  # noqa: E402
 from pcrfs.convert import convert  # noqa: E402
 from pcrfs.demo import make_demo  # noqa: E402
+
+
+SYSTEM_RUNTIME_DIR = Path("/run/pcrfs")
+
+
+def _listing(d: Path) -> set[str]:
+    return set(os.listdir(d)) if d.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_runtime_dir():
+    """Pid files and default daemon logs of every mount the tests make (also through the CLI,
+    in subprocesses) go to a private directory, removed at the end: the test run leaves
+    nothing in /run/pcrfs. The teardown checks that, so a regression shows as an error."""
+    before = _listing(SYSTEM_RUNTIME_DIR)
+    d = Path(tempfile.mkdtemp(prefix="pcrfs-test-run-"))
+    old = os.environ.get("PCRFS_RUNTIME_DIR")
+    os.environ["PCRFS_RUNTIME_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("PCRFS_RUNTIME_DIR", None)
+    else:
+        os.environ["PCRFS_RUNTIME_DIR"] = old
+    shutil.rmtree(d, ignore_errors=True)
+    left = sorted(_listing(SYSTEM_RUNTIME_DIR) - before)
+    assert not left, f"the test run left files in {SYSTEM_RUNTIME_DIR}: {left[:5]}"
 
 
 @pytest.fixture(scope="session")

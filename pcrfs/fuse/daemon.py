@@ -75,8 +75,13 @@ class MountEntry:
 # ---- where state lives ------------------------------------------------------------------
 
 def runtime_dir() -> Path:
-    """Directory for pid files and default logs (/run/pcrfs for root)."""
+    """Directory for pid files and default logs (/run/pcrfs for root).
+
+    ``PCRFS_RUNTIME_DIR`` overrides the choice (a test run, or a container whose
+    /run is read-only, keeps its state elsewhere)."""
     candidates = []
+    if os.environ.get("PCRFS_RUNTIME_DIR"):
+        candidates.append(Path(os.environ["PCRFS_RUNTIME_DIR"]))
     if os.geteuid() == 0:
         candidates.append(Path("/run/pcrfs"))
     if os.environ.get("XDG_RUNTIME_DIR"):

@@ -30,6 +30,43 @@ import sys
 from .daemon import DEFAULT_CACHE_SIZE, MountError, mount, read_options_from, split_options
 
 USAGE = "usage: mount.pcrfs STORE MOUNTPOINT [-sfnv] [-o OPTION[,OPTION...]]"
+HELP = f"""{USAGE}
+
+Mount a pcrfs store read-only at MOUNTPOINT; what mount(8) runs for
+`mount -t pcrfs STORE MOUNTPOINT` and for /etc/fstab lines of type pcrfs.
+STORE is a store directory or a URL such as s3://bucket/train.pcr.
+
+Flags (as mount(8) passes them):
+  -s          sloppy: tolerate options this helper does not know (accepted;
+              unknown options go to libfuse, which refuses what it cannot use)
+  -f          fake: parse and check everything, then exit 0 without mounting
+  -n          do not write /etc/mtab (accepted; the kernel keeps the mount table)
+  -v          verbose: say what is mounted and with which options, on stderr
+  -h, --help  this text
+
+Options (-o, comma-separated; a comma inside a value is written as \\,):
+  cache_size=SIZE       memory for verified scan groups [default: {DEFAULT_CACHE_SIZE}]
+  log_file=PATH         the daemon's log [default: /run/pcrfs/<mount>.log for root]
+  nonempty              allow a non-empty mount point (its files are hidden while mounted)
+  debug                 libfuse's debug output, into the log
+  endpoint_url=URL      S3-compatible endpoint of a store at an s3:// URL
+  bwlimit=RATE          cap the bytes per second taken from a remote store (e.g. 50M)
+  disk_cache=DIR        on-disk cache of verified scan groups of a remote store
+  disk_cache_size=SIZE  cap of that cache [default: 10G]
+  readahead=SIZE        readahead window of a remote store [default: 16M; 0: off]
+  ro, rw                ignored: the mount is always read-only
+  defaults, auto, noauto, user, users, nouser, owner, group, nofail, _netdev,
+  loud, silent, x-*, comment=*
+                        for mount(8) or systemd only; dropped
+  anything else         passed to libfuse (e.g. allow_other, default_permissions)
+
+Credentials for s3:// stores come from the usual AWS variables and files of the
+user mount(8) runs as. Exit status: 0 mounted, 32 mount failure (the message says why).
+
+Example /etc/fstab lines:
+  /data/train.pcr  /mnt/train  pcrfs  allow_other,cache_size=1G,nofail  0 0
+  s3://bucket/train.pcr  /mnt/s3train  pcrfs  endpoint_url=https://minio.lan:9000,disk_cache=/var/cache/pcrfs,_netdev,nofail  0 0
+"""
 _READ_OPTIONS = ("endpoint_url", "bwlimit", "disk_cache", "disk_cache_size", "readahead")  # read_options_from()
 _OWN = ("cache_size", "log_file") + _READ_OPTIONS
 _MOUNT8_ONLY = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
@@ -77,6 +114,9 @@ def sort_options(options: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP, end="")
+        return 0
     try:
         positional, options, flags = parse_argv(argv)
         if len(positional) != 2:
