@@ -96,6 +96,13 @@ def mount_cmd(store: str, mountpoint: str, foreground: bool, options: tuple[str,
         rate = parse_rate(bwlimit) if bwlimit else None
     except ValueError as e:
         _fail(f"--bwlimit: {e}")
+    if disk_cache:
+        try:
+            os.makedirs(disk_cache, exist_ok=True)
+        except OSError as e:
+            _fail(f"--disk-cache {disk_cache}: cannot create the directory: {e.strerror or e}")
+        if not os.access(disk_cache, os.W_OK | os.X_OK):
+            _fail(f"--disk-cache {disk_cache}: the directory is not writable")
     read_options = ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url), bwlimit=rate,
                                disk_cache=disk_cache, disk_cache_bytes=disk_cache_size, readahead_bytes=readahead)
     try:
