@@ -33,9 +33,17 @@ def _echo_err(message: str) -> None:
 
 # ---- mount / umount ---------------------------------------------------------------------------
 
+class _MountPoint(click.Path):
+    """A directory argument that is not stat'ed while parsing: a stat of a mount point
+    whose daemon is stopped blocks, and mount/umount must say so instead of hanging."""
+
+    def convert(self, value, param, ctx):
+        return os.fspath(value)
+
+
 @click.command("mount")
 @click.argument("store")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=_MountPoint(file_okay=False))
 @click.option("-f", "--foreground", is_flag=True,
               help="Serve in this process until unmounted or interrupted (for systemd, containers "
                    "and debugging) instead of starting a background daemon.")
@@ -115,7 +123,7 @@ def mount_cmd(store: str, mountpoint: str, foreground: bool, options: tuple[str,
 
 
 @click.command("umount")
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint", type=_MountPoint())
 @click.option("-l", "--lazy", is_flag=True,
               help="Detach now even if files are open or a shell is inside; the daemon exits when the "
                    "last user lets go.")

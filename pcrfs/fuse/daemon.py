@@ -111,7 +111,16 @@ def default_log_file(mountpoint: str) -> Path:
 
 
 def _abs(path: str | os.PathLike) -> str:
-    return os.path.realpath(os.path.abspath(os.fspath(path)))
+    """The absolute, symlink-free form of ``path``, found without stat'ing ``path`` itself
+    unless it is a symlink: on a mount whose daemon is stopped, a stat of the mount point
+    blocks (readlink of a directory fails at once, from the dentry alone)."""
+    p = os.path.abspath(os.fspath(path))
+    head, tail = os.path.split(p)
+    try:
+        os.readlink(p)
+    except OSError:  # not a symlink (or not there): only the directories above need resolving
+        return os.path.join(os.path.realpath(head), tail) if tail else p
+    return os.path.realpath(p)
 
 
 def read_pid(mountpoint: str) -> int | None:
