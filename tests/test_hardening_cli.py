@@ -133,6 +133,24 @@ def test_second_convert_into_a_locked_store_is_refused(demo_src, tmp_path):
         os.close(fd)
 
 
+def test_second_convert_to_the_same_url_is_refused(demo_src, tmp_path):
+    """For s3:// stores the lock is the staging directory's lock file: conversions on one
+    machine. It is taken before the object store is contacted (none runs here)."""
+    from pcrfs.remote.fs import RemoteOptions
+    from pcrfs.store.location import RemoteTarget
+
+    src = small_source(demo_src, tmp_path / "src", per_class=1)
+    url, remote = "s3://bucket/train.pcr", RemoteOptions(endpoint_url="http://127.0.0.1:9")
+    staging = RemoteTarget(url, remote, tmp_path / "cache").staging
+    staging.parent.mkdir(parents=True)
+    fd = lock_exclusive(staging.parent / (staging.name + ".lock"), create_file=True)
+    try:
+        with pytest.raises(StoreBusy, match="another convert is writing this store"):
+            convert(src, url, remote=remote, staging_dir=tmp_path / "cache")
+    finally:
+        os.close(fd)
+
+
 def test_two_real_converts_at_once(demo_src, tmp_path):
     """Two `pcrfs convert` processes on one store: one finishes, the other says why it stops."""
     src = small_source(demo_src, tmp_path / "src", per_class=4)
