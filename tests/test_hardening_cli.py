@@ -293,16 +293,17 @@ def test_store_errors_anywhere_in_a_command_are_one_line(demo_store, monkeypatch
 def _drop_parent_directory(store: Path) -> str:
     """Rewrite the store's directory table without one parent directory (and re-sign the
     index in the manifest), as the probe's crafted store did; returns the removed name."""
-    index = open_store(store).index
-    names = [index.dirs[d] for d in range(len(index.dirs))]
-    parent = next(n for n in names if n and any(m.startswith(n + "/") for m in names))
-    keep = [d for d, n in enumerate(names) if n != parent]
-    crafted = Index(images=np.array(index.images), group_lengths=np.array(index.group_lengths),
-                    group_crc32=np.array(index.group_crc32), records=np.array(index.records),
-                    record_group_offsets=np.array(index.record_group_offsets),
-                    paths=StringTable(index.paths.blob_bytes(), np.array(index.paths.offsets)),
-                    dirs=StringTable.from_strings([names[d] for d in keep]),
-                    dir_ranges=np.array(index.dir_ranges)[keep])
+    with open_store(store) as s:
+        index = s.index
+        names = [index.dirs[d] for d in range(len(index.dirs))]
+        parent = next(n for n in names if n and any(m.startswith(n + "/") for m in names))
+        keep = [d for d, n in enumerate(names) if n != parent]
+        crafted = Index(images=np.array(index.images), group_lengths=np.array(index.group_lengths),
+                        group_crc32=np.array(index.group_crc32), records=np.array(index.records),
+                        record_group_offsets=np.array(index.record_group_offsets),
+                        paths=StringTable(index.paths.blob_bytes(), np.array(index.paths.offsets)),
+                        dirs=StringTable.from_strings([names[d] for d in keep]),
+                        dir_ranges=np.array(index.dir_ranges)[keep])
     scratch = store / "index.new"
     checks = crafted.save(scratch)
     shutil.rmtree(store / fmt.INDEX_DIR)
@@ -332,6 +333,39 @@ def test_mount_reports_a_daemon_startup_failure_in_one_line(demo_src, tmp_path, 
     for cmd in (["info", str(store)], ["verify", "-q", str(store)], ["get", str(store), "a/b/x.jpg", "-o",
                                                                        str(tmp_path / "out.jpg")]):
         res = pcrfs_cli(*cmd)
+        assert "Traceback" not in res.stderr, (cmd, res.stderr)
+        if res.returncode:
+            assert_one_line_error(res.stderr)
+
+
+CRAFTED_MANIFESTS = {
+    "YAML nested 20,000 deep": lambda text: text + "extra: " + "[" * 20000 + "]" * 20000 + "\n",
+    "classes: 5": lambda text: text.replace("\nclasses:\n", "\nclasses: 5\nold_classes:\n"),
+    "total_bytes: lots": lambda text: "".join(
+        'total_bytes: "lots"\n' if line.startswith("total_bytes:") else line
+        for line in text.splitlines(keepends=True)),
+}
+
+
+@needs_fuse
+@pytest.mark.parametrize("what", sorted(CRAFTED_MANIFESTS))
+def test_crafted_manifests_give_one_line_in_every_command(demo_store, tmp_path, mounts, what):
+    """The store layer decides what it refuses (and how it words it); whatever it raises,
+    info, verify, get and mount print one line, never a traceback."""
+    store = tmp_path / "crafted.pcr"
+    shutil.copytree(demo_store, store)
+    with open_store(store) as s:
+        path = s.path(0)
+    manifest = store / fmt.MANIFEST
+    edited = CRAFTED_MANIFESTS[what](manifest.read_text())
+    assert edited != manifest.read_text()
+    manifest.write_text(edited)
+    mnt = mounts.point("crafted")
+    for cmd in (["info", str(store)], ["verify", "-q", str(store)],
+                ["get", str(store), path, "-o", str(tmp_path / "x.jpg")],
+                ["mount", str(store), str(mnt), "--log-file", str(tmp_path / "m.log")]):
+        res = pcrfs_cli(*cmd)
+        mounts.track(mnt)
         assert "Traceback" not in res.stderr, (cmd, res.stderr)
         if res.returncode:
             assert_one_line_error(res.stderr)
