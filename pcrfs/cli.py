@@ -85,7 +85,8 @@ def main() -> None:
               help="Refuse images with more pixels than this (decompression bombs).")
 @click.option("--skip-bad", is_flag=True,
               help="Exit 0 even if some files could not be converted (they are listed in the report).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at STORE.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing store at STORE (refused if SRC and STORE overlap in any way).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--dask", "use_dask", is_flag=True,
               help="Convert on a Dask LocalCluster of -j worker processes on this machine (pip install 'pcrfs[dask]').")

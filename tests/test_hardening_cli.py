@@ -450,3 +450,17 @@ def test_stopped_daemon_mount_and_umount_answer_with_what_to_do(demo_store, read
                 reader_proc.kill()
                 reader_proc.wait()
     assert wait_until(lambda: not daemon.daemon_alive(info.pid), timeout=15)
+
+
+@needs_fuse
+def test_umount_of_an_idle_stopped_daemon_says_it_exits_once_resumed(demo_store, mounts):
+    info = mounts.mount(demo_store, "stopped-idle")
+    os.kill(info.pid, signal.SIGSTOP)
+    try:
+        res = pcrfs_cli("umount", info.mountpoint, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert daemon.mount_entry(info.mountpoint) is None
+        assert f"kill -CONT {info.pid}" in res.stderr and "stopped" in res.stderr
+    finally:
+        os.kill(info.pid, signal.SIGCONT)
+    assert wait_until(lambda: not daemon.daemon_alive(info.pid), timeout=15)

@@ -193,14 +193,18 @@ def _not_answering(mountpoint: str) -> tuple[str, str]:
     pid = read_pid(mountpoint)
     if pid is None or not daemon_alive(pid):
         return "its daemon does not answer", ""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        state = b"?"
-    if state in (b"T", b"t"):
+    if _stopped(pid):
         return f"its daemon (pid {pid}) is stopped", f"resume it with `kill -CONT {pid}`, or "
     return f"its daemon (pid {pid}) does not answer", ""
+
+
+def _stopped(pid: int) -> bool:
+    """True if ``pid`` is stopped (SIGSTOP, or a debugger)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 def _run(cmd: list[str], timeout: float = UNMOUNT_TIMEOUT) -> subprocess.CompletedProcess:
@@ -590,13 +594,16 @@ def umount(mountpoint: str | os.PathLike, lazy: bool = False, echo: Echo = _stde
         raise MountError(f"could not unmount {mp}: {said}")
     if pid is not None and not lazy:
         deadline = time.monotonic() + timeout
-        while daemon_alive(pid) and time.monotonic() < deadline:
+        while daemon_alive(pid) and not _stopped(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         if not daemon_alive(pid):
             pid_file_for(mp).unlink(missing_ok=True)
+        elif _stopped(pid):
+            echo(f"pcrfs: unmounted {mp}; its daemon (pid {pid}) is stopped and exits once resumed "
+                 f"(kill -CONT {pid})")
+            return
         else:
-            echo(f"pcrfs: unmounted {mp}, but its daemon (pid {pid}) has not exited after {timeout:.0f}s"
-                 + (" (it is stopped: it exits once resumed)" if _not_answering(mp)[1] else ""))
+            echo(f"pcrfs: unmounted {mp}, but its daemon (pid {pid}) has not exited after {timeout:.0f}s")
             return
     echo(f"pcrfs: unmounted {mp}" + (" (lazily: released when no longer in use)" if lazy else ""))
 
