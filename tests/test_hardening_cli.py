@@ -394,6 +394,23 @@ def test_path_component_over_255_bytes_is_a_bad_file(demo_src, tmp_path):
 
 # ---- item 11: directory link counts -------------------------------------------------------------
 
+def test_view_tree_nlink_in_a_nested_tree(demo_src, tmp_path):
+    from pcrfs.views import ViewTree
+
+    src = tmp_path / "src"
+    for rel in ("a/b/x.jpg", "a/c/y.jpg", "a/w.jpg", "d/z.jpg", "top.jpg"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(next(demo_src.rglob("*.jpg")), src / rel)
+    convert(src, tmp_path / "s.pcr")
+    with open_store(tmp_path / "s.pcr") as s:
+        tree = ViewTree(s)
+        expect = {"/": 2 + len(tree.views) + 1, "/.pcrfs": 2, "/scan1": 4, "/full/a": 4, "/scan2/a/b": 2,
+                  "/scan1/d": 2}
+        assert {p: tree.getattr(p).nlink for p in expect} == expect
+        listed = {name: a.nlink for name, a in tree.readdir("/scan1")}
+        assert listed["a"] == 4 and listed["d"] == 2 and listed["top.jpg"] == 1
+
+
 @needs_fuse
 def test_directory_nlink_counts_subdirectories(demo_store, reader, mounts):
     info = mounts.mount(demo_store, "nlink")
