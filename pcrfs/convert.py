@@ -231,7 +231,7 @@ def refuse_overlap(src: Path, store: Path) -> None:
     src_st = os.stat(src)
     if (src_st.st_dev, src_st.st_ino) in _ancestors(os.fspath(store)) or \
             _inside(os.path.realpath(store), os.path.realpath(src)):
-        raise ValueError(f"the store {store} is inside the source tree {src} (or is it); "
+        raise ValueError(f"the store {store} is inside the source tree {src} (or is that tree); "
                          "choose a store outside the source (the source is never modified)")
     try:
         store_st = os.stat(store)
