@@ -29,7 +29,34 @@ def _open(store: str, endpoint_url: str | None = None):
         _fail(str(e))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineErrors(click.Group):
+    """Whatever a command lets escape becomes one line on stderr, not a traceback: a store
+    the reader refuses (StoreError) or whose bytes fail their checks (CorruptData), and,
+    as a last resort, anything else (``PCRFS_DEBUG=1`` shows the traceback instead)."""
+
+    def invoke(self, ctx: click.Context):
+        from .store.errors import CorruptData, StoreError, StoreUnavailable
+
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except StoreError as e:
+            _fail(str(e))
+        except (CorruptData, StoreUnavailable) as e:
+            _fail(e.strerror or str(e))
+        except RecursionError:
+            if os.environ.get("PCRFS_DEBUG"):
+                raise
+            _fail("input nested too deeply to process (RecursionError)")
+        except Exception as e:  # noqa: BLE001
+            if os.environ.get("PCRFS_DEBUG"):
+                raise
+            _fail(f"unexpected {type(e).__name__}: {e} (a damaged input or a pcrfs bug; "
+                  "PCRFS_DEBUG=1 shows the traceback)")
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pcrfs")
 def main() -> None:
     """pcrfs: image datasets as Progressive Compressed Records, served as a filesystem.
@@ -58,7 +85,8 @@ def main() -> None:
               help="Refuse images with more pixels than this (decompression bombs).")
 @click.option("--skip-bad", is_flag=True,
               help="Exit 0 even if some files could not be converted (they are listed in the report).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at STORE.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing store at STORE (refused if SRC and STORE overlap in any way).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--dask", "use_dask", is_flag=True,
               help="Convert on a Dask LocalCluster of -j worker processes on this machine (pip install 'pcrfs[dask]').")
@@ -170,10 +198,11 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     finally:
         if bar:
             bar.close()
-    ratio = result.bytes_out / result.bytes_in if result.bytes_in else 0
+    # the ratio is of the whole source: a resumed run reads only the rest, the store holds all
     click.echo(
         f"{result.images} images in {result.manifest['num_records']} records, {result.manifest['num_groups']} scan groups; "
-        f"{format_size(result.bytes_in)} read, {format_size(result.bytes_out)} stored ({ratio:.1%}) "
+        f"{format_size(result.bytes_in)} read, {format_size(result.bytes_out)} stored "
+        f"({result.ratio:.1%} of {format_size(result.source_bytes)} source) "
         f"in {result.seconds:.1f}s; {result.reencoded} re-encoded, {len(result.skipped)} skipped, "
         f"{len(result.bad)} bad.", err=True)
     for p in result.bad[:20]:
@@ -275,9 +304,28 @@ def get(store: str, path: str, k, output, endpoint_url: str | None) -> None:
     if output is None:
         if sys.stdout.isatty():
             _fail("refusing to write JPEG bytes to a terminal; use -o FILE or a pipe")
-        sys.stdout.buffer.write(data)
+        _write_stdout(data)
     else:
-        output.write_bytes(data)
+        try:
+            output.write_bytes(data)
+        except OSError as e:
+            _fail(f"cannot write {output}: {e.strerror or e}")
+
+
+def _write_stdout(data: bytes) -> None:
+    """Write ``data`` to standard output, flushed here so that a full disk or a closed
+    pipe is one line now rather than a traceback at exit."""
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        # the reader went away (`| head -c 100`): as for cat, not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except OSError as e:
+        # stdout now holds unwritten bytes: drop them so that exit does not try again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _fail(f"cannot write to standard output: {e.strerror or e}")
 
 
 @main.command("make-demo")

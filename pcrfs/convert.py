@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import yaml
 
+from .fsutil import LockHeld, lock_exclusive
 from .jpeg.transcode import BadImage, SkippedImage, TranscodeOptions, transcode
 from .remote.fs import RemoteOptions, is_url
 from .store import format as fmt
@@ -46,6 +47,9 @@ class SourceFile:
     mtime_ns: int
     dev: int = 0    # identity of the file the listing checked: the file read later must be it
     ino: int = 0
+
+
+NAME_MAX = 255  # bytes per path component (Linux's limit, which the mount must meet)
 
 
 @dataclass
@@ -68,40 +72,46 @@ def list_sources(src: Path) -> Listing:
     listing = Listing()
     root_real = os.path.realpath(src)
 
-    def walk(directory: str, rel_parts: tuple[str, ...]) -> Iterator[None]:
+    def entries_of(directory: str, rel_parts: tuple[str, ...]) -> list[os.DirEntry]:
         try:
             with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                return sorted(it, key=lambda e: e.name)
         except OSError as e:
             listing.problems.append(Problem("/".join(rel_parts) or ".", f"cannot list directory: {e.strerror}"))
-            return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            rel = "/".join(rel_parts + (entry.name,))
-            try:
-                if entry.is_symlink():
-                    target = os.path.realpath(entry.path)
-                    if os.path.isdir(target):
-                        listing.problems.append(Problem(rel, "symlinked directory not followed", "skipped"))
-                        continue
-                    if not _inside(target, root_real):
-                        listing.problems.append(Problem(rel, "symlink points outside the source tree"))
-                        continue
-                st = os.stat(entry.path)
-            except OSError as e:
-                listing.problems.append(Problem(rel, f"cannot stat: {e.strerror}"))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                yield from walk(entry.path, rel_parts + (entry.name,))
-            elif stat.S_ISREG(st.st_mode):
-                listing.files.append(SourceFile(rel, entry.path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino))
-                yield None
-            else:
-                listing.problems.append(Problem(rel, "not a regular file", "skipped"))
+            return []
 
-    for _ in walk(str(src), ()):
-        pass
+    # depth-first with an explicit stack, not recursion: a source tree may be nested
+    # deeper than Python's recursion limit (~1,000 levels)
+    stack: list[tuple[Iterator[os.DirEntry], tuple[str, ...]]] = [(iter(entries_of(str(src), ())), ())]
+    while stack:
+        it, rel_parts = stack[-1]
+        entry = next(it, None)
+        if entry is None:
+            stack.pop()
+            continue
+        if entry.name.startswith("."):
+            continue
+        rel = "/".join(rel_parts + (entry.name,))
+        try:
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if os.path.isdir(target):
+                    listing.problems.append(Problem(rel, "symlinked directory not followed", "skipped"))
+                    continue
+                if not _inside(target, root_real):
+                    listing.problems.append(Problem(rel, "symlink points outside the source tree"))
+                    continue
+            st = os.stat(entry.path)
+        except OSError as e:
+            listing.problems.append(Problem(rel, f"cannot stat: {e.strerror}"))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            parts = rel_parts + (entry.name,)
+            stack.append((iter(entries_of(entry.path, parts)), parts))
+        elif stat.S_ISREG(st.st_mode):
+            listing.files.append(SourceFile(rel, entry.path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino))
+        else:
+            listing.problems.append(Problem(rel, "not a regular file", "skipped"))
     listing.files.sort(key=lambda f: fmt.path_sort_key(f.rel))
     return listing
 
@@ -140,10 +150,21 @@ class ConvertResult:
     seconds: float
     resumed_from: int  # source files already done by an earlier, interrupted run
     manifest: dict
+    source_bytes: int = 0  # every listed source file, this run's and earlier runs' alike
+
+    @property
+    def ratio(self) -> float:
+        """Stored bytes per source byte. Against the whole source, not ``bytes_in``: a
+        resumed run reads only what is left but the store holds everything."""
+        return self.bytes_out / self.source_bytes if self.source_bytes else 0.0
 
 
 class StoreExists(RuntimeError):
     pass
+
+
+class StoreBusy(StoreExists):
+    """Another conversion holds the store's lock."""
 
 
 class FinishedButNotCleaned(Exception):
@@ -168,7 +189,7 @@ def prepare_target(store: Path, overwrite: bool) -> None:
         raise StoreExists(f"{store} exists and is not a directory")
     is_store = (store / fmt.MANIFEST).exists() or (store / fmt.PARTIAL_DIR).exists()
     if overwrite and is_store:
-        shutil.rmtree(store)
+        _empty_directory(store)  # not the directory itself: the conversion's lock is held on it
         return
     if (store / fmt.MANIFEST).exists():
         if (store / fmt.PARTIAL_DIR).exists():
@@ -178,7 +199,97 @@ def prepare_target(store: Path, overwrite: bool) -> None:
         raise StoreExists(f"{store} exists, is not empty and is not a PCR store; refusing to write into it")
 
 
-def _finish_cleanup(store: Path, fp: str, t0: float, n_sources: int) -> ConvertResult:
+def _empty_directory(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _ancestors(path: str) -> set[tuple[int, int]]:
+    """(device, inode) of ``path`` and of every existing directory above it: identities,
+    so a bind mount or a second path to the same directory is still recognised."""
+    ids = set()
+    path = os.path.realpath(path)
+    while True:
+        try:
+            st = os.stat(path)
+            ids.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+        parent = os.path.dirname(path)
+        if parent == path:
+            return ids
+        path = parent
+
+
+def refuse_overlap(src: Path, store: Path) -> None:
+    """ValueError unless ``src`` and ``store`` are disjoint trees. The source is never
+    modified, and ``--overwrite`` empties the store: a source inside the store (or the
+    same directory) would be deleted, a store inside the source would be read as input."""
+    src_st = os.stat(src)
+    if (src_st.st_dev, src_st.st_ino) in _ancestors(os.fspath(store)) or \
+            _inside(os.path.realpath(store), os.path.realpath(src)):
+        raise ValueError(f"the store {store} is inside the source tree {src} (or is that tree); "
+                         "choose a store outside the source (the source is never modified)")
+    try:
+        store_st = os.stat(store)
+    except OSError:
+        return  # a store that does not exist yet contains nothing
+    if (store_st.st_dev, store_st.st_ino) in _ancestors(os.fspath(src)):
+        raise ValueError(f"the source {src} is inside the store {store}; refusing to write there "
+                         "(the source is never modified); choose a store outside the source")
+
+
+def _store_lock(store: Path | None, target: RemoteTarget | None) -> int | None:
+    """Hold the store against a second conversion; StoreBusy if one holds it.
+
+    A local store is locked with ``flock`` on its directory. An s3:// store is locked on
+    its staging directory's lock file: that keeps out a second conversion on this machine
+    (object stores have no lock that pcrfs could take for conversions on other machines).
+    """
+    if target is not None:
+        target.staging.parent.mkdir(parents=True, exist_ok=True)
+        path, where = target.staging.parent / (target.staging.name + ".lock"), target.url
+        create_file = True
+    else:
+        assert store is not None
+        if store.exists() and not store.is_dir():
+            raise StoreExists(f"{store} exists and is not a directory")
+        store.mkdir(parents=True, exist_ok=True)
+        path, where, create_file = store, str(store), False
+    try:
+        return lock_exclusive(path, create_file=create_file)
+    except LockHeld:
+        raise StoreBusy(f"another convert is writing this store ({where}); wait for it to finish, "
+                        "or stop it and run this command again to resume") from None
+
+
+def bad_name(rel: str) -> str | None:
+    """Why the source path ``rel`` cannot be stored, or None. Each component must be one
+    a filesystem can serve: the mount lists it under its own name, and Linux limits
+    names to 255 bytes (sources on exFAT/NTFS/SMB may hold longer ones in UTF-8)."""
+    for part in rel.split("/"):
+        if part in ("", ".", ".."):
+            return f"path component {part!r} is not a name"
+        n = len(fmt.encode_path(part))
+        if n > NAME_MAX:
+            return f"a path component is {n} bytes long; names over {NAME_MAX} bytes cannot be served"
+    return None
+
+
+def _without_bad_names(listing: Listing) -> Listing:
+    """``listing`` less the files :func:`bad_name` refuses, which become bad-file problems."""
+    bad = [(f, why) for f in listing.files if (why := bad_name(f.rel)) is not None]
+    if not bad:
+        return listing
+    refused = {id(f) for f, _ in bad}
+    return Listing([f for f in listing.files if id(f) not in refused],
+                   listing.problems + [Problem(f.rel, why) for f, why in bad])
+
+
+def _finish_cleanup(store: Path, fp: str, t0: float, n_sources: int, source_bytes: int) -> ConvertResult:
     """Complete a conversion that was killed after its manifest: drop the resume state."""
     state = store / fmt.PARTIAL_DIR / "state.json"
     try:
@@ -193,7 +304,8 @@ def _finish_cleanup(store: Path, fp: str, t0: float, n_sources: int) -> ConvertR
     report = json.loads((store / fmt.REPORT).read_text())
     return ConvertResult(images=manifest["num_images"], bad=report["bad"], skipped=report["skipped"],
                          reencoded=report["reencoded"], bytes_in=0, bytes_out=manifest["total_bytes"],
-                         seconds=time.monotonic() - t0, resumed_from=n_sources, manifest=manifest)
+                         seconds=time.monotonic() - t0, resumed_from=n_sources, manifest=manifest,
+                         source_bytes=source_bytes)
 
 
 def prepare_remote_target(target: RemoteTarget, overwrite: bool) -> None:
@@ -263,6 +375,9 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
     must read ``src`` and write ``store`` at the same paths (or the same URL) as this
     process (see docs/distributed.md); ``workers`` is then unused. The store is the
     same as a local conversion's.
+
+    ValueError if ``src`` and ``store`` overlap; StoreBusy if another conversion is
+    writing ``store``. Source paths a mount could not serve are reported as bad files.
     """
     src = Path(src)
     if not src.is_dir():
@@ -270,15 +385,29 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
     target = RemoteTarget(str(store), remote, staging_dir) if is_url(str(store)) else None
     if target is None:
         store = Path(store)
-        if _inside(os.path.realpath(store), os.path.realpath(src)):
-            raise ValueError("the store must not be inside the source tree (the source is never modified)")
+        refuse_overlap(src, store)
+    lock = _store_lock(store if target is None else None, target)
+    try:
+        return _convert(src, store, target, opts=opts, workers=workers, record_bytes=record_bytes,
+                        overwrite=overwrite, listing=listing, on_start=on_start, on_progress=on_progress,
+                        remote=remote, client=client)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _convert(src: Path, store: Path | str, target: RemoteTarget | None, *, opts: TranscodeOptions,
+             workers: int | None, record_bytes: int, overwrite: bool, listing: Listing | None,
+             on_start: Callable[[int, int], None] | None, on_progress: ProgressFn | None,
+             remote: RemoteOptions, client: "distributed.Client | None") -> ConvertResult:
+    """:func:`convert`, with the checks done and the store's lock held."""
     if client is not None:
         # workers open these paths themselves, from their own working directories
         src = Path(os.path.abspath(src))
         if target is None:
             store = Path(os.path.abspath(store))
     t0 = time.monotonic()
-    listing = listing or list_sources(src)
+    listing = _without_bad_names(listing or list_sources(src))
     if client is not None and listing.files and not os.path.isabs(listing.files[0].abs):
         raise ValueError("a conversion on Dask needs a listing of an absolute source path")
     fp = fingerprint(listing, opts, record_bytes)
@@ -286,7 +415,7 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
         try:
             prepare_target(store, overwrite)
         except FinishedButNotCleaned:
-            return _finish_cleanup(store, fp, t0, len(listing.files))
+            return _finish_cleanup(store, fp, t0, len(listing.files), sum(f.size for f in listing.files))
         writer = StoreWriter(store, record_bytes)
     else:
         prepare_remote_target(target, overwrite)
@@ -315,7 +444,8 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
     return ConvertResult(
         images=manifest["num_images"], bad=report["bad"], skipped=report["skipped"],
         reencoded=report["reencoded"], bytes_in=bytes_in, bytes_out=manifest["total_bytes"],
-        seconds=time.monotonic() - t0, resumed_from=resumed, manifest=manifest)
+        seconds=time.monotonic() - t0, resumed_from=resumed, manifest=manifest,
+        source_bytes=sum(f.size for f in listing.files))
 
 
 def _convert_locally(files: list[SourceFile], todo: list[Batch], writer: StoreWriter, opts: TranscodeOptions,

@@ -1,6 +1,8 @@
-"""Durable small-file writes shared by the store writer and the adaptive index."""
+"""Durable small-file writes shared by the store writer and the adaptive index, and the
+lock that keeps two conversions out of one store."""
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from pathlib import Path
@@ -35,3 +37,27 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class LockHeld(Exception):
+    """Another process holds the lock."""
+
+
+def lock_exclusive(path: Path, *, create_file: bool = False) -> int | None:
+    """Take an exclusive ``flock`` on ``path`` (a directory, or with ``create_file`` a file
+    made if missing) without waiting; returns the fd that holds it (close it to release;
+    the kernel releases it when the process dies, so a killed holder never leaves a stale
+    lock). LockHeld if another process holds it; None where the filesystem has no flock
+    (some network filesystems), in which case nothing is locked.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_CREAT if create_file else os.O_DIRECTORY)
+    fd = os.open(path, flags, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockHeld(str(path)) from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

@@ -320,7 +320,17 @@ class ViewTree:
             ino = self._ino(None, 0 if node.dir_id == -1 else 1)
         else:
             ino = self._ino(node.view, max(node.dir_id, 0))
-        return Attr(DIR_MODE, 0, self.mtime_ns, ino, nlink=2)
+        return Attr(DIR_MODE, 0, self.mtime_ns, ino, nlink=2 + self._subdir_count(node))
+
+    def _subdir_count(self, node: DirNode) -> int:
+        """Subdirectories of a directory: a directory's link count is 2 + this (its own
+        '.', its entry in the parent, and each child's '..'), and tools such as Perl's
+        File::Find stop looking for subdirectories once they have seen that many."""
+        if node.view is None:
+            return len(self.views) + 1 if node.dir_id == -1 else 0  # the root: the views and .pcrfs
+        if node.dir_id < 0:
+            return 0  # the root of an empty store's view
+        return len(self._children.get(node.dir_id, ()))
 
     def getattr(self, path: str) -> Attr:
         return self.attr(self.resolve(path))

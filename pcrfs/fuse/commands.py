@@ -33,9 +33,17 @@ def _echo_err(message: str) -> None:
 
 # ---- mount / umount ---------------------------------------------------------------------------
 
+class _MountPoint(click.Path):
+    """A directory argument that is not stat'ed while parsing: a stat of a mount point
+    whose daemon is stopped blocks, and mount/umount must say so instead of hanging."""
+
+    def convert(self, value, param, ctx):
+        return os.fspath(value)
+
+
 @click.command("mount")
 @click.argument("store")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=_MountPoint(file_okay=False))
 @click.option("-f", "--foreground", is_flag=True,
               help="Serve in this process until unmounted or interrupted (for systemd, containers "
                    "and debugging) instead of starting a background daemon.")
@@ -96,6 +104,13 @@ def mount_cmd(store: str, mountpoint: str, foreground: bool, options: tuple[str,
         rate = parse_rate(bwlimit) if bwlimit else None
     except ValueError as e:
         _fail(f"--bwlimit: {e}")
+    if disk_cache:
+        try:
+            os.makedirs(disk_cache, exist_ok=True)
+        except OSError as e:
+            _fail(f"--disk-cache {disk_cache}: cannot create the directory: {e.strerror or e}")
+        if not os.access(disk_cache, os.W_OK | os.X_OK):
+            _fail(f"--disk-cache {disk_cache}: the directory is not writable")
     read_options = ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url), bwlimit=rate,
                                disk_cache=disk_cache, disk_cache_bytes=disk_cache_size, readahead_bytes=readahead)
     try:
@@ -108,7 +123,7 @@ def mount_cmd(store: str, mountpoint: str, foreground: bool, options: tuple[str,
 
 
 @click.command("umount")
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint", type=_MountPoint())
 @click.option("-l", "--lazy", is_flag=True,
               help="Detach now even if files are open or a shell is inside; the daemon exits when the "
                    "last user lets go.")

@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ log = logging.getLogger("pcrfs.fuse")
 
 DEFAULT_CACHE_SIZE = "256M"
 READY_TIMEOUT = 30.0
+PROBE_TIMEOUT = 3.0    # a live daemon answers statfs at once; longer means stopped or hung
+UNMOUNT_TIMEOUT = 5.0  # per unmount tool; umount(8) stats the mount point and hangs with its daemon
 FSTYPE = "fuse.pcrfs"
 STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
@@ -113,7 +116,16 @@ def default_log_file(mountpoint: str) -> Path:
 
 
 def _abs(path: str | os.PathLike) -> str:
-    return os.path.realpath(os.path.abspath(os.fspath(path)))
+    """The absolute, symlink-free form of ``path``, found without stat'ing ``path`` itself
+    unless it is a symlink: on a mount whose daemon is stopped, a stat of the mount point
+    blocks (readlink of a directory fails at once, from the dentry alone)."""
+    p = os.path.abspath(os.fspath(path))
+    head, tail = os.path.split(p)
+    try:
+        os.readlink(p)
+    except OSError:  # not a symlink (or not there): only the directories above need resolving
+        return os.path.join(os.path.realpath(head), tail) if tail else p
+    return os.path.realpath(p)
 
 
 def read_pid(mountpoint: str) -> int | None:
@@ -157,15 +169,51 @@ def mount_entry(mountpoint: str) -> MountEntry | None:
 
 def is_stale(mountpoint: str) -> bool:
     """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN)."""
+    return probe(mountpoint) == "stale"
+
+
+def probe(mountpoint: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """"ok", "stale" (its daemon is gone: ENOTCONN) or "hung" (no answer in ``timeout``
+    seconds: the daemon is stopped or stuck). The ``statfs`` runs in a daemon thread
+    because it blocks for as long as the daemon does not answer; an abandoned one ends
+    with this process (the kernel's wait for a FUSE reply is killable)."""
+    result: list[str] = []
+    done = threading.Event()
+
+    def check() -> None:
+        try:
+            os.statvfs(mountpoint)
+            result.append("ok")
+        except OSError as e:
+            result.append("stale" if e.errno in STALE_ERRNOS else "ok")
+        done.set()
+
+    threading.Thread(target=check, name="pcrfs-probe", daemon=True).start()
+    return result[0] if done.wait(timeout) else "hung"
+
+
+def _not_answering(mountpoint: str) -> tuple[str, str]:
+    """(why the daemon of ``mountpoint`` does not answer, a remedy with a trailing ", "
+    or ""), as far as its pid file and /proc tell."""
+    pid = read_pid(mountpoint)
+    if pid is None or not daemon_alive(pid):
+        return "its daemon does not answer", ""
+    if _stopped(pid):
+        return f"its daemon (pid {pid}) is stopped", f"resume it with `kill -CONT {pid}`, or "
+    return f"its daemon (pid {pid}) does not answer", ""
+
+
+def _stopped(pid: int) -> bool:
+    """True if ``pid`` is stopped (SIGSTOP, or a debugger)."""
     try:
-        os.statvfs(mountpoint)
-    except OSError as e:
-        return e.errno in STALE_ERRNOS
-    return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+def _run(cmd: list[str], timeout: float = UNMOUNT_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
 def _unmount_commands(mountpoint: str, lazy: bool) -> list[list[str]]:
@@ -178,20 +226,35 @@ def _unmount_commands(mountpoint: str, lazy: bool) -> list[list[str]]:
     return cmds
 
 
+TIMED_OUT = "timed out"  # what _try_unmount says when every tool that ran hung
+
+
 def _try_unmount(mountpoint: str, lazy: bool) -> tuple[bool, str]:
-    """Run the unmount tools in turn; (success, what the last one said)."""
+    """Run the unmount tools in turn; (success, what they said). A "busy" answer wins
+    (the others would only add a less useful message), then a tool's own words; if the
+    tools only hung (a stopped daemon), it is :data:`TIMED_OUT`."""
     said = "no fusermount3, fusermount or umount found"
+    timed_out = False
     for cmd in _unmount_commands(mountpoint, lazy):
         try:
             res = _run(cmd)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            said = f"{cmd[0]}: {e}"
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            if mount_entry(mountpoint) is None:
+                return True, ""
+            continue
+        except OSError as e:
+            said = f"{cmd[0]}: {e.strerror or e}"
             continue
         if res.returncode == 0 and mount_entry(mountpoint) is None:
             return True, ""
         said = (res.stderr or res.stdout).strip() or f"{' '.join(cmd)} exited {res.returncode}"
         if mount_entry(mountpoint) is None:
             return True, ""
+        if "busy" in said.lower():
+            return False, said
+    if timed_out and said.startswith("no fusermount3"):
+        said = TIMED_OUT
     return False, said
 
 
@@ -213,8 +276,13 @@ def prepare_mountpoint(mountpoint: str, echo: Echo = _stderr, allow_nonempty: bo
     """Check that ``mountpoint`` can be mounted on; recover it if it is a stale mount."""
     entry = mount_entry(mountpoint)
     if entry is not None:
-        if entry.fstype.startswith("fuse") and is_stale(mountpoint):
+        state = probe(mountpoint) if entry.fstype.startswith("fuse") else "ok"
+        if state == "stale":
             detach_stale(mountpoint, echo)
+        elif state == "hung":
+            why, remedy = _not_answering(mountpoint)
+            raise MountError(f"{mountpoint} is already mounted and {why}: {remedy}detach that mount with "
+                             f"`pcrfs umount --lazy {mountpoint}` and mount again")
         else:
             raise MountError(f"{mountpoint} is already mounted ({entry.fstype} from {entry.source}); "
                              f"unmount it first: pcrfs umount {mountpoint}")
@@ -286,6 +354,8 @@ def _open_store(store: str, cache_bytes: int, read_options: "ReadOptions | None"
         return open_store(store, cache_bytes=cache_bytes, options=read_options)
     except StoreError as e:
         raise MountError(str(e)) from e
+    except OSError as e:  # e.g. a --disk-cache directory that cannot be made
+        raise MountError(f"{e.filename or store}: {e.strerror or e}") from e
 
 
 def read_options_argv(o: "ReadOptions | None") -> list[str]:
@@ -330,9 +400,18 @@ def read_options_from_args(a: argparse.Namespace) -> "ReadOptions":
     return read_options_from(a.endpoint_url, a.bwlimit, a.disk_cache, a.disk_cache_size, a.readahead)
 
 
+def _open_log(log_file: str) -> int:
+    """An fd appending to ``log_file``; MountError saying why if it cannot be written."""
+    try:
+        return os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise MountError(f"cannot write the log file {log_file}: {e.strerror}; choose another "
+                         "with --log-file") from None
+
+
 def _redirect_output(log_file: str) -> None:
     """Send fds 1 and 2 (Python and libfuse messages alike) to ``log_file``."""
-    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = _open_log(log_file)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -349,13 +428,19 @@ def run_foreground(store: str, mountpoint: str, *, options: Iterable[str] = (), 
 
     store, mountpoint = _store_location(store), _abs(mountpoint)
     kwargs, nonempty = fuse_options(options, allow_other)
+    if log_file:
+        os.close(_open_log(log_file))  # an unusable log file is an error now, not after the checks
     s = _open_store(store, cache_size, read_options)
     prepare_mountpoint(mountpoint, echo, allow_nonempty=nonempty)
     if log_file:
         _redirect_output(log_file)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s pcrfs[%(process)d] %(levelname)s %(message)s")
-    tree = ViewTree(s)
+    try:
+        tree = ViewTree(s)
+    except Exception as e:  # noqa: BLE001 - a store that opened but cannot be laid out as a tree
+        log.exception("cannot build the mount's tree")
+        raise MountError(f"the store cannot be mounted: {type(e).__name__}: {e}") from None
     pid_file = pid_file_for(mountpoint)
     ops = PcrfsOperations(tree, extra_stats={"mountpoint": mountpoint, "log_file": log_file,
                                              "pid_file": str(pid_file)})
@@ -405,6 +490,17 @@ def _log_tail(path: str, start: int = 0, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text[-lines:]) or "    (nothing logged)"
 
 
+def _log_reason(path: str, start: int = 0) -> str:
+    """One line saying why the daemon stopped: its own ``pcrfs: error:`` line if it wrote
+    one, else the last line it logged (a traceback's last line names the exception);
+    the whole traceback stays in the log."""
+    tail = [line.strip() for line in _log_tail(path, start, lines=200).splitlines() if line.strip()]
+    for line in reversed(tail):
+        if line.startswith("pcrfs: error: "):
+            return line[len("pcrfs: error: "):]
+    return tail[-1] if tail else "(nothing logged)"
+
+
 def _wait_ready(proc: subprocess.Popen, mountpoint: str, log_file: str, log_start: int, timeout: float) -> None:
     stats = os.path.join(mountpoint, ".pcrfs", "stats")
     deadline = time.monotonic() + timeout
@@ -412,7 +508,7 @@ def _wait_ready(proc: subprocess.Popen, mountpoint: str, log_file: str, log_star
         if proc.poll() is not None:
             _children.pop(proc.pid, None)
             raise MountError(f"the pcrfs daemon exited with status {proc.returncode} before the mount was "
-                             f"ready; the end of its log {log_file}:\n{_log_tail(log_file, log_start)}")
+                             f"ready: {_log_reason(log_file, log_start)} (its log: {log_file})")
         entry = mount_entry(mountpoint)
         if entry is not None and entry.fstype == FSTYPE and os.path.exists(stats):
             return
@@ -452,9 +548,11 @@ def mount(store: str | os.PathLike, mountpoint: str | os.PathLike, foreground: b
                        read_options=read_options)
         return None
     _, nonempty = fuse_options(options, allow_other)
+    log_path = _abs(log_file) if log_file else str(default_log_file(mp))
+    if log_file:
+        os.close(_open_log(log_path))
     _open_store(store_s, 0, read_options).close()  # a clear error now rather than in the daemon's log
     prepare_mountpoint(mp, echo, allow_nonempty=nonempty)
-    log_path = _abs(log_file) if log_file else str(default_log_file(mp))
     argv = [sys.executable, "-m", "pcrfs.fuse.daemon", store_s, mp, "--foreground",
             "--cache-size", str(cache_bytes), "--log-file", log_path]
     argv += read_options_argv(read_options)
@@ -486,17 +584,32 @@ def umount(mountpoint: str | os.PathLike, lazy: bool = False, echo: Echo = _stde
     pid = read_pid(mp)
     ok, said = _try_unmount(mp, lazy)
     if not ok:
+        if "busy" in said.lower() and probe(mp) == "hung":
+            why, remedy = _not_answering(mp)
+            raise MountError(f"{mp} is busy: processes wait for reads there (see: fuser -vm {mp}) and {why}: "
+                             f"{remedy}detach the mount now with `pcrfs umount --lazy {mp}`.")
         if "busy" in said.lower():
             raise MountError(f"{mp} is busy: a process has a file open there or its working directory "
                              f"inside (see: fuser -vm {mp}). Close it and retry, or detach now with "
                              f"`pcrfs umount --lazy {mp}` (the mount is released when the last user lets go).")
+        if said == TIMED_OUT:
+            why, remedy = _not_answering(mp)
+            raise MountError(f"could not unmount {mp}: the unmount did not finish in {UNMOUNT_TIMEOUT:.0f}s "
+                             f"and {why}: {remedy}detach it now with `pcrfs umount --lazy {mp}`")
         raise MountError(f"could not unmount {mp}: {said}")
     if pid is not None and not lazy:
         deadline = time.monotonic() + timeout
-        while daemon_alive(pid) and time.monotonic() < deadline:
+        while daemon_alive(pid) and not _stopped(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         if not daemon_alive(pid):
             pid_file_for(mp).unlink(missing_ok=True)
+        elif _stopped(pid):
+            echo(f"pcrfs: unmounted {mp}; its daemon (pid {pid}) is stopped and exits once resumed "
+                 f"(kill -CONT {pid})")
+            return
+        else:
+            echo(f"pcrfs: unmounted {mp}, but its daemon (pid {pid}) has not exited after {timeout:.0f}s")
+            return
     echo(f"pcrfs: unmounted {mp}" + (" (lazily: released when no longer in use)" if lazy else ""))
 
 
@@ -523,6 +636,12 @@ def main(argv: list[str] | None = None) -> int:
               log_file=a.log_file, allow_other=a.allow_other, read_options=read_options_from_args(a))
     except (MountError, ValueError) as e:
         _stderr(f"pcrfs: error: {e}")
+        return 1
+    except Exception as e:  # noqa: BLE001 - the traceback goes to the log, one line to `pcrfs mount`
+        import traceback
+
+        traceback.print_exc()
+        _stderr(f"pcrfs: error: the daemon failed: {type(e).__name__}: {e}")
         return 1
     return 0
 
