@@ -24,6 +24,19 @@ _READ_KEYS = {f.name for f in fields(ReadOptions)} - {"remote"}
 _CREDENTIAL_KEYS = {"key", "secret", "token", "anon", "profile", "username", "password"}
 _SCAN = re.compile(r"^scan(\d+)$")
 
+# Bumped in every forked child: an object that opened a store notes the value, and a
+# different one means its store (descriptors, threads, locks) belongs to the parent.
+# Cheaper per read than comparing os.getpid(), a system call.
+forks = 0
+
+
+def _forked() -> None:
+    global forks
+    forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 def read_options(storage_options: Mapping[str, Any] | None) -> ReadOptions:
     """:class:`ReadOptions` from fsspec-style options.

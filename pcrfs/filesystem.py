@@ -25,9 +25,10 @@ from typing import Any
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
+from . import access
 from .access import open_with_options
 from .store.reader import Store
-from .views import STATS_DIR, DirNode, FileNode, Node, ViewTree
+from .views import STATS_DIR, DirNode, Node, View, ViewTree
 
 PROTOCOL = "pcr"
 _LOCAL_PROTOCOLS = (None, "", "file", "local")
@@ -65,14 +66,14 @@ class PCRFileSystem(AbstractFileSystem):
         self.location = store_location(fo, target_protocol)
         self.target_options = dict(target_options or {})
         self._store: Store | None = None
-        self._pid = -1
+        self._forks = -1
         self._view_tree()  # fail now, with the store's own message, not at the first read
 
     def _view_tree(self) -> ViewTree:
-        if self._store is None or self._pid != os.getpid():
+        if self._store is None or self._forks != access.forks:
             # a store inherited through fork keeps the parent's descriptors and threads: open our own
             self._store = open_with_options(self.location, self.target_options)
-            self._pid = os.getpid()
+            self._forks = access.forks
             self._tree = ViewTree(self._store)
         return self._tree
 
@@ -85,7 +86,13 @@ class PCRFileSystem(AbstractFileSystem):
     def _strip_protocol(cls, path: Any) -> Any:
         if isinstance(path, list):
             return [cls._strip_protocol(p) for p in path]
-        return super()._strip_protocol(path).strip("/")
+        if not isinstance(path, str):
+            return super()._strip_protocol(path).strip("/")
+        if path.startswith("pcr://"):  # fsspec's general version costs as much as a lookup: this is per read
+            path = path[6:]
+        elif path.startswith("pcr::"):
+            path = path[5:]
+        return path.strip("/")
 
     # ---- the tree --------------------------------------------------------------------
 
@@ -96,11 +103,14 @@ class PCRFileSystem(AbstractFileSystem):
             raise FileNotFoundError(path)
         return tree, tree.resolve("/" + path)
 
-    def _file(self, path: str) -> FileNode:
-        _, node = self._resolve(path)
-        if not isinstance(node, FileNode):
+    def _file(self, path: str) -> tuple[int, int]:
+        """``(image, k)`` of the file at ``path``: what the store reads."""
+        hit = self._view_tree().find_file(self._strip_protocol(path))
+        if hit is None:
+            self._resolve(path)  # FileNotFoundError if there is nothing there
             raise IsADirectoryError(path)
-        return node
+        view, image = hit
+        return image, view.k_of(image)
 
     def info(self, path: str, **kwargs: Any) -> dict:
         tree, node = self._resolve(path)
@@ -131,9 +141,8 @@ class PCRFileSystem(AbstractFileSystem):
     # ---- reading ---------------------------------------------------------------------
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        node = self._file(path)
+        i, k = self._file(path)
         store = self._store
-        i, k = node.image, node.view.k_of(node.image)
         if start is None and end is None:
             return store.read(i, k)
         size = store.size(i, k)
@@ -144,9 +153,8 @@ class PCRFileSystem(AbstractFileSystem):
               cache_options: dict | None = None, **kwargs: Any) -> "PCRFile":
         if mode != "rb":
             raise ReadOnlyError(f"open for {mode!r}", path)
-        node = self._file(path)
-        size = self._store.size(node.image, node.view.k_of(node.image))
-        return PCRFile(self, self._strip_protocol(path), node, size, block_size=block_size,
+        i, k = self._file(path)
+        return PCRFile(self, self._strip_protocol(path), i, k, self._store.size(i, k), block_size=block_size,
                        cache_options=cache_options, **kwargs)
 
     # ---- refusals: every way fsspec writes -------------------------------------------------
@@ -193,16 +201,15 @@ class PCRFileSystem(AbstractFileSystem):
 class PCRFile(AbstractBufferedFile):
     """A file of a view, read in ranges (each range reads only the scan groups it overlaps)."""
 
-    def __init__(self, fs: PCRFileSystem, path: str, node: FileNode, size: int, **kwargs: Any) -> None:
-        self.node = node
+    def __init__(self, fs: PCRFileSystem, path: str, image: int, k: int, size: int, **kwargs: Any) -> None:
+        self.image, self.k = image, k
         super().__init__(fs, path, mode="rb", size=size, **kwargs)
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        node = self.node
         start, end = _clip(start, end, self.size)
         if end <= start:
             return b""
-        return self.fs.store.read_at(node.image, node.view.k_of(node.image), start, end - start)
+        return self.fs.store.read_at(self.image, self.k, start, end - start)
 
 
 def _clip(start: int | None, end: int | None, size: int) -> tuple[int, int]:

@@ -184,7 +184,7 @@ class _Probe(torch.utils.data.Dataset):
     def __getitem__(self, j):
         inherited = self.ds._store
         self.ds.read_bytes(j)
-        return os.getpid(), self.ds._pid, inherited is not None and inherited is self.ds._store
+        return os.getpid(), self.ds._forks, inherited is not None and inherited is self.ds._store
 
 
 def test_forked_workers_open_their_own_store(tree_store):
@@ -193,7 +193,7 @@ def test_forked_workers_open_their_own_store(tree_store):
     loader = torch.utils.data.DataLoader(_Probe(ds), batch_size=1, num_workers=2, collate_fn=keep)
     rows = [row for batch in loader for row in batch]
     assert {pid for pid, _, _ in rows}.isdisjoint({os.getpid()})
-    assert all(pid == owner for pid, owner, _ in rows)
+    assert all(forks == pcrfs.access.forks + 1 for _, forks, _ in rows)  # opened after its fork
     # only a worker's own store is ever reused (the first item of each worker replaced the parent's)
     assert sum(1 for _, _, reused in rows if not reused) == 2
 

@@ -18,8 +18,9 @@ so a ``set_view`` between epochs is seen by the next item each worker loads. A
 copy made any other way (``pickle.dumps``, ``copy.deepcopy``) keeps the view it had
 then, with a slot of its own.
 
-Each process opens its own :class:`~pcrfs.store.reader.Store` on first use (it
-checks the pid), so no file descriptor, lock or thread pool crosses a fork.
+Each process opens its own :class:`~pcrfs.store.reader.Store` on first use (a
+fork is noticed through :data:`pcrfs.access.forks`), so no file descriptor, lock or
+thread pool crosses a fork.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from .. import access
 from ..access import find_view, open_with_options
 from ..imagefolder import IMG_EXTENSIONS, imagefolder_order
 from ..store.reader import Store
@@ -73,7 +75,7 @@ class ImageFolder(torch.utils.data.Dataset):
             opened.close()
             raise
         self._store: Store | None = opened
-        self._pid = os.getpid()
+        self._forks = access.forks
         self._views: dict[str, View] | None = tree.views
         self._view_names = list(tree.views)
         self.classes: list[str] = order.classes
@@ -104,11 +106,11 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def _open(self) -> Store:
         """This process's store (opened on first use after a fork or unpickling)."""
-        if self._store is None or self._pid != os.getpid():
+        if self._store is None or self._forks != access.forks:
             # A store inherited through fork is left alone (its descriptors and
             # threads belong to the parent); this process gets its own.
             self._store = open_with_options(self.root, self.storage_options)
-            self._pid = os.getpid()
+            self._forks = access.forks
             self._views = ViewTree(self._store).views
             self._current = (-1, None)
         return self._store
@@ -125,7 +127,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def read_bytes(self, index: int) -> bytes:
         """Sample ``index``'s file at the current view: a complete JPEG, as the mount serves it."""
-        store = self._open()
+        store = self._store
+        if store is None or self._forks != access.forks:
+            store = self._open()
         view = self._view_now()
         i = int(self._images[index])
         return store.read(i, view.k if view.ks is None else int(view.ks[i]))
@@ -194,11 +198,10 @@ class ImageFolder(torch.utils.data.Dataset):
         if isinstance(state["_slot"], int):
             state["_slot"] = RawValue(ctypes.c_int, state["_slot"])
         self.__dict__.update(state)
-        self._pid = -1
 
     def close(self) -> None:
         """Close this process's store handle (a later item opens it again)."""
-        if self._store is not None and self._pid == os.getpid():
+        if self._store is not None and self._forks == access.forks:
             self._store.close()
         self._store = None
 
