@@ -17,6 +17,8 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fsspec.implementations.local import make_path_posix
 from fsspec.tests.abstract import AbstractFixtures
 from fsspec.tests.abstract.get import AbstractGetTests
@@ -116,6 +118,18 @@ def test_ranged_reads(fs, reader):
             assert f.read(700) == whole[start:start + 700]
             f.seek(-10, os.SEEK_END)
             assert f.read() == whole[-10:]
+
+
+OFFSETS = st.one_of(st.none(), st.integers(-40_000, 40_000))
+
+
+@settings(max_examples=150, deadline=None)
+@given(which=st.integers(0, 10**6), start=OFFSETS, end=OFFSETS)
+def test_cat_file_ranges_slice_like_python(fs, reader, which, start, end):
+    # fsspec's start/end are Python slice bounds (None, negative from the end, clipped)
+    i, k = which % reader.num_images, which % reader.num_groups + 1
+    path = f"scan{k}/{reader.path(i)}"
+    assert fs.cat_file(path, start=start, end=end) == reader.read(i, k)[start:end]
 
 
 def test_a_range_reads_only_the_groups_it_overlaps(demo_store, reader):
