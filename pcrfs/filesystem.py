@@ -28,7 +28,7 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from . import access
 from .access import open_with_options
 from .store.reader import Store
-from .views import STATS_DIR, DirNode, Node, View, ViewTree
+from .views import STATS_DIR, DirNode, FileNode, Node, ViewTree
 
 PROTOCOL = "pcr"
 _LOCAL_PROTOCOLS = (None, "", "file", "local")
@@ -42,7 +42,8 @@ class ReadOnlyError(PermissionError):
 
 
 def store_location(fo: str | os.PathLike, target_protocol: str | None) -> str:
-    """The store location for ``fo`` as a chained URL or the caller hands it over."""
+    """The store's path or URL from ``fo`` and ``target_protocol`` (as a chained URL hands them over:
+    ``pcr://...::s3://bucket/train.pcr`` gives ``fo="bucket/train.pcr", target_protocol="s3"``)."""
     text = os.fspath(fo)
     if target_protocol in _LOCAL_PROTOCOLS:
         return text[len("file://"):] if text.startswith("file://") else text
@@ -88,7 +89,7 @@ class PCRFileSystem(AbstractFileSystem):
             return [cls._strip_protocol(p) for p in path]
         if not isinstance(path, str):
             return super()._strip_protocol(path).strip("/")
-        if path.startswith("pcr://"):  # fsspec's general version costs as much as a lookup: this is per read
+        if path.startswith("pcr://"):
             path = path[6:]
         elif path.startswith("pcr::"):
             path = path[5:]
@@ -103,12 +104,20 @@ class PCRFileSystem(AbstractFileSystem):
             raise FileNotFoundError(path)
         return tree, tree.resolve("/" + path)
 
-    def _file(self, path: str) -> tuple[int, int]:
+    def _file(self, path: str) -> tuple[int, int]:  # path: a str, as fsspec hands it to cat_file/_open
         """``(image, k)`` of the file at ``path``: what the store reads."""
-        hit = self._view_tree().find_file(self._strip_protocol(path))
-        if hit is None:
-            self._resolve(path)  # FileNotFoundError if there is nothing there
-            raise IsADirectoryError(path)
+        # per read, so the common case skips fsspec's general path cleaning and the reopen check's call
+        tree = self._tree if self._store is not None and self._forks == access.forks else self._view_tree()
+        if not isinstance(path, str):
+            path = self._strip_protocol(path)
+        elif path.startswith("pcr://"):
+            path = path[6:]
+        hit = tree.find_file(path.strip("/") if path[:1] == "/" or path[-1:] == "/" else path)
+        if hit is None:  # not a plain path to a file: the full walk says what it is
+            _, node = self._resolve(path)
+            if not isinstance(node, FileNode):
+                raise IsADirectoryError(path)
+            hit = node.view, node.image
         view, image = hit
         return image, view.k_of(image)
 

@@ -159,6 +159,7 @@ def test_walk_glob_exists_isdir(fs, reader, views):
         fs.ls("nope")
     with pytest.raises(IsADirectoryError):
         fs.cat_file("full")
+    assert fs.cat_file(f"pcr://scan2//{path}/") == reader.read(0, 2)  # a path fsspec may hand over untidy
 
 
 def test_chained_urls_and_url_to_fs(demo_store, reader):
