@@ -28,10 +28,11 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from . import access
 from .access import open_with_options
 from .store.reader import Store
-from .views import STATS_DIR, DirNode, FileNode, Node, ViewTree
+from .views import STATS_DIR, DirNode, FileNode, Node, View, ViewTree
 
 PROTOCOL = "pcr"
 _LOCAL_PROTOCOLS = (None, "", "file", "local")
+DIRECTORY_MEMO = 128  # directories whose name -> image maps a filesystem keeps for its per-read lookups
 
 
 class ReadOnlyError(PermissionError):
@@ -76,6 +77,7 @@ class PCRFileSystem(AbstractFileSystem):
             self._store = open_with_options(self.location, self.target_options)
             self._forks = access.forks
             self._tree = ViewTree(self._store)
+            self._dirs: dict[str, tuple[View, dict[str, int]]] = {}
         return self._tree
 
     @property
@@ -104,22 +106,41 @@ class PCRFileSystem(AbstractFileSystem):
             raise FileNotFoundError(path)
         return tree, tree.resolve("/" + path)
 
-    def _file(self, path: str) -> tuple[int, int]:  # path: a str, as fsspec hands it to cat_file/_open
+    def _file(self, path: str) -> tuple[int, int]:
         """``(image, k)`` of the file at ``path``: what the store reads."""
-        # per read, so the common case skips fsspec's general path cleaning and the reopen check's call
-        tree = self._tree if self._store is not None and self._forks == access.forks else self._view_tree()
+        # This runs per read: the common case skips fsspec's general path cleaning and
+        # finds the file by its directory (memoized) and name, not by a walk of the path.
+        if self._store is None or self._forks != access.forks:
+            self._view_tree()
         if not isinstance(path, str):
             path = self._strip_protocol(path)
         elif path.startswith("pcr://"):
             path = path[6:]
-        hit = tree.find_file(path.strip("/") if path[:1] == "/" or path[-1:] == "/" else path)
-        if hit is None:  # not a plain path to a file: the full walk says what it is
+        head, _, name = path.rpartition("/")
+        known = self._dirs.get(head)
+        if known is None:
+            known = self._directory(head)
+        image = known[1].get(name) if known is not None else None
+        if image is None:  # not a plain path to a file: the full walk says what it is
             _, node = self._resolve(path)
             if not isinstance(node, FileNode):
                 raise IsADirectoryError(path)
-            hit = node.view, node.image
-        view, image = hit
-        return image, view.k_of(image)
+            return node.image, node.view.k_of(node.image)
+        view = known[0]
+        return image, view.k if view.ks is None else int(view.ks[image])
+
+    def _directory(self, path: str) -> tuple[View, dict[str, int]] | None:
+        """The view and ``name -> image`` map of the directory at ``path`` (None if it is not one)."""
+        try:
+            _, node = self._resolve(path)
+        except FileNotFoundError:
+            return None
+        if not isinstance(node, DirNode) or node.view is None or node.dir_id < 0:
+            return None
+        if len(self._dirs) >= DIRECTORY_MEMO:
+            self._dirs.clear()  # as many directories as the view tree's listing cache; then start over
+        known = self._dirs[path] = (node.view, self._tree.listing(node.dir_id).files)
+        return known
 
     def info(self, path: str, **kwargs: Any) -> dict:
         tree, node = self._resolve(path)

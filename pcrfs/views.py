@@ -302,19 +302,6 @@ class ViewTree:
             raise FileNotFoundError(path)
         return DirNode(view, dir_id)
 
-    def find_file(self, path: str) -> tuple[View, int] | None:
-        """``(view, image)`` of the file at ``view/dir/.../name`` (no leading slash), found
-        by its directory and name in two dict lookups rather than a walk of its
-        components, and as a plain tuple: the fsspec door looks up a path per read.
-        None if that is not a file."""
-        view_name, _, rest = path.partition("/")
-        head, _, name = rest.rpartition("/")
-        view, d = self.views.get(view_name), self._dir_ids.get(head)
-        if view is None or d is None or not name:
-            return None
-        image = self.listing(d).files.get(name)
-        return None if image is None else (view, image)
-
     # ---- attributes --------------------------------------------------------------
 
     def _ino(self, view: View | None, offset: int) -> int:
