@@ -251,6 +251,46 @@ def test_stats_file_follows_the_counters(demo_store, reader, mounts):
     assert e.value.errno == errno.ENODATA
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_overrides_and_the_compiled_path_are_dispatched(demo_store, reader, mounts, monkeypatch, compiled):
+    """PcrfsFUSE's overrides of mfusepy internals and the compiled hot path really serve
+    the mount: a silent fallback to mfusepy's own methods (after an mfusepy change) or to
+    the Python read path (a broken build) fails here."""
+    from pcrfs.fuse import fastpath
+
+    if compiled:
+        monkeypatch.delenv(fastpath.DISABLE_ENV, raising=False)
+        if fastpath.load()[0] is None:
+            pytest.skip(f"compiled path unavailable: {fastpath.load()[1]}")
+    else:
+        monkeypatch.setenv(fastpath.DISABLE_ENV, "1")
+    info = mounts.mount(demo_store, "dispatch-" + ("c" if compiled else "py"))
+    mnt = Path(info.mountpoint)
+    cls = reader.classes[0]
+    sizes = {e.name: e.stat().st_size for e in os.scandir(mnt / "scan3" / cls)}  # readdir, then stat each
+    assert os.stat(mnt / "scan3").st_mode & 0o040000  # a directory: Python's getattr_fuse_3 either way
+    n = 0
+    for i in range(reader.num_images):
+        if reader.path(i).startswith(cls + "/"):
+            f = mnt / "scan3" / reader.path(i)
+            assert f.read_bytes() == reader.read(i, 3)
+            assert sizes[f.name] == os.stat(f).st_size == reader.size(i, 3)
+            n += 1
+    doc = stats_of(mnt)
+    assert all(v > 0 for v in doc["dispatched"].values()), doc["dispatched"]
+    assert doc["views"]["scan3"]["first_reads"] == n
+    log = Path(info.log_file).read_text()
+    if compiled:
+        fast = doc["fastpath"]
+        records = {reader.ranges(i, 1)[0].record for i in range(reader.num_images) if reader.path(i).startswith(cls + "/")}
+        assert fast["serves_reads"] and fast["reads"] >= n - len(records) and fast["reads"] > 0
+        assert fast["python_reads"] <= len(records)  # the first read of each record hands its descriptor over
+        assert "compiled path: lookups and reads in C" in log
+    else:
+        assert "fastpath" not in doc
+        assert f"compiled path off: every callback in Python (turned off by {fastpath.DISABLE_ENV}=1)" in log
+
+
 # ---- concurrency and what is read from the store --------------------------------------------------------
 
 def test_concurrent_random_reads(demo_store, reader, mounts):

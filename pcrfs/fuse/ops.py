@@ -61,7 +61,8 @@ import numpy as np
 
 from ..store.reader import CorruptData
 from ..views import FILE_MODE, Attr, DirEntries, DirNode, FileNode, StatsNode, ViewTree
-from . import load_mfusepy
+from . import fastpath, load_mfusepy
+from .fastpath import FastPath
 
 mf = load_mfusepy()
 log = logging.getLogger("pcrfs.fuse")
@@ -140,6 +141,10 @@ class PcrfsOperations(mf.Operations):
         self._eio_recent: OrderedDict[str, float] = OrderedDict()  # path -> when it last failed
         self._stats_doc = b""   # the stats file's last snapshot (made by a read at offset 0)
         self._stats_refresher: StatsFileRefresher | None = None
+        self.fast: FastPath | None = None  # the compiled hot path, when serve() installs it
+        # calls that reached PcrfsFUSE's overrides of mfusepy internals (a silent fallback
+        # to mfusepy's own, slower, methods after an mfusepy change shows up as zeros)
+        self.dispatched = {"getattr_fuse_3": 0, "readdir_fuse_3": 0, "pinned_workers": 0}
         self.attr_requests = 0  # getattr calls: attributes the kernel did not have cached
         self._listing_attrs_used = True  # were readdirplus attributes used lately? (readdir_fuse_3)
         self._slot = {v.name: slot for slot, v in enumerate(self._view_list)}
@@ -168,6 +173,8 @@ class PcrfsOperations(mf.Operations):
             return True
 
     def _stat(self, a: Attr) -> dict[str, int]:
+        # mfusepy's dict form of a stat, for its generic getattr/readdir (libfuse 2 only:
+        # under libfuse 3 PcrfsFUSE fills the kernel's structs with encode_stats)
         return {
             "st_mode": a.mode, "st_ino": a.ino, "st_nlink": a.nlink, "st_size": a.size,
             "st_blocks": (a.size + 511) // 512, "st_blksize": 4096,
@@ -182,9 +189,21 @@ class PcrfsOperations(mf.Operations):
         if cache is not None:  # ViewTree.stats tests the cache for truth: an empty ByteLRU reads as none
             doc["cache"] = {"capacity": cache.capacity, "bytes": cache.nbytes,
                             "hits": cache.hits, "misses": cache.misses}
+        fast = self.fast
+        if fast is not None and fast.installed:  # what the compiled path served never passed through here
+            c = fast.counters()
+            for name, (first_reads, served) in c["views"].items():
+                doc["views"][name]["first_reads"] += first_reads
+                doc["views"][name]["bytes_served"] += served
+            for section in (doc["store_reads"], doc["io"]["source"]):
+                section["requests"] += c["store_requests"]
+                section["bytes"] += c["store_bytes"]
+            doc["fastpath"] = {"reads": c["fast_reads"], "python_reads": c["fallback_reads"],
+                               "file_lookups": c["file_lookups"], "serves_reads": fast.reads}
         doc["pid"] = os.getpid()
         doc["errors"] = {"eio": self.eio_count, "eio_requests": self.eio_requests}
-        doc["attr_requests"] = self.attr_requests
+        doc["attr_requests"] = self.attr_requests + (c["file_lookups"] if "fastpath" in doc else 0)
+        doc["dispatched"] = dict(self.dispatched)
         doc.update(self.extra_stats)
         return (json.dumps(doc, indent=1) + "\n").encode()
 
@@ -304,7 +323,10 @@ class PcrfsOperations(mf.Operations):
     def read(self, path: str, size: int, offset: int, fi) -> bytes:
         node = self.tree.resolve(path)
         if isinstance(node, FileNode):
-            return self.tree.read(node, offset, size)
+            data = self.tree.read(node, offset, size)
+            if self.fast is not None:  # read and checked: the compiled path can take this record
+                self.fast.offer_record(node.image)
+            return data
         if isinstance(node, StatsNode):
             if offset == 0 or not self._stats_doc:
                 self._stats_doc = self._stats_file_bytes()
@@ -381,6 +403,25 @@ class PcrfsFUSE(mf.FUSE):
     entries when the kernel asks for them.
     """
 
+    def __init__(self, operations: PcrfsOperations, mountpoint: str, **kwargs: Any) -> None:
+        fast = operations.fast
+        if fast is None:
+            super().__init__(operations, mountpoint, **kwargs)
+            return
+        # mfusepy fills its fuse_operations struct and calls fuse_main_real() within
+        # __init__: the compiled callbacks go into the struct at that call.
+        real_main = mf.fuse_main_real
+
+        def main_with_fast_path(argc, argv, ops_p, size, user_data):
+            fast.install(ops_p.contents)
+            return real_main(argc, argv, ops_p, size, user_data)
+
+        mf.fuse_main_real = main_with_fast_path
+        try:
+            super().__init__(operations, mountpoint, **kwargs)
+        finally:
+            mf.fuse_main_real = real_main
+
     def _wrapper(self, func, *args, **kwargs):
         # libfuse's worker threads are not Python threads: ctypes creates a Python
         # thread state for every callback and destroys it on return, which cost more
@@ -389,23 +430,21 @@ class PcrfsFUSE(mf.FUSE):
         if not getattr(_worker, "pinned", False):
             _PyGILState_Ensure()
             _worker.pinned = True
+            self.operations.dispatched["pinned_workers"] += 1
         return super()._wrapper(func, *args, **kwargs)
 
     def getattr_fuse_3(self, path: bytes | None, buf, fip) -> int:
-        # Every lookup the kernel cannot answer from readdirplus lands here: fill the
-        # struct field by field instead of mfusepy's dict + setattr-per-key round.
+        # Every lookup the kernel cannot answer from readdirplus (and the compiled path
+        # does not answer) lands here: the struct comes from the one stat encoder,
+        # instead of mfusepy's dict + setattr-per-key round.
+        ops = self.operations
+        ops.dispatched["getattr_fuse_3"] += 1
         try:
-            a = self.operations._attr_of(path.decode(self.encoding, self.errors))
+            a = ops._attr_of(path.decode(self.encoding, self.errors))
         except mf.FuseOSError as e:
             return -e.errno
-        ctypes.memset(buf, 0, STAT_SIZE)
-        st = buf.contents
-        st.st_mode, st.st_ino, st.st_nlink, st.st_size = a.mode, a.ino, a.nlink, a.size
-        st.st_uid, st.st_gid = self.operations.owner
-        st.st_blksize, st.st_blocks = 4096, (a.size + 511) >> 9
-        sec, nsec = divmod(a.mtime_ns, _NS)
-        for ts in (st.st_atimespec, st.st_mtimespec, st.st_ctimespec):
-            ts.tv_sec, ts.tv_nsec = sec, nsec
+        st = encode_stats([a.mode], [a.ino], [a.nlink], [a.size], [a.mtime_ns], ops.owner)
+        ctypes.memmove(buf, st.ctypes.data, STAT_SIZE)
         return 0
 
     def opendir(self, path: bytes, fip) -> int:
@@ -428,6 +467,9 @@ class PcrfsFUSE(mf.FUSE):
         except mf.FuseOSError as e:
             return -e.errno
         ops = self.operations
+        ops.dispatched["readdir_fuse_3"] += 1
+        if ops.fast is not None and ops.fast.files_looked_up():
+            ops._listing_attrs_used = True  # the compiled getattr's part of _attr_of
         plus = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
         fill = _Filler(filler, buf, listing)
         n = len(listing.names)
@@ -495,22 +537,34 @@ class FuseListing:
         self.entries = entries
         self.names = entries.raw_names()
         named = [a for _, a in entries.named]
-        k = len(named)
-        st = self.stats = np.zeros(len(self.names), STAT_DTYPE)
-        for col, values in (("st_mode", [a.mode for a in named]), ("st_ino", [a.ino for a in named]),
-                            ("st_nlink", [a.nlink for a in named]), ("st_size", [a.size for a in named])):
-            st[col][:k] = values
-        st["st_mode"][k:] = FILE_MODE
-        st["st_ino"][k:] = entries.file_inos
-        st["st_nlink"][k:] = 1
-        st["st_size"][k:] = entries.file_sizes
-        st["st_blocks"] = (st["st_size"] + 511) >> 9
-        st["st_blksize"] = 4096
-        st["st_uid"], st["st_gid"] = owner
-        mtimes = np.concatenate([np.array([a.mtime_ns for a in named], np.int64), entries.file_mtimes])
-        for field in ("st_atimespec", "st_mtimespec", "st_ctimespec"):
-            st[field]["tv_sec"], st[field]["tv_nsec"] = np.divmod(mtimes, _NS)
-        self.address = st.ctypes.data
+        n_files = len(entries.file_names)
+        self.stats = encode_stats(
+            np.concatenate([np.array([a.mode for a in named], np.int64), np.full(n_files, FILE_MODE, np.int64)]),
+            np.concatenate([np.array([a.ino for a in named], np.int64), entries.file_inos]),
+            np.concatenate([np.array([a.nlink for a in named], np.int64), np.ones(n_files, np.int64)]),
+            np.concatenate([np.array([a.size for a in named], np.int64), entries.file_sizes]),
+            np.concatenate([np.array([a.mtime_ns for a in named], np.int64), entries.file_mtimes]),
+            owner)
+        self.address = self.stats.ctypes.data
+
+
+def encode_stats(modes, inos, nlinks, sizes, mtimes_ns, owner: tuple[int, int]) -> np.ndarray:
+    """Complete ``struct stat``s, one per entry of the equal-length columns (the one
+    encoder of the mount's attributes: listings, getattr; the compiled path fills the
+    same fields in C, see _fastpath.c fast_getattr)."""
+    sizes = np.asarray(sizes, np.int64)
+    st = np.zeros(len(sizes), STAT_DTYPE)
+    st["st_mode"] = modes
+    st["st_ino"] = inos
+    st["st_nlink"] = nlinks
+    st["st_size"] = sizes
+    st["st_blocks"] = (sizes + 511) >> 9
+    st["st_blksize"] = 4096
+    st["st_uid"], st["st_gid"] = owner
+    sec, nsec = np.divmod(np.asarray(mtimes_ns, np.int64), _NS)
+    for field in ("st_atimespec", "st_mtimespec", "st_ctimespec"):
+        st[field]["tv_sec"], st[field]["tv_nsec"] = sec, nsec
+    return st
 
 
 def _raw_filler(filler) -> Callable[..., int]:
@@ -549,10 +603,32 @@ def serve(ops: PcrfsOperations, mountpoint: str, *, fsname: str, options: dict[s
     if mf.fuse_version_major == 3 and mf.fuse_version_minor >= 12:
         kwargs.update(max_threads=FUSE_THREADS, max_idle_threads=FUSE_THREADS)
     kwargs.update(options or {})
+    ops.fast = _compiled_path(ops)
     try:
         PcrfsFUSE(ops, mountpoint, raw_fi=True, foreground=True, **kwargs)
     except RuntimeError as e:  # mfusepy raises fuse_main()'s non-zero status
         if len(e.args) == 1 and isinstance(e.args[0], int):
             return e.args[0]
         raise
+    finally:
+        if ops.fast is not None:
+            ops.fast.release()
     return 0
+
+
+def _compiled_path(ops: PcrfsOperations) -> FastPath | None:
+    """The compiled hot path for this mount, or None (logged either way)."""
+    module, why_not = fastpath.load()
+    if module is not None and mf.fuse_version_major != 3:
+        module, why_not = None, f"it needs libfuse 3 (mfusepy uses libfuse {mf.fuse_version_major})"
+    if module is not None:
+        try:
+            fast = FastPath(module, ops.tree, ops.owner)
+        except (OSError, ValueError, MemoryError) as e:
+            why_not = str(e)
+        else:
+            log.info("compiled path: lookups%s in C%s", " and reads" if fast.reads else "",
+                     "" if fast.reads else " (reads in Python: remote store, readahead, disk cache or bwlimit)")
+            return fast
+    log.info("compiled path off: every callback in Python (%s)", why_not)
+    return None
