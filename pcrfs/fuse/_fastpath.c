@@ -29,6 +29,9 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 typedef int (*read_cb)(const char *, char *, size_t, off_t, void *);
 typedef int (*getattr_cb)(const char *, struct stat *, void *);
@@ -86,6 +89,148 @@ static struct {
 
 #define ADD(x, v) __atomic_fetch_add(&(x), (v), __ATOMIC_RELAXED)
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
+
+/* ---- CRC-32 -------------------------------------------------------------------------
+
+zlib's crc32 runs at ~2.7 GB/s here: 16 us of a 43 kB file's ~55 us of daemon CPU.
+On x86-64 with PCLMULQDQ the bulk of a group is folded with carry-less multiplies
+(Intel, "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ", 2009: fold
+by 4 x 128 bits, then to 128, 64 and 32 bits with a Barrett reduction; constants
+for the bit-reflected polynomial 0xEDB88320) and zlib finishes the tail. configure()
+checks it against zlib on random data of many lengths and uses zlib alone if they
+ever differ. */
+
+#if defined(__x86_64__)
+#define CLMUL_MIN 64
+static const uint64_t __attribute__((aligned(16))) K1K2[2] = {0x0154442bd4ULL, 0x01c6e41596ULL};
+static const uint64_t __attribute__((aligned(16))) K3K4[2] = {0x01751997d0ULL, 0x00ccaa009eULL};
+static const uint64_t __attribute__((aligned(16))) K5K0[2] = {0x0163cd6124ULL, 0x0000000000ULL};
+static const uint64_t __attribute__((aligned(16))) POLY[2] = {0x01db710641ULL, 0x01f7011641ULL};
+
+/* The CRC state (not inverted on entry or exit) after len bytes, len >= 64 and a
+ * multiple of 16. */
+__attribute__((target("pclmul,sse4.1"))) static uint32_t crc_fold(const unsigned char *buf, size_t len,
+                                                                    uint32_t crc) {
+    __m128i x0, x1, x2, x3, x4, x5, x6, x7, x8, y5, y6, y7, y8;
+    x1 = _mm_loadu_si128((const __m128i *)(buf + 0x00));
+    x2 = _mm_loadu_si128((const __m128i *)(buf + 0x10));
+    x3 = _mm_loadu_si128((const __m128i *)(buf + 0x20));
+    x4 = _mm_loadu_si128((const __m128i *)(buf + 0x30));
+    x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128((int)crc));
+    x0 = _mm_load_si128((const __m128i *)K1K2);
+    buf += 64;
+    len -= 64;
+    while (len >= 64) { /* fold 4 x 128 bits by 512 bits */
+        x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+        x6 = _mm_clmulepi64_si128(x2, x0, 0x00);
+        x7 = _mm_clmulepi64_si128(x3, x0, 0x00);
+        x8 = _mm_clmulepi64_si128(x4, x0, 0x00);
+        x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+        x2 = _mm_clmulepi64_si128(x2, x0, 0x11);
+        x3 = _mm_clmulepi64_si128(x3, x0, 0x11);
+        x4 = _mm_clmulepi64_si128(x4, x0, 0x11);
+        y5 = _mm_loadu_si128((const __m128i *)(buf + 0x00));
+        y6 = _mm_loadu_si128((const __m128i *)(buf + 0x10));
+        y7 = _mm_loadu_si128((const __m128i *)(buf + 0x20));
+        y8 = _mm_loadu_si128((const __m128i *)(buf + 0x30));
+        x1 = _mm_xor_si128(_mm_xor_si128(x1, x5), y5);
+        x2 = _mm_xor_si128(_mm_xor_si128(x2, x6), y6);
+        x3 = _mm_xor_si128(_mm_xor_si128(x3, x7), y7);
+        x4 = _mm_xor_si128(_mm_xor_si128(x4, x8), y8);
+        buf += 64;
+        len -= 64;
+    }
+    x0 = _mm_load_si128((const __m128i *)K3K4); /* fold the four into one (by 128 bits) */
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x2), x5);
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x3), x5);
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x4), x5);
+    while (len >= 16) {
+        x2 = _mm_loadu_si128((const __m128i *)buf);
+        x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+        x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+        x1 = _mm_xor_si128(_mm_xor_si128(x1, x2), x5);
+        buf += 16;
+        len -= 16;
+    }
+    /* 128 -> 64 bits */
+    x2 = _mm_clmulepi64_si128(x1, x0, 0x10);
+    x3 = _mm_setr_epi32(~0, 0, ~0, 0);
+    x1 = _mm_srli_si128(x1, 8);
+    x1 = _mm_xor_si128(x1, x2);
+    x0 = _mm_loadl_epi64((const __m128i *)K5K0);
+    x2 = _mm_srli_si128(x1, 4);
+    x1 = _mm_and_si128(x1, x3);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_xor_si128(x1, x2);
+    /* Barrett reduction to 32 bits */
+    x0 = _mm_load_si128((const __m128i *)POLY);
+    x2 = _mm_and_si128(x1, x3);
+    x2 = _mm_clmulepi64_si128(x2, x0, 0x10);
+    x2 = _mm_and_si128(x2, x3);
+    x2 = _mm_clmulepi64_si128(x2, x0, 0x00);
+    x1 = _mm_xor_si128(x1, x2);
+    return (uint32_t)_mm_extract_epi32(x1, 1);
+}
+#endif
+
+static int use_clmul; /* set by configure() after the self-test */
+
+/* zlib-compatible crc32(0, p, n). */
+static uint32_t crc32_of(const unsigned char *p, size_t n) {
+    uint32_t crc = 0;
+#if defined(__x86_64__)
+    if (use_clmul && n >= CLMUL_MIN) {
+        size_t bulk = n & ~(size_t)15;
+        crc = ~crc_fold(p, bulk, ~crc);
+        p += bulk;
+        n -= bulk;
+    }
+#endif
+    unsigned long acc = crc;
+    while (n) { /* zlib's length argument is an unsigned int */
+        unsigned int step = n > (1u << 30) ? (1u << 30) : (unsigned int)n;
+        acc = S.crc32(acc, p, step);
+        p += step;
+        n -= step;
+    }
+    return (uint32_t)acc;
+}
+
+static int clmul_agrees_with_zlib(void) {
+#if defined(__x86_64__)
+    if (!__builtin_cpu_supports("pclmul") || !__builtin_cpu_supports("sse4.1")) return 0;
+    enum { N = 8192 };
+    unsigned char *buf = malloc(N);
+    if (!buf) return 0;
+    uint64_t x = 0x9E3779B97F4A7C15ULL;
+    for (size_t i = 0; i < N; i++) { /* xorshift: random bytes */
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        buf[i] = (unsigned char)x;
+    }
+    int ok = 1;
+    use_clmul = 1;
+    for (size_t n = 0; n <= N && ok; n += (n < 300 ? 1 : 97)) {
+        for (size_t start = 0; start < 3 && start + n <= N; start++) {
+            uint32_t want = (uint32_t)S.crc32(0, buf + start, (unsigned int)n);
+            if (crc32_of(buf + start, n) != want) {
+                ok = 0;
+                break;
+            }
+        }
+    }
+    use_clmul = 0;
+    free(buf);
+    return ok;
+#else
+    return 0;
+#endif
+}
 
 /* ---- the index --------------------------------------------------------------------- */
 
@@ -243,18 +388,7 @@ static int read_group(int fd, uint64_t offset, uint32_t length, uint32_t crc, un
     }
     ADD(S.store_requests, 1);
     ADD(S.store_bytes, length);
-    uint32_t c = 0;
-    const unsigned char *p = dst;
-    size_t left = length;
-    unsigned long acc = S.crc32(0, NULL, 0);
-    while (left) { /* zlib's length argument is an unsigned int */
-        unsigned int step = left > (1u << 30) ? (1u << 30) : (unsigned int)left;
-        acc = S.crc32(acc, p, step);
-        p += step;
-        left -= step;
-    }
-    c = (uint32_t)acc;
-    return c == crc ? 0 : -1;
+    return crc32_of(dst, length) == crc ? 0 : -1;
 }
 
 static int fast_read(const char *path, char *buf, size_t size, off_t off, void *fi) {
@@ -346,6 +480,7 @@ static PyObject *configure(PyObject *self, PyObject *args) {
         return NULL;
     }
     S.crc32 = crc;
+    use_clmul = clmul_agrees_with_zlib();
     S.n_images = n, S.n_groups = G, S.n_records = R;
     S.lengths = PTR(lengths), S.crcs = PTR(crcs), S.images = PTR(images);
     S.image_size = image_size, S.off_mtime = off_mtime, S.off_ngroups = off_ngroups;
@@ -431,7 +566,8 @@ static PyObject *counters(PyObject *self, PyObject *unused) {
         }
         Py_DECREF(row), Py_DECREF(key);
     }
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:K,s:K}", "views", views, "store_requests",
+    return Py_BuildValue("{s:N,s:s,s:K,s:K,s:K,s:K,s:K,s:K}", "views", views, "crc32",
+                         use_clmul ? "pclmul" : "zlib", "store_requests",
                          (unsigned long long)LOAD(S.store_requests), "store_bytes",
                          (unsigned long long)LOAD(S.store_bytes), "fast_reads", (unsigned long long)LOAD(S.fast_reads),
                          "fallback_reads", (unsigned long long)LOAD(S.fallback_reads), "lookups",

@@ -205,7 +205,7 @@ class PcrfsOperations(mf.Operations):
                 section["requests"] += c["store_requests"]
                 section["bytes"] += c["store_bytes"]
             doc["fastpath"] = {"reads": c["fast_reads"], "python_reads": c["fallback_reads"],
-                               "file_lookups": c["file_lookups"], "serves_reads": fast.reads}
+                               "file_lookups": c["file_lookups"], "serves_reads": fast.reads, "crc32": c["crc32"]}
         doc["pid"] = os.getpid()
         doc["errors"] = {"eio": self.eio_count, "eio_requests": self.eio_requests}
         doc["attr_requests"] = self.attr_requests + (c["file_lookups"] if "fastpath" in doc else 0)
