@@ -54,6 +54,14 @@ Usage (from the repository root, as root: FUSE, drop_caches and py-spy need it):
 
 Writes results/bench_read.json and results/bench_read.png. Every mount made is
 unmounted (also on errors and Ctrl-C) and every daemon started is stopped.
+
+``python3 tools/bench_read.py kernel [--rounds 5] [--python-path]`` measures instead issue
+#14's table (no ratarmount needed): 5,248 demo photos, a plain directory against the
+mount's ``full`` and ``scan5`` views, first pass on a fresh mount (store records
+page-cached) and second pass, daemon CPU per file from its threads' schedstat, 1 and 2
+reader processes, an ``os.open`` second pass (no isatty ioctl), and with
+``--python-path`` the same with ``PCRFS_NO_FASTPATH=1``; it writes the key
+``kernel_speed`` of results/bench_read.json (keeping the rest of the file).
 """
 from __future__ import annotations
 
@@ -945,9 +953,22 @@ def daemon_cpu_s(pid: int | None) -> float:
     return total / 1e9
 
 
-def timed_pass_precise(paths: list[str], server_pid: int | None) -> dict:
+def read_pass_os(paths: list[str]) -> tuple[float, int]:
+    """os.open + fstat + os.read + os.close per file: no isatty ioctl (Python's open() sends one)."""
+    nbytes = 0
+    t0 = time.perf_counter()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            nbytes += len(os.read(fd, os.fstat(fd).st_size + 1))
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t0, nbytes
+
+
+def timed_pass_precise(paths: list[str], server_pid: int | None, reader=read_pass) -> dict:
     s0 = daemon_cpu_s(server_pid)
-    secs, nbytes = read_pass(paths)
+    secs, nbytes = reader(paths)
     s1 = daemon_cpu_s(server_pid)
     n = len(paths)
     return {"seconds": secs, "files": n, "bytes": nbytes, "files_per_s": n / secs,
@@ -1043,6 +1064,7 @@ def measure_mount_case(store: Path, mp: Path, work: Path, view: str, compiled: b
             paths = [os.path.join(root, r) for r in rel]
             first = multi_pass(paths, readers, m.pid)
             second = multi_pass(paths, readers, m.pid)
+            second_os = timed_pass_precise(paths, m.pid, read_pass_os) if readers == 1 else None
             doc = json.loads(os.getxattr(m.mp, "user.pcrfs.stats"))
     finally:
         if env_before is None:
@@ -1050,6 +1072,8 @@ def measure_mount_case(store: Path, mp: Path, work: Path, view: str, compiled: b
         else:
             os.environ["PCRFS_NO_FASTPATH"] = env_before
     out = {"first": first, "second": second, "eio": doc["errors"]["eio"]}
+    if second_os is not None:
+        out["second_os"] = second_os
     fp = doc.get("fastpath")
     if fp:
         out["daemon_reads_per_file"] = round((fp["reads"] + fp["python_reads"]) / len(rel), 3)
@@ -1096,6 +1120,7 @@ def kernel_main(argv: list[str]) -> int:
                 if kind == "plain":
                     r = {"first": timed_pass(plain_paths, None)}
                     r["second"] = r["first"]
+                    r["second_os"] = timed_pass_precise(plain_paths, None, read_pass_os)
                 else:
                     r = measure_mount_case(work / "store", mp, work, view, compiled, readers, rel)
                 r["loadavg"] = os.getloadavg()
@@ -1106,7 +1131,8 @@ def kernel_main(argv: list[str]) -> int:
                     f"{r['second']['files_per_s']:8.0f} ({r['second'].get('server_cpu_ms_per_file', 0) * 1e3:5.1f} "
                     f"us/file)  load {r['loadavg'][0]:.2f}")
         plain = med([r["first"]["files_per_s"] for r in raw["plain"]])
-        table = {"plain": {"files_per_s": round(plain)}}
+        plain_os = med([r["second_os"]["files_per_s"] for r in raw["plain"]])
+        table = {"plain": {"files_per_s": round(plain), "os_open_files_per_s": round(plain_os)}}
         for key, rs in raw.items():
             if key == "plain":
                 continue
@@ -1117,6 +1143,11 @@ def kernel_main(argv: list[str]) -> int:
                           "daemon_us_per_file": round(med([r[p]["server_cpu_ms_per_file"] for r in rs]) * 1e3, 1)}
                 if "server_cpu_cores" in rs[0][p]:
                     row[p]["daemon_cores"] = round(med([r[p]["server_cpu_cores"] for r in rs]), 2)
+            if "second_os" in rs[0]:
+                fps = med([r["second_os"]["files_per_s"] for r in rs])
+                row["second_os_open"] = {
+                    "files_per_s": round(fps), "vs_plain_os_open": round(fps / plain_os, 3),
+                    "daemon_us_per_file": round(med([r["second_os"]["server_cpu_ms_per_file"] for r in rs]) * 1e3, 1)}
             row["daemon_reads_per_file"] = rs[0].get("daemon_reads_per_file")
             row["eio"] = sum(r["eio"] for r in rs)
             table[key] = row
@@ -1140,7 +1171,8 @@ def kernel_main(argv: list[str]) -> int:
             "pcrfs_source": source_state(),
             "dataset": info,
             "config": {"rounds": args.rounds, "reader": "open(p, 'rb'); f.read(); close per file; 2 readers: "
-                       "two processes, file j to reader j % 2", "first_pass": "a fresh mount after an os.walk of "
+                       "two processes, file j to reader j % 2; second_os_open: a third pass, os.open + fstat + "
+                       "os.read + os.close (no isatty ioctl), against the plain directory read the same way", "first_pass": "a fresh mount after an os.walk of "
                        "the view; store records page-cached", "daemon_cpu": "sum over the daemon's threads of /proc/PID/task/TID/schedstat "
                        "(ns on CPU)"},
             "table": table, "targets": targets, "raw_rounds": raw,
