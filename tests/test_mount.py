@@ -219,6 +219,20 @@ def test_operations_refuse_writes_without_the_kernel(reader):
     assert all(e[1]["st_ino"] > 0 and e[2] == pos + 1 for pos, e in enumerate(entries))
 
 
+def test_stats_file_fits_the_size_the_kernel_was_told(reader):
+    # the kernel keeps the size from the last getattr until the next invalidation: a
+    # document grown since must still be served whole within that size
+    from pcrfs.fuse.ops import STATS_FILE_HEADROOM, PcrfsOperations
+    from pcrfs.views import ViewTree
+
+    ops = PcrfsOperations(ViewTree(reader))
+    told = ops.getattr("/.pcrfs/stats")["st_size"]
+    grown = "x" * (STATS_FILE_HEADROOM - 100)
+    ops.extra_stats["grown"] = grown
+    data = ops.read("/.pcrfs/stats", told, 0, None)
+    assert len(data) == told and json.loads(data)["grown"] == grown
+
+
 def test_ioctl_is_enotty(mnt, reader):
     import fcntl
     import termios

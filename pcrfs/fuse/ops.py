@@ -87,6 +87,7 @@ _DOTS = (".", "..")
 STATS_XATTR = "user.pcrfs.stats"  # getxattr(MNT, STATS_XATTR): the counters as JSON, always fresh
 STATS_FILE_PATH = "/.pcrfs/stats"
 STATS_FILE_PAD = 4096  # the stats file's size is a multiple of this (see _stats_file_size)
+STATS_FILE_HEADROOM = 2048  # bytes the document may grow by before a read outgrows the size told
 EIO_REPEAT_S = 1.0   # a failure of the same file again within this is the kernel's retry (see Errors)
 EIO_REMEMBERED = 256  # failing paths remembered for that
 
@@ -146,6 +147,7 @@ class PcrfsOperations(mf.Operations):
         self.eio_requests = 0   # failing requests
         self._eio_recent: OrderedDict[str, float] = OrderedDict()  # path -> when it last failed
         self._stats_doc = b""   # the stats file's last snapshot (made by a read at offset 0)
+        self._stats_size_told = 0  # the stats file's size last given to the kernel
         self._stats_refresher: StatsFileRefresher | None = None
         self.fast: FastPath | None = None  # the compiled hot path, when serve() installs it
         # calls that reached PcrfsFUSE's overrides of mfusepy internals (a silent fallback
@@ -263,14 +265,17 @@ class PcrfsOperations(mf.Operations):
         return a
 
     def _stats_file_size(self) -> int:
-        """The stats file's size: the document padded to whole pages, so that the
-        size the kernel holds stays right while the counters grow (the kernel may
-        ask for a new snapshot without asking for the size again)."""
-        return -(-(len(self.stats_document()) + 1) // STATS_FILE_PAD) * STATS_FILE_PAD
+        """The stats file's size as the kernel is told it: the document plus headroom,
+        padded to whole pages. The kernel keeps that size until the file is next
+        invalidated (after a read of it), so a read must fit a document that has grown
+        since: it is padded to this size (see _stats_file_bytes)."""
+        size = _pages(len(self.stats_document()) + STATS_FILE_HEADROOM)
+        self._stats_size_told = size
+        return size
 
     def _stats_file_bytes(self) -> bytes:
         doc = self.stats_document()
-        size = -(-(len(doc) + 1) // STATS_FILE_PAD) * STATS_FILE_PAD
+        size = max(self._stats_size_told, _pages(len(doc)))
         return doc[:-1] + b" " * (size - len(doc)) + b"\n"  # JSON allows trailing whitespace
 
     @_errors_mapped
@@ -354,6 +359,11 @@ class PcrfsOperations(mf.Operations):
 
     write = create = mknod = mkdir = rmdir = unlink = rename = link = symlink = _read_only
     chmod = chown = truncate = utimens = setxattr = removexattr = fallocate = _read_only
+
+
+def _pages(n: int) -> int:
+    """``n`` rounded up to whole STATS_FILE_PAD pages."""
+    return -(-n // STATS_FILE_PAD) * STATS_FILE_PAD
 
 
 def _libfuse_context_fuse() -> int | None:
