@@ -7,11 +7,13 @@ Semantics (what the kernel sees):
 * **Kernel caching, and no ``open``.** A store never changes while mounted, so
   attributes, directory entries and negative lookups are cached for an hour and
   directories are opened with ``cache_readdir`` (honoured by libfuse >= 3.15).
-  ``open`` answers the kernel's first OPEN with ENOSYS, after which the kernel sends no OPEN (nor RELEASE) for any file of the
-  connection and treats every file as opened with ``FOPEN_KEEP_CACHE``: pages of
-  a file survive close and reopen, so a re-read of a file the kernel holds never
-  reaches the daemon (measured warm: ~8 us per os.open+read+close against ~120 us
-  when ``open`` was answered). A read at offset 0 (the first read of a file) is
+  ``open`` answers the kernel's first OPEN with ENOSYS, after which the kernel
+  sends no OPEN (nor RELEASE) for any file of the connection and treats every
+  file as opened with ``FOPEN_KEEP_CACHE``: pages of a file survive close and
+  reopen, so a re-read of a file the kernel holds never reaches the daemon
+  (measured warm: ~8 us per os.open+read+close against ~120 us when ``open`` was
+  answered; Python's ``open()`` still sends one isatty ioctl, answered by libfuse
+  in C: ~5 us of daemon CPU). A read at offset 0 (the first read of a file) is
   what the per-view counters count. ``release``, ``flush`` and ``ioctl`` have no
   Python callback either: libfuse answers them in C.
 * **The counters.** ``getxattr(MNT, "user.pcrfs.stats")`` answers a fresh JSON
@@ -20,14 +22,15 @@ Semantics (what the kernel sees):
   it cannot be ``direct_io``, so after each read of it the daemon invalidates its
   attributes and pages (``fuse_invalidate_path``, from a thread of its own: doing
   it inside the read would wait on the very pages being read), and the next read
-  gets a new snapshot. That invalidation runs just after the reply, so a read
-  racing it may see the snapshot before; the attribute is exact.
+  gets a new snapshot (padded with spaces to the size last told to the kernel).
+  That invalidation runs just after the reply, so a read racing it may see the
+  snapshot before; the attribute is exact.
 * **A compiled hot path.** When ``pcrfs.fuse._fastpath`` is built, serve() puts its
   C ``read``/``getattr``/``getxattr`` into the struct libfuse calls, in front of the
   Python ones here (see :mod:`pcrfs.fuse.fastpath`): image files are looked up and
   read on libfuse's threads without the GIL; the rest, and every failure, comes
-  here. Measured first pass (tools/bench_read.py kernel): ~60 us of daemon CPU per
-  43 kB file against ~250 us all in Python.
+  here. Measured first pass (tools/bench_read.py kernel): ~50 us of daemon CPU per
+  43 kB file against ~190 us all in Python.
 * **Listings carry attributes.** ``readdir`` returns entries with their full
   stat; under libfuse 3 they are handed to the kernel as *readdirplus* entries,
   so ``ls -l``/``os.scandir``/``find -size`` need no ``getattr`` per file. Each
@@ -39,9 +42,9 @@ Semantics (what the kernel sees):
 * **Errors.** A missing path is ENOENT; stored bytes that fail their checksum
   (or a missing/changed record file) are EIO with one log line naming the file
   (the kernel retries a failed readahead READ with one-page READs, so one failing
-  read() arrives two or three times: a repeat of the same file within EIO_REPEAT_S is counted
-  as a request but neither logged nor counted as another error); the daemon keeps
-  serving everything else. ``ioctl`` (Python's ``open()``
+  read() arrives two or three times: a repeat of the same file within EIO_REPEAT_S
+  is counted as a request but neither logged nor counted as another error); the
+  daemon keeps serving everything else. ``ioctl`` (Python's ``open()``
   asks ``isatty``) is ENOTTY: libfuse answers ENOSYS without a callback and
   the kernel passes it on as ENOTTY.
 
