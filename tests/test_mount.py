@@ -306,6 +306,27 @@ def test_overrides_and_the_compiled_path_are_dispatched(demo_store, reader, moun
         assert f"compiled path off: every callback in Python (turned off by {fastpath.DISABLE_ENV}=1)" in log
 
 
+def test_reads_from_anywhere_in_a_file_match_the_store(demo_store, reader, mounts):
+    """Reads that start past offset 0 (the kernel asks from that page on, cutting scan
+    groups) come back exactly as the reader API assembles them, whichever path serves."""
+    mnt = Path(mounts.mount(demo_store, "anywhere").mountpoint)
+    rng = random.Random(7)
+    for i in rng.sample(range(reader.num_images), 24):
+        k = rng.choice([2, 5, reader.num_groups])
+        want = reader.read(i, k)
+        fd = os.open(mnt / f"scan{k}" / reader.path(i), os.O_RDONLY)
+        try:
+            for _ in range(4):
+                off, size = rng.randrange(len(want)), rng.randrange(1, 70000)
+                assert os.pread(fd, size, off) == want[off:off + size]
+            assert os.pread(fd, len(want) + 10, 0) == want
+        finally:
+            os.close(fd)
+    fast = stats_of(mnt).get("fastpath")
+    if fast is not None:  # the compiled path served most of them (the cut groups included)
+        assert fast["reads"] > fast["python_reads"]
+
+
 # ---- concurrency and what is read from the store --------------------------------------------------------
 
 def test_concurrent_random_reads(demo_store, reader, mounts):
