@@ -181,20 +181,29 @@ def split_names(blob: bytes, rel: list[int], prefix: bytes) -> list[bytes]:
 
 
 class ViewCounters:
-    """Per-view counters for the stats file (opens and bytes served)."""
+    """Per-view counters for the stats: first reads and bytes served.
+
+    A *first read* is a read at offset 0, which every whole-file read starts with:
+    the mount answers no ``open`` (see :mod:`pcrfs.fuse.ops`), so files read are
+    counted by their first bytes. Re-reads the kernel serves from its page cache
+    never reach the daemon and are not counted."""
 
     def __init__(self, names: list[str]) -> None:
         self._lock = threading.Lock()
-        self.opened = {n: 0 for n in names}
+        self.first_reads = {n: 0 for n in names}
         self.served = {n: 0 for n in names}
 
-    def open(self, view: str) -> None:
-        with self._lock:
-            self.opened[view] += 1
-
-    def serve(self, view: str, n: int) -> None:
+    def serve(self, view: str, offset: int, n: int) -> None:
         with self._lock:
             self.served[view] += n
+            if offset == 0:
+                self.first_reads[view] += 1
+
+    def add(self, view: str, first_reads: int, served: int) -> None:
+        """Counts made elsewhere (the mount's compiled read path)."""
+        with self._lock:
+            self.first_reads[view] += first_reads
+            self.served[view] += served
 
 
 class ViewTree:
@@ -365,11 +374,8 @@ class ViewTree:
         if isinstance(node, StatsNode):
             return self.stats_bytes()[offset:offset + size]
         data = self.store.read_at(node.image, node.view.k_of(node.image), offset, size)
-        self.counters.serve(node.view.name, len(data))
+        self.counters.serve(node.view.name, offset, len(data))
         return data
-
-    def opened(self, node: FileNode) -> None:
-        self.counters.open(node.view.name)
 
     # ---- stats -----------------------------------------------------------------------
 
@@ -379,7 +385,8 @@ class ViewTree:
         return {
             "store": str(self.store.root),
             "uptime_s": round(time.time() - self.started, 3),
-            "views": {name: {"opened": self.counters.opened[name], "bytes_served": self.counters.served[name]}
+            "views": {name: {"first_reads": self.counters.first_reads[name],
+                             "bytes_served": self.counters.served[name]}
                       for name in self.views},
             "store_reads": {"requests": rec.requests, "bytes": rec.bytes_read},
             "cache": {"capacity": cache.capacity if cache is not None else 0, "bytes": cache.nbytes if cache is not None else 0,

@@ -1,6 +1,7 @@
 """The FUSE mount: a thin adapter from the kernel to :class:`pcrfs.views.ViewTree`.
 
 * :mod:`pcrfs.fuse.ops`      -- the mfusepy ``Operations`` (read-only, caching policy)
+* :mod:`pcrfs.fuse.fastpath` -- the optional compiled lookups and reads (``_fastpath.c``)
 * :mod:`pcrfs.fuse.daemon`   -- ``mount``/``umount``: daemon, readiness, stale mounts
 * :mod:`pcrfs.fuse.commands` -- the ``pcrfs mount|umount|stats|demo`` commands
 * :mod:`pcrfs.fuse.mount_helper` -- ``mount.pcrfs`` for ``mount -t pcrfs`` and fstab

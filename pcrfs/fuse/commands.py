@@ -141,12 +141,15 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
 
 # ---- stats -----------------------------------------------------------------------------------
 
+STATS_XATTR = "user.pcrfs.stats"  # always fresh (the stats file may lag a read behind: see pcrfs.fuse.ops)
+
+
 def read_stats(mountpoint: str | os.PathLike) -> dict:
     """The counters of the pcrfs mount at ``mountpoint`` (MountError if it is none)."""
     path = os.path.join(os.fspath(mountpoint), *STATS_PATH)
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
+        os.stat(path)  # not a pcrfs mount: FileNotFoundError, named below
+        return json.loads(os.getxattr(os.fspath(mountpoint), STATS_XATTR))
     except FileNotFoundError:
         raise MountError(f"{mountpoint} is not a pcrfs mount (no {'/'.join(STATS_PATH)})") from None
     except OSError as e:
@@ -203,12 +206,12 @@ def format_stats(doc: dict) -> str:
         f"errors       {doc.get('errors', {}).get('eio', 0)} EIO (damaged data; see the log)",
         *_io_lines(doc.get("io") or {}),
         "",
-        f"{'view':<8} {'opened':>10} {'served':>12}",
+        f"{'view':<8} {'first reads':>11} {'served':>12}",
     ]
     for name, v in doc.get("views", {}).items():
-        lines.append(f"{name:<8} {v.get('opened', 0):>10} {format_size(v.get('bytes_served', 0)):>12}")
-    lines.append("(opened counts opens that reached the daemon; re-reads served from the kernel's page "
-                 "cache are not counted)")
+        lines.append(f"{name:<8} {v.get('first_reads', 0):>11} {format_size(v.get('bytes_served', 0)):>12}")
+    lines.append("(first reads: reads at offset 0 that reached the daemon; re-reads served from the "
+                 "kernel's page cache are not counted)")
     return "\n".join(lines)
 
 
@@ -216,10 +219,11 @@ def format_stats(doc: dict) -> str:
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw counters as JSON.")
 def stats_cmd(mountpoint: str, as_json: bool) -> None:
-    """Show a mount's counters: files opened and bytes served per view, store reads,
+    """Show a mount's counters: first reads and bytes served per view, store reads,
     group-cache hit rate, EIO errors, daemon pid and log file.
 
-    The same data is in MOUNTPOINT/.pcrfs/stats (JSON, always current).
+    Read from the extended attribute user.pcrfs.stats of MOUNTPOINT (always current);
+    MOUNTPOINT/.pcrfs/stats holds the same JSON.
     """
     try:
         doc = read_stats(mountpoint)

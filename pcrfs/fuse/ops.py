@@ -4,22 +4,33 @@ Semantics (what the kernel sees):
 
 * **Read-only and immutable.** The mount is made ``ro`` (the kernel refuses most
   writes itself) and every write-type callback answers EROFS as well.
-* **Kernel caching.** A store never changes while mounted, so attributes,
-  directory entries and negative lookups are cached for an hour, image files
-  are opened with ``keep_cache`` (their pages survive close/reopen: a second
-  epoch reads from RAM) and directories with ``cache_readdir`` (honoured by
-  libfuse >= 3.15; 3.14's high-level API drops it). This is ``-o kernel_cache``
-  for image files only: ``/.pcrfs/stats`` is opened ``direct_io`` and each open
-  serves a fresh snapshot, so the kernel never hands out stale counters.
-* **open is answered, not ENOSYS.** libfuse 3 lets a filesystem answer ``open``
-  with ENOSYS to save one round trip per file, but the kernel then stops
-  sending ``open`` for *every* file of the connection: the stats file could not
-  be ``direct_io`` any more and the per-view ``opened`` counters would stay 0.
-  With ``keep_cache`` a reopened file still comes from the page cache; the cost
-  is one small request per open (measured warm: ~120 us per os.open+read+close
-  against ~8 us with ENOSYS; ~200 against ~160 us through Python's ``open()``,
-  whose isatty ioctl reaches libfuse either way). ``release``, ``flush`` and
-  ``ioctl`` have no Python callback at all: libfuse answers them in C.
+* **Kernel caching, and no ``open``.** A store never changes while mounted, so
+  attributes, directory entries and negative lookups are cached for an hour and
+  directories are opened with ``cache_readdir`` (honoured by libfuse >= 3.15).
+  ``open`` answers the kernel's first OPEN with ENOSYS, after which the kernel
+  sends no OPEN (nor RELEASE) for any file of the connection and treats every
+  file as opened with ``FOPEN_KEEP_CACHE``: pages of a file survive close and
+  reopen, so a re-read of a file the kernel holds never reaches the daemon
+  (measured warm: ~8 us per os.open+read+close against ~120 us when ``open`` was
+  answered; Python's ``open()`` still sends one isatty ioctl, answered by libfuse
+  in C: ~5 us of daemon CPU). A read at offset 0 (the first read of a file) is
+  what the per-view counters count. ``release``, ``flush`` and ``ioctl`` have no
+  Python callback either: libfuse answers them in C.
+* **The counters.** ``getxattr(MNT, "user.pcrfs.stats")`` answers a fresh JSON
+  document on every call (the kernel caches no extended attributes); ``pcrfs
+  stats`` reads that. ``/.pcrfs/stats`` holds the same document: without ``open``
+  it cannot be ``direct_io``, so after each read of it the daemon invalidates its
+  attributes and pages (``fuse_invalidate_path``, from a thread of its own: doing
+  it inside the read would wait on the very pages being read), and the next read
+  gets a new snapshot (padded with spaces to the size last told to the kernel).
+  That invalidation runs just after the reply, so a read racing it may see the
+  snapshot before; the attribute is exact.
+* **A compiled hot path.** When ``pcrfs.fuse._fastpath`` is built, serve() puts its
+  C ``read``/``getattr``/``getxattr`` into the struct libfuse calls, in front of the
+  Python ones here (see :mod:`pcrfs.fuse.fastpath`): image files are looked up and
+  read on libfuse's threads without the GIL; the rest, and every failure, comes
+  here. Measured first pass (tools/bench_read.py kernel): ~50 us of daemon CPU per
+  43 kB file against ~190 us all in Python.
 * **Listings carry attributes.** ``readdir`` returns entries with their full
   stat; under libfuse 3 they are handed to the kernel as *readdirplus* entries,
   so ``ls -l``/``os.scandir``/``find -size`` need no ``getattr`` per file. Each
@@ -29,8 +40,11 @@ Semantics (what the kernel sees):
   without them) listings are names only, handed to libfuse whole, until a
   lookup of a file shows that callers stat what they list again.
 * **Errors.** A missing path is ENOENT; stored bytes that fail their checksum
-  (or a missing/changed record file) are EIO with one log line naming the file;
-  the daemon keeps serving everything else. ``ioctl`` (Python's ``open()``
+  (or a missing/changed record file) are EIO with one log line naming the file
+  (the kernel retries a failed readahead READ with one-page READs, so one failing
+  read() arrives two or three times: a repeat of the same file within EIO_REPEAT_S
+  is counted as a request but neither logged nor counted as another error); the
+  daemon keeps serving everything else. ``ioctl`` (Python's ``open()``
   asks ``isatty``) is ENOTTY: libfuse answers ENOSYS without a callback and
   the kernel passes it on as ENOTTY.
 
@@ -48,6 +62,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -55,7 +70,8 @@ import numpy as np
 
 from ..store.reader import CorruptData
 from ..views import FILE_MODE, Attr, DirEntries, DirNode, FileNode, StatsNode, ViewTree
-from . import load_mfusepy
+from . import fastpath, load_mfusepy
+from .fastpath import FastPath
 
 mf = load_mfusepy()
 log = logging.getLogger("pcrfs.fuse")
@@ -69,11 +85,14 @@ FUSE_FILL_DIR_PLUS = 1 << 1         # filler flags: this entry's stat is complet
 FUSE_CAP_READDIRPLUS = 1 << 13      # conn capability: readdirplus supported
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # conn capability: kernel decides per call (we want "always")
 
-# File handles: image files encode (image, view) directly in fh; handles for
-# stats snapshots and directory listings come from a counter above this.
-_TABLE_HANDLES = 1 << 62
-STATS_SNAPSHOTS = 64  # stats-file snapshots kept for open handles (see PcrfsOperations._snapshot)
+_TABLE_HANDLES = 1 << 62  # directory listing handles come from a counter from here
 _DOTS = (".", "..")
+STATS_XATTR = "user.pcrfs.stats"  # getxattr(MNT, STATS_XATTR): the counters as JSON, always fresh
+STATS_FILE_PATH = "/.pcrfs/stats"
+STATS_FILE_PAD = 4096  # the stats file's size is a multiple of this (see _stats_file_size)
+STATS_FILE_HEADROOM = 2048  # bytes the document may grow by before a read outgrows the size told
+EIO_REPEAT_S = 1.0   # a failure of the same file again within this is the kernel's retry (see Errors)
+EIO_REMEMBERED = 256  # failing paths remembered for that
 
 
 def _errors_mapped(fn: Callable) -> Callable:
@@ -92,16 +111,16 @@ def _errors_mapped(fn: Callable) -> Callable:
         except IsADirectoryError:
             raise mf.FuseOSError(errno.EISDIR) from None
         except CorruptData as e:
-            self._note_error()
-            log.error("EIO on %s: %s", path, e.strerror)
+            if self._note_error(path):
+                log.error("EIO on %s: %s", path, e.strerror)
             raise mf.FuseOSError(errno.EIO) from None
         except OSError as e:
-            self._note_error()
-            log.error("EIO on %s: %s", path, e)
+            if self._note_error(path):
+                log.error("EIO on %s: %s", path, e)
             raise mf.FuseOSError(errno.EIO) from None
         except Exception:
-            self._note_error()
-            log.exception("EIO on %s: unexpected error in %s", path, fn.__name__)
+            if self._note_error(path):
+                log.exception("EIO on %s: unexpected error in %s", path, fn.__name__)
             raise mf.FuseOSError(errno.EIO) from None
 
     return wrapper
@@ -125,10 +144,18 @@ class PcrfsOperations(mf.Operations):
         self.owner = (os.getuid(), os.getgid())
         self._view_list = list(tree.views.values())
         self._table: dict[int, FuseListing] = {}  # fh -> open directory's listing
-        self._snapshots: OrderedDict[int, bytes] = OrderedDict()  # fh -> stats file snapshot
         self._table_ids = itertools.count(_TABLE_HANDLES)
         self._mutex = threading.Lock()
-        self.eio_count = 0
+        self.eio_count = 0      # failing files (a kernel retry of the same file is not another)
+        self.eio_requests = 0   # failing requests
+        self._eio_recent: OrderedDict[str, float] = OrderedDict()  # path -> when it last failed
+        self._stats_doc = b""   # the stats file's last snapshot (made by a read at offset 0)
+        self._stats_size_told = 0  # the stats file's size last given to the kernel
+        self._stats_refresher: StatsFileRefresher | None = None
+        self.fast: FastPath | None = None  # the compiled hot path, when serve() installs it
+        # calls that reached PcrfsFUSE's overrides of mfusepy internals (a silent fallback
+        # to mfusepy's own, slower, methods after an mfusepy change shows up as zeros)
+        self.dispatched = {"getattr_fuse_3": 0, "readdir_fuse_3": 0, "pinned_workers": 0}
         self.attr_requests = 0  # getattr calls: attributes the kernel did not have cached
         self._listing_attrs_used = True  # were readdirplus attributes used lately? (readdir_fuse_3)
         self._slot = {v.name: slot for slot, v in enumerate(self._view_list)}
@@ -142,11 +169,23 @@ class PcrfsOperations(mf.Operations):
 
     # ---- helpers (not FUSE callbacks) --------------------------------------------------
 
-    def _note_error(self) -> None:
+    def _note_error(self, path: str) -> bool:
+        """Count a failing request; True if it deserves a log line (not a repeat, see Errors)."""
+        now = time.monotonic()
         with self._mutex:
+            self.eio_requests += 1
+            last = self._eio_recent.pop(path, None)
+            self._eio_recent[path] = now
+            while len(self._eio_recent) > EIO_REMEMBERED:
+                self._eio_recent.popitem(last=False)
+            if last is not None and now - last < EIO_REPEAT_S:
+                return False
             self.eio_count += 1
+            return True
 
     def _stat(self, a: Attr) -> dict[str, int]:
+        # mfusepy's dict form of a stat, for its generic getattr/readdir (libfuse 2 only:
+        # under libfuse 3 PcrfsFUSE fills the kernel's structs with encode_stats)
         return {
             "st_mode": a.mode, "st_ino": a.ino, "st_nlink": a.nlink, "st_size": a.size,
             "st_blocks": (a.size + 511) // 512, "st_blksize": 4096,
@@ -161,34 +200,29 @@ class PcrfsOperations(mf.Operations):
         if cache is not None:  # ViewTree.stats tests the cache for truth: an empty ByteLRU reads as none
             doc["cache"] = {"capacity": cache.capacity, "bytes": cache.nbytes,
                             "hits": cache.hits, "misses": cache.misses}
+        fast = self.fast
+        if fast is not None and fast.installed:  # what the compiled path served never passed through here
+            c = fast.counters()
+            for name, (first_reads, served) in c["views"].items():
+                doc["views"][name]["first_reads"] += first_reads
+                doc["views"][name]["bytes_served"] += served
+            for section in (doc["store_reads"], doc["io"]["source"]):
+                section["requests"] += c["store_requests"]
+                section["bytes"] += c["store_bytes"]
+            doc["fastpath"] = {"reads": c["fast_reads"], "python_reads": c["fallback_reads"],
+                               "file_lookups": c["file_lookups"], "serves_reads": fast.reads, "crc32": c["crc32"]}
         doc["pid"] = os.getpid()
-        doc["errors"] = {"eio": self.eio_count}
-        doc["attr_requests"] = self.attr_requests
+        doc["errors"] = {"eio": self.eio_count, "eio_requests": self.eio_requests}
+        doc["attr_requests"] = self.attr_requests + (c["file_lookups"] if "fastpath" in doc else 0)
+        doc["dispatched"] = dict(self.dispatched)
         doc.update(self.extra_stats)
         return (json.dumps(doc, indent=1) + "\n").encode()
-
-    def _snapshot(self, doc: bytes) -> int:
-        # Without a release callback nothing says when a reader is done: keep the
-        # last STATS_SNAPSHOTS, which is plenty for a file read at once.
-        fh = next(self._table_ids)
-        with self._mutex:
-            self._snapshots[fh] = doc
-            while len(self._snapshots) > STATS_SNAPSHOTS:
-                self._snapshots.popitem(last=False)
-        return fh
 
     def _put(self, value: Any) -> int:
         fh = next(self._table_ids)
         with self._mutex:
             self._table[fh] = value
         return fh
-
-    def _file_fh(self, node: FileNode) -> int:
-        return 1 + node.image * len(self._view_list) + self._slot[node.view.name]
-
-    def _file_node(self, fh: int) -> FileNode:
-        image, slot = divmod(fh - 1, len(self._view_list))
-        return FileNode(self._view_list[slot], image)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -205,6 +239,10 @@ class PcrfsOperations(mf.Operations):
             # entry: daemon RSS grew to 433 MiB after one os.walk of 1.28M entries.
             if conn_info.capable & FUSE_CAP_READDIRPLUS:
                 conn_info.want = conn_info.want | FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO
+        if mf.fuse_version_major == 3:
+            fuse = _libfuse_context_fuse()
+            if fuse:
+                self._stats_refresher = StatsFileRefresher(fuse)
         log.info("serving %s (%d images, views %s) with libfuse %d.%d", self.tree.store.root,
                  self.tree.store.num_images, ", ".join(self.tree.views) or "none",
                  mf.fuse_version_major, mf.fuse_version_minor)
@@ -226,8 +264,22 @@ class PcrfsOperations(mf.Operations):
             self._listing_attrs_used = True
         a = self.tree.attr(node)
         if isinstance(node, StatsNode):
-            a = a._replace(size=len(self.stats_document()))
+            a = a._replace(size=self._stats_file_size())
         return a
+
+    def _stats_file_size(self) -> int:
+        """The stats file's size as the kernel is told it: the document plus headroom,
+        padded to whole pages. The kernel keeps that size until the file is next
+        invalidated (after a read of it), so a read must fit a document that has grown
+        since: it is padded to this size (see _stats_file_bytes)."""
+        size = _pages(len(self.stats_document()) + STATS_FILE_HEADROOM)
+        self._stats_size_told = size
+        return size
+
+    def _stats_file_bytes(self) -> bytes:
+        doc = self.stats_document()
+        size = max(self._stats_size_told, _pages(len(doc)))
+        return doc[:-1] + b" " * (size - len(doc)) + b"\n"  # JSON allows trailing whitespace
 
     @_errors_mapped
     def opendir(self, path: str) -> int:
@@ -241,7 +293,9 @@ class PcrfsOperations(mf.Operations):
         me, parent = self.tree.attr(node), self.tree.getattr(path.rstrip("/").rsplit("/", 1)[0] or "/")
         listed = self.tree.readdir(path)
         entries = DirEntries()
-        entries.named = [(".", me), ("..", parent)] + listed.named
+        named = [(n, a._replace(size=self._stats_file_size()) if a.mode == FILE_MODE else a)
+                 for n, a in listed.named]  # the stats file (the only file among named entries)
+        entries.named = [(".", me), ("..", parent)] + named
         entries.set_files(listed.file_names, listed.file_sizes, listed.file_mtimes, listed.file_inos)
         return FuseListing(entries, self.owner)
 
@@ -271,41 +325,87 @@ class PcrfsOperations(mf.Operations):
 
     # ---- files -------------------------------------------------------------------------
 
-    @_errors_mapped
     def open(self, path: str, fi) -> int:
-        if fi.flags & os.O_ACCMODE != os.O_RDONLY:
-            return -errno.EROFS
-        node = self.tree.resolve(path)
-        if isinstance(node, FileNode):
-            fi.fh = self._file_fh(node)
-            fi.keep_cache = 1  # immutable: pages survive close/reopen
-            self.tree.opened(node)
-        elif isinstance(node, StatsNode):
-            fi.fh = self._snapshot(self.stats_document())  # one consistent snapshot per open
-            fi.direct_io = 1
-            fi.keep_cache = 0
-        else:
-            return -errno.EISDIR
-        return 0
+        # ENOSYS (once: the kernel then stops sending OPEN for the connection) and not
+        # "no callback": without one, libfuse's high-level API answers every open with 0.
+        return -errno.ENOSYS
+
+    # No `release`, `ioctl` or `flush` (see the module docstring): libfuse answers them
+    # itself without a Python callback.
 
     @_errors_mapped
     def read(self, path: str, size: int, offset: int, fi) -> bytes:
-        fh = fi.fh
-        if fh >= _TABLE_HANDLES:
-            snapshot = self._snapshots.get(fh)
-            if snapshot is None:  # pushed out by STATS_SNAPSHOTS later opens: serve a fresh one
-                snapshot = self.stats_document()
-            return snapshot[offset:offset + size]
-        return self.tree.read(self._file_node(fh), offset, size)
+        node = self.tree.resolve(path)
+        if isinstance(node, FileNode):
+            data = self.tree.read(node, offset, size)
+            if self.fast is not None:  # read and checked: the compiled path can take this record
+                self.fast.offer_record(node.image)
+            return data
+        if isinstance(node, StatsNode):
+            if offset == 0 or not self._stats_doc:
+                self._stats_doc = self._stats_file_bytes()
+            if self._stats_refresher is not None:
+                self._stats_refresher.poke()
+            return self._stats_doc[offset:offset + size]
+        raise IsADirectoryError(path)
 
-    # No `release`, `ioctl` or `flush`: libfuse answers them itself (0, ENOSYS, ENOSYS)
-    # without a Python callback. Python's open() sends an isatty ioctl and every
-    # close a release for each file read, so that is two fewer callbacks per file.
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if name == STATS_XATTR and path in ("/", STATS_FILE_PATH):
+            return self.stats_document()
+        raise mf.FuseOSError(errno.ENODATA)
+
+    def destroy(self, path: str) -> None:
+        if self._stats_refresher is not None:
+            self._stats_refresher.stop()
 
     # ---- everything that would change the tree ---------------------------------------------
 
     write = create = mknod = mkdir = rmdir = unlink = rename = link = symlink = _read_only
     chmod = chown = truncate = utimens = setxattr = removexattr = fallocate = _read_only
+
+
+def _pages(n: int) -> int:
+    """``n`` rounded up to whole STATS_FILE_PAD pages."""
+    return -(-n // STATS_FILE_PAD) * STATS_FILE_PAD
+
+
+def _libfuse_context_fuse() -> int | None:
+    """The ``struct fuse *`` of the session serving this callback (libfuse 3's init and callbacks)."""
+    ctx = mf._libfuse.fuse_get_context()
+    return ctx.contents.fuse if ctx else None
+
+
+class StatsFileRefresher:
+    """Drops the kernel's copy of ``/.pcrfs/stats`` after each read of it, so the next
+    read asks the daemon again (``fuse_invalidate_path``: attributes and pages).
+
+    Runs in a thread of its own: an invalidation waits for the pages it drops, and
+    the pages of a read in progress are released only by that read's reply."""
+
+    def __init__(self, fuse: int) -> None:
+        self._invalidate = mf._libfuse.fuse_invalidate_path
+        self._invalidate.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self._invalidate.restype = ctypes.c_int
+        self._fuse = ctypes.c_void_p(fuse)
+        self._wanted = threading.Event()
+        self._stopped = False
+        threading.Thread(target=self._run, name="pcrfs-stats-refresh", daemon=True).start()
+
+    def poke(self) -> None:
+        self._wanted.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wanted.set()
+
+    def _run(self) -> None:
+        path = STATS_FILE_PATH.encode()
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stopped:
+                return
+            self._invalidate(self._fuse, path)  # ENOENT when the kernel no longer holds it: fine
 
 
 _worker = threading.local()
@@ -322,6 +422,25 @@ class PcrfsFUSE(mf.FUSE):
     entries when the kernel asks for them.
     """
 
+    def __init__(self, operations: PcrfsOperations, mountpoint: str, **kwargs: Any) -> None:
+        fast = operations.fast
+        if fast is None:
+            super().__init__(operations, mountpoint, **kwargs)
+            return
+        # mfusepy fills its fuse_operations struct and calls fuse_main_real() within
+        # __init__: the compiled callbacks go into the struct at that call.
+        real_main = mf.fuse_main_real
+
+        def main_with_fast_path(argc, argv, ops_p, size, user_data):
+            fast.install(ops_p.contents)
+            return real_main(argc, argv, ops_p, size, user_data)
+
+        mf.fuse_main_real = main_with_fast_path
+        try:
+            super().__init__(operations, mountpoint, **kwargs)
+        finally:
+            mf.fuse_main_real = real_main
+
     def _wrapper(self, func, *args, **kwargs):
         # libfuse's worker threads are not Python threads: ctypes creates a Python
         # thread state for every callback and destroys it on return, which cost more
@@ -330,23 +449,21 @@ class PcrfsFUSE(mf.FUSE):
         if not getattr(_worker, "pinned", False):
             _PyGILState_Ensure()
             _worker.pinned = True
+            self.operations.dispatched["pinned_workers"] += 1
         return super()._wrapper(func, *args, **kwargs)
 
     def getattr_fuse_3(self, path: bytes | None, buf, fip) -> int:
-        # Every lookup the kernel cannot answer from readdirplus lands here: fill the
-        # struct field by field instead of mfusepy's dict + setattr-per-key round.
+        # Every lookup the kernel cannot answer from readdirplus (and the compiled path
+        # does not answer) lands here: the struct comes from the one stat encoder,
+        # instead of mfusepy's dict + setattr-per-key round.
+        ops = self.operations
+        ops.dispatched["getattr_fuse_3"] += 1
         try:
-            a = self.operations._attr_of(path.decode(self.encoding, self.errors))
+            a = ops._attr_of(path.decode(self.encoding, self.errors))
         except mf.FuseOSError as e:
             return -e.errno
-        ctypes.memset(buf, 0, STAT_SIZE)
-        st = buf.contents
-        st.st_mode, st.st_ino, st.st_nlink, st.st_size = a.mode, a.ino, a.nlink, a.size
-        st.st_uid, st.st_gid = self.operations.owner
-        st.st_blksize, st.st_blocks = 4096, (a.size + 511) >> 9
-        sec, nsec = divmod(a.mtime_ns, _NS)
-        for ts in (st.st_atimespec, st.st_mtimespec, st.st_ctimespec):
-            ts.tv_sec, ts.tv_nsec = sec, nsec
+        st = encode_stats([a.mode], [a.ino], [a.nlink], [a.size], [a.mtime_ns], ops.owner)
+        ctypes.memmove(buf, st.ctypes.data, STAT_SIZE)
         return 0
 
     def opendir(self, path: bytes, fip) -> int:
@@ -369,6 +486,9 @@ class PcrfsFUSE(mf.FUSE):
         except mf.FuseOSError as e:
             return -e.errno
         ops = self.operations
+        ops.dispatched["readdir_fuse_3"] += 1
+        if ops.fast is not None and ops.fast.files_looked_up():
+            ops._listing_attrs_used = True  # the compiled getattr's part of _attr_of
         plus = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
         fill = _Filler(filler, buf, listing)
         n = len(listing.names)
@@ -436,22 +556,34 @@ class FuseListing:
         self.entries = entries
         self.names = entries.raw_names()
         named = [a for _, a in entries.named]
-        k = len(named)
-        st = self.stats = np.zeros(len(self.names), STAT_DTYPE)
-        for col, values in (("st_mode", [a.mode for a in named]), ("st_ino", [a.ino for a in named]),
-                            ("st_nlink", [a.nlink for a in named]), ("st_size", [a.size for a in named])):
-            st[col][:k] = values
-        st["st_mode"][k:] = FILE_MODE
-        st["st_ino"][k:] = entries.file_inos
-        st["st_nlink"][k:] = 1
-        st["st_size"][k:] = entries.file_sizes
-        st["st_blocks"] = (st["st_size"] + 511) >> 9
-        st["st_blksize"] = 4096
-        st["st_uid"], st["st_gid"] = owner
-        mtimes = np.concatenate([np.array([a.mtime_ns for a in named], np.int64), entries.file_mtimes])
-        for field in ("st_atimespec", "st_mtimespec", "st_ctimespec"):
-            st[field]["tv_sec"], st[field]["tv_nsec"] = np.divmod(mtimes, _NS)
-        self.address = st.ctypes.data
+        n_files = len(entries.file_names)
+        self.stats = encode_stats(
+            np.concatenate([np.array([a.mode for a in named], np.int64), np.full(n_files, FILE_MODE, np.int64)]),
+            np.concatenate([np.array([a.ino for a in named], np.int64), entries.file_inos]),
+            np.concatenate([np.array([a.nlink for a in named], np.int64), np.ones(n_files, np.int64)]),
+            np.concatenate([np.array([a.size for a in named], np.int64), entries.file_sizes]),
+            np.concatenate([np.array([a.mtime_ns for a in named], np.int64), entries.file_mtimes]),
+            owner)
+        self.address = self.stats.ctypes.data
+
+
+def encode_stats(modes, inos, nlinks, sizes, mtimes_ns, owner: tuple[int, int]) -> np.ndarray:
+    """Complete ``struct stat``s, one per entry of the equal-length columns (the one
+    encoder of the mount's attributes: listings, getattr; the compiled path fills the
+    same fields in C, see _fastpath.c fast_getattr)."""
+    sizes = np.asarray(sizes, np.int64)
+    st = np.zeros(len(sizes), STAT_DTYPE)
+    st["st_mode"] = modes
+    st["st_ino"] = inos
+    st["st_nlink"] = nlinks
+    st["st_size"] = sizes
+    st["st_blocks"] = (sizes + 511) >> 9
+    st["st_blksize"] = 4096
+    st["st_uid"], st["st_gid"] = owner
+    sec, nsec = np.divmod(np.asarray(mtimes_ns, np.int64), _NS)
+    for field in ("st_atimespec", "st_mtimespec", "st_ctimespec"):
+        st[field]["tv_sec"], st[field]["tv_nsec"] = sec, nsec
+    return st
 
 
 def _raw_filler(filler) -> Callable[..., int]:
@@ -490,10 +622,32 @@ def serve(ops: PcrfsOperations, mountpoint: str, *, fsname: str, options: dict[s
     if mf.fuse_version_major == 3 and mf.fuse_version_minor >= 12:
         kwargs.update(max_threads=FUSE_THREADS, max_idle_threads=FUSE_THREADS)
     kwargs.update(options or {})
+    ops.fast = _compiled_path(ops)
     try:
         PcrfsFUSE(ops, mountpoint, raw_fi=True, foreground=True, **kwargs)
     except RuntimeError as e:  # mfusepy raises fuse_main()'s non-zero status
         if len(e.args) == 1 and isinstance(e.args[0], int):
             return e.args[0]
         raise
+    finally:
+        if ops.fast is not None:
+            ops.fast.release()
     return 0
+
+
+def _compiled_path(ops: PcrfsOperations) -> FastPath | None:
+    """The compiled hot path for this mount, or None (logged either way)."""
+    module, why_not = fastpath.load()
+    if module is not None and mf.fuse_version_major != 3:
+        module, why_not = None, f"it needs libfuse 3 (mfusepy uses libfuse {mf.fuse_version_major})"
+    if module is not None:
+        try:
+            fast = FastPath(module, ops.tree, ops.owner)
+        except (OSError, ValueError, MemoryError) as e:
+            why_not = str(e)
+        else:
+            log.info("compiled path: lookups%s in C%s", " and reads" if fast.reads else "",
+                     "" if fast.reads else " (reads in Python: remote store, readahead, disk cache or bwlimit)")
+            return fast
+    log.info("compiled path off: every callback in Python (%s)", why_not)
+    return None

@@ -136,6 +136,11 @@ class LocalRecords(RecordSource):
     def _fetch(self, span: Span) -> bytes:
         return os.pread(self._fd(span.record), span.length, span.offset)
 
+    def dup_descriptor(self, record: int) -> int:
+        """A duplicate of record ``record``'s descriptor, opened and checked like every
+        other; the caller owns it (the mount's compiled read path, pcrfs.fuse.fastpath)."""
+        return os.dup(self._fd(record))
+
     def read_in_record(self, record: int, offsets: list[int], lengths: list[int]) -> list[bytes]:
         # the hot path of every whole-file read through the mount: one descriptor
         # lookup and one counter update for all of an image's groups

@@ -99,6 +99,12 @@ class Store:
         self._mtime_col = index.images["src_mtime_ns"]
 
     @property
+    def reads_direct(self) -> bool:
+        """True if reads are a pread and a CRC per group (a local store without readahead,
+        disk cache or bandwidth limit): what the mount's compiled read path may do itself."""
+        return self._direct
+
+    @property
     def root(self) -> Path | str:
         """The store's directory (a Path) or, for a remote store, its URL."""
         return self.location.root

@@ -1,0 +1,138 @@
+"""The mount's compiled hot path (``pcrfs/fuse/_fastpath.c``), when it was built.
+
+With it, libfuse's worker threads answer an image file's ``getattr`` and ``read``
+in C, without the interpreter: the kernel's lookup and read of a file cost the
+daemon no Python at all, and several readers are served on several cores at once
+(see the C file for what it does and what it leaves to Python). Reads are served
+there for a local store read without readahead, disk cache or bandwidth limit
+(``Store._direct``); for other stores only attributes are. The Python callbacks
+stay installed behind it for everything else and for every failure.
+
+``PCRFS_NO_FASTPATH=1`` in the daemon's environment turns it off (the mount logs
+which path it serves with).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..store.backends import LocalRecords
+from ..views import ViewTree
+
+log = logging.getLogger("pcrfs.fuse")
+
+DISABLE_ENV = "PCRFS_NO_FASTPATH"
+# The compiled path keeps its own duplicate of each record's descriptor; it takes at
+# most this share of the open-file limit, the rest of the records stay on the Python path.
+FD_SHARE = 0.5
+FD_RESERVE = 64
+
+
+def load() -> tuple[Any, str]:
+    """The compiled module, or None and why not."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None, f"turned off by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    try:
+        from . import _fastpath
+    except ImportError as e:
+        return None, f"not built ({e}); reinstall pcrfs with a C compiler and Python's headers " \
+                     "(Debian: apt-get install gcc libc6-dev python3-dev)"
+    return _fastpath, ""
+
+
+def _address(func: Any) -> int:
+    return ctypes.cast(func, ctypes.c_void_p).value or 0
+
+
+class FastPath:
+    """The compiled path configured for one mounted tree."""
+
+    def __init__(self, module: Any, tree: ViewTree, owner: tuple[int, int]) -> None:
+        self.module = module
+        store = tree.store
+        index = store.index
+        # Contiguous arrays whose data the C side reads; kept here for the mount's life
+        # (np.ascontiguousarray copies nothing for the memory-mapped index files).
+        self._arrays = arrays = {
+            "lengths": np.ascontiguousarray(index.group_lengths, dtype="<u4"),
+            "crcs": np.ascontiguousarray(index.group_crc32, dtype="<u4"),
+            "images": np.ascontiguousarray(index.images),
+            "records": np.ascontiguousarray(index.records),
+            "group_offsets": np.ascontiguousarray(index.record_group_offsets, dtype="<u8"),
+            "blob": np.frombuffer(index.paths.blob(), dtype=np.uint8) if len(index.paths.blob())
+            else np.zeros(1, np.uint8),
+            "path_offsets": np.ascontiguousarray(index.paths.offsets, dtype="<u8"),
+        }
+        views = []
+        file_base = 1 + len(index.dirs)
+        for name, view in tree.views.items():
+            ks = 0
+            if view.ks is not None:
+                arrays["ks_" + name] = col = np.ascontiguousarray(view.ks, dtype=np.uint8)
+                ks = col.ctypes.data
+            views.append((name.encode(), view.k, ks, tree._ino(view, file_base)))
+        images, records = arrays["images"], arrays["records"]
+        module.configure(
+            index.num_images, index.num_groups, len(records),
+            arrays["lengths"].ctypes.data, arrays["crcs"].ctypes.data,
+            images.ctypes.data, images.dtype.itemsize, images.dtype.fields["src_mtime_ns"][1],
+            images.dtype.fields["n_groups"][1],
+            records.ctypes.data, records.dtype.itemsize, records.dtype.fields["first_image"][1],
+            arrays["group_offsets"].ctypes.data, arrays["blob"].ctypes.data, arrays["path_offsets"].ctypes.data,
+            owner[0], owner[1], views)
+        self.store = store
+        self.reads = store.reads_direct and isinstance(store.records, LocalRecords)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_budget = len(records) if soft == resource.RLIM_INFINITY else \
+            max(0, int(soft * FD_SHARE) - FD_RESERVE)
+        self._fds_given = 0
+        self._lock = threading.Lock()
+        self._file_lookups_seen = 0
+        self._trampolines: tuple = ()
+        self.installed = False
+
+    def install(self, ops_struct: Any) -> None:
+        """Put the compiled callbacks into mfusepy's ``fuse_operations`` struct; the
+        Python ones it replaces become their fallbacks."""
+        py = (ops_struct.read, ops_struct.getattr, ops_struct.getxattr)
+        fast = self.module.install(*(_address(f) for f in py), self.reads)
+        self._trampolines = py  # the struct no longer references them: keep them alive
+        for name, prototype_of, address in zip(("read", "getattr", "getxattr"), py, fast):
+            setattr(ops_struct, name, type(prototype_of)(address))
+        self.installed = True
+
+    def offer_record(self, image: int) -> None:
+        """After a Python read of ``image`` succeeded: hand its record's descriptor to
+        the compiled path (a duplicate of the one LocalRecords opened and checked)."""
+        if not self.reads or self._fds_given >= self._fd_budget:
+            return
+        r = self.store.index.record_of(image)
+        if self.module.has_fd(r):
+            return
+        with self._lock:
+            if self._fds_given >= self._fd_budget or self.module.has_fd(r):
+                return
+            fd = self.store.records.dup_descriptor(r)
+            if self.module.adopt(r, fd):
+                self._fds_given += 1
+            else:
+                os.close(fd)
+
+    def counters(self) -> dict[str, Any]:
+        return self.module.counters()
+
+    def files_looked_up(self) -> bool:
+        """Whether the kernel looked up an image file since the last call (see readdir_fuse_3)."""
+        n = self.module.counters()["file_lookups"]
+        seen, self._file_lookups_seen = self._file_lookups_seen, n
+        return n != seen
+
+    def release(self) -> None:
+        """After the unmount: close the descriptors, free the tables."""
+        self.module.release()
