@@ -1,0 +1,183 @@
+"""Record prefixes: when to fetch groups 1..k of a whole record instead of one image.
+
+PCR records are group-major: groups 1..k of *every* image of record r form one
+contiguous span at the start of the record, right after its header (see
+docs/format.md). A shuffled epoch over ``scanK`` of a remote store therefore
+need not cost k ranged GETs per image: one span per record -- fetched as a few
+large parts -- serves every image of the record at that fidelity. Whether that
+pays depends on whether the prefix stays cached until the record's other images
+are read. This module decides; it does no I/O and knows nothing about bytes in
+flight (the store's fetcher, :mod:`pcrfs.store.prefixfetch`, does the fetching,
+checking and caching).
+
+The policy, per read of image i (record r) at fidelity k:
+
+* **mode** -- chosen from the view's prefix bytes ``V(k)`` (the sum over records
+  of their group-1..k spans) and the cache budgets:
+
+  - ``VIEW`` when the disk cache (``--disk-cache-size``), or else the memory
+    cache (``--cache-size``), holds ``V(k)`` with ``headroom`` to spare: every
+    record's prefix is fetched on its first read. A shuffled epoch then costs
+    about one request per part per record, and the next epoch none.
+  - ``WINDOW`` when the view does not fit but the larger budget holds at least
+    ``min_window`` average record prefixes: a record's prefix is fetched only
+    when reads show record locality -- the read is the ``min_hits``-th of
+    record r among the last ``history_factor`` x (prefixes that fit) reads.
+    A record-aware sampler (:class:`pcrfs.sampling.RecordShuffleSampler`
+    with a window no larger than the cache) makes every record qualify after
+    ``min_hits - 1`` per-image reads (a few requests per record of ~1,000
+    images); a uniform shuffle over many more records than fit rarely does --
+    a record's count in the history is then Poisson with mean
+    ``history_factor * fit / R``, so with 1 record in 10 fitting a read
+    qualifies with probability P(X >= 3 | mean 0.4) = 0.8 % -- and it keeps
+    reading only what it needs instead of thrashing whole prefixes. (With
+    most of the view fitting, uniform reads qualify often, and rightly: most
+    prefixes then stay cached long enough to pay.)
+  - ``IMAGES`` otherwise: per-image reads (every group of the image at once),
+    as without this module.
+
+* **what to fetch** -- the span of groups ``held+1 .. k`` of record r, where
+  ``held`` is what the caches already hold of r's prefix (0 for none): an
+  adaptive view's reads, whose k varies per image, grow a record's prefix to the
+  largest k read in it, one extension at a time.
+
+* **in how many parts** -- ``ceil(span / part_bytes)`` parts, at most
+  ``max_parts``, of equal size, fetched concurrently (one TCP stream seldom fills
+  a fast link; a slow link is shared anyway).
+
+* **what to evict** -- nothing is chosen here: a record's prefix is one entry of
+  the memory cache and one file of the disk cache, so both caches' LRU order
+  drops least recently read records whole. ``VIEW`` mode keeps ``headroom`` so
+  the view's own prefixes do not evict each other.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Mode(enum.Enum):
+    VIEW = "view"        # every record's prefix, on its first read
+    WINDOW = "window"    # a record's prefix once reads show locality
+    IMAGES = "images"    # per-image reads
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """Fetch bytes [start, end) of ``record`` (groups ``first_group``..``groups``), as ``parts``."""
+    record: int
+    first_group: int
+    groups: int
+    start: int
+    end: int
+    parts: tuple[tuple[int, int], ...]   # (offset, length), contiguous, covering [start, end)
+
+
+def group_bounds(region_offsets: np.ndarray, record_sizes: np.ndarray) -> np.ndarray:
+    """i8[R, G+1]: ``b[r, g]`` = where record r's group-(g+1) region starts; ``b[r, G]`` = its size.
+
+    So groups 1..k of record r are bytes ``[b[r, 0], b[r, k])``.
+    """
+    offsets = np.asarray(region_offsets, dtype=np.int64)
+    sizes = np.asarray(record_sizes, dtype=np.int64).reshape(-1, 1)
+    return np.concatenate([offsets, sizes], axis=1)
+
+
+def split_parts(start: int, end: int, part_bytes: int, max_parts: int) -> tuple[tuple[int, int], ...]:
+    """[start, end) as at most ``max_parts`` near-equal (offset, length) parts of ~``part_bytes``."""
+    length = end - start
+    if length <= 0:
+        return ()
+    n = max(1, min(max_parts, math.ceil(length / max(1, part_bytes))))
+    cuts = [start + (length * j) // n for j in range(n + 1)]
+    return tuple((cuts[j], cuts[j + 1] - cuts[j]) for j in range(n))
+
+
+class RecordPrefixPolicy:
+    """Which record prefixes to fetch; thread-safe, O(1) per read (amortized)."""
+
+    def __init__(self, bounds: np.ndarray, memory_bytes: int, disk_bytes: int = 0, *,
+                 part_bytes: int = 8 << 20, max_parts: int = 8, headroom: float = 0.9,
+                 min_window: int = 2, min_hits: int = 4, history_factor: int = 4) -> None:
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+        self.memory_bytes = max(0, int(memory_bytes))
+        self.disk_bytes = max(0, int(disk_bytes))
+        self.part_bytes = part_bytes
+        self.max_parts = max_parts
+        self.headroom = headroom
+        self.min_window = min_window
+        self.min_hits = min_hits
+        self.history_factor = history_factor
+        spans = self.bounds - self.bounds[:, :1]            # [R, G+1]: prefix bytes per record and k
+        self.view_bytes = spans.sum(axis=0)                 # V(k), k = 0..G
+        nonempty = max(1, int((spans[:, -1] > 0).sum()))
+        self.mean_prefix = spans.sum(axis=0) / nonempty     # average prefix of a (non-empty) record
+        self._modes: dict[int, tuple[Mode, int]] = {}
+        self._recent: deque[int] = deque()
+        self._counts: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        self.fetches = 0  # counters for the mount's stats
+        self.declined = 0
+
+    @property
+    def num_groups(self) -> int:
+        return self.bounds.shape[1] - 1
+
+    def mode(self, k: int) -> tuple[Mode, int]:
+        """The mode for reads at fidelity ``k``, and how many average prefixes fit (WINDOW's size)."""
+        k = min(max(k, 1), self.num_groups)
+        got = self._modes.get(k)
+        if got is None:
+            got = self._decide(k)
+            self._modes[k] = got
+        return got
+
+    def _decide(self, k: int) -> tuple[Mode, int]:
+        need = int(self.view_bytes[k])
+        for budget in (self.disk_bytes, self.memory_bytes):
+            if budget and need <= self.headroom * budget:
+                return Mode.VIEW, len(self.bounds)
+        mean = float(self.mean_prefix[k])
+        fit = int(self.headroom * max(self.disk_bytes, self.memory_bytes) // mean) if mean > 0 else 0
+        if fit >= self.min_window:
+            return Mode.WINDOW, fit
+        return Mode.IMAGES, 0
+
+    def access(self, record: int, k: int, held: int) -> PrefixPlan | None:
+        """Note a read in ``record`` at fidelity ``k`` of which the caches hold groups 1..``held``;
+        the prefix to fetch now, or None (serve this read image by image)."""
+        k = min(max(k, 1), self.num_groups)
+        if held >= k:
+            return None
+        mode, fit = self.mode(k)
+        if mode is Mode.IMAGES:
+            return None
+        if mode is Mode.WINDOW and not self._local(record, fit):
+            with self._lock:
+                self.declined += 1
+            return None
+        start, end = int(self.bounds[record, held]), int(self.bounds[record, k])
+        with self._lock:
+            self.fetches += 1
+        return PrefixPlan(record, held + 1, k, start, end, split_parts(start, end, self.part_bytes, self.max_parts))
+
+    def _local(self, record: int, fit: int) -> bool:
+        """Count this read; True when ``record`` had ``min_hits`` of the recent reads (this one included)."""
+        history = self.history_factor * fit
+        with self._lock:
+            self._recent.append(record)
+            self._counts[record] += 1
+            while len(self._recent) > history:
+                old = self._recent.popleft()
+                self._counts[old] -= 1
+                if not self._counts[old]:
+                    del self._counts[old]
+            return self._counts[record] >= self.min_hits
+
+    def stats(self) -> dict[str, int]:
+        return {"fetches": self.fetches, "declined": self.declined}
