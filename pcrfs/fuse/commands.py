@@ -66,9 +66,13 @@ def _echo_err(message: str) -> None:
               help="Budget of one readahead window for reads in image order (a sequential epoch "
                    "fetches groups 1..k of the next images in one request per group); 0 disables "
                    "[default: 16M for remote stores, 0 for local ones].")
+@click.option("--record-prefix", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Fetch whole record prefixes (groups 1..k of every image of a record, a few large "
+                   "requests) instead of k requests per image, when the caches can hold them; auto: on for "
+                   "remote stores. See 'Shuffled training from object storage' in the README.")
 def mount_cmd(store: str, mountpoint: str, foreground: bool, options: tuple[str, ...], cache_size: int,
               log_file: str | None, endpoint_url: str | None, bwlimit: str | None, disk_cache: str | None,
-              disk_cache_size: int, readahead: int | None) -> None:
+              disk_cache_size: int, readahead: int | None, record_prefix: str = "auto") -> None:
     """Mount the PCR store STORE at the empty directory MOUNTPOINT, read-only.
 
     \b
@@ -97,7 +101,8 @@ def mount_cmd(store: str, mountpoint: str, foreground: bool, options: tuple[str,
     except ValueError as e:
         _fail(f"--bwlimit: {e}")
     read_options = ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url), bwlimit=rate,
-                               disk_cache=disk_cache, disk_cache_bytes=disk_cache_size, readahead_bytes=readahead)
+                               disk_cache=disk_cache, disk_cache_bytes=disk_cache_size, readahead_bytes=readahead,
+                               record_prefix={"auto": None, "on": True, "off": False}[record_prefix])
     try:
         mount(store, mountpoint, foreground=foreground, options=options, cache_size=cache_size,
               log_file=log_file, echo=_echo_err, read_options=read_options)

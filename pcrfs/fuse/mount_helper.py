@@ -16,7 +16,7 @@ Then::
 
 Options pcrfs handles itself: ``cache_size=SIZE``, ``log_file=PATH``,
 ``nonempty``, and for stores at a URL ``endpoint_url=URL``, ``bwlimit=RATE``,
-``disk_cache=DIR``, ``disk_cache_size=SIZE``, ``readahead=SIZE`` (the
+``disk_cache=DIR``, ``disk_cache_size=SIZE``, ``readahead=SIZE``, ``record_prefix=on|off|auto`` (the
 ``pcrfs mount`` options of the same names; credentials come from the usual AWS
 variables and files of the user mount(8) runs as). Options that are only for mount(8) or systemd (``defaults``,
 ``auto``/``noauto``, ``user``/``users``, ``nofail``, ``_netdev``, ``x-*``,
@@ -30,7 +30,8 @@ import sys
 from .daemon import DEFAULT_CACHE_SIZE, MountError, mount, read_options_from, split_options
 
 USAGE = "usage: mount.pcrfs STORE MOUNTPOINT [-sfnv] [-o OPTION[,OPTION...]]"
-_READ_OPTIONS = ("endpoint_url", "bwlimit", "disk_cache", "disk_cache_size", "readahead")  # read_options_from()
+_READ_OPTIONS = ("endpoint_url", "bwlimit", "disk_cache", "disk_cache_size", "readahead",
+                 "record_prefix")  # read_options_from()
 _OWN = ("cache_size", "log_file") + _READ_OPTIONS
 _MOUNT8_ONLY = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
                 "nofail", "_netdev", "loud", "silent"}
