@@ -308,3 +308,17 @@ def test_the_mount_option_travels_to_the_daemon():
         assert read_options_from(record_prefix=back).record_prefix is value
     with pytest.raises(ValueError, match="record_prefix"):
         read_options_from(record_prefix="sometimes")
+
+
+def test_s3_reads_use_obstore_when_installed_and_s3fs_on_request(url, remote, reader, monkeypatch):
+    pytest.importorskip("obstore")
+    from pcrfs.store.backends import FsspecRecords, ObstoreRecords
+
+    with open_store(url, options=opts(remote)) as s:
+        assert isinstance(s.records, ObstoreRecords)
+        assert s.read(5, 3) == reader.read(5, 3)
+        assert s.io_stats()["source"]["client"] == "obstore"
+    monkeypatch.setenv("PCRFS_S3_CLIENT", "s3fs")
+    with open_store(url, options=opts(remote)) as s:
+        assert isinstance(s.records, FsspecRecords)
+        assert s.read(5, 3) == reader.read(5, 3)
