@@ -99,18 +99,27 @@ def test_plans_split_large_spans_into_parts():
 
 
 def window_policy(records: int) -> RecordPrefixPolicy:
-    # 10 records fit (10 MiB each at k=4, 0.9 x 112 MiB); history of 40 reads
+    # 10 records fit (10 MiB each at k=4, 0.9 x 112 MiB); a history of 20 reads
     return RecordPrefixPolicy(bounds(records=records), memory_bytes=112 * MiB, disk_bytes=0)
 
 
 def test_window_mode_fetches_once_reads_show_record_locality():
     p = window_policy(1000)
     assert p.mode(4) == (Mode.WINDOW, 10)
-    # a record-aware order: reads cycle over a window of 8 records
+    # a record-aware order: reads cycle over a window of 8 records; once 20 reads are seen
+    # (8 records <= 10 that fit), every read may fetch its record's prefix
     plans = [p.access(r, 4, held=0) for _ in range(4) for r in range(8)]
-    assert plans[:24] == [None] * 24
-    assert [pl.record for pl in plans[24:]] == list(range(8))  # the 4th read of each
-    assert p.stats() == {"fetches": 8, "declined": 24}
+    assert plans[:19] == [None] * 19
+    assert [pl.record for pl in plans[19:]] == [3, 4, 5, 6, 7] + list(range(8))
+    assert p.stats() == {"fetches": 13, "declined": 19}
+
+
+def test_window_mode_counts_reads_per_record():
+    p = RecordPrefixPolicy(bounds(records=1000), memory_bytes=112 * MiB, disk_bytes=0, history_factor=100)
+    # many records in the history (no stream locality), but record 7 is read again and again
+    reads = [(r, p.access(r, 4, held=0)) for j in range(12) for r in (7, 100 + 2 * j, 101 + 2 * j)]
+    fetched = [r for r, pl in reads if pl is not None]
+    assert fetched == [7] * 9  # its 4th read on
 
 
 def test_window_mode_declines_a_uniform_shuffle_over_many_records():

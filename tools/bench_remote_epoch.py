@@ -52,6 +52,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -290,14 +291,37 @@ def transform():
                                transforms.ToTensor()])
 
 
-def imagefolder_epoch(root: Path, workers: int, batch: int, seed: int, sampler=None) -> dict:
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def bytes_size(data: bytes) -> int:
+    return len(data)
+
+
+def collate_sizes(batch: list) -> "Any":
+    import torch
+
+    return torch.tensor([x for x, _ in batch]), torch.tensor([y for _, y in batch])
+
+
+def imagefolder_epoch(root: Path, workers: int, batch: int, seed: int, sampler=None, loader: str = "decode") -> dict:
     import torch
     from torch.utils.data import DataLoader
     from torchvision import datasets
 
+    if loader == "bytes":  # the files' bytes only: what reading costs, without the decode
+        ds = datasets.ImageFolder(str(root), bytes_size, loader=read_bytes)
+        return _drain(DataLoader(ds, batch_size=batch, shuffle=sampler is None, sampler=sampler,
+                                 num_workers=workers, generator=torch.Generator().manual_seed(seed),
+                                 collate_fn=collate_sizes))
     ds = datasets.ImageFolder(str(root), transform())
-    loader = DataLoader(ds, batch_size=batch, shuffle=sampler is None, sampler=sampler, num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed))
+    return _drain(DataLoader(ds, batch_size=batch, shuffle=sampler is None, sampler=sampler, num_workers=workers,
+                             generator=torch.Generator().manual_seed(seed)))
+
+
+def _drain(loader) -> dict:
     t0 = time.perf_counter()
     n = 0
     for x, _ in loader:
@@ -305,13 +329,15 @@ def imagefolder_epoch(root: Path, workers: int, batch: int, seed: int, sampler=N
     return {"seconds": round(time.perf_counter() - t0, 3), "images": n}
 
 
-def wds_epoch(urls: list[str], workers: int, batch: int, seed: int) -> dict:
+def wds_epoch(urls: list[str], workers: int, batch: int, seed: int, loader: str = "decode") -> dict:
     import webdataset as wds
     from torch.utils.data import DataLoader
 
-    tf = transform()
-    ds = (wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False)
-          .shuffle(500).decode("pil").to_tuple("jpg", "cls").map_tuple(tf, int))
+    ds = wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False).shuffle(500)
+    if loader == "bytes":
+        ds = ds.to_tuple("jpg", "cls").map_tuple(bytes_size, lambda c: int(c))
+        return _drain(DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate_sizes))
+    ds = ds.decode("pil").to_tuple("jpg", "cls").map_tuple(transform(), int)
     loader = DataLoader(ds, batch_size=batch, num_workers=workers)
     t0 = time.perf_counter()
     n = 0
@@ -359,7 +385,7 @@ def mounted_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Pa
             if sampler is not None:
                 sampler.set_epoch(epoch)
             before, cpu0 = proxy.counts(), cpu_seconds(info.pid)
-            r = imagefolder_epoch(mnt / view, args.workers, args.batch, epoch, sampler)
+            r = imagefolder_epoch(mnt / view, args.workers, args.batch, epoch, sampler, args.loader)
             link, cpu = delta(proxy.counts(), before), cpu_seconds(info.pid) - cpu0
             r.update(mode=mode, view=view, epoch=epoch, link=link,
                      gets_per_image=round(link["gets"] / max(r["images"], 1), 4),
@@ -383,7 +409,7 @@ def wds_run(proxy: LinkProxy, shards: list[Path], args) -> list[dict]:
     rows = []
     for epoch in (1, 2):
         before = proxy.counts()
-        r = wds_epoch(urls, args.workers, args.batch, epoch)
+        r = wds_epoch(urls, args.workers, args.batch, epoch, args.loader)
         link = delta(proxy.counts(), before)
         r.update(mode="wds", view="full", epoch=epoch, link=link,
                  gets_per_image=round(link["gets"] / max(r["images"], 1), 4), loadavg=os.getloadavg()[0])
@@ -445,11 +471,17 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--cache-size", default="256M")
     p.add_argument("--sampler-cache", default="256M", help="memory cache of the sampler runs (no disk cache)")
+    p.add_argument("--sampler-record-size", type=int, default=None,
+                   help="the sampler runs read a copy of the photos in records of this size (e.g. 4M records "
+                        "and --sampler-cache 16M: the cache holds a window of records, not the view)")
     p.add_argument("--disk-cache-size", type=int, default=10 << 30)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--views", default=",".join(VIEWS))
     p.add_argument("--modes", default="prefix,images,sampler,wds")
     p.add_argument("--images-views", default="scan5,full", help="views of the (slow) per-image baseline")
+    p.add_argument("--loader", choices=["decode", "bytes"], default="decode",
+                   help="decode: PIL + RandomResizedCrop(224) + ToTensor (a training pipeline); bytes: read "
+                        "the files only (what the link costs, on a machine too loaded for the decode)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_remote_epoch.json")
     args = p.parse_args()
     from pcrfs.store.reader import open_store
@@ -467,6 +499,9 @@ def main() -> int:
     view_bytes = {v: fractions[v] for v in VIEWS if v != "full"}
     view_bytes["full"] = fractions[f"scan{groups}"]
     shards = make_shards(src, work / "wds", args.shards)
+    sampler_store = store
+    if args.sampler_record_size:
+        sampler_store = prepare(work, args.per_class, args.sampler_record_size)[1]
     os.environ.update(S3RVER_ENV)
     os.environ["XDG_CACHE_HOME"] = str(work / "xdg-cache")
     shutil.rmtree(work / "s3rver", ignore_errors=True)
@@ -476,7 +511,10 @@ def main() -> int:
     try:
         url = f"s3://{BUCKET}/store.pcr"
         log(f"uploading the store and {len(shards)} shards to s3rver at {server.endpoint}")
-        upload(store_files(store, "store.pcr") + [(p, f"wds/{p.name}") for p in shards], server.endpoint)
+        files = store_files(store, "store.pcr") + [(p, f"wds/{p.name}") for p in shards]
+        if sampler_store != store:
+            files += store_files(sampler_store, "sampler.pcr")
+        upload(files, server.endpoint)
         proxy = LinkProxy(server.port, args.latency, args.rate, work / "logs" / "link.log")
         modes = args.modes.split(",")
         views = args.views.split(",")
@@ -488,7 +526,10 @@ def main() -> int:
             for view in views:
                 if mode == "images" and view not in args.images_views.split(","):
                     continue
-                rows += mounted_run(mode, view, url, proxy, args, work, store)
+                if mode == "sampler" and sampler_store != store:
+                    rows += mounted_run(mode, view, f"s3://{BUCKET}/sampler.pcr", proxy, args, work, sampler_store)
+                else:
+                    rows += mounted_run(mode, view, url, proxy, args, work, store)
     finally:
         if proxy is not None:
             proxy.stop()
@@ -500,7 +541,10 @@ def main() -> int:
         "setting": {"latency_s": args.latency, "rate_bytes_s": args.rate, "images": n_images, "records": n_records,
                     "record_size": args.record_size, "workers": args.workers, "batch": args.batch,
                     "cache_size": args.cache_size, "sampler_cache": args.sampler_cache,
-                    "server": "s3rver 3.7.1", "transform": "RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor"},
+                    "sampler_record_size": args.sampler_record_size or args.record_size,
+                    "server": "s3rver 3.7.1", "loader": args.loader,
+                    "transform": "RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor"
+                    if args.loader == "decode" else "none (file bytes)"},
         "view_bytes": view_bytes, "link_seconds": {v: round(b / args.rate, 2) for v, b in view_bytes.items()},
         "wds_bytes": sum(p.stat().st_size for p in shards),
         "rows": rows, "targets": evaluate(rows, view_bytes, args.rate),

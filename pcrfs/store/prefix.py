@@ -20,19 +20,21 @@ The policy, per read of image i (record r) at fidelity k:
     record's prefix is fetched on its first read. A shuffled epoch then costs
     about one request per part per record, and the next epoch none.
   - ``WINDOW`` when the view does not fit but the larger budget holds at least
-    ``min_window`` average record prefixes: a record's prefix is fetched only
-    when reads show record locality -- the read is the ``min_hits``-th of
-    record r among the last ``history_factor`` x (prefixes that fit) reads.
-    A record-aware sampler (:class:`pcrfs.sampling.RecordShuffleSampler`
-    with a window no larger than the cache) makes every record qualify after
-    ``min_hits - 1`` per-image reads (a few requests per record of ~1,000
-    images); a uniform shuffle over many more records than fit rarely does --
-    a record's count in the history is then Poisson with mean
-    ``history_factor * fit / R``, so with 1 record in 10 fitting a read
-    qualifies with probability P(X >= 3 | mean 0.4) = 0.8 % -- and it keeps
-    reading only what it needs instead of thrashing whole prefixes. (With
-    most of the view fitting, uniform reads qualify often, and rightly: most
-    prefixes then stay cached long enough to pay.)
+    ``min_window`` average record prefixes (``fit`` of them): a record's prefix
+    is fetched only when reads show record locality, judged on the last
+    ``history_factor * fit`` reads: either they touch at most ``fit`` distinct
+    records (the stream as a whole is record-local: a record-aware sampler,
+    :class:`pcrfs.sampling.RecordShuffleSampler`, with a window no larger than
+    the cache), or this read is the ``min_hits``-th of its record among them.
+    A uniform shuffle over more records than fit touches more distinct records
+    than that (about ``R (1 - exp(-history_factor * fit / R)) > fit`` for
+    ``fit < 0.8 R``), and one record's count in the history is Poisson with mean
+    ``history_factor * fit / R`` -- with 1 record in 10 fitting, a read
+    qualifies with probability P(X >= 3 | mean 0.2) = 0.1 % -- so it keeps
+    reading only what it needs instead of thrashing whole prefixes. (With most
+    of the view fitting, uniform reads qualify often, and rightly: most
+    prefixes then stay cached long enough to pay.) The first ``history_factor *
+    fit`` reads of a mount are read image by image while the history fills.
   - ``IMAGES`` otherwise: per-image reads (every group of the image at once),
     as without this module.
 
@@ -103,7 +105,7 @@ class RecordPrefixPolicy:
 
     def __init__(self, bounds: np.ndarray, memory_bytes: int, disk_bytes: int = 0, *,
                  part_bytes: int = 8 << 20, max_parts: int = 8, headroom: float = 0.9,
-                 min_window: int = 2, min_hits: int = 4, history_factor: int = 4) -> None:
+                 min_window: int = 2, min_hits: int = 4, history_factor: int = 2) -> None:
         self.bounds = np.asarray(bounds, dtype=np.int64)
         self.memory_bytes = max(0, int(memory_bytes))
         self.disk_bytes = max(0, int(disk_bytes))
@@ -167,7 +169,8 @@ class RecordPrefixPolicy:
         return PrefixPlan(record, held + 1, k, start, end, split_parts(start, end, self.part_bytes, self.max_parts))
 
     def _local(self, record: int, fit: int) -> bool:
-        """Count this read; True when ``record`` had ``min_hits`` of the recent reads (this one included)."""
+        """Count this read; True when the recent reads (this one included) touch at most ``fit``
+        records, or ``min_hits`` of them are of ``record``."""
         history = self.history_factor * fit
         with self._lock:
             self._recent.append(record)
@@ -177,6 +180,8 @@ class RecordPrefixPolicy:
                 self._counts[old] -= 1
                 if not self._counts[old]:
                     del self._counts[old]
+            if len(self._recent) >= history and len(self._counts) <= fit:
+                return True
             return self._counts[record] >= self.min_hits
 
     def stats(self) -> dict[str, int]:
