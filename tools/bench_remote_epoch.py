@@ -370,7 +370,9 @@ def mounted_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Pa
     cache_size = args.sampler_cache if mode == "sampler" else args.cache_size
     opts = ReadOptions(remote=RemoteOptions(endpoint_url=proxy.endpoint),
                        disk_cache=str(disk) if mode != "sampler" else None, disk_cache_bytes=args.disk_cache_size,
-                       record_prefix=mode != "images")
+                       record_prefix=mode != "images",
+                       # readahead's window would raise the memory cache to 4 x 16M; a sampler needs none
+                       readahead_bytes=0 if mode == "sampler" else None)
     info = daemon.mount(url, mnt, cache_size=cache_size, read_options=opts, log_file=work / "logs" / "mount.log",
                         echo=lambda m: None)
     rows = []
