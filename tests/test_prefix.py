@@ -135,3 +135,12 @@ def test_modes_per_fidelity_are_remembered():
     assert p.mode(2) is p.mode(2)
     with pytest.raises(IndexError):
         p.access(10, 2, held=0)  # no such record
+
+
+def test_prefixes_that_cannot_be_kept_turn_the_fidelity_to_image_reads():
+    p = RecordPrefixPolicy(bounds(records=10), memory_bytes=0, disk_bytes=1 << 30)
+    assert p.access(0, 2, held=0) is not None
+    p.not_kept(2)
+    assert p.mode(2) == (Mode.IMAGES, 0)
+    assert p.access(1, 2, held=0) is None
+    assert p.mode(3)[0] is Mode.VIEW  # other fidelities are unaffected

@@ -175,6 +175,13 @@ def test_a_full_disk_cache_evicts_and_never_fails_reads(url, remote, reader, tmp
         for i in shuffled(s.num_images):
             assert s.read(i, 2) == reader.read(i, 2)
         assert len(s.fetcher.disk) == 0
+    # ... and with no room in memory either: one prefix, then image by image (no refetching)
+    o = opts(remote, disk_cache=str(tmp_path / "dc3"), disk_cache_bytes=1 << 30, cache_bytes=64 << 10)
+    with open_store(url, options=o) as s:
+        for i in shuffled(s.num_images):
+            assert s.read(i, 2) == reader.read(i, 2)
+        assert s.io_stats()["record_prefix"]["fetches"] == 1
+        assert s.records.bytes_read < 2 * sum(reader.size(i, 2) for i in range(reader.num_images))
 
 
 def test_small_caches_fall_back_to_image_reads(url, remote, reader):

@@ -36,7 +36,8 @@ The policy, per read of image i (record r) at fidelity k:
     prefixes then stay cached long enough to pay.) The first ``history_factor *
     fit`` reads of a mount are read image by image while the history fills.
   - ``IMAGES`` otherwise: per-image reads (every group of the image at once),
-    as without this module.
+    as without this module -- also from the moment a fetched prefix could be kept
+    in neither cache (the fetcher reports it: :meth:`RecordPrefixPolicy.not_kept`).
 
 * **what to fetch** -- the span of groups ``held+1 .. k`` of record r, where
   ``held`` is what the caches already hold of r's prefix (0 for none): an
@@ -149,6 +150,12 @@ class RecordPrefixPolicy:
         if fit >= self.min_window:
             return Mode.WINDOW, fit
         return Mode.IMAGES, 0
+
+    def not_kept(self, k: int) -> None:
+        """A prefix fetched for fidelity ``k`` fitted in neither cache (a disk that refuses
+        writes, say): fetching more would only fetch them again; read image by image."""
+        k = min(max(k, 1), self.num_groups)
+        self._modes[k] = (Mode.IMAGES, 0)
 
     def access(self, record: int, k: int, held: int) -> PrefixPlan | None:
         """Note a read in ``record`` at fidelity ``k`` of which the caches hold groups 1..``held``;

@@ -226,10 +226,15 @@ class PrefixFetcher:
         self.bad_groups += len(bad)
         result = RecordPrefix(r, plan.groups, base, data, frozenset(bad),
                               time.monotonic() + self.retry_after if failed else None)
+        kept = False
         if self.memory is not None:
             self.memory.put(("prefix", r), result)  # type: ignore[arg-type] - sized like bytes
+            kept = ("prefix", r) in self.memory
         if self.disk is not None and not bad:
-            self.disk.put(self._key(r), data)
+            kept = self.disk.put(self._key(r), data) or kept
+        if not kept and not failed:
+            log.warning("a record prefix of %d bytes fits in neither cache; reading image by image", len(data))
+            self.policy.not_kept(plan.groups)
         return result
 
     def _check(self, r: int, groups: int, base: int, data: bytes) -> set[tuple[int, int]]:
