@@ -329,3 +329,12 @@ def test_s3_reads_use_obstore_when_installed_and_s3fs_on_request(url, remote, re
     with open_store(url, options=opts(remote)) as s:
         assert isinstance(s.records, FsspecRecords)
         assert s.read(5, 3) == reader.read(5, 3)
+
+
+def test_pcrfs_stats_shows_the_prefix_counters():
+    from pcrfs.fuse.commands import format_stats
+
+    io = {"source": {"requests": 3, "bytes": 10, "retries": 0},
+          "record_prefix": {"fetches": 2, "parts": 3, "failed_parts": 0, "bad_groups": 1, "declined": 4}}
+    text = format_stats({"store_reads": {"requests": 3, "bytes": 10}, "io": io})
+    assert "2 record prefixes in 3 requests (0 failed, 1 bad groups; 4 reads image by image)" in text

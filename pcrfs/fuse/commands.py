@@ -170,6 +170,11 @@ def _io_lines(io: dict) -> list[str]:
     if ra:
         lines.append(f"readahead    {ra.get('windows', 0)} windows, {ra.get('images', 0)} images "
                      f"({ra.get('sequential', 0)} sequential / {ra.get('random', 0)} random accesses)")
+    rp = io.get("record_prefix")
+    if rp:
+        lines.append(f"prefixes     {rp.get('fetches', 0)} record prefixes in {rp.get('parts', 0)} requests "
+                     f"({rp.get('failed_parts', 0)} failed, {rp.get('bad_groups', 0)} bad groups; "
+                     f"{rp.get('declined', 0)} reads image by image)")
     dc = io.get("disk_cache")
     if dc:
         lines.append(f"disk cache   {format_size(dc.get('bytes', 0))} of {format_size(dc.get('capacity', 0))}, "
