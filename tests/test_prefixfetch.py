@@ -338,3 +338,28 @@ def test_pcrfs_stats_shows_the_prefix_counters():
           "record_prefix": {"fetches": 2, "parts": 3, "failed_parts": 0, "bad_groups": 1, "declined": 4}}
     text = format_stats({"store_reads": {"requests": 3, "bytes": 10}, "io": io})
     assert "2 record prefixes in 3 requests (0 failed, 1 bad groups; 4 reads image by image)" in text
+
+
+def test_a_500_mid_prefix_costs_only_its_images_a_second_read(url, moto, reader):
+    """A real server error (a proxy answering 500 once, no retries) hits one part of the
+    prefix: the other parts are served from it, the images in the failed part are read
+    image by image -- and, the error being over, successfully."""
+    from s3util import FaultProxy
+
+    proxy = FaultProxy(moto.port)
+    try:
+        remote = RemoteOptions(endpoint_url=proxy.endpoint, attempts=1)
+        with open_store(url, options=opts(remote)) as s:
+            prefixes = s.fetcher.prefixes
+            prefixes.policy.part_bytes = 20_000
+            r = 1
+            images = [i for i in range(s.num_images) if s.index.record_of(i) == r]
+            proxy.fail_next(1)
+            for i in images:
+                assert s.read(i, 4) == reader.read(i, 4)
+            st = prefixes.stats()
+            assert proxy.failed == 1 and st["failed_parts"] == 1 and st["parts"] >= 3
+            # images with a group in the failed part were read again, image by image
+            assert 0 < st["fallbacks"] <= len(images)
+    finally:
+        proxy.close()
