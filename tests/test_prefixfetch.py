@@ -247,7 +247,8 @@ def test_a_failing_part_is_eio_for_the_images_in_it_and_heals(url, remote, reade
             return real(span)
         s.records._fetch = fetch
         images = [i for i in range(s.num_images) if s.index.record_of(i) == r]
-        hit = {i for i in images for rng in s.ranges(i, k) if rng.offset < hole[1] and rng.offset + rng.length > hole[0]}
+        hit = {i for i in images for rng in s.ranges(i, k)
+               if rng.offset < hole[1] and rng.offset + rng.length > hole[0]}
         assert hit and len(hit) < len(images)
         for i in shuffled(len(images)):
             i = images[i]

@@ -429,7 +429,8 @@ def evaluate(rows: list[dict], view_bytes: dict, rate: float) -> dict:
     out: dict = {}
     p1, p2 = get("prefix", "scan5", 1), get("prefix", "scan5", 2)
     if p1:
-        out["scan5_epoch1_gets_per_image_le_0.05"] = {"value": p1["gets_per_image"], "met": p1["gets_per_image"] <= 0.05}
+        out["scan5_epoch1_gets_per_image_le_0.05"] = {"value": p1["gets_per_image"],
+                                                      "met": p1["gets_per_image"] <= 0.05}
     if p1 and p2:
         bound = 1.3 * view_bytes["scan5"] / rate + p2["seconds"]
         out["scan5_epoch1_le_1.3_link_plus_cached"] = {"value": p1["seconds"], "bound": round(bound, 2),
@@ -439,7 +440,8 @@ def evaluate(rows: list[dict], view_bytes: dict, rate: float) -> dict:
             "met": all(r["gets_per_image"] <= 0.01 for r in rows if r["mode"] == "prefix" and r["epoch"] == 2)}
     w = get("wds", "full", 1)
     if p1 and w:
-        out["scan5_epoch1_le_0.5_wds"] = {"value": round(p1["seconds"] / w["seconds"], 3), "met": p1["seconds"] <= 0.5 * w["seconds"]}
+        out["scan5_epoch1_le_0.5_wds"] = {"value": round(p1["seconds"] / w["seconds"], 3),
+                                          "met": p1["seconds"] <= 0.5 * w["seconds"]}
     for mode in ("prefix", "sampler", "images"):
         full = get(mode, "full", 1)
         for v in ("scan1", "scan2", "scan5"):
@@ -451,7 +453,8 @@ def evaluate(rows: list[dict], view_bytes: dict, rate: float) -> dict:
                                              "target": round(0.8 * ratio, 2), "met": sp >= 0.8 * ratio}
     s5 = get("sampler", "scan5", 1)
     if s5:
-        out["sampler_scan5_gets_per_image_le_0.05"] = {"value": s5["gets_per_image"], "met": s5["gets_per_image"] <= 0.05}
+        out["sampler_scan5_gets_per_image_le_0.05"] = {"value": s5["gets_per_image"],
+                                                       "met": s5["gets_per_image"] <= 0.05}
     return out
 
 

@@ -16,8 +16,8 @@ Then::
 
 Options pcrfs handles itself: ``cache_size=SIZE``, ``log_file=PATH``,
 ``nonempty``, and for stores at a URL ``endpoint_url=URL``, ``bwlimit=RATE``,
-``disk_cache=DIR``, ``disk_cache_size=SIZE``, ``readahead=SIZE``, ``record_prefix=on|off|auto`` (the
-``pcrfs mount`` options of the same names; credentials come from the usual AWS
+``disk_cache=DIR``, ``disk_cache_size=SIZE``, ``readahead=SIZE``,
+``record_prefix=on|off|auto`` (the ``pcrfs mount`` options of the same names; credentials come from the usual AWS
 variables and files of the user mount(8) runs as). Options that are only for mount(8) or systemd (``defaults``,
 ``auto``/``noauto``, ``user``/``users``, ``nofail``, ``_netdev``, ``x-*``,
 ``comment=*``) are dropped; ``ro``/``rw`` are ignored (the mount is always
