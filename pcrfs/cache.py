@@ -2,6 +2,8 @@
 
 Scan group g of an image is the same bytes in every view scanK with K >= g, so
 caching groups (not assembled files) lets scan1, scan5 and full share them.
+Record prefixes (:mod:`pcrfs.store.prefixfetch`) share the same budget: any value
+whose ``len()`` is its size in bytes may be cached.
 """
 from __future__ import annotations
 

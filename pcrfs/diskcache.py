@@ -12,6 +12,7 @@ entries that fail.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections import OrderedDict
@@ -89,9 +90,26 @@ class DiskCache:
         return data
 
     def put(self, key: str, data: bytes) -> bool:
-        """Store ``data`` under ``key`` (replacing it); False if it cannot be kept."""
+        """Store ``data`` under ``key`` (replacing it); False if it cannot be kept.
+
+        A file system that runs out of space before ``capacity`` is reached (shared
+        with other data) costs the least recently used entries, not the write."""
         if len(data) > self.capacity:
             return False
+        for attempt in range(2):
+            try:
+                self._write(key, data)
+                break
+            except OSError as e:
+                if attempt or e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._make_room(len(data)):
+                    return False
+        with self._lock:
+            self._bytes += len(data) - self._sizes.pop(key, 0)
+            self._sizes[key] = len(data)
+            self._evict()
+        return True
+
+    def _write(self, key: str, data: bytes) -> None:
         path = self._path(key)
         tmp = path.with_name(f"{key}.{threading.get_ident()}{_TMP_SUFFIX}")
         try:
@@ -101,12 +119,21 @@ class DiskCache:
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
-            return False
+            raise
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Drop least recently used entries of at least ``nbytes`` in all; False if there were none."""
         with self._lock:
-            self._bytes += len(data) - self._sizes.pop(key, 0)
-            self._sizes[key] = len(data)
-            self._evict()
-        return True
+            freed, dropped = 0, []
+            while freed < nbytes and self._sizes:
+                key, size = self._sizes.popitem(last=False)
+                self._bytes -= size
+                self.evicted += 1
+                freed += size
+                dropped.append(key)
+        for key in dropped:
+            self._path(key).unlink(missing_ok=True)
+        return bool(dropped)
 
     def discard(self, key: str) -> None:
         with self._lock:

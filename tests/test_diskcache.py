@@ -50,3 +50,26 @@ def test_a_vanished_file_is_a_miss(tmp_path):
     c.put("a", b"data")
     os.unlink(tmp_path / DiskCache._shard("a") / "a")
     assert c.read("a") is None and c.size("a") is None
+
+
+def test_a_full_file_system_costs_old_entries_not_the_write(tmp_path, monkeypatch):
+    import errno as errno_mod
+
+    from pcrfs import diskcache as dc_mod
+
+    cache = dc_mod.DiskCache(tmp_path / "c", 1 << 20)
+    assert cache.put("old1", b"a" * 1000) and cache.put("old2", b"b" * 1000)
+    real_open = open
+    fail = [1]
+
+    def full_once(path, *a, **k):  # ENOSPC once, as if another tenant filled the disk
+        if fail[0] and str(path).endswith(dc_mod._TMP_SUFFIX):
+            fail[0] = 0
+            raise OSError(errno_mod.ENOSPC, "No space left on device")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(dc_mod, "open", full_once, raising=False)
+    assert cache.put("new", b"c" * 1500)
+    assert cache.read("new") == b"c" * 1500
+    assert cache.size("old1") is None and cache.size("old2") is None  # both made room (1500 > 1000)
+    assert cache.stats()["evicted"] == 2

@@ -74,9 +74,13 @@ class _MountPoint(click.Path):
               help="Budget of one readahead window for reads in image order (a sequential epoch "
                    "fetches groups 1..k of the next images in one request per group); 0 disables "
                    "[default: 16M for remote stores, 0 for local ones].")
+@click.option("--record-prefix", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Fetch whole record prefixes (groups 1..k of every image of a record, a few large "
+                   "requests) instead of k requests per image, when the caches can hold them; auto: on for "
+                   "remote stores. See 'Shuffled training from object storage' in the README.")
 def mount_cmd(store: str, mountpoint: str, foreground: bool, options: tuple[str, ...], cache_size: int,
               log_file: str | None, endpoint_url: str | None, bwlimit: str | None, disk_cache: str | None,
-              disk_cache_size: int, readahead: int | None) -> None:
+              disk_cache_size: int, readahead: int | None, record_prefix: str = "auto") -> None:
     """Mount the PCR store STORE at the empty directory MOUNTPOINT, read-only.
 
     \b
@@ -112,7 +116,8 @@ def mount_cmd(store: str, mountpoint: str, foreground: bool, options: tuple[str,
         if not os.access(disk_cache, os.W_OK | os.X_OK):
             _fail(f"--disk-cache {disk_cache}: the directory is not writable")
     read_options = ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url), bwlimit=rate,
-                               disk_cache=disk_cache, disk_cache_bytes=disk_cache_size, readahead_bytes=readahead)
+                               disk_cache=disk_cache, disk_cache_bytes=disk_cache_size, readahead_bytes=readahead,
+                               record_prefix={"auto": None, "on": True, "off": False}[record_prefix])
     try:
         mount(store, mountpoint, foreground=foreground, options=options, cache_size=cache_size,
               log_file=log_file, echo=_echo_err, read_options=read_options)
@@ -183,6 +188,11 @@ def _io_lines(io: dict) -> list[str]:
     if ra:
         lines.append(f"readahead    {ra.get('windows', 0)} windows, {ra.get('images', 0)} images "
                      f"({ra.get('sequential', 0)} sequential / {ra.get('random', 0)} random accesses)")
+    rp = io.get("record_prefix")
+    if rp:
+        lines.append(f"prefixes     {rp.get('fetches', 0)} record prefixes in {rp.get('parts', 0)} requests "
+                     f"({rp.get('failed_parts', 0)} failed, {rp.get('bad_groups', 0)} bad groups; "
+                     f"{rp.get('declined', 0)} reads image by image)")
     dc = io.get("disk_cache")
     if dc:
         lines.append(f"disk cache   {format_size(dc.get('bytes', 0))} of {format_size(dc.get('capacity', 0))}, "

@@ -371,11 +371,14 @@ def read_options_argv(o: "ReadOptions | None") -> list[str]:
         argv += ["--disk-cache", _abs(o.disk_cache), "--disk-cache-size", str(o.disk_cache_bytes)]
     if o.readahead_bytes is not None:
         argv += ["--readahead", str(o.readahead_bytes)]
+    if o.record_prefix is not None:
+        argv += ["--record-prefix", "on" if o.record_prefix else "off"]
     return argv
 
 
 def read_options_from(endpoint_url: str | None = None, bwlimit: str | None = None, disk_cache: str | None = None,
-                      disk_cache_size: str = "10G", readahead: str | None = None) -> "ReadOptions":
+                      disk_cache_size: str = "10G", readahead: str | None = None,
+                      record_prefix: str | None = None) -> "ReadOptions":
     """ReadOptions from their command-line spellings (sizes and rates as text, e.g.
     ``10M``); ValueError naming the malformed one."""
     from ..remote.bwlimit import parse_rate
@@ -393,11 +396,24 @@ def read_options_from(endpoint_url: str | None = None, bwlimit: str | None = Non
         bwlimit=parsed("bwlimit", parse_rate, bwlimit) if bwlimit else None,
         disk_cache=disk_cache or None,
         disk_cache_bytes=parsed("disk_cache_size", parse_size, disk_cache_size),
-        readahead_bytes=parsed("readahead", parse_size, readahead) if readahead is not None else None)
+        readahead_bytes=parsed("readahead", parse_size, readahead) if readahead is not None else None,
+        record_prefix=parsed("record_prefix", parse_switch, record_prefix))
+
+
+def parse_switch(value: str | None) -> bool | None:
+    """'on'/'off'/'auto' (None: auto) -> True/False/None."""
+    if value is None or value.lower() == "auto":
+        return None
+    if value.lower() in ("on", "yes", "1"):
+        return True
+    if value.lower() in ("off", "no", "0"):
+        return False
+    raise ValueError(f"expected on, off or auto, got {value!r}")
 
 
 def read_options_from_args(a: argparse.Namespace) -> "ReadOptions":
-    return read_options_from(a.endpoint_url, a.bwlimit, a.disk_cache, a.disk_cache_size, a.readahead)
+    return read_options_from(a.endpoint_url, a.bwlimit, a.disk_cache, a.disk_cache_size, a.readahead,
+                             a.record_prefix)
 
 
 def _open_log(log_file: str) -> int:
@@ -630,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disk-cache", default=None, help="directory for an on-disk group cache")
     p.add_argument("--disk-cache-size", default="10G", help="size cap of the disk cache")
     p.add_argument("--readahead", default=None, help="readahead window budget (0: off)")
+    p.add_argument("--record-prefix", default=None, help="whole-record prefix fetching: on, off, auto")
     a = p.parse_args(argv)
     try:
         mount(a.store, a.mountpoint, foreground=a.foreground, options=a.options, cache_size=a.cache_size,

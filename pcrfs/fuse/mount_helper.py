@@ -16,8 +16,8 @@ Then::
 
 Options pcrfs handles itself: ``cache_size=SIZE``, ``log_file=PATH``,
 ``nonempty``, and for stores at a URL ``endpoint_url=URL``, ``bwlimit=RATE``,
-``disk_cache=DIR``, ``disk_cache_size=SIZE``, ``readahead=SIZE`` (the
-``pcrfs mount`` options of the same names; credentials come from the usual AWS
+``disk_cache=DIR``, ``disk_cache_size=SIZE``, ``readahead=SIZE``,
+``record_prefix=on|off|auto`` (the ``pcrfs mount`` options of the same names; credentials come from the usual AWS
 variables and files of the user mount(8) runs as). Options that are only for mount(8) or systemd (``defaults``,
 ``auto``/``noauto``, ``user``/``users``, ``nofail``, ``_netdev``, ``x-*``,
 ``comment=*``) are dropped; ``ro``/``rw`` are ignored (the mount is always
@@ -54,6 +54,8 @@ Options (-o, comma-separated; a comma inside a value is written as \\,):
   disk_cache=DIR        on-disk cache of verified scan groups of a remote store
   disk_cache_size=SIZE  cap of that cache [default: 10G]
   readahead=SIZE        readahead window of a remote store [default: 16M; 0: off]
+  record_prefix=MODE    auto, on or off: fetch whole record prefixes (groups 1..k of
+                        every image of a record) of a remote store [default: auto]
   ro, rw                ignored: the mount is always read-only
   defaults, auto, noauto, user, users, nouser, owner, group, nofail, _netdev,
   loud, silent, x-*, comment=*
@@ -67,7 +69,8 @@ Example /etc/fstab lines:
   /data/train.pcr  /mnt/train  pcrfs  allow_other,cache_size=1G,nofail  0 0
   s3://bucket/train.pcr  /mnt/s3train  pcrfs  endpoint_url=https://minio.lan:9000,disk_cache=/var/cache/pcrfs,_netdev,nofail  0 0
 """
-_READ_OPTIONS = ("endpoint_url", "bwlimit", "disk_cache", "disk_cache_size", "readahead")  # read_options_from()
+_READ_OPTIONS = ("endpoint_url", "bwlimit", "disk_cache", "disk_cache_size", "readahead",
+                 "record_prefix")  # read_options_from()
 _OWN = ("cache_size", "log_file") + _READ_OPTIONS
 _MOUNT8_ONLY = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
                 "nofail", "_netdev", "loud", "silent"}

@@ -12,6 +12,10 @@ every group it tries, in order:
    (:func:`~pcrfs.store.backends.coalesce`), and all of them are requested at
    once.
 
+Before all of that, a :class:`~pcrfs.store.prefixfetch.PrefixFetcher` (remote
+stores) may answer from, or fetch, the record's whole group-1..k prefix (see
+:mod:`pcrfs.store.prefix` for when); when it declines, the steps above run.
+
 Every group's CRC-32 is checked before its bytes are returned or cached.
 With ``whole_image`` (remote stores) the first read of an image fetches all
 its groups 1..k together, not only those the read overlaps: the kernel reads
@@ -37,6 +41,7 @@ from ..diskcache import DiskCache
 from ..readahead import Readahead
 from .backends import RecordSource, Span, coalesce
 from .errors import CorruptData
+from .prefixfetch import PrefixFetcher
 
 if TYPE_CHECKING:
     from .reader import GroupRange, Store
@@ -49,8 +54,10 @@ Item = tuple[int, "GroupRange"]        # (image, where its group lives)
 class GroupFetcher:
     def __init__(self, store: "Store", source: RecordSource, memory: ByteLRU | None = None,
                  disk: DiskCache | None = None, readahead: Readahead | None = None,
-                 readahead_bytes: int = 16 << 20, whole_image: bool = False, prefetch_threads: int = 2) -> None:
+                 readahead_bytes: int = 16 << 20, whole_image: bool = False, prefetch_threads: int = 2,
+                 prefixes: PrefixFetcher | None = None) -> None:
         self.store = store
+        self.prefixes = prefixes
         self.source = source
         self.memory = memory
         self.disk = disk
@@ -68,6 +75,10 @@ class GroupFetcher:
 
     def read_groups(self, i: int, k: int, wanted: list["GroupRange"]) -> list[bytes]:
         """Verified bytes of ``wanted`` (groups of image ``i``, read at fidelity ``k``)."""
+        if self.prefixes is not None:
+            out = self.prefixes.read(i, k, wanted)
+            if out is not None:
+                return out
         if self.readahead is not None:
             self._maybe_prefetch(i, k)
         have: dict[int, bytes] = {}
@@ -260,8 +271,12 @@ class GroupFetcher:
                                     failures=self.prefetch_failures, budget_bytes=self.readahead_bytes)
         if self.disk is not None:
             out["disk_cache"] = self.disk.stats()
+        if self.prefixes is not None:
+            out["record_prefix"] = self.prefixes.stats()
         return out
 
     def close(self) -> None:
+        if self.prefixes is not None:
+            self.prefixes.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

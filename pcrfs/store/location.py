@@ -29,7 +29,7 @@ from ..remote.bwlimit import TokenBucket
 from ..remote.fs import RemoteError, RemoteOptions, explain, filesystem, is_url, split_url
 from ..remote.retry import RetryPolicy
 from . import format as fmt
-from .backends import FsspecRecords, LocalRecords, RecordSource
+from .backends import LocalRecords, RecordSource, remote_records
 from .errors import StoreError
 
 
@@ -188,7 +188,7 @@ class RemoteLocation(StoreLocation):
         return directory, True
 
     def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
-        return FsspecRecords(self.fs, self.base, self.url, self.options, bwlimit)
+        return remote_records(self.fs, self.base, self.url, self.options, bwlimit)
 
     def read_file(self, name: str) -> bytes:
         try:

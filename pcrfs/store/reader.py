@@ -33,6 +33,8 @@ from . import format as fmt
 from .backends import RecordFiles, RecordSource  # noqa: F401 - RecordFiles: the local source's old name
 from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
 from .fetch import GroupFetcher
+from .prefix import RecordPrefixPolicy, group_bounds
+from .prefixfetch import PrefixFetcher
 from .index import Index, IndexError_
 from .location import LocalLocation, RemoteLocation, StoreLocation, open_location
 
@@ -61,6 +63,7 @@ class ReadOptions:
     disk_cache: str | None = None         # directory for a size-capped on-disk group cache
     disk_cache_bytes: int = 10 << 30
     readahead_bytes: int | None = None    # window budget; None: on for remote stores, off for local; 0: off
+    record_prefix: bool | None = None     # whole-record prefixes (pcrfs.store.prefix); None: on for remote stores
 
     def readahead_for(self, remote: bool) -> int:
         if self.readahead_bytes is None:
@@ -84,7 +87,7 @@ class Store:
         readahead_bytes = options.readahead_for(remote)
         self.fetcher = GroupFetcher(self, self.records, cache, disk,
                                     Readahead() if readahead_bytes else None, readahead_bytes,
-                                    whole_image=remote)
+                                    whole_image=remote, prefixes=self._prefix_fetcher(remote, cache, disk))
         # Local files without readahead, disk cache or rate limit need none of the
         # fetcher's machinery (futures, in-flight sharing, span merging): a pread and a
         # CRC per group. Measured: the fetcher path cost ~7x this floor per file.
@@ -97,6 +100,17 @@ class Store:
         # plain columns: indexing one is ~10x cheaper than a field of a structured row
         self._n_groups_col = index.images["n_groups"]
         self._mtime_col = index.images["src_mtime_ns"]
+
+    def _prefix_fetcher(self, remote: bool, cache: ByteLRU | None, disk: DiskCache | None) -> PrefixFetcher | None:
+        """Record-prefix fetching: on by default for remote stores (the policy falls back to
+        per-image reads when the caches are too small)."""
+        on = self.options.record_prefix
+        if not (remote if on is None else on):
+            return None
+        bounds = group_bounds(self.index.record_group_offsets, self.index.records["size"])
+        policy = RecordPrefixPolicy(bounds, cache.capacity if cache is not None else 0,
+                                    disk.capacity if disk is not None else 0)
+        return PrefixFetcher(self, self.records, policy, cache, disk)
 
     @property
     def reads_direct(self) -> bool:

@@ -1,0 +1,191 @@
+"""Record prefixes: when to fetch groups 1..k of a whole record instead of one image.
+
+PCR records are group-major: groups 1..k of *every* image of record r form one
+contiguous span at the start of the record, right after its header (see
+docs/format.md). A shuffled epoch over ``scanK`` of a remote store therefore
+need not cost k ranged GETs per image: one span per record -- fetched as a few
+large parts -- serves every image of the record at that fidelity. Whether that
+pays depends on whether the prefix stays cached until the record's other images
+are read. This module decides; it does no I/O and knows nothing about bytes in
+flight (the store's fetcher, :mod:`pcrfs.store.prefixfetch`, does the fetching,
+checking and caching).
+
+The policy, per read of image i (record r) at fidelity k:
+
+* **mode** -- chosen from the view's prefix bytes ``V(k)`` (the sum over records
+  of their group-1..k spans) and the cache budgets:
+
+  - ``VIEW`` when the disk cache (``--disk-cache-size``), or else the memory
+    cache (``--cache-size``), holds ``V(k)`` with ``headroom`` to spare: every
+    record's prefix is fetched on its first read. A shuffled epoch then costs
+    about one request per part per record, and the next epoch none.
+  - ``WINDOW`` when the view does not fit but the larger budget holds at least
+    ``min_window`` average record prefixes (``fit`` of them): a record's prefix
+    is fetched only while the reads are record-local, judged on the last
+    ``history_factor * fit`` reads: they must touch at most ``fit`` distinct
+    records -- as a record-aware sampler does
+    (:class:`pcrfs.sampling.RecordShuffleSampler` with a window no larger than
+    the cache). A uniform shuffle over R records touches about
+    ``R (1 - exp(-history_factor * fit / R))`` of them, more than ``fit`` while
+    less than ~90 % of the prefixes fit (in a simulation of 20,000 uniform reads
+    with 10 prefixes fitting: 0.015 % of reads qualify over 20 records, none over
+    30 or more), so it keeps reading image by image
+    instead of fetching prefixes that would be evicted before the record's
+    other images are read (with 30 % fitting, a prefix would serve ~1 % of its
+    images). The first ``history_factor * fit`` reads of a mount are read image
+    by image while the history fills: a fixed cost of about
+    ``history_factor * fit * k`` requests.
+  - ``IMAGES`` otherwise: per-image reads (every group of the image at once),
+    as without this module -- also from the moment a fetched prefix could be kept
+    in neither cache (the fetcher reports it: :meth:`RecordPrefixPolicy.not_kept`).
+
+* **what to fetch** -- the span of groups ``held+1 .. k`` of record r, where
+  ``held`` is what the caches already hold of r's prefix (0 for none): an
+  adaptive view's reads, whose k varies per image, grow a record's prefix to the
+  largest k read in it, one extension at a time.
+
+* **in how many parts** -- ``ceil(span / part_bytes)`` parts, at most
+  ``max_parts``, of equal size, fetched concurrently (one TCP stream seldom fills
+  a fast link; a slow link is shared anyway).
+
+* **what to evict** -- nothing is chosen here: a record's prefix is one entry of
+  the memory cache and one file of the disk cache, so both caches' LRU order
+  drops least recently read records whole. ``VIEW`` mode keeps ``headroom`` so
+  the view's own prefixes do not evict each other.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Mode(enum.Enum):
+    VIEW = "view"        # every record's prefix, on its first read
+    WINDOW = "window"    # a record's prefix once reads show locality
+    IMAGES = "images"    # per-image reads
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """Fetch bytes [start, end) of ``record`` (groups ``first_group``..``groups``), as ``parts``."""
+    record: int
+    first_group: int
+    groups: int
+    start: int
+    end: int
+    parts: tuple[tuple[int, int], ...]   # (offset, length), contiguous, covering [start, end)
+
+
+def group_bounds(region_offsets: np.ndarray, record_sizes: np.ndarray) -> np.ndarray:
+    """i8[R, G+1]: ``b[r, g]`` = where record r's group-(g+1) region starts; ``b[r, G]`` = its size.
+
+    So groups 1..k of record r are bytes ``[b[r, 0], b[r, k])``.
+    """
+    offsets = np.asarray(region_offsets, dtype=np.int64)
+    sizes = np.asarray(record_sizes, dtype=np.int64).reshape(-1, 1)
+    return np.concatenate([offsets, sizes], axis=1)
+
+
+def split_parts(start: int, end: int, part_bytes: int, max_parts: int) -> tuple[tuple[int, int], ...]:
+    """[start, end) as at most ``max_parts`` near-equal (offset, length) parts of ~``part_bytes``."""
+    length = end - start
+    if length <= 0:
+        return ()
+    n = max(1, min(max_parts, math.ceil(length / max(1, part_bytes))))
+    cuts = [start + (length * j) // n for j in range(n + 1)]
+    return tuple((cuts[j], cuts[j + 1] - cuts[j]) for j in range(n))
+
+
+class RecordPrefixPolicy:
+    """Which record prefixes to fetch; thread-safe, O(1) per read (amortized)."""
+
+    def __init__(self, bounds: np.ndarray, memory_bytes: int, disk_bytes: int = 0, *,
+                 part_bytes: int = 8 << 20, max_parts: int = 8, headroom: float = 0.9,
+                 min_window: int = 2, history_factor: int = 3) -> None:
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+        self.memory_bytes = max(0, int(memory_bytes))
+        self.disk_bytes = max(0, int(disk_bytes))
+        self.part_bytes = part_bytes
+        self.max_parts = max_parts
+        self.headroom = headroom
+        self.min_window = min_window
+        self.history_factor = history_factor
+        spans = self.bounds - self.bounds[:, :1]            # [R, G+1]: prefix bytes per record and k
+        self.view_bytes = spans.sum(axis=0)                 # V(k), k = 0..G
+        nonempty = max(1, int((spans[:, -1] > 0).sum()))
+        self.mean_prefix = spans.sum(axis=0) / nonempty     # average prefix of a (non-empty) record
+        self._modes: dict[int, tuple[Mode, int]] = {}
+        self._recent: deque[int] = deque()
+        self._counts: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        self.fetches = 0  # counters for the mount's stats
+        self.declined = 0
+
+    @property
+    def num_groups(self) -> int:
+        return self.bounds.shape[1] - 1
+
+    def mode(self, k: int) -> tuple[Mode, int]:
+        """The mode for reads at fidelity ``k``, and how many average prefixes fit (WINDOW's size)."""
+        k = min(max(k, 1), self.num_groups)
+        got = self._modes.get(k)
+        if got is None:
+            got = self._decide(k)
+            self._modes[k] = got
+        return got
+
+    def _decide(self, k: int) -> tuple[Mode, int]:
+        need = int(self.view_bytes[k])
+        for budget in (self.disk_bytes, self.memory_bytes):
+            if budget and need <= self.headroom * budget:
+                return Mode.VIEW, len(self.bounds)
+        mean = float(self.mean_prefix[k])
+        fit = int(self.headroom * max(self.disk_bytes, self.memory_bytes) // mean) if mean > 0 else 0
+        if fit >= self.min_window:
+            return Mode.WINDOW, fit
+        return Mode.IMAGES, 0
+
+    def not_kept(self, k: int) -> None:
+        """A prefix fetched for fidelity ``k`` fitted in neither cache (a disk that refuses
+        writes, say): fetching more would only fetch them again; read image by image."""
+        k = min(max(k, 1), self.num_groups)
+        self._modes[k] = (Mode.IMAGES, 0)
+
+    def access(self, record: int, k: int, held: int) -> PrefixPlan | None:
+        """Note a read in ``record`` at fidelity ``k`` of which the caches hold groups 1..``held``;
+        the prefix to fetch now, or None (serve this read image by image)."""
+        k = min(max(k, 1), self.num_groups)
+        if held >= k:
+            return None
+        mode, fit = self.mode(k)
+        if mode is Mode.IMAGES:
+            return None
+        if mode is Mode.WINDOW and not self._local(record, fit):
+            with self._lock:
+                self.declined += 1
+            return None
+        start, end = int(self.bounds[record, held]), int(self.bounds[record, k])
+        with self._lock:
+            self.fetches += 1
+        return PrefixPlan(record, held + 1, k, start, end, split_parts(start, end, self.part_bytes, self.max_parts))
+
+    def _local(self, record: int, fit: int) -> bool:
+        """Count this read; True when the recent reads (this one included) touch at most ``fit`` records."""
+        history = self.history_factor * fit
+        with self._lock:
+            self._recent.append(record)
+            self._counts[record] += 1
+            while len(self._recent) > history:
+                old = self._recent.popleft()
+                self._counts[old] -= 1
+                if not self._counts[old]:
+                    del self._counts[old]
+            return len(self._recent) >= history and len(self._counts) <= fit
+
+    def stats(self) -> dict[str, int]:
+        return {"fetches": self.fetches, "declined": self.declined}

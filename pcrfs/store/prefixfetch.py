@@ -1,0 +1,271 @@
+"""Record prefixes in the read path: fetch, check, cache and serve groups 1..k of whole records.
+
+:class:`PrefixFetcher` is asked first by :class:`~pcrfs.store.fetch.GroupFetcher`
+for every read of a remote store. It answers from
+
+1. the record's prefix in the memory cache (one entry per record, key
+   ``("prefix", r)``: its bytes were checked when they arrived);
+2. the record's prefix in the disk cache (one file per record, ``r<record>``,
+   holding the record's bytes from the group-1 region on; every group read back is
+   checked against its CRC-32, a damaged file is dropped);
+3. a new fetch, when :class:`~pcrfs.store.prefix.RecordPrefixPolicy` says so: the
+   span as a few ranged GETs at once, every group of every image in it checked,
+   then cached (memory if it fits, disk if configured) -- or
+4. nothing (``None``): the caller reads the image as before, group by group.
+
+Readers of the same record wait on one fetch. A prefix that arrives damaged
+-- a group failing its CRC, a part that came back short or failed after retries --
+is cached with those groups marked bad (and is not written to disk; after parts
+failed, only for ``retry_after`` seconds, then the prefix is fetched again); reads that
+need a bad group get ``None`` and fall back to the per-image path, which fetches
+the groups again and raises :class:`~pcrfs.store.errors.CorruptData` or
+:class:`~pcrfs.store.errors.StoreUnavailable` (EIO) if they are still wrong, so
+exactly the affected images fail and a transient error heals. A disk cache that
+is full evicts (its LRU), and one that cannot be written is skipped: neither
+fails a read.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..cache import ByteLRU
+from ..diskcache import DiskCache
+from .backends import RecordSource
+from .prefix import PrefixPlan, RecordPrefixPolicy, split_parts
+
+if TYPE_CHECKING:
+    from .reader import GroupRange, Store
+
+log = logging.getLogger("pcrfs.store")
+
+
+class RecordPrefix:
+    """Bytes ``[base, base + len(data))`` of one record: groups 1..``groups`` of all its images."""
+    __slots__ = ("record", "groups", "base", "data", "bad", "retry_at")
+
+    def __init__(self, record: int, groups: int, base: int, data: bytes, bad: frozenset[tuple[int, int]],
+                 retry_at: float | None = None) -> None:
+        self.record = record
+        self.groups = groups
+        self.base = base
+        self.data = data
+        self.bad = bad            # (image, group) whose bytes here are not to be served
+        self.retry_at = retry_at  # parts failed: fetch the prefix again after this (time.monotonic())
+
+    def __len__(self) -> int:  # what the memory cache counts
+        return len(self.data)
+
+
+class PrefixFetcher:
+    def __init__(self, store: "Store", source: RecordSource, policy: RecordPrefixPolicy,
+                 memory: ByteLRU | None = None, disk: DiskCache | None = None, threads: int = 8,
+                 retry_after: float = 5.0) -> None:
+        self.store = store
+        self.retry_after = retry_after
+        self.source = source
+        self.policy = policy
+        self.memory = memory
+        self.disk = disk
+        self._bounds = policy.bounds
+        self._inflight: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pcrfs-prefix")
+        self.parts = 0          # counters for the mount's stats
+        self.failed_parts = 0
+        self.bad_groups = 0
+        self.fallbacks = 0      # reads handed back to the per-image path because of a bad group
+
+    # ---- serving ---------------------------------------------------------------------------
+
+    def read(self, i: int, k: int, wanted: list["GroupRange"]) -> list[bytes] | None:
+        """Verified bytes of ``wanted`` (groups of image i at fidelity k) from record prefixes,
+        or None: read them image by image."""
+        if not wanted:
+            return None
+        r = wanted[0].record
+        need = wanted[-1].group if len(wanted) == 1 else max(rng.group for rng in wanted)
+        while True:
+            entry = self._in_memory(r)
+            if entry is not None and entry.retry_at is not None and time.monotonic() >= entry.retry_at:
+                entry = None  # parts of it had failed: time to try the whole prefix again
+            if entry is not None and entry.groups >= need:
+                return self._serve(entry, i, wanted)
+            on_disk = self._disk_groups(r)
+            if on_disk >= need:
+                out = self._serve_disk(r, wanted)
+                if out is not None:
+                    return out
+                on_disk = 0  # damaged, and dropped
+            held = max(entry.groups if entry is not None else 0, on_disk)
+            waiting = self._inflight.get(r)
+            if waiting is not None:
+                try:
+                    waiting.result()
+                except Exception:  # noqa: BLE001 - the fetcher logged it; read image by image
+                    return None
+                continue
+            plan = self.policy.access(r, max(k, need), held)
+            if plan is None:
+                return None
+            fetched = self._claim_and_fetch(plan, entry, on_disk)
+            if fetched is None:
+                continue  # somebody else started first: wait for theirs
+            return self._serve(fetched, i, wanted)
+
+    def _in_memory(self, r: int) -> RecordPrefix | None:
+        return self.memory.get(("prefix", r)) if self.memory is not None else None  # type: ignore[return-value]
+
+    def _serve(self, entry: RecordPrefix, i: int, wanted: list["GroupRange"]) -> list[bytes] | None:
+        data, base, bad = entry.data, entry.base, entry.bad
+        if bad and any((i, rng.group) in bad for rng in wanted):
+            self.fallbacks += 1
+            return None
+        return [data[rng.offset - base:rng.offset - base + rng.length] for rng in wanted]
+
+    # ---- the disk tier: one file per record -----------------------------------------------
+
+    @staticmethod
+    def _key(r: int) -> str:
+        return f"r{r}"
+
+    def _disk_groups(self, r: int) -> int:
+        """How many groups of record r the disk cache's prefix file covers."""
+        if self.disk is None:
+            return 0
+        size = self.disk.size(self._key(r))
+        if not size:
+            return 0
+        ends = self._bounds[r, 1:] - self._bounds[r, 0]
+        return int(np.searchsorted(ends, size, side="right"))
+
+    def _serve_disk(self, r: int, wanted: list["GroupRange"]) -> list[bytes] | None:
+        base = int(self._bounds[r, 0])
+        key = self._key(r)
+        out = []
+        for rng in wanted:
+            data = self.disk.read(key, rng.offset - base, rng.length)
+            if data is None:
+                return None
+            if zlib.crc32(data) != rng.crc32:
+                log.warning("disk cache prefix of record %d fails a CRC-32 check; dropped", r)
+                self.disk.discard(key)
+                return None
+            out.append(data)
+        return out
+
+    # ---- fetching --------------------------------------------------------------------------
+
+    def _claim_and_fetch(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int) -> RecordPrefix | None:
+        """Fetch ``plan`` unless another reader already fetches this record (then None)."""
+        fut: Future = Future()
+        with self._lock:
+            if plan.record in self._inflight:
+                return None
+            self._inflight[plan.record] = fut
+        try:
+            result = self._fetch(plan, entry, on_disk)
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        else:
+            fut.set_result(result)
+            return result
+        finally:
+            with self._lock:
+                self._inflight.pop(plan.record, None)
+
+    def _held_bytes(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int) -> bytes:
+        """The record's bytes before ``plan.start`` (groups 1..first_group-1), from a cache."""
+        if plan.first_group == 1:
+            return b""
+        if entry is not None and entry.groups == plan.first_group - 1:
+            return entry.data
+        if on_disk == plan.first_group - 1:
+            data = self.disk.read(self._key(plan.record))
+            if data is not None and len(data) == plan.start - int(self._bounds[plan.record, 0]):
+                return data  # checked below with the new groups
+        raise _Replan()
+
+    def _fetch(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int) -> RecordPrefix:
+        r = plan.record
+        try:
+            held = self._held_bytes(plan, entry, on_disk)
+        except _Replan:  # what was held went away meanwhile: fetch the whole prefix
+            base = int(self._bounds[r, 0])
+            plan = PrefixPlan(r, 1, plan.groups, base, plan.end,
+                              split_parts(base, plan.end, self.policy.part_bytes, self.policy.max_parts))
+            held = b""
+        futures = [self._pool.submit(self.source.read, r, off, n) for off, n in plan.parts]
+        pieces: list[bytes] = [held]
+        failed: list[tuple[int, int, BaseException]] = []
+        for (off, n), f in zip(plan.parts, futures):
+            try:
+                pieces.append(f.result())
+            except Exception as e:  # noqa: BLE001 - the groups in it are marked bad, the rest served
+                failed.append((off, n, e))
+                pieces.append(bytes(n))
+        self.parts += len(plan.parts)
+        data = b"".join(pieces)
+        base = int(self._bounds[r, 0])
+        bad = self._check(r, plan.groups, base, data)
+        if failed:
+            self.failed_parts += len(failed)
+            off, n, e = failed[0]
+            log.warning("record prefix %s [%d, %d): %d of %d parts failed (%s); %d groups will be read image by "
+                        "image", self.source.describe(r), plan.start, plan.end, len(failed), len(plan.parts), e,
+                        len(bad))
+        elif bad:
+            log.warning("record prefix %s: %d scan groups fail their CRC-32 check", self.source.describe(r), len(bad))
+        self.bad_groups += len(bad)
+        result = RecordPrefix(r, plan.groups, base, data, frozenset(bad),
+                              time.monotonic() + self.retry_after if failed else None)
+        kept = False
+        if self.memory is not None:
+            self.memory.put(("prefix", r), result)  # type: ignore[arg-type] - sized like bytes
+            kept = ("prefix", r) in self.memory
+        if self.disk is not None and not bad:
+            kept = self.disk.put(self._key(r), data) or kept
+        if not kept and not failed:
+            log.warning("a record prefix of %d bytes fits in neither cache; reading image by image", len(data))
+            self.policy.not_kept(plan.groups)
+        return result
+
+    def _check(self, r: int, groups: int, base: int, data: bytes) -> set[tuple[int, int]]:
+        """(image, group) of every group 1..``groups`` of record r whose bytes fail their CRC-32."""
+        index = self.store.index
+        first = int(index.records[r]["first_image"])
+        n = int(index.records[r]["n_images"])
+        if not n:
+            return set()
+        offsets = (index.record_offsets(r)[:, :groups].astype(np.int64) - base).tolist()
+        lengths = index.group_lengths[first:first + n, :groups].tolist()
+        crcs = index.group_crc32[first:first + n, :groups].tolist()
+        view = memoryview(data)
+        crc32 = zlib.crc32
+        bad = set()
+        for j in range(n):
+            for g, (off, length, crc) in enumerate(zip(offsets[j], lengths[j], crcs[j])):
+                if length and crc32(view[off:off + length]) != crc:
+                    bad.add((first + j, g + 1))
+        return bad
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.policy.stats(), parts=self.parts, failed_parts=self.failed_parts,
+                    bad_groups=self.bad_groups, fallbacks=self.fallbacks)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Replan(Exception):
+    pass
+

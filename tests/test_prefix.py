@@ -1,0 +1,150 @@
+"""The record-prefix policy alone: modes from the budgets, spans, parts, locality in WINDOW mode."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pcrfs.store.prefix import Mode, RecordPrefixPolicy, group_bounds, split_parts
+
+MiB = 1 << 20
+
+
+def bounds(records: int = 10, per_group=(1, 2, 3, 4), header: int = 16) -> np.ndarray:
+    """Records whose group regions are ``per_group`` MiB long, after the header."""
+    regions = np.cumsum([0] + [g * MiB for g in per_group])[:-1] + header
+    offsets = np.tile(regions, (records, 1))
+    sizes = np.full(records, header + sum(per_group) * MiB)
+    return group_bounds(offsets, sizes)
+
+
+def test_group_bounds_give_the_span_of_groups_1_to_k():
+    b = bounds(records=2)
+    assert b.shape == (2, 5)
+    assert b[0].tolist() == [16, 16 + MiB, 16 + 3 * MiB, 16 + 6 * MiB, 16 + 10 * MiB]
+    p = RecordPrefixPolicy(b, memory_bytes=0, disk_bytes=1 << 40)
+    assert p.view_bytes.tolist() == [0, 2 * MiB, 6 * MiB, 12 * MiB, 20 * MiB]
+
+
+def test_view_mode_when_the_disk_cache_holds_the_view():
+    b = bounds(records=10)  # V(2) = 30 MiB, V(4) = 100 MiB
+    p = RecordPrefixPolicy(b, memory_bytes=8 * MiB, disk_bytes=50 * MiB)
+    assert p.mode(2)[0] is Mode.VIEW
+    assert p.mode(4)[0] is Mode.WINDOW  # 100 MiB do not fit; 45 MiB hold 4 prefixes of 10
+    plan = p.access(3, 2, held=0)
+    assert (plan.record, plan.first_group, plan.groups) == (3, 1, 2)
+    assert (plan.start, plan.end) == (16, 16 + 3 * MiB)
+    assert p.access(3, 2, held=2) is None  # already held
+    assert p.access(3, 1, held=2) is None
+
+
+def test_memory_alone_may_hold_the_view():
+    p = RecordPrefixPolicy(bounds(records=10), memory_bytes=256 * MiB, disk_bytes=0)
+    assert all(p.mode(k)[0] is Mode.VIEW for k in (1, 2, 3, 4))
+
+
+def test_headroom_is_kept():
+    b = bounds(records=10)  # V(1) = 10 MiB
+    assert RecordPrefixPolicy(b, 0, disk_bytes=12 * MiB).mode(1)[0] is Mode.VIEW
+    assert RecordPrefixPolicy(b, 0, disk_bytes=10 * MiB).mode(1)[0] is not Mode.VIEW
+
+
+def test_images_mode_when_not_even_two_prefixes_fit():
+    p = RecordPrefixPolicy(bounds(records=10), memory_bytes=12 * MiB, disk_bytes=0)
+    assert p.mode(4) == (Mode.IMAGES, 0)  # a prefix at k=4 is 10 MiB
+    assert p.access(0, 4, held=0) is None
+    assert p.mode(1)[0] is Mode.VIEW  # 10 MiB fit in 0.9 x 12
+
+
+def test_extension_fetches_only_the_missing_groups():
+    p = RecordPrefixPolicy(bounds(records=2), memory_bytes=1 << 30)
+    plan = p.access(1, 4, held=2)
+    assert (plan.first_group, plan.groups) == (3, 4)
+    assert (plan.start, plan.end) == (16 + 3 * MiB, 16 + 10 * MiB)
+
+
+def test_k_beyond_the_store_is_clipped():
+    p = RecordPrefixPolicy(bounds(records=2), memory_bytes=1 << 30)
+    assert p.access(0, 99, held=0).groups == 4
+
+
+def test_parts():
+    assert split_parts(0, 0, 8, 4) == ()
+    assert split_parts(10, 15, 8, 4) == ((10, 5),)
+    assert split_parts(0, 20 * MiB, 8 * MiB, 8) == ((0, 6990506), (6990506, 6990507), (13981013, 6990507))
+    assert len(split_parts(0, 1000 * MiB, 8 * MiB, 8)) == 8
+
+
+@given(st.integers(0, 1 << 40), st.integers(0, 1 << 36), st.integers(1, 1 << 30), st.integers(1, 64))
+def test_parts_cover_the_span_exactly(start, length, part, most):
+    parts = split_parts(start, start + length, part, most)
+    assert len(parts) <= most
+    pos = start
+    for off, n in parts:
+        assert off == pos and n > 0
+        pos += n
+    assert pos == start + length
+    if parts:
+        assert max(n for _, n in parts) - min(n for _, n in parts) <= 1
+
+
+def test_plans_split_large_spans_into_parts():
+    p = RecordPrefixPolicy(bounds(records=2), memory_bytes=1 << 30, part_bytes=4 * MiB, max_parts=3)
+    plan = p.access(0, 4, held=0)
+    assert len(plan.parts) == 3
+    assert plan.parts[0][0] == plan.start and sum(n for _, n in plan.parts) == plan.end - plan.start
+
+
+def window_policy(records: int) -> RecordPrefixPolicy:
+    # 10 records fit (10 MiB each at k=4, 0.9 x 112 MiB); a history of 30 reads
+    return RecordPrefixPolicy(bounds(records=records), memory_bytes=112 * MiB, disk_bytes=0)
+
+
+def test_window_mode_fetches_once_reads_show_record_locality():
+    p = window_policy(1000)
+    assert p.mode(4) == (Mode.WINDOW, 10)
+    # a record-aware order: reads cycle over a window of 8 records; once 30 reads are seen
+    # (8 records <= 10 that fit), every read may fetch its record's prefix
+    plans = [p.access(r, 4, held=0) for _ in range(5) for r in range(8)]
+    assert plans[:29] == [None] * 29
+    assert [pl.record for pl in plans[29:]] == [5, 6, 7] + list(range(8))
+    assert p.stats() == {"fetches": 11, "declined": 29}
+
+
+@pytest.mark.parametrize("records", [20, 30, 1000])
+def test_window_mode_declines_a_uniform_shuffle(records):
+    p = window_policy(records)  # 10 of them fit: 50 %, 33 %, 1 %
+    rng = random.Random(0)
+    reads = [rng.randrange(records) for _ in range(20_000)]
+    fetched = sum(p.access(r, 4, held=0) is not None for r in reads)
+    assert fetched < 0.002 * len(reads)
+
+
+def test_window_mode_accepts_record_shuffle_sampler_orders():
+    from pcrfs.sampling import record_shuffle
+
+    p = window_policy(200)
+    record_of = np.repeat(np.arange(200), 50)
+    order = record_shuffle(record_of, 8, np.random.default_rng(0))
+    decisions = [p.access(int(record_of[i]), 4, held=0) is not None for i in order]
+    assert not any(decisions[:29])  # the history fills
+    assert sum(not d for d in decisions[29:]) < 0.005 * len(order)  # a record closing may cost a read
+
+
+def test_modes_per_fidelity_are_remembered():
+    p = RecordPrefixPolicy(bounds(records=10), memory_bytes=0, disk_bytes=50 * MiB)
+    assert p.mode(2) is p.mode(2)
+    with pytest.raises(IndexError):
+        p.access(10, 2, held=0)  # no such record
+
+
+def test_prefixes_that_cannot_be_kept_turn_the_fidelity_to_image_reads():
+    p = RecordPrefixPolicy(bounds(records=10), memory_bytes=0, disk_bytes=1 << 30)
+    assert p.access(0, 2, held=0) is not None
+    p.not_kept(2)
+    assert p.mode(2) == (Mode.IMAGES, 0)
+    assert p.access(1, 2, held=0) is None
+    assert p.mode(3)[0] is Mode.VIEW  # other fidelities are unaffected

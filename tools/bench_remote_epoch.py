@@ -1,0 +1,567 @@
+#!/usr/bin/env python3
+"""Shuffled training epochs from object storage behind a slow link (issue 13).
+
+The setting: an S3 server whose ranged-GET cost does not grow with the object
+(s3rver 3.7.1, installed with npm into ``--npm-cache`` on first use; moto reads
+the whole object per GET) behind a user-space link proxy on 127.0.0.1 that adds
+``--latency`` per request and shares ``--rate`` bytes/s among all responses, and
+counts requests and bytes (``tc netem`` is not available here). Photos:
+``--per-class`` x 8 classes of ImageNet-size demo photos (``pcrfs.demo``),
+converted into records of ``--record-size``.
+
+Each configuration mounts the store afresh (``pcrfs mount s3://...`` through the
+proxy, fresh disk cache) and runs epochs 1 and 2 of torchvision ``ImageFolder`` +
+``DataLoader(num_workers=--workers, batch --batch)``, ``RandomResizedCrop(224)`` +
+flip + ``ToTensor``:
+
+* ``prefix``  -- ``shuffle=True``, record prefixes (the default), disk cache;
+* ``images``  -- ``shuffle=True``, ``--record-prefix off`` (per-image reads, as
+  before issue 13), disk cache;
+* ``sampler`` -- ``RecordShuffleSampler`` (default window), no disk cache, memory
+  cache ``--sampler-cache`` (``--cache-size``);
+* ``wds``     -- the peer: WebDataset over ``--shards`` tar shards of the original
+  JPEGs (samples shuffled before sharding), shard shuffle + a 500-sample buffer,
+  fetched through the same proxy with curl.
+
+Requests per image, bytes and link time are counted at the proxy; the daemon's
+CPU per image comes from /proc. Targets (issue 13) are evaluated in the JSON.
+
+    python tools/bench_remote_epoch.py                        # the full run, ~15 min on 2 cores
+    python tools/bench_remote_epoch.py --views scan5,full --modes prefix,wds   # a reduced one
+
+Writes ``results/bench_remote_epoch.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import http.server
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LOOPBACK = "127.0.0.1"
+BUCKET = "pcrfs-bench"
+S3RVER_ENV = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1",
+              "AWS_EC2_METADATA_DISABLED": "true"}
+VIEWS = ["scan1", "scan2", "scan5", "full"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection((LOOPBACK, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
+
+
+# ---- the slow link: a counting proxy with latency and a shared rate ------------------------------
+
+class _Link:
+    def __init__(self, upstream: int, latency: float, rate: float) -> None:
+        from pcrfs.remote.bwlimit import TokenBucket
+
+        self.upstream = upstream
+        self.latency = latency
+        self.bucket = TokenBucket(rate, burst=64 * 1024)
+        self.lock = threading.Lock()
+        self.counts = {"requests": 0, "gets": 0, "record_gets": 0, "bytes": 0}
+        self.local = threading.local()
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[key] += n
+
+    def conn(self) -> http.client.HTTPConnection:
+        c = getattr(self.local, "conn", None)
+        if c is None:
+            c = self.local.conn = http.client.HTTPConnection(LOOPBACK, self.upstream, timeout=60)
+        return c
+
+
+class _LinkHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_LinkServer"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _stats(self) -> None:
+        with self.server.link.lock:
+            body = json.dumps(self.server.link.counts).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _forward(self) -> None:
+        link = self.server.link
+        if self.path == "/__link_stats":
+            return self._stats()
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        link.count("requests")
+        if self.command == "GET":
+            link.count("gets")
+            if "/records/" in self.path:
+                link.count("record_gets")
+        time.sleep(link.latency)  # the round trip
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+        for attempt in range(2):
+            conn = link.conn()
+            try:
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                break
+            except (ConnectionError, http.client.HTTPException):
+                conn.close()
+                link.local.conn = None
+                if attempt:
+                    raise
+        self.send_response(resp.status, resp.reason)
+        n = resp.getheader("Content-Length")
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "server", "date"):
+                self.send_header(k, v)
+        if n is None:
+            data = resp.read()
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            chunks = [data]
+        else:
+            self.end_headers()
+            chunks = iter(lambda: resp.read(64 * 1024), b"")
+        for chunk in chunks:
+            link.bucket.consume(len(chunk))  # the shared link's rate
+            link.count("bytes", len(chunk))
+            if self.command != "HEAD":
+                self.wfile.write(chunk)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+
+class _LinkServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def serve_link(port: int, upstream: int, latency: float, rate: float) -> None:
+    server = _LinkServer((LOOPBACK, port), _LinkHandler)
+    server.link = _Link(upstream, latency, rate)
+    server.serve_forever()
+
+
+class LinkProxy:
+    """The proxy in its own process (so its threads do not share a GIL with the loader)."""
+
+    def __init__(self, upstream: int, latency: float, rate: float, log_file: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://{LOOPBACK}:{self.port}"
+        self._log = open(log_file, "ab")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-link", str(self.port), str(upstream),
+                                      str(latency), str(rate)], stdout=self._log, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc, "link proxy")
+
+    def counts(self) -> dict:
+        with urllib.request.urlopen(f"{self.endpoint}/__link_stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._log.close()
+
+
+class S3rver:
+    def __init__(self, npm_cache: Path, data: Path, log_file: Path) -> None:
+        exe = npm_cache / "node_modules" / ".bin" / "s3rver"
+        if not exe.exists():
+            log(f"installing s3rver@3.7.1 into {npm_cache} (npm)")
+            npm_cache.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(npm_cache), "s3rver@3.7.1"],
+                           check=True, stdout=subprocess.DEVNULL)
+        data.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://{LOOPBACK}:{self.port}"
+        self._log = open(log_file, "ab")
+        self.proc = subprocess.Popen([str(exe), "-d", str(data), "-a", LOOPBACK, "-p", str(self.port), "--silent",
+                                      "--allow-mismatched-signatures", "--configure-bucket", BUCKET],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc, "s3rver")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+def prepare(work: Path, per_class: int, record_size: int) -> tuple[Path, Path]:
+    from pcrfs.convert import convert
+    from pcrfs.demo import make_demo
+
+    src, store = work / "photos", work / f"store-{record_size >> 20}M.pcr"
+    if not (src.is_dir() and any(src.iterdir())):
+        log(f"writing {per_class * 8} demo photos to {src}")
+        make_demo(src, per_class=per_class, seed=0)
+    if not (store / "pcr.yaml").exists():
+        log(f"converting to {store}")
+        convert(src, store, record_bytes=record_size, overwrite=True, workers=2)
+    return src, store
+
+
+def make_shards(src: Path, out: Path, shards: int) -> list[Path]:
+    """WebDataset shards of the original JPEGs: samples shuffled once, then cut into ``shards`` tars."""
+    if out.is_dir() and len(list(out.glob("*.tar"))) == shards:
+        return sorted(out.glob("*.tar"))
+    out.mkdir(parents=True, exist_ok=True)
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir())
+    samples = [(c, p) for c in classes for p in sorted((src / c).iterdir())]
+    random.Random(0).shuffle(samples)
+    paths = []
+    for s in range(shards):
+        path = out / f"shard-{s:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for c, p in samples[s::shards]:
+                key = f"{c}_{p.stem}"
+                for name, data in ((f"{key}.jpg", p.read_bytes()), (f"{key}.cls", str(classes.index(c)).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+def upload(files: list[tuple[Path, str]], endpoint: str) -> None:
+    from pcrfs.remote.fs import RemoteOptions, filesystem
+
+    fs = filesystem(f"s3://{BUCKET}", RemoteOptions(endpoint_url=endpoint))
+    for local, key in files:
+        fs.put_file(str(local), f"{BUCKET}/{key}")
+
+
+def store_files(store: Path, prefix: str) -> list[tuple[Path, str]]:
+    files = sorted(p for p in store.rglob("*") if p.is_file() and p.name != "pcr.yaml")
+    return [(p, f"{prefix}/{p.relative_to(store)}") for p in files] + [(store / "pcr.yaml", f"{prefix}/pcr.yaml")]
+
+
+# ---- epochs -----------------------------------------------------------------------------------------
+
+def transform():
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor()])
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def bytes_size(data: bytes) -> int:
+    return len(data)
+
+
+def collate_sizes(batch: list) -> "Any":
+    import torch
+
+    return torch.tensor([x for x, _ in batch]), torch.tensor([y for _, y in batch])
+
+
+def imagefolder_epoch(root: Path, workers: int, batch: int, seed: int, sampler=None, loader: str = "decode") -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+
+    if loader == "bytes":  # the files' bytes only: what reading costs, without the decode
+        ds = datasets.ImageFolder(str(root), bytes_size, loader=read_bytes)
+        return _drain(DataLoader(ds, batch_size=batch, shuffle=sampler is None, sampler=sampler,
+                                 num_workers=workers, generator=torch.Generator().manual_seed(seed),
+                                 collate_fn=collate_sizes))
+    ds = datasets.ImageFolder(str(root), transform())
+    return _drain(DataLoader(ds, batch_size=batch, shuffle=sampler is None, sampler=sampler, num_workers=workers,
+                             generator=torch.Generator().manual_seed(seed)))
+
+
+def _drain(loader) -> dict:
+    t0 = time.perf_counter()
+    n = 0
+    for x, _ in loader:
+        n += x.shape[0]
+    return {"seconds": round(time.perf_counter() - t0, 3), "images": n}
+
+
+def wds_epoch(urls: list[str], workers: int, batch: int, seed: int, loader: str = "decode") -> dict:
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    ds = wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False).shuffle(500)
+    if loader == "bytes":
+        ds = ds.to_tuple("jpg", "cls").map_tuple(bytes_size, lambda c: int(c))
+        return _drain(DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate_sizes))
+    ds = ds.decode("pil").to_tuple("jpg", "cls").map_tuple(transform(), int)
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers)
+    t0 = time.perf_counter()
+    n = 0
+    for x, _ in loader:
+        n += x.shape[0]
+    return {"seconds": round(time.perf_counter() - t0, 3), "images": n}
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
+
+
+def mounted_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Path, local_store: Path) -> list[dict]:
+    """Epochs 1 and 2 of ``view`` on a fresh mount in ``mode``; one row per epoch."""
+    from pcrfs.fuse import daemon
+    from pcrfs.remote.fs import RemoteOptions
+    from pcrfs.sampling import RecordShuffleSampler
+    from pcrfs.store.reader import ReadOptions
+
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    disk = work / "disk-cache" / f"{mode}-{view}"
+    shutil.rmtree(disk, ignore_errors=True)
+    cache_size = args.sampler_cache if mode == "sampler" else args.cache_size
+    opts = ReadOptions(remote=RemoteOptions(endpoint_url=proxy.endpoint),
+                       disk_cache=str(disk) if mode != "sampler" else None, disk_cache_bytes=args.disk_cache_size,
+                       record_prefix=mode != "images",
+                       # readahead's window would raise the memory cache to 4 x 16M; a sampler needs none
+                       readahead_bytes=0 if mode == "sampler" else None)
+    info = daemon.mount(url, mnt, cache_size=cache_size, read_options=opts, log_file=work / "logs" / "mount.log",
+                        echo=lambda m: None)
+    rows = []
+    try:
+        sampler = None
+        if mode == "sampler":
+            from pcrfs.store.reader import open_store
+
+            with open_store(local_store) as s:  # the same index as the remote copy
+                sampler = RecordShuffleSampler(s, view=view, seed=0, cache_bytes=args.sampler_cache)
+        for epoch in (1, 2):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            before, cpu0 = proxy.counts(), cpu_seconds(info.pid)
+            r = imagefolder_epoch(mnt / view, args.workers, args.batch, epoch, sampler, args.loader)
+            link, cpu = delta(proxy.counts(), before), cpu_seconds(info.pid) - cpu0
+            r.update(mode=mode, view=view, epoch=epoch, link=link,
+                     gets_per_image=round(link["gets"] / max(r["images"], 1), 4),
+                     record_gets_per_image=round(link["record_gets"] / max(r["images"], 1), 4),
+                     daemon_cpu_us_per_image=round(1e6 * cpu / max(r["images"], 1), 1),
+                     loadavg=os.getloadavg()[0])
+            if sampler is not None:
+                r["window"] = sampler.window
+            rows.append(r)
+            log(f"  {mode:7s} {view:5s} epoch {epoch}: {r['seconds']:6.1f}s  {link['bytes'] / 1e6:6.1f} MB  "
+                f"{r['gets_per_image']:.3f} GET/img  daemon {r['daemon_cpu_us_per_image']} us/img")
+        with open(mnt / ".pcrfs" / "stats", "rb") as f:
+            rows[-1]["mount_io"] = json.loads(f.read()).get("io")
+    finally:
+        daemon.umount(mnt, echo=lambda m: None, timeout=60)
+    return rows
+
+
+def wds_run(proxy: LinkProxy, shards: list[Path], args) -> list[dict]:
+    urls = [f"pipe:curl -s -f {proxy.endpoint}/{BUCKET}/wds/{p.name}" for p in shards]
+    rows = []
+    for epoch in (1, 2):
+        before = proxy.counts()
+        r = wds_epoch(urls, args.workers, args.batch, epoch, args.loader)
+        link = delta(proxy.counts(), before)
+        r.update(mode="wds", view="full", epoch=epoch, link=link,
+                 gets_per_image=round(link["gets"] / max(r["images"], 1), 4), loadavg=os.getloadavg()[0])
+        rows.append(r)
+        log(f"  wds     full  epoch {epoch}: {r['seconds']:6.1f}s  {link['bytes'] / 1e6:6.1f} MB  {link['gets']} GETs")
+    return rows
+
+
+# ---- targets ----------------------------------------------------------------------------------------
+
+def evaluate(rows: list[dict], view_bytes: dict, rate: float) -> dict:
+    def get(mode, view, epoch):
+        return next((r for r in rows if r["mode"] == mode and r["view"] == view and r["epoch"] == epoch), None)
+
+    out: dict = {}
+    p1, p2 = get("prefix", "scan5", 1), get("prefix", "scan5", 2)
+    if p1:
+        out["scan5_epoch1_gets_per_image_le_0.05"] = {"value": p1["gets_per_image"],
+                                                      "met": p1["gets_per_image"] <= 0.05}
+    if p1 and p2:
+        bound = 1.3 * view_bytes["scan5"] / rate + p2["seconds"]
+        out["scan5_epoch1_le_1.3_link_plus_cached"] = {"value": p1["seconds"], "bound": round(bound, 2),
+                                                       "met": p1["seconds"] <= bound}
+        out["epoch2_gets_per_image_le_0.01"] = {
+            "value": max(r["gets_per_image"] for r in rows if r["mode"] == "prefix" and r["epoch"] == 2),
+            "met": all(r["gets_per_image"] <= 0.01 for r in rows if r["mode"] == "prefix" and r["epoch"] == 2)}
+    w = get("wds", "full", 1)
+    if p1 and w:
+        out["scan5_epoch1_le_0.5_wds"] = {"value": round(p1["seconds"] / w["seconds"], 3),
+                                          "met": p1["seconds"] <= 0.5 * w["seconds"]}
+    for mode in ("prefix", "sampler", "images"):
+        full = get(mode, "full", 1)
+        for v in ("scan1", "scan2", "scan5"):
+            r = get(mode, v, 1)
+            if full and r:
+                ratio = view_bytes["full"] / view_bytes[v]
+                sp = full["seconds"] / r["seconds"]
+                out[f"{mode}_speedup_{v}"] = {"value": round(sp, 2), "bytes_ratio": round(ratio, 2),
+                                             "target": round(0.8 * ratio, 2), "met": sp >= 0.8 * ratio}
+    s5 = get("sampler", "scan5", 1)
+    if s5:
+        out["sampler_scan5_gets_per_image_le_0.05"] = {"value": s5["gets_per_image"],
+                                                       "met": s5["gets_per_image"] <= 0.05}
+    return out
+
+
+# ---- main -------------------------------------------------------------------------------------------
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-link":
+        port, upstream, latency, rate = sys.argv[2:6]
+        serve_link(int(port), int(upstream), float(latency), float(rate))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-remote")
+    p.add_argument("--npm-cache", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-npm-s3rver")
+    p.add_argument("--per-class", type=int, default=164, help="demo photos per class (8 classes): 1,312")
+    p.add_argument("--record-size", type=int, default=64 << 20)
+    p.add_argument("--latency", type=float, default=0.020, help="seconds per request")
+    p.add_argument("--rate", type=float, default=4e6, help="bytes/s, shared")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--cache-size", default="256M")
+    p.add_argument("--sampler-cache", default="256M", help="memory cache of the sampler runs (no disk cache)")
+    p.add_argument("--sampler-record-size", type=int, default=None,
+                   help="the sampler runs read a copy of the photos in records of this size (e.g. 4M records "
+                        "and --sampler-cache 16M: the cache holds a window of records, not the view)")
+    p.add_argument("--disk-cache-size", type=int, default=10 << 30)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--views", default=",".join(VIEWS))
+    p.add_argument("--modes", default="prefix,images,sampler,wds")
+    p.add_argument("--images-views", default="scan5,full", help="views of the (slow) per-image baseline")
+    p.add_argument("--loader", choices=["decode", "bytes"], default="decode",
+                   help="decode: PIL + RandomResizedCrop(224) + ToTensor (a training pipeline); bytes: read "
+                        "the files only (what the link costs, on a machine too loaded for the decode)")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_remote_epoch.json")
+    args = p.parse_args()
+    from pcrfs.store.reader import open_store
+    from pcrfs.store.verify import cumulative_fractions
+    from pcrfs.units import parse_size
+
+    args.cache_size = parse_size(args.cache_size)
+    args.sampler_cache = parse_size(args.sampler_cache)
+    work = args.workdir
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    src, store = prepare(work, args.per_class, args.record_size)
+    with open_store(store) as s:
+        n_images, n_records, groups = s.num_images, len(s.index.records), s.num_groups
+        fractions = {f"scan{f['k']}": f["bytes"] for f in cumulative_fractions(s)}
+    view_bytes = {v: fractions[v] for v in VIEWS if v != "full"}
+    view_bytes["full"] = fractions[f"scan{groups}"]
+    shards = make_shards(src, work / "wds", args.shards)
+    sampler_store = store
+    if args.sampler_record_size:
+        sampler_store = prepare(work, args.per_class, args.sampler_record_size)[1]
+    os.environ.update(S3RVER_ENV)
+    os.environ["XDG_CACHE_HOME"] = str(work / "xdg-cache")
+    shutil.rmtree(work / "s3rver", ignore_errors=True)
+    server = S3rver(args.npm_cache, work / "s3rver", work / "logs" / "s3rver.log")
+    proxy = None
+    rows: list[dict] = []
+    try:
+        url = f"s3://{BUCKET}/store.pcr"
+        log(f"uploading the store and {len(shards)} shards to s3rver at {server.endpoint}")
+        files = store_files(store, "store.pcr") + [(p, f"wds/{p.name}") for p in shards]
+        if sampler_store != store:
+            files += store_files(sampler_store, "sampler.pcr")
+        upload(files, server.endpoint)
+        proxy = LinkProxy(server.port, args.latency, args.rate, work / "logs" / "link.log")
+        modes = args.modes.split(",")
+        views = args.views.split(",")
+        if "wds" in modes:
+            rows += wds_run(proxy, shards, args)
+        for mode in ("prefix", "sampler", "images"):
+            if mode not in modes:
+                continue
+            for view in views:
+                if mode == "images" and view not in args.images_views.split(","):
+                    continue
+                if mode == "sampler" and sampler_store != store:
+                    rows += mounted_run(mode, view, f"s3://{BUCKET}/sampler.pcr", proxy, args, work, sampler_store)
+                else:
+                    rows += mounted_run(mode, view, url, proxy, args, work, store)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        server.stop()
+    doc = {
+        "benchmark": "bench_remote_epoch",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "setting": {"latency_s": args.latency, "rate_bytes_s": args.rate, "images": n_images, "records": n_records,
+                    "record_size": args.record_size, "workers": args.workers, "batch": args.batch,
+                    "cache_size": args.cache_size, "sampler_cache": args.sampler_cache,
+                    "sampler_record_size": args.sampler_record_size or args.record_size,
+                    "server": "s3rver 3.7.1", "loader": args.loader,
+                    "transform": "RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor"
+                    if args.loader == "decode" else "none (file bytes)"},
+        "view_bytes": view_bytes, "link_seconds": {v: round(b / args.rate, 2) for v, b in view_bytes.items()},
+        "wds_bytes": sum(p.stat().st_size for p in shards),
+        "rows": rows, "targets": evaluate(rows, view_bytes, args.rate),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    log(f"wrote {args.out}")
+    print(json.dumps(doc["targets"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
+    sys.exit(main())
