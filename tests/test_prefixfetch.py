@@ -332,6 +332,26 @@ def test_s3_reads_use_obstore_when_installed_and_s3fs_on_request(url, remote, re
         assert s.read(5, 3) == reader.read(5, 3)
 
 
+def test_a_process_forked_after_obstore_ran_reads_with_s3fs(url, remote, reader):
+    # obstore's runtime does not survive fork: a DataLoader worker forked from a parent that
+    # read through obstore hung on its first request before this rule
+    pytest.importorskip("obstore")
+    import multiprocessing
+
+    with open_store(url, options=opts(remote)) as s:
+        assert s.read(5, 3) == reader.read(5, 3)  # obstore's runtime now runs in this process
+        assert s.io_stats()["source"]["client"] == "obstore"
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_read_in_child, (url, remote)).get(timeout=60)
+    assert got == ("s3fs", reader.read(5, 3), reader.read(7, 10))
+
+
+def _read_in_child(url: str, remote: RemoteOptions) -> tuple[str, bytes, bytes]:
+    with open_store(url, options=opts(remote)) as s:
+        return s.io_stats()["source"].get("client", "s3fs"), s.read(5, 3), s.read(7, 10)
+
+
 def test_pcrfs_stats_shows_the_prefix_counters():
     from pcrfs.fuse.commands import format_stats
 

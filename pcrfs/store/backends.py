@@ -333,14 +333,35 @@ class ObstoreRecords(RecordSource):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+# obstore runs its requests on a tokio runtime whose threads do not survive fork(): a
+# child forked after its parent used obstore (a DataLoader worker, multiprocessing's
+# default on Linux) hangs on its first request. The pid that started obstore is noted,
+# and a process other than that one reads through fsspec (s3fs resets its event loop
+# after a fork) instead.
+_obstore_pid: int | None = None
+
+
+def _obstore_forked() -> bool:
+    return _obstore_pid is not None and _obstore_pid != os.getpid()
+
+
 def remote_records(fs: Any, base: str, url: str, options: RemoteOptions = RemoteOptions(),
                    bwlimit: TokenBucket | None = None) -> RecordSource:
     """The record source for a remote store: obstore for ``s3://`` when it is installed and
-    set up (``PCRFS_S3_CLIENT=s3fs`` forces s3fs), otherwise fsspec."""
+    set up (``PCRFS_S3_CLIENT=s3fs`` forces s3fs) and this process was not forked from one
+    that used it; otherwise fsspec."""
+    global _obstore_pid
     if url.split("://", 1)[0].lower() in ("s3", "s3a") and os.environ.get("PCRFS_S3_CLIENT", "obstore") != "s3fs":
+        if _obstore_forked():
+            log.info("process %d was forked after obstore ran in %d: %s is read with s3fs",
+                     os.getpid(), _obstore_pid, url)
+            return FsspecRecords(fs, base, url, options, bwlimit)
         bucket, _, prefix = base.partition("/")
         try:
-            return ObstoreRecords(bucket, prefix, url, options, bwlimit)
+            records = ObstoreRecords(bucket, prefix, url, options, bwlimit)
         except Exception as e:  # noqa: BLE001 - not installed, or no credentials: s3fs has the clear errors
             log.debug("obstore not used for %s (%s); s3fs instead", url, e)
+        else:
+            _obstore_pid = os.getpid()
+            return records
     return FsspecRecords(fs, base, url, options, bwlimit)
