@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from ..fsutil import raise_open_file_limit
 from ..units import format_size, parse_size
 
 if TYPE_CHECKING:  # the store layer itself is imported when a mount starts
@@ -344,6 +345,7 @@ def run_foreground(store: str, mountpoint: str, *, options: Iterable[str] = (), 
 
     store, mountpoint = _store_location(store), _abs(mountpoint)
     kwargs, nonempty = fuse_options(options, allow_other)
+    raise_open_file_limit()  # before the store sizes its table of open record files from it
     s = _open_store(store, cache_size, read_options)
     prepare_mountpoint(mountpoint, echo, allow_nonempty=nonempty)
     if log_file:

@@ -31,6 +31,10 @@ from ..remote.retry import RetryPolicy
 from . import format as fmt
 from .backends import FsspecRecords, LocalRecords, RecordSource
 from .errors import StoreError
+from .files import NotRegularFile, read_capped
+from .index import size_limits
+
+MANIFEST_MAX_BYTES = 16 << 20  # a manifest is a few KiB (plus one line per class); read no more than this
 
 
 def default_cache_dir() -> Path:
@@ -66,8 +70,9 @@ class StoreLocation(ABC):
     # Small files beside the index (the optional adaptive index), read and written whole.
 
     @abstractmethod
-    def read_file(self, name: str) -> bytes:
-        """The bytes of ``name`` (relative to the store); StoreError if it cannot be read."""
+    def read_file(self, name: str, max_bytes: int = MANIFEST_MAX_BYTES) -> bytes:
+        """The bytes of ``name`` (relative to the store); StoreError if it cannot be read,
+        is not a regular file, or holds more than ``max_bytes``."""
 
     @abstractmethod
     def write_file(self, name: str, data: bytes) -> None:
@@ -97,9 +102,9 @@ class LocalLocation(StoreLocation):
                 raise StoreError(f"{self.root}: no such store")
             raise StoreError(f"{self.root} is not a PCR store (no {fmt.MANIFEST})")
         try:
-            return path.read_bytes()
-        except OSError as e:
-            raise StoreError(f"{path}: {e.strerror}") from e
+            return read_capped(path, MANIFEST_MAX_BYTES)
+        except OSError as e:  # NotRegularFile (symlink, FIFO, device, too big) included
+            raise StoreError(f"{path}: {e.strerror}") from None
 
     def index_dir(self, manifest: dict, manifest_bytes: bytes) -> tuple[Path, bool]:
         return self.root / fmt.INDEX_DIR, False
@@ -107,9 +112,11 @@ class LocalLocation(StoreLocation):
     def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
         return LocalRecords(self.root, record_sizes, bwlimit)
 
-    def read_file(self, name: str) -> bytes:
+    def read_file(self, name: str, max_bytes: int = MANIFEST_MAX_BYTES) -> bytes:
         try:
-            return (self.root / name).read_bytes()
+            return read_capped(self.root / name, max_bytes)
+        except NotRegularFile as e:
+            raise StoreError(e.strerror) from None
         except OSError as e:
             raise StoreError(f"{self.root / name} cannot be read: {e.strerror}") from None
 
@@ -148,7 +155,11 @@ class RemoteLocation(StoreLocation):
 
     def manifest_bytes(self) -> bytes:
         try:
-            return self._call(lambda: self.fs.cat_file(self._path(fmt.MANIFEST)), f"GET {self.url}/{fmt.MANIFEST}")
+            data = self._call(lambda: self.fs.cat_file(self._path(fmt.MANIFEST), start=0, end=MANIFEST_MAX_BYTES + 1),
+                              f"GET {self.url}/{fmt.MANIFEST}")
+            if len(data) > MANIFEST_MAX_BYTES:
+                raise StoreError(f"{self.url}/{fmt.MANIFEST} holds more than a manifest can ({MANIFEST_MAX_BYTES} bytes)")
+            return data
         except FileNotFoundError as e:
             if "bucket" in str(e).lower():
                 raise StoreError(explain(e, self.url, self.options)) from None
@@ -166,9 +177,17 @@ class RemoteLocation(StoreLocation):
         directory.mkdir(parents=True, exist_ok=True)
         checks = manifest["index_files"]
         for name in fmt.INDEX_FILES:
-            want = checks.get(name)
-            if want is None:
+            if name not in checks:
                 raise StoreError(f"{self.url}/{fmt.MANIFEST} has no checksum for index file {name}")
+        # sizes the manifest's counts allow, checked before anything is downloaded
+        limits = size_limits(manifest["num_images"], manifest["num_groups"], manifest["num_records"],
+                             {name: checks[name]["size"] for name in fmt.INDEX_FILES})
+        for name in fmt.INDEX_FILES:
+            if checks[name]["size"] > limits[name]:
+                raise StoreError(f"{self.url}/{fmt.MANIFEST} gives index file {name} {checks[name]['size']} bytes, "
+                                 f"more than a store of its counts can need ({limits[name]})")
+        for name in fmt.INDEX_FILES:
+            want = checks[name]
             local = directory / name
             if _matches(local, want):
                 continue
@@ -190,11 +209,16 @@ class RemoteLocation(StoreLocation):
     def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
         return FsspecRecords(self.fs, self.base, self.url, self.options, bwlimit)
 
-    def read_file(self, name: str) -> bytes:
+    def read_file(self, name: str, max_bytes: int = MANIFEST_MAX_BYTES) -> bytes:
         try:
-            return self._call(lambda: self.fs.cat_file(self._path(name)), f"GET {self.url}/{name}")
+            # a ranged GET: one byte past the cap tells "too big" without fetching it all
+            data = self._call(lambda: self.fs.cat_file(self._path(name), start=0, end=max_bytes + 1),
+                              f"GET {self.url}/{name}")
         except FileNotFoundError:
             raise StoreError(f"{self.url}/{name} does not exist") from None
+        if len(data) > max_bytes:
+            raise StoreError(f"{self.url}/{name} holds more than the {max_bytes} bytes it may hold")
+        return data
 
     def write_file(self, name: str, data: bytes) -> None:
         # one PUT: an object store shows the old object or the whole new one
