@@ -16,8 +16,9 @@ import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -205,16 +206,23 @@ class LocalRecords(RecordSource):
                 os.close(self._fds.pop(r).fd)
         return bool(idle)
 
+    @contextmanager
+    def descriptor(self, record: int) -> Iterator[int]:
+        """A checked descriptor of record ``record`` for the ``with`` block (for a caller that
+        does its own positional reads); it stays open at least until the block ends."""
+        h = self._acquire(record)
+        try:
+            yield h.fd
+        finally:
+            self._release(h)
+
     def open_count(self) -> int:
         with self._lock:
             return len(self._fds)
 
     def _fetch(self, span: Span) -> bytes:
-        h = self._acquire(span.record)
-        try:
-            return os.pread(h.fd, span.length, span.offset)
-        finally:
-            self._release(h)
+        with self.descriptor(span.record) as fd:
+            return os.pread(fd, span.length, span.offset)
 
     def read_in_record(self, record: int, offsets: list[int], lengths: list[int]) -> list[bytes]:
         # the hot path of every whole-file read through the mount: one descriptor

@@ -34,7 +34,7 @@ from .errors import StoreError
 from .files import NotRegularFile, read_capped
 from .index import size_limits
 
-MANIFEST_MAX_BYTES = 16 << 20  # a manifest is a few KiB (plus one line per class); read no more than this
+MANIFEST_MAX_BYTES = 2 << 20  # a manifest is a few KiB plus a line per class (ImageNet-21k: ~300 KB)
 
 
 def default_cache_dir() -> Path:
