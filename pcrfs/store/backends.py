@@ -156,7 +156,7 @@ class LocalRecords(RecordSource):
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE) and self._close_idle():
                 return self._open_checked(record)
-            raise CorruptData(f"record file {path} cannot be opened: {e.strerror}") from None
+            raise CorruptData(f"record file {path} is unreadable (cannot be opened: {e.strerror})") from None
         try:
             want = int(self._sizes[record])
             if size != want:

@@ -319,17 +319,19 @@ class Store:
             else:  # concurrent first reads of one group wait for a single CRC pass
                 busy = self._verifying.setdefault(key, threading.Lock())
         if not known:
-            with busy:
-                with self._verified_lock:
-                    known = key in self._verified
-                if not known:
-                    self._check_group_streaming(i, r, g, offset, length, crc)
+            try:
+                with busy:
                     with self._verified_lock:
-                        self._verified[key] = None
-                        if len(self._verified) > VERIFIED_GROUPS:
-                            self._verified.popitem(last=False)
-            with self._verified_lock:
-                self._verifying.pop(key, None)
+                        known = key in self._verified
+                    if not known:
+                        self._check_group_streaming(i, r, g, offset, length, crc)
+                        with self._verified_lock:
+                            self._verified[key] = None
+                            if len(self._verified) > VERIFIED_GROUPS:
+                                self._verified.popitem(last=False)
+            finally:
+                with self._verified_lock:
+                    self._verifying.pop(key, None)
         return self.records.read(r, offset + lo, hi - lo) if hi > lo else b""
 
     def _check_group_streaming(self, i: int, r: int, g: int, offset: int, length: int, crc: int) -> None:

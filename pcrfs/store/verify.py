@@ -149,10 +149,7 @@ def _verify_record(store: Store, r: int) -> list[Damage]:
             # local: the record's size and header are checked when it is opened (reported below)
             pieces = store.records.read_spans(spans[b:b + VERIFY_BATCH])
         except OSError as e:  # CorruptData (missing, unreadable, wrong size) or StoreUnavailable (unreachable)
-            reason = e.strerror or str(e)
-            if "cannot be opened" in reason or "missing" in reason:
-                reason = f"record file unreadable: {reason}"
-            return out + [Damage(r, None, None, reason)]
+            return out + [Damage(r, None, None, e.strerror or str(e))]
         while pieces:
             data = pieces.pop(0)  # dropped once checked: at most one batch is held
             view = memoryview(data)
