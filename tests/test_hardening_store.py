@@ -170,6 +170,12 @@ print(info.pid)
     assert fds <= 200 // 4 + 20, fds
 
 
+def test_systemd_unit_raises_the_open_file_limit():
+    unit = (Path(__file__).resolve().parents[1] / "systemd" / "pcrfs@.service").read_text()
+    values = [int(line.split("=", 1)[1]) for line in unit.splitlines() if line.startswith("LimitNOFILE=")]
+    assert values and values[0] >= 16384, values
+
+
 def test_lru_never_closes_a_descriptor_in_use(many_records):
     """Readers on many threads through a table of 4 descriptors: every byte right."""
     with open_store(many_records) as s:
