@@ -583,6 +583,20 @@ def test_directory_table_missing_root_or_parent_is_refused(tmp_path, drop):
         assert_clean_cli_error(["mount", root, tmp_path / "mnt"], "root" if drop == "" else "parent")
 
 
+@pytest.mark.parametrize("names,ranges,needle", [
+    (["", "a", "a/b", "c", "c/w"], [(0, 4), (0, 2), (0, 2), (2, 4), (0, 1)], "range does not match"),
+    (["", "a", "a/b", "c", "c/w"], [(0, 4), (0, 2), (0, 2), (2, 4), (3, 3)], "range does not match"),
+    (["", "a", "a/b", "c", "c", "c/w"], [(0, 4), (0, 2), (0, 2), (2, 4), (2, 4), (2, 3)], "twice"),
+])
+def test_directory_ranges_that_contradict_the_names_are_refused(tmp_path, names, ranges, needle):
+    """Listings come from the directory table: one whose ranges hold other directories'
+    images (a listing would show 'w/q.jpg' in c, or x.jpg in c/w) is refused at open."""
+    root = tiny_store(tmp_path / "s.pcr", ["a/b/x.jpg", "a/b/y.jpg", "c/w/q.jpg", "c/z.jpg"])
+    _dir_table(root, names, ranges)
+    with pytest.raises(StoreError, match=needle):
+        open_store(root)
+
+
 @pytest.mark.parametrize("dtype,value", [("<f4", 1.5), ("<i4", -5), ("<u8", 7)])
 def test_group_lengths_of_another_type_are_refused(small, tmp_path, dtype, value):
     lengths = index_array(small, "group_lengths.npy").astype(dtype)

@@ -279,12 +279,19 @@ class Index:
         if bad is not None:
             return [bad]
         names = {self.dirs.raw(d) for d in range(len(self.dirs))}
+        if len(names) != len(self.dirs):
+            return ["the directory table lists a directory twice"]
         for d in range(1, len(self.dirs)):
             name = self.dirs.raw(d)
             parent = name.rsplit(b"/", 1)[0] if b"/" in name else b""
             if parent not in names:
                 return [f"directory {fmt.decode_path(name)!r} has no parent {fmt.decode_path(parent)!r} "
                         "in the directory table"]
+            # its range's first and last images lie under it (verify checks every image)
+            first, end = int(self.dir_ranges[d][0]), int(self.dir_ranges[d][1])
+            if first >= end or not (self.paths.raw(first).startswith(name + b"/")
+                                    and self.paths.raw(end - 1).startswith(name + b"/")):
+                return [f"directory {fmt.decode_path(name)!r}: its image range does not match the image names"]
         if len(self.dir_ranges) and (int(self.dir_ranges[0][0]) != 0 or int(self.dir_ranges[0][1]) != self.num_images):
             return ["the root directory does not cover every image"]
         return []
