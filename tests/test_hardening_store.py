@@ -373,6 +373,18 @@ except adaptive.AdaptiveIndexError as e:
     assert res.returncode == 0 and "FIFO" in res.stdout, res.stdout + res.stderr
 
 
+@needs_fuse
+def test_fifo_adaptive_index_mounts_at_once_without_its_views(small, mounts, tmp_path):
+    """The mount comes up (at once: mount waits for it, so a hang would fail this test),
+    serves the fixed views, and its log says why there are no adaptive ones."""
+    rel = _with_adaptive_index(small)
+    _fifo_in_place_of(small, rel)
+    info = mounts.mount(small, "adaptive", timeout=QUICK)
+    names = os.listdir(info.mountpoint)
+    assert "full" in names and not any(n.startswith("ssim") for n in names), names
+    assert "FIFO" in Path(info.log_file).read_text()
+
+
 # ---- 4, 7. bounded memory and time ---------------------------------------------------------------
 
 MEMORY = 1 << 30  # address space for a child that must not read a crafted file whole
