@@ -215,23 +215,37 @@ def _symlink_to_identical_copy(root: Path, rel: str, outside: Path) -> None:
     os.symlink(target, root / rel)
 
 
-def test_symlinked_record_is_never_followed(small, tmp_path, mounts):
+def test_symlinked_record_is_refused_at_open(small, tmp_path):
     _symlink_to_identical_copy(small, fmt.record_name(1), tmp_path / "outside")
+    with pytest.raises(StoreError, match="00001.pcr is a symlink"):
+        open_store(small)
+    for args in (["info", small], ["verify", "-q", small], ["get", small, "c0/img00000.jpg", "-o", tmp_path / "o"],
+                 ["mount", small, tmp_path / "outside"]):
+        assert_clean_cli_error(args, "symlink")
+
+
+def test_record_swapped_for_a_symlink_after_open_is_not_followed(small, tmp_path, mounts):
+    """Checked again whenever a record file is opened: a record that becomes a symlink
+    (to a byte-identical copy, even) after the store was opened is not served."""
     with open_store(small) as s:
         first = int(s.index.records[1]["first_image"])
+        _symlink_to_identical_copy(small, fmt.record_name(1), tmp_path / "outside")
         with pytest.raises(CorruptData, match="symlink"):
             s.read(first, 1)
         assert s.read(0, s.num_groups)  # record 0 is served as ever
         damage = verify_store(s)
-    assert [d.record for d in damage] == [1] and "symlink" in damage[0].reason
+        assert [d.record for d in damage] == [1] and "symlink" in damage[0].reason
+        path, good = s.path(first), s.path(0)
+        want = s.read(0, s.num_groups)
     if fuse_unavailable() is None:
+        os.unlink(small / fmt.record_name(1))
+        shutil.copy(tmp_path / "outside" / fmt.record_name(1).replace("/", "_"), small / fmt.record_name(1))
         info = mounts.mount(small, "sym", cache_size=0)
-        with open_store(small) as s:
-            path = Path(info.mountpoint) / "full" / s.path(first)
-            with pytest.raises(OSError) as e:
-                path.read_bytes()
-            assert e.value.errno == errno.EIO
-            assert (Path(info.mountpoint) / "full" / s.path(0)).read_bytes() == s.read(0, s.num_groups)
+        _symlink_to_identical_copy(small, fmt.record_name(1), tmp_path / "outside2")
+        with pytest.raises(OSError) as e:
+            (Path(info.mountpoint) / "full" / path).read_bytes()
+        assert e.value.errno == errno.EIO
+        assert (Path(info.mountpoint) / "full" / good).read_bytes() == want
 
 
 def test_records_linking_a_foreign_file_serve_nothing_of_it(tmp_path, mounts):
@@ -240,10 +254,6 @@ def test_records_linking_a_foreign_file_serve_nothing_of_it(tmp_path, mounts):
     secret = tmp_path / "secret"
     secret.write_bytes(b"TOP-SECRET-" * 10)
     root = tiny_store(tmp_path / "s.pcr", [f"c/{i:03d}.jpg" for i in range(4)], per_record=1, groups=1)
-    for r in range(4):
-        p = root / fmt.record_name(r)
-        p.unlink()
-        os.symlink(secret, p)
     # one image per record, each one 1-byte group: the secret's byte at offset 16 + r
     lengths = np.ones((4, 1), dtype=fmt.GROUP_LENGTH_DTYPE)
     crcs = np.array([[zlib.crc32(secret.read_bytes()[16 + r:17 + r])] for r in range(4)], dtype=fmt.GROUP_CRC_DTYPE)
@@ -253,19 +263,22 @@ def test_records_linking_a_foreign_file_serve_nothing_of_it(tmp_path, mounts):
     replace_index_file(root, "group_crc32.npy", crcs)
     replace_index_file(root, "records.npy", records)
     replace_index_file(root, "record_group_offsets.npy", np.full((4, 1), 16 + np.arange(4)[:, None], dtype="<u8"))
+    # opened while the records were regular files, then swapped for links: first use refuses
     with open_store(root) as s:
+        for r in range(4):
+            p = root / fmt.record_name(r)
+            p.unlink()
+            os.symlink(secret, p)
         for i in range(4):
             with pytest.raises(CorruptData, match="symlink"):
                 s.read(i, 1)
+    with pytest.raises(StoreError, match="symlink"):
+        open_store(root)
     out = assert_clean_cli_error(["get", root, "c/000.jpg", "-o", tmp_path / "x"], "symlink")
-    assert "SECRET" not in out
-    assert not (tmp_path / "x").exists() or b"SECRET" not in (tmp_path / "x").read_bytes()
+    assert "SECRET" not in out and not (tmp_path / "x").exists()
     if fuse_unavailable() is None:
-        info = mounts.mount(root, "secret", cache_size=0)
-        for i in range(4):
-            with pytest.raises(OSError) as e:
-                (Path(info.mountpoint) / "full" / "c" / f"{i:03d}.jpg").read_bytes()
-            assert e.value.errno == errno.EIO
+        (tmp_path / "mnt").mkdir()
+        assert_clean_cli_error(["mount", root, tmp_path / "mnt"], "symlink")
 
 
 def test_record_with_a_foreign_header_is_not_served(small):
@@ -327,20 +340,40 @@ def test_fifo_manifest_or_index_fails_fast(small, tmp_path, rel):
         assert res.returncode == 1 and "FIFO" in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
 
 
-def test_fifo_record_fails_fast_everywhere(small, tmp_path, mounts):
+def test_fifo_record_is_refused_at_open(small, tmp_path):
     _fifo_in_place_of(small, fmt.record_name(1))
+    with pytest.raises(StoreError, match="00001.pcr is a FIFO"):
+        open_store(small)
+    (tmp_path / "mnt").mkdir()
+    for args in (["info", small], ["verify", "-q", small], ["get", small, "c0/img00000.jpg", "-o", tmp_path / "o"],
+                 ["mount", small, tmp_path / "mnt"]):
+        res = run_limited(pcrfs_argv(*args), timeout=QUICK)
+        assert res.returncode == 1 and "FIFO" in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+
+
+def test_record_swapped_for_a_fifo_fails_fast_everywhere(small, tmp_path, mounts):
+    """A record that becomes a FIFO after the store was opened: its files fail at once (no
+    blocking open, no lock held across one), every other file keeps being served."""
     with open_store(small) as s:
         first = int(s.index.records[1]["first_image"])
         bad, good = s.path(first), s.path(0)
-    res = run_limited(pcrfs_argv("verify", "-q", small), timeout=QUICK)
-    assert res.returncode == 1 and "FIFO" in res.stdout + res.stderr, res.stdout + res.stderr
-    res = run_limited(pcrfs_argv("get", small, bad, "-o", tmp_path / "o.jpg"), timeout=QUICK)
-    assert res.returncode == 1 and "FIFO" in res.stderr and "Traceback" not in res.stderr, res.stderr
-    res = run_limited(pcrfs_argv("get", small, good, "-o", tmp_path / "o.jpg"), timeout=QUICK)
-    assert res.returncode == 0, res.stderr
+        want = s.read(0, s.num_groups)
+        _fifo_in_place_of(small, fmt.record_name(1))
+        # the reader API: in a thread, so a regression fails the test instead of hanging it
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(_try(lambda: s.read(first, 1))), daemon=True)
+        t.start()
+        t.join(QUICK)
+        assert not t.is_alive(), "a read of a FIFO record blocked"
+        assert isinstance(result[0], CorruptData) and "FIFO" in str(result[0])
+        assert s.read(0, s.num_groups) == want
     if fuse_unavailable() is not None:
         return
+    os.unlink(small / fmt.record_name(1))
+    tiny_store(tmp_path / "again.pcr", class_names(12), per_record=4)
+    shutil.copy(tmp_path / "again.pcr" / fmt.record_name(1), small / fmt.record_name(1))
     info = mounts.mount(small, "fifo", cache_size=0)
+    _fifo_in_place_of(small, fmt.record_name(1))
     mnt = Path(info.mountpoint)
     # in a child with a timeout: on a regression the read would block in the kernel
     code = f"""
@@ -354,7 +387,14 @@ for _ in range(3):
 print(len(open({str(mnt / 'full' / good)!r}, 'rb').read()))
 """
     res = py(code)
-    assert res.returncode == 0 and int(res.stdout) > 0, res.stderr[-2000:]
+    assert res.returncode == 0 and int(res.stdout) == len(want), res.stderr[-2000:]
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        return e
 
 
 def test_fifo_adaptive_index_fails_fast(small):

@@ -27,7 +27,8 @@ class NotRegularFile(OSError):
         super().__init__(errno.EINVAL, message)
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
+    """'a FIFO', 'a symlink', ... for messages."""
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
                        (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
         if test(mode):
@@ -48,7 +49,7 @@ def open_regular(path: str | os.PathLike) -> tuple[int, int]:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFile(f"{os.fspath(path)} is {_kind(st.st_mode)}, not a regular file")
+            raise NotRegularFile(f"{os.fspath(path)} is {kind_of(st.st_mode)}, not a regular file")
     except BaseException:
         os.close(fd)
         raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -31,7 +32,7 @@ from ..remote.retry import RetryPolicy
 from . import format as fmt
 from .backends import FsspecRecords, LocalRecords, RecordSource
 from .errors import StoreError
-from .files import NotRegularFile, read_capped
+from .files import NotRegularFile, kind_of, read_capped
 from .index import size_limits
 
 MANIFEST_MAX_BYTES = 2 << 20  # a manifest is a few KiB plus a line per class (ImageNet-21k: ~300 KB)
@@ -110,7 +111,32 @@ class LocalLocation(StoreLocation):
         return self.root / fmt.INDEX_DIR, False
 
     def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
+        self._check_record_files(len(record_sizes))
         return LocalRecords(self.root, record_sizes, bwlimit)
+
+    def _check_record_files(self, count: int) -> None:
+        """Refuse the store if a record file is a symlink, FIFO, device or directory: one
+        listing of records/ (the types come with it), no file opened. A missing record is
+        not refused here: it is an I/O error for its own images only. Each record is
+        checked again whenever it is opened (:class:`LocalRecords`), after this."""
+        directory = self.root / fmt.RECORDS_DIR
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StoreError(f"{directory} cannot be listed: {e.strerror}") from None
+        for entry in entries:
+            stem, dot, suffix = entry.name.partition(".")
+            if not (stem.isdigit() and int(stem) < count and dot + suffix == fmt.RECORD_SUFFIX):
+                continue
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError as e:
+                raise StoreError(f"record file {entry.path} cannot be examined: {e.strerror}") from None
+            if not stat.S_ISREG(mode):
+                raise StoreError(f"record file {entry.path} is {kind_of(mode)}; a store serves only its own "
+                                 "regular files")
 
     def read_file(self, name: str, max_bytes: int = MANIFEST_MAX_BYTES) -> bytes:
         try:
