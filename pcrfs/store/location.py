@@ -131,6 +131,8 @@ class LocalLocation(StoreLocation):
             if not (stem.isdigit() and int(stem) < count and dot + suffix == fmt.RECORD_SUFFIX):
                 continue
             try:
+                if entry.is_file(follow_symlinks=False):  # the listing's d_type: no system call
+                    continue
                 mode = entry.stat(follow_symlinks=False).st_mode
             except OSError as e:
                 raise StoreError(f"record file {entry.path} cannot be examined: {e.strerror}") from None
