@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mountutil import fuse_unavailable, wait_until
+from mountutil import fuse_unavailable
 from pcrfs.cli import main as cli_main
 from pcrfs.store import format as fmt
 from pcrfs.store.backends import LocalRecords
@@ -541,8 +541,10 @@ def test_mount_serves_a_large_group_in_bounded_memory_and_reads(large_group, mou
     root, length = large_group
     info = mounts.mount(root, "large", cache_size=0)
     mnt = Path(info.mountpoint)
-    hwm = lambda: int(next(line.split()[1] for line in Path(f"/proc/{info.pid}/status").read_text().splitlines()  # noqa: E731
-                           if line.startswith("VmHWM")))
+    def hwm() -> int:
+        status = Path(f"/proc/{info.pid}/status").read_text().splitlines()
+        return int(next(line.split()[1] for line in status if line.startswith("VmHWM")))
+
     before = hwm()
     path = mnt / "full" / "c" / "big.jpg"
 

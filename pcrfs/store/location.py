@@ -186,7 +186,8 @@ class RemoteLocation(StoreLocation):
             data = self._call(lambda: self.fs.cat_file(self._path(fmt.MANIFEST), start=0, end=MANIFEST_MAX_BYTES + 1),
                               f"GET {self.url}/{fmt.MANIFEST}")
             if len(data) > MANIFEST_MAX_BYTES:
-                raise StoreError(f"{self.url}/{fmt.MANIFEST} holds more than a manifest can ({MANIFEST_MAX_BYTES} bytes)")
+                raise StoreError(f"{self.url}/{fmt.MANIFEST} holds more than a manifest can "
+                                 f"({MANIFEST_MAX_BYTES} bytes)")
             return data
         except FileNotFoundError as e:
             if "bucket" in str(e).lower():
