@@ -61,3 +61,21 @@ def lock_exclusive(path: Path, *, create_file: bool = False) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit; the new soft limit.
+
+    A mount serves record files from a bounded table of descriptors sized from this
+    limit; the common default soft limit (1024) is far below the usual hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # some systems cap the soft limit below an infinite hard one
+            pass
+    return soft

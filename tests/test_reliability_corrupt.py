@@ -69,20 +69,22 @@ class Damage:
         """(image, 1-based group) of every flipped byte inside a scan group of an intact record."""
         out = set()
         for r, off in self.flips:
-            if r not in self.broken_records() and off >= fmt.RECORD_HEADER_SIZE:
+            if r not in self.broken_records() | self.header_damage() and off >= fmt.RECORD_HEADER_SIZE:
                 out.add(group_at(intact, r, off))
         return out
 
     def header_damage(self) -> set[int]:
-        """Records whose 16-byte header was hit (never served, but verify must say so)."""
-        return {r for r, off in self.flips if off < fmt.RECORD_HEADER_SIZE and r not in self.deleted}
+        """Records whose 16-byte header was hit (and whose size is intact: a record's size is
+        checked first). Such a record is not a record of this store as far as a reader can
+        tell, so none of its images is served, and verify says why."""
+        return {r for r, off in self.flips if off < fmt.RECORD_HEADER_SIZE and r not in self.broken_records()}
 
     def unreadable(self, intact) -> set[tuple[int, str]]:
         """(image, view) of every file that must read as EIO."""
         bad_groups = self.damaged_groups(intact)
         out = set()
         for i in range(intact.num_images):
-            in_broken = intact.index.record_of(i) in self.broken_records()
+            in_broken = intact.index.record_of(i) in self.broken_records() | self.header_damage()
             first_bad = min((g for j, g in bad_groups if j == i), default=None)
             for view, k in views(intact):
                 if in_broken or (first_bad is not None and first_bad <= min(k, intact.n_groups(i))):

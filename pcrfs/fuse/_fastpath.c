@@ -391,6 +391,8 @@ static int read_group(int fd, uint64_t offset, uint32_t length, uint32_t crc, un
     return crc32_of(dst, length) == crc ? 0 : -1;
 }
 
+#define CUT_GROUP_LIMIT (1u << 20) /* bytes: larger groups cut by a read go to Python */
+
 static int fast_read(const char *path, char *buf, size_t size, off_t off, void *fi) {
     View *v;
     uint64_t i;
@@ -415,6 +417,10 @@ static int fast_read(const char *path, char *buf, size_t size, off_t off, void *
                 if (read_group(fd, offs[g], len[g], crc[g], (unsigned char *)buf + (pos - start)) != 0)
                     goto fallback;
             } else { /* cut by the request: the whole group, to check it, then the part asked for */
+                /* A large group cut by the kernel's 128 KiB reads would be read whole for each
+                   of them (quadratic, and memory per concurrent read): the Python path checks
+                   it once, in bounded pieces, and then serves ranges (pcrfs.store.reader). */
+                if (len[g] > CUT_GROUP_LIMIT) goto fallback;
                 unsigned char *tmp = malloc(len[g] ? len[g] : 1);
                 if (!tmp) goto fallback;
                 if (read_group(fd, offs[g], len[g], crc[g], tmp) != 0) {

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from ..fsutil import raise_open_file_limit
 from ..units import format_size, parse_size
 
 if TYPE_CHECKING:  # the store layer itself is imported when a mount starts
@@ -446,6 +447,7 @@ def run_foreground(store: str, mountpoint: str, *, options: Iterable[str] = (), 
     kwargs, nonempty = fuse_options(options, allow_other)
     if log_file:
         os.close(_open_log(log_file))  # an unusable log file is an error now, not after the checks
+    raise_open_file_limit()  # before the store sizes its table of open record files from it
     s = _open_store(store, cache_size, read_options)
     prepare_mountpoint(mountpoint, echo, allow_nonempty=nonempty)
     if log_file:

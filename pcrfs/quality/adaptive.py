@@ -31,6 +31,7 @@ from .. import __version__
 from ..jpeg.scans import EOI_BYTES
 from ..store import format as fmt
 from ..store.errors import StoreError
+from ..store.index import NPY_HEADER_MAX
 from ..store.location import LocalLocation, StoreLocation, open_location
 from ..store.reader import Store, parse_manifest
 
@@ -224,8 +225,11 @@ def load(store: Store) -> AdaptiveIndex | None:
         raise AdaptiveIndexError("adaptive index belongs to other store contents (stale); "
                                  "run `pcrfs quality STORE --write-index` again")
     path = f"{store.location.url}/{fmt.INDEX_DIR}/{name}"
+    if type(size) is not int or not 0 <= size <= NPY_HEADER_MAX + store.num_images * len(thresholds):
+        raise AdaptiveIndexError(f"adaptive index {path}: size {size!r} is not that of u1[{store.num_images}, "
+                                 f"{len(thresholds)}]")
     try:
-        data = store.location.read_file(f"{fmt.INDEX_DIR}/{name}")
+        data = store.location.read_file(f"{fmt.INDEX_DIR}/{name}", max_bytes=size)
     except StoreError as e:
         raise AdaptiveIndexError(f"adaptive index: {e}") from None
     if len(data) != size or zlib.crc32(data) != crc:

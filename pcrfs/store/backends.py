@@ -12,13 +12,17 @@ this layer, in :mod:`pcrfs.store.fetch`.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import resource
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -27,6 +31,7 @@ from ..remote.fs import RemoteOptions, explain
 from ..remote.retry import RetryPolicy
 from . import format as fmt
 from .errors import CorruptData, StoreUnavailable
+from .files import open_regular
 
 log = logging.getLogger("pcrfs.store")
 
@@ -107,51 +112,139 @@ class RecordSource(ABC):
         pass
 
 
-class LocalRecords(RecordSource):
-    """Positional reads from local record files, one cached descriptor per record."""
+class _Handle:
+    """An open record file; closed once evicted from the table and no read still uses it."""
+    __slots__ = ("fd", "users", "evicted")
 
-    def __init__(self, root: Path, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> None:
+    def __init__(self, fd: int) -> None:
+        self.fd, self.users, self.evicted = fd, 1, False
+
+
+def default_max_open() -> int:
+    """How many record files a local store keeps open: a quarter of the soft open-file
+    limit (the rest is for FUSE, the kernel's requests, caches and the caller), 16 to 4096."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, soft // 4))
+
+
+class LocalRecords(RecordSource):
+    """Positional reads from local record files.
+
+    Descriptors are kept in an LRU table bounded by ``max_open`` (a store may have more
+    records than the process may open files: ImageNet at 64 MiB records is ~2,200). Each
+    record file is opened as a regular file only (no symlink, FIFO or device; see
+    :mod:`pcrfs.store.files`) and its size and 16-byte header are checked against the
+    index every time it is opened, before any byte of it is served. No lock is held
+    while a file is opened; a descriptor evicted while a read uses it is closed by the
+    last user, so a number is never reused under a running ``pread``.
+    """
+
+    def __init__(self, root: Path, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None,
+                 max_open: int | None = None) -> None:
         super().__init__(bwlimit)
         self.root = Path(root)
         self._sizes = record_sizes
-        self._fds: dict[int, int] = {}
+        self.max_open = max(1, max_open if max_open is not None else default_max_open())
+        self._fds: OrderedDict[int, _Handle] = OrderedDict()
         self._lock = threading.Lock()
+        self.opens = 0  # record files opened (reopens after eviction included)
 
     def describe(self, record: int) -> str:
         return str(self.root / fmt.record_name(record))
 
-    def _fd(self, record: int) -> int:
-        fd = self._fds.get(record)
-        if fd is not None:
-            return fd
-        with self._lock:
-            fd = self._fds.get(record)
-            if fd is None:
-                path = self.root / fmt.record_name(record)
-                try:
-                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                except OSError as e:
-                    raise CorruptData(f"record file {path} cannot be opened: {e.strerror}") from e
-                size = os.fstat(fd).st_size
-                if size != int(self._sizes[record]):
-                    os.close(fd)
-                    raise CorruptData(f"record file {path} is {size} bytes, index says {int(self._sizes[record])}")
-                self._fds[record] = fd
+    def _open_checked(self, record: int) -> int:
+        """A descriptor of record ``record``, checked: regular file, size and header as the index says."""
+        path = self.root / fmt.record_name(record)
+        try:
+            fd, size = open_regular(path)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE) and self._close_idle():
+                return self._open_checked(record)
+            raise CorruptData(f"record file {path} is unreadable (cannot be opened: {e.strerror})") from None
+        try:
+            want = int(self._sizes[record])
+            if size != want:
+                raise CorruptData(f"record file {path} is {size} bytes, index says {want}")
+            if os.pread(fd, fmt.RECORD_HEADER_SIZE, 0) != fmt.record_header(record):
+                raise CorruptData(f"record file {path} has a damaged header (not record {record} of a PCR store)")
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
+    def _acquire(self, record: int) -> _Handle:
+        with self._lock:
+            h = self._fds.get(record)
+            if h is not None:
+                self._fds.move_to_end(record)
+                h.users += 1
+                return h
+        fd = self._open_checked(record)  # outside the lock: an open must never stall other reads
+        with self._lock:
+            self.opens += 1
+            h = self._fds.get(record)
+            if h is not None:  # another reader opened it meanwhile
+                os.close(fd)
+                self._fds.move_to_end(record)
+                h.users += 1
+                return h
+            h = self._fds[record] = _Handle(fd)
+            while len(self._fds) > self.max_open:
+                _, old = self._fds.popitem(last=False)
+                old.evicted = True
+                if not old.users:
+                    os.close(old.fd)
+            return h
+
+    def _release(self, h: _Handle) -> None:
+        with self._lock:
+            h.users -= 1
+            if h.evicted and not h.users:
+                os.close(h.fd)
+
+    def _close_idle(self) -> bool:
+        """Close every descriptor no read is using (the process ran out of them); True if any was."""
+        with self._lock:
+            idle = [r for r, h in self._fds.items() if not h.users]
+            for r in idle:
+                os.close(self._fds.pop(r).fd)
+        return bool(idle)
+
+    @contextmanager
+    def descriptor(self, record: int) -> Iterator[int]:
+        """A checked descriptor of record ``record`` for the ``with`` block (for a caller that
+        does its own positional reads); it stays open at least until the block ends."""
+        h = self._acquire(record)
+        try:
+            yield h.fd
+        finally:
+            self._release(h)
+
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._fds)
+
     def _fetch(self, span: Span) -> bytes:
-        return os.pread(self._fd(span.record), span.length, span.offset)
+        with self.descriptor(span.record) as fd:
+            return os.pread(fd, span.length, span.offset)
 
     def dup_descriptor(self, record: int) -> int:
         """A duplicate of record ``record``'s descriptor, opened and checked like every
         other; the caller owns it (the mount's compiled read path, pcrfs.fuse.fastpath)."""
-        return os.dup(self._fd(record))
+        with self.descriptor(record) as fd:
+            return os.dup(fd)
 
     def read_in_record(self, record: int, offsets: list[int], lengths: list[int]) -> list[bytes]:
         # the hot path of every whole-file read through the mount: one descriptor
         # lookup and one counter update for all of an image's groups
-        fd, pread = self._fd(record), os.pread
-        out = [pread(fd, n, o) for o, n in zip(offsets, lengths)]
+        h, pread = self._acquire(record), os.pread
+        try:
+            fd = h.fd
+            out = [pread(fd, n, o) for o, n in zip(offsets, lengths)]
+        finally:
+            self._release(h)
         got = 0
         for data, o, n in zip(out, offsets, lengths):
             if len(data) != n:
@@ -166,19 +259,15 @@ class LocalRecords(RecordSource):
         return out
 
     def read_record(self, record: int) -> bytes:
-        """A whole record file (for verification)."""
-        path = self.root / fmt.record_name(record)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise CorruptData(f"record file {path} unreadable: {e.strerror}") from e
-        self._account(len(data))
-        return data
+        """A whole record file (checked as for any read; its size is the index's, so bounded by it)."""
+        return self.read(record, 0, int(self._sizes[record]))
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for h in self._fds.values():
+                h.evicted = True
+                if not h.users:
+                    os.close(h.fd)
             self._fds.clear()
 
 

@@ -92,8 +92,9 @@ class GroupFetcher:
         if missing:
             if self.whole_image:
                 asked = {r.group for r in missing}
-                missing += [r for r in self.store.ranges(i, k)
-                            if r.group not in asked and not self._available(i, r.group)]
+                # (large groups are the store's to read by range, never whole in passing)
+                missing += [r for r in self.store.ranges(i, k) if r.group not in asked
+                            and r.length <= self.store.range_group_bytes and not self._available(i, r.group)]
             mine, futures = self._claim([(i, r) for r in missing])
             if mine:
                 self._run(mine, futures)
@@ -201,7 +202,8 @@ class GroupFetcher:
         if plan is None:
             return
         items = [(j, rng) for j in range(*plan) for rng in self.store.ranges(j, k)
-                 if not self._available(j, rng.group) and not self._on_disk(j, rng)]
+                 if rng.length <= self.store.range_group_bytes
+                 and not self._available(j, rng.group) and not self._on_disk(j, rng)]
         mine, futures = self._claim(items)
         if mine:
             self.prefetched_groups += len(mine)

@@ -58,6 +58,12 @@ INDEX_FILES = (
     "dir_ranges.npy",             # u8[D, 2]  [first, end) images under directory d
 )
 
+# Limits every stored name must keep (what Linux allows: NAME_MAX, PATH_MAX), so the
+# mount can list and open all of them; readers refuse an index that breaks them.
+MAX_NAME_BYTES = 255    # one path component
+MAX_PATH_BYTES = 4095   # a whole relative path
+MAX_GROUPS = 255        # images.npy n_groups is u1
+
 # Names on disk may not be valid UTF-8; surrogateescape round-trips their bytes.
 PATH_ENCODING = "utf-8"
 PATH_ERRORS = "surrogateescape"

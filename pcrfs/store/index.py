@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
+from .files import NotRegularFile, open_regular
 
 
 class IndexError_(ValueError):
@@ -140,45 +141,62 @@ class Index:
         return checks
 
     @classmethod
-    def load(cls, directory: Path, checks: dict[str, dict[str, int]] | None = None) -> "Index":
-        """Memory-map the index; with ``checks`` (from the manifest) verify sizes and CRCs first."""
-        for name in fmt.INDEX_FILES:
-            p = directory / name
-            if not p.is_file():
-                raise IndexError_(f"index file missing: {p}")
-            if checks is not None:
-                want = checks.get(name)
-                if want is None:
-                    raise IndexError_(f"manifest has no checksum for index file {name}")
-                size = p.stat().st_size
-                if size != want["size"]:
-                    raise IndexError_(f"index file {p} is {size} bytes, manifest says {want['size']}")
-                if file_crc32(p) != want["crc32"]:
-                    raise IndexError_(f"index file {p} is damaged (CRC-32 mismatch)")
+    def load(cls, directory: Path, checks: dict[str, dict[str, int]] | None = None,
+             counts: tuple[int, int, int] | None = None) -> "Index":
+        """Memory-map the index; with ``checks`` (from the manifest) verify sizes and CRCs first.
+
+        ``counts`` (the manifest's num_images, num_groups, num_records) bound every file's
+        size and fix the arrays' shapes; both are checked before any CRC pass, so a crafted
+        huge (sparse) index file is refused at once. Every file is opened as a regular file
+        (no symlink, FIFO or device) and mapped from the descriptor that was checked."""
+        files: dict[str, tuple[int, int]] = {}
         try:
-            # np.asarray drops the np.memmap subclass but keeps the mapping: indexing a
-            # plain ndarray is ~4x cheaper, and the read path indexes on every request.
+            for name in fmt.INDEX_FILES:
+                files[name] = _open_index_file(directory / name)
+            sizes = {name: size for name, (_, size) in files.items()}
+            for name in fmt.INDEX_FILES:
+                if checks is not None:
+                    want = checks.get(name)
+                    if want is None:
+                        raise IndexError_(f"manifest has no checksum for index file {name}")
+                    if sizes[name] != want["size"]:
+                        raise IndexError_(f"index file {directory / name} is {sizes[name]} bytes, "
+                                          f"manifest says {want['size']}")
+            if counts is not None:
+                for name, limit in size_limits(*counts, sizes).items():
+                    if sizes[name] > limit:
+                        raise IndexError_(f"index file {directory / name} is {sizes[name]} bytes, more than "
+                                          f"a store of {counts[0]} images, {counts[1]} scan groups and "
+                                          f"{counts[2]} records can need ({limit})")
+            if checks is not None:
+                for name in fmt.INDEX_FILES:
+                    if fd_crc32(files[name][0]) != checks[name]["crc32"]:
+                        raise IndexError_(f"index file {directory / name} is damaged (CRC-32 mismatch)")
+            headers = {name: _npy_header(directory / name, *files[name], _expected(name, counts))
+                       for name in fmt.INDEX_FILES if name.endswith(".npy")}
+
             def arr(name: str) -> np.ndarray:
-                return np.asarray(np.load(directory / name, mmap_mode="r", allow_pickle=False))
+                return _map(files[name][0], *headers[name])
 
             def blob(name: str) -> np.ndarray:
-                p = directory / name
-                if p.stat().st_size == 0:
-                    return np.zeros(0, dtype=np.uint8)
-                return np.asarray(np.memmap(p, dtype=np.uint8, mode="r"))
+                return _map(files[name][0], np.dtype(np.uint8), (sizes[name],), 0)
 
-            index = cls(
-                images=arr("images.npy"),
-                group_lengths=arr("group_lengths.npy"),
-                group_crc32=arr("group_crc32.npy"),
-                records=arr("records.npy"),
-                record_group_offsets=arr("record_group_offsets.npy"),
-                paths=StringTable(blob("paths.bin"), arr("path_offsets.npy")),
-                dirs=StringTable(blob("dirs.bin"), arr("dir_offsets.npy")),
-                dir_ranges=arr("dir_ranges.npy"),
-            )
-        except (ValueError, OSError) as e:
-            raise IndexError_(f"index in {directory} is unreadable: {e}") from e
+            try:
+                index = cls(
+                    images=arr("images.npy"),
+                    group_lengths=arr("group_lengths.npy"),
+                    group_crc32=arr("group_crc32.npy"),
+                    records=arr("records.npy"),
+                    record_group_offsets=arr("record_group_offsets.npy"),
+                    paths=StringTable(blob("paths.bin"), arr("path_offsets.npy")),
+                    dirs=StringTable(blob("dirs.bin"), arr("dir_offsets.npy")),
+                    dir_ranges=arr("dir_ranges.npy"),
+                )
+            except (ValueError, OSError) as e:
+                raise IndexError_(f"index in {directory} is unreadable: {e}") from e
+        finally:
+            for fd, _ in files.values():
+                os.close(fd)
         index.check_shapes()
         return index
 
@@ -193,6 +211,15 @@ class Index:
             problems.append("group_crc32.npy does not match group_lengths.npy")
         if self.record_group_offsets.shape != (r, self.group_lengths.shape[1] if self.group_lengths.ndim == 2 else -1):
             problems.append("record_group_offsets.npy does not match the record count")
+        if self.group_lengths.ndim == 2 and self.group_lengths.shape[1] > fmt.MAX_GROUPS:
+            problems.append(f"{self.group_lengths.shape[1]} scan-group columns (an image has at most {fmt.MAX_GROUPS})")
+        for name, a, dtype in (("group_lengths.npy", self.group_lengths, fmt.GROUP_LENGTH_DTYPE),
+                               ("group_crc32.npy", self.group_crc32, fmt.GROUP_CRC_DTYPE),
+                               ("records.npy", self.records, fmt.RECORD_DTYPE),
+                               ("record_group_offsets.npy", self.record_group_offsets, fmt.OFFSET_DTYPE),
+                               ("dir_ranges.npy", self.dir_ranges, fmt.OFFSET_DTYPE)):
+            if a.dtype != dtype:
+                problems.append(f"{name} has dtype {a.dtype}, the format says {dtype}")
         if len(self.paths) != n:
             problems.append("path table does not match the image count")
         if self.dir_ranges.shape != (len(self.dirs), 2):
@@ -237,34 +264,186 @@ class Index:
         return problems or self._name_problems()
 
     def _name_problems(self) -> list[str]:
-        """Every path must be relative and canonical: no '', '.', '..' components, no NUL,
-        so no view and no extraction by name can step outside its tree."""
-        blob = np.frombuffer(self.paths.blob(), dtype=np.uint8)
-        if blob.size and np.any(blob == 0):
-            return ["a path contains a NUL byte"]
-        for d in range(len(self.dirs)):
-            name = self.dirs[d]
-            if name and (not _canonical(name) or "\0" in name):
-                return [f"directory {name!r} is not a canonical relative path"]
-        o = self.paths.offsets.astype(np.int64)
-        starts, ends = o[:-1], o[1:]
-        lengths = ends - starts
-        if np.any(lengths == 0):
-            return ["an image has an empty path"]
-        slash, dot = ord("/"), ord(".")
-        at = lambda pos: np.where(pos >= starts, blob[np.clip(pos, 0, max(blob.size - 1, 0))], -1)  # noqa: E731
-        last, prev, prev2 = at(ends - 1), at(ends - 2), at(ends - 3)
-        bad = (blob[starts] == slash) | (last == slash)
-        bad |= (last == dot) & ((prev == slash) | (lengths == 1))
-        bad |= (last == dot) & (prev == dot) & ((prev2 == slash) | (lengths == 2))
-        if np.any(bad):
-            i = int(np.argmax(bad))
-            return [f"image path {self.paths[i]!r} is not a canonical relative path"]
+        """Every name must be relative and canonical, component by component: no '', '.',
+        '..' components, no NUL, components of at most MAX_NAME_BYTES and paths of at most
+        MAX_PATH_BYTES; so no view and no extraction by name can step outside its tree, and
+        the mount can list and open every one. The directory table must hold the root
+        and every directory's parent, so listings can be built from it."""
+        bad = _bad_name(self.paths.blob(), self.paths.offsets, "image path")
+        if bad is not None:
+            return [bad]
+        # the root is the empty name, first; every other directory is checked like a path
+        if not len(self.dirs) or self.dirs.offsets[1] != 0:
+            return ["the directory table does not start with the root"]
+        bad = _bad_name(self.dirs.blob(), self.dirs.offsets[1:], "directory")
+        if bad is not None:
+            return [bad]
+        names = {self.dirs.raw(d) for d in range(len(self.dirs))}
+        if len(names) != len(self.dirs):
+            return ["the directory table lists a directory twice"]
+        for d in range(1, len(self.dirs)):
+            name = self.dirs.raw(d)
+            parent = name.rsplit(b"/", 1)[0] if b"/" in name else b""
+            if parent not in names:
+                return [f"directory {fmt.decode_path(name)!r} has no parent {fmt.decode_path(parent)!r} "
+                        "in the directory table"]
+            # its range's first and last images lie under it (verify checks every image)
+            first, end = int(self.dir_ranges[d][0]), int(self.dir_ranges[d][1])
+            if first >= end or not (self.paths.raw(first).startswith(name + b"/")
+                                    and self.paths.raw(end - 1).startswith(name + b"/")):
+                return [f"directory {fmt.decode_path(name)!r}: its image range does not match the image names"]
+        if len(self.dir_ranges) and (int(self.dir_ranges[0][0]) != 0 or int(self.dir_ranges[0][1]) != self.num_images):
+            return ["the root directory does not cover every image"]
         return []
 
 
-def _canonical(path: str) -> bool:
-    return all(part not in ("", ".", "..") for part in path.split("/"))
+def _bad_name(blob: bytes | memoryview | np.ndarray, offsets: np.ndarray, what: str) -> str | None:
+    """Why one of the names ``blob[offsets[i]:offsets[i+1]]`` is not canonical, or None.
+
+    Vectorized over the whole table (no Python per name): '/' and each name's end are the
+    separators; each component is the bytes between one separator and the next, and the
+    first of a name starts at the name's start."""
+    b = np.frombuffer(blob, dtype=np.uint8) if not isinstance(blob, np.ndarray) else blob
+    o = np.asarray(offsets, dtype=np.int64)
+    starts, ends = o[:-1], o[1:]
+    if not len(starts):
+        return None
+    if np.any(ends - starts > fmt.MAX_PATH_BYTES):
+        i = int(np.argmax(ends - starts > fmt.MAX_PATH_BYTES))
+        return f"{what} {i} is longer than {fmt.MAX_PATH_BYTES} bytes"
+    if b.size and np.any(b == 0):
+        return f"a {what} contains a NUL byte"
+    slashes = np.flatnonzero(b == ord("/"))
+    # components end at a '/' or at a name's end, and start after the '/' or at a name's start;
+    # sorting by (position, name end before slash at the same place) keeps names apart
+    comp_end = np.concatenate([slashes, ends])
+    comp_next = np.concatenate([slashes + 1, ends])
+    owner = np.concatenate([np.searchsorted(ends, slashes, side="right"), np.arange(len(ends))])
+    key = np.concatenate([2 * slashes + 1, 2 * ends])
+    order = np.argsort(key, kind="stable")
+    comp_end, comp_next, owner = comp_end[order], comp_next[order], owner[order]
+    comp_start = np.concatenate([[0], comp_next[:-1]])
+    # names need not start at 0 of the blob (directory table minus the root): the first
+    # component of each name starts at that name's start
+    is_name_end = np.concatenate([np.zeros(len(slashes), bool), np.ones(len(ends), bool)])[order]
+    after_end = np.concatenate([[True], is_name_end[:-1]])
+    comp_start[after_end] = starts
+    length = comp_end - comp_start
+    last = np.clip(comp_end - 1, 0, max(b.size - 1, 0))
+    first = np.clip(comp_start, 0, max(b.size - 1, 0))
+    dot = ord(".")
+    bad = (length == 0) | (length > fmt.MAX_NAME_BYTES)
+    if b.size:
+        bad |= (length == 1) & (b[first] == dot)
+        bad |= (length == 2) & (b[first] == dot) & (b[last] == dot)
+    if not np.any(bad):
+        return None
+    c = int(np.argmax(bad))
+    i = int(owner[c])
+    name = fmt.decode_path(bytes(b[int(starts[i]):int(ends[i])]))
+    reason = (f"has a component longer than {fmt.MAX_NAME_BYTES} bytes" if length[c] > fmt.MAX_NAME_BYTES
+              else "is not a canonical relative path")
+    return f"{what} {name[:300]!r} {reason}"
+
+
+NPY_HEADER_MAX = 1 << 16  # bytes an .npy header may take (numpy writes 128; it reads at most 10,000)
+# dtype and number of dimensions of every index array (its exact shape follows from the counts)
+_NPY_TYPES = {
+    "images.npy": (fmt.IMAGE_DTYPE, 1), "group_lengths.npy": (fmt.GROUP_LENGTH_DTYPE, 2),
+    "group_crc32.npy": (fmt.GROUP_CRC_DTYPE, 2), "records.npy": (fmt.RECORD_DTYPE, 1),
+    "record_group_offsets.npy": (fmt.OFFSET_DTYPE, 2), "path_offsets.npy": (fmt.OFFSET_DTYPE, 1),
+    "dir_offsets.npy": (fmt.OFFSET_DTYPE, 1), "dir_ranges.npy": (fmt.OFFSET_DTYPE, 2),
+}
+
+
+def size_limits(n: int, g: int, r: int, sizes: dict[str, int]) -> dict[str, int]:
+    """The most bytes each index file of a store of ``n`` images, ``g`` scan groups and ``r``
+    records can hold. Directory files are bounded through the path table: at most one
+    directory per '/' (so fewer than len(paths.bin)/2 + 2), each name shorter than a path,
+    and all names together at most MAX_PATH_BYTES/4 bytes per byte of paths (a path of
+    length L has directory prefixes of total length under L*L/4)."""
+    h = NPY_HEADER_MAX
+    paths = min(sizes.get("paths.bin", 0), n * fmt.MAX_PATH_BYTES)
+    dirs = paths // 2 + 2
+    return {
+        "images.npy": h + n * fmt.IMAGE_DTYPE.itemsize,
+        "group_lengths.npy": h + n * g * fmt.GROUP_LENGTH_DTYPE.itemsize,
+        "group_crc32.npy": h + n * g * fmt.GROUP_CRC_DTYPE.itemsize,
+        "records.npy": h + r * fmt.RECORD_DTYPE.itemsize,
+        "record_group_offsets.npy": h + r * g * fmt.OFFSET_DTYPE.itemsize,
+        "path_offsets.npy": h + (n + 1) * fmt.OFFSET_DTYPE.itemsize,
+        "paths.bin": n * fmt.MAX_PATH_BYTES,
+        "dir_offsets.npy": h + (dirs + 1) * fmt.OFFSET_DTYPE.itemsize,
+        "dir_ranges.npy": h + dirs * 2 * fmt.OFFSET_DTYPE.itemsize,
+        "dirs.bin": min(paths * (fmt.MAX_PATH_BYTES + 1) // 4,
+                        max(sizes.get("dir_offsets.npy", 0) // fmt.OFFSET_DTYPE.itemsize, 1) * fmt.MAX_PATH_BYTES),
+    }
+
+
+def _expected(name: str, counts: tuple[int, int, int] | None) -> tuple[int, ...] | None:
+    """The shape the manifest's counts give ``name`` (None where they do not fix it)."""
+    if counts is None:
+        return None
+    n, g, r = counts
+    return {"images.npy": (n,), "group_lengths.npy": (n, g), "group_crc32.npy": (n, g), "records.npy": (r,),
+            "record_group_offsets.npy": (r, g), "path_offsets.npy": (n + 1,)}.get(name)
+
+
+def _open_index_file(path: Path) -> tuple[int, int]:
+    try:
+        return open_regular(path)
+    except NotRegularFile as e:
+        raise IndexError_(f"index file {e.strerror}") from None
+    except FileNotFoundError:
+        raise IndexError_(f"index file missing: {path}") from None
+    except OSError as e:
+        raise IndexError_(f"index file {path} cannot be opened: {e.strerror}") from None
+
+
+def _npy_header(path: Path, fd: int, size: int, shape: tuple[int, ...] | None) -> tuple[np.dtype, tuple, int]:
+    """(dtype, shape, data offset) of the .npy file open at ``fd``, checked: the dtype and
+    number of dimensions the format says, the shape the manifest implies (where it does),
+    C order, and a file size of exactly header + data."""
+    want_dtype, ndim = _NPY_TYPES[path.name]
+    with os.fdopen(os.dup(fd), "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            got_shape, fortran, dtype = read(f, max_header_size=NPY_HEADER_MAX)
+        except (ValueError, OSError, SyntaxError) as e:
+            raise IndexError_(f"index file {path} is not a NumPy array file: {e}") from None
+        offset = f.tell()
+    if dtype != want_dtype or len(got_shape) != ndim or fortran:
+        raise IndexError_(f"index file {path} holds {dtype}{list(got_shape)}{' (Fortran order)' if fortran else ''}, "
+                          f"the format says {want_dtype} with {ndim} dimension(s)")
+    if shape is not None and tuple(got_shape) != shape:
+        raise IndexError_(f"index and manifest disagree: index file {path} has shape {list(got_shape)}, "
+                          f"the manifest's counts imply {list(shape)}")
+    count = 1
+    for d in got_shape:
+        count *= int(d)
+    if size != offset + count * dtype.itemsize:  # Python ints: a crafted shape cannot overflow
+        raise IndexError_(f"index file {path} is {size} bytes, its header describes {offset + count * dtype.itemsize}")
+    return dtype, tuple(got_shape), offset
+
+
+def _map(fd: int, dtype: np.dtype, shape: tuple, offset: int) -> np.ndarray:
+    """A read-only mapping of the array at ``offset`` of the file open at ``fd``.
+
+    np.asarray drops the np.memmap subclass but keeps the mapping: indexing a plain
+    ndarray is ~4x cheaper, and the read path indexes on every request."""
+    if 0 in shape:
+        return np.zeros(shape, dtype=dtype)
+    with os.fdopen(os.dup(fd), "rb") as f:
+        return np.asarray(np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape))
+
+
+def fd_crc32(fd: int, chunk: int = 1 << 20) -> int:
+    crc, pos = 0, 0
+    while block := os.pread(fd, chunk, pos):
+        crc = zlib.crc32(block, crc)
+        pos += len(block)
+    return crc
 
 
 def file_crc32(path: Path, chunk: int = 1 << 20) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -31,6 +32,10 @@ from ..remote.retry import RetryPolicy
 from . import format as fmt
 from .backends import LocalRecords, RecordSource, remote_records
 from .errors import StoreError
+from .files import NotRegularFile, kind_of, read_capped
+from .index import size_limits
+
+MANIFEST_MAX_BYTES = 2 << 20  # a manifest is a few KiB plus a line per class (ImageNet-21k: ~300 KB)
 
 
 def default_cache_dir() -> Path:
@@ -66,8 +71,9 @@ class StoreLocation(ABC):
     # Small files beside the index (the optional adaptive index), read and written whole.
 
     @abstractmethod
-    def read_file(self, name: str) -> bytes:
-        """The bytes of ``name`` (relative to the store); StoreError if it cannot be read."""
+    def read_file(self, name: str, max_bytes: int = MANIFEST_MAX_BYTES) -> bytes:
+        """The bytes of ``name`` (relative to the store); StoreError if it cannot be read,
+        is not a regular file, or holds more than ``max_bytes``."""
 
     @abstractmethod
     def write_file(self, name: str, data: bytes) -> None:
@@ -97,19 +103,48 @@ class LocalLocation(StoreLocation):
                 raise StoreError(f"{self.root}: no such store")
             raise StoreError(f"{self.root} is not a PCR store (no {fmt.MANIFEST})")
         try:
-            return path.read_bytes()
-        except OSError as e:
-            raise StoreError(f"{path}: {e.strerror}") from e
+            return read_capped(path, MANIFEST_MAX_BYTES)
+        except OSError as e:  # NotRegularFile (symlink, FIFO, device, too big) included
+            raise StoreError(f"{path}: {e.strerror}") from None
 
     def index_dir(self, manifest: dict, manifest_bytes: bytes) -> tuple[Path, bool]:
         return self.root / fmt.INDEX_DIR, False
 
     def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
+        self._check_record_files(len(record_sizes))
         return LocalRecords(self.root, record_sizes, bwlimit)
 
-    def read_file(self, name: str) -> bytes:
+    def _check_record_files(self, count: int) -> None:
+        """Refuse the store if a record file is a symlink, FIFO, device or directory: one
+        listing of records/ (the types come with it), no file opened. A missing record is
+        not refused here: it is an I/O error for its own images only. Each record is
+        checked again whenever it is opened (:class:`LocalRecords`), after this."""
+        directory = self.root / fmt.RECORDS_DIR
         try:
-            return (self.root / name).read_bytes()
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StoreError(f"{directory} cannot be listed: {e.strerror}") from None
+        for entry in entries:
+            stem, dot, suffix = entry.name.partition(".")
+            if not (stem.isdigit() and int(stem) < count and dot + suffix == fmt.RECORD_SUFFIX):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False):  # the listing's d_type: no system call
+                    continue
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError as e:
+                raise StoreError(f"record file {entry.path} cannot be examined: {e.strerror}") from None
+            if not stat.S_ISREG(mode):
+                raise StoreError(f"record file {entry.path} is {kind_of(mode)}; a store serves only its own "
+                                 "regular files")
+
+    def read_file(self, name: str, max_bytes: int = MANIFEST_MAX_BYTES) -> bytes:
+        try:
+            return read_capped(self.root / name, max_bytes)
+        except NotRegularFile as e:
+            raise StoreError(e.strerror) from None
         except OSError as e:
             raise StoreError(f"{self.root / name} cannot be read: {e.strerror}") from None
 
@@ -148,7 +183,12 @@ class RemoteLocation(StoreLocation):
 
     def manifest_bytes(self) -> bytes:
         try:
-            return self._call(lambda: self.fs.cat_file(self._path(fmt.MANIFEST)), f"GET {self.url}/{fmt.MANIFEST}")
+            data = self._call(lambda: self.fs.cat_file(self._path(fmt.MANIFEST), start=0, end=MANIFEST_MAX_BYTES + 1),
+                              f"GET {self.url}/{fmt.MANIFEST}")
+            if len(data) > MANIFEST_MAX_BYTES:
+                raise StoreError(f"{self.url}/{fmt.MANIFEST} holds more than a manifest can "
+                                 f"({MANIFEST_MAX_BYTES} bytes)")
+            return data
         except FileNotFoundError as e:
             if "bucket" in str(e).lower():
                 raise StoreError(explain(e, self.url, self.options)) from None
@@ -166,9 +206,17 @@ class RemoteLocation(StoreLocation):
         directory.mkdir(parents=True, exist_ok=True)
         checks = manifest["index_files"]
         for name in fmt.INDEX_FILES:
-            want = checks.get(name)
-            if want is None:
+            if name not in checks:
                 raise StoreError(f"{self.url}/{fmt.MANIFEST} has no checksum for index file {name}")
+        # sizes the manifest's counts allow, checked before anything is downloaded
+        limits = size_limits(manifest["num_images"], manifest["num_groups"], manifest["num_records"],
+                             {name: checks[name]["size"] for name in fmt.INDEX_FILES})
+        for name in fmt.INDEX_FILES:
+            if checks[name]["size"] > limits[name]:
+                raise StoreError(f"{self.url}/{fmt.MANIFEST} gives index file {name} {checks[name]['size']} bytes, "
+                                 f"more than a store of its counts can need ({limits[name]})")
+        for name in fmt.INDEX_FILES:
+            want = checks[name]
             local = directory / name
             if _matches(local, want):
                 continue
@@ -190,11 +238,16 @@ class RemoteLocation(StoreLocation):
     def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
         return remote_records(self.fs, self.base, self.url, self.options, bwlimit)
 
-    def read_file(self, name: str) -> bytes:
+    def read_file(self, name: str, max_bytes: int = MANIFEST_MAX_BYTES) -> bytes:
         try:
-            return self._call(lambda: self.fs.cat_file(self._path(name)), f"GET {self.url}/{name}")
+            # a ranged GET: one byte past the cap tells "too big" without fetching it all
+            data = self._call(lambda: self.fs.cat_file(self._path(name), start=0, end=max_bytes + 1),
+                              f"GET {self.url}/{name}")
         except FileNotFoundError:
             raise StoreError(f"{self.url}/{name} does not exist") from None
+        if len(data) > max_bytes:
+            raise StoreError(f"{self.url}/{name} holds more than the {max_bytes} bytes it may hold")
+        return data
 
     def write_file(self, name: str, data: bytes) -> None:
         # one PUT: an object store shows the old object or the whole new one

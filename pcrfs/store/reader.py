@@ -14,7 +14,9 @@ business; where they come from is a record source's (:mod:`pcrfs.store.backends`
 from __future__ import annotations
 
 import os
+import threading
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,13 +32,13 @@ from ..readahead import Readahead
 from ..remote.bwlimit import TokenBucket
 from ..remote.fs import RemoteOptions
 from . import format as fmt
-from .backends import RecordFiles, RecordSource  # noqa: F401 - RecordFiles: the local source's old name
+from .backends import RecordFiles, RecordSource, Span  # noqa: F401 - RecordFiles: the local source's old name
 from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
 from .fetch import GroupFetcher
 from .prefix import RecordPrefixPolicy, group_bounds
 from .prefixfetch import PrefixFetcher
 from .index import Index, IndexError_
-from .location import LocalLocation, RemoteLocation, StoreLocation, open_location
+from .location import MANIFEST_MAX_BYTES, LocalLocation, RemoteLocation, StoreLocation, open_location
 
 ImageRef = Union[int, str]
 
@@ -52,6 +54,14 @@ class GroupRange:
 
 
 DEFAULT_READAHEAD = 16 << 20  # bytes per readahead window (remote stores)
+# A group larger than this (or than an eighth of the group cache, if that is more) that a
+# read cuts is not read whole for every read: its CRC is checked once, streaming it in
+# GROUP_PIECE pieces, and later reads take just their range (records are immutable while
+# a store is open, and each record file's size and header are checked whenever it is opened).
+RANGE_GROUP_BYTES = 1 << 20
+GROUP_PIECE = 1 << 20
+GROUP_PIECES_AT_ONCE = 4      # pieces requested together (a remote store fetches them concurrently)
+VERIFIED_GROUPS = 1 << 16     # (image, group) pairs remembered as checked
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,10 @@ class Store:
         # plain columns: indexing one is ~10x cheaper than a field of a structured row
         self._n_groups_col = index.images["n_groups"]
         self._mtime_col = index.images["src_mtime_ns"]
+        self.range_group_bytes = max(RANGE_GROUP_BYTES, cache.capacity // 8 if cache is not None else 0)
+        self._verified: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._verified_lock = threading.Lock()
+        self._verifying: dict[tuple[int, int], threading.Lock] = {}
 
     def _prefix_fetcher(self, remote: bool, cache: ByteLRU | None, disk: DiskCache | None) -> PrefixFetcher | None:
         """Record-prefix fetching: on by default for remote stores (the policy falls back to
@@ -266,9 +280,16 @@ class Store:
             pos = g_end
             if pos >= end:
                 break
+        ranged = {rng.group for rng, start in zip(overlapping, starts)
+                  if rng.length > self.range_group_bytes and (start < offset or start + rng.length > end)}
+        fetched = iter(self.fetcher.read_groups(i, k, [rng for rng in overlapping if rng.group not in ranged]))
         out = []
-        for rng, start, data in zip(overlapping, starts, self.fetcher.read_groups(i, k, overlapping)):
-            out.append(data[max(offset - start, 0):min(end - start, rng.length)])
+        for rng, start in zip(overlapping, starts):
+            lo, hi = max(offset - start, 0), min(end - start, rng.length)
+            if rng.group in ranged:
+                out.append(self._group_range(i, rng.record, rng.group - 1, rng.offset, rng.length, rng.crc32, lo, hi))
+            else:
+                out.append(next(fetched)[lo:hi])
         if end > pos:  # the request reaches into the EOI marker
             out.append(EOI_BYTES[max(offset - pos, 0):min(end - pos, len(EOI_BYTES))])
         return b"".join(out)
@@ -290,14 +311,58 @@ class Store:
                 # A group the request covers whole goes to the kernel's page cache with
                 # the file; only one it cuts is kept here for the next read of the rest.
                 partial = pos < offset or g_end > end
-                data = self._read_direct(i, r, g, offsets[g], length, crcs[g], partial)
-                out.append(data if not partial else data[max(offset - pos, 0):min(end - pos, length)])
+                lo, hi = max(offset - pos, 0), min(end - pos, length)
+                if partial and length > self.range_group_bytes:
+                    out.append(self._group_range(i, r, g, offsets[g], length, crcs[g], lo, hi))
+                else:
+                    data = self._read_direct(i, r, g, offsets[g], length, crcs[g], partial)
+                    out.append(data if not partial else data[lo:hi])
             pos = g_end
             if pos >= end:
                 break
         if end > pos:  # the request reaches into the EOI marker
             out.append(EOI_BYTES[max(offset - pos, 0):min(end - pos, len(EOI_BYTES))])
         return b"".join(out)
+
+    def _group_range(self, i: int, r: int, g: int, offset: int, length: int, crc: int, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of a large group (0-based ``g`` of image ``i``), its CRC checked first.
+
+        The first read of the group streams all of it through the CRC in pieces of
+        GROUP_PIECE (memory stays bounded whatever its size); later reads take only
+        their range, so reading a large file in kernel-sized pieces reads it about twice
+        in all, not once per piece."""
+        key = (i, g + 1)
+        with self._verified_lock:
+            known = key in self._verified
+            if known:
+                self._verified.move_to_end(key)
+            else:  # concurrent first reads of one group wait for a single CRC pass
+                busy = self._verifying.setdefault(key, threading.Lock())
+        if not known:
+            try:
+                with busy:
+                    with self._verified_lock:
+                        known = key in self._verified
+                    if not known:
+                        self._check_group_streaming(i, r, g, offset, length, crc)
+                        with self._verified_lock:
+                            self._verified[key] = None
+                            if len(self._verified) > VERIFIED_GROUPS:
+                                self._verified.popitem(last=False)
+            finally:
+                with self._verified_lock:
+                    self._verifying.pop(key, None)
+        return self.records.read(r, offset + lo, hi - lo) if hi > lo else b""
+
+    def _check_group_streaming(self, i: int, r: int, g: int, offset: int, length: int, crc: int) -> None:
+        spans = [Span(r, offset + p, min(GROUP_PIECE, length - p)) for p in range(0, length, GROUP_PIECE)]
+        c = 0
+        for b in range(0, len(spans), GROUP_PIECES_AT_ONCE):
+            for piece in self.records.read_spans(spans[b:b + GROUP_PIECES_AT_ONCE]):
+                c = zlib.crc32(piece, c)
+        if c != crc:
+            raise CorruptData(f"{self.path(i)}: scan group {g + 1} fails its CRC-32 check "
+                              f"(record {r}, offset {offset})")
 
     def verify_image(self, i: int) -> list[str]:
         """Problems with image i's stored groups (empty if it is intact)."""
@@ -344,8 +409,14 @@ class _ManifestLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+# optional manifest keys readers use, and the type each must have
+_OPTIONAL_TYPES = {"total_bytes": int, "record_target_bytes": int, "classes": list, "options": dict}
+
+
 def parse_manifest(raw: bytes, where: str) -> dict:
     """The manifest from its bytes, checked for the keys readers rely on; ``where`` names it in errors."""
+    if len(raw) > MANIFEST_MAX_BYTES:
+        raise StoreError(f"{where} is {len(raw)} bytes, more than a manifest can be ({MANIFEST_MAX_BYTES})")
     try:
         loader = _ManifestLoader(raw.decode("utf-8"))
         try:
@@ -354,6 +425,8 @@ def parse_manifest(raw: bytes, where: str) -> dict:
             loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise StoreError(f"{where} is damaged: {e}") from e
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise StoreError(f"{where} is damaged: its YAML is nested too deeply") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
         raise StoreError(f"{where} is not a PCR manifest")
     if manifest.get("format_version") != fmt.FORMAT_VERSION:
@@ -364,13 +437,27 @@ def parse_manifest(raw: bytes, where: str) -> dict:
             raise StoreError(f"{where} is damaged: no '{key}'")
     files = manifest["index_files"]
     if not isinstance(files, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("crc32"), int)
+            isinstance(v, dict) and _uint(v.get("size")) and _uint(v.get("crc32")) and v["crc32"] < 1 << 32
             for v in files.values()):
         raise StoreError(f"{where} is damaged: 'index_files' is not a table of sizes and CRC-32s")
     for key in ("num_images", "num_groups", "num_records"):
-        if type(manifest[key]) is not int:
-            raise StoreError(f"{where} is damaged: '{key}' is not an integer")
+        if not _uint(manifest[key]):
+            raise StoreError(f"{where} is damaged: '{key}' is not a non-negative integer")
+    if manifest["num_groups"] > fmt.MAX_GROUPS:
+        raise StoreError(f"{where} is damaged: 'num_groups' is {manifest['num_groups']} "
+                         f"(an image has at most {fmt.MAX_GROUPS} scan groups)")
+    for key, kind in _OPTIONAL_TYPES.items():
+        value = manifest.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and not _uint(value))):
+            raise StoreError(f"{where} is damaged: '{key}' is {type(value).__name__} {str(value)[:40]!r}, "
+                             f"expected {'a non-negative integer' if kind is int else 'a ' + kind.__name__}")
+    if not all(isinstance(c, str) for c in manifest.get("classes") or []):
+        raise StoreError(f"{where} is damaged: 'classes' is not a list of names")
     return manifest
+
+
+def _uint(value: object) -> bool:
+    return type(value) is int and value >= 0
 
 
 def read_manifest(root: Path) -> dict:
@@ -398,11 +485,13 @@ def open_store(location: str | os.PathLike, verify_index: bool = True, cache_byt
                               else str(Path(loc.root) / fmt.MANIFEST))
     index_dir, checked = loc.index_dir(manifest, raw)
     try:
-        index = Index.load(index_dir, manifest["index_files"] if verify_index and not checked else None)
+        index = Index.load(index_dir, manifest["index_files"] if verify_index and not checked else None,
+                           (manifest["num_images"], manifest["num_groups"], manifest["num_records"]))
     except IndexError_ as e:
         raise StoreError(str(e)) from e
-    if index.num_images != manifest["num_images"] or len(index.records) != manifest["num_records"]:
-        raise StoreError(f"{loc.url}: index and manifest disagree on the image or record count")
+    if index.num_images != manifest["num_images"] or len(index.records) != manifest["num_records"] \
+            or index.num_groups != manifest["num_groups"]:
+        raise StoreError(f"{loc.url}: index and manifest disagree on the image, scan group or record count")
     remote = isinstance(loc, RemoteLocation)
     cache_bytes = max(cache_bytes, options.cache_bytes)
     readahead = options.readahead_for(remote)

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from . import format as fmt
+from .backends import Span
 from .index import directories_of
 from .reader import Store
 
@@ -117,30 +118,60 @@ def _check_names(store: Store, out: list[Damage]) -> None:
                            "the image names")
 
 
+VERIFY_PIECE = 2 << 20   # bytes per read while verifying a record
+VERIFY_BATCH = 4         # pieces asked for at once (a remote store fetches them concurrently)
+
+
 def _verify_record(store: Store, r: int) -> list[Damage]:
+    """Read record ``r`` once, in pieces of at most VERIFY_PIECE (memory stays bounded
+    whatever the record's or a group's size), and check its header and every group's CRC-32.
+
+    Its layout has been checked (``_check_record_layout``): the header, then every group
+    region in order, each region the groups of the record's images in order, nothing else."""
     index = store.index
     rec = index.records[r]
-    try:
-        data = store.record_bytes(r)  # local file or remote object, through the store's record source
-    except OSError as e:  # CorruptData (missing, unreadable) or StoreUnavailable (unreachable)
-        return [Damage(r, None, None, e.strerror or str(e))]
-    out = []
-    if len(data) != int(rec["size"]):
-        out.append(Damage(r, None, None, f"record file is {len(data)} bytes, index says {int(rec['size'])}"))
-    if data[:fmt.RECORD_HEADER_SIZE] != fmt.record_header(r):
-        out.append(Damage(r, None, None, "record header is damaged"))
+    size = int(rec["size"])
     first, n = int(rec["first_image"]), int(rec["n_images"])
-    offsets = index.record_offsets(r)
-    view = memoryview(data)
-    for j in range(n):
-        i = first + j
-        n_groups = int(index.images[i]["n_groups"])
-        for g in range(n_groups):
-            off, length = int(offsets[j, g]), int(index.group_lengths[i, g])
-            if off + length > len(data):
-                out.append(Damage(r, store.path(i), g + 1, "group lies past the end of the record file"))
-            elif zlib.crc32(view[off:off + length]) != int(index.group_crc32[i, g]):
-                out.append(Damage(r, store.path(i), g + 1, "CRC-32 mismatch"))
+    # (image, group) of every stored group, in file order: group-major
+    lengths = np.asarray(index.group_lengths[first:first + n], dtype=np.int64)
+    order_g, order_j = np.nonzero(lengths.T > 0)
+    group_lengths = lengths[order_j, order_g].tolist()
+    group_crcs = np.asarray(index.group_crc32[first:first + n])[order_j, order_g].tolist()
+    out: list[Damage] = []
+    at = 0         # which stored group the next byte belongs to
+    left = group_lengths[0] if group_lengths else 0
+    crc = 0
+    header = b""
+    pos = 0
+    spans = [Span(r, o, min(VERIFY_PIECE, size - o)) for o in range(0, size, VERIFY_PIECE)]
+    for b in range(0, len(spans), VERIFY_BATCH):
+        try:
+            # local: the record's size and header are checked when it is opened (reported below)
+            pieces = store.records.read_spans(spans[b:b + VERIFY_BATCH])
+        except OSError as e:  # CorruptData (missing, unreadable, wrong size) or StoreUnavailable (unreachable)
+            return out + [Damage(r, None, None, e.strerror or str(e))]
+        while pieces:
+            data = pieces.pop(0)  # dropped once checked: at most one batch is held
+            view = memoryview(data)
+            if pos < fmt.RECORD_HEADER_SIZE:
+                take = fmt.RECORD_HEADER_SIZE - pos
+                header += bytes(view[:take])
+                view = view[take:]
+                if len(header) == fmt.RECORD_HEADER_SIZE and header != fmt.record_header(r):
+                    out.append(Damage(r, None, None, "record header is damaged"))
+            pos += len(data)
+            while len(view) and at < len(group_lengths):
+                take = min(left, len(view))
+                crc = zlib.crc32(view[:take], crc)
+                view, left = view[take:], left - take
+                if not left:
+                    if crc != group_crcs[at]:
+                        i = first + int(order_j[at])
+                        out.append(Damage(r, store.path(i), int(order_g[at]) + 1, "CRC-32 mismatch"))
+                    at, crc = at + 1, 0
+                    left = group_lengths[at] if at < len(group_lengths) else 0
+    if pos < size or at < len(group_lengths):
+        out.append(Damage(r, None, None, f"record file is {pos} bytes, index says {size}"))
     return out
 
 
