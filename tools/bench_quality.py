@@ -13,6 +13,11 @@ adaptive view ssimNN it then finds the fixed-k views with the same guarantee:
 
 and reports the bytes the adaptive view saves against each.
 
+It also measures what the index costs per image: the exhaustive search (every k
+scored with msssim.Reference until the top threshold; the oracle) against
+pcrfs.quality.search (the same ks), one process each, side by side on the same
+images: CPU seconds (getrusage) and wall seconds, and checks the ks are equal.
+
     python tools/bench_quality.py                 # writes results/bench_quality.{json,png}
     python tools/bench_quality.py --per-class 20  # quicker
 """
@@ -31,10 +36,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import resource  # noqa: E402
+
+import numpy as np  # noqa: E402
+
 import pcrfs  # noqa: E402
 from pcrfs.convert import convert  # noqa: E402
 from pcrfs.demo import make_demo  # noqa: E402
-from pcrfs.quality import adaptive, measure  # noqa: E402
+from pcrfs.quality import adaptive, measure, search  # noqa: E402
 from pcrfs.quality.plot import plot_table  # noqa: E402
 
 
@@ -64,12 +73,51 @@ def compare(table: measure.QualityTable) -> list[dict]:
     return out
 
 
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def scoring_cost(store, images: int, rounds: int) -> dict:
+    """Exhaustive search against the fast one on the first ``images`` images, in this
+    process, rounds interleaved; CPU and wall per image (medians over rounds)."""
+    n = min(images, store.num_images)
+    thresholds = adaptive.THRESHOLDS
+    runs: dict[str, list] = {"exhaustive": [], "fast": []}
+    answers = {}
+    stats = search.SearchStats()
+    for _ in range(rounds):
+        for name in runs:
+            c0, t0 = _cpu(), time.perf_counter()
+            if name == "exhaustive":
+                ks = [adaptive.smallest_k(measure.measure_image(store, i, stop_at=max(thresholds)).ms_ssim,
+                                          store.n_groups(i), thresholds) for i in range(n)]
+            else:
+                stats = search.SearchStats()
+                with search.single_threaded_blas():
+                    ks = [search.search_ks(search.file_reader(store, i), store.n_groups(i), thresholds, stats)
+                          for i in range(n)]
+            runs[name].append(((_cpu() - c0) / n * 1000, (time.perf_counter() - t0) / n * 1000))
+            answers[name] = np.array(ks)
+    med = {name: {"cpu_ms_per_image": round(float(np.median([r[0] for r in v])), 2),
+                  "wall_ms_per_image": round(float(np.median([r[1] for r in v])), 2)} for name, v in runs.items()}
+    return {
+        "images": n, "rounds": rounds, "thresholds": list(thresholds), **med,
+        "cpu_ratio": round(med["exhaustive"]["cpu_ms_per_image"] / med["fast"]["cpu_ms_per_image"], 2),
+        "identical_ks": bool(np.array_equal(answers["exhaustive"], answers["fast"])),
+        "fast_search_stats": {k: v for k, v in vars(stats).items()},
+        "loadavg_after": os.getloadavg(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class", type=int, default=50, help="demo images per class (8 classes)")
     ap.add_argument("--seed", type=int, default=0, help="demo dataset seed")
     ap.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_quality")
+    ap.add_argument("--cost-images", type=int, default=150, help="images timed for the scoring cost")
+    ap.add_argument("--cost-rounds", type=int, default=3)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="pcrfs-bench-quality-") as tmp:
@@ -77,6 +125,14 @@ def main() -> None:
         demo = make_demo(src, per_class=args.per_class, seed=args.seed)
         conv = convert(src, store_path, workers=args.workers)
         store = pcrfs.open_store(store_path)
+
+        load_before = os.getloadavg()
+        cost = scoring_cost(store, args.cost_images, args.cost_rounds)
+        print(f"scoring cost per image, {cost['images']} images x {cost['rounds']} rounds, one process: "
+              f"exhaustive {cost['exhaustive']['cpu_ms_per_image']} ms CPU / "
+              f"{cost['exhaustive']['wall_ms_per_image']} ms wall; fast {cost['fast']['cpu_ms_per_image']} ms CPU / "
+              f"{cost['fast']['wall_ms_per_image']} ms wall ({cost['cpu_ratio']}x less CPU); "
+              f"identical ks: {cost['identical_ks']}; load average {load_before[0]:.2f}")
 
         t0 = time.perf_counter()
         ks, failures = adaptive.compute(store, workers=args.workers)
@@ -111,6 +167,8 @@ def main() -> None:
             "dataset": {"images": demo.count, "classes": len(demo.classes), "source_bytes": demo.total_bytes,
                         "stored_bytes": conv.bytes_out, "per_class": args.per_class, "seed": args.seed},
             "workers": args.workers,
+            "loadavg_before": load_before,
+            "scoring_cost": cost,
             "write_index_s": round(index_s, 2),
             "write_index_ms_per_image": round(1000 * index_s / store.num_images, 1),
             "quality_table_s": round(table.seconds, 2),
