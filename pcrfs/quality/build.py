@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ..remote.fs import RemoteOptions
     from ..store.reader import Store
 
-PART_IMAGES = 64   # ~1 s of scoring: enough parts to spread over workers, small to redo
+PART_IMAGES = 32   # ~0.5 s of scoring: parts enough to keep every worker busy, small to redo
 RESUME_DIR = ".adaptive-partial"   # inside a local store; URL stores keep it under ~/.cache/pcrfs
 STATE_VERSION = 1
 TASK_RETRIES = 2
