@@ -128,15 +128,23 @@ def filter_stack(a: np.ndarray, taps: np.ndarray, name: str = "f") -> np.ndarray
 
 
 def _downsample(img: np.ndarray, name: str) -> np.ndarray:
-    """msssim.downsample into a scratch array: 2x2 mean, an odd last row/column repeated."""
+    """msssim.downsample into a scratch array: 2x2 mean, an odd last row/column repeated
+    (so an edge pixel pair averages with itself: half the pair's sum)."""
     h, w = img.shape
-    if h % 2 or w % 2:
-        img = np.pad(img, ((0, h % 2), (0, w % 2)), mode="edge")
-    out = _scratch.get(name, (img.shape[0] // 2, img.shape[1] // 2))
-    np.add(img[0::2, 0::2], img[1::2, 0::2], out=out)
-    out += img[0::2, 1::2]
-    out += img[1::2, 1::2]
-    out *= np.float32(0.25)
+    he, we = h - h % 2, w - w % 2
+    out = _scratch.get(name, ((h + 1) // 2, (w + 1) // 2))
+    rows = _scratch.get(name + ".rows", (he // 2, w))
+    np.add(img[0:he:2], img[1:he:2], out=rows)       # row pairs first: contiguous inner loops
+    body = out[:he // 2, :we // 2]
+    np.add(rows[:, 0:we:2], rows[:, 1:we:2], out=body)
+    body *= np.float32(0.25)
+    if w % 2:
+        np.multiply(rows[:, -1], np.float32(0.5), out=out[:he // 2, -1])
+    if h % 2:
+        np.add(img[-1, 0:we:2], img[-1, 1:we:2], out=out[-1, :we // 2])
+        out[-1, :we // 2] *= np.float32(0.5)
+        if w % 2:
+            out[-1, -1] = img[-1, -1]
     return out
 
 
@@ -259,7 +267,8 @@ class FastReference:
         if x.shape != self.shape:
             raise ValueError(f"image is {x.shape}, reference is {self.shape}")
         d = _scratch.get("d0", self.shape)
-        np.subtract(x, self.imgs[0], out=d)
+        d[...] = x                                  # uint8 -> float32, then an all-float32 subtract
+        d -= self.imgs[0]
         out = [d]
         for j in range(1, self.scales):
             out.append(_downsample(out[-1], f"d{j}"))
