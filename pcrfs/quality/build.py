@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..fsutil import write_atomic
 from . import adaptive
@@ -85,23 +86,18 @@ def _failure(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-SCORE_ERRORS: tuple[type[BaseException], ...]
-try:
-    from PIL import Image as _Image
-
-    SCORE_ERRORS = (OSError, ValueError, SyntaxError, _Image.DecompressionBombError)
-except ImportError:  # pragma: no cover - Pillow is a dependency
-    SCORE_ERRORS = (OSError, ValueError, SyntaxError)
+# what a damaged or undecodable image raises (CorruptData is an OSError), as in measure._measure_or_fail
+SCORE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def score_files(file_ats: Iterable[tuple[Callable[[int], bytes], int]], thresholds: Sequence[float]
+def score_files(images: Iterable[tuple[Callable[[int], bytes], int]], thresholds: Sequence[float]
                 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """u1[count, T] ks and failures for images given as (file_at, n_groups); one BLAS thread."""
     from .search import search_ks, single_threaded_blas
 
     rows, failures = [], []
     with single_threaded_blas():
-        for j, (file_at, n) in enumerate(file_ats):
+        for j, (file_at, n) in enumerate(images):
             try:
                 rows.append(search_ks(file_at, n, thresholds))
             except SCORE_ERRORS as e:
