@@ -284,3 +284,27 @@ def test_kill_9_during_write_index_then_resume(store_copy, reference):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output[r.output.index("{"):])["resumed"] >= 3
     assert index_bytes(store_copy) == index_bytes(reference)
+
+
+def test_convert_quality_index_to_s3(demo_src, reference, tmp_path):
+    """A store at a URL: the parts wait in the local cache directory, the index is uploaded."""
+    from s3util import MotoServer, s3_available, s3_environment
+
+    from pcrfs.remote.fs import RemoteOptions, filesystem
+    from pcrfs.store.reader import ReadOptions, open_store
+
+    if s3_available() is not None:
+        pytest.skip(str(s3_available()))
+    with s3_environment(tmp_path / "cache"):
+        server = MotoServer(tmp_path / "moto.log")
+        try:
+            remote = RemoteOptions(endpoint_url=server.endpoint)
+            filesystem("s3://qidx", remote).mkdir("qidx")
+            url = "s3://qidx/demo.pcr"
+            res = convert(demo_src, url, record_bytes=RECORD, workers=2, remote=remote, quality_index=True)
+            assert res.adaptive[0].resumed == res.images
+            assert not build.resume_dir(url).exists()
+            with open_store(url, options=ReadOptions(remote=remote)) as s, pcrfs.open_store(reference) as ref:
+                assert np.array_equal(adaptive.load(s).ks, adaptive.load(ref).ks)
+        finally:
+            server.stop()

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import multiprocessing
-import os
 import shutil
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
     from ..store.reader import Store
 
 PART_IMAGES = 32   # ~0.5 s of scoring: parts enough to keep every worker busy, small to redo
-RESUME_DIR = ".adaptive-partial"   # inside a local store; URL stores keep it under ~/.cache/pcrfs
+RESUME_DIR = ".adaptive-partial"   # inside a local store; URL stores: $XDG_CACHE_HOME/pcrfs/adaptive/
 STATE_VERSION = 1
 TASK_RETRIES = 2
 
@@ -129,11 +128,12 @@ def _store_reader(store: "Store", i: int) -> Callable[[int], bytes]:
 def resume_dir(location: str) -> Path:
     """Where the scored parts of the store at ``location`` (a directory or a URL) are kept."""
     from ..remote.fs import is_url
+    from ..store.location import default_cache_dir
 
     if not is_url(location):
         return Path(location) / RESUME_DIR
     key = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
-    return Path(os.path.expanduser("~/.cache/pcrfs/adaptive")) / key
+    return default_cache_dir() / "adaptive" / key
 
 
 class Parts:
