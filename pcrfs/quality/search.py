@@ -208,26 +208,30 @@ class FastReference:
         window's second moment of d) and var_x >= 0, so cs_p >= 1 - f(d*d)_p / D_p with
         D_p = var_r + C2. The mean over windows of f(d*d)/D is linear in d*d: it is
         sum_q (d*d)_q h_q with h = f^T(1/D) / windows, the window's adjoint (a full
-        correlation, the taps being symmetric) applied once per reference.
+        correlation, the taps being symmetric) applied once per reference. (Returned
+        without the division by the number of windows, done on the sum.)
         """
         n = len(self.taps)
         m, m2 = var.shape
-        inv = _scratch.get("inv", (m + 2 * (n - 1), 1, m2 + 2 * (n - 1)))
-        inv.fill(0)
-        inner = inv[n - 1:n - 1 + m, 0, n - 1:n - 1 + m2]
+        pad = n - 1
+        inv = _scratch.get("inv", (m + 2 * pad, 1, m2 + 2 * pad))
+        if pad:  # the zero border of the full correlation (the inside is written below)
+            inv[:pad] = 0
+            inv[-pad:] = 0
+            inv[:, :, :pad] = 0
+            inv[:, :, -pad:] = 0
+        inner = inv[pad:pad + m, 0, pad:pad + m2]
         # var is float32 here, off by far less than 1: D is taken 1 lower, a safe lower bound
-        np.subtract(var, np.float32(1), out=inner)
-        np.maximum(inner, np.float32(0), out=inner)
-        inner += np.float32(msssim.C2)
-        np.divide(np.float32(1), inner, out=inner)
-        h = filter_stack(inv, self.taps, name="h")[:, 0]
-        h *= np.float32(1 / var.size)
-        return h.ravel()
+        np.maximum(var, np.float32(1), out=inner)
+        inner += np.float32(msssim.C2 - 1)
+        np.reciprocal(inner, out=inner)
+        self._windows = var.size  # h is f^T(1/D); the division by the window count is in the bound
+        return filter_stack(inv, self.taps, name="h")[:, 0].ravel()
 
     def _finest_lower_bound(self, d: np.ndarray) -> float:
         d2 = _scratch.get("d2", d.shape)
         np.multiply(d, d, out=d2)
-        deficit = float(np.dot(d2.ravel(), self._weights1))
+        deficit = float(np.dot(d2.ravel(), self._weights1)) / self._windows
         # float32 sums: allow 0.1% on the deficit, orders of magnitude above their rounding
         return max(0.0, 1.0 - deficit * 1.001)
 
@@ -336,9 +340,13 @@ def luma_scans(data: bytes) -> list[bool] | None:
     """Per scan of ``data`` (one scan group each), whether it can change the luminance;
     None when that cannot be told (then every k is decoded)."""
     with Image.open(io.BytesIO(data)) as im:
-        if not _luma_is_first_component(im):
-            return None
-        luma = im.layer[0][0]
+        return _luma_scans_of(im, data)
+
+
+def _luma_scans_of(im: Image.Image, data: bytes) -> list[bool] | None:
+    if not _luma_is_first_component(im):
+        return None
+    luma = im.layer[0][0]
     return [luma in comps for comps in scan_components(data)]
 
 
@@ -350,16 +358,18 @@ def search_ks(file_at: Callable[[int], bytes], n_groups: int, thresholds: Sequen
     ``adaptive.smallest_k(measure_image(..., stop_at=max(thresholds)).ms_ssim, n, thresholds)``.
     Raises what decoding raises (OSError, ValueError, ...) for a damaged image.
     """
-    from .measure import decode_luma
+    from .measure import decode_luma, luma_of
 
     local = SearchStats(images=1)
     ks = np.full(len(thresholds), n_groups, dtype=np.uint8)
     if n_groups > 1:
         full = file_at(n_groups)
-        changes = luma_scans(full)
+        with Image.open(io.BytesIO(full)) as im:  # one parse for both
+            changes = _luma_scans_of(im, full)
+            y_full = luma_of(im)
         if changes is not None and len(changes) != n_groups:
             changes = None
-        ref = FastReference(decode_luma(full))
+        ref = FastReference(y_full)
         open_t = list(range(len(thresholds)))
         for k in range(1, n_groups):
             if not open_t:
