@@ -93,9 +93,12 @@ def main() -> None:
 @click.option("--scheduler", metavar="ADDR", default=None,
               help="Convert on the Dask cluster at ADDR (e.g. tcp://host:8786). Workers must read SRC and "
                    "write STORE at the same path (shared filesystem) or URL; see docs/distributed.md.")
+@click.option("--quality-index", is_flag=True,
+              help="Also score every image and write the adaptive index (ssim90/ ssim95/ ssim98/ views), as "
+                   "`pcrfs quality --write-index` would.")
 @endpoint_option
 def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep_metadata, max_pixels,
-            skip_bad, overwrite, quiet, use_dask, scheduler, endpoint_url) -> None:
+            skip_bad, overwrite, quiet, use_dask, scheduler, quality_index, endpoint_url) -> None:
     """Convert the image tree SRC into a PCR store at STORE.
 
     SRC is an image tree such as torchvision's ImageFolder layout (class/img.jpg);
@@ -173,7 +176,8 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
                 _describe_cluster(client)
             result = run_convert(src, store, opts=opts, workers=workers, record_bytes=record_size,
                                  overwrite=overwrite, listing=listing, on_start=on_start, on_progress=on_progress,
-                                 remote=RemoteOptions(endpoint_url=endpoint_url), client=client)
+                                 remote=RemoteOptions(endpoint_url=endpoint_url), client=client,
+                                 quality_index=quality_index)
     except KeyboardInterrupt:
         if bar:
             bar.close()
@@ -205,6 +209,8 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
         f"({result.ratio:.1%} of {format_size(result.source_bytes)} source) "
         f"in {result.seconds:.1f}s; {result.reencoded} re-encoded, {len(result.skipped)} skipped, "
         f"{len(result.bad)} bad.", err=True)
+    if result.adaptive is not None:
+        _report_adaptive(store, *result.adaptive, endpoint_url)
     for p in result.bad[:20]:
         click.echo(f"  bad: {p['path']}: {p['reason']}", err=True)
     if len(result.bad) > 20:
@@ -212,6 +218,14 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     if result.bad and not skip_bad:
         _fail(f"{len(result.bad)} file(s) could not be converted (see {report_path}); "
               "the store holds the others. Use --skip-bad to accept this.")
+
+
+def _report_adaptive(store: str, built, entry: dict, endpoint_url: str | None) -> None:
+    """`convert --quality-index`: the adaptive views, as `quality --write-index` reports them."""
+    from .quality_cli import report_index
+
+    with _open(store, endpoint_url) as s:
+        report_index(s, store, built, entry, as_json=False)
 
 
 def _describe_cluster(client) -> None:
@@ -242,6 +256,7 @@ def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
         "reencoded": int((s.index.images["flags"] & 1).sum()), "options": m.get("options"),
         "views": fractions,
     }
+    summary.update(_adaptive_views(s))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -253,6 +268,26 @@ def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
     click.echo(f"{'view':>6}  {'bytes':>12}  {'of full':>8}")
     for v in fractions:
         click.echo(f"{'scan' + str(v['k']):>6}  {format_size(v['bytes']):>12}  {v['fraction']:>8.1%}")
+    for v in summary["adaptive_views"]:
+        click.echo(f"{v['view']:>6}  {format_size(v['bytes']):>12}  {v['fraction']:>8.1%}  "
+                   f"per image: smallest k with MS-SSIM >= {v['threshold']:g} (mean k {v['mean_k']:.2f})")
+    if summary.get("adaptive_index_error"):
+        click.echo(f"adaptive views not shown: {summary['adaptive_index_error']}")
+
+
+def _adaptive_views(s) -> dict:
+    """`info`'s adaptive views (pcrfs quality --write-index): bytes and fraction of the full view each."""
+    from .quality import adaptive
+
+    try:
+        index = adaptive.load(s)
+    except adaptive.AdaptiveIndexError as e:
+        return {"adaptive_views": [], "adaptive_index_error": str(e)}
+    if index is None:
+        return {"adaptive_views": []}
+    views = adaptive.summarize(s, index.ks, index.thresholds)
+    return {"adaptive_views": [{k: v[k] for k in ("view", "threshold", "bytes", "fraction", "mean_k")}
+                               for v in views]}
 
 
 @main.command()

@@ -151,6 +151,7 @@ class ConvertResult:
     resumed_from: int  # source files already done by an earlier, interrupted run
     manifest: dict
     source_bytes: int = 0  # every listed source file, this run's and earlier runs' alike
+    adaptive: tuple | None = None  # with quality_index: (quality.build.Built, the index's manifest entry)
 
     @property
     def ratio(self) -> float:
@@ -363,7 +364,8 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
             workers: int | None = None, record_bytes: int = fmt.DEFAULT_RECORD_BYTES, overwrite: bool = False,
             listing: Listing | None = None, on_start: Callable[[int, int], None] | None = None,
             on_progress: ProgressFn | None = None, remote: RemoteOptions = RemoteOptions(),
-            staging_dir: Path | None = None, client: "distributed.Client | None" = None) -> ConvertResult:
+            staging_dir: Path | None = None, client: "distributed.Client | None" = None,
+            quality_index: bool = False) -> ConvertResult:
     """Convert the image tree ``src`` into a store at ``store`` (a directory or a URL).
 
     ``on_start(total, already_done)`` and ``on_progress(n, bytes)`` drive a progress bar.
@@ -415,7 +417,11 @@ def _convert(src: Path, store: Path | str, target: RemoteTarget | None, *, opts:
         try:
             prepare_target(store, overwrite)
         except FinishedButNotCleaned:
-            return _finish_cleanup(store, fp, t0, len(listing.files), sum(f.size for f in listing.files))
+            result = _finish_cleanup(store, fp, t0, len(listing.files), sum(f.size for f in listing.files))
+            if quality_index:  # killed between the manifest and the index: finish the index too
+                result.adaptive = _quality_scoring(str(store)).finish(str(store), workers=workers or 1,
+                                                                       client=client, remote=remote)
+            return result
         writer = StoreWriter(store, record_bytes)
     else:
         prepare_remote_target(target, overwrite)
@@ -424,15 +430,17 @@ def _convert(src: Path, store: Path | str, target: RemoteTarget | None, *, opts:
     writer.start(fp, [(b.start, b.end) for b in plan])
     todo = [b for b in plan if b.record not in writer.done]
     resumed = writer.sources_done
+    location = target.url if target is not None else str(store)
+    scoring = _quality_scoring(location) if quality_index else None
     if on_start:
         on_start(len(listing.files), resumed)
     if client is None:
-        bytes_in = _convert_locally(listing.files, todo, writer, opts, workers, on_progress)
+        bytes_in = _convert_locally(listing.files, todo, writer, opts, workers, on_progress, scoring)
     else:
         from .distributed import convert_batches
 
         bytes_in = convert_batches(client, listing.files, todo, writer, opts, str(src),
-                                   target.url if target is not None else str(store), remote, fp, on_progress)
+                                   location, remote, fp, on_progress, scoring=scoring)
     manifest = writer.finalize({
         "record_target_bytes": record_bytes,
         "options": {"keep_metadata": opts.keep_metadata, "quality": opts.quality,
@@ -441,15 +449,39 @@ def _convert(src: Path, store: Path | str, target: RemoteTarget | None, *, opts:
     report = json.loads((writer.root / fmt.REPORT).read_text())
     if target is not None:
         shutil.rmtree(target.staging, ignore_errors=True)
+    index = None
+    if scoring is not None:
+        index = scoring.finish(location, workers=workers or os.cpu_count() or 1, client=client, remote=remote)
     return ConvertResult(
         images=manifest["num_images"], bad=report["bad"], skipped=report["skipped"],
         reencoded=report["reencoded"], bytes_in=bytes_in, bytes_out=manifest["total_bytes"],
         seconds=time.monotonic() - t0, resumed_from=resumed, manifest=manifest,
-        source_bytes=sum(f.size for f in listing.files))
+        source_bytes=sum(f.size for f in listing.files), adaptive=index)
+
+
+def _quality_scoring(location: str):
+    """The adaptive index's scorer for this conversion (pcrfs.quality.build), its kept parts opened."""
+    from .quality.build import ConvertScoring
+
+    scoring = ConvertScoring(location)
+    scoring.start()
+    return scoring
 
 
 def _convert_locally(files: list[SourceFile], todo: list[Batch], writer: StoreWriter, opts: TranscodeOptions,
-                     workers: int | None, on_progress: ProgressFn | None) -> int:
+                     workers: int | None, on_progress: ProgressFn | None, scoring=None) -> int:
+    if scoring is None:
+        return _convert_batches_locally(files, todo, writer, opts, workers, on_progress, _process)
+    from .quality.search import single_threaded_blas
+
+    with single_threaded_blas():  # the threads below score images: one BLAS thread each
+        return _convert_batches_locally(files, todo, writer, opts, workers, on_progress,
+                                        lambda sf, o: scoring.process(_process, sf, o), scoring.record_done)
+
+
+def _convert_batches_locally(files: list[SourceFile], todo: list[Batch], writer: StoreWriter,
+                             opts: TranscodeOptions, workers: int | None, on_progress: ProgressFn | None,
+                             process: Callable, on_record: Callable[[dict], None] | None = None) -> int:
     """Convert the batches ``todo`` in order with a thread pool; returns the source bytes read.
 
     Files are transcoded ``workers`` at a time (libjpeg-turbo and Pillow release the GIL)
@@ -468,7 +500,7 @@ def _convert_locally(files: list[SourceFile], todo: list[Batch], writer: StoreWr
         def submit_next() -> None:
             job = next(jobs, None)
             if job is not None:
-                pending.append((job[0], job[1], pool.submit(_process, files[job[1]], opts)))
+                pending.append((job[0], job[1], pool.submit(process, files[job[1]], opts)))
 
         try:
             for _ in range(window):
@@ -482,7 +514,9 @@ def _convert_locally(files: list[SourceFile], todo: list[Batch], writer: StoreWr
                 else:
                     entries.append(result)
                 if pos == batch.end - 1:
-                    writer.write_record(batch.record, entries, problems, (batch.start, batch.end))
+                    desc = writer.write_record(batch.record, entries, problems, (batch.start, batch.end))
+                    if on_record:
+                        on_record(desc)
                     entries, problems = [], []
                 bytes_in += files[pos].size
                 if on_progress:

@@ -68,7 +68,7 @@ def require_dask() -> None:
 # ---- the task, on a worker -------------------------------------------------------------------
 
 def convert_batch(record: int, files: list[SourceFile], sources: tuple[int, int], opts: TranscodeOptions,
-                  src_root: str, store: str, remote: RemoteOptions) -> dict:
+                  src_root: str, store: str, remote: RemoteOptions, thresholds: tuple | None = None) -> dict:
     """Convert one batch into record ``record`` of ``store`` (a path or URL); return its description.
 
     Every file's failure is a Problem in the description, as in a local conversion; an
@@ -83,6 +83,10 @@ def convert_batch(record: int, files: list[SourceFile], sources: tuple[int, int]
         result = _process(sf, opts)
         (problems if isinstance(result, Problem) else entries).append(result)
     chunks, desc = build_record(record, entries, problems, sources)
+    if thresholds is not None:  # `convert --quality-index`: the record's ks travel with its description
+        from .quality.build import score_batch_entries
+
+        desc.update(score_batch_entries(entries, thresholds))
     if is_url(store):
         _put_record(store, remote, record, chunks)
     else:
@@ -134,7 +138,7 @@ def _threads(client: "distributed.Client") -> int:
 
 def convert_batches(client: "distributed.Client", files: list[SourceFile], todo: list[Batch], writer: StoreWriter,
                     opts: TranscodeOptions, src_root: str, store: str, remote: RemoteOptions, fingerprint: str,
-                    on_progress: ProgressFn | None = None) -> int:
+                    on_progress: ProgressFn | None = None, scoring=None) -> int:
     """Run one task per batch of ``todo`` on ``client``'s cluster; describe each record as it
     arrives. Returns the source bytes converted. On any exception (Ctrl-C included) the
     outstanding tasks are cancelled and the store is left resumable."""
@@ -142,6 +146,7 @@ def convert_batches(client: "distributed.Client", files: list[SourceFile], todo:
 
     queue = iter(todo)
     run = uuid.uuid4().hex[:8]
+    thresholds = tuple(scoring.thresholds) if scoring is not None else None
     futures: dict = {}  # in flight: future -> its batch
     running = as_completed()
 
@@ -155,7 +160,7 @@ def convert_batches(client: "distributed.Client", files: list[SourceFile], todo:
             if b is None:
                 return
             fut = client.submit(convert_batch, b.record, files[b.start:b.end], (b.start, b.end), opts, src_root,
-                                store, remote, key=task_key(fingerprint, b.record, run), pure=False,
+                                store, remote, thresholds, key=task_key(fingerprint, b.record, run), pure=False,
                                 retries=TASK_RETRIES)
             futures[fut] = b
             running.add(fut)
@@ -167,6 +172,8 @@ def convert_batches(client: "distributed.Client", files: list[SourceFile], todo:
             b = futures.pop(fut)
             desc = fut.result()  # a task's exception (after its retries) ends the conversion
             fut.release()
+            if scoring is not None:
+                scoring.record_done(desc)  # keeps the ks, takes them out of the description
             writer.record_written(desc)
             bytes_in += b.nbytes
             if on_progress:

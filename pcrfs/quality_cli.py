@@ -76,33 +76,55 @@ def _load_adaptive(store):
         return None
 
 
-def _write_index(store, store_path: str, workers: int, quiet: bool, as_json: bool) -> None:
+def _progress_resumable(quiet: bool, desc: str):
+    """(on_start(total, already), on_done, close) for a run that may resume."""
+    on_start, on_done, close = _progress(quiet, desc)
+
+    def start(total: int, already: int) -> None:
+        if already:
+            click.echo(f"Resuming: {already} of {total} images already scored.", err=True)
+        on_start(total)
+        on_done(already)
+
+    return start, on_done, close
+
+
+def report_index(store, store_path: str, built, entry: dict, as_json: bool) -> None:
+    """What `quality --write-index` and `convert --quality-index` print about the new index."""
     from .quality import adaptive
 
-    on_start, on_done, close = _progress(quiet, "score")
-    try:
-        ks, failures = adaptive.compute(store, workers=workers, on_start=on_start, on_done=on_done)
-    except KeyboardInterrupt:
-        close()
-        _fail("interrupted; the store is unchanged", 130)
-    finally:
-        close()
-    for f in failures[:20]:
-        _warn(f"{store.path(f.image)}: not scored ({f.reason}); its adaptive views serve it whole")
-    entry = adaptive.write(store, ks)
+    for image, reason in built.failures[:20]:
+        _warn(f"{store.path(image)}: not scored ({reason}); its adaptive views serve it whole")
     summary = {"store": store_path, "file": entry["file"], "images": store.num_images,
-               "not_scored": len(failures),
-               "views": adaptive.summarize(store, ks, entry["thresholds"])}
+               "not_scored": len(built.failures), "resumed": built.resumed,
+               "views": adaptive.summarize(store, built.ks, entry["thresholds"])}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"wrote index/{entry['file']} for {store.num_images} images "
-               f"({len(failures)} not scored); the mount now shows {', '.join(entry['views'])}")
+               f"({len(built.failures)} not scored); the mount now shows {', '.join(entry['views'])}")
     click.echo(f"{'view':<8} {'MS-SSIM >=':>10} {'bytes':>12} {'of full':>8} {'mean k':>7}  images per k")
     for v in summary["views"]:
         counts = " ".join(f"k{k}:{c}" for k, c in v["k_counts"].items())
         click.echo(f"{v['view']:<8} {v['threshold']:>10g} {format_size(v['bytes']):>12} {v['fraction']:>8.1%} "
                    f"{v['mean_k']:>7.2f}  {counts}")
+
+
+def _write_index(store, store_path: str, workers: int, quiet: bool, as_json: bool, client=None,
+                 remote=None) -> None:
+    from .quality.build import build_and_write
+
+    on_start, on_done, close = _progress_resumable(quiet, "score")
+    try:
+        built, entry = build_and_write(store, workers=workers, client=client, remote=remote,
+                                       on_start=on_start, on_done=on_done)
+    except KeyboardInterrupt:
+        close()
+        _fail("interrupted; the store is unchanged and scored parts are kept: run the same command "
+              "again to resume", 130)
+    finally:
+        close()
+    report_index(store, store_path, built, entry, as_json)
 
 
 @click.command("quality")
@@ -124,11 +146,17 @@ def _write_index(store, store_path: str, workers: int, quiet: bool, as_json: boo
 @click.option("-j", "--workers", type=click.IntRange(1), default=None,
               help="Worker processes [default: all cores].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--dask", "use_dask", is_flag=True,
+              help="With --write-index: score on a Dask LocalCluster of -j worker processes (pip install 'pcrfs[dask]').")
+@click.option("--scheduler", metavar="ADDR", default=None,
+              help="With --write-index: score on the Dask cluster at ADDR; workers must read STORE at the "
+                   "same path or URL.")
 @endpoint_option
 @click.pass_context
 def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json: bool, plot: Path | None,
                 target_ssim: float | None, target_psnr: float | None, write_index: bool, no_timing: bool,
-                workers: int | None, quiet: bool, endpoint_url: str | None) -> None:
+                workers: int | None, quiet: bool, use_dask: bool, scheduler: str | None,
+                endpoint_url: str | None) -> None:
     """How much quality each fidelity view keeps, for how many bytes.
 
     \b
@@ -143,6 +171,11 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
       pcrfs quality /data/train.pcr --target-ssim 0.95     # which scanK to train on
       pcrfs quality /data/train.pcr --plot quality.png --json > quality.json
       pcrfs quality /data/train.pcr --write-index          # per-image k: ssim90/ ssim95/ ssim98/
+      pcrfs quality /data/train.pcr --write-index --scheduler tcp://head:8786
+
+    \b
+    --write-index keeps every scored part under STORE/.adaptive-partial until the
+    index is written: an interrupted run resumes where it stopped.
     """
     from .quality import measure
     from .quality.msssim import PSNR_CAP
@@ -154,6 +187,10 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
     if target_psnr is not None and target_psnr > PSNR_CAP:
         raise click.BadParameter(f"must be at most {PSNR_CAP:g} dB (identical decodes count as {PSNR_CAP:g} dB)",
                                  param_hint="--target-psnr")
+    if (use_dask or scheduler) and not write_index:
+        raise click.UsageError("--dask and --scheduler apply to --write-index")
+    if use_dask and scheduler:
+        raise click.UsageError("--dask and --scheduler are mutually exclusive")
     if write_index:
         given = [name for name, on in (("--plot", plot is not None), ("--target-ssim", target_ssim is not None),
                                        ("--target-psnr", target_psnr is not None), ("--no-timing", no_timing))
@@ -181,10 +218,8 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
     workers = workers or measure.default_workers()
 
     if write_index:
-        try:
-            _write_index(s, store, workers, quiet, as_json)
-        except (OSError, ValueError, StoreError) as e:
-            _fail(f"could not write the adaptive index: {e}")
+        _write_index_cmd(s, store, workers, quiet, as_json, use_dask, scheduler,
+                         RemoteOptions(endpoint_url=endpoint_url))
         return
 
     adaptive_ks = None
@@ -235,6 +270,39 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
         click.echo(f"plot written to {plot}", err=True)
     if (target_ssim is not None or target_psnr is not None) and choice is None:
         _fail("no view reaches the target on this sample")
+
+
+def _write_index_cmd(s, store: str, workers: int, quiet: bool, as_json: bool, use_dask: bool,
+                     scheduler: str | None, remote) -> None:
+    from contextlib import nullcontext
+
+    from .store.reader import StoreError
+
+    cluster = nullcontext(None)
+    if use_dask or scheduler:
+        from .distributed import DaskUnavailable, dask_client, require_dask
+
+        try:
+            require_dask()
+        except DaskUnavailable as e:
+            _fail(str(e))
+        cluster = dask_client(scheduler, n_workers=workers if use_dask else None)
+    try:
+        with cluster as client:
+            if client is not None:
+                from .cli import _describe_cluster
+
+                _describe_cluster(client)
+            _write_index(s, store, workers, quiet, as_json, client=client, remote=remote)
+    except (OSError, ValueError, StoreError) as e:
+        _fail(f"could not write the adaptive index: {e}")
+    except Exception as e:  # noqa: BLE001
+        if not (use_dask or scheduler):
+            raise
+        if type(e).__name__ == "ClusterUnavailable":
+            _fail(str(e))
+        _fail(f"scoring on Dask failed: {type(e).__name__}: {e}; scored parts are kept, "
+              "run the same command again to resume")
 
 
 def register(main: click.Group) -> None:

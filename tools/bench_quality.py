@@ -13,6 +13,17 @@ adaptive view ssimNN it then finds the fixed-k views with the same guarantee:
 
 and reports the bytes the adaptive view saves against each.
 
+It also measures what the index costs per image: the exhaustive search (every k
+scored with msssim.Reference until the top threshold; the oracle) against
+pcrfs.quality.search (the same ks), one process each, side by side on the same
+images: CPU seconds (getrusage) and wall seconds, and checks the ks are equal.
+Then `convert` against `convert --quality-index` on the same photos (one thread
+each, rounds interleaved), and `quality --write-index` on a Dask LocalCluster of
+1 and 2 worker processes (CPU of the workers from os.times, index compared with
+the local one).
+
+    python tools/bench_quality.py --per-class 25 --cost-images 200 --convert-rounds 3 --dask-workers 1,2
+
     python tools/bench_quality.py                 # writes results/bench_quality.{json,png}
     python tools/bench_quality.py --per-class 20  # quicker
 """
@@ -31,10 +42,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import resource  # noqa: E402
+
+import numpy as np  # noqa: E402
+
 import pcrfs  # noqa: E402
 from pcrfs.convert import convert  # noqa: E402
 from pcrfs.demo import make_demo  # noqa: E402
-from pcrfs.quality import adaptive, measure  # noqa: E402
+from pcrfs.quality import adaptive, measure, search  # noqa: E402
 from pcrfs.quality.plot import plot_table  # noqa: E402
 
 
@@ -64,12 +79,118 @@ def compare(table: measure.QualityTable) -> list[dict]:
     return out
 
 
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def scoring_cost(store, images: int, rounds: int) -> dict:
+    """Exhaustive search against the fast one on the first ``images`` images, in this
+    process, rounds interleaved; CPU and wall per image (medians over rounds)."""
+    n = min(images, store.num_images)
+    thresholds = adaptive.THRESHOLDS
+    runs: dict[str, list] = {"exhaustive": [], "fast": []}
+    answers = {}
+    stats = search.SearchStats()
+    for _ in range(rounds):
+        for name in runs:
+            c0, t0 = _cpu(), time.perf_counter()
+            if name == "exhaustive":
+                ks = [adaptive.smallest_k(measure.measure_image(store, i, stop_at=max(thresholds)).ms_ssim,
+                                          store.n_groups(i), thresholds) for i in range(n)]
+            else:
+                stats = search.SearchStats()
+                with search.single_threaded_blas():
+                    ks = [search.search_ks(search.file_reader(store, i), store.n_groups(i), thresholds, stats)
+                          for i in range(n)]
+            runs[name].append(((_cpu() - c0) / n * 1000, (time.perf_counter() - t0) / n * 1000))
+            answers[name] = np.array(ks)
+    med = {name: {"cpu_ms_per_image": round(float(np.median([r[0] for r in v])), 2),
+                  "wall_ms_per_image": round(float(np.median([r[1] for r in v])), 2)} for name, v in runs.items()}
+    return {
+        "images": n, "rounds": rounds, "thresholds": list(thresholds), **med,
+        "cpu_ratio": round(med["exhaustive"]["cpu_ms_per_image"] / med["fast"]["cpu_ms_per_image"], 2),
+        "identical_ks": bool(np.array_equal(answers["exhaustive"], answers["fast"])),
+        "fast_search_stats": {k: v for k, v in vars(stats).items()},
+        "loadavg_after": os.getloadavg(),
+    }
+
+
+def convert_cost(src: Path, tmp: Path, rounds: int) -> dict:
+    """Plain convert against convert --quality-index, one worker thread each, rounds interleaved."""
+    runs: dict[str, list] = {"convert": [], "convert_quality_index": []}
+    indexes = set()
+    images = 0
+    for r in range(rounds):
+        for name in runs:
+            out = tmp / f"{name}-{r}.pcr"
+            c0, t0 = _cpu(), time.perf_counter()
+            res = convert(src, out, workers=1, quality_index=name != "convert")
+            runs[name].append((_cpu() - c0, time.perf_counter() - t0))
+            images = res.images
+            if res.adaptive is not None:
+                indexes.add(next((out / "index").glob("adaptive_k-*.npy")).read_bytes())
+            import shutil
+            shutil.rmtree(out)
+    med = {name: {"cpu_ms_per_image": round(1000 * float(np.median([c for c, _ in v])) / images, 2),
+                  "wall_ms_per_image": round(1000 * float(np.median([w for _, w in v])) / images, 2)}
+           for name, v in runs.items()}
+    return {"images": images, "rounds": rounds, "workers": 1, **med,
+            "cpu_ratio": round(med["convert_quality_index"]["cpu_ms_per_image"] / med["convert"]["cpu_ms_per_image"], 2),
+            "wall_ratio": round(med["convert_quality_index"]["wall_ms_per_image"] / med["convert"]["wall_ms_per_image"], 2),
+            "same_index_every_round": len(indexes) == 1, "loadavg_after": os.getloadavg()}
+
+
+def _worker_cpu(client) -> float:
+    return sum(t[0] + t[1] for t in client.run(os.times).values())
+
+
+def dask_scaling(store_path: Path, worker_counts: list[int], reference: bytes, rounds: int) -> dict:
+    """`quality --write-index` (pcrfs.quality.build) on LocalClusters of each size; startup not timed."""
+    from distributed import Client, LocalCluster
+
+    from pcrfs.quality import build
+
+    out = {}
+    for n in worker_counts:
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
+        try:
+            with Client(cluster) as client:
+                client.run(lambda: None)
+                times, cpus, same = [], [], True
+                for _ in range(rounds):
+                    with pcrfs.open_store(store_path) as store:
+                        build.Parts(build.resume_dir(str(store_path)), adaptive.THRESHOLDS).remove()
+                        w0, c0, t0 = _worker_cpu(client), _cpu(), time.perf_counter()
+                        built = build.build(store, client=client)
+                        times.append(time.perf_counter() - t0)
+                        cpus.append(_worker_cpu(client) - w0 + _cpu() - c0)
+                        same &= adaptive._npy_bytes(built.ks) == reference
+                        built.parts.remove()
+                        images = store.num_images
+        finally:
+            cluster.close()
+        out[f"dask{n}"] = {"seconds": round(float(np.median(times)), 3), "rounds": rounds,
+                           "images_per_s": round(images / float(np.median(times)), 1),
+                           "cpu_ms_per_image": round(1000 * float(np.median(cpus)) / images, 2),
+                           "identical_to_local": same}
+    if "dask1" in out and "dask2" in out:
+        out["speedup_2_over_1"] = round(out["dask1"]["seconds"] / out["dask2"]["seconds"], 2)
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class", type=int, default=50, help="demo images per class (8 classes)")
     ap.add_argument("--seed", type=int, default=0, help="demo dataset seed")
     ap.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_quality")
+    ap.add_argument("--cost-images", type=int, default=150, help="images timed for the scoring cost")
+    ap.add_argument("--cost-rounds", type=int, default=3)
+    ap.add_argument("--convert-rounds", type=int, default=3, help="0 skips convert vs convert --quality-index")
+    ap.add_argument("--dask-workers", default="1,2", help="LocalCluster sizes for --write-index on Dask ('' skips)")
+    ap.add_argument("--dask-rounds", type=int, default=2)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="pcrfs-bench-quality-") as tmp:
@@ -78,10 +199,28 @@ def main() -> None:
         conv = convert(src, store_path, workers=args.workers)
         store = pcrfs.open_store(store_path)
 
+        load_before = os.getloadavg()
+        cost = scoring_cost(store, args.cost_images, args.cost_rounds)
+        print(f"scoring cost per image, {cost['images']} images x {cost['rounds']} rounds, one process: "
+              f"exhaustive {cost['exhaustive']['cpu_ms_per_image']} ms CPU / "
+              f"{cost['exhaustive']['wall_ms_per_image']} ms wall; fast {cost['fast']['cpu_ms_per_image']} ms CPU / "
+              f"{cost['fast']['wall_ms_per_image']} ms wall ({cost['cpu_ratio']}x less CPU); "
+              f"identical ks: {cost['identical_ks']}; load average {load_before[0]:.2f}")
+
         t0 = time.perf_counter()
         ks, failures = adaptive.compute(store, workers=args.workers)
         index_s = time.perf_counter() - t0
         adaptive.write(store_path, ks)
+        conv_cost = convert_cost(src, Path(tmp), args.convert_rounds) if args.convert_rounds else None
+        if conv_cost:
+            print(f"convert: {conv_cost['convert']['cpu_ms_per_image']} ms CPU per image; with --quality-index "
+                  f"{conv_cost['convert_quality_index']['cpu_ms_per_image']} ms ({conv_cost['cpu_ratio']}x CPU, "
+                  f"{conv_cost['wall_ratio']}x wall)")
+        dask = None
+        if args.dask_workers:
+            dask = dask_scaling(store_path, [int(n) for n in args.dask_workers.split(",")],
+                                adaptive._npy_bytes(ks), args.dask_rounds)
+            print("Dask --write-index:", json.dumps(dask))
         store = pcrfs.open_store(store_path)
         index = adaptive.load(store)
         views = {v: (t, index.column(v, store.num_groups)) for v, t in zip(index.views, index.thresholds)}
@@ -111,6 +250,10 @@ def main() -> None:
             "dataset": {"images": demo.count, "classes": len(demo.classes), "source_bytes": demo.total_bytes,
                         "stored_bytes": conv.bytes_out, "per_class": args.per_class, "seed": args.seed},
             "workers": args.workers,
+            "loadavg_before": load_before,
+            "scoring_cost": cost,
+            "convert_cost": conv_cost,
+            "dask_write_index": dask,
             "write_index_s": round(index_s, 2),
             "write_index_ms_per_image": round(1000 * index_s / store.num_images, 1),
             "quality_table_s": round(table.seconds, 2),

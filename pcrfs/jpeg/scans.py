@@ -50,11 +50,32 @@ def scan_ends(data: bytes) -> list[int]:
 
     Raises ScanError for anything that is not a complete JPEG ending in EOI.
     """
+    return [end for _sos, end in _scans(data)]
+
+
+def scan_components(data: bytes) -> list[tuple[int, ...]]:
+    """The component identifiers each scan codes, in file order (one tuple per scan).
+
+    From each SOS header (B.2.3: marker, Ls, Ns, then Ns pairs of Cs and Td/Ta); the
+    identifiers are those of the frame header's components (SOF, B.2.2).
+    Raises ScanError as :func:`scan_ends` does.
+    """
+    out = []
+    for sos, end in _scans(data):
+        ns = data[sos + 4] if sos + 4 < end else 0
+        if ns == 0 or sos + 5 + 2 * ns > end:
+            raise ScanError(f"SOS header at offset {sos} is too short for its components")
+        out.append(tuple(data[sos + 5 + 2 * j] for j in range(ns)))
+    return out
+
+
+def _scans(data: bytes) -> list[tuple[int, int]]:
+    """(offset of the SOS marker, end of the entropy-coded data) of every scan."""
     n = len(data)
     if data[:2] != SOI_BYTES:
         raise ScanError("not a JPEG: missing SOI marker")
     pos = 2
-    ends: list[int] = []
+    ends: list[tuple[int, int]] = []
     while True:
         if pos + 1 >= n:
             raise ScanError("truncated: no EOI marker")
@@ -78,8 +99,9 @@ def scan_ends(data: bytes) -> list[int]:
         if length < 2 or seg_end > n:
             raise ScanError(f"bad segment length {length} for marker 0x{marker:02X} at offset {pos}")
         if marker == SOS:
-            pos = _entropy_end(data, seg_end)
-            ends.append(pos)
+            end = _entropy_end(data, seg_end)
+            ends.append((pos, end))
+            pos = end
             if len(ends) > MAX_SCANS:
                 raise ScanError(f"more than {MAX_SCANS} scans")
         else:

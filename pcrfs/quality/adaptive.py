@@ -86,11 +86,11 @@ def compute(store: Store, thresholds: Sequence[float] = THRESHOLDS, *, workers: 
             ) -> tuple[np.ndarray, list]:
     """Score every image of ``store``; returns (u1[n, T] ks, failures).
 
-    Each image is decoded only up to the first k that reaches the highest
-    threshold. Images that cannot be scored get k = 0 (served whole) and are
-    returned as :class:`~.measure.MeasureFailed`.
+    Uses :func:`.search.search_ks`: the same ks as :func:`compute_exhaustive`, for a
+    fraction of the work. Images that cannot be scored get k = 0 (served whole) and
+    are returned as :class:`~.measure.MeasureFailed`.
     """
-    from .measure import MeasureFailed, measure_many
+    from .measure import MeasureFailed, search_many
 
     thresholds = list(thresholds)
     n = store.num_images
@@ -98,7 +98,24 @@ def compute(store: Store, thresholds: Sequence[float] = THRESHOLDS, *, workers: 
     failures = []
     if on_start:
         on_start(n)
-    for result in measure_many(store, range(n), stop_at=max(thresholds), workers=workers, on_done=on_done):
+    for result in search_many(store, range(n), thresholds, workers=workers, on_done=on_done):
+        if isinstance(result, MeasureFailed):
+            failures.append(result)
+        else:
+            ks[result[0]] = result[1]
+    return ks, failures
+
+
+def compute_exhaustive(store: Store, thresholds: Sequence[float] = THRESHOLDS, *, workers: int = 1
+                       ) -> tuple[np.ndarray, list]:
+    """The reference for :func:`compute`: every k scored with msssim.Reference in turn
+    until the highest threshold is reached (the tests' oracle)."""
+    from .measure import MeasureFailed, measure_many
+
+    thresholds = list(thresholds)
+    ks = np.zeros((store.num_images, len(thresholds)), dtype=DTYPE)
+    failures = []
+    for result in measure_many(store, range(store.num_images), stop_at=max(thresholds), workers=workers):
         if isinstance(result, MeasureFailed):
             failures.append(result)
         else:

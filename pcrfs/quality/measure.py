@@ -36,11 +36,16 @@ PERCENTILE = 5  # the "bad tail" statistic: 5th percentile over images (numpy's 
 def decode_luma(data: bytes) -> np.ndarray:
     """The luminance (Y) plane of a JPEG as uint8 [H, W]; libjpeg skips the chroma for colour images."""
     with Image.open(io.BytesIO(data)) as im:
-        if im.mode in ("RGB", "YCbCr"):
-            im.draft("L", None)  # libjpeg out_color_space = JCS_GRAYSCALE: Y only, no upsampling
-        if im.mode != "L":  # CMYK and other rare colour spaces: Pillow's conversion
-            return np.asarray(im.convert("L"))
-        return np.asarray(im)
+        return luma_of(im)
+
+
+def luma_of(im: Image.Image) -> np.ndarray:
+    """:func:`decode_luma` of an opened, not yet decoded JPEG."""
+    if im.mode in ("RGB", "YCbCr"):
+        im.draft("L", None)  # libjpeg out_color_space = JCS_GRAYSCALE: Y only, no upsampling
+    if im.mode != "L":  # CMYK and other rare colour spaces: Pillow's conversion
+        return np.asarray(im.convert("L"))
+    return np.asarray(im)
 
 
 def time_rgb_decode(data: bytes) -> float:
@@ -163,6 +168,48 @@ def measure_many(store: Store, images: Iterable[int], *, timing: bool = False, s
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(str(store.root),)) as pool:
         for result in pool.map(_measure_in_worker, jobs, chunksize=2):
+            yield result
+            if on_done:
+                on_done(1)
+
+
+def _search_or_fail(store: Store, i: int, thresholds: tuple[float, ...]) -> tuple[int, np.ndarray] | MeasureFailed:
+    from .search import file_reader, search_ks
+
+    try:
+        return i, search_ks(file_reader(store, i), store.n_groups(i), thresholds)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return MeasureFailed(i, str(e) or type(e).__name__)
+
+
+def _search_in_worker(job: tuple[int, tuple[float, ...]]) -> tuple[int, np.ndarray] | MeasureFailed:
+    from .search import single_threaded_blas
+
+    with single_threaded_blas():
+        return _search_or_fail(_worker_store, *job)
+
+
+def search_many(store: Store, images: Iterable[int], thresholds: Sequence[float], *, workers: int = 1,
+                on_done: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray] | MeasureFailed]:
+    """(image, u1[T] smallest k per threshold) for each of ``images``, in order, by
+    :func:`.search.search_ks`; a :class:`MeasureFailed` for an image that cannot be scored."""
+    from .search import single_threaded_blas
+
+    thresholds = tuple(float(t) for t in thresholds)
+    images = [int(i) for i in images]
+    local = isinstance(store.root, Path)
+    if workers <= 1 or len(images) < 2 or not local:
+        with single_threaded_blas():
+            for i in images:
+                yield _search_or_fail(store, i, thresholds)
+                if on_done:
+                    on_done(1)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(str(store.root),)) as pool:
+        for result in pool.map(_search_in_worker, [(i, thresholds) for i in images], chunksize=4):
             yield result
             if on_done:
                 on_done(1)

@@ -97,6 +97,16 @@ def scales_for(shape: tuple[int, int], max_scales: int = len(WEIGHTS), window: i
     return m
 
 
+def parameters(shape: tuple[int, int], max_scales: int = len(WEIGHTS)) -> tuple[np.ndarray, int, np.ndarray]:
+    """(window taps, number of scales, scale weights) for an image of ``shape``."""
+    window = min(WINDOW, min(shape) if min(shape) % 2 else min(shape) - 1)
+    taps = gaussian_taps(max(window, 1))
+    scales = scales_for(shape, max_scales, len(taps))
+    w = np.asarray(WEIGHTS[:scales])
+    # the paper's five weights as published (they sum to 1.0001); fewer scales: renormalised
+    return taps, scales, (w if scales == len(WEIGHTS) else w / w.sum())
+
+
 def _as_luma(img: np.ndarray) -> np.ndarray:
     a = np.asarray(img)
     if a.ndim != 2:
@@ -117,12 +127,7 @@ class Reference:
     def __init__(self, ref: np.ndarray, max_scales: int = len(WEIGHTS)) -> None:
         ref = _as_luma(ref)
         self.shape = ref.shape
-        window = min(WINDOW, min(ref.shape) if min(ref.shape) % 2 else min(ref.shape) - 1)
-        self.taps = gaussian_taps(max(window, 1))
-        self.scales = scales_for(ref.shape, max_scales, len(self.taps))
-        w = np.asarray(WEIGHTS[:self.scales])
-        # the paper's five weights as published (they sum to 1.0001); fewer scales: renormalised
-        self.weights = w if self.scales == len(WEIGHTS) else w / w.sum()
+        self.taps, self.scales, self.weights = parameters(ref.shape, max_scales)
         self._ref = ref
         self.levels: list[_Level] = []
         img = ref

@@ -1,0 +1,408 @@
+"""The smallest k reaching each MS-SSIM threshold, as the exhaustive search finds it, for far less work.
+
+The exhaustive search (:func:`.measure.measure_image` with ``stop_at``, then
+:func:`.adaptive.smallest_k`) decodes k = 1, 2, ... and scores each decode with
+:class:`.msssim.Reference` until the highest threshold is reached. It is kept as
+the oracle; :func:`search_ks` returns exactly its answer, with three savings:
+
+* **Scans that cannot change the luminance are not decoded.** A scan whose SOS
+  header lists only chroma components (3, 4, 8 and 9 of libjpeg's colour script)
+  leaves the Y plane exactly as it was, so k scores what k-1 scored, and k-1
+  reached none of the thresholds still open. This holds only where libjpeg's
+  greyscale output *is* the first component, i.e. the JPEG is YCbCr (the rule of
+  libjpeg's ``default_decompress_parms``); anything else is decoded at every k.
+* **Faster filtering, nearly the same numbers.** The Gaussian window is applied as
+  a banded matrix product (BLAS, float32) on small row/column blocks, to the three
+  products of a decode stacked in one array, instead of ``scipy.ndimage.correlate1d``
+  (float64) per product; a decode enters as its difference from the reference, so
+  the float32 sums stay small (:class:`FastReference`). Scores agree with the
+  oracle's to better than 1e-7 (tests/test_quality_search.py checks every k of a
+  sample of the test images).
+* **Coarse scales first, stop at the bound.** Every MS-SSIM term is at most 1
+  (Cauchy-Schwarz), so once the coarser scales are scored the product of their
+  terms bounds the final score from above; a decode whose bound is already below
+  every open threshold is rejected without its finest, most expensive scale.
+
+Decisions use a margin :data:`MARGIN` far above the filtering's rounding error:
+a score (or bound) within it of a threshold is decided by the oracle's own
+:class:`.msssim.Reference` instead, so no k can differ from the exhaustive one
+through rounding.
+"""
+from __future__ import annotations
+
+import io
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..jpeg.scans import scan_components
+from . import msssim
+
+MARGIN = 1e-5   # |fast - oracle score| < 1e-7 measured (float32 sums of small numbers; see FastReference)
+BLOCK = 16      # rows/columns per banded product: small blocks waste few multiplications on zeros
+CENTRE = np.float32(128)  # mid-grey, subtracted before squaring pixel values in float32
+YCBCR_IDS = (1, 2, 3)  # component ids libjpeg takes for YCbCr when no JFIF/Adobe marker says
+
+
+@dataclass
+class SearchStats:
+    """What :func:`search_ks` did (summed over images): for the benchmark and the tests."""
+    images: int = 0
+    decodes: int = 0         # partial decodes (the full decode of each image not counted)
+    skipped: int = 0         # ks not decoded: their scan carries chroma only
+    scored: int = 0          # decodes scored to the finest scale
+    rejected_early: int = 0  # decodes rejected on the coarse scales' bound
+    bounded: int = 0         # decodes decided on the bounds of the finest scale's term
+    oracle: int = 0          # decisions too close to a threshold, left to the oracle
+
+    def add(self, other: "SearchStats") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+# ---- the filter ------------------------------------------------------------------------------
+
+class _Scratch(threading.local):
+    """Work arrays reused from one decode to the next, one set per thread.
+
+    Arrays this size (~1 MB) come straight from mmap and are zero-filled page by page
+    on first touch; allocating them afresh for every product cost more than the
+    products themselves. Each name keeps one buffer, grown to the largest image seen.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+        self.generation = 0  # FastReferences made in this thread
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        buf = self.buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self.buffers[name] = np.empty(size, dtype=np.float32)
+        return buf[:size].reshape(shape)
+
+
+_scratch = _Scratch()
+
+
+@lru_cache(maxsize=16)
+def _bands(taps: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """G, BLOCK x (BLOCK + n - 1), row i holding the taps at columns i..i+n-1 (a valid
+    correlation), and its transpose, contiguous (BLAS reads that faster than a view)."""
+    n = len(taps)
+    g = np.zeros((BLOCK, BLOCK + n - 1), dtype=np.float32)
+    for i in range(BLOCK):
+        g[i, i:i + n] = taps
+    gt = np.ascontiguousarray(g.T)
+    g.setflags(write=False)
+    gt.setflags(write=False)
+    return g, gt
+
+
+def filter_stack(a: np.ndarray, taps: np.ndarray, name: str = "f") -> np.ndarray:
+    """The separable window over the valid region of each image in ``a`` (float32 (H, c, W))
+    -> (H-n+1, c, W-n+1). The result is a scratch array, valid until the next call with ``name``.
+
+    Vertical pass: the c images side by side are one (H, c*W) matrix, so one product per
+    row block covers all of them. Horizontal pass: the same memory seen as (m*c, W) rows.
+    """
+    n = len(taps)
+    g, gt = _bands(tuple(float(t) for t in taps))
+    h, c, w = a.shape
+    m, m2 = h - n + 1, w - n + 1
+    rows = a.reshape(h, c * w)
+    vert = _scratch.get(name + ".v", (m, c * w))
+    for i in range(0, m, BLOCK):
+        b = min(BLOCK, m - i)
+        np.matmul(g[:b, :b + n - 1], rows[i:i + b + n - 1], out=vert[i:i + b])
+    flat = vert.reshape(m * c, w)
+    out = _scratch.get(name + ".h", (m * c, m2))
+    for j in range(0, m2, BLOCK):
+        b = min(BLOCK, m2 - j)
+        np.matmul(flat[:, j:j + b + n - 1], gt[:b + n - 1, :b], out=out[:, j:j + b])
+    return out.reshape(m, c, m2)
+
+
+def _downsample(img: np.ndarray, name: str) -> np.ndarray:
+    """msssim.downsample into a scratch array: 2x2 mean, an odd last row/column repeated
+    (so an edge pixel pair averages with itself: half the pair's sum)."""
+    h, w = img.shape
+    he, we = h - h % 2, w - w % 2
+    out = _scratch.get(name, ((h + 1) // 2, (w + 1) // 2))
+    rows = _scratch.get(name + ".rows", (he // 2, w))
+    np.add(img[0:he:2], img[1:he:2], out=rows)       # row pairs first: contiguous inner loops
+    body = out[:he // 2, :we // 2]
+    np.add(rows[:, 0:we:2], rows[:, 1:we:2], out=body)
+    body *= np.float32(0.25)
+    if w % 2:
+        np.multiply(rows[:, -1], np.float32(0.5), out=out[:he // 2, -1])
+    if h % 2:
+        np.add(img[-1, 0:we:2], img[-1, 1:we:2], out=out[-1, :we // 2])
+        out[-1, :we // 2] *= np.float32(0.5)
+        if w % 2:
+            out[-1, -1] = img[-1, -1]
+    return out
+
+
+# ---- one reference, many decodes -------------------------------------------------------------
+
+class FastReference:
+    """The full decode of one image, its pyramid and window statistics, for deciding thresholds.
+
+    A decode x is compared through its difference d = x - ref, in float32: the oracle's
+    terms rewritten with x = r + d (exact algebra) need the window sums of d, d*d and
+    r*d, all small where x is close to r, and the reference's own sums are taken on
+    r - 128; float32 then keeps every score within 1e-7 of the oracle's float64 one
+    (measured on the test images; :data:`MARGIN` is a hundred times that).
+    """
+
+    def __init__(self, ref: np.ndarray) -> None:
+        ref = np.asarray(ref)
+        if ref.ndim != 2:
+            raise ValueError(f"MS-SSIM works on 2-D luminance arrays, got shape {ref.shape}")
+        self.shape = ref.shape
+        self.taps, self.scales, self.weights = msssim.parameters(ref.shape)
+        self._y = ref
+        self._oracle: msssim.Reference | None = None
+        # the statistics live in this thread's scratch arrays: one FastReference at a time
+        _scratch.generation += 1
+        self._generation = _scratch.generation
+        self.imgs, self.mu, self.var2 = [], [], []
+        img = _scratch.get("r0", ref.shape)
+        img[...] = ref
+        for j in range(self.scales):
+            if j:
+                img = _downsample(img, f"r{j}")
+            h, w = img.shape
+            # centred on mid-grey: the window sums of squares stay small enough for float32
+            a = _scratch.get("ref", (h, 2, w))
+            np.subtract(img, CENTRE, out=a[:, 0])
+            np.multiply(a[:, 0], a[:, 0], out=a[:, 1])
+            f = filter_stack(a, self.taps)
+            m = f.shape[0], f.shape[2]
+            mu = np.add(f[:, 0], CENTRE, out=_scratch.get(f"mu{j}", m))
+            var = _scratch.get("var", m)
+            np.multiply(f[:, 0], f[:, 0], out=var)
+            np.subtract(f[:, 1], var, out=var)
+            var2 = np.multiply(var, np.float32(2), out=_scratch.get(f"var2{j}", m))
+            var2 += np.float32(msssim.C2)  # 2 var_r + C2, as each term uses it
+            self.imgs.append(img)
+            self.mu.append(mu)
+            self.var2.append(var2)
+            if j == 0 and self.scales > 1:
+                self._weights1 = self._finest_bound_weights(var)
+
+    def _check_current(self) -> None:
+        if _scratch.generation != self._generation:
+            raise RuntimeError("another FastReference was made in this thread since; it holds the arrays")
+
+    def _finest_bound_weights(self, var: np.ndarray) -> np.ndarray:
+        """h (flat) such that 1 - sum(d*d * h) bounds the finest scale's term from below.
+
+        Per window p, cs_p = 1 - var_d / (var_x + var_r + C2) with var_d <= f(d*d)_p (the
+        window's second moment of d) and var_x >= 0, so cs_p >= 1 - f(d*d)_p / D_p with
+        D_p = var_r + C2. The mean over windows of f(d*d)/D is linear in d*d: it is
+        sum_q (d*d)_q h_q with h = f^T(1/D) / windows, the window's adjoint (a full
+        correlation, the taps being symmetric) applied once per reference. (Returned
+        without the division by the number of windows, done on the sum.)
+        """
+        n = len(self.taps)
+        m, m2 = var.shape
+        pad = n - 1
+        inv = _scratch.get("inv", (m + 2 * pad, 1, m2 + 2 * pad))
+        if pad:  # the zero border of the full correlation (the inside is written below)
+            inv[:pad] = 0
+            inv[-pad:] = 0
+            inv[:, :, :pad] = 0
+            inv[:, :, -pad:] = 0
+        inner = inv[pad:pad + m, 0, pad:pad + m2]
+        # var is float32 here, off by far less than 1: D is taken 1 lower, a safe lower bound
+        np.maximum(var, np.float32(1), out=inner)
+        inner += np.float32(msssim.C2 - 1)
+        np.reciprocal(inner, out=inner)
+        self._windows = var.size  # h is f^T(1/D); the division by the window count is in the bound
+        return filter_stack(inv, self.taps, name="h")[:, 0].ravel()
+
+    def _finest_lower_bound(self, d: np.ndarray) -> float:
+        d2 = _scratch.get("d2", d.shape)
+        np.multiply(d, d, out=d2)
+        deficit = float(np.dot(d2.ravel(), self._weights1)) / self._windows
+        # float32 sums: allow 0.1% on the deficit, orders of magnitude above their rounding
+        return max(0.0, 1.0 - deficit * 1.001)
+
+    def _term(self, j: int, d: np.ndarray) -> float:
+        """Scale j's term of MS-SSIM(r + d, r): msssim.Reference.terms with x = r + d."""
+        r, mu_r = self.imgs[j], self.mu[j]
+        h, w = d.shape
+        a = _scratch.get("a", (h, 3, w))
+        a[:, 0] = d
+        np.multiply(d, d, out=a[:, 1])
+        np.multiply(d, r, out=a[:, 2])
+        f = filter_stack(a, self.taps)
+        mu_d = f[:, 0]
+        cov2 = _scratch.get("t1", mu_d.shape)
+        np.multiply(mu_r, mu_d, out=cov2)
+        np.subtract(f[:, 2], cov2, out=cov2)     # cov(r, d)
+        cov2 *= 2
+        cov2 += self.var2[j]                     # 2 cov(x, r) + C2 = 2 var_r + 2 cov(r, d) + C2
+        den = _scratch.get("t2", mu_d.shape)
+        np.multiply(mu_d, mu_d, out=den)
+        np.subtract(f[:, 1], den, out=den)       # var_d
+        den += cov2                              # var_x + var_r + C2
+        cs_map = np.divide(cov2, den, out=cov2)
+        if j == self.scales - 1:
+            mu_x = mu_r + mu_d
+            lum = (2 * mu_x * mu_r + msssim.C1) / (mu_x * mu_x + mu_r * mu_r + msssim.C1)
+            cs_map *= lum
+        return float(cs_map.mean(dtype=np.float64))
+
+    def oracle_score(self, y: np.ndarray) -> float:
+        if self._oracle is None:
+            self._oracle = msssim.Reference(self._y)
+        return self._oracle.ms_ssim(y)
+
+    def _pyramid(self, y: np.ndarray) -> list[np.ndarray]:
+        self._check_current()
+        x = np.asarray(y)
+        if x.shape != self.shape:
+            raise ValueError(f"image is {x.shape}, reference is {self.shape}")
+        d = _scratch.get("d0", self.shape)
+        d[...] = x                                  # uint8 -> float32, then an all-float32 subtract
+        d -= self.imgs[0]
+        out = [d]
+        for j in range(1, self.scales):
+            out.append(_downsample(out[-1], f"d{j}"))
+        return out
+
+    def score_terms(self, y: np.ndarray) -> np.ndarray:
+        """Every scale's term (for the tests: compare with msssim.Reference.terms)."""
+        pyramid = self._pyramid(y)
+        return np.array([self._term(j, pyramid[j]) for j in range(self.scales)])
+
+    def reached(self, y: np.ndarray, thresholds: Sequence[float], stats: SearchStats) -> list[bool]:
+        """For each threshold, whether the MS-SSIM of ``y`` reaches it (score >= threshold)."""
+        pyramid = self._pyramid(y)
+        terms = np.ones(self.scales)  # unscored scales count as their maximum, 1
+        lowest = min(thresholds)
+        upper = 1.0
+        for j in reversed(range(1, self.scales)):
+            terms[j] = self._term(j, pyramid[j])
+            upper = float(np.prod(np.maximum(terms, 0.0) ** self.weights))
+            if upper < lowest - MARGIN:
+                stats.rejected_early += 1
+                return [False] * len(thresholds)
+        if self.scales > 1:
+            # the finest scale costs 3/4 of the work: first try deciding on its bounds
+            terms[0] = self._finest_lower_bound(pyramid[0])
+            lower = float(np.prod(np.maximum(terms, 0.0) ** self.weights))
+            decided = [True if lower >= t + MARGIN else False if upper < t - MARGIN else None
+                       for t in thresholds]
+            if None not in decided:
+                stats.bounded += 1
+                return decided
+        terms[0] = self._term(0, pyramid[0])
+        stats.scored += 1
+        score = float(np.prod(np.maximum(terms, 0.0) ** self.weights))
+        if any(abs(score - t) <= MARGIN for t in thresholds):
+            stats.oracle += 1
+            score = self.oracle_score(y)
+        return [score >= t for t in thresholds]
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+def _luma_is_first_component(im: Image.Image) -> bool:
+    """Whether libjpeg's greyscale output of this JPEG is its first component alone.
+
+    libjpeg (jdapimin.c, default_decompress_parms) takes a 3-component JPEG as YCbCr
+    when it has a JFIF marker, when an Adobe marker says transform 1, or, with neither,
+    unless the component ids spell 'R','G','B'; greyscale output of YCbCr is Y alone.
+    Conservatively, only the cases that are surely YCbCr answer True.
+    """
+    layers = getattr(im, "layer", None) or []
+    if len(layers) == 1:
+        return True
+    if len(layers) != 3 or im.mode not in ("RGB", "YCbCr"):
+        return False
+    if "jfif" in im.info:
+        return True
+    if "adobe" in im.info:
+        return im.info.get("adobe_transform") == 1
+    return tuple(c[0] for c in layers) == YCBCR_IDS
+
+
+def luma_scans(data: bytes) -> list[bool] | None:
+    """Per scan of ``data`` (one scan group each), whether it can change the luminance;
+    None when that cannot be told (then every k is decoded)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return _luma_scans_of(im, data)
+
+
+def _luma_scans_of(im: Image.Image, data: bytes) -> list[bool] | None:
+    if not _luma_is_first_component(im):
+        return None
+    luma = im.layer[0][0]
+    return [luma in comps for comps in scan_components(data)]
+
+
+def search_ks(file_at: Callable[[int], bytes], n_groups: int, thresholds: Sequence[float],
+              stats: SearchStats | None = None) -> np.ndarray:
+    """u1[T]: per threshold, the smallest k whose MS-SSIM reaches it (``n_groups`` if none below it does).
+
+    ``file_at(k)`` is the image's file with its first k scan groups. Equal to
+    ``adaptive.smallest_k(measure_image(..., stop_at=max(thresholds)).ms_ssim, n, thresholds)``.
+    Raises what decoding raises (OSError, ValueError, ...) for a damaged image.
+    """
+    from .measure import decode_luma, luma_of
+
+    local = SearchStats(images=1)
+    ks = np.full(len(thresholds), n_groups, dtype=np.uint8)
+    if n_groups > 1:
+        full = file_at(n_groups)
+        with Image.open(io.BytesIO(full)) as im:  # one parse for both
+            changes = _luma_scans_of(im, full)
+            y_full = luma_of(im)
+        if changes is not None and len(changes) != n_groups:
+            changes = None
+        ref = FastReference(y_full)
+        open_t = list(range(len(thresholds)))
+        for k in range(1, n_groups):
+            if not open_t:
+                break
+            if k > 1 and changes is not None and not changes[k - 1]:
+                local.skipped += 1  # same luminance as k-1, which reached none of the open thresholds
+                continue
+            local.decodes += 1
+            hits = ref.reached(decode_luma(file_at(k)), [thresholds[t] for t in open_t], local)
+            for t, hit in zip(list(open_t), hits):
+                if hit:
+                    ks[t] = k
+                    open_t.remove(t)
+    if stats is not None:
+        stats.add(local)
+    return ks
+
+
+def file_reader(store, i: int) -> Callable[[int], bytes]:
+    """``file_at`` for :func:`search_ks` over image ``i`` of an open store."""
+    return lambda k: store.read(i, k)
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """BLAS on one thread while scoring: the products are small, and OpenBLAS's threads
+    would spin on the cores that other images (processes, Dask workers) are using.
+    Enter it around a loop, not per image, and not from several threads at once."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; without it BLAS just keeps its threads
+        ctx = nullcontext()
+    else:
+        ctx = threadpool_limits(1, user_api="blas")
+    with ctx:
+        yield
