@@ -392,7 +392,7 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
     try:
         return _convert(src, store, target, opts=opts, workers=workers, record_bytes=record_bytes,
                         overwrite=overwrite, listing=listing, on_start=on_start, on_progress=on_progress,
-                        remote=remote, client=client)
+                        remote=remote, client=client, quality_index=quality_index)
     finally:
         if lock is not None:
             os.close(lock)
@@ -401,7 +401,7 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
 def _convert(src: Path, store: Path | str, target: RemoteTarget | None, *, opts: TranscodeOptions,
              workers: int | None, record_bytes: int, overwrite: bool, listing: Listing | None,
              on_start: Callable[[int, int], None] | None, on_progress: ProgressFn | None,
-             remote: RemoteOptions, client: "distributed.Client | None") -> ConvertResult:
+             remote: RemoteOptions, client: "distributed.Client | None", quality_index: bool) -> ConvertResult:
     """:func:`convert`, with the checks done and the store's lock held."""
     if client is not None:
         # workers open these paths themselves, from their own working directories

@@ -349,7 +349,7 @@ def test_a_process_forked_after_obstore_ran_reads_with_s3fs(url, remote, reader)
 
 def _read_in_child(url: str, remote: RemoteOptions) -> tuple[str, bytes, bytes]:
     with open_store(url, options=opts(remote)) as s:
-        return s.io_stats()["source"].get("client", "s3fs"), s.read(5, 3), s.read(7, 10)
+        return s.io_stats()["source"]["client"], s.read(5, 3), s.read(7, 10)
 
 
 def test_pcrfs_stats_shows_the_prefix_counters():

@@ -161,15 +161,18 @@ def _npy_bytes(ks: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write(target: "Store | str | os.PathLike", ks: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict:
+def write(target: "Store | str | os.PathLike", ks: np.ndarray, thresholds: Sequence[float] = THRESHOLDS,
+          *, store_locked: bool = False) -> dict:
     """Install ``ks`` (u1[n, T]) as the adaptive index of ``target`` (an open Store, a
     store directory or a store URL); returns the manifest entry.
 
-    A local store is locked against concurrent writers for the duration; on an object
-    store the last writer wins (each PUT is atomic, so readers never see a mix).
+    A local store is locked against concurrent writers for the duration (``flock`` on
+    its directory, as ``convert`` does); a caller that holds that lock already says
+    ``store_locked`` (a second flock through another descriptor would wait for itself).
+    On an object store the last writer wins (each PUT is atomic, so readers never see a mix).
     """
     location = target.location if isinstance(target, Store) else open_location(target)
-    if isinstance(location, LocalLocation):
+    if isinstance(location, LocalLocation) and not store_locked:
         fd = os.open(location.root, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -323,10 +323,12 @@ def build(store: "Store", thresholds: Sequence[float] = adaptive.THRESHOLDS, *, 
     return Built(ks, failures, resumed, parts)
 
 
-def build_and_write(store: "Store", thresholds: Sequence[float] = adaptive.THRESHOLDS, **kwargs) -> tuple[Built, dict]:
-    """:func:`build`, then install the index atomically, then drop the kept parts."""
+def build_and_write(store: "Store", thresholds: Sequence[float] = adaptive.THRESHOLDS, *,
+                    store_locked: bool = False, **kwargs) -> tuple[Built, dict]:
+    """:func:`build`, then install the index atomically, then drop the kept parts
+    (``store_locked``: the caller holds the store's lock, see :func:`.adaptive.write`)."""
     built = build(store, thresholds, **kwargs)
-    entry = adaptive.write(store, built.ks, thresholds)
+    entry = adaptive.write(store, built.ks, thresholds, store_locked=store_locked)
     built.parts.remove()
     return built, entry
 
@@ -398,12 +400,14 @@ class ConvertScoring:
 
     def finish(self, store_location: str, *, workers: int = 1, client=None, remote=None) -> tuple[Built, dict]:
         """After the manifest: the index from the kept parts (scoring any a run without
-        --quality-index left out), written atomically; then the parts go."""
+        --quality-index left out), written atomically; then the parts go. The caller,
+        ``convert``, holds the store's lock."""
         from ..store.reader import ReadOptions, open_store
 
         options = ReadOptions(remote=remote) if remote is not None else ReadOptions()
         with open_store(store_location, options=options) as store:
-            return build_and_write(store, self.thresholds, workers=workers, client=client, remote=remote)
+            return build_and_write(store, self.thresholds, workers=workers, client=client, remote=remote,
+                                   store_locked=True)
 
 
 def score_batch_entries(entries: Sequence, thresholds: Sequence[float]) -> dict:

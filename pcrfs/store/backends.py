@@ -274,14 +274,15 @@ class LocalRecords(RecordSource):
 RecordFiles = LocalRecords  # the name this class had before remote stores
 
 
-class FsspecRecords(RecordSource):
-    """Ranged GETs against an fsspec filesystem (s3fs for ``s3://``), concurrently, with retries."""
+class _RemoteRecords(RecordSource):
+    """What every object-store source shares: many GETs at once, retries, whole-record reads.
+    A subclass issues one GET (``_get``) and says how a span becomes one (``_fetch``)."""
 
-    def __init__(self, fs: Any, base: str, url: str, options: RemoteOptions = RemoteOptions(),
-                 bwlimit: TokenBucket | None = None, retry: RetryPolicy | None = None) -> None:
+    client = "s3fs"  # for the mount's stats
+
+    def __init__(self, url: str, options: RemoteOptions, bwlimit: TokenBucket | None,
+                 retry: RetryPolicy | None) -> None:
         super().__init__(bwlimit)
-        self.fs = fs
-        self.base = base.rstrip("/")
         self.url = url.rstrip("/")
         self.options = options
         self.retry = retry or RetryPolicy(attempts=options.attempts)
@@ -289,6 +290,41 @@ class FsspecRecords(RecordSource):
 
     def describe(self, record: int) -> str:
         return f"{self.url}/{fmt.record_name(record)}"
+
+    @abstractmethod
+    def _get(self, record: int, what: str) -> bytes:
+        """The whole object of record ``record`` (``what`` names the request in errors)."""
+
+    def read_spans(self, spans: Sequence[Span]) -> list[bytes]:
+        if len(spans) <= 1:
+            return [self._read_one(s) for s in spans]
+        return list(self._pool.map(self._read_one, spans))
+
+    def read_record(self, record: int) -> bytes:
+        """A whole record object (for verification) in one GET."""
+        data = self._get(record, f"GET {self.describe(record)}")
+        self._account(len(data))
+        return data
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out["retries"] = self.retry.retried
+        out["client"] = self.client
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class FsspecRecords(_RemoteRecords):
+    """Ranged GETs against an fsspec filesystem (s3fs for ``s3://``), concurrently, with retries."""
+
+    def __init__(self, fs: Any, base: str, url: str, options: RemoteOptions = RemoteOptions(),
+                 bwlimit: TokenBucket | None = None, retry: RetryPolicy | None = None) -> None:
+        super().__init__(url, options, bwlimit, retry)
+        self.fs = fs
+        self.base = base.rstrip("/")
+        self.client = type(fs).__module__.split(".")[0]  # s3fs, gcsfs, fsspec ...
 
     def _get(self, record: int, what: str, **range_kwargs: int) -> bytes:
         path = f"{self.base}/{fmt.record_name(record)}"
@@ -305,24 +341,6 @@ class FsspecRecords(RecordSource):
         return self._get(span.record, f"GET {self.describe(span.record)} [{span.offset}, {span.end})",
                          start=span.offset, end=span.end)
 
-    def read_spans(self, spans: Sequence[Span]) -> list[bytes]:
-        if len(spans) <= 1:
-            return [self._read_one(s) for s in spans]
-        return list(self._pool.map(self._read_one, spans))
-
-    def read_record(self, record: int) -> bytes:
-        """A whole record object (for verification) in one GET."""
-        data = self._get(record, f"GET {self.describe(record)}")
-        self._account(len(data))
-        return data
-
-    def stats(self) -> dict[str, Any]:
-        out = super().stats()
-        out["retries"] = self.retry.retried
-        return out
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _BotocoreCredentials:
@@ -344,19 +362,18 @@ class _BotocoreCredentials:
                 "expires_at": datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=15)}
 
 
-class ObstoreRecords(RecordSource):
+class ObstoreRecords(_RemoteRecords):
     """Ranged GETs to S3 with obstore, concurrently, with pcrfs's retries (obstore's own are off)."""
+
+    client = "obstore"
 
     def __init__(self, bucket: str, prefix: str, url: str, options: RemoteOptions = RemoteOptions(),
                  bwlimit: TokenBucket | None = None, retry: RetryPolicy | None = None) -> None:
         import botocore.session
         from obstore.store import S3Store
 
-        super().__init__(bwlimit)
-        self.url = url.rstrip("/")
+        super().__init__(url, options, bwlimit, retry)
         self.prefix = prefix.strip("/")
-        self.options = options
-        self.retry = retry or RetryPolicy(attempts=options.attempts)
         session = botocore.session.Session()
         endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         config: dict[str, Any] = {"region": session.get_config_variable("region") or "us-east-1"}
@@ -367,10 +384,6 @@ class ObstoreRecords(RecordSource):
                   "pool_max_idle_per_host": str(max(10, options.concurrency))}
         self._store = S3Store(bucket, config=config, client_options=client, retry_config={"max_retries": 0},
                               credential_provider=_BotocoreCredentials(session))
-        self._pool = ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="pcrfs-get")
-
-    def describe(self, record: int) -> str:
-        return f"{self.url}/{fmt.record_name(record)}"
 
     def _key(self, record: int) -> str:
         return f"{self.prefix}/{fmt.record_name(record)}" if self.prefix else fmt.record_name(record)
@@ -400,26 +413,6 @@ class ObstoreRecords(RecordSource):
     def _fetch(self, span: Span) -> bytes:
         return self._get(span.record, f"GET {self.describe(span.record)} [{span.offset}, {span.end})",
                          span.offset, span.length)
-
-    def read_spans(self, spans: Sequence[Span]) -> list[bytes]:
-        if len(spans) <= 1:
-            return [self._read_one(s) for s in spans]
-        return list(self._pool.map(self._read_one, spans))
-
-    def read_record(self, record: int) -> bytes:
-        """A whole record object (for verification) in one GET."""
-        data = self._get(record, f"GET {self.describe(record)}")
-        self._account(len(data))
-        return data
-
-    def stats(self) -> dict[str, Any]:
-        out = super().stats()
-        out["retries"] = self.retry.retried
-        out["client"] = "obstore"
-        return out
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # obstore runs its requests on a tokio runtime whose threads do not survive fork(): a
