@@ -167,7 +167,10 @@ print(info.pid)
                 assert got == s.read(i, k)
     assert eio == 0
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    assert fds <= 200 // 4 + 20, fds
+    # LocalRecords keeps a quarter of the limit open, the compiled read path (if built) its
+    # own duplicates within half of it less a reserve: well inside the limit, never at it
+    from pcrfs.fuse.fastpath import FD_RESERVE, FD_SHARE
+    assert fds <= 200 // 4 + max(0, int(200 * FD_SHARE) - FD_RESERVE) + 20, fds
 
 
 def test_systemd_unit_raises_the_open_file_limit():
