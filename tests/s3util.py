@@ -54,6 +54,28 @@ def s3_environment(cache_dir: str | os.PathLike) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextmanager
+def store_on_moto(store: str | os.PathLike, bucket: str, name: str, tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """The local store ``store`` uploaded to ``s3://bucket/name`` on a private moto server
+    (skips when moto is missing); yields (``bucket/name``, the endpoint URL)."""
+    import pytest
+
+    why = s3_available()
+    if why:
+        pytest.skip(why)
+    with s3_environment(tmp_path_factory.mktemp("xdg-cache")):
+        server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+        try:
+            from pcrfs.remote.fs import RemoteOptions, filesystem
+
+            fs = filesystem(f"s3://{bucket}", RemoteOptions(endpoint_url=server.endpoint))
+            fs.mkdir(bucket)
+            fs.put(str(store), f"{bucket}/{name}", recursive=True)
+            yield f"{bucket}/{name}", server.endpoint
+        finally:
+            server.stop()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))

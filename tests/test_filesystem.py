@@ -30,7 +30,7 @@ from pcrfs.store import format as fmt
 from pcrfs.store.errors import CorruptData, StoreError
 
 from mountutil import Mounts, fuse_unavailable
-from s3util import MotoServer, s3_available, s3_environment
+from s3util import store_on_moto
 
 BUCKET = "pcrfs-fsspec"
 REPO = Path(__file__).resolve().parent.parent
@@ -257,20 +257,8 @@ def test_corrupt_group_names_the_file(demo_store, reader, tmp_path):
 
 @pytest.fixture(scope="module")
 def s3(demo_store, tmp_path_factory):
-    why = s3_available()
-    if why:
-        pytest.skip(why)
-    with s3_environment(tmp_path_factory.mktemp("xdg-cache")):
-        server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-        try:
-            from pcrfs.remote.fs import RemoteOptions, filesystem
-
-            s3fs = filesystem(f"s3://{BUCKET}", RemoteOptions(endpoint_url=server.endpoint))
-            s3fs.mkdir(BUCKET)
-            s3fs.put(str(demo_store), f"{BUCKET}/demo.pcr", recursive=True)
-            yield f"{BUCKET}/demo.pcr", server.endpoint
-        finally:
-            server.stop()
+    with store_on_moto(demo_store, BUCKET, "demo.pcr", tmp_path_factory) as where:
+        yield where
 
 
 def test_s3_store_gives_the_same_tree_and_bytes(fs, s3, views):

@@ -26,7 +26,7 @@ from pcrfs.store.errors import CorruptData, StoreError  # noqa: E402
 from pcrfs.torch import ImageFolder  # noqa: E402
 
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli  # noqa: E402
-from s3util import NO_CREDENTIALS_ENV, MotoServer, s3_available, s3_environment  # noqa: E402
+from s3util import NO_CREDENTIALS_ENV, store_on_moto  # noqa: E402
 
 BUCKET = "pcrfs-torch"
 
@@ -282,20 +282,8 @@ def test_import_without_torch_says_what_to_install():
 
 @pytest.fixture(scope="module")
 def s3(tree_store, tmp_path_factory):
-    why = s3_available()
-    if why:
-        pytest.skip(why)
-    with s3_environment(tmp_path_factory.mktemp("xdg-cache")):
-        server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-        try:
-            from pcrfs.remote.fs import RemoteOptions, filesystem
-
-            fs = filesystem(f"s3://{BUCKET}", RemoteOptions(endpoint_url=server.endpoint))
-            fs.mkdir(BUCKET)
-            fs.put(str(tree_store), f"{BUCKET}/tree.pcr", recursive=True)
-            yield f"s3://{BUCKET}/tree.pcr", {"endpoint_url": server.endpoint}
-        finally:
-            server.stop()
+    with store_on_moto(tree_store, BUCKET, "tree.pcr", tmp_path_factory) as (where, endpoint):
+        yield f"s3://{where}", {"endpoint_url": endpoint}
 
 
 def test_s3_store_gives_the_same_dataset(tree_store, s3):
