@@ -26,9 +26,9 @@ import os
 import signal
 import socket
 import uuid
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 from .convert import Batch, ProgressFn, SourceFile, _process
 from .fsutil import write_atomic
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import distributed
 
 INSTALL_HINT = "pip install 'pcrfs[dask]'"
+J = TypeVar("J")
 TASK_RETRIES = 2  # a task that raised is run again this often (a dead worker's tasks are rescheduled anyway)
 
 
@@ -142,42 +143,56 @@ def convert_batches(client: "distributed.Client", files: list[SourceFile], todo:
     """Run one task per batch of ``todo`` on ``client``'s cluster; describe each record as it
     arrives. Returns the source bytes converted. On any exception (Ctrl-C included) the
     outstanding tasks are cancelled and the store is left resumable."""
-    from distributed import as_completed
-
-    queue = iter(todo)
     run = uuid.uuid4().hex[:8]
     thresholds = tuple(scoring.thresholds) if scoring is not None else None
-    futures: dict = {}  # in flight: future -> its batch
-    running = as_completed()
 
-    def submit_more() -> None:
-        # a few tasks per worker thread in flight, not the whole dataset: the scheduler holds
-        # only a bounded number of file lists, and Ctrl-C has little to cancel. Re-read each
-        # time, so workers that join (or leave) the cluster mid-run are used.
-        limit = max(4, 2 * _threads(client))
-        while len(futures) < limit:
-            b = next(queue, None)
-            if b is None:
-                return
-            fut = client.submit(convert_batch, b.record, files[b.start:b.end], (b.start, b.end), opts, src_root,
-                                store, remote, thresholds, key=task_key(fingerprint, b.record, run), pure=False,
-                                retries=TASK_RETRIES)
-            futures[fut] = b
-            running.add(fut)
+    def submit(b: Batch):
+        return client.submit(convert_batch, b.record, files[b.start:b.end], (b.start, b.end), opts, src_root,
+                             store, remote, thresholds, key=task_key(fingerprint, b.record, run), pure=False,
+                             retries=TASK_RETRIES)
 
     bytes_in = 0
-    try:
-        submit_more()
-        for fut in running:
-            b = futures.pop(fut)
-            desc = fut.result()  # a task's exception (after its retries) ends the conversion
-            fut.release()
+    # closing(): an exception here (a failed write, Ctrl-C) also cancels what is in flight
+    with closing(run_bounded(client, todo, submit)) as done:
+        for b, desc in done:  # a task's exception (after its retries) ends the conversion
             if scoring is not None:
                 scoring.record_done(desc)  # keeps the ks, takes them out of the description
             writer.record_written(desc)
             bytes_in += b.nbytes
             if on_progress:
                 on_progress(b.count, b.nbytes)
+    return bytes_in
+
+
+def run_bounded(client: "distributed.Client", jobs: Iterable[J], submit: Callable[[J], Any]) -> Iterator[tuple[J, Any]]:
+    """(job, result) for every job, in completion order, with ``submit(job)`` (a Dask future)
+    called for only a few jobs per worker thread at a time: the scheduler holds a bounded
+    amount of work, and an interruption has little to cancel. The limit is re-read as
+    workers join or leave. On any exception (Ctrl-C included) the outstanding futures are
+    cancelled and it propagates."""
+    from distributed import as_completed
+
+    queue = iter(jobs)
+    futures: dict = {}  # in flight: future -> its job
+    running = as_completed()
+
+    def submit_more() -> None:
+        limit = max(4, 2 * _threads(client))
+        while len(futures) < limit:
+            job = next(queue, _DONE)
+            if job is _DONE:
+                return
+            fut = submit(job)
+            futures[fut] = job
+            running.add(fut)
+
+    try:
+        submit_more()
+        for fut in running:
+            job = futures.pop(fut)
+            result = fut.result()
+            fut.release()
+            yield job, result
             submit_more()
     except BaseException:
         try:
@@ -185,7 +200,9 @@ def convert_batches(client: "distributed.Client", files: list[SourceFile], todo:
         except Exception:  # noqa: BLE001 - a broken connection must not hide why we stopped
             pass
         raise
-    return bytes_in
+
+
+_DONE = object()
 
 
 def _ignore_sigint() -> None:

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import shutil
 import zlib
+from contextlib import closing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,38 +237,16 @@ def _run_local(location: str, remote, jobs: list[tuple], workers: int, store: "S
 
 
 def _run_dask(client: "distributed.Client", jobs: list[tuple], run: str) -> Iterator[PartResult]:
-    """Parts as Dask tasks, a few per worker thread in flight (as pcrfs.distributed does for records)."""
-    from distributed import as_completed
+    """Parts as Dask tasks, a few per worker thread in flight (as for convert's records)."""
+    from ..distributed import run_bounded
 
-    queue = iter(jobs)
-    futures: dict = {}
-    running = as_completed()
+    def submit(job: tuple):
+        return client.submit(score_part_task, *job, key=f"pcrfs-score-{run}-{job[3]:05d}-{job[4]:04d}",
+                             pure=False, retries=TASK_RETRIES)
 
-    def submit_more() -> None:
-        limit = max(4, 2 * sum(client.nthreads().values()))
-        while len(futures) < limit:
-            job = next(queue, None)
-            if job is None:
-                return
-            fut = client.submit(score_part_task, *job, key=f"pcrfs-score-{run}-{job[3]:05d}-{job[4]:04d}",
-                                pure=False, retries=TASK_RETRIES)
-            futures[fut] = job
-            running.add(fut)
-
-    try:
-        submit_more()
-        for fut in running:
-            futures.pop(fut)
-            result = fut.result()
-            fut.release()
+    with closing(run_bounded(client, jobs, submit)) as done:  # closed early: in-flight tasks cancelled
+        for _, result in done:
             yield result
-            submit_more()
-    except BaseException:
-        try:
-            client.cancel(list(futures))
-        except Exception:  # noqa: BLE001 - a broken connection must not hide why we stopped
-            pass
-        raise
 
 
 @dataclass
