@@ -1,5 +1,5 @@
 """pcrfs: Progressive Compressed Records served as a filesystem of fidelity views."""
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def open_store(location, **kwargs):

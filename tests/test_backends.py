@@ -9,9 +9,9 @@ import time
 import pytest
 
 import pcrfs
-from pcrfs.cache import ByteLRU
-from pcrfs.diskcache import DiskCache
-from pcrfs.readahead import Readahead
+from pcrfs.store.cache import ByteLRU
+from pcrfs.store.diskcache import DiskCache
+from pcrfs.store.readahead import Readahead
 from pcrfs.remote.bwlimit import TokenBucket, parse_rate
 from pcrfs.remote.retry import RetryPolicy, is_final
 from pcrfs.store.backends import LocalRecords, Span, coalesce

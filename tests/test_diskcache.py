@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from pcrfs.diskcache import DiskCache
+from pcrfs.store.diskcache import DiskCache
 
 
 def test_put_read_and_ranges(tmp_path):
@@ -55,7 +55,7 @@ def test_a_vanished_file_is_a_miss(tmp_path):
 def test_a_full_file_system_costs_old_entries_not_the_write(tmp_path, monkeypatch):
     import errno as errno_mod
 
-    from pcrfs import diskcache as dc_mod
+    from pcrfs.store import diskcache as dc_mod
 
     cache = dc_mod.DiskCache(tmp_path / "c", 1 << 20)
     assert cache.put("old1", b"a" * 1000) and cache.put("old2", b"b" * 1000)

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from pcrfs.fuse import daemon
-from pcrfs.fuse.commands import read_stats
+from pcrfs.cli.mount import read_stats
 from pcrfs.store import format as fmt
 
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli, wait_until

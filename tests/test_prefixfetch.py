@@ -171,7 +171,7 @@ def test_a_full_disk_cache_evicts_and_never_fails_reads(url, remote, reader, tmp
     with open_store(url, options=o) as s:
         def no_space(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
-        monkeypatch.setattr("pcrfs.diskcache.open", no_space, raising=False)
+        monkeypatch.setattr("pcrfs.store.diskcache.open", no_space, raising=False)
         for i in shuffled(s.num_images):
             assert s.read(i, 2) == reader.read(i, 2)
         assert len(s.fetcher.disk) == 0
@@ -353,7 +353,7 @@ def _read_in_child(url: str, remote: RemoteOptions) -> tuple[str, bytes, bytes]:
 
 
 def test_pcrfs_stats_shows_the_prefix_counters():
-    from pcrfs.fuse.commands import format_stats
+    from pcrfs.cli.mount import format_stats
 
     io = {"source": {"requests": 3, "bytes": 10, "retries": 0},
           "record_prefix": {"fetches": 2, "parts": 3, "failed_parts": 0, "bad_groups": 1, "declined": 4}}

@@ -228,7 +228,7 @@ def main() -> None:
         table = measure.quality_table(store, sample=None, timing=True, workers=args.workers, adaptive=views)
         comparison = compare(table)
 
-        from pcrfs.quality_cli import format_table
+        from pcrfs.cli.quality import format_table
 
         print(format_table(table))
         for c in comparison:

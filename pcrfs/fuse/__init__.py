@@ -3,8 +3,9 @@
 * :mod:`pcrfs.fuse.ops`      -- the mfusepy ``Operations`` (read-only, caching policy)
 * :mod:`pcrfs.fuse.fastpath` -- the optional compiled lookups and reads (``_fastpath.c``)
 * :mod:`pcrfs.fuse.daemon`   -- ``mount``/``umount``: daemon, readiness, stale mounts
-* :mod:`pcrfs.fuse.commands` -- the ``pcrfs mount|umount|stats|demo`` commands
 * :mod:`pcrfs.fuse.mount_helper` -- ``mount.pcrfs`` for ``mount -t pcrfs`` and fstab
+
+The ``pcrfs mount|umount|stats|demo`` commands are in :mod:`pcrfs.cli.mount`.
 
 mfusepy binds libfuse 2 unless told otherwise; :func:`load_mfusepy` makes it
 bind libfuse 3 when that is installed (readdirplus, ``init`` with a config,

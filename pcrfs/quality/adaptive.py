@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import yaml
 
-from .. import __version__
+from .._version import __version__
 from ..jpeg.scans import EOI_BYTES
 from ..store import format as fmt
 from ..store.errors import StoreError

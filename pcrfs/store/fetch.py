@@ -4,9 +4,9 @@
 at fidelity k needs, where they are) and a record source (bytes of spans). For
 every group it tries, in order:
 
-1. the memory cache (:class:`~pcrfs.cache.ByteLRU`, keyed (image, group));
+1. the memory cache (:class:`~pcrfs.store.cache.ByteLRU`, keyed (image, group));
 2. a request already in flight for it (another reader's, or readahead's);
-3. the disk cache (:class:`~pcrfs.diskcache.DiskCache`), one file per image
+3. the disk cache (:class:`~pcrfs.store.diskcache.DiskCache`), one file per image
    holding a prefix of its groups (groups 1..m, concatenated);
 4. the source: the missing groups become spans, adjacent spans are merged
    (:func:`~pcrfs.store.backends.coalesce`), and all of them are requested at
@@ -20,7 +20,7 @@ Every group's CRC-32 is checked before its bytes are returned or cached.
 With ``whole_image`` (remote stores) the first read of an image fetches all
 its groups 1..k together, not only those the read overlaps: the kernel reads
 a file in 128 KiB pieces, and k concurrent requests beat k sequential ones.
-A :class:`~pcrfs.readahead.Readahead` policy, if given, is told about every
+A :class:`~pcrfs.store.readahead.Readahead` policy, if given, is told about every
 read and answers with runs of following images; those are fetched in the
 background, one span per (record, group) -- "groups 1..k of the next images"
 costs k requests, whatever the number of images.
@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from ..cache import ByteLRU
-from ..diskcache import DiskCache
-from ..readahead import Readahead
+from .cache import ByteLRU
+from .diskcache import DiskCache
+from .readahead import Readahead
 from .backends import RecordSource, Span, coalesce
 from .errors import CorruptData
 from .prefixfetch import PrefixFetcher

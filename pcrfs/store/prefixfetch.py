@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..cache import ByteLRU
-from ..diskcache import DiskCache
+from .cache import ByteLRU
+from .diskcache import DiskCache
 from .backends import RecordSource
 from .prefix import PrefixPlan, RecordPrefixPolicy, split_parts
 

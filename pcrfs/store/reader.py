@@ -25,10 +25,10 @@ from typing import Any, Iterator, Union
 import numpy as np
 import yaml
 
-from ..cache import ByteLRU
-from ..diskcache import DiskCache
+from .cache import ByteLRU
+from .diskcache import DiskCache
 from ..jpeg.scans import EOI_BYTES
-from ..readahead import Readahead
+from .readahead import Readahead
 from ..remote.bwlimit import TokenBucket
 from ..remote.fs import RemoteOptions
 from . import format as fmt

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import yaml
 
-from .. import __version__
+from .._version import __version__
 from ..fsutil import fsync_dir, write_atomic
 from . import format as fmt
 from .index import Index, StringTable, directories_of

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .cli_options import endpoint_option
-from .units import SIZE, format_size
+from .._version import __version__
+from .options import endpoint_option
+from ..units import format_size
+from .options import SIZE
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -20,8 +21,8 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _open(store: str, endpoint_url: str | None = None):
-    from .remote.fs import RemoteOptions
-    from .store.reader import ReadOptions, StoreError, open_store
+    from ..remote.fs import RemoteOptions
+    from ..store.reader import ReadOptions, StoreError, open_store
 
     try:
         return open_store(store, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url)))
@@ -35,7 +36,7 @@ class _OneLineErrors(click.Group):
     as a last resort, anything else (``PCRFS_DEBUG=1`` shows the traceback instead)."""
 
     def invoke(self, ctx: click.Context):
-        from .store.errors import CorruptData, StoreError, StoreUnavailable
+        from ..store.errors import CorruptData, StoreError, StoreUnavailable
 
         try:
             return super().invoke(ctx)
@@ -122,17 +123,17 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
 
     from tqdm import tqdm
 
-    from .convert import StoreExists, convert as run_convert, list_sources
-    from .jpeg.transcode import TranscodeOptions
-    from .jpeg.turbojpeg import TurboJPEGUnavailable
-    from .remote.fs import RemoteError, RemoteOptions, is_url
-    from .store.writer import ResumeMismatch
+    from ..convert import StoreExists, convert as run_convert, list_sources
+    from ..jpeg.transcode import TranscodeOptions
+    from ..jpeg.turbojpeg import TurboJPEGUnavailable
+    from ..remote.fs import RemoteError, RemoteOptions, is_url
+    from ..store.writer import ResumeMismatch
 
     if use_dask and scheduler:
         raise click.UsageError("--dask and --scheduler are mutually exclusive")
     on_dask = use_dask or bool(scheduler)
     if on_dask:
-        from .distributed import DaskUnavailable, require_dask
+        from ..distributed import DaskUnavailable, require_dask
         try:
             require_dask()
         except DaskUnavailable as e:
@@ -168,7 +169,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
 
     cluster = nullcontext(None)
     if on_dask:
-        from .distributed import dask_client
+        from ..distributed import dask_client
         cluster = dask_client(scheduler, n_workers=workers)
     try:
         with cluster as client:
@@ -192,7 +193,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     except Exception as e:  # noqa: BLE001
         if not on_dask:
             raise
-        from .distributed import ClusterUnavailable
+        from ..distributed import ClusterUnavailable
         if isinstance(e, ClusterUnavailable):
             _fail(str(e))
         # the cluster's own failures (unreachable scheduler, a task that kept killing its
@@ -222,7 +223,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
 
 def _report_adaptive(store: str, built, entry: dict, endpoint_url: str | None) -> None:
     """`convert --quality-index`: the adaptive views, as `quality --write-index` reports them."""
-    from .quality_cli import report_index
+    from .quality import report_index
 
     with _open(store, endpoint_url) as s:
         report_index(s, store, built, entry, as_json=False)
@@ -244,7 +245,7 @@ def _describe_cluster(client) -> None:
 @endpoint_option
 def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
     """Show counts, classes, scan groups and the bytes each fidelity view needs."""
-    from .store.verify import cumulative_fractions
+    from ..store.verify import cumulative_fractions
 
     s = _open(store, endpoint_url)
     m = s.manifest
@@ -277,7 +278,7 @@ def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
 
 def _adaptive_views(s) -> dict:
     """`info`'s adaptive views (pcrfs quality --write-index): bytes and fraction of the full view each."""
-    from .quality import adaptive
+    from ..quality import adaptive
 
     try:
         index = adaptive.load(s)
@@ -301,7 +302,7 @@ def verify(store: str, quiet: bool, endpoint_url: str | None) -> None:
     """
     from tqdm import tqdm
 
-    from .store.verify import verify_store
+    from ..store.verify import verify_store
 
     s = _open(store, endpoint_url)
     total = int(s.index.records["size"].sum()) if len(s.index.records) else 0
@@ -324,7 +325,7 @@ def verify(store: str, quiet: bool, endpoint_url: str | None) -> None:
 @endpoint_option
 def get(store: str, path: str, k, output, endpoint_url: str | None) -> None:
     """Extract the image at PATH (relative, as in the source tree) at fidelity --scan."""
-    from .store.reader import CorruptData, StoreUnavailable
+    from ..store.reader import CorruptData, StoreUnavailable
 
     s = _open(store, endpoint_url)
     k = k or s.num_groups
@@ -369,7 +370,7 @@ def _write_stdout(data: bytes) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_demo_cmd(dest: Path, per_class: int, seed: int) -> None:
     """Write the demo dataset (real photographs, ImageFolder layout) to DEST."""
-    from .demo import make_demo
+    from ..demo import make_demo
 
     try:
         summary = make_demo(dest, per_class=per_class, seed=seed, progress=True)
@@ -379,12 +380,12 @@ def make_demo_cmd(dest: Path, per_class: int, seed: int) -> None:
                f"{format_size(summary.total_bytes)} in {dest}", err=True)
 
 
-# Mount-related commands live with the FUSE layer (they import no libfuse until run).
-from .fuse.commands import register as _register_fuse_commands  # noqa: E402
+# The mount commands import no libfuse until they run.
+from .mount import register as _register_fuse_commands  # noqa: E402
 
 _register_fuse_commands(main)
 
-from .quality_cli import register as _register_quality  # noqa: E402
+from .quality import register as _register_quality  # noqa: E402
 
 _register_quality(main)
 

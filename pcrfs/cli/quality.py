@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from .cli_options import endpoint_option
-from .units import format_size
+from .options import endpoint_option
+from ..units import format_size
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -67,7 +67,7 @@ def _describe_choice(choice, metric_label: str) -> str:
 
 
 def _load_adaptive(store):
-    from .quality.adaptive import AdaptiveIndexError, load
+    from ..quality.adaptive import AdaptiveIndexError, load
 
     try:
         return load(store)
@@ -91,7 +91,7 @@ def _progress_resumable(quiet: bool, desc: str):
 
 def report_index(store, store_path: str, built, entry: dict, as_json: bool) -> None:
     """What `quality --write-index` and `convert --quality-index` print about the new index."""
-    from .quality import adaptive
+    from ..quality import adaptive
 
     for image, reason in built.failures[:20]:
         _warn(f"{store.path(image)}: not scored ({reason}); its adaptive views serve it whole")
@@ -112,7 +112,7 @@ def report_index(store, store_path: str, built, entry: dict, as_json: bool) -> N
 
 def _write_index(store, store_path: str, workers: int, quiet: bool, as_json: bool, client=None,
                  remote=None) -> None:
-    from .quality.build import build_and_write
+    from ..quality.build import build_and_write
 
     on_start, on_done, close = _progress_resumable(quiet, "score")
     try:
@@ -177,10 +177,10 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
     --write-index keeps every scored part under STORE/.adaptive-partial until the
     index is written: an interrupted run resumes where it stopped.
     """
-    from .quality import measure
-    from .quality.msssim import PSNR_CAP
-    from .remote.fs import RemoteOptions
-    from .store.reader import ReadOptions, StoreError, open_store
+    from ..quality import measure
+    from ..quality.msssim import PSNR_CAP
+    from ..remote.fs import RemoteOptions
+    from ..store.reader import ReadOptions, StoreError, open_store
 
     if target_ssim is not None and target_psnr is not None:
         raise click.UsageError("give --target-ssim or --target-psnr, not both")
@@ -203,7 +203,7 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
     if plot is not None:
         if not plot.parent.is_dir():
             raise click.BadParameter(f"directory {str(plot.parent)!r} does not exist", param_hint="--plot")
-        from .quality.plot import check_format
+        from ..quality.plot import check_format
 
         problem = check_format(plot)
         if problem:
@@ -245,7 +245,7 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
     elif target_psnr is not None:
         choice = measure.choose_k(table.rows, "psnr", target_psnr)
     if plot is not None:
-        from .quality.plot import plot_table
+        from ..quality.plot import plot_table
 
         try:
             plot_table(table, plot, choice=choice)
@@ -276,11 +276,11 @@ def _write_index_cmd(s, store: str, workers: int, quiet: bool, as_json: bool, us
                      scheduler: str | None, remote) -> None:
     from contextlib import nullcontext
 
-    from .store.reader import StoreError
+    from ..store.reader import StoreError
 
     cluster = nullcontext(None)
     if use_dask or scheduler:
-        from .distributed import DaskUnavailable, dask_client, require_dask
+        from ..distributed import DaskUnavailable, dask_client, require_dask
 
         try:
             require_dask()
@@ -290,7 +290,7 @@ def _write_index_cmd(s, store: str, workers: int, quiet: bool, as_json: bool, us
     try:
         with cluster as client:
             if client is not None:
-                from .cli import _describe_cluster
+                from .main import _describe_cluster
 
                 _describe_cluster(client)
             _write_index(s, store, workers, quiet, as_json, client=client, remote=remote)

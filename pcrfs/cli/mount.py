@@ -16,8 +16,9 @@ from pathlib import Path
 
 import click
 
-from ..units import SIZE, format_size
-from .daemon import DEFAULT_CACHE_SIZE, MountError, mount, mount_entry, umount
+from ..units import format_size
+from .options import SIZE
+from ..fuse.daemon import DEFAULT_CACHE_SIZE, MountError, mount, mount_entry, umount
 
 STATS_PATH = (".pcrfs", "stats")
 

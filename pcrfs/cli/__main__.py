@@ -1,0 +1,4 @@
+"""``python -m pcrfs.cli``: the same as the ``pcrfs`` command."""
+from .main import main
+
+main()
