@@ -71,8 +71,9 @@ def test_meter_counts_own_cpu_per_item():
     assert len(proc.loadavg()) == 3
 
 
-def test_write_json_key_keeps_the_rest(tmp_path):
-    out = tmp_path / "r" / "bench.json"
+def test_write_json_key_keeps_the_rest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("r") / "bench.json"  # relative, as on a tool's command line
     results.write_json(out, {"summary": 1, "kernel_speed": {"old": True}})
     results.write_json(out, {"new": True}, key="kernel_speed")
     assert json.loads(out.read_text()) == {"summary": 1, "kernel_speed": {"new": True}}

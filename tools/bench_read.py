@@ -31,20 +31,18 @@ After the second pass of each pcrfs view, ``fincore`` (util-linux) reports which
 fraction of a sample of the view's files is resident in the kernel page cache.
 
 Untargeted variants (``--variants cache0 nothreads+cache0``; none by default;
-interleaved with the rest, MNT/full only) run the same daemon code started from this
-file with one thing changed from the outside (no pcrfs source is edited): ``cache0``
-(no scan-group memory cache), ``nothreads`` (libfuse's single-threaded loop).
+interleaved with the rest, MNT/full only) run the same daemon code started by
+tools/profile_read.py with one thing changed from the outside (no pcrfs source is
+edited): ``cache0`` (no scan-group memory cache), ``nothreads`` (libfuse's
+single-threaded loop).
 
-With ``--profile auto`` (default) a target miss triggers, after the rounds:
-  * py-spy of the pcrfs daemon during extra (untimed) first passes over MNT/full; the
-    merged collapsed stacks go to results/bench_read_profile.txt, hot functions (self
-    and inclusive samples) into the JSON;
-  * a request census: an instrumented daemon counts and times every FUSE callback
-    during the walk, the first and the second pass (requests per file, time per
-    request inside Python, daemon CPU per file);
-  * an in-process microbenchmark of the view/store read path (no FUSE) against a
-    floor of one pread + CRC-32 per scan group.
-``--profile always`` does this even when every target is met.
+With ``--profile auto`` (default) a target miss triggers, after the rounds, what
+tools/profile_read.py does on its own (py-spy of the daemon during extra first passes
+over MNT/full into results/bench_read_profile.txt, a request census from an
+instrumented daemon, the read path in process without FUSE), into the JSON's
+``profile``; ``--profile always`` does this even when every target is met.
+
+Mounting, CPU from /proc, machine facts and the JSON header come from tools/benchlib.
 
 Usage (from the repository root, as root: FUSE, drop_caches and py-spy need it):
 
@@ -640,6 +638,9 @@ def main() -> int:
     on_signals()
     run = Run("tools/bench_read.py", packages=PACKAGES)
     run.machine["libfuse_pcrfs_binding"] = libfuse_binding()
+    if run.machine["packages"].get("ratarmount") is None:  # installed apart from this Python
+        said = subprocess.run([ratarmount, "--version"], capture_output=True, text=True, timeout=60).stdout
+        run.machine["packages"]["ratarmount"] = said.split("\n", 1)[0].removeprefix("ratarmount ").strip() or None
     try:
         prep = prepare(ctx)
         ctx.rel = walk(str(ctx.full_dir))

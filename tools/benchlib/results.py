@@ -46,6 +46,7 @@ def write_json(path: str | Path, doc: dict, key: str | None = None) -> Path:
         whole[key] = doc
         doc = whole
     path.write_text(json.dumps(doc, indent=1, default=float) + "\n")
-    shown = path.relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+    full = path.resolve()
+    shown = full.relative_to(REPO) if full.is_relative_to(REPO) else full
     log(f"wrote {shown}" + (f" ({key})" if key else ""))
     return path
