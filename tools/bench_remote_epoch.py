@@ -266,14 +266,14 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-remote")
     p.add_argument("--npm-cache", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-npm-s3rver")
     p.add_argument("--per-class", type=int, default=164, help="demo photos per class (8 classes): 1,312")
-    p.add_argument("--record-size", type=int, default=64 << 20)
+    p.add_argument("--record-size", default="64M", help="record size of the store (bytes, or 64M)")
     p.add_argument("--latency", type=float, default=0.020, help="seconds per request")
     p.add_argument("--rate", type=float, default=4e6, help="bytes/s, shared")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--cache-size", default="256M")
     p.add_argument("--sampler-cache", default="256M", help="memory cache of the sampler runs (no disk cache)")
-    p.add_argument("--sampler-record-size", type=int, default=None,
+    p.add_argument("--sampler-record-size", default=None,
                    help="the sampler runs read a copy of the photos in records of this size (e.g. 4M records "
                         "and --sampler-cache 16M: the cache holds a window of records, not the view)")
     p.add_argument("--disk-cache-size", type=int, default=10 << 30)
@@ -293,6 +293,9 @@ def main() -> int:
     run = Run("tools/bench_remote_epoch.py")
     args.cache_size = parse_size(args.cache_size)
     args.sampler_cache = parse_size(args.sampler_cache)
+    args.record_size = parse_size(args.record_size)  # "4M" as the README writes it, or bytes
+    if args.sampler_record_size:
+        args.sampler_record_size = parse_size(args.sampler_record_size)
     work = args.workdir
     (work / "logs").mkdir(parents=True, exist_ok=True)
     src, store = prepare(work, args.per_class, args.record_size)
