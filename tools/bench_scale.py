@@ -112,7 +112,8 @@ def bench_size(n: int, work: Path) -> dict:
     pid = None
     try:
         t_plain, _ = timed(plain_tree, store, plain)
-        t_mount = run_wall(PCRFS + ["mount", str(store_dir), str(mnt)])
+        # the daemon's log in the run's temporary directory: nothing left behind in /run/pcrfs
+        t_mount = run_wall(PCRFS + ["mount", "--log-file", str(work / f"mount-{n}.log"), str(store_dir), str(mnt)])
         pid = daemon_pid(mnt)
         rss_mount, anon_mount = rss_mb(pid), anon_mb(pid)
         one_class = store.classes[len(store.classes) // 2]
