@@ -29,22 +29,25 @@ Writes ``results/bench_epoch.json`` and ``results/bench_epoch.png``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys.path)
+from benchlib import log  # noqa: E402
+from benchlib.mounts import CLEANUP, PcrfsMount, is_mounted, unmount_any  # noqa: E402
+from benchlib.plots import pyplot, save  # noqa: E402
+from benchlib.proc import Meter  # noqa: E402
+from benchlib.reads import warm  # noqa: E402
+from benchlib.results import Run, write_json  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 from pcrfs.convert import convert  # noqa: E402
 from pcrfs.demo import make_demo  # noqa: E402
-from pcrfs.fuse import daemon  # noqa: E402
 from pcrfs.remote.fs import RemoteOptions, filesystem  # noqa: E402
 from pcrfs.store.reader import ReadOptions, open_store  # noqa: E402
 from pcrfs.store.verify import cumulative_fractions  # noqa: E402
@@ -52,10 +55,6 @@ from s3util import S3_ENV, MotoServer  # noqa: E402  (tests/s3util.py: moto on l
 
 VIEWS = ["scan1", "scan2", "scan5", "full"]
 BUCKET = "pcrfs-bench"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---- one epoch -----------------------------------------------------------------------------
@@ -92,16 +91,14 @@ def mounted_epoch(store: str, mnt: Path, view: str, shuffle: bool, args, read_op
 
 def _mounted_epoch(store: str, mnt: Path, view: str, shuffle: bool, args, read_options: ReadOptions,
                    log_file: Path) -> dict:
-    daemon.mount(store, mnt, read_options=read_options, log_file=log_file, echo=lambda m: None)
-    try:
-        out = run_epoch(mnt / view, shuffle, args.workers, args.batch)
-        with open(mnt / ".pcrfs" / "stats", "rb") as f:
-            stats = json.loads(f.read())
-    finally:
-        daemon.umount(mnt, echo=lambda m: None, timeout=30)
+    with PcrfsMount(store, mnt, log_file, read_options=read_options) as m:
+        with Meter(m.pid) as meter:
+            out = run_epoch(mnt / view, shuffle, args.workers, args.batch)
+        stats = m.stats()
     reads = stats["store_reads"]
     out.update(view=view, shuffle=shuffle, store_requests=reads["requests"], store_bytes=reads["bytes"],
                requests_per_image=round(reads["requests"] / max(out["images"], 1), 3),
+               daemon_cpu_us_per_image=round(meter.per_item(out["images"])["daemon_us_per_item"], 1),
                eio=stats.get("errors", {}).get("eio", 0))
     return out
 
@@ -129,13 +126,6 @@ def upload(store: Path, url: str, remote: RemoteOptions) -> None:
         fs.put_file(str(p), f"{base}/{p.relative_to(store)}")
 
 
-def warm_page_cache(store: Path) -> None:
-    for p in (store / "records").iterdir():
-        with open(p, "rb") as f:
-            while f.read(1 << 20):
-                pass
-
-
 def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
@@ -143,11 +133,9 @@ def tree_bytes(root: Path) -> int:
 # ---- the plot ------------------------------------------------------------------------------
 
 def plot(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     io = doc["io_bound"]
     cpu = doc["cpu_bound"]
@@ -181,7 +169,7 @@ def plot(doc: dict, path: Path) -> None:
     ax2.set_title("I/O-bound speedup vs what the bytes promise")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, dpi=110)
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -202,6 +190,7 @@ def main() -> int:
                    help="epochs per configuration (fresh mount each); the median is reported")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_epoch.json")
     args = p.parse_args()
+    run = Run("tools/bench_epoch.py", packages=("torch", "torchvision"))
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -215,8 +204,8 @@ def main() -> int:
     s.close()
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
-    if daemon.mount_entry(str(mnt)) is not None:
-        daemon.umount(mnt, echo=lambda m: None)
+    if is_mounted(mnt):
+        p.error(f"{mnt} is mounted; unmount it first")
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
 
@@ -226,7 +215,7 @@ def main() -> int:
     baseline = run_epoch(src, False, args.workers, args.batch)
     baseline_shuffled = run_epoch(src, True, args.workers, args.batch)
     log(f"  baseline {baseline['seconds']}s, shuffled {baseline_shuffled['seconds']}s")
-    warm_page_cache(store)
+    warm(store / "records")
     cpu = []
     for view in VIEWS:
         r = mounted_epoch(str(store), mnt, view, False, args, ReadOptions(), logs / "local.log")
@@ -256,8 +245,9 @@ def main() -> int:
                 log(f"  S3 {view} {'shuffled' if shuffle else 'sequential'}: {r['seconds']}s, "
                     f"{r['store_bytes'] / 2**20:.1f} MiB, {r['requests_per_image']} req/img")
     finally:
-        if daemon.mount_entry(str(mnt)) is not None:
-            daemon.umount(mnt, echo=lambda m: None, timeout=30)
+        CLEANUP.all()
+        if is_mounted(mnt):
+            unmount_any(mnt)
         server.stop()
         for k, v in saved_env.items():
             if v is None:
@@ -278,10 +268,9 @@ def main() -> int:
     seq_rpi = {r["view"]: r["requests_per_image"] for r in io if not r["shuffle"]}
     waste = {f"{r['view']}{'-shuffled' if r['shuffle'] else ''}": round(r["store_bytes"] / view_bytes[r["view"]], 3)
              for r in io}
-    doc = {
+    doc = run.doc(**{
         "benchmark": "bench_epoch",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "date": run.started.isoformat(timespec="seconds"),
         "images": n_images, "workers": args.workers, "batch": args.batch, "record_size": args.record_size,
         "repeat": args.repeat,
         "transform": "RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor",
@@ -297,12 +286,9 @@ def main() -> int:
             "speedup_sequential_only": all(v["met_sequential"] for v in speedup.values()),
             "sequential_requests_per_image_le_1.2": all(v <= 1.2 for v in seq_rpi.values()),
         },
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    })
+    write_json(args.out, doc)
     plot(doc, args.out.with_suffix(".png"))
-    log(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     print(json.dumps({"speedup": speedup, "sequential_requests_per_image": seq_rpi, "targets": doc["targets"],
                       "bwlimit_mib_s": rate_mib, "baseline_s": baseline["seconds"],
                       "cpu_bound_s": {r["view"]: r["seconds"] for r in cpu}}, indent=1))

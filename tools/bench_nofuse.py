@@ -30,53 +30,24 @@ Writes ``results/bench_nofuse.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys.path)
+from benchlib import log  # noqa: E402
+from benchlib.mounts import CLEANUP, PcrfsMount, is_mounted  # noqa: E402
+from benchlib.proc import cpu_s, loadavg, self_cpu_s  # noqa: E402
+from benchlib.reads import warm  # noqa: E402
+from benchlib.results import Run, write_json  # noqa: E402
 
-from machine import cpu_model, memory_gb  # noqa: E402
 from pcrfs.convert import convert  # noqa: E402
 from pcrfs.demo import make_demo  # noqa: E402
-from pcrfs.fuse import daemon  # noqa: E402
 from pcrfs.store.reader import open_store  # noqa: E402
 
 EPOCH_VIEWS = ["scan1", "scan5", "full"]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_of(pid: int | None) -> float:
-    """User + system CPU seconds of another process (0 if unknown)."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def own_cpu() -> float:
-    """CPU seconds of this process and its finished children (the DataLoader workers)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # ---- epochs ------------------------------------------------------------------------------------
@@ -97,14 +68,14 @@ def epoch(make_dataset, args, server_pid: int | None = None) -> dict:
     torch.manual_seed(0)
     loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                         generator=torch.Generator().manual_seed(0))
-    c0, s0, l0 = own_cpu(), cpu_of(server_pid), os.getloadavg()[0]
+    c0, s0, l0 = self_cpu_s(children=True), cpu_s(server_pid), loadavg()[0]
     t0 = time.perf_counter()
     n = 0
     for x, _ in loader:
         n += x.shape[0]
     secs = time.perf_counter() - t0
     del loader
-    cpu = own_cpu() - c0 + cpu_of(server_pid) - s0
+    cpu = self_cpu_s(children=True) - c0 + cpu_s(server_pid) - s0
     return {"seconds": round(secs, 3), "images": n, "images_per_s": round(n / secs, 1),
             "cpu_ms_per_image": round(cpu * 1e3 / n, 3), "dataset_build_s": round(built, 3),
             "load_before": round(l0, 2)}
@@ -119,11 +90,8 @@ def run_variant(variant: str, view: str, store: Path, src: Path, mnt: Path, args
         return epoch(lambda: ImageFolder(store, view=view, transform=transform()), args)
     if variant == "baseline":
         return epoch(lambda: datasets.ImageFolder(str(src), transform()), args)
-    info = daemon.mount(store, mnt, log_file=mnt.parent / "mount.log", echo=lambda m: None)
-    try:
-        return epoch(lambda: datasets.ImageFolder(str(mnt / view), transform()), args, info.pid)
-    finally:
-        daemon.umount(mnt, echo=lambda m: None, timeout=30)
+    with PcrfsMount(store, mnt, mnt.parent / "mount.log") as m:
+        return epoch(lambda: datasets.ImageFolder(str(mnt / view), transform()), args, m.pid)
 
 
 # ---- raw reads ---------------------------------------------------------------------------------
@@ -201,13 +169,6 @@ def prepare(work: Path, per_class: int) -> tuple[Path, Path]:
     return src, store
 
 
-def warm(paths) -> None:
-    for p in paths:
-        with open(p, "rb") as f:
-            while f.read(1 << 20):
-                pass
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-nofuse")
@@ -220,23 +181,21 @@ def main() -> int:
     p.add_argument("--skip-epochs", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_nofuse.json")
     args = p.parse_args()
+    run = Run("tools/bench_nofuse.py", packages=("torch", "torchvision", "pillow"))
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     src, store = prepare(work, args.per_class)
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
-    if daemon.mount_entry(str(mnt)) is not None:
-        daemon.umount(mnt, echo=lambda m: None)
+    if is_mounted(mnt):
+        p.error(f"{mnt} is mounted; unmount it first")
     with open_store(store) as s:
         n_images, n_groups = s.num_images, s.num_groups
     warm(sorted((store / "records").iterdir()))
     warm(sorted(q for q in src.rglob("*") if q.is_file()))
 
-    doc = {"tool": "tools/bench_nofuse.py", "argv": sys.argv[1:],
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gb": memory_gb(),
-                       "python": platform.python_version()},
+    doc = {"argv": sys.argv[1:], "date": run.started.isoformat(timespec="seconds"),
            "images": n_images, "groups": n_groups, "workers": args.workers, "batch": args.batch,
            "load_start": loadavg()}
 
@@ -249,6 +208,17 @@ def main() -> int:
             f"{raw[view]['fsspec_cat_file']['ratio_files_per_s']}x (load {loadavg()})")
     doc["raw_read"] = raw
 
+    try:
+        epochs(doc, store, src, mnt, args)
+    finally:
+        CLEANUP.all()
+    doc["load_end"] = loadavg()
+    write_json(args.out, run.doc(**doc))
+    return 0
+
+
+def epochs(doc: dict, store: Path, src: Path, mnt: Path, args) -> None:
+    """The interleaved epoch rounds (unless --skip-epochs) into ``doc["epochs"]``."""
     if not args.skip_epochs:
         runs: dict[str, list[dict]] = {f"{v}/{view}": [] for view in EPOCH_VIEWS for v in ("dataset", "mount")}
         runs["baseline/-"] = []
@@ -285,11 +255,6 @@ def main() -> int:
                                                             / summary[f"dataset/{view}"]["median_seconds"], 3),
             }
         doc["epochs"] = {"runs": runs, "summary": summary, "ratios": ratios}
-    doc["load_end"] = loadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    log(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

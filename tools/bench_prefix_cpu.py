@@ -12,8 +12,6 @@ S3 client's too), so it does not drift with the machine's load. Epoch 1 fetches
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import random
 import sys
@@ -21,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from bench_remote_epoch import BUCKET, S3RVER_ENV, S3rver, log, store_files, upload  # noqa: E402
+from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys.path)
+from benchlib import log  # noqa: E402
+from benchlib.proc import loadavg  # noqa: E402
+from benchlib.remote import BUCKET, S3RVER_ENV, S3rver, store_files, upload  # noqa: E402
+from benchlib.results import Run, write_json  # noqa: E402
 
 
 def epoch_cpu(store, order: list[int], k: int) -> dict:
@@ -46,6 +44,7 @@ def main() -> int:
     p.add_argument("--npm-cache", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-npm-s3rver")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_prefix_cpu.json")
     a = p.parse_args()
+    run = Run("tools/bench_prefix_cpu.py")
     from pcrfs.remote.fs import RemoteOptions
     from pcrfs.store.reader import ReadOptions, open_store
 
@@ -72,16 +71,13 @@ def main() -> int:
                     io = s.io_stats()["source"]
                 row = {"client": client, "mode": "prefix" if prefix else "images", "view": a.view,
                        "images": len(order), "epoch1": e1, "epoch2": e2, "requests": io["requests"],
-                       "bytes": io["bytes"], "loadavg": os.getloadavg()[0]}
+                       "bytes": io["bytes"], "loadavg": loadavg()[0]}
                 rows.append(row)
                 log(str(row))
     finally:
         server.stop()
-    doc = {"benchmark": "bench_prefix_cpu",
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "rows": rows, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    doc = run.doc(benchmark="bench_prefix_cpu", date=run.started.isoformat(timespec="seconds"), rows=rows)
+    write_json(a.out, doc)
     return 0
 
 

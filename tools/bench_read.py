@@ -31,20 +31,18 @@ After the second pass of each pcrfs view, ``fincore`` (util-linux) reports which
 fraction of a sample of the view's files is resident in the kernel page cache.
 
 Untargeted variants (``--variants cache0 nothreads+cache0``; none by default;
-interleaved with the rest, MNT/full only) run the same daemon code started from this
-file with one thing changed from the outside (no pcrfs source is edited): ``cache0``
-(no scan-group memory cache), ``nothreads`` (libfuse's single-threaded loop).
+interleaved with the rest, MNT/full only) run the same daemon code started by
+tools/profile_read.py with one thing changed from the outside (no pcrfs source is
+edited): ``cache0`` (no scan-group memory cache), ``nothreads`` (libfuse's
+single-threaded loop).
 
-With ``--profile auto`` (default) a target miss triggers, after the rounds:
-  * py-spy of the pcrfs daemon during extra (untimed) first passes over MNT/full; the
-    merged collapsed stacks go to results/bench_read_profile.txt, hot functions (self
-    and inclusive samples) into the JSON;
-  * a request census: an instrumented daemon counts and times every FUSE callback
-    during the walk, the first and the second pass (requests per file, time per
-    request inside Python, daemon CPU per file);
-  * an in-process microbenchmark of the view/store read path (no FUSE) against a
-    floor of one pread + CRC-32 per scan group.
-``--profile always`` does this even when every target is met.
+With ``--profile auto`` (default) a target miss triggers, after the rounds, what
+tools/profile_read.py does on its own (py-spy of the daemon during extra first passes
+over MNT/full into results/bench_read_profile.txt, a request census from an
+instrumented daemon, the read path in process without FUSE), into the JSON's
+``profile``; ``--profile always`` does this even when every target is met.
+
+Mounting, CPU from /proc, machine facts and the JSON header come from tools/benchlib.
 
 Usage (from the repository root, as root: FUSE, drop_caches and py-spy need it):
 
@@ -67,10 +65,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -81,16 +77,21 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from a checkout without installing
-    sys.path.insert(0, str(REPO))
+from benchlib import REPO, log  # noqa: E402  (puts the checkout first on sys.path)
+from benchlib.mounts import CLEANUP, PcrfsMount, ProcessMount, is_mounted, on_signals  # noqa: E402
+from benchlib.plots import pyplot, save  # noqa: E402
+from benchlib.proc import Meter, loadavg, threads_cpu_s  # noqa: E402
+from benchlib.reads import read_pass, read_pass_os, sample, walk, warm  # noqa: E402
+from benchlib.results import Run, write_json  # noqa: E402
+from profile_read import VARIANT_DOC, VARIANTS, census, profile_first_pass, reader_microbench, variant_mount  # noqa: E402
 
 import pcrfs  # noqa: E402
-from pcrfs.fuse import daemon  # noqa: E402
 
 TARGET_VS_RATARMOUNT = 1.0   # pcrfs full first pass files/s >= 1.0x ratarmount's first pass
 TARGET_SECOND_VS_FIRST = 2.0  # second pass >= 2x the first
 TARGET_VS_DECODE = 10.0      # files/s through the mount >= 10x one core's decode rate
+PACKAGES = ("ratarmount", "ratarmountcore", "mfusepy", "pillow")
+KERNEL_PACKAGES = ("mfusepy",)
 EARLIER = {  # figures measured on this machine before (to verify)
     "plain_files_per_s": [57000, 66000],
     "ratarmount_1.3.0_first_files_per_s": 2674,
@@ -98,100 +99,6 @@ EARLIER = {  # figures measured on this machine before (to verify)
     "pillow_decode_resize_one_core_img_per_s": 164,
 }
 MB = 1e6
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def quiet(_msg: str) -> None:
-    pass
-
-
-# ---- mounts and processes: everything started here is tracked and cleaned up ----------------
-
-class Cleanup:
-    """Mount points and processes this run made; ``all()`` releases what is left."""
-
-    def __init__(self) -> None:
-        self.mounts: list[str] = []
-        self.procs: list[subprocess.Popen] = []
-        self.pids: set[int] = set()
-
-    def add_mount(self, mp: str) -> None:
-        if mp not in self.mounts:
-            self.mounts.append(mp)
-
-    def all(self) -> None:
-        # a daemon may still be starting (a signal arrived while mount() waited for it):
-        # find every process serving one of our mount points by its argv, stop it by pid
-        for p in self.procs:
-            stop_process(p)
-        pids = set(self.pids)
-        for mp in self.mounts:
-            pids |= pids_serving(mp)
-            pid = daemon.read_pid(mp)
-            if pid is not None:
-                pids.add(pid)
-        for pid in pids:
-            if pid != os.getpid() and daemon.daemon_alive(pid):
-                log(f"cleanup: stopping pid {pid}")
-                try:
-                    os.kill(pid, signal.SIGTERM)  # libfuse unmounts on SIGTERM
-                except ProcessLookupError:
-                    continue
-                deadline = time.monotonic() + 10
-                while daemon.daemon_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if daemon.daemon_alive(pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-        for mp in self.mounts:
-            if daemon.mount_entry(mp) is not None:
-                log(f"cleanup: unmounting {mp}")
-                unmount_any(mp)
-
-
-def pids_serving(mp: str) -> set[int]:
-    """Processes with ``mp`` as one of their arguments (daemons this run started for it)."""
-    out = set()
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if mp.encode() in argv:
-            out.add(int(d))
-    return out
-
-
-CLEANUP = Cleanup()
-
-
-def stop_process(p: subprocess.Popen, timeout: float = 10) -> None:
-    if p.poll() is not None:
-        return
-    p.terminate()
-    try:
-        p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-
-
-def unmount_any(mp: str) -> None:
-    """Unmount a FUSE mount made by this run, lazily as a last resort."""
-    for cmd in (["fusermount3", "-u", mp], ["fusermount", "-u", mp], ["umount", mp],
-                ["fusermount3", "-uz", mp], ["umount", "-l", mp]):
-        if daemon.mount_entry(mp) is None:
-            return
-        if shutil.which(cmd[0]):
-            subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
 
 
 def drop_caches() -> None:
@@ -210,137 +117,22 @@ def can_drop_caches() -> bool:
         return False
 
 
-class PcrfsMount:
-    """``pcrfs mount`` (a daemon) for the duration of a with-block."""
-
-    def __init__(self, store: Path, mp: Path, log_file: Path) -> None:
-        self.store, self.mp, self.log_file = store, str(mp), log_file
-        self.pid: int | None = None
-
-    def __enter__(self) -> "PcrfsMount":
-        CLEANUP.add_mount(self.mp)
-        info = daemon.mount(self.store, self.mp, log_file=self.log_file, echo=quiet)
-        self.pid = info.pid
-        CLEANUP.pids.add(info.pid)
-        return self
-
-    def stats(self) -> dict:
-        with open(os.path.join(self.mp, ".pcrfs", "stats"), "rb") as f:
-            return json.loads(f.read())
-
-    def __exit__(self, *exc) -> None:
-        try:
-            daemon.umount(self.mp, echo=quiet)
-        except daemon.MountError as e:
-            log(f"pcrfs umount {self.mp} failed ({e}); detaching")
-            unmount_any(self.mp)
-        if self.pid is not None:
-            deadline = time.monotonic() + 10
-            while daemon.daemon_alive(self.pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if not daemon.daemon_alive(self.pid):
-                CLEANUP.pids.discard(self.pid)
-
-
-class RatarMount:
-    """``ratarmount -f TAR MNT`` as a child process (foreground: its pid is the server's)."""
-
-    def __init__(self, exe: str, tar: Path, mp: Path, log_file: Path, extra: list[str]) -> None:
-        self.exe, self.tar, self.mp, self.log_file, self.extra = exe, tar, str(mp), log_file, extra
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def __enter__(self) -> "RatarMount":
-        CLEANUP.add_mount(self.mp)
-        if daemon.mount_entry(self.mp) is not None:
-            raise RuntimeError(f"{self.mp} is already mounted")
-        with open(self.log_file, "ab") as logf:
-            # --no-recreate-index: use the index built beforehand, never (re)build one while timed
-            self.proc = subprocess.Popen([self.exe, "-f", "--no-recreate-index", *self.extra, str(self.tar), self.mp],
-                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        CLEANUP.procs.append(self.proc)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ratarmount exited with {self.proc.returncode}; see {self.log_file}")
-            e = daemon.mount_entry(self.mp)
-            if e is not None and e.fstype.startswith("fuse"):
-                try:
-                    if os.listdir(self.mp):
-                        return self
-                except OSError:
-                    pass
-            time.sleep(0.02)
-        self.__exit__()
-        raise RuntimeError(f"ratarmount did not mount {self.tar} within 120 s; see {self.log_file}")
-
-    def __exit__(self, *exc) -> None:
-        if daemon.mount_entry(self.mp) is not None:
-            unmount_any(self.mp)
-        if self.proc is not None:
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                log("ratarmount did not exit after its unmount; terminating it")
-                stop_process(self.proc)
-            CLEANUP.procs.remove(self.proc)
-            self.proc = None
+def ratar_mount(exe: str, tar: Path, mp: str, log_file: Path, extra: list[str]) -> ProcessMount:
+    """``ratarmount -f TAR MNT`` as a child process (foreground: its pid is the server's);
+    --no-recreate-index: use the index built beforehand, never (re)build one while timed."""
+    return ProcessMount([exe, "-f", "--no-recreate-index", *extra, str(tar), mp], mp, log_file, name="ratarmount")
 
 
 # ---- the measurements ------------------------------------------------------------------------
 
-def walk(root: str) -> list[str]:
-    """Relative paths of all files under ``root``, sorted (ImageFolder-like listing)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, root)
-        for name in filenames:
-            out.append(name if rel == "." else f"{rel}/{name}")
-    out.sort()
-    return out
-
-
-def read_pass(paths: list[str]) -> tuple[float, int]:
-    """open + read whole + close for every path, in order, one thread: (seconds, bytes)."""
-    nbytes = 0
-    t0 = time.perf_counter()
-    for p in paths:
-        with open(p, "rb") as f:
-            nbytes += len(f.read())
-    return time.perf_counter() - t0, nbytes
-
-
-def cpu_s(pid: int | None) -> float:
-    """User + system CPU seconds of a process (0 if unknown)."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def self_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def timed_pass(paths: list[str], server_pid: int | None) -> dict:
-    c0, s0 = self_cpu(), cpu_s(server_pid)
-    secs, nbytes = read_pass(paths)
-    c1, s1 = self_cpu(), cpu_s(server_pid)
-    n = len(paths)
-    return {"seconds": secs, "files": n, "bytes": nbytes, "files_per_s": n / secs, "MB_per_s": nbytes / MB / secs,
-            "reader_cpu_ms_per_file": (c1 - c0) * 1e3 / n, "server_cpu_ms_per_file": (s1 - s0) * 1e3 / n}
+    """One reader pass; CPU of the reader and of the server (``server_pid``) from /proc."""
+    with Meter(server_pid) as m:
+        _, nbytes = read_pass(paths)
+    r = m.per_item(len(paths))
+    return {"seconds": r["seconds"], "files": len(paths), "bytes": nbytes, "files_per_s": r["items_per_s"],
+            "MB_per_s": nbytes / MB / r["seconds"], "reader_cpu_ms_per_file": r["self_us_per_item"] / 1e3,
+            "server_cpu_ms_per_file": r.get("daemon_us_per_item", 0.0) / 1e3}
 
 
 def fincore(paths: list[str]) -> dict:
@@ -388,7 +180,7 @@ def stats_delta(a: dict, b: dict, view: str) -> dict:
 def measure_pcrfs(ctx, view: str, cold: str, variant: str = "") -> dict:
     if cold == "drop":
         drop_caches()
-    mount = (ToolDaemonMount(ctx.store, ctx.mnt_pcrfs, ctx.work / "variant-daemon.log", variant) if variant
+    mount = (variant_mount(ctx.store, ctx.mnt_pcrfs, ctx.work / "variant-daemon.log", variant) if variant
              else PcrfsMount(ctx.store, ctx.mnt_pcrfs, ctx.work / "pcrfs-mount.log"))
     with mount as m:
         root = os.path.join(ctx.mnt_pcrfs, view)
@@ -415,7 +207,7 @@ def measure_pcrfs(ctx, view: str, cold: str, variant: str = "") -> dict:
 def measure_ratarmount(ctx, cold: str) -> dict:
     if cold == "drop":
         drop_caches()
-    with RatarMount(ctx.ratarmount, ctx.tar, ctx.mnt_ratar, ctx.work / "ratarmount.log", ctx.args.ratarmount_args) as m:
+    with ratar_mount(ctx.ratarmount, ctx.tar, ctx.mnt_ratar, ctx.work / "ratarmount.log", ctx.args.ratarmount_args) as m:
         t0 = time.perf_counter()
         rel = walk(ctx.mnt_ratar)
         walk_s = time.perf_counter() - t0
@@ -462,13 +254,6 @@ def measure_decode(ctx) -> dict:
         os.sched_setaffinity(0, old)
     return {"images": len(paths), "seconds": secs, "images_per_s": len(paths) / secs, "cpu": cpu,
             "by_source_mode": {m: {"images": len(v), "images_per_s": len(v) / sum(v)} for m, v in per_mode.items()}}
-
-
-def sample(items: list, n: int) -> list:
-    if n >= len(items):
-        return list(items)
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
 
 
 # ---- preparing the data -------------------------------------------------------------------
@@ -553,341 +338,6 @@ def view_sizes(ctx, views: list[str]) -> dict:
     return out
 
 
-# ---- profiling ---------------------------------------------------------------------------
-
-def profile_first_pass(ctx, out_txt: Path) -> dict:
-    """py-spy record of the pcrfs daemon during first passes over MNT/full (untimed; one
-    fresh mount per pass, ``--profile-passes`` of them, stacks merged into ``out_txt``)."""
-    pyspy = shutil.which("py-spy")
-    if not pyspy:
-        return {"error": "py-spy not found (pip install py-spy)"}
-    res: dict = {"file": str(out_txt.relative_to(REPO)) if out_txt.is_relative_to(REPO) else str(out_txt),
-                 "passes": [], "py_spy": []}
-    merged: collections.Counter = collections.Counter()
-    for _ in range(ctx.args.profile_passes):
-        part = out_txt.with_suffix(".part")
-        with PcrfsMount(ctx.store, ctx.mnt_pcrfs, ctx.work / "pcrfs-mount.log") as m:
-            root = os.path.join(ctx.mnt_pcrfs, "full")
-            walk(root)
-            paths = [os.path.join(root, r) for r in ctx.order]
-            cmd = [pyspy, "record", "--pid", str(m.pid), "--rate", str(ctx.args.profile_rate), "--format", "raw",
-                   "-o", str(part), "--nonblocking"]
-            errf = tempfile.TemporaryFile()
-            spy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=errf, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-            CLEANUP.procs.append(spy)
-            try:
-                time.sleep(1.0)  # let py-spy attach
-                if spy.poll() is not None:
-                    errf.seek(0)
-                    return {"error": f"py-spy exited {spy.returncode}: {errf.read().decode(errors='replace')[-800:]}"}
-                p = timed_pass(paths, m.pid)
-                spy.send_signal(signal.SIGINT)
-                try:
-                    spy.wait(60)
-                except subprocess.TimeoutExpired:
-                    stop_process(spy)
-            finally:
-                if spy.poll() is None:
-                    stop_process(spy)
-                CLEANUP.procs.remove(spy)
-            errf.seek(0)
-            said = errf.read().decode(errors="replace")
-            res["py_spy"].append(" ".join(line for line in said.splitlines() if "Samples:" in line)[-200:])
-            res["passes"].append({k: round(p[k], 3) for k in ("files_per_s", "MB_per_s", "server_cpu_ms_per_file",
-                                                               "reader_cpu_ms_per_file")})
-        if part.exists():
-            for line in part.read_text(errors="replace").splitlines():
-                stack, _, count = line.rpartition(" ")
-                if stack and count.isdigit():
-                    merged[stack] += int(count)
-            part.unlink()
-    out_txt.write_text("".join(f"{k} {v}\n" for k, v in merged.most_common()))
-    res.update(summarize_collapsed(out_txt))
-    return res
-
-
-def summarize_collapsed(path: Path, top: int = 30) -> dict:
-    """Hot functions from py-spy's collapsed stacks: self (leaf) and inclusive samples."""
-    self_c: collections.Counter = collections.Counter()
-    incl: collections.Counter = collections.Counter()
-    by_file_self: collections.Counter = collections.Counter()
-    total = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = [f for f in stack.split(";") if not f.startswith("thread (") and not f.startswith("process ")]
-        if not frames:
-            continue
-        total += n
-        names = [_fn_name(f) for f in frames]
-        self_c[names[-1]] += n
-        by_file_self[_fn_file(frames[-1])] += n
-        for name in set(names):
-            incl[name] += n
-
-    def table(c):
-        return [{"function": k, "samples": v, "share": round(v / total, 4)} for k, v in c.most_common(top)]
-
-    return {"samples": total, "self": table(self_c), "inclusive": table(incl), "self_by_file": table(by_file_self)}
-
-
-def _fn_name(frame: str) -> str:
-    # "func (path/to/file.py:123)" -> "func (file.py)"
-    name, _, loc = frame.partition(" (")
-    loc = loc.rstrip(")")
-    file = loc.rsplit(":", 1)[0]
-    short = "/".join(file.split("/")[-2:]) if "pcrfs" in file else os.path.basename(file)
-    return f"{name} ({short})" if file else name
-
-
-def _fn_file(frame: str) -> str:
-    loc = frame.partition(" (")[2].rstrip(")")
-    file = loc.rsplit(":", 1)[0]
-    return "/".join(file.split("/")[-2:]) if "pcrfs" in file else os.path.basename(file) or "?"
-
-
-# ---- instrumented / variant daemons (this file's hidden --_daemon mode) -------------------------
-#
-# The same daemon code as `pcrfs mount -f` (pcrfs.fuse.daemon.run_foreground), started from here
-# so that it can be changed from the outside for an experiment, never by editing pcrfs:
-#   --census DIR   count and time every mfusepy callback (wall time inside Python, per op name);
-#                  a watcher thread answers snapshot requests (DIR/req holds a tag, DIR/<tag>.json)
-
-VARIANTS = {  # name -> (mount options, cache size); combine with "+"
-    "cache0": ([], "0"),
-    "nothreads": (["nothreads"], None),
-}
-
-
-def hidden_daemon(argv: list[str]) -> int:
-    import threading
-    from pcrfs.fuse import load_mfusepy
-    from pcrfs.units import parse_size
-
-    p = argparse.ArgumentParser(prog="bench_read.py --_daemon")
-    p.add_argument("store")
-    p.add_argument("mountpoint")
-    p.add_argument("--log-file", required=True)
-    p.add_argument("--cache-size", default=daemon.DEFAULT_CACHE_SIZE)
-    p.add_argument("-o", dest="options", action="append", default=[])
-    p.add_argument("--census", default=None)
-    a = p.parse_args(argv)
-    mf = load_mfusepy()
-    wrapper = mf.FUSE._wrapper
-    if a.census:
-        lock = threading.Lock()
-        counts: dict[str, list] = collections.defaultdict(lambda: [0, 0])
-        inner = wrapper
-
-        def counted(self, func, *args, **kw):
-            t0 = time.perf_counter_ns()
-            try:
-                return inner(self, func, *args, **kw)
-            finally:
-                dt = time.perf_counter_ns() - t0
-                with lock:
-                    c = counts[func.__name__]
-                    c[0] += 1
-                    c[1] += dt
-
-        wrapper = counted
-        out = Path(a.census)
-
-        def watcher():
-            req = out / "req"
-            while True:
-                if req.exists():
-                    tag = req.read_text().strip()
-                    with lock:
-                        snap = {k: {"calls": v[0], "ns": v[1]} for k, v in counts.items()}
-                    snap["_cpu_s"] = self_cpu()
-                    tmp = out / f"{tag}.json.tmp"
-                    tmp.write_text(json.dumps(snap))
-                    tmp.rename(out / f"{tag}.json")
-                    req.unlink()
-                time.sleep(0.01)
-
-        threading.Thread(target=watcher, daemon=True).start()
-    mf.FUSE._wrapper = wrapper
-    daemon.run_foreground(a.store, a.mountpoint, options=a.options, cache_size=parse_size(a.cache_size),
-                          log_file=a.log_file)
-    return 0
-
-
-class ToolDaemonMount:
-    """A daemon from this file's --_daemon mode for the duration of a with-block."""
-
-    def __init__(self, store: Path, mp: str, log_file: Path, variant: str = "", census_dir: Path | None = None):
-        self.argv = [sys.executable, str(Path(__file__).resolve()), "--_daemon", str(store), mp,
-                     "--log-file", str(log_file)]
-        for part in filter(None, variant.split("+")):
-            opts, cache = VARIANTS[part]
-            self.argv += [x for o in opts for x in ("-o", o)]
-            if cache is not None:
-                self.argv += ["--cache-size", cache]
-        if census_dir is not None:
-            self.argv += ["--census", str(census_dir)]
-        self.mp, self.log_file = mp, log_file
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def __enter__(self) -> "ToolDaemonMount":
-        CLEANUP.add_mount(self.mp)
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        CLEANUP.procs.append(self.proc)
-        stats = os.path.join(self.mp, ".pcrfs", "stats")
-        deadline = time.monotonic() + 30
-        while not (daemon.mount_entry(self.mp) is not None and os.path.exists(stats)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"the variant daemon did not mount; see {self.log_file}")
-            time.sleep(0.02)
-        return self
-
-    def stats(self) -> dict:
-        with open(os.path.join(self.mp, ".pcrfs", "stats"), "rb") as f:
-            return json.loads(f.read())
-
-    def __exit__(self, *exc) -> None:
-        if daemon.mount_entry(self.mp) is not None:
-            try:
-                daemon.umount(self.mp, echo=quiet)
-            except daemon.MountError:
-                unmount_any(self.mp)
-        if self.proc is not None:
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                stop_process(self.proc)
-            CLEANUP.procs.remove(self.proc)
-            self.proc = None
-
-
-def census(ctx, variant: str = "") -> dict:
-    """Requests per file and Python time per request during walk, first and second pass of MNT/full."""
-    outdir = Path(tempfile.mkdtemp(prefix="census-", dir=ctx.work))
-
-    def snap(tag):
-        (outdir / "req").write_text(tag)
-        deadline = time.monotonic() + 10
-        while not (outdir / f"{tag}.json").exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("census daemon did not answer")
-            time.sleep(0.005)
-        return json.loads((outdir / f"{tag}.json").read_text())
-
-    try:
-        with ToolDaemonMount(ctx.store, ctx.mnt_pcrfs, ctx.work / "census-daemon.log", variant, outdir) as m:
-            root = os.path.join(ctx.mnt_pcrfs, "full")
-            paths = [os.path.join(root, r) for r in ctx.order]
-            s0 = snap("start")
-            walk(root)
-            s1 = snap("walk")
-            p1 = timed_pass(paths, m.pid)
-            s2 = snap("first")
-            p2 = timed_pass(paths, m.pid)
-            s3 = snap("second")
-    finally:
-        shutil.rmtree(outdir, ignore_errors=True)
-    n = len(paths)
-
-    def delta(a, b, secs):
-        ops = {}
-        py_ns = 0
-        for k, v in b.items():
-            if k.startswith("_"):
-                continue
-            calls = v["calls"] - a.get(k, {}).get("calls", 0)
-            ns = v["ns"] - a.get(k, {}).get("ns", 0)
-            if calls:
-                ops[k] = {"calls": calls, "per_file": round(calls / n, 3), "us_per_call": round(ns / calls / 1e3, 1)}
-                py_ns += ns
-        out = {"ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["calls"])),
-               "requests_per_file": round(sum(o["calls"] for o in ops.values()) / n, 3),
-               "python_callback_ms_per_file": round(py_ns / n / 1e6, 4),
-               "daemon_cpu_ms_per_file": round((b["_cpu_s"] - a["_cpu_s"]) * 1e3 / n, 4)}
-        if secs:
-            out["wall_ms_per_file"] = round(secs * 1e3 / n, 4)
-        return out
-
-    return {"variant": variant or "default",
-            "note": "an instrumented copy of the daemon (mfusepy FUSE._wrapper timed); the timing adds a "
-                    "little per call. python_callback = wall time inside the Python callbacks; daemon_cpu - "
-                    "python_callback is spent in libfuse, ctypes and the kernel side of /dev/fuse",
-            "walk": delta(s0, s1, None), "first": delta(s1, s2, p1["seconds"]), "second": delta(s2, s3, p2["seconds"]),
-            "first_files_per_s": round(p1["files_per_s"]), "second_files_per_s": round(p2["files_per_s"])}
-
-
-def reader_microbench(ctx) -> dict:
-    """The store/view layers in process, without FUSE: cost per file of the daemon's read path."""
-    try:
-        return _reader_microbench(ctx)
-    except Exception as e:  # noqa: BLE001 - pcrfs internals change; the rest of the report stands
-        return {"error": f"{type(e).__name__}: {e}"}
-
-
-def _record_name(r: int) -> str:
-    from pcrfs.store import format as fmt
-    return fmt.record_name(r)
-
-
-def _reader_microbench(ctx) -> dict:
-    from pcrfs.store.reader import open_store
-    from pcrfs.views import ViewTree
-
-    out: dict = {}
-    pc = time.perf_counter
-    with open_store(ctx.store, cache_bytes=256 << 20) as st:
-        n, k = st.num_images, st.num_groups
-        tree = ViewTree(st)
-        paths = ["/full/" + r for r in ctx.rel]
-        t0 = pc()
-        nodes = [tree.resolve(p) for p in paths]
-        out["ViewTree.resolve_us"] = (pc() - t0) / n * 1e6
-        t0 = pc()
-        for i in range(n):
-            st.ranges(i, k)
-        out["Store.ranges_us"] = (pc() - t0) / n * 1e6
-        t0 = pc()
-        sizes = [tree.attr(nd).size for nd in nodes]
-        out["ViewTree.attr_us"] = (pc() - t0) / n * 1e6
-        t0 = pc()
-        for nd, size in zip(nodes, sizes):
-            tree.read(nd, 0, size)
-        out["ViewTree.read_whole_file_cold_cache_us"] = (pc() - t0) / n * 1e6
-        out["preads_per_file"] = getattr(st.records, "requests", 0) / n
-        t0 = pc()
-        for nd, size in zip(nodes, sizes):
-            tree.read(nd, 0, size)
-        out["ViewTree.read_whole_file_group_cache_hit_us"] = (pc() - t0) / n * 1e6
-    with open_store(ctx.store) as st:  # the bare minimum a read needs: every group pread + CRC-32
-        import zlib
-        rngs = [[(r.record, r.offset, r.length) for r in st.ranges(i, k)] for i in range(n)]
-        fds = {}
-        try:
-            for rl in rngs:
-                for rec, _, _ in rl:
-                    if rec not in fds:
-                        fds[rec] = os.open(ctx.store / _record_name(rec), os.O_RDONLY)
-            t0 = pc()
-            for rl in rngs:
-                for rec, off, length in rl:
-                    zlib.crc32(os.pread(fds[rec], length, off))
-            out["floor_pread_crc_per_group_us_per_file"] = (pc() - t0) / n * 1e6
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
-
-
 # ---- the run -----------------------------------------------------------------------------
 
 class Ctx:
@@ -934,45 +384,13 @@ KERNEL_TARGETS = {  # issue #14: ratios side by side in one run, daemon CPU per 
 }
 
 
-def daemon_cpu_s(pid: int | None) -> float:
-    """CPU seconds of every thread of ``pid`` from /proc/PID/task/*/schedstat (nanoseconds:
-    /proc/PID/stat counts 10 ms ticks, 1.9 us per file over 5,248 files, too coarse for a
-    second pass); libfuse's worker threads live as long as the mount (max_idle_threads)."""
-    if pid is None:
-        return 0.0
-    total = 0
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                    total += int(f.read().split()[0])
-            except (OSError, IndexError, ValueError):
-                continue
-    except OSError:
-        return cpu_s(pid)
-    return total / 1e9
-
-
-def read_pass_os(paths: list[str]) -> tuple[float, int]:
-    """os.open + fstat + os.read + os.close per file: no isatty ioctl (Python's open() sends one)."""
-    nbytes = 0
-    t0 = time.perf_counter()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            nbytes += len(os.read(fd, os.fstat(fd).st_size + 1))
-        finally:
-            os.close(fd)
-    return time.perf_counter() - t0, nbytes
-
-
 def timed_pass_precise(paths: list[str], server_pid: int | None, reader=read_pass) -> dict:
-    s0 = daemon_cpu_s(server_pid)
-    secs, nbytes = reader(paths)
-    s1 = daemon_cpu_s(server_pid)
-    n = len(paths)
-    return {"seconds": secs, "files": n, "bytes": nbytes, "files_per_s": n / secs,
-            "server_cpu_ms_per_file": (s1 - s0) * 1e3 / n}
+    """One reader pass; the server's CPU from its threads' schedstat (ns: a few µs per file show)."""
+    with Meter(server_pid, precise=True) as m:
+        _, nbytes = reader(paths)
+    r = m.per_item(len(paths))
+    return {"seconds": r["seconds"], "files": len(paths), "bytes": nbytes, "files_per_s": r["items_per_s"],
+            "server_cpu_ms_per_file": r.get("daemon_us_per_item", 0.0) / 1e3}
 
 
 def _reader_proc(paths: list[str], part: int, parts: int, go, done) -> None:
@@ -994,13 +412,13 @@ def multi_pass(paths: list[str], readers: int, server_pid: int | None) -> dict:
     for p in procs:
         p.start()
     time.sleep(0.2)  # every reader started and waiting
-    s0 = daemon_cpu_s(server_pid)
+    s0 = threads_cpu_s(server_pid)
     t0 = time.perf_counter()
     go.set()
     for _ in procs:
         done.get()
     secs = time.perf_counter() - t0
-    s1 = daemon_cpu_s(server_pid)
+    s1 = threads_cpu_s(server_pid)
     for p in procs:
         p.join()
     n = len(paths)
@@ -1040,37 +458,18 @@ def kernel_prepare(work: Path, per_class: int, seed: int, workers: int) -> dict:
     return info
 
 
-def warm_store(store: Path) -> None:
-    """Every record file into the page cache (the table's premise: records page-cached)."""
-    for f in sorted(store.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                while fh.read(1 << 22):
-                    pass
-
-
 def measure_mount_case(store: Path, mp: Path, work: Path, view: str, compiled: bool, readers: int,
                        rel: list[str]) -> dict:
-    env_before = os.environ.get("PCRFS_NO_FASTPATH")
-    if compiled:
-        os.environ.pop("PCRFS_NO_FASTPATH", None)
-    else:
-        os.environ["PCRFS_NO_FASTPATH"] = "1"
-    try:
-        warm_store(store)
-        with PcrfsMount(store, mp, work / "kernel-mount.log") as m:
-            root = os.path.join(m.mp, view)
-            walk(root)  # ImageFolder's listing, not timed
-            paths = [os.path.join(root, r) for r in rel]
-            first = multi_pass(paths, readers, m.pid)
-            second = multi_pass(paths, readers, m.pid)
-            second_os = timed_pass_precise(paths, m.pid, read_pass_os) if readers == 1 else None
-            doc = json.loads(os.getxattr(m.mp, "user.pcrfs.stats"))
-    finally:
-        if env_before is None:
-            os.environ.pop("PCRFS_NO_FASTPATH", None)
-        else:
-            os.environ["PCRFS_NO_FASTPATH"] = env_before
+    warm(store)  # the table's premise: store records page-cached
+    env = {"PCRFS_NO_FASTPATH": None if compiled else "1"}
+    with PcrfsMount(store, mp, work / "kernel-mount.log", env=env) as m:
+        root = os.path.join(m.mp, view)
+        walk(root)  # ImageFolder's listing, not timed
+        paths = [os.path.join(root, r) for r in rel]
+        first = multi_pass(paths, readers, m.pid)
+        second = multi_pass(paths, readers, m.pid)
+        second_os = timed_pass_precise(paths, m.pid, read_pass_os) if readers == 1 else None
+        doc = m.stats()
     out = {"first": first, "second": second, "eio": doc["errors"]["eio"]}
     if second_os is not None:
         out["second_os"] = second_os
@@ -1099,9 +498,11 @@ def kernel_main(argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
     mp = work / "mnt"
     mp.mkdir(exist_ok=True)
-    if daemon.mount_entry(str(mp)) is not None:
+    if is_mounted(mp):
         ap.error(f"{mp} is mounted; unmount it first")
-    started = datetime.datetime.now(datetime.timezone.utc)
+    run = Run("tools/bench_read.py", ["kernel"] + argv, packages=KERNEL_PACKAGES)
+    run.machine["libfuse_pcrfs_binding"] = libfuse_binding()
+    on_signals()
     try:
         info = kernel_prepare(work, args.per_class, args.seed, args.workers)
         rel = walk(str(work / "full"))
@@ -1123,7 +524,10 @@ def kernel_main(argv: list[str]) -> int:
                     r["second_os"] = timed_pass_precise(plain_paths, None, read_pass_os)
                 else:
                     r = measure_mount_case(work / "store", mp, work, view, compiled, readers, rel)
-                r["loadavg"] = os.getloadavg()
+                    if compiled and not r["compiled"]:
+                        log("WARNING: the compiled path is not in use (not built? see the mount log); "
+                            "the 'compiled' rows measure the Python path")
+                r["loadavg"] = loadavg()
                 loads.append(r["loadavg"][0])
                 raw.setdefault(key, []).append(r)
                 log(f"round {rnd + 1} {key:22s} first {r['first']['files_per_s']:8.0f} "
@@ -1162,13 +566,8 @@ def kernel_main(argv: list[str]) -> int:
             targets[name] = {"target": f"{op} {bound}", "value": value,
                              "met": value >= bound if op == ">=" else value <= bound}
             log(f"target {name}: {value} ({op} {bound}) {'met' if targets[name]['met'] else 'MISSED'}")
-        result = {
-            "tool": "tools/bench_read.py kernel",
-            "command": " ".join(["python3", "tools/bench_read.py", "kernel"] + argv),
-            "started_utc": started.isoformat(timespec="seconds"),
+        result = run.doc(**{
             "loadavg_1min": {"min": min(loads), "median": med(loads), "max": max(loads)},
-            "machine": machine_info(),
-            "pcrfs_source": source_state(),
             "dataset": info,
             "config": {"rounds": args.rounds, "reader": "open(p, 'rb'); f.read(); close per file; 2 readers: "
                        "two processes, file j to reader j % 2; second_os_open: a third pass, os.open + fstat + "
@@ -1176,20 +575,15 @@ def kernel_main(argv: list[str]) -> int:
                        "the view; store records page-cached", "daemon_cpu": "sum over the daemon's threads of /proc/PID/task/TID/schedstat "
                        "(ns on CPU)"},
             "table": table, "targets": targets, "raw_rounds": raw,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        doc = json.loads(args.out.read_text()) if args.out.exists() else {}
-        doc["kernel_speed"] = result  # next to the ratarmount comparison the default mode writes
-        args.out.write_text(json.dumps(doc, indent=1, default=float) + "\n")
-        log(f"wrote {args.out} (kernel_speed)")
+        })
+        # next to the ratarmount comparison the default mode writes
+        write_json(args.out, result, key="kernel_speed")
     finally:
         CLEANUP.all()
     return 0
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--_daemon":
-        return hidden_daemon(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "kernel":
         return kernel_main(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -1234,18 +628,19 @@ def main() -> int:
     ctx.mnt_pcrfs, ctx.mnt_ratar = str(ctx.work / "mnt-pcrfs"), str(ctx.work / "mnt-ratar")
     ctx.ratarmount = ratarmount
     for mp in (ctx.mnt_pcrfs, ctx.mnt_ratar):
-        if daemon.mount_entry(mp) is not None:
+        if is_mounted(mp):
             ap.error(f"{mp} is mounted; unmount it first")
         os.makedirs(mp, exist_ok=True)
     colds = ["remount", "drop"] if args.cold == "both" else [args.cold]
     if "drop" in colds and not can_drop_caches():
         log("cannot write /proc/sys/vm/drop_caches: measuring --cold remount only")
         colds = ["remount"]
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    on_signals()
+    run = Run("tools/bench_read.py", packages=PACKAGES)
+    run.machine["libfuse_pcrfs_binding"] = libfuse_binding()
+    if run.machine["packages"].get("ratarmount") is None:  # installed apart from this Python
+        said = subprocess.run([ratarmount, "--version"], capture_output=True, text=True, timeout=60).stdout
+        run.machine["packages"]["ratarmount"] = said.split("\n", 1)[0].removeprefix("ratarmount ").strip() or None
     try:
         prep = prepare(ctx)
         ctx.rel = walk(str(ctx.full_dir))
@@ -1288,7 +683,7 @@ def main() -> int:
                     r = measure_decode(ctx)
                     msg = f"{r['images_per_s']:.1f} images/s on one core"
                 r["round"] = rnd + 1
-                r["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+                r["loadavg_1min_after"] = loadavg()[0]
                 raw[key].append(r)
                 log(f"round {rnd + 1}/{args.rounds}  {key:28s} {msg}  (load {r['loadavg_1min_after']})")
 
@@ -1390,11 +785,15 @@ def main() -> int:
         if args.profile == "always" or (args.profile == "auto" and missed):
             log("profiling the pcrfs daemon (py-spy) during an extra first pass over MNT/full ...")
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            profile = profile_first_pass(ctx, args.out.parent.resolve() / "bench_read_profile.txt")
+            profile = profile_first_pass(ctx.store, ctx.mnt_pcrfs, "full", ctx.order, ctx.work,
+                                         args.out.parent.resolve() / "bench_read_profile.txt",
+                                         args.profile_passes, args.profile_rate)
             for row in profile.get("self", [])[:12]:
                 log(f"  self {row['share']:6.1%}  {row['function']}")
             log("request census (instrumented daemon) ...")
-            profile["census"] = [census(ctx)] + [census(ctx, v) for v in args.variants if "pinned" in v][:1]
+            profile["census"] = [census(ctx.store, ctx.mnt_pcrfs, "full", ctx.order, ctx.work)] + [
+                census(ctx.store, ctx.mnt_pcrfs, "full", ctx.order, ctx.work, v)
+                for v in args.variants if "pinned" in v][:1]
             for cen in profile["census"]:
                 for phase in ("first", "second"):
                     c = cen[phase]
@@ -1403,24 +802,15 @@ def main() -> int:
                         f"wall {c.get('wall_ms_per_file')} ms/file: "
                         + ", ".join(f"{op} {o['per_file']}x{o['us_per_call']}us" for op, o in c["ops"].items()))
             log("in-process read-path microbenchmark ...")
-            profile["reader_microbench"] = reader_microbench(ctx)
+            profile["reader_microbench"] = reader_microbench(ctx.store, ctx.rel)
             log(f"  {profile['reader_microbench']}")
 
-        doc = {
-            "tool": "tools/bench_read.py",
-            "command": " ".join(["python3"] + sys.argv),
-            "started_utc": started.isoformat(timespec="seconds"),
-            "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
-            "machine": machine_info(),
-            "pcrfs_source": source_state(),
+        doc = run.doc(**{
             "config": {"rounds": args.rounds, "views": args.views, "cold": colds, "order": args.order,
                        "per_class": args.per_class, "seed": args.seed, "decode_sample": args.decode_sample,
                        "fincore_sample": args.fincore_sample, "ratarmount_args": args.ratarmount_args,
-                       "variants": {v: "the pcrfs daemon started by this tool (--_daemon) with: " + "; ".join(
-                           {"cache0": "--cache-size 0 (no scan-group LRU)", "nothreads": "-o nothreads (libfuse "
-                            "single-threaded loop: callbacks on Python's main thread)", "pinned": "each libfuse "
-                            "worker thread keeps its PyThreadState (PyGILState_Ensure once, never released)"}[x]
-                           for x in v.split("+")) for v in args.variants},
+                       "variants": {v: "the pcrfs daemon started by tools/profile_read.py (--_daemon) with: "
+                                    + "; ".join(VARIANT_DOC[x] for x in v.split("+")) for v in args.variants},
                        "reader": "one thread: open(p, 'rb'); f.read(); close, every file once per pass",
                        "walk": "os.walk of the mount before the first pass (timed as walk_s, not in the passes)",
                        "cold_remount": "fresh mount before the first pass; backing store/tar in the host page cache",
@@ -1434,36 +824,19 @@ def main() -> int:
             "earlier_measurements_to_verify": EARLIER,
             "profile": profile,
             "raw_rounds": raw,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1, default=float) + "\n")
-        log(f"wrote {args.out}")
+        })
+        if args.out.exists() and "kernel_speed" in (old := json.loads(args.out.read_text())):
+            doc["kernel_speed"] = old["kernel_speed"]  # the kernel mode's table lives in the same file
+        write_json(args.out, doc)
         plot(doc, args.png)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         CLEANUP.all()
-        left = [mp for mp in (ctx.mnt_pcrfs, ctx.mnt_ratar) if daemon.mount_entry(mp) is not None]
+        left = [mp for mp in (ctx.mnt_pcrfs, ctx.mnt_ratar) if is_mounted(mp)]
         if left:
             log(f"WARNING: still mounted: {left}")
     return 0
-
-
-def source_state() -> dict:
-    """Which pcrfs code was measured: HEAD, files differing from it, a hash of pcrfs/**/*.py."""
-    import hashlib
-
-    def git(*a):
-        r = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-
-    h = hashlib.sha1()
-    for f in sorted((REPO / "pcrfs").rglob("*.py")):
-        h.update(str(f.relative_to(REPO)).encode())
-        h.update(f.read_bytes())
-    status = git("status", "--porcelain", "--", "pcrfs")
-    return {"head": git("rev-parse", "HEAD"), "pcrfs_py_sha1": h.hexdigest(),
-            "pcrfs_changed_vs_head": status.splitlines() if status else []}
 
 
 def libfuse_of(pid: int | None) -> str | None:
@@ -1476,34 +849,19 @@ def libfuse_of(pid: int | None) -> str | None:
         return None
 
 
-def machine_info() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
 
+
+def libfuse_binding() -> str:
+    """The libfuse version the pcrfs binding loads (3.x where installed)."""
     from pcrfs.fuse import load_mfusepy
-    mfusepy = load_mfusepy()  # the binding the pcrfs daemon uses (libfuse 3 where installed)
 
-    def ver(p):
-        try:
-            return version(p)
-        except PackageNotFoundError:
-            return None
-
-    from machine import cpu_model, memory_gb
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "pcrfs": pcrfs.__version__, "ratarmount": ver("ratarmount"), "ratarmountcore": ver("ratarmountcore"),
-            "mfusepy": ver("mfusepy"),
-            "libfuse_pcrfs_binding": f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}",
-            "pillow": ver("pillow"), "mem_gb": memory_gb()}
+    mfusepy = load_mfusepy()
+    return f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}"
 
 
 def plot(doc: dict, png: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     s = doc["summary"]
     labels, first, second, mb1, mb2 = [], [], [], [], []
@@ -1557,10 +915,7 @@ def plot(doc: dict, png: Path) -> None:
                  f"median of {doc['config']['rounds']} rounds ({doc['machine']['cores']} cores)", fontsize=11)
     fig.text(0.5, 0.005, met, ha="center", fontsize=6.5, wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    log(f"wrote {png}")
+    save(fig, png)
 
 
 if __name__ == "__main__":

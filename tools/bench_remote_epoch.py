@@ -34,201 +34,27 @@ Writes ``results/bench_remote_epoch.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import http.client
-import http.server
 import io
 import json
 import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys.path)
+from benchlib import log  # noqa: E402
+from benchlib.mounts import CLEANUP, PcrfsMount  # noqa: E402
+from benchlib.proc import cpu_s, loadavg  # noqa: E402
+from benchlib.remote import BUCKET, S3RVER_ENV, LinkProxy, S3rver, store_files, upload  # noqa: E402,F401
+from benchlib.results import Run, write_json  # noqa: E402
 
-LOOPBACK = "127.0.0.1"
-BUCKET = "pcrfs-bench"
-S3RVER_ENV = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1",
-              "AWS_EC2_METADATA_DISABLED": "true"}
 VIEWS = ["scan1", "scan2", "scan5", "full"]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            socket.create_connection((LOOPBACK, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
-
-
-# ---- the slow link: a counting proxy with latency and a shared rate ------------------------------
-
-class _Link:
-    def __init__(self, upstream: int, latency: float, rate: float) -> None:
-        from pcrfs.remote.bwlimit import TokenBucket
-
-        self.upstream = upstream
-        self.latency = latency
-        self.bucket = TokenBucket(rate, burst=64 * 1024)
-        self.lock = threading.Lock()
-        self.counts = {"requests": 0, "gets": 0, "record_gets": 0, "bytes": 0}
-        self.local = threading.local()
-
-    def count(self, key: str, n: int = 1) -> None:
-        with self.lock:
-            self.counts[key] += n
-
-    def conn(self) -> http.client.HTTPConnection:
-        c = getattr(self.local, "conn", None)
-        if c is None:
-            c = self.local.conn = http.client.HTTPConnection(LOOPBACK, self.upstream, timeout=60)
-        return c
-
-
-class _LinkHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: "_LinkServer"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _stats(self) -> None:
-        with self.server.link.lock:
-            body = json.dumps(self.server.link.counts).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _forward(self) -> None:
-        link = self.server.link
-        if self.path == "/__link_stats":
-            return self._stats()
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
-        link.count("requests")
-        if self.command == "GET":
-            link.count("gets")
-            if "/records/" in self.path:
-                link.count("record_gets")
-        time.sleep(link.latency)  # the round trip
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
-        for attempt in range(2):
-            conn = link.conn()
-            try:
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                break
-            except (ConnectionError, http.client.HTTPException):
-                conn.close()
-                link.local.conn = None
-                if attempt:
-                    raise
-        self.send_response(resp.status, resp.reason)
-        n = resp.getheader("Content-Length")
-        for k, v in resp.getheaders():
-            if k.lower() not in ("transfer-encoding", "connection", "server", "date"):
-                self.send_header(k, v)
-        if n is None:
-            data = resp.read()
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            chunks = [data]
-        else:
-            self.end_headers()
-            chunks = iter(lambda: resp.read(64 * 1024), b"")
-        for chunk in chunks:
-            link.bucket.consume(len(chunk))  # the shared link's rate
-            link.count("bytes", len(chunk))
-            if self.command != "HEAD":
-                self.wfile.write(chunk)
-
-    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
-
-
-class _LinkServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-def serve_link(port: int, upstream: int, latency: float, rate: float) -> None:
-    server = _LinkServer((LOOPBACK, port), _LinkHandler)
-    server.link = _Link(upstream, latency, rate)
-    server.serve_forever()
-
-
-class LinkProxy:
-    """The proxy in its own process (so its threads do not share a GIL with the loader)."""
-
-    def __init__(self, upstream: int, latency: float, rate: float, log_file: Path) -> None:
-        self.port = free_port()
-        self.endpoint = f"http://{LOOPBACK}:{self.port}"
-        self._log = open(log_file, "ab")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-link", str(self.port), str(upstream),
-                                      str(latency), str(rate)], stdout=self._log, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc, "link proxy")
-
-    def counts(self) -> dict:
-        with urllib.request.urlopen(f"{self.endpoint}/__link_stats", timeout=10) as r:
-            return json.loads(r.read())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self._log.close()
-
-
-class S3rver:
-    def __init__(self, npm_cache: Path, data: Path, log_file: Path) -> None:
-        exe = npm_cache / "node_modules" / ".bin" / "s3rver"
-        if not exe.exists():
-            log(f"installing s3rver@3.7.1 into {npm_cache} (npm)")
-            npm_cache.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(npm_cache), "s3rver@3.7.1"],
-                           check=True, stdout=subprocess.DEVNULL)
-        data.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.endpoint = f"http://{LOOPBACK}:{self.port}"
-        self._log = open(log_file, "ab")
-        self.proc = subprocess.Popen([str(exe), "-d", str(data), "-a", LOOPBACK, "-p", str(self.port), "--silent",
-                                      "--allow-mismatched-signatures", "--configure-bucket", BUCKET],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc, "s3rver")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -267,19 +93,6 @@ def make_shards(src: Path, out: Path, shards: int) -> list[Path]:
                     tar.addfile(info, io.BytesIO(data))
         paths.append(path)
     return paths
-
-
-def upload(files: list[tuple[Path, str]], endpoint: str) -> None:
-    from pcrfs.remote.fs import RemoteOptions, filesystem
-
-    fs = filesystem(f"s3://{BUCKET}", RemoteOptions(endpoint_url=endpoint))
-    for local, key in files:
-        fs.put_file(str(local), f"{BUCKET}/{key}")
-
-
-def store_files(store: Path, prefix: str) -> list[tuple[Path, str]]:
-    files = sorted(p for p in store.rglob("*") if p.is_file() and p.name != "pcr.yaml")
-    return [(p, f"{prefix}/{p.relative_to(store)}") for p in files] + [(store / "pcr.yaml", f"{prefix}/pcr.yaml")]
 
 
 # ---- epochs -----------------------------------------------------------------------------------------
@@ -346,19 +159,12 @@ def wds_epoch(urls: list[str], workers: int, batch: int, seed: int, loader: str 
     return {"seconds": round(time.perf_counter() - t0, 3), "images": n}
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def delta(after: dict, before: dict) -> dict:
     return {k: after[k] - before[k] for k in after}
 
 
 def mounted_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Path, local_store: Path) -> list[dict]:
     """Epochs 1 and 2 of ``view`` on a fresh mount in ``mode``; one row per epoch."""
-    from pcrfs.fuse import daemon
     from pcrfs.remote.fs import RemoteOptions
     from pcrfs.sampling import RecordShuffleSampler
     from pcrfs.store.reader import ReadOptions
@@ -373,10 +179,8 @@ def mounted_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Pa
                        record_prefix=mode != "images",
                        # readahead's window would raise the memory cache to 4 x 16M; a sampler needs none
                        readahead_bytes=0 if mode == "sampler" else None)
-    info = daemon.mount(url, mnt, cache_size=cache_size, read_options=opts, log_file=work / "logs" / "mount.log",
-                        echo=lambda m: None)
     rows = []
-    try:
+    with PcrfsMount(url, mnt, work / "logs" / "mount.log", cache_size=cache_size, read_options=opts) as m:
         sampler = None
         if mode == "sampler":
             from pcrfs.store.reader import open_store
@@ -386,23 +190,20 @@ def mounted_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Pa
         for epoch in (1, 2):
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            before, cpu0 = proxy.counts(), cpu_seconds(info.pid)
+            before, cpu0 = proxy.counts(), cpu_s(m.pid)
             r = imagefolder_epoch(mnt / view, args.workers, args.batch, epoch, sampler, args.loader)
-            link, cpu = delta(proxy.counts(), before), cpu_seconds(info.pid) - cpu0
+            link, cpu = delta(proxy.counts(), before), cpu_s(m.pid) - cpu0
             r.update(mode=mode, view=view, epoch=epoch, link=link,
                      gets_per_image=round(link["gets"] / max(r["images"], 1), 4),
                      record_gets_per_image=round(link["record_gets"] / max(r["images"], 1), 4),
                      daemon_cpu_us_per_image=round(1e6 * cpu / max(r["images"], 1), 1),
-                     loadavg=os.getloadavg()[0])
+                     loadavg=loadavg()[0])
             if sampler is not None:
                 r["window"] = sampler.window
             rows.append(r)
             log(f"  {mode:7s} {view:5s} epoch {epoch}: {r['seconds']:6.1f}s  {link['bytes'] / 1e6:6.1f} MB  "
                 f"{r['gets_per_image']:.3f} GET/img  daemon {r['daemon_cpu_us_per_image']} us/img")
-        with open(mnt / ".pcrfs" / "stats", "rb") as f:
-            rows[-1]["mount_io"] = json.loads(f.read()).get("io")
-    finally:
-        daemon.umount(mnt, echo=lambda m: None, timeout=60)
+        rows[-1]["mount_io"] = m.stats().get("io")
     return rows
 
 
@@ -414,7 +215,7 @@ def wds_run(proxy: LinkProxy, shards: list[Path], args) -> list[dict]:
         r = wds_epoch(urls, args.workers, args.batch, epoch, args.loader)
         link = delta(proxy.counts(), before)
         r.update(mode="wds", view="full", epoch=epoch, link=link,
-                 gets_per_image=round(link["gets"] / max(r["images"], 1), 4), loadavg=os.getloadavg()[0])
+                 gets_per_image=round(link["gets"] / max(r["images"], 1), 4), loadavg=loadavg()[0])
         rows.append(r)
         log(f"  wds     full  epoch {epoch}: {r['seconds']:6.1f}s  {link['bytes'] / 1e6:6.1f} MB  {link['gets']} GETs")
     return rows
@@ -461,22 +262,18 @@ def evaluate(rows: list[dict], view_bytes: dict, rate: float) -> dict:
 # ---- main -------------------------------------------------------------------------------------------
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve-link":
-        port, upstream, latency, rate = sys.argv[2:6]
-        serve_link(int(port), int(upstream), float(latency), float(rate))
-        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-remote")
     p.add_argument("--npm-cache", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-npm-s3rver")
     p.add_argument("--per-class", type=int, default=164, help="demo photos per class (8 classes): 1,312")
-    p.add_argument("--record-size", type=int, default=64 << 20)
+    p.add_argument("--record-size", default="64M", help="record size of the store (bytes, or 64M)")
     p.add_argument("--latency", type=float, default=0.020, help="seconds per request")
     p.add_argument("--rate", type=float, default=4e6, help="bytes/s, shared")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--cache-size", default="256M")
     p.add_argument("--sampler-cache", default="256M", help="memory cache of the sampler runs (no disk cache)")
-    p.add_argument("--sampler-record-size", type=int, default=None,
+    p.add_argument("--sampler-record-size", default=None,
                    help="the sampler runs read a copy of the photos in records of this size (e.g. 4M records "
                         "and --sampler-cache 16M: the cache holds a window of records, not the view)")
     p.add_argument("--disk-cache-size", type=int, default=10 << 30)
@@ -493,8 +290,12 @@ def main() -> int:
     from pcrfs.store.verify import cumulative_fractions
     from pcrfs.units import parse_size
 
+    run = Run("tools/bench_remote_epoch.py")
     args.cache_size = parse_size(args.cache_size)
     args.sampler_cache = parse_size(args.sampler_cache)
+    args.record_size = parse_size(args.record_size)  # "4M" as the README writes it, or bytes
+    if args.sampler_record_size:
+        args.sampler_record_size = parse_size(args.sampler_record_size)
     work = args.workdir
     (work / "logs").mkdir(parents=True, exist_ok=True)
     src, store = prepare(work, args.per_class, args.record_size)
@@ -539,10 +340,10 @@ def main() -> int:
         if proxy is not None:
             proxy.stop()
         server.stop()
-    doc = {
+        CLEANUP.all()
+    doc = run.doc(**{
         "benchmark": "bench_remote_epoch",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "date": run.started.isoformat(timespec="seconds"),
         "setting": {"latency_s": args.latency, "rate_bytes_s": args.rate, "images": n_images, "records": n_records,
                     "record_size": args.record_size, "workers": args.workers, "batch": args.batch,
                     "cache_size": args.cache_size, "sampler_cache": args.sampler_cache,
@@ -553,11 +354,8 @@ def main() -> int:
         "view_bytes": view_bytes, "link_seconds": {v: round(b / args.rate, 2) for v, b in view_bytes.items()},
         "wds_bytes": sum(p.stat().st_size for p in shards),
         "rows": rows, "targets": evaluate(rows, view_bytes, args.rate),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    log(f"wrote {args.out}")
+    })
+    write_json(args.out, doc)
     print(json.dumps(doc["targets"], indent=1))
     return 0
 

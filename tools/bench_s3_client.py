@@ -16,7 +16,6 @@ clients' I/O threads), so it does not drift with the machine's load.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -25,11 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from bench_remote_epoch import BUCKET, S3RVER_ENV, S3rver, log  # noqa: E402
+from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys.path)
+from benchlib import log  # noqa: E402
+from benchlib.proc import loadavg  # noqa: E402
+from benchlib.remote import BUCKET, S3RVER_ENV, S3rver  # noqa: E402
+from benchlib.results import Run, write_json  # noqa: E402
 
 KEY = "client-bench/object.bin"
 
@@ -53,6 +52,7 @@ def main() -> int:
     p.add_argument("-n", type=int, default=300)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_s3_client.json")
     a = p.parse_args()
+    run = Run("tools/bench_s3_client.py")
     os.environ.update(S3RVER_ENV)
     (a.workdir / "logs").mkdir(parents=True, exist_ok=True)
     server = S3rver(a.npm_cache, a.workdir / "s3rver", a.workdir / "logs" / "s3rver.log")
@@ -105,13 +105,10 @@ def main() -> int:
     for name, row in out.items():
         if name.endswith("_large"):
             row["cpu_ms_per_mb"] = round(row["cpu_ms"] / (a.large / 1e6), 3)
-    doc = {"benchmark": "bench_s3_client",
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "loadavg": os.getloadavg(), "object_bytes": a.object, "small_bytes": a.small, "large_bytes": a.large,
-           "server": "s3rver 3.7.1 on 127.0.0.1", "results": out,
-           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    doc = run.doc(benchmark="bench_s3_client", date=run.started.isoformat(timespec="seconds"),
+                  loadavg=loadavg(), object_bytes=a.object, small_bytes=a.small, large_bytes=a.large,
+                  server="s3rver 3.7.1 on 127.0.0.1", results=out)
+    write_json(a.out, doc)
     print(json.dumps(out, indent=1))
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,13 +27,16 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys.path)
+from benchlib import log  # noqa: E402
+from benchlib.mounts import CLEANUP, daemon_pid, is_mounted, unmount_pcrfs  # noqa: E402
+from benchlib.plots import pyplot, save  # noqa: E402
+from benchlib.results import Run, write_json  # noqa: E402
 
 import pcrfs  # noqa: E402
 from make_scale_store import make_scale_store  # noqa: E402
-from pcrfs.fuse import daemon  # noqa: E402
+
+PCRFS = [sys.executable, "-m", "pcrfs.cli"]  # the checkout's CLI (a `pcrfs` on PATH may be another install)
 
 NAMES_FILES = ("paths.bin", "path_offsets.npy", "dirs.bin", "dir_offsets.npy")
 
@@ -98,18 +100,21 @@ def bench_size(n: int, work: Path) -> dict:
     index_bytes = sum(f.stat().st_size for f in index_dir.iterdir())
     names_bytes = sum((index_dir / f).stat().st_size for f in NAMES_FILES)
     t_open, store = timed(pcrfs.open_store, store_dir)
-    t_info = run_wall(["pcrfs", "info", str(store_dir)])
+    t_info = run_wall(PCRFS + ["info", str(store_dir)])
 
     plain = work / f"plain-{n}"
     plain.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g,nr_inodes=0", "tmpfs", str(plain)], check=True)
+    CLEANUP.add_mount(str(plain))
     mnt = work / f"mnt-{n}"
     mnt.mkdir()
     result: dict = {"entries": n, "classes": len(store.classes), "make_store_s": round(t_make, 2)}
+    pid = None
     try:
         t_plain, _ = timed(plain_tree, store, plain)
-        t_mount = run_wall(["pcrfs", "mount", str(store_dir), str(mnt)])
-        pid = daemon.read_pid(str(mnt))
+        # the daemon's log in the run's temporary directory: nothing left behind in /run/pcrfs
+        t_mount = run_wall(PCRFS + ["mount", "--log-file", str(work / f"mount-{n}.log"), str(store_dir), str(mnt)])
+        pid = daemon_pid(mnt)
         rss_mount, anon_mount = rss_mb(pid), anon_mb(pid)
         one_class = store.classes[len(store.classes) // 2]
         t_ls_pcr = run_wall(["ls", "-l", str(mnt / "scan1" / one_class)])
@@ -139,20 +144,16 @@ def bench_size(n: int, work: Path) -> dict:
         })
         assert files_pcr == files_plain == n, (files_pcr, files_plain, n)
     finally:
-        if daemon.mount_entry(str(mnt)):
-            daemon.umount(str(mnt))
-        subprocess.run(["umount", str(plain)], check=False)
+        unmount_pcrfs(mnt, pid)
+        if is_mounted(plain):
+            subprocess.run(["umount", str(plain)], check=False)
         store.close()
     return result
 
 
 def plot(results: list[dict], out: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     xs = [r["entries"] for r in results]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -179,7 +180,7 @@ def plot(results: list[dict], out: Path) -> None:
     ax.set(xscale="log", xlabel="entries", ylabel="pcrfs / plain tmpfs tree", title="Metadata cost vs plain tree")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save(fig, out, dpi=110)
 
 
 def main() -> None:
@@ -188,6 +189,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_scale.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "results" / "bench_scale.png")
     args = ap.parse_args()
+    run = Run("tools/bench_scale.py")
     results = []
     with tempfile.TemporaryDirectory(prefix="pcrfs-scale-") as tmp:
         # one untimed ImageFolder first: its first call pays one-time costs (lazy imports)
@@ -196,19 +198,17 @@ def main() -> None:
         warm.mkdir(parents=True)
         (warm / "x.JPEG").touch()
         imagefolder_time(str(warm.parent))
-        for n in args.sizes:
-            r = bench_size(n, Path(tmp))
-            print(json.dumps(r), file=sys.stderr)
-            results.append(r)
-    doc = {"benchmark": "pcrfs at ImageNet scale (metadata)", "command": "python tools/bench_scale.py " +
-           " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "machine": {"nproc": os.cpu_count(), "platform": platform.platform(),
-                       "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
-           "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2))
+        try:
+            for n in args.sizes:
+                r = bench_size(n, Path(tmp))
+                log(json.dumps(r))
+                results.append(r)
+        finally:
+            CLEANUP.all()
+    doc = run.doc(benchmark="pcrfs at ImageNet scale (metadata)", date=run.started.isoformat(timespec="seconds"),
+                  results=results)
+    write_json(args.out, doc)
     plot(results, args.plot)
-    print(f"wrote {args.out} and {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,16 @@ permutation, over one epoch in batches of ``--batch``:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys.path)
+from benchlib import log  # noqa: E402
+from benchlib.proc import loadavg  # noqa: E402
+from benchlib.results import Run, write_json  # noqa: E402
 
 from pcrfs.sampling import RecordShuffleSampler  # noqa: E402
 
@@ -55,6 +54,7 @@ def main() -> int:
     p.add_argument("--windows", default="1,2,4,8,16,32,64,128,256,1024")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_shuffle.json")
     a = p.parse_args()
+    run = Run("tools/bench_shuffle.py")
     labels = np.repeat(np.arange(a.classes), a.per_class)
     record_of = np.arange(len(labels)) // a.per_record
     rows = []
@@ -66,17 +66,14 @@ def main() -> int:
         row = {"window": w, "records_per_window_share": round(w / (record_of[-1] + 1), 4),
                **quality(order, labels, a.classes, a.batch), "cpu_s": round(cpu, 2)}
         rows.append(row)
-        print(row, file=sys.stderr, flush=True)
+        log(str(row))
     uniform = quality(np.random.default_rng(0).permutation(len(labels)), labels, a.classes, a.batch)
     rows.append({"window": "uniform", **uniform})
-    print(rows[-1], file=sys.stderr)
-    doc = {"benchmark": "bench_shuffle",
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "loadavg": os.getloadavg(), "images": len(labels), "classes": a.classes,
-           "per_record": a.per_record, "records": int(record_of[-1] + 1), "batch": a.batch, "rows": rows,
-           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    log(str(rows[-1]))
+    doc = run.doc(benchmark="bench_shuffle", date=run.started.isoformat(timespec="seconds"),
+                  loadavg=loadavg(), images=len(labels), classes=a.classes, per_record=a.per_record,
+                  records=int(record_of[-1] + 1), batch=a.batch, rows=rows)
+    write_json(a.out, doc)
     return 0
 
 

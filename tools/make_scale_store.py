@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-import sys
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchlib import log  # noqa: E402  (puts the checkout first on sys.path)
 from pcrfs.jpeg import scans, turbojpeg  # noqa: E402
 from pcrfs.store import format as fmt  # noqa: E402
 from pcrfs.store.index import Index, StringTable  # noqa: E402
@@ -154,8 +152,8 @@ def main() -> None:
     t0 = time.monotonic()
     m = make_scale_store(args.dest, args.images, args.classes, args.per_record, seed=args.seed)
     du = sum(f.stat().st_size for f in args.dest.rglob("*") if f.is_file())
-    print(f"{m['num_images']} images, {len(m['classes'])} classes, {m['num_records']} records, "
-          f"{du / 2**20:.0f} MiB on disk in {time.monotonic() - t0:.1f}s -> {args.dest}", file=sys.stderr)
+    log(f"{m['num_images']} images, {len(m['classes'])} classes, {m['num_records']} records, "
+        f"{du / 2**20:.0f} MiB on disk in {time.monotonic() - t0:.1f}s -> {args.dest}")
 
 
 if __name__ == "__main__":

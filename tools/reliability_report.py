@@ -14,9 +14,9 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import REPO  # noqa: E402  (the checkout's root)
+
 RESULTS = REPO / "results" / "reliability.json"
 
 # (section, counter) pairs: a fault injected and the count of those the system survived
