@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=30).filter(
     lambda s: s == s.strip())
 _PATH = _TEXT.map(lambda s: "/" + s)  # the store, the mount point and files reach the daemon absolute
+_NEW_PATH = _TEXT.map(lambda s: "/nonexistent-pcrfs-test/" + s)  # click checks what an existing path is
 _SIZE = st.integers(0, 2**50).map(str) | st.tuples(st.integers(0, 2**20), st.sampled_from("KMG")).map(
     lambda t: f"{t[0]}{t[1]}")
 _FUSE = st.sampled_from(["allow_other", "nonempty", "debug", "default_permissions", "max_read=131072",
@@ -41,8 +42,8 @@ KIND_VALUES = {
     "rate": st.integers(1, 2**50).map(str) | st.integers(1, 2**20).map(lambda n: f"{n}M/s"),
     "switch": st.sampled_from(["auto", "on", "off"]),
     "text": _TEXT,
-    "file": _PATH,
-    "dir": _TEXT,
+    "file": _NEW_PATH,
+    "dir": _NEW_PATH,
     "flag": st.booleans(),
     "fuse": st.lists(_FUSE, max_size=4).map(tuple),
 }

@@ -87,8 +87,9 @@ class MountOption:
     default: str | None = None  # as typed on a command line; None: not set
     metavar: str | None = None
     show_default: bool = False
-    flags: tuple[str, ...] = ()         # command-line spellings, when not just --name-with-dashes
-    fstab: tuple[str, str] | None = None  # (VALUE, help) of mount.pcrfs's `-o name=VALUE`; None: no fstab key
+    flags: tuple[str, ...] = ()     # command-line spellings, when not just --name-with-dashes
+    fstab: str | None = None        # mount.pcrfs's help for `-o name=VALUE`; None: not an fstab key
+    fstab_value: str | None = None  # VALUE there, when not the metavar
 
     @property
     def cli_flags(self) -> tuple[str, ...]:
@@ -118,37 +119,37 @@ OPTIONS: tuple[MountOption, ...] = (
                      "start of scan5's); 0 disables it. For a remote store it holds every group fetched; "
                      "for a local one only groups a read cuts in two (the kernel's page cache already "
                      "holds the record files and the served files).",
-                fstab=("SIZE", f"memory for verified scan groups [default: {DEFAULT_CACHE_SIZE}]")),
+                fstab_value="SIZE", fstab=f"memory for verified scan groups [default: {DEFAULT_CACHE_SIZE}]"),
     MountOption("log_file", "file",
                 help="Where the daemon logs (errors such as damaged groups are named there) "
                      "[default: /run/pcrfs/<mount>.log for root, else under $XDG_RUNTIME_DIR or /tmp].",
-                fstab=("PATH", "the daemon's log [default: /run/pcrfs/<mount>.log for root]")),
+                fstab_value="PATH", fstab="the daemon's log [default: /run/pcrfs/<mount>.log for root]"),
     MountOption("endpoint_url", "text", metavar="URL",
                 help="S3-compatible endpoint for an s3:// STORE (MinIO, Ceph, moto ...) [default: AWS, "
                      "or $AWS_ENDPOINT_URL]. Credentials and region come from the usual AWS variables/files.",
-                fstab=("URL", "S3-compatible endpoint of a store at an s3:// URL")),
+                fstab="S3-compatible endpoint of a store at an s3:// URL"),
     MountOption("bwlimit", "rate", metavar="RATE",
                 help="Cap the bandwidth taken from the store, all requests together, e.g. 10M (bytes/s, "
                      "binary units, like rclone's --bwlimit).",
-                fstab=("RATE", "cap the bytes per second taken from a remote store (e.g. 50M)")),
+                fstab="cap the bytes per second taken from a remote store (e.g. 50M)"),
     MountOption("disk_cache", "dir", metavar="DIR",
                 help="Also keep fetched scan groups on local disk in DIR (kept across mounts), so later "
                      "epochs do not download again. Remote stores also keep their index there.",
-                fstab=("DIR", "on-disk cache of verified scan groups of a remote store")),
+                fstab="on-disk cache of verified scan groups of a remote store"),
     MountOption("disk_cache_size", "size", default="10G", show_default=True,
                 help="Size cap of --disk-cache; least recently used images are dropped first.",
-                fstab=("SIZE", "cap of that cache [default: 10G]")),
+                fstab_value="SIZE", fstab="cap of that cache [default: 10G]"),
     MountOption("readahead", "size", metavar="SIZE",
                 help="Budget of one readahead window for reads in image order (a sequential epoch "
                      "fetches groups 1..k of the next images in one request per group); 0 disables "
                      "[default: 16M for remote stores, 0 for local ones].",
-                fstab=("SIZE", "readahead window of a remote store [default: 16M; 0: off]")),
+                fstab="readahead window of a remote store [default: 16M; 0: off]"),
     MountOption("record_prefix", "switch", default="auto", show_default=True,
                 help="Fetch whole record prefixes (groups 1..k of every image of a record, a few large "
                      "requests) instead of k requests per image, when the caches can hold them; auto: on for "
                      "remote stores. See 'Shuffled training from object storage' in the README.",
-                fstab=("MODE", "auto, on or off: fetch whole record prefixes (groups 1..k of\n"
-                               "every image of a record) of a remote store [default: auto]")),
+                fstab_value="MODE", fstab="auto, on or off: fetch whole record prefixes (groups 1..k of\n"
+                                                "every image of a record) of a remote store [default: auto]"),
 )
 BY_NAME: dict[str, MountOption] = {o.name: o for o in OPTIONS}
 FSTAB_KEYS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.fstab)

@@ -39,8 +39,8 @@ def _option_lines() -> str:
     lines = []
     for o in OPTIONS:
         if o.fstab:
-            value, text = o.fstab
-            first, *rest = text.split("\n")
+            value = o.fstab_value or o.metavar
+            first, *rest = o.fstab.split("\n")
             lines.append(f"  {o.name + '=' + value:<22}{first}")
             lines += [" " * 24 + line for line in rest]
     return "\n".join(lines)
