@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 
 from pcrfs.cli import main
-from pcrfs.cli.options import mount_config
+from pcrfs.cli.options import mount_config_from_click
 from pcrfs.fuse import config as cfg
 from pcrfs.fuse.config import OPTIONS, ConfigError, MountConfig, classify_fstab_options
 
@@ -74,7 +74,7 @@ def from_click(store: str, mnt: str, args: list[str]) -> MountConfig:
     """What `pcrfs mount ARGS STORE MNT` would mount: click's parse, then the CLI's conversion."""
     ctx = main.commands["mount"].make_context("mount", [*args, "--", store, mnt])
     params = dict(ctx.params)
-    return mount_config(params.pop("store"), params.pop("mountpoint"), params)
+    return mount_config_from_click(params.pop("store"), params.pop("mountpoint"), params)
 
 
 def test_one_field_per_option_and_every_kind_is_covered():

@@ -14,7 +14,7 @@ import click
 
 from ..fuse.mounting import MountError, mount_config as start_mount, umount
 from ..units import format_size
-from .options import echo_err, fail, mount_config, mount_options
+from .options import echo_err, fail, mount_config_from_click, mount_options
 
 STATS_PATH = (".pcrfs", "stats")
 
@@ -53,7 +53,7 @@ def mount_cmd(store: str, mountpoint: str, **values) -> None:
     then each read fetches only the byte ranges it needs (ranged GETs, retried on
     failures; an unreachable store reads as EIO until it is back).
     """
-    config = mount_config(store, mountpoint, values)
+    config = mount_config_from_click(store, mountpoint, values)
     if config.disk_cache:
         _check_disk_cache(config.disk_cache)
     try:

@@ -116,7 +116,7 @@ def mount_options(fn):
     return fn
 
 
-def mount_config(store: str, mountpoint: str, values: dict) -> MountConfig:
+def mount_config_from_click(store: str, mountpoint: str, values: dict) -> MountConfig:
     """``pcrfs mount``'s options as a :class:`MountConfig` (a malformed value: one error line)."""
     try:
         return MountConfig.from_values(store, mountpoint, values, lambda o: o.long_flag)
