@@ -18,6 +18,7 @@ import io
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -159,9 +160,13 @@ def _prepare_dest(dest: Path, overwrite: bool) -> None:
     dest.mkdir(parents=True, exist_ok=True)
 
 
-def make_demo(dest: Path, per_class: int = 50, seed: int = 0, progress: bool = False,
+def make_demo(dest: Path, per_class: int = 50, seed: int = 0,
+              progress: Callable[[int, int], None] | bool = False,
               *, overwrite: bool = False) -> DemoSummary:
     """Write ``dest/<class>/<class>_NNNN.jpg``: ``per_class`` baseline JPEGs per class.
+
+    ``progress``, if callable, is called with (images written, images in all) after each
+    image (``pcrfs make-demo`` draws its bar from it); nothing here writes to the terminal.
 
     With ``overwrite=True`` an existing non-empty ``dest`` is written into:
     demo files of the same name are replaced, nothing else is deleted.
@@ -175,39 +180,18 @@ def make_demo(dest: Path, per_class: int = 50, seed: int = 0, progress: bool = F
 
     files: list[Path] = []
     total = 0
-    bar = _progress_bar(len(classes) * per_class, progress)
-    try:
-        for ci, (cls, sources) in enumerate(classes.items()):
-            cdir = dest / cls
-            cdir.mkdir(exist_ok=True)
-            for i in range(per_class):
-                # one generator per image: image i is the same whatever per_class is
-                rng = np.random.default_rng([seed, ci, i])
-                photo = photos[sources[int(rng.integers(len(sources)))]]
-                data = _encode(_render(photo, rng), rng)
-                path = cdir / f"{cls}_{i:04d}.jpg"
-                path.write_bytes(data)
-                files.append(path)
-                total += len(data)
-                bar.update(1)
-    finally:
-        bar.close()
+    for ci, (cls, sources) in enumerate(classes.items()):
+        cdir = dest / cls
+        cdir.mkdir(exist_ok=True)
+        for i in range(per_class):
+            # one generator per image: image i is the same whatever per_class is
+            rng = np.random.default_rng([seed, ci, i])
+            photo = photos[sources[int(rng.integers(len(sources)))]]
+            data = _encode(_render(photo, rng), rng)
+            path = cdir / f"{cls}_{i:04d}.jpg"
+            path.write_bytes(data)
+            files.append(path)
+            total += len(data)
+            if callable(progress):
+                progress(len(files), len(classes) * per_class)
     return DemoSummary(classes=list(classes), count=len(files), total_bytes=total, files=files)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, unit="img", desc="demo")

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pcrfs.fuse import daemon
+from pcrfs.fuse import mounting
 
 
 def fuse_unavailable() -> str | None:
@@ -44,20 +44,20 @@ def wait_until(predicate, timeout: float = 10.0, step: float = 0.02) -> bool:
 def kill_daemon(pid: int) -> None:
     """Stop ``pid`` (SIGTERM, then SIGKILL) and reap it if it is our child."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not daemon.daemon_alive(pid):
+        if not mounting.daemon_alive(pid):
             return
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             return
-        wait_until(lambda: not daemon.daemon_alive(pid), timeout=5)
+        wait_until(lambda: not mounting.daemon_alive(pid), timeout=5)
 
 
 def force_unmount(mnt: str | os.PathLike) -> None:
     """Detach whatever is mounted at ``mnt`` (lazily if need be)."""
     mnt = os.fspath(mnt)
     for cmd in (["fusermount3", "-uz", mnt], ["fusermount", "-uz", mnt], ["umount", "-l", mnt]):
-        if daemon.mount_entry(mnt) is None:
+        if mounting.mount_entry(mnt) is None:
             return
         if shutil.which(cmd[0]):
             subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
@@ -83,17 +83,17 @@ class Mounts:
         self.points.append(mnt)
         return mnt
 
-    def mount(self, store, name: str, **kwargs) -> daemon.MountInfo:
+    def mount(self, store, name: str, **kwargs) -> mounting.MountInfo:
         mnt = self.point(name)
         kwargs.setdefault("echo", lambda _m: None)
         kwargs.setdefault("log_file", self.base / f"{name}.log")  # not /run/pcrfs: tests leave nothing behind
-        info = daemon.mount(store, mnt, **kwargs)
+        info = mounting.mount(store, mnt, **kwargs)
         self.pids.add(info.pid)
         return info
 
     def track(self, mnt: Path) -> int | None:
         """Remember the daemon serving ``mnt`` (one started through the CLI)."""
-        pid = daemon.read_pid(str(mnt))
+        pid = mounting.read_pid(str(mnt))
         if pid is not None:
             self.pids.add(pid)
         return pid
@@ -103,11 +103,11 @@ class Mounts:
         leftovers = []
         for mnt in self.points:
             self.track(mnt)
-            if daemon.mount_entry(str(mnt)) is not None:
+            if mounting.mount_entry(str(mnt)) is not None:
                 leftovers.append(str(mnt))
                 try:
-                    daemon.umount(mnt, echo=lambda _m: None, timeout=5)
-                except daemon.MountError:
+                    mounting.umount(mnt, echo=lambda _m: None, timeout=5)
+                except mounting.MountError:
                     force_unmount(mnt)
         for pid in self.pids:
             kill_daemon(pid)

@@ -26,7 +26,7 @@ from mountutil import fuse_unavailable, pcrfs_cli, wait_until
 from pcrfs.cli import main
 from pcrfs.convert import Listing, SourceFile, StoreBusy, convert, list_sources
 from pcrfs.fsutil import lock_exclusive
-from pcrfs.fuse import daemon
+from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
 from pcrfs.store.index import Index, StringTable
 from pcrfs.store.reader import open_store
@@ -267,7 +267,7 @@ def test_mount_with_an_unusable_path(demo_store, tmp_path, option):
     res = pcrfs_cli("mount", str(demo_store), str(mnt), *option, timeout=60)
     assert res.returncode == 1
     assert_one_line_error(res.stderr, option[1])
-    assert daemon.mount_entry(str(mnt)) is None
+    assert mounting.mount_entry(str(mnt)) is None
 
 
 def test_store_errors_anywhere_in_a_command_are_one_line(demo_store, monkeypatch):
@@ -329,7 +329,7 @@ def test_mount_reports_a_daemon_startup_failure_in_one_line(demo_src, tmp_path, 
     mounts.track(mnt)
     assert res.returncode == 1
     assert_one_line_error(res.stderr)
-    assert daemon.mount_entry(str(mnt)) is None
+    assert mounting.mount_entry(str(mnt)) is None
     for cmd in (["info", str(store)], ["verify", "-q", str(store)], ["get", str(store), "a/b/x.jpg", "-o",
                                                                        str(tmp_path / "out.jpg")]):
         res = pcrfs_cli(*cmd)
@@ -457,7 +457,7 @@ def test_stopped_daemon_mount_and_umount_answer_with_what_to_do(demo_store, read
         assert "timed out" not in res.stderr
         res = pcrfs_cli("umount", "--lazy", str(mnt), timeout=60)
         assert res.returncode == 0, res.stderr
-        assert daemon.mount_entry(str(mnt)) is None
+        assert mounting.mount_entry(str(mnt)) is None
     finally:
         os.kill(info.pid, signal.SIGCONT)
         if reader_proc is not None:
@@ -466,7 +466,7 @@ def test_stopped_daemon_mount_and_umount_answer_with_what_to_do(demo_store, read
             except subprocess.TimeoutExpired:
                 reader_proc.kill()
                 reader_proc.wait()
-    assert wait_until(lambda: not daemon.daemon_alive(info.pid), timeout=15)
+    assert wait_until(lambda: not mounting.daemon_alive(info.pid), timeout=15)
 
 
 @needs_fuse
@@ -476,8 +476,8 @@ def test_umount_of_an_idle_stopped_daemon_says_it_exits_once_resumed(demo_store,
     try:
         res = pcrfs_cli("umount", info.mountpoint, timeout=60)
         assert res.returncode == 0, res.stderr
-        assert daemon.mount_entry(info.mountpoint) is None
+        assert mounting.mount_entry(info.mountpoint) is None
         assert f"kill -CONT {info.pid}" in res.stderr and "stopped" in res.stderr
     finally:
         os.kill(info.pid, signal.SIGCONT)
-    assert wait_until(lambda: not daemon.daemon_alive(info.pid), timeout=15)
+    assert wait_until(lambda: not mounting.daemon_alive(info.pid), timeout=15)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pcrfs.fuse import daemon
+from pcrfs.fuse import mounting
 from pcrfs.cli.mount import read_stats
 from pcrfs.store import format as fmt
 
@@ -415,7 +415,7 @@ def test_corrupted_group_gives_eio_and_neighbours_read_fine(demo_store, reader, 
     # failed READ once more: the retry is counted as a request only
     assert doc["errors"]["eio"] == 2
     assert doc["errors"]["eio_requests"] >= 2
-    assert daemon.daemon_alive(info.pid)
+    assert mounting.daemon_alive(info.pid)
     log = Path(info.log_file).read_text()
     for view in ("scan2", "full"):
         assert log.count(f"EIO on /{view}/{path}:") == 1, log
@@ -444,18 +444,18 @@ def test_cli_mount_and_umount(demo_store, reader, mounts):
     assert (mnt / "full" / reader.path(0)).read_bytes() == reader.read(0, reader.num_groups)
     res = pcrfs_cli("umount", str(mnt))
     assert res.returncode == 0, res.stderr
-    assert daemon.mount_entry(str(mnt)) is None
-    assert wait_until(lambda: not daemon.daemon_alive(pid))
+    assert mounting.mount_entry(str(mnt)) is None
+    assert wait_until(lambda: not mounting.daemon_alive(pid))
 
 
 def test_kill9_then_mount_again_recovers(demo_store, reader, mounts):
     info = mounts.mount(demo_store, "stale")
     mnt = Path(info.mountpoint)
     os.kill(info.pid, signal.SIGKILL)
-    assert wait_until(lambda: not daemon.daemon_alive(info.pid))
+    assert wait_until(lambda: not mounting.daemon_alive(info.pid))
     with pytest.raises(OSError) as e:
         os.statvfs(mnt)
-    assert e.value.errno in daemon.STALE_ERRNOS  # ENOTCONN, or ECONNABORTED if a request was in flight
+    assert e.value.errno in mounting.STALE_ERRNOS  # ENOTCONN, or ECONNABORTED if a request was in flight
     res = pcrfs_cli("mount", str(demo_store), str(mnt), "--log-file", info.log_file)
     mounts.track(mnt)
     assert res.returncode == 0, res.stderr
@@ -466,8 +466,8 @@ def test_kill9_then_mount_again_recovers(demo_store, reader, mounts):
 def test_sigterm_unmounts(demo_store, mounts):
     info = mounts.mount(demo_store, "term")
     os.kill(info.pid, signal.SIGTERM)
-    assert wait_until(lambda: not daemon.daemon_alive(info.pid))
-    assert daemon.mount_entry(info.mountpoint) is None
+    assert wait_until(lambda: not mounting.daemon_alive(info.pid))
+    assert mounting.mount_entry(info.mountpoint) is None
     assert not os.path.exists(info.pid_file)
 
 
@@ -480,8 +480,8 @@ def test_busy_umount_suggests_lazy(demo_store, reader, mounts):
         assert "busy" in res.stderr and "--lazy" in res.stderr
         res = pcrfs_cli("umount", "--lazy", str(mnt))
         assert res.returncode == 0, res.stderr
-        assert daemon.mount_entry(str(mnt)) is None
-    assert wait_until(lambda: not daemon.daemon_alive(info.pid))
+        assert mounting.mount_entry(str(mnt)) is None
+    assert wait_until(lambda: not mounting.daemon_alive(info.pid))
 
 
 def test_mount_refusals(demo_store, mnt, tmp_path):
@@ -505,12 +505,12 @@ def test_mount_helper(demo_store, reader, mounts):
 
     mnt = mounts.point("helper")
     assert mount_pcrfs([str(demo_store), str(mnt), "-f", "-o", "rw"]) == 0  # -f: fake, nothing mounted
-    assert daemon.mount_entry(str(mnt)) is None
+    assert mounting.mount_entry(str(mnt)) is None
     opts = f"rw,cache_size=1M,nofail,noauto,x-systemd.automount,log_file={mnt}.log"
     rc = mount_pcrfs([str(demo_store), str(mnt), "-o", opts])
     mounts.track(mnt)
     assert rc == 0
-    assert daemon.mount_entry(str(mnt)).fstype == "fuse.pcrfs"
+    assert mounting.mount_entry(str(mnt)).fstype == "fuse.pcrfs"
     assert stats_of(mnt)["cache"]["capacity"] == 1 << 20
     assert (mnt / "scan2" / reader.path(0)).read_bytes() == reader.read(0, 2)
 

@@ -15,6 +15,7 @@ import pytest
 
 from pcrfs.cli import main
 from pcrfs.fuse import mount_helper
+from pcrfs.fuse.config import FSTAB_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -53,7 +54,7 @@ def test_the_reference_covers_every_command_and_the_group_options():
 
 def test_mount_helper_flags_and_options_are_in_the_readme_and_its_help():
     text = _section("`mount -t pcrfs")
-    own = list(mount_helper._OWN) + ["nonempty", "debug"]
+    own = list(FSTAB_KEYS) + ["nonempty", "debug"]
     assert not [o for o in own if not _mentions(text, o)]
     assert not [f for f in "sfnv" if not _mentions(text, "-" + f)]
     assert not [o for o in own if not _mentions(mount_helper.HELP, o)]

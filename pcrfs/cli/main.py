@@ -1,4 +1,4 @@
-"""The `pcrfs` command line."""
+"""The `pcrfs` command group and its store commands: ``convert``, ``info``, ``verify``, ``get``."""
 from __future__ import annotations
 
 import errno
@@ -10,14 +10,9 @@ from pathlib import Path
 import click
 
 from .._version import __version__
-from .options import endpoint_option
 from ..units import format_size
-from .options import SIZE
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"pcrfs: error: {message}", err=True)
-    sys.exit(code)
+from .options import (SIZE, dask_cluster, dask_failure, dask_options, describe_cluster, endpoint_option, fail,
+                      quiet_option)
 
 
 def _open(store: str, endpoint_url: str | None = None):
@@ -27,7 +22,7 @@ def _open(store: str, endpoint_url: str | None = None):
     try:
         return open_store(store, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url)))
     except StoreError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 class _OneLineErrors(click.Group):
@@ -43,17 +38,17 @@ class _OneLineErrors(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except StoreError as e:
-            _fail(str(e))
+            fail(str(e))
         except (CorruptData, StoreUnavailable) as e:
-            _fail(e.strerror or str(e))
+            fail(e.strerror or str(e))
         except RecursionError:
             if os.environ.get("PCRFS_DEBUG"):
                 raise
-            _fail("input nested too deeply to process (RecursionError)")
+            fail("input nested too deeply to process (RecursionError)")
         except Exception as e:  # noqa: BLE001
             if os.environ.get("PCRFS_DEBUG"):
                 raise
-            _fail(f"unexpected {type(e).__name__}: {e} (a damaged input or a pcrfs bug; "
+            fail(f"unexpected {type(e).__name__}: {e} (a damaged input or a pcrfs bug; "
                   "PCRFS_DEBUG=1 shows the traceback)")
 
 
@@ -88,12 +83,10 @@ def main() -> None:
               help="Exit 0 even if some files could not be converted (they are listed in the report).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing store at STORE (refused if SRC and STORE overlap in any way).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--dask", "use_dask", is_flag=True,
-              help="Convert on a Dask LocalCluster of -j worker processes on this machine (pip install 'pcrfs[dask]').")
-@click.option("--scheduler", metavar="ADDR", default=None,
-              help="Convert on the Dask cluster at ADDR (e.g. tcp://host:8786). Workers must read SRC and "
-                   "write STORE at the same path (shared filesystem) or URL; see docs/distributed.md.")
+@quiet_option
+@dask_options("Convert on a Dask LocalCluster of -j worker processes on this machine (pip install 'pcrfs[dask]').",
+              "Convert on the Dask cluster at ADDR (e.g. tcp://host:8786). Workers must read SRC and "
+              "write STORE at the same path (shared filesystem) or URL; see docs/distributed.md.")
 @click.option("--quality-index", is_flag=True,
               help="Also score every image and write the adaptive index (ssim90/ ssim95/ ssim98/ views), as "
                    "`pcrfs quality --write-index` would.")
@@ -119,90 +112,90 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     task that writes its record straight into STORE; the store is the same as a local
     conversion's, and interrupted runs resume the same way.
     """
-    from contextlib import nullcontext
-
-    from tqdm import tqdm
-
-    from ..convert import StoreExists, convert as run_convert, list_sources
+    from ..convert import list_sources
     from ..jpeg.transcode import TranscodeOptions
-    from ..jpeg.turbojpeg import TurboJPEGUnavailable
-    from ..remote.fs import RemoteError, RemoteOptions, is_url
-    from ..store.writer import ResumeMismatch
+    from ..remote.fs import RemoteOptions, is_url
 
-    if use_dask and scheduler:
-        raise click.UsageError("--dask and --scheduler are mutually exclusive")
-    on_dask = use_dask or bool(scheduler)
-    if on_dask:
-        from ..distributed import DaskUnavailable, require_dask
-        try:
-            require_dask()
-        except DaskUnavailable as e:
-            _fail(str(e))
+    cluster = dask_cluster(use_dask, scheduler, workers)
+    if cluster is not None:
         # workers open SRC and STORE themselves: give them paths that do not depend on our cwd
         src = Path(os.path.abspath(src))
         if not is_url(store):
             store = os.path.abspath(store)
-
-    report_path = f"{store.rstrip('/')}/report.json" if is_url(store) else str(Path(store) / "report.json")
-
     opts = TranscodeOptions(keep_metadata=keep_metadata, quality=quality, non_jpeg=non_jpeg, max_pixels=max_pixels)
     if not quiet:
         click.echo(f"Listing {src} ...", err=True)
-    listing = list_sources(src)
-    bar = None
+    kwargs = dict(opts=opts, workers=workers, record_bytes=record_size, overwrite=overwrite,
+                  listing=list_sources(src), remote=RemoteOptions(endpoint_url=endpoint_url),
+                  quality_index=quality_index)
+    result = _run_convert(src, store, kwargs, cluster, _ConvertProgress(quiet))
+    _report_convert(result, store, skip_bad, endpoint_url)
 
-    def on_start(total: int, done: int) -> None:
-        nonlocal bar
+
+class _ConvertProgress:
+    """convert's on_start/on_progress callbacks, drawing a tqdm bar on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar, self.bytes = quiet, None, 0
+
+    def on_start(self, total: int, done: int) -> None:
         if done:
             click.echo(f"Resuming an interrupted conversion: {done} of {total} files already done.", err=True)
-        if not quiet:
-            bar = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True, desc="convert",
-                       file=sys.stderr, smoothing=0.1)
-            bar.bytes = 0
+        if not self.quiet:
+            from tqdm import tqdm
 
-    def on_progress(n: int, nbytes: int) -> None:
-        if bar is not None:
-            bar.bytes += nbytes
-            bar.update(n)
-            elapsed = bar.format_dict["elapsed"] or 1e-9
-            bar.set_postfix_str(f"{bar.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+            self.bar = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True, desc="convert",
+                            file=sys.stderr, smoothing=0.1)
 
-    cluster = nullcontext(None)
-    if on_dask:
-        from ..distributed import dask_client
-        cluster = dask_client(scheduler, n_workers=workers)
+    def on_progress(self, n: int, nbytes: int) -> None:
+        if self.bar is not None:
+            self.bytes += nbytes
+            self.bar.update(n)
+            elapsed = self.bar.format_dict["elapsed"] or 1e-9
+            self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_convert(src: Path, store: str, kwargs: dict, cluster, progress: _ConvertProgress):
+    """pcrfs.convert.convert, on ``cluster`` if there is one; every failure is one line."""
+    from contextlib import nullcontext
+
+    from ..convert import StoreExists, convert as run_convert
+    from ..jpeg.turbojpeg import TurboJPEGUnavailable
+    from ..remote.fs import RemoteError
+    from ..store.writer import ResumeMismatch
+
     try:
-        with cluster as client:
+        with cluster or nullcontext(None) as client:
             if client is not None:
-                _describe_cluster(client)
-            result = run_convert(src, store, opts=opts, workers=workers, record_bytes=record_size,
-                                 overwrite=overwrite, listing=listing, on_start=on_start, on_progress=on_progress,
-                                 remote=RemoteOptions(endpoint_url=endpoint_url), client=client,
-                                 quality_index=quality_index)
+                describe_cluster(client)
+            return run_convert(src, store, on_start=progress.on_start, on_progress=progress.on_progress,
+                               client=client, **kwargs)
     except KeyboardInterrupt:
-        if bar:
-            bar.close()
-        _fail("interrupted; run the same command again to resume", 130)
+        progress.close()
+        fail("interrupted; run the same command again to resume", 130)
     except (StoreExists, ResumeMismatch, ValueError, FileNotFoundError, TurboJPEGUnavailable, RemoteError) as e:
-        _fail(str(e))
+        fail(str(e))
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            _fail(f"no space left on the device holding {store}; free some and run the same command "
-                  "again to resume (finished records are kept)")
-        _fail(f"{e.filename or store}: {e.strerror or e}")
+            fail(f"no space left on the device holding {store}; free some and run the same command "
+                 "again to resume (finished records are kept)")
+        fail(f"{e.filename or store}: {e.strerror or e}")
     except Exception as e:  # noqa: BLE001
-        if not on_dask:
+        if cluster is None:
             raise
-        from ..distributed import ClusterUnavailable
-        if isinstance(e, ClusterUnavailable):
-            _fail(str(e))
-        # the cluster's own failures (unreachable scheduler, a task that kept killing its
-        # workers, a worker that cannot see SRC or STORE): one line, and the store resumes
-        _fail(f"the conversion on Dask failed: {type(e).__name__}: {e}; finished records are kept, "
-              "run the same command again to resume")
+        dask_failure(e, "the conversion on Dask failed", "finished records are kept")
     finally:
-        if bar:
-            bar.close()
+        progress.close()
+
+
+def _report_convert(result, store: str, skip_bad: bool, endpoint_url: str | None) -> None:
+    from ..remote.fs import is_url
+
+    report_path = f"{store.rstrip('/')}/report.json" if is_url(store) else str(Path(store) / "report.json")
     # the ratio is of the whole source: a resumed run reads only the rest, the store holds all
     click.echo(
         f"{result.images} images in {result.manifest['num_records']} records, {result.manifest['num_groups']} scan groups; "
@@ -217,8 +210,8 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     if len(result.bad) > 20:
         click.echo(f"  ... {len(result.bad) - 20} more in {report_path}", err=True)
     if result.bad and not skip_bad:
-        _fail(f"{len(result.bad)} file(s) could not be converted (see {report_path}); "
-              "the store holds the others. Use --skip-bad to accept this.")
+        fail(f"{len(result.bad)} file(s) could not be converted (see {report_path}); "
+             "the store holds the others. Use --skip-bad to accept this.")
 
 
 def _report_adaptive(store: str, built, entry: dict, endpoint_url: str | None) -> None:
@@ -227,16 +220,6 @@ def _report_adaptive(store: str, built, entry: dict, endpoint_url: str | None) -
 
     with _open(store, endpoint_url) as s:
         report_index(s, store, built, entry, as_json=False)
-
-
-def _describe_cluster(client) -> None:
-    """The dashboard link and the cluster's size, before the progress bar takes the terminal."""
-    workers = client.scheduler_info().get("workers", {})
-    threads = sum(w.get("nthreads", 0) for w in workers.values())
-    if "dashboard" in client.scheduler_info().get("services", {}):
-        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
-    click.echo(f"Dask cluster at {client.scheduler.address}: {len(workers)} workers, {threads} threads"
-               + ("" if workers else " (tasks wait until workers connect)"), err=True)
 
 
 @main.command()
@@ -293,7 +276,7 @@ def _adaptive_views(s) -> dict:
 
 @main.command()
 @click.argument("store")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 @endpoint_option
 def verify(store: str, quiet: bool, endpoint_url: str | None) -> None:
     """Check every scan group's checksum and the store structure.
@@ -311,7 +294,7 @@ def verify(store: str, quiet: bool, endpoint_url: str | None) -> None:
     for d in damage:
         click.echo(f"DAMAGED {d}")
     if damage:
-        _fail(f"{len(damage)} problem(s) found in {store}")
+        fail(f"{len(damage)} problem(s) found in {store}")
     click.echo(f"OK: {s.num_images} images, {len(s.index.records)} records, all checksums match", err=True)
 
 
@@ -330,22 +313,22 @@ def get(store: str, path: str, k, output, endpoint_url: str | None) -> None:
     s = _open(store, endpoint_url)
     k = k or s.num_groups
     if k > s.num_groups:
-        _fail(f"--scan must be at most {s.num_groups} for this store")
+        fail(f"--scan must be at most {s.num_groups} for this store")
     try:
         data = s.read(path, k)
     except KeyError:
-        _fail(f"no image {path!r} in {store}")
+        fail(f"no image {path!r} in {store}")
     except (CorruptData, StoreUnavailable) as e:
-        _fail(e.strerror or str(e))
+        fail(e.strerror or str(e))
     if output is None:
         if sys.stdout.isatty():
-            _fail("refusing to write JPEG bytes to a terminal; use -o FILE or a pipe")
+            fail("refusing to write JPEG bytes to a terminal; use -o FILE or a pipe")
         _write_stdout(data)
     else:
         try:
             output.write_bytes(data)
         except OSError as e:
-            _fail(f"cannot write {output}: {e.strerror or e}")
+            fail(f"cannot write {output}: {e.strerror or e}")
 
 
 def _write_stdout(data: bytes) -> None:
@@ -361,23 +344,7 @@ def _write_stdout(data: bytes) -> None:
     except OSError as e:
         # stdout now holds unwritten bytes: drop them so that exit does not try again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        _fail(f"cannot write to standard output: {e.strerror or e}")
-
-
-@main.command("make-demo")
-@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--per-class", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def make_demo_cmd(dest: Path, per_class: int, seed: int) -> None:
-    """Write the demo dataset (real photographs, ImageFolder layout) to DEST."""
-    from ..demo import make_demo
-
-    try:
-        summary = make_demo(dest, per_class=per_class, seed=seed, progress=True)
-    except (ValueError, RuntimeError) as e:
-        _fail(str(e))
-    click.echo(f"{summary.count} JPEGs in {len(summary.classes)} classes, "
-               f"{format_size(summary.total_bytes)} in {dest}", err=True)
+        fail(f"cannot write to standard output: {e.strerror or e}")
 
 
 # The mount commands import no libfuse until they run.
@@ -388,6 +355,10 @@ _register_fuse_commands(main)
 from .quality import register as _register_quality  # noqa: E402
 
 _register_quality(main)
+
+from .demo import register as _register_demo  # noqa: E402
+
+_register_demo(main)
 
 if __name__ == "__main__":
     main()

@@ -7,13 +7,8 @@ from pathlib import Path
 
 import click
 
-from .options import endpoint_option
 from ..units import format_size
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"pcrfs: error: {message}", err=True)
-    sys.exit(code)
+from .options import dask_cluster, dask_failure, dask_options, describe_cluster, endpoint_option, fail, quiet_option
 
 
 def _warn(message: str) -> None:
@@ -120,7 +115,7 @@ def _write_index(store, store_path: str, workers: int, quiet: bool, as_json: boo
                                        on_start=on_start, on_done=on_done)
     except KeyboardInterrupt:
         close()
-        _fail("interrupted; the store is unchanged and scored parts are kept: run the same command "
+        fail("interrupted; the store is unchanged and scored parts are kept: run the same command "
               "again to resume", 130)
     finally:
         close()
@@ -145,12 +140,10 @@ def _write_index(store, store_path: str, workers: int, quiet: bool, as_json: boo
 @click.option("--no-timing", is_flag=True, help="Skip the RGB decode timing (faster).")
 @click.option("-j", "--workers", type=click.IntRange(1), default=None,
               help="Worker processes [default: all cores].")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--dask", "use_dask", is_flag=True,
-              help="With --write-index: score on a Dask LocalCluster of -j worker processes (pip install 'pcrfs[dask]').")
-@click.option("--scheduler", metavar="ADDR", default=None,
-              help="With --write-index: score on the Dask cluster at ADDR; workers must read STORE at the "
-                   "same path or URL.")
+@quiet_option
+@dask_options("With --write-index: score on a Dask LocalCluster of -j worker processes (pip install 'pcrfs[dask]').",
+              "With --write-index: score on the Dask cluster at ADDR; workers must read STORE at the "
+              "same path or URL.")
 @endpoint_option
 @click.pass_context
 def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json: bool, plot: Path | None,
@@ -178,9 +171,34 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
     index is written: an interrupted run resumes where it stopped.
     """
     from ..quality import measure
-    from ..quality.msssim import PSNR_CAP
     from ..remote.fs import RemoteOptions
-    from ..store.reader import ReadOptions, StoreError, open_store
+
+    _check_usage(ctx, plot, target_ssim, target_psnr, write_index, no_timing, use_dask, scheduler)
+    s = _open_scored_store(store, endpoint_url)
+    workers = workers or measure.default_workers()
+    if write_index:
+        _write_index_cmd(s, store, workers, quiet, as_json, use_dask, scheduler,
+                         RemoteOptions(endpoint_url=endpoint_url))
+        return
+    table = _measure(s, store, sample, seed, not no_timing, workers, quiet)
+    choice = None
+    if target_ssim is not None:
+        choice = measure.choose_k(table.rows, "ms_ssim", target_ssim)
+    elif target_psnr is not None:
+        choice = measure.choose_k(table.rows, "psnr", target_psnr)
+    if plot is not None:
+        _plot(table, plot, choice)
+    _report_table(store, table, seed, choice, as_json, targeted=target_ssim is not None or target_psnr is not None)
+    if plot is not None:
+        click.echo(f"plot written to {plot}", err=True)
+    if (target_ssim is not None or target_psnr is not None) and choice is None:
+        fail("no view reaches the target on this sample")
+
+
+def _check_usage(ctx: click.Context, plot: Path | None, target_ssim: float | None, target_psnr: float | None,
+                 write_index: bool, no_timing: bool, use_dask: bool, scheduler: str | None) -> None:
+    """The combinations of options `quality` refuses (click's usage errors)."""
+    from ..quality.msssim import PSNR_CAP
 
     if target_ssim is not None and target_psnr is not None:
         raise click.UsageError("give --target-ssim or --target-psnr, not both")
@@ -209,18 +227,24 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
         if problem:
             raise click.BadParameter(problem, param_hint="--plot")
 
+
+def _open_scored_store(store: str, endpoint_url: str | None):
+    """The store to score (one error line if it cannot be opened or holds no images)."""
+    from ..remote.fs import RemoteOptions
+    from ..store.reader import ReadOptions, StoreError, open_store
+
     try:
         s = open_store(store, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url)))
     except StoreError as e:
-        _fail(str(e))
+        fail(str(e))
     if s.num_images == 0:
-        _fail(f"{store} holds no images")
-    workers = workers or measure.default_workers()
+        fail(f"{store} holds no images")
+    return s
 
-    if write_index:
-        _write_index_cmd(s, store, workers, quiet, as_json, use_dask, scheduler,
-                         RemoteOptions(endpoint_url=endpoint_url))
-        return
+
+def _measure(s, store: str, sample: int, seed: int, timing: bool, workers: int, quiet: bool):
+    """The quality table of a sample (fixed-k and adaptive views), with a progress bar."""
+    from ..quality import measure
 
     adaptive_ks = None
     index = _load_adaptive(s)
@@ -228,48 +252,43 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
         adaptive_ks = {v: (t, index.column(v, s.num_groups)) for v, t in zip(index.views, index.thresholds)}
     on_start, on_done, close = _progress(quiet, "quality")
     try:
-        table = measure.quality_table(s, sample=sample, seed=seed, timing=not no_timing, workers=workers,
-                                      adaptive=adaptive_ks, on_start=on_start, on_done=on_done)
+        return measure.quality_table(s, sample=sample, seed=seed, timing=timing, workers=workers,
+                                     adaptive=adaptive_ks, on_start=on_start, on_done=on_done)
     except KeyboardInterrupt:
         close()
-        _fail("interrupted", 130)
+        fail("interrupted", 130)
     except measure.MeasureFailed as e:
         close()
-        _fail(f"{s.path(e.image)} could not be scored: {e.reason} (run `pcrfs verify {store}`)")
+        fail(f"{s.path(e.image)} could not be scored: {e.reason} (run `pcrfs verify {store}`)")
     finally:
         close()
 
-    choice = None
-    if target_ssim is not None:
-        choice = measure.choose_k(table.rows, "ms_ssim", target_ssim)
-    elif target_psnr is not None:
-        choice = measure.choose_k(table.rows, "psnr", target_psnr)
-    if plot is not None:
-        from ..quality.plot import plot_table
 
-        try:
-            plot_table(table, plot, choice=choice)
-        except ImportError:
-            _fail("--plot needs matplotlib: pip install matplotlib")
+def _plot(table, plot: Path, choice) -> None:
+    from ..quality.plot import plot_table
 
+    try:
+        plot_table(table, plot, choice=choice)
+    except ImportError:
+        fail("--plot needs matplotlib: pip install matplotlib")
+
+
+def _report_table(store: str, table, seed: int, choice, as_json: bool, targeted: bool) -> None:
+    """The table (and the chosen view) as JSON or for the terminal."""
     if as_json:
         doc = table.as_dict()
-        if choice is not None or target_ssim is not None or target_psnr is not None:
+        if choice is not None or targeted:
             doc["target"] = None if choice is None else {
                 "metric": choice.metric, "target": choice.target, "view": choice.row.view, "k": choice.row.k,
                 "p5": choice.value, "fraction": choice.row.fraction_total, "saving": choice.saving}
         click.echo(json.dumps(doc, indent=2))
-    else:
-        click.echo(f"{store}: {len(table.sample)} of {table.images} images (seed {seed}), "
-                   f"quality against each image's full decode; p5 = 5th percentile over images")
-        click.echo(format_table(table))
-        if choice is not None:
-            click.echo("")
-            click.echo(_describe_choice(choice, "MS-SSIM" if choice.metric == "ms_ssim" else "PSNR"))
-    if plot is not None:
-        click.echo(f"plot written to {plot}", err=True)
-    if (target_ssim is not None or target_psnr is not None) and choice is None:
-        _fail("no view reaches the target on this sample")
+        return
+    click.echo(f"{store}: {len(table.sample)} of {table.images} images (seed {seed}), "
+               f"quality against each image's full decode; p5 = 5th percentile over images")
+    click.echo(format_table(table))
+    if choice is not None:
+        click.echo("")
+        click.echo(_describe_choice(choice, "MS-SSIM" if choice.metric == "ms_ssim" else "PSNR"))
 
 
 def _write_index_cmd(s, store: str, workers: int, quiet: bool, as_json: bool, use_dask: bool,
@@ -278,31 +297,18 @@ def _write_index_cmd(s, store: str, workers: int, quiet: bool, as_json: bool, us
 
     from ..store.reader import StoreError
 
-    cluster = nullcontext(None)
-    if use_dask or scheduler:
-        from ..distributed import DaskUnavailable, dask_client, require_dask
-
-        try:
-            require_dask()
-        except DaskUnavailable as e:
-            _fail(str(e))
-        cluster = dask_client(scheduler, n_workers=workers if use_dask else None)
+    cluster = dask_cluster(use_dask, scheduler, workers if use_dask else None)
     try:
-        with cluster as client:
+        with cluster or nullcontext(None) as client:
             if client is not None:
-                from .main import _describe_cluster
-
-                _describe_cluster(client)
+                describe_cluster(client)
             _write_index(s, store, workers, quiet, as_json, client=client, remote=remote)
     except (OSError, ValueError, StoreError) as e:
-        _fail(f"could not write the adaptive index: {e}")
+        fail(f"could not write the adaptive index: {e}")
     except Exception as e:  # noqa: BLE001
-        if not (use_dask or scheduler):
+        if cluster is None:
             raise
-        if type(e).__name__ == "ClusterUnavailable":
-            _fail(str(e))
-        _fail(f"scoring on Dask failed: {type(e).__name__}: {e}; scored parts are kept, "
-              "run the same command again to resume")
+        dask_failure(e, "scoring on Dask failed", "scored parts are kept")
 
 
 def register(main: click.Group) -> None:

@@ -2,10 +2,13 @@
 
 * :mod:`pcrfs.fuse.ops`      -- the mfusepy ``Operations`` (read-only, caching policy)
 * :mod:`pcrfs.fuse.fastpath` -- the optional compiled lookups and reads (``_fastpath.c``)
-* :mod:`pcrfs.fuse.daemon`   -- ``mount``/``umount``: daemon, readiness, stale mounts
+* :mod:`pcrfs.fuse.config`   -- ``MountConfig``: the mount's options, declared once
+* :mod:`pcrfs.fuse.mounting` -- ``mount``/``umount`` from the caller's side: start, readiness, stale mounts
+* :mod:`pcrfs.fuse.daemon`   -- the serving process (``python -m pcrfs.fuse.daemon``)
 * :mod:`pcrfs.fuse.mount_helper` -- ``mount.pcrfs`` for ``mount -t pcrfs`` and fstab
 
-The ``pcrfs mount|umount|stats|demo`` commands are in :mod:`pcrfs.cli.mount`.
+The ``pcrfs mount|umount|stats`` commands are in :mod:`pcrfs.cli.mount`, ``pcrfs demo`` in
+:mod:`pcrfs.cli.demo`.
 
 mfusepy binds libfuse 2 unless told otherwise; :func:`load_mfusepy` makes it
 bind libfuse 3 when that is installed (readdirplus, ``init`` with a config,

@@ -1,666 +1,141 @@
-"""Mounting and unmounting: the daemon process, readiness, stale mounts.
+"""The serving process: ``python -m pcrfs.fuse.daemon STORE MOUNTPOINT [OPTIONS]``.
 
-``mount()`` by default starts ``python -m pcrfs.fuse.daemon STORE MNT --foreground``
-as a daemon in its own session, with stdin from /dev/null and stdout/stderr
-going to a log file (never to the caller's streams: a caller that captures them
-would otherwise wait forever for them to close), and returns once the mount
-answers. The daemon writes its pid to a pid file (see :func:`pid_file_for`) and
-into ``/.pcrfs/stats``.
-
-A mount whose daemon died (``kill -9``, OOM) stays in the mount table and fails
-every access with ENOTCONN ("Transport endpoint is not connected"). ``mount()``
-notices that on its mount point (with ``statfs``: ``stat`` may be answered from
-the kernel's attribute cache), detaches the dead mount and mounts afresh.
+:func:`pcrfs.fuse.mounting.mount` starts this as a daemon (and ``pcrfs mount
+--foreground`` calls :func:`serve` in its own process): it opens the store, checks
+the mount point, sends its output to the log file, mounts, and serves until
+unmounted. Its command line is :meth:`MountConfig.to_argv` (the options of
+``pcrfs mount``, see :data:`pcrfs.fuse.config.OPTIONS`); it always serves in the
+foreground. What it has to say goes to its log through :mod:`logging`, configured
+here; an error that stops it is one ``pcrfs: error: ...`` line there, which
+``mount()`` repeats to its caller.
 
 SIGTERM, SIGINT and SIGHUP make the daemon unmount and exit (libfuse's handlers).
+
+Mounting from the caller's side (start, wait, unmount, stale mounts) is
+:mod:`pcrfs.fuse.mounting`; its names are also importable from here, as they were
+before the two were split.
 """
 from __future__ import annotations
 
-import argparse
-import errno
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ..fsutil import raise_open_file_limit
-from ..units import format_size, parse_size
+from ..units import format_size
+from .config import DEFAULT_CACHE_SIZE, MountConfig, fuse_options, parse_switch, split_options  # noqa: F401
+from .mounting import (  # noqa: F401 - the caller's side, importable from here for existing callers
+    FSTYPE, READY_TIMEOUT, STALE_ERRNOS, Echo, MountEntry, MountError, MountInfo, daemon_alive,
+    default_log_file, detach_stale, is_stale, mount, mount_config, mount_entry, open_log,
+    open_store_checked, pid_file_for, prepare_mountpoint, probe, read_pid, resolved, runtime_dir, umount)
 
-if TYPE_CHECKING:  # the store layer itself is imported when a mount starts
+if TYPE_CHECKING:
     from ..store.reader import ReadOptions
 
 log = logging.getLogger("pcrfs.fuse")
+LOG_FORMAT = "%(asctime)s pcrfs[%(process)d] %(levelname)s %(message)s"
 
-DEFAULT_CACHE_SIZE = "256M"
-READY_TIMEOUT = 30.0
-PROBE_TIMEOUT = 3.0    # a live daemon answers statfs at once; longer means stopped or hung
-UNMOUNT_TIMEOUT = 5.0  # per unmount tool; umount(8) stats the mount point and hangs with its daemon
-FSTYPE = "fuse.pcrfs"
-STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
-# Options handled by pcrfs itself rather than passed to libfuse.
-_IGNORED_OPTIONS = {"ro", "rw"}   # the mount is always read-only
-_NONEMPTY = "nonempty"            # allow a non-empty mount point (hidden while mounted)
-
-Echo = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-class MountError(Exception):
-    """A mount or unmount cannot be done; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    store: str
-    mountpoint: str
-    pid: int
-    log_file: str | None
-    pid_file: str
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-# ---- where state lives ------------------------------------------------------------------
-
-def runtime_dir() -> Path:
-    """Directory for pid files and default logs (/run/pcrfs for root).
-
-    ``PCRFS_RUNTIME_DIR`` overrides the choice (a test run, or a container whose
-    /run is read-only, keeps its state elsewhere)."""
-    candidates = []
-    if os.environ.get("PCRFS_RUNTIME_DIR"):
-        candidates.append(Path(os.environ["PCRFS_RUNTIME_DIR"]))
-    if os.geteuid() == 0:
-        candidates.append(Path("/run/pcrfs"))
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        candidates.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "pcrfs")
-    candidates.append(Path(f"/tmp/pcrfs-{os.geteuid()}"))
-    for d in candidates:
-        try:
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(d, os.W_OK):
-            return d
-    raise MountError("no writable directory for pcrfs's pid files (tried " +
-                     ", ".join(map(str, candidates)) + ")")
-
-
-def _state_name(mountpoint: str) -> str:
-    digest = hashlib.sha1(mountpoint.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    readable = mountpoint.strip("/").replace("/", "-")[-60:].lstrip("-") or "root"
-    return f"{readable}-{digest}"
-
-
-def pid_file_for(mountpoint: str) -> Path:
-    return runtime_dir() / (_state_name(_abs(mountpoint)) + ".pid")
-
-
-def default_log_file(mountpoint: str) -> Path:
-    return runtime_dir() / (_state_name(_abs(mountpoint)) + ".log")
-
-
-def _abs(path: str | os.PathLike) -> str:
-    """The absolute, symlink-free form of ``path``, found without stat'ing ``path`` itself
-    unless it is a symlink: on a mount whose daemon is stopped, a stat of the mount point
-    blocks (readlink of a directory fails at once, from the dentry alone)."""
-    p = os.path.abspath(os.fspath(path))
-    head, tail = os.path.split(p)
-    try:
-        os.readlink(p)
-    except OSError:  # not a symlink (or not there): only the directories above need resolving
-        return os.path.join(os.path.realpath(head), tail) if tail else p
-    return os.path.realpath(p)
-
-
-def read_pid(mountpoint: str) -> int | None:
-    try:
-        return int(pid_file_for(mountpoint).read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-# ---- the mount table ----------------------------------------------------------------------
-
-def _unescape_mountinfo(field: str) -> str:
-    """/proc/self/mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1:i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_entry(mountpoint: str) -> MountEntry | None:
-    """The (topmost) mount at ``mountpoint``, or None."""
-    target = _abs(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            rest = right.split()
-            if len(fields) < 5 or len(rest) < 2:
-                continue
-            if _unescape_mountinfo(fields[4]) == target:
-                found = MountEntry(target, rest[0], _unescape_mountinfo(rest[1]))
-    return found
-
-
-def is_stale(mountpoint: str) -> bool:
-    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN)."""
-    return probe(mountpoint) == "stale"
-
-
-def probe(mountpoint: str, timeout: float = PROBE_TIMEOUT) -> str:
-    """"ok", "stale" (its daemon is gone: ENOTCONN) or "hung" (no answer in ``timeout``
-    seconds: the daemon is stopped or stuck). The ``statfs`` runs in a daemon thread
-    because it blocks for as long as the daemon does not answer; an abandoned one ends
-    with this process (the kernel's wait for a FUSE reply is killable)."""
-    result: list[str] = []
-    done = threading.Event()
-
-    def check() -> None:
-        try:
-            os.statvfs(mountpoint)
-            result.append("ok")
-        except OSError as e:
-            result.append("stale" if e.errno in STALE_ERRNOS else "ok")
-        done.set()
-
-    threading.Thread(target=check, name="pcrfs-probe", daemon=True).start()
-    return result[0] if done.wait(timeout) else "hung"
-
-
-def _not_answering(mountpoint: str) -> tuple[str, str]:
-    """(why the daemon of ``mountpoint`` does not answer, a remedy with a trailing ", "
-    or ""), as far as its pid file and /proc tell."""
-    pid = read_pid(mountpoint)
-    if pid is None or not daemon_alive(pid):
-        return "its daemon does not answer", ""
-    if _stopped(pid):
-        return f"its daemon (pid {pid}) is stopped", f"resume it with `kill -CONT {pid}`, or "
-    return f"its daemon (pid {pid}) does not answer", ""
-
-
-def _stopped(pid: int) -> bool:
-    """True if ``pid`` is stopped (SIGSTOP, or a debugger)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
-    except (OSError, IndexError):
-        return False
-
-
-def _run(cmd: list[str], timeout: float = UNMOUNT_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-
-
-def _unmount_commands(mountpoint: str, lazy: bool) -> list[list[str]]:
-    cmds = []
-    for tool in ("fusermount3", "fusermount"):
-        if shutil.which(tool):
-            cmds.append([tool, "-u"] + (["-z"] if lazy else []) + [mountpoint])
-    if os.geteuid() == 0 and shutil.which("umount"):
-        cmds.append(["umount"] + (["-l"] if lazy else []) + [mountpoint])
-    return cmds
-
-
-TIMED_OUT = "timed out"  # what _try_unmount says when every tool that ran hung
-
-
-def _try_unmount(mountpoint: str, lazy: bool) -> tuple[bool, str]:
-    """Run the unmount tools in turn; (success, what they said). A "busy" answer wins
-    (the others would only add a less useful message), then a tool's own words; if the
-    tools only hung (a stopped daemon), it is :data:`TIMED_OUT`."""
-    said = "no fusermount3, fusermount or umount found"
-    timed_out = False
-    for cmd in _unmount_commands(mountpoint, lazy):
-        try:
-            res = _run(cmd)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            if mount_entry(mountpoint) is None:
-                return True, ""
-            continue
-        except OSError as e:
-            said = f"{cmd[0]}: {e.strerror or e}"
-            continue
-        if res.returncode == 0 and mount_entry(mountpoint) is None:
-            return True, ""
-        said = (res.stderr or res.stdout).strip() or f"{' '.join(cmd)} exited {res.returncode}"
-        if mount_entry(mountpoint) is None:
-            return True, ""
-        if "busy" in said.lower():
-            return False, said
-    if timed_out and said.startswith("no fusermount3"):
-        said = TIMED_OUT
-    return False, said
-
-
-def detach_stale(mountpoint: str, echo: Echo = _stderr) -> None:
-    """Remove the dead FUSE mount at ``mountpoint`` (its daemon is gone)."""
-    echo(f"pcrfs: {mountpoint} is a stale mount (its daemon is gone: Transport endpoint is not "
-         "connected); unmounting it")
-    ok, said = _try_unmount(mountpoint, lazy=False)
-    if not ok:
-        ok, said = _try_unmount(mountpoint, lazy=True)
-    if not ok:
-        raise MountError(f"{mountpoint} is a stale mount and could not be unmounted ({said}); "
-                         f"try: fusermount3 -uz {mountpoint}  (or as root: umount -l {mountpoint})")
-    stale_pid = pid_file_for(mountpoint)
-    stale_pid.unlink(missing_ok=True)
-
-
-def prepare_mountpoint(mountpoint: str, echo: Echo = _stderr, allow_nonempty: bool = False) -> None:
-    """Check that ``mountpoint`` can be mounted on; recover it if it is a stale mount."""
-    entry = mount_entry(mountpoint)
-    if entry is not None:
-        state = probe(mountpoint) if entry.fstype.startswith("fuse") else "ok"
-        if state == "stale":
-            detach_stale(mountpoint, echo)
-        elif state == "hung":
-            why, remedy = _not_answering(mountpoint)
-            raise MountError(f"{mountpoint} is already mounted and {why}: {remedy}detach that mount with "
-                             f"`pcrfs umount --lazy {mountpoint}` and mount again")
-        else:
-            raise MountError(f"{mountpoint} is already mounted ({entry.fstype} from {entry.source}); "
-                             f"unmount it first: pcrfs umount {mountpoint}")
-    if not os.path.exists(mountpoint):
-        raise MountError(f"mount point {mountpoint} does not exist (create it: mkdir -p {mountpoint})")
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"mount point {mountpoint} is not a directory")
-    if not allow_nonempty:
-        with os.scandir(mountpoint) as it:
-            if next(it, None) is not None:
-                raise MountError(f"mount point {mountpoint} is not empty; pcrfs mounts on an empty "
-                                 "directory (the mount would hide what is there). Use an empty directory, "
-                                 "or -o nonempty to hide the contents while mounted")
-
-
-# ---- options --------------------------------------------------------------------------------
-
-def split_options(options: Iterable[str]) -> list[str]:
-    """['a,b=1', 'c'] -> ['a', 'b=1', 'c'] (a backslash escapes a comma)."""
-    out: list[str] = []
-    for group in options:
-        cur, escaped = [], False
-        for ch in group:
-            if escaped:
-                cur.append(ch)
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == ",":
-                out.append("".join(cur))
-                cur = []
-            else:
-                cur.append(ch)
-        out.append("".join(cur))
-    return [o.strip() for o in out if o.strip()]
-
-
-def fuse_options(options: Iterable[str], allow_other: bool) -> tuple[dict[str, object], bool]:
-    """libfuse keyword options from ``-o`` strings, and whether ``nonempty`` was asked for."""
-    kwargs: dict[str, object] = {}
-    nonempty = False
-    for opt in split_options(options):
-        key, eq, value = opt.partition("=")
-        if key in _IGNORED_OPTIONS:
-            continue
-        if key == _NONEMPTY:
-            nonempty = True
-            continue
-        kwargs[key] = value if eq else True
-    if allow_other:
-        kwargs["allow_other"] = True
-    return kwargs, nonempty
-
-
-# ---- the daemon itself ---------------------------------------------------------------------
-
-def _store_location(store: str | os.PathLike) -> str:
-    """An absolute path for a local store; a URL (s3://...) as it is."""
-    from ..remote.fs import is_url
-
-    text = os.fspath(store)
-    return text.rstrip("/") if is_url(text) else _abs(text)
-
-
-def _open_store(store: str, cache_bytes: int, read_options: "ReadOptions | None" = None):
-    from ..store.reader import StoreError, open_store
-
-    try:
-        return open_store(store, cache_bytes=cache_bytes, options=read_options)
-    except StoreError as e:
-        raise MountError(str(e)) from e
-    except OSError as e:  # e.g. a --disk-cache directory that cannot be made
-        raise MountError(f"{e.filename or store}: {e.strerror or e}") from e
-
-
-def read_options_argv(o: "ReadOptions | None") -> list[str]:
-    """Daemon arguments that carry ``o`` (the inverse of :func:`read_options_from_args`)."""
-    if o is None:
-        return []
-    argv = []
-    if o.remote.endpoint_url:
-        argv += ["--endpoint-url", o.remote.endpoint_url]
-    if o.bwlimit:
-        argv += ["--bwlimit", str(o.bwlimit)]
-    if o.disk_cache:
-        argv += ["--disk-cache", _abs(o.disk_cache), "--disk-cache-size", str(o.disk_cache_bytes)]
-    if o.readahead_bytes is not None:
-        argv += ["--readahead", str(o.readahead_bytes)]
-    if o.record_prefix is not None:
-        argv += ["--record-prefix", "on" if o.record_prefix else "off"]
-    return argv
-
-
-def read_options_from(endpoint_url: str | None = None, bwlimit: str | None = None, disk_cache: str | None = None,
-                      disk_cache_size: str = "10G", readahead: str | None = None,
-                      record_prefix: str | None = None) -> "ReadOptions":
-    """ReadOptions from their command-line spellings (sizes and rates as text, e.g.
-    ``10M``); ValueError naming the malformed one."""
-    from ..remote.bwlimit import parse_rate
-    from ..remote.fs import RemoteOptions
-    from ..store.reader import ReadOptions
-
-    def parsed(name: str, parse, value: str):
-        try:
-            return parse(value)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-
-    return ReadOptions(
-        remote=RemoteOptions(endpoint_url=endpoint_url or None),
-        bwlimit=parsed("bwlimit", parse_rate, bwlimit) if bwlimit else None,
-        disk_cache=disk_cache or None,
-        disk_cache_bytes=parsed("disk_cache_size", parse_size, disk_cache_size),
-        readahead_bytes=parsed("readahead", parse_size, readahead) if readahead is not None else None,
-        record_prefix=parsed("record_prefix", parse_switch, record_prefix))
-
-
-def parse_switch(value: str | None) -> bool | None:
-    """'on'/'off'/'auto' (None: auto) -> True/False/None."""
-    if value is None or value.lower() == "auto":
-        return None
-    if value.lower() in ("on", "yes", "1"):
-        return True
-    if value.lower() in ("off", "no", "0"):
-        return False
-    raise ValueError(f"expected on, off or auto, got {value!r}")
-
-
-def read_options_from_args(a: argparse.Namespace) -> "ReadOptions":
-    return read_options_from(a.endpoint_url, a.bwlimit, a.disk_cache, a.disk_cache_size, a.readahead,
-                             a.record_prefix)
-
-
-def _open_log(log_file: str) -> int:
-    """An fd appending to ``log_file``; MountError saying why if it cannot be written."""
-    try:
-        return os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise MountError(f"cannot write the log file {log_file}: {e.strerror}; choose another "
-                         "with --log-file") from None
+def configure_logging() -> None:
+    """The daemon's log lines, on its stderr (its log file once :func:`serve` redirected it)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True, format=LOG_FORMAT)
 
 
 def _redirect_output(log_file: str) -> None:
     """Send fds 1 and 2 (Python and libfuse messages alike) to ``log_file``."""
-    fd = _open_log(log_file)
-    sys.stdout.flush()
+    fd = open_log(log_file)
+    sys.stdout.flush()  # what Python buffered for the old fds goes there, not into the log
     sys.stderr.flush()
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
 
 
-def run_foreground(store: str, mountpoint: str, *, options: Iterable[str] = (), cache_size: int,
-                   log_file: str | None = None, allow_other: bool = False, echo: Echo = _stderr,
-                   read_options: "ReadOptions | None" = None) -> None:
-    """Mount and serve in this process until unmounted or signalled."""
+def serve(config: MountConfig, echo: Echo = log.info, read_options: "ReadOptions | None" = None) -> None:
+    """Mount as ``config`` says and serve in this process until unmounted or signalled.
+    ``read_options`` overrides what ``config`` says about reading the store."""
     from ..views import ViewTree
-    from .ops import FUSE_MAIN_FAILURES, FUSE_MAIN_LOOP_ENDED, PcrfsOperations, serve
+    from .ops import PcrfsOperations
 
-    store, mountpoint = _store_location(store), _abs(mountpoint)
-    kwargs, nonempty = fuse_options(options, allow_other)
-    if log_file:
-        os.close(_open_log(log_file))  # an unusable log file is an error now, not after the checks
+    config = resolved(config)
+    kwargs, nonempty = config.fuse_options()
+    if config.log_file:
+        os.close(open_log(config.log_file))  # an unusable log file is an error now, not after the checks
     raise_open_file_limit()  # before the store sizes its table of open record files from it
-    s = _open_store(store, cache_size, read_options)
-    prepare_mountpoint(mountpoint, echo, allow_nonempty=nonempty)
-    if log_file:
-        _redirect_output(log_file)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s pcrfs[%(process)d] %(levelname)s %(message)s")
+    store = open_store_checked(config.store, config.cache_size, read_options or config.read_options())
+    prepare_mountpoint(config.mountpoint, echo, allow_nonempty=nonempty)
+    if config.log_file:
+        _redirect_output(config.log_file)
+    configure_logging()
     try:
-        tree = ViewTree(s)
+        tree = ViewTree(store)
     except Exception as e:  # noqa: BLE001 - a store that opened but cannot be laid out as a tree
         log.exception("cannot build the mount's tree")
         raise MountError(f"the store cannot be mounted: {type(e).__name__}: {e}") from None
-    pid_file = pid_file_for(mountpoint)
-    ops = PcrfsOperations(tree, extra_stats={"mountpoint": mountpoint, "log_file": log_file,
+    pid_file = pid_file_for(config.mountpoint)
+    ops = PcrfsOperations(tree, extra_stats={"mountpoint": config.mountpoint, "log_file": config.log_file,
                                              "pid_file": str(pid_file)})
     pid_file.write_text(f"{os.getpid()}\n")
-    log.info("mounting %s at %s (cache %s, options %s)", store, mountpoint, format_size(cache_size),
+    log.info("mounting %s at %s (cache %s, options %s)", config.store, config.mountpoint,
+             format_size(config.cache_size),
              ",".join(f"{k}={v}" if v is not True else k for k, v in kwargs.items()) or "-")
     try:
-        status = serve(ops, mountpoint, fsname=store, options=kwargs)
+        _serve_until_unmounted(ops, config, kwargs)
     finally:
-        if read_pid(mountpoint) == os.getpid():
+        if read_pid(config.mountpoint) == os.getpid():
             pid_file.unlink(missing_ok=True)
-        s.close()
+        store.close()
+
+
+def _serve_until_unmounted(ops, config: MountConfig, kwargs: dict[str, object]) -> None:
+    from .ops import FUSE_MAIN_FAILURES, FUSE_MAIN_LOOP_ENDED, serve as fuse_serve
+
+    status = fuse_serve(ops, config.mountpoint, fsname=config.store, options=kwargs)
     if status in FUSE_MAIN_FAILURES:
         raise MountError(f"libfuse could not {FUSE_MAIN_FAILURES[status]} (fuse_main status {status}); "
                          "its message is above")
-    log.info("unmounted %s%s", mountpoint, " (stopped by a signal)" if status == FUSE_MAIN_LOOP_ENDED else "")
+    log.info("unmounted %s%s", config.mountpoint,
+             " (stopped by a signal)" if status == FUSE_MAIN_LOOP_ENDED else "")
 
 
-_children: dict[int, subprocess.Popen] = {}  # keeps Popen objects alive (no ResourceWarning)
+def run_foreground(store: str, mountpoint: str, *, options: Iterable[str] = (), cache_size: int | str,
+                   log_file: str | None = None, allow_other: bool = False, echo: Echo = log.info,
+                   read_options: "ReadOptions | None" = None) -> None:
+    """:func:`serve` with keyword arguments (for callers that predate :class:`MountConfig`)."""
+    mount(store, mountpoint, foreground=True, options=options, cache_size=cache_size, log_file=log_file,
+          allow_other=allow_other, echo=echo, read_options=read_options)
 
 
-def daemon_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie child of this process counts as gone and is reaped)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            _children.pop(pid, None)
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
-    except (OSError, IndexError):
-        return False
+def read_options_from(endpoint_url: str | None = None, bwlimit: str | None = None, disk_cache: str | None = None,
+                      disk_cache_size: str = "10G", readahead: str | None = None,
+                      record_prefix: str | None = None) -> "ReadOptions":
+    """ReadOptions from their fstab spellings (ValueError naming a malformed one); through
+    :class:`MountConfig`, for callers that predate it."""
+    values = dict(endpoint_url=endpoint_url, bwlimit=bwlimit, disk_cache=disk_cache,
+                  disk_cache_size=disk_cache_size, readahead=readahead, record_prefix=record_prefix)
+    return MountConfig.from_values("", "", values).read_options()
 
 
-def _log_tail(path: str, start: int = 0, lines: int = 15) -> str:
-    """The last ``lines`` lines ``path`` gained after byte ``start``, indented."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            text = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return "    (no log)"
-    return "\n".join("    " + line for line in text[-lines:]) or "    (nothing logged)"
-
-
-def _log_reason(path: str, start: int = 0) -> str:
-    """One line saying why the daemon stopped: its own ``pcrfs: error:`` line if it wrote
-    one, else the last line it logged (a traceback's last line names the exception);
-    the whole traceback stays in the log."""
-    tail = [line.strip() for line in _log_tail(path, start, lines=200).splitlines() if line.strip()]
-    for line in reversed(tail):
-        if line.startswith("pcrfs: error: "):
-            return line[len("pcrfs: error: "):]
-    return tail[-1] if tail else "(nothing logged)"
-
-
-def _wait_ready(proc: subprocess.Popen, mountpoint: str, log_file: str, log_start: int, timeout: float) -> None:
-    stats = os.path.join(mountpoint, ".pcrfs", "stats")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            _children.pop(proc.pid, None)
-            raise MountError(f"the pcrfs daemon exited with status {proc.returncode} before the mount was "
-                             f"ready: {_log_reason(log_file, log_start)} (its log: {log_file})")
-        entry = mount_entry(mountpoint)
-        if entry is not None and entry.fstype == FSTYPE and os.path.exists(stats):
-            return
-        time.sleep(0.02)
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    _children.pop(proc.pid, None)
-    if mount_entry(mountpoint) is not None:
-        _try_unmount(mountpoint, lazy=True)
-    raise MountError(f"the mount at {mountpoint} was not ready after {timeout:.0f}s; see {log_file}:\n"
-                     f"{_log_tail(log_file, log_start)}")
-
-
-def mount(store: str | os.PathLike, mountpoint: str | os.PathLike, foreground: bool = False,
-          options: Iterable[str] = (), cache_size: int | str = DEFAULT_CACHE_SIZE,
-          log_file: str | os.PathLike | None = None, allow_other: bool = False,
-          echo: Echo = _stderr, timeout: float = READY_TIMEOUT,
-          read_options: "ReadOptions | None" = None) -> MountInfo | None:
-    """Mount ``store`` at ``mountpoint``.
-
-    In the background (default) this returns a :class:`MountInfo` once the mount
-    is ready; with ``foreground=True`` it serves until unmounted and returns None.
-    ``store`` is a directory or a URL (``s3://bucket/prefix``); ``read_options``
-    carries the endpoint, bandwidth limit, disk cache and readahead settings.
-    Raises :class:`MountError` with a message meant for the user.
-    """
-    store_s, mp = _store_location(store), _abs(mountpoint)
-    cache_bytes = parse_size(cache_size) if isinstance(cache_size, str) else int(cache_size)
-    options = list(options)
-    if foreground:
-        run_foreground(store_s, mp, options=options, cache_size=cache_bytes,
-                       log_file=os.fspath(log_file) if log_file else None, allow_other=allow_other, echo=echo,
-                       read_options=read_options)
-        return None
-    _, nonempty = fuse_options(options, allow_other)
-    log_path = _abs(log_file) if log_file else str(default_log_file(mp))
-    if log_file:
-        os.close(_open_log(log_path))
-    _open_store(store_s, 0, read_options).close()  # a clear error now rather than in the daemon's log
-    prepare_mountpoint(mp, echo, allow_nonempty=nonempty)
-    argv = [sys.executable, "-m", "pcrfs.fuse.daemon", store_s, mp, "--foreground",
-            "--cache-size", str(cache_bytes), "--log-file", log_path]
-    argv += read_options_argv(read_options)
-    for opt in options:
-        argv += ["-o", opt]
-    if allow_other:
-        argv.append("--allow-other")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "ab") as logf:
-        log_start = logf.tell()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True, cwd="/", env=env)
-    _children[proc.pid] = proc
-    _wait_ready(proc, mp, log_path, log_start, timeout)
-    info = MountInfo(store_s, mp, proc.pid, log_path, str(pid_file_for(mp)))
-    echo(f"pcrfs: mounted {store_s} at {mp} (daemon pid {proc.pid}, log {log_path})")
-    return info
-
-
-def umount(mountpoint: str | os.PathLike, lazy: bool = False, echo: Echo = _stderr,
-           timeout: float = 10.0) -> None:
-    """Unmount a pcrfs mount and wait for its daemon to exit (unless ``lazy``)."""
-    mp = _abs(mountpoint)
-    entry = mount_entry(mp)
-    if entry is None:
-        raise MountError(f"{mp} is not mounted")
-    if not entry.fstype.startswith("fuse"):
-        raise MountError(f"{mp} is a {entry.fstype} mount, not pcrfs; use umount(8)")
-    pid = read_pid(mp)
-    ok, said = _try_unmount(mp, lazy)
-    if not ok:
-        if "busy" in said.lower() and probe(mp) == "hung":
-            why, remedy = _not_answering(mp)
-            raise MountError(f"{mp} is busy: processes wait for reads there (see: fuser -vm {mp}) and {why}: "
-                             f"{remedy}detach the mount now with `pcrfs umount --lazy {mp}`.")
-        if "busy" in said.lower():
-            raise MountError(f"{mp} is busy: a process has a file open there or its working directory "
-                             f"inside (see: fuser -vm {mp}). Close it and retry, or detach now with "
-                             f"`pcrfs umount --lazy {mp}` (the mount is released when the last user lets go).")
-        if said == TIMED_OUT:
-            why, remedy = _not_answering(mp)
-            raise MountError(f"could not unmount {mp}: the unmount did not finish in {UNMOUNT_TIMEOUT:.0f}s "
-                             f"and {why}: {remedy}detach it now with `pcrfs umount --lazy {mp}`")
-        raise MountError(f"could not unmount {mp}: {said}")
-    if pid is not None and not lazy:
-        deadline = time.monotonic() + timeout
-        while daemon_alive(pid) and not _stopped(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not daemon_alive(pid):
-            pid_file_for(mp).unlink(missing_ok=True)
-        elif _stopped(pid):
-            echo(f"pcrfs: unmounted {mp}; its daemon (pid {pid}) is stopped and exits once resumed "
-                 f"(kill -CONT {pid})")
-            return
-        else:
-            echo(f"pcrfs: unmounted {mp}, but its daemon (pid {pid}) has not exited after {timeout:.0f}s")
-            return
-    echo(f"pcrfs: unmounted {mp}" + (" (lazily: released when no longer in use)" if lazy else ""))
+def read_options_argv(o: "ReadOptions | None") -> list[str]:
+    """The daemon arguments that carry ``o`` (:meth:`MountConfig.to_argv` without the
+    store and the mount point), for callers that predate :class:`MountConfig`."""
+    argv = MountConfig("", "").with_read_options(o).to_argv()[:-2]
+    return [part for arg in argv for part in arg.split("=", 1)]  # --flag VALUE, as they always were
 
 
 # ---- python -m pcrfs.fuse.daemon ------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pcrfs.fuse.daemon",
-                                description="Serve a PCR store at a mount point (used by `pcrfs mount`).")
-    p.add_argument("store")
-    p.add_argument("mountpoint")
-    p.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
-    p.add_argument("-o", dest="options", action="append", default=[], help="mount options (a,b=c)")
-    p.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, help="scan-group cache size (e.g. 256M)")
-    p.add_argument("--log-file", default=None)
-    p.add_argument("--allow-other", action="store_true")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// stores")
-    p.add_argument("--bwlimit", default=None, help="cap on the store bandwidth (bytes/s, e.g. 10M)")
-    p.add_argument("--disk-cache", default=None, help="directory for an on-disk group cache")
-    p.add_argument("--disk-cache-size", default="10G", help="size cap of the disk cache")
-    p.add_argument("--readahead", default=None, help="readahead window budget (0: off)")
-    p.add_argument("--record-prefix", default=None, help="whole-record prefix fetching: on, off, auto")
-    a = p.parse_args(argv)
+    configure_logging()
     try:
-        mount(a.store, a.mountpoint, foreground=a.foreground, options=a.options, cache_size=a.cache_size,
-              log_file=a.log_file, allow_other=a.allow_other, read_options=read_options_from_args(a))
+        serve(MountConfig.from_argv(sys.argv[1:] if argv is None else argv), echo=log.warning)
     except (MountError, ValueError) as e:
-        _stderr(f"pcrfs: error: {e}")
+        log.error("pcrfs: error: %s", e)
         return 1
     except Exception as e:  # noqa: BLE001 - the traceback goes to the log, one line to `pcrfs mount`
-        import traceback
-
-        traceback.print_exc()
-        _stderr(f"pcrfs: error: the daemon failed: {type(e).__name__}: {e}")
+        log.exception("the daemon failed")
+        log.error("pcrfs: error: the daemon failed: %s: %s", type(e).__name__, e)
         return 1
     return 0
 

@@ -17,7 +17,8 @@ Then::
 Options pcrfs handles itself: ``cache_size=SIZE``, ``log_file=PATH``,
 ``nonempty``, and for stores at a URL ``endpoint_url=URL``, ``bwlimit=RATE``,
 ``disk_cache=DIR``, ``disk_cache_size=SIZE``, ``readahead=SIZE``,
-``record_prefix=on|off|auto`` (the ``pcrfs mount`` options of the same names; credentials come from the usual AWS
+``record_prefix=on|off|auto`` (the ``pcrfs mount`` options of the same names, declared once in
+:mod:`pcrfs.fuse.config`; credentials come from the usual AWS
 variables and files of the user mount(8) runs as). Options that are only for mount(8) or systemd (``defaults``,
 ``auto``/``noauto``, ``user``/``users``, ``nofail``, ``_netdev``, ``x-*``,
 ``comment=*``) are dropped; ``ro``/``rw`` are ignored (the mount is always
@@ -27,9 +28,24 @@ from __future__ import annotations
 
 import sys
 
-from .daemon import DEFAULT_CACHE_SIZE, MountError, mount, read_options_from, split_options
+from .config import BY_NAME, OPTIONS, MountConfig, classify_fstab_options
+from .mounting import MountError, mount_config
 
 USAGE = "usage: mount.pcrfs STORE MOUNTPOINT [-sfnv] [-o OPTION[,OPTION...]]"
+
+
+def _option_lines() -> str:
+    """HELP's lines for pcrfs's own options, from :data:`pcrfs.fuse.config.OPTIONS`."""
+    lines = []
+    for o in OPTIONS:
+        if o.fstab:
+            value = o.fstab_value or o.metavar
+            first, *rest = o.fstab.split("\n")
+            lines.append(f"  {o.name + '=' + value:<22}{first}")
+            lines += [" " * 24 + line for line in rest]
+    return "\n".join(lines)
+
+
 HELP = f"""{USAGE}
 
 Mount a pcrfs store read-only at MOUNTPOINT; what mount(8) runs for
@@ -45,17 +61,9 @@ Flags (as mount(8) passes them):
   -h, --help  this text
 
 Options (-o, comma-separated; a comma inside a value is written as \\,):
-  cache_size=SIZE       memory for verified scan groups [default: {DEFAULT_CACHE_SIZE}]
-  log_file=PATH         the daemon's log [default: /run/pcrfs/<mount>.log for root]
+{_option_lines()}
   nonempty              allow a non-empty mount point (its files are hidden while mounted)
   debug                 libfuse's debug output, into the log
-  endpoint_url=URL      S3-compatible endpoint of a store at an s3:// URL
-  bwlimit=RATE          cap the bytes per second taken from a remote store (e.g. 50M)
-  disk_cache=DIR        on-disk cache of verified scan groups of a remote store
-  disk_cache_size=SIZE  cap of that cache [default: 10G]
-  readahead=SIZE        readahead window of a remote store [default: 16M; 0: off]
-  record_prefix=MODE    auto, on or off: fetch whole record prefixes (groups 1..k of
-                        every image of a record) of a remote store [default: auto]
   ro, rw                ignored: the mount is always read-only
   defaults, auto, noauto, user, users, nouser, owner, group, nofail, _netdev,
   loud, silent, x-*, comment=*
@@ -69,12 +77,6 @@ Example /etc/fstab lines:
   /data/train.pcr  /mnt/train  pcrfs  allow_other,cache_size=1G,nofail  0 0
   s3://bucket/train.pcr  /mnt/s3train  pcrfs  endpoint_url=https://minio.lan:9000,disk_cache=/var/cache/pcrfs,_netdev,nofail  0 0
 """
-_READ_OPTIONS = ("endpoint_url", "bwlimit", "disk_cache", "disk_cache_size", "readahead",
-                 "record_prefix")  # read_options_from()
-_OWN = ("cache_size", "log_file") + _READ_OPTIONS
-_MOUNT8_ONLY = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
-                "nofail", "_netdev", "loud", "silent"}
-
 
 def parse_argv(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
     """(positional args, -o option strings, single-letter flags) of a mount(8) helper call."""
@@ -100,19 +102,8 @@ def parse_argv(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
     return positional, options, flags
 
 
-def sort_options(options: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Split -o options into pcrfs's own (cache_size, log_file, read options) and those for libfuse."""
-    own: dict[str, str] = {}
-    fuse: list[str] = []
-    for opt in split_options(options):
-        key, _, value = opt.partition("=")
-        if key in _OWN:
-            own[key] = value
-        elif key in _MOUNT8_ONLY or key.startswith("x-") or key == "comment":
-            continue
-        else:
-            fuse.append(opt)
-    return own, fuse
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,19 +117,17 @@ def main(argv: list[str] | None = None) -> int:
             print(USAGE, file=sys.stderr)
             return 1
         store, mountpoint = positional
-        own, fuse = sort_options(options)
+        own, fuse = classify_fstab_options(options)
         if "v" in flags:
-            print(f"mount.pcrfs: {store} on {mountpoint}, libfuse options {','.join(fuse) or '-'}, "
-                  f"cache {own.get('cache_size', DEFAULT_CACHE_SIZE)}", file=sys.stderr)
-        read_options = read_options_from(**{k: own[k] for k in _READ_OPTIONS if k in own})
+            _stderr(f"mount.pcrfs: {store} on {mountpoint}, libfuse options {','.join(fuse) or '-'}, "
+                    f"cache {own.get('cache_size', BY_NAME['cache_size'].default)}")
+        config = MountConfig.from_fstab(store, mountpoint, options)
         if "f" in flags:  # mount -f: "fake", do everything but the mount itself
             return 0
         quiet = "v" not in flags  # mount(8) helpers are silent unless asked
-        mount(store, mountpoint, options=fuse, cache_size=own.get("cache_size", DEFAULT_CACHE_SIZE),
-              log_file=own.get("log_file") or None, read_options=read_options,
-              echo=(lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr)))
+        mount_config(config, echo=(lambda _m: None) if quiet else _stderr)
     except (MountError, ValueError) as e:
-        print(f"mount.pcrfs: {e}", file=sys.stderr)
+        _stderr(f"mount.pcrfs: {e}")
         return 32  # mount(8): "mount failure"
     return 0
 

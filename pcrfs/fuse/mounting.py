@@ -1,0 +1,495 @@
+"""Mounting and unmounting, from the caller's side: start the daemon, wait until the
+mount answers, unmount, and recover stale mounts.
+
+``mount()`` by default starts ``python -m pcrfs.fuse.daemon STORE MNT [OPTIONS]``
+(:mod:`pcrfs.fuse.daemon`, the serving process) in its own session, with stdin from
+/dev/null and stdout/stderr going to a log file (never to the caller's streams: a
+caller that captures them would otherwise wait forever for them to close), and returns
+once the mount answers. The daemon writes its pid to a pid file (see
+:func:`pid_file_for`) and into ``/.pcrfs/stats``.
+
+A mount whose daemon died (``kill -9``, OOM) stays in the mount table and fails
+every access with ENOTCONN ("Transport endpoint is not connected"). ``mount()``
+notices that on its mount point (with ``statfs``: ``stat`` may be answered from
+the kernel's attribute cache), detaches the dead mount and mounts afresh.
+
+Nothing here writes to the terminal: what a user should hear goes to ``echo``
+(default: the ``pcrfs.fuse`` logger), errors are :class:`MountError`.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from .config import DEFAULT_CACHE_SIZE, MountConfig
+
+if TYPE_CHECKING:  # the store layer itself is imported when a mount starts
+    from ..store.reader import ReadOptions
+
+log = logging.getLogger("pcrfs.fuse")
+
+READY_TIMEOUT = 30.0
+PROBE_TIMEOUT = 3.0    # a live daemon answers statfs at once; longer means stopped or hung
+UNMOUNT_TIMEOUT = 5.0  # per unmount tool; umount(8) stats the mount point and hangs with its daemon
+FSTYPE = "fuse.pcrfs"
+STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+Echo = Callable[[str], None]
+_log = log.info  # the default echo: silent unless the caller configures logging
+
+
+class MountError(Exception):
+    """A mount or unmount cannot be done; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    store: str
+    mountpoint: str
+    pid: int
+    log_file: str | None
+    pid_file: str
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+# ---- where state lives ------------------------------------------------------------------
+
+def runtime_dir() -> Path:
+    """Directory for pid files and default logs (/run/pcrfs for root).
+
+    ``PCRFS_RUNTIME_DIR`` overrides the choice (a test run, or a container whose
+    /run is read-only, keeps its state elsewhere)."""
+    candidates = []
+    if os.environ.get("PCRFS_RUNTIME_DIR"):
+        candidates.append(Path(os.environ["PCRFS_RUNTIME_DIR"]))
+    if os.geteuid() == 0:
+        candidates.append(Path("/run/pcrfs"))
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        candidates.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "pcrfs")
+    candidates.append(Path(f"/tmp/pcrfs-{os.geteuid()}"))
+    for d in candidates:
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(d, os.W_OK):
+            return d
+    raise MountError("no writable directory for pcrfs's pid files (tried " +
+                     ", ".join(map(str, candidates)) + ")")
+
+
+def _state_name(mountpoint: str) -> str:
+    digest = hashlib.sha1(mountpoint.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    readable = mountpoint.strip("/").replace("/", "-")[-60:].lstrip("-") or "root"
+    return f"{readable}-{digest}"
+
+
+def pid_file_for(mountpoint: str) -> Path:
+    return runtime_dir() / (_state_name(_abs(mountpoint)) + ".pid")
+
+
+def default_log_file(mountpoint: str) -> Path:
+    return runtime_dir() / (_state_name(_abs(mountpoint)) + ".log")
+
+
+def _abs(path: str | os.PathLike) -> str:
+    """The absolute, symlink-free form of ``path``, found without stat'ing ``path`` itself
+    unless it is a symlink: on a mount whose daemon is stopped, a stat of the mount point
+    blocks (readlink of a directory fails at once, from the dentry alone)."""
+    p = os.path.abspath(os.fspath(path))
+    head, tail = os.path.split(p)
+    try:
+        os.readlink(p)
+    except OSError:  # not a symlink (or not there): only the directories above need resolving
+        return os.path.join(os.path.realpath(head), tail) if tail else p
+    return os.path.realpath(p)
+
+
+def read_pid(mountpoint: str) -> int | None:
+    try:
+        return int(pid_file_for(mountpoint).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+# ---- the mount table ----------------------------------------------------------------------
+
+def _unescape_mountinfo(field: str) -> str:
+    """/proc/self/mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_entry(mountpoint: str) -> MountEntry | None:
+    """The (topmost) mount at ``mountpoint``, or None."""
+    target = _abs(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rest = right.split()
+            if len(fields) < 5 or len(rest) < 2:
+                continue
+            if _unescape_mountinfo(fields[4]) == target:
+                found = MountEntry(target, rest[0], _unescape_mountinfo(rest[1]))
+    return found
+
+
+def is_stale(mountpoint: str) -> bool:
+    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN)."""
+    return probe(mountpoint) == "stale"
+
+
+def probe(mountpoint: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """"ok", "stale" (its daemon is gone: ENOTCONN) or "hung" (no answer in ``timeout``
+    seconds: the daemon is stopped or stuck). The ``statfs`` runs in a daemon thread
+    because it blocks for as long as the daemon does not answer; an abandoned one ends
+    with this process (the kernel's wait for a FUSE reply is killable)."""
+    result: list[str] = []
+    done = threading.Event()
+
+    def check() -> None:
+        try:
+            os.statvfs(mountpoint)
+            result.append("ok")
+        except OSError as e:
+            result.append("stale" if e.errno in STALE_ERRNOS else "ok")
+        done.set()
+
+    threading.Thread(target=check, name="pcrfs-probe", daemon=True).start()
+    return result[0] if done.wait(timeout) else "hung"
+
+
+def _not_answering(mountpoint: str) -> tuple[str, str]:
+    """(why the daemon of ``mountpoint`` does not answer, a remedy with a trailing ", "
+    or ""), as far as its pid file and /proc tell."""
+    pid = read_pid(mountpoint)
+    if pid is None or not daemon_alive(pid):
+        return "its daemon does not answer", ""
+    if _stopped(pid):
+        return f"its daemon (pid {pid}) is stopped", f"resume it with `kill -CONT {pid}`, or "
+    return f"its daemon (pid {pid}) does not answer", ""
+
+
+def _stopped(pid: int) -> bool:
+    """True if ``pid`` is stopped (SIGSTOP, or a debugger)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
+def _run(cmd: list[str], timeout: float = UNMOUNT_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+def _unmount_commands(mountpoint: str, lazy: bool) -> list[list[str]]:
+    cmds = []
+    for tool in ("fusermount3", "fusermount"):
+        if shutil.which(tool):
+            cmds.append([tool, "-u"] + (["-z"] if lazy else []) + [mountpoint])
+    if os.geteuid() == 0 and shutil.which("umount"):
+        cmds.append(["umount"] + (["-l"] if lazy else []) + [mountpoint])
+    return cmds
+
+
+TIMED_OUT = "timed out"  # what _try_unmount says when every tool that ran hung
+
+
+def _try_unmount(mountpoint: str, lazy: bool) -> tuple[bool, str]:
+    """Run the unmount tools in turn; (success, what they said). A "busy" answer wins
+    (the others would only add a less useful message), then a tool's own words; if the
+    tools only hung (a stopped daemon), it is :data:`TIMED_OUT`."""
+    said = "no fusermount3, fusermount or umount found"
+    timed_out = False
+    for cmd in _unmount_commands(mountpoint, lazy):
+        try:
+            res = _run(cmd)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            if mount_entry(mountpoint) is None:
+                return True, ""
+            continue
+        except OSError as e:
+            said = f"{cmd[0]}: {e.strerror or e}"
+            continue
+        if res.returncode == 0 and mount_entry(mountpoint) is None:
+            return True, ""
+        said = (res.stderr or res.stdout).strip() or f"{' '.join(cmd)} exited {res.returncode}"
+        if mount_entry(mountpoint) is None:
+            return True, ""
+        if "busy" in said.lower():
+            return False, said
+    if timed_out and said.startswith("no fusermount3"):
+        said = TIMED_OUT
+    return False, said
+
+
+def detach_stale(mountpoint: str, echo: Echo = _log) -> None:
+    """Remove the dead FUSE mount at ``mountpoint`` (its daemon is gone)."""
+    echo(f"pcrfs: {mountpoint} is a stale mount (its daemon is gone: Transport endpoint is not "
+         "connected); unmounting it")
+    ok, said = _try_unmount(mountpoint, lazy=False)
+    if not ok:
+        ok, said = _try_unmount(mountpoint, lazy=True)
+    if not ok:
+        raise MountError(f"{mountpoint} is a stale mount and could not be unmounted ({said}); "
+                         f"try: fusermount3 -uz {mountpoint}  (or as root: umount -l {mountpoint})")
+    stale_pid = pid_file_for(mountpoint)
+    stale_pid.unlink(missing_ok=True)
+
+
+def prepare_mountpoint(mountpoint: str, echo: Echo = _log, allow_nonempty: bool = False) -> None:
+    """Check that ``mountpoint`` can be mounted on; recover it if it is a stale mount."""
+    entry = mount_entry(mountpoint)
+    if entry is not None:
+        state = probe(mountpoint) if entry.fstype.startswith("fuse") else "ok"
+        if state == "stale":
+            detach_stale(mountpoint, echo)
+        elif state == "hung":
+            why, remedy = _not_answering(mountpoint)
+            raise MountError(f"{mountpoint} is already mounted and {why}: {remedy}detach that mount with "
+                             f"`pcrfs umount --lazy {mountpoint}` and mount again")
+        else:
+            raise MountError(f"{mountpoint} is already mounted ({entry.fstype} from {entry.source}); "
+                             f"unmount it first: pcrfs umount {mountpoint}")
+    if not os.path.exists(mountpoint):
+        raise MountError(f"mount point {mountpoint} does not exist (create it: mkdir -p {mountpoint})")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    if not allow_nonempty:
+        with os.scandir(mountpoint) as it:
+            if next(it, None) is not None:
+                raise MountError(f"mount point {mountpoint} is not empty; pcrfs mounts on an empty "
+                                 "directory (the mount would hide what is there). Use an empty directory, "
+                                 "or -o nonempty to hide the contents while mounted")
+
+
+# ---- the store and the log, checked before a daemon starts ----------------------------------
+
+def store_location(store: str | os.PathLike) -> str:
+    """An absolute path for a local store; a URL (s3://...) as it is."""
+    from ..remote.fs import is_url
+
+    text = os.fspath(store)
+    return text.rstrip("/") if is_url(text) else _abs(text)
+
+
+def open_store_checked(store: str, cache_bytes: int, read_options: "ReadOptions | None" = None):
+    """The store, opened; MountError with the reader's reason if it cannot be."""
+    from ..store.reader import StoreError, open_store
+
+    try:
+        return open_store(store, cache_bytes=cache_bytes, options=read_options)
+    except StoreError as e:
+        raise MountError(str(e)) from e
+    except OSError as e:  # e.g. a --disk-cache directory that cannot be made
+        raise MountError(f"{e.filename or store}: {e.strerror or e}") from e
+
+
+def open_log(log_file: str) -> int:
+    """An fd appending to ``log_file``; MountError saying why if it cannot be written."""
+    try:
+        return os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise MountError(f"cannot write the log file {log_file}: {e.strerror}; choose another "
+                         "with --log-file") from None
+
+
+
+_children: dict[int, subprocess.Popen] = {}  # keeps Popen objects alive (no ResourceWarning)
+
+
+def daemon_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie child of this process counts as gone and is reaped)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            _children.pop(pid, None)
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _log_tail(path: str, start: int = 0, lines: int = 15) -> str:
+    """The last ``lines`` lines ``path`` gained after byte ``start``, indented."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return "    (no log)"
+    return "\n".join("    " + line for line in text[-lines:]) or "    (nothing logged)"
+
+
+def _log_reason(path: str, start: int = 0) -> str:
+    """One line saying why the daemon stopped: its own ``pcrfs: error:`` line if it wrote
+    one, else the last line it logged (a traceback's last line names the exception);
+    the whole traceback stays in the log."""
+    tail = [line.strip() for line in _log_tail(path, start, lines=200).splitlines() if line.strip()]
+    for line in reversed(tail):
+        if "pcrfs: error: " in line:  # after the log line's time and pid
+            return line.partition("pcrfs: error: ")[2]
+    return tail[-1] if tail else "(nothing logged)"
+
+
+def _wait_ready(proc: subprocess.Popen, mountpoint: str, log_file: str, log_start: int, timeout: float) -> None:
+    stats = os.path.join(mountpoint, ".pcrfs", "stats")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _children.pop(proc.pid, None)
+            raise MountError(f"the pcrfs daemon exited with status {proc.returncode} before the mount was "
+                             f"ready: {_log_reason(log_file, log_start)} (its log: {log_file})")
+        entry = mount_entry(mountpoint)
+        if entry is not None and entry.fstype == FSTYPE and os.path.exists(stats):
+            return
+        time.sleep(0.02)
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    _children.pop(proc.pid, None)
+    if mount_entry(mountpoint) is not None:
+        _try_unmount(mountpoint, lazy=True)
+    raise MountError(f"the mount at {mountpoint} was not ready after {timeout:.0f}s; see {log_file}:\n"
+                     f"{_log_tail(log_file, log_start)}")
+
+
+def mount(store: str | os.PathLike, mountpoint: str | os.PathLike, foreground: bool = False,
+          options: Iterable[str] = (), cache_size: int | str = DEFAULT_CACHE_SIZE,
+          log_file: str | os.PathLike | None = None, allow_other: bool = False,
+          echo: Echo = _log, timeout: float = READY_TIMEOUT,
+          read_options: "ReadOptions | None" = None) -> MountInfo | None:
+    """Mount ``store`` at ``mountpoint``.
+
+    In the background (default) this returns a :class:`MountInfo` once the mount
+    is ready; with ``foreground=True`` it serves until unmounted and returns None.
+    ``store`` is a directory or a URL (``s3://bucket/prefix``); ``read_options``
+    carries the endpoint, bandwidth limit, disk cache and readahead settings.
+    Raises :class:`MountError` with a message meant for the user (ValueError for
+    a malformed option value).
+    """
+    options = tuple(options) + (("allow_other",) if allow_other else ())
+    config = MountConfig.from_values(os.fspath(store), os.fspath(mountpoint), {
+        "foreground": foreground, "options": options, "cache_size": cache_size,
+        "log_file": os.fspath(log_file) if log_file else None}).with_read_options(read_options)
+    return mount_config(config, echo=echo, timeout=timeout, read_options=read_options)
+
+
+def mount_config(config: MountConfig, echo: Echo = _log, timeout: float = READY_TIMEOUT,
+                 read_options: "ReadOptions | None" = None) -> MountInfo | None:
+    """Mount as ``config`` says (see :func:`mount`). ``read_options``, if given, is what
+    a foreground mount reads with (it may carry more than a daemon's command line can)."""
+    config = resolved(config)
+    if config.foreground:
+        from .daemon import serve  # the serving process's side: libfuse is loaded only now
+
+        serve(config, echo=echo, read_options=read_options)
+        return None
+    return _start_daemon(config, echo, timeout, read_options)
+
+
+def resolved(config: MountConfig) -> MountConfig:
+    """``config`` with absolute paths: the daemon runs in / and may be started from anywhere."""
+    return replace(config, store=store_location(config.store), mountpoint=_abs(config.mountpoint),
+                   log_file=_abs(config.log_file) if config.log_file else None,
+                   disk_cache=_abs(config.disk_cache) if config.disk_cache else None)
+
+
+def _start_daemon(config: MountConfig, echo: Echo, timeout: float,
+                  read_options: "ReadOptions | None") -> MountInfo:
+    mp = config.mountpoint
+    _, nonempty = config.fuse_options()
+    log_path = config.log_file or str(default_log_file(mp))
+    if config.log_file:
+        os.close(open_log(log_path))
+    # a clear error now rather than in the daemon's log
+    open_store_checked(config.store, 0, read_options or config.read_options()).close()
+    prepare_mountpoint(mp, echo, allow_nonempty=nonempty)
+    argv = [sys.executable, "-m", "pcrfs.fuse.daemon", *replace(config, log_file=log_path).to_argv()]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "ab") as logf:
+        log_start = logf.tell()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, cwd="/", env=env)
+    _children[proc.pid] = proc
+    _wait_ready(proc, mp, log_path, log_start, timeout)
+    echo(f"pcrfs: mounted {config.store} at {mp} (daemon pid {proc.pid}, log {log_path})")
+    return MountInfo(config.store, mp, proc.pid, log_path, str(pid_file_for(mp)))
+
+
+def umount(mountpoint: str | os.PathLike, lazy: bool = False, echo: Echo = _log,
+           timeout: float = 10.0) -> None:
+    """Unmount a pcrfs mount and wait for its daemon to exit (unless ``lazy``)."""
+    mp = _abs(mountpoint)
+    entry = mount_entry(mp)
+    if entry is None:
+        raise MountError(f"{mp} is not mounted")
+    if not entry.fstype.startswith("fuse"):
+        raise MountError(f"{mp} is a {entry.fstype} mount, not pcrfs; use umount(8)")
+    pid = read_pid(mp)
+    ok, said = _try_unmount(mp, lazy)
+    if not ok:
+        if "busy" in said.lower() and probe(mp) == "hung":
+            why, remedy = _not_answering(mp)
+            raise MountError(f"{mp} is busy: processes wait for reads there (see: fuser -vm {mp}) and {why}: "
+                             f"{remedy}detach the mount now with `pcrfs umount --lazy {mp}`.")
+        if "busy" in said.lower():
+            raise MountError(f"{mp} is busy: a process has a file open there or its working directory "
+                             f"inside (see: fuser -vm {mp}). Close it and retry, or detach now with "
+                             f"`pcrfs umount --lazy {mp}` (the mount is released when the last user lets go).")
+        if said == TIMED_OUT:
+            why, remedy = _not_answering(mp)
+            raise MountError(f"could not unmount {mp}: the unmount did not finish in {UNMOUNT_TIMEOUT:.0f}s "
+                             f"and {why}: {remedy}detach it now with `pcrfs umount --lazy {mp}`")
+        raise MountError(f"could not unmount {mp}: {said}")
+    if pid is not None and not lazy:
+        deadline = time.monotonic() + timeout
+        while daemon_alive(pid) and not _stopped(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not daemon_alive(pid):
+            pid_file_for(mp).unlink(missing_ok=True)
+        elif _stopped(pid):
+            echo(f"pcrfs: unmounted {mp}; its daemon (pid {pid}) is stopped and exits once resumed "
+                 f"(kill -CONT {pid})")
+            return
+        else:
+            echo(f"pcrfs: unmounted {mp}, but its daemon (pid {pid}) has not exited after {timeout:.0f}s")
+            return
+    echo(f"pcrfs: unmounted {mp}" + (" (lazily: released when no longer in use)" if lazy else ""))
+
