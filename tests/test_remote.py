@@ -24,7 +24,7 @@ from pcrfs.cli import main
 from pcrfs.convert import convert
 from pcrfs.remote.fs import RemoteOptions, filesystem
 from pcrfs.store import format as fmt
-from pcrfs.store import location as location_mod
+from pcrfs.store import sink as sink_mod
 from pcrfs.store.reader import ReadOptions, StoreError, StoreUnavailable, open_store
 
 from mountutil import fuse_unavailable, pcrfs_cli, wait_until
@@ -153,21 +153,23 @@ def test_index_is_downloaded_once_and_verified(remote_store, remote, tmp_path):
 def test_manifest_is_uploaded_last_and_interrupted_conversions_resume(demo_src, remote, monkeypatch):
     url = f"s3://{BUCKET}/interrupted.pcr"
     order: list[str] = []
-    real_upload = location_mod.RemoteTarget.upload
+    real_put, real_publish = sink_mod.ObjectSink.put, sink_mod.ObjectSink.publish
 
-    def failing_upload(self, name, local):
+    def failing_put(self, name, data):
         if name.startswith(fmt.RECORDS_DIR) and len(order) == 3:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C after three records
         order.append(name)
-        return real_upload(self, name, local)
+        return real_put(self, name, data)
 
-    monkeypatch.setattr(location_mod.RemoteTarget, "upload", failing_upload)
+    monkeypatch.setattr(sink_mod.ObjectSink, "put", failing_put)
+    monkeypatch.setattr(sink_mod.ObjectSink, "publish",  # index, report, manifest
+                        lambda self, name, local: (order.append(name), real_publish(self, name, local))[1])
     with pytest.raises(KeyboardInterrupt):
         convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)
     with pytest.raises(StoreError, match="unfinished conversion"):
         open_store(url, options=ropts(remote))
-    monkeypatch.setattr(location_mod.RemoteTarget, "upload",
-                        lambda self, name, local: (order.append(name), real_upload(self, name, local))[1])
+    monkeypatch.setattr(sink_mod.ObjectSink, "put",
+                        lambda self, name, data: (order.append(name), real_put(self, name, data))[1])
     result = convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)
     assert result.resumed_from > 0
     assert order[-1] == fmt.MANIFEST

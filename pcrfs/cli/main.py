@@ -133,7 +133,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
         raise click.UsageError("--dask and --scheduler are mutually exclusive")
     on_dask = use_dask or bool(scheduler)
     if on_dask:
-        from ..distributed import DaskUnavailable, require_dask
+        from ..cluster import DaskUnavailable, require_dask
         try:
             require_dask()
         except DaskUnavailable as e:
@@ -169,7 +169,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
 
     cluster = nullcontext(None)
     if on_dask:
-        from ..distributed import dask_client
+        from ..cluster import dask_client
         cluster = dask_client(scheduler, n_workers=workers)
     try:
         with cluster as client:
@@ -193,7 +193,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     except Exception as e:  # noqa: BLE001
         if not on_dask:
             raise
-        from ..distributed import ClusterUnavailable
+        from ..cluster import ClusterUnavailable
         if isinstance(e, ClusterUnavailable):
             _fail(str(e))
         # the cluster's own failures (unreachable scheduler, a task that kept killing its

@@ -280,7 +280,7 @@ def _write_index_cmd(s, store: str, workers: int, quiet: bool, as_json: bool, us
 
     cluster = nullcontext(None)
     if use_dask or scheduler:
-        from ..distributed import DaskUnavailable, dask_client, require_dask
+        from ..cluster import DaskUnavailable, dask_client, require_dask
 
         try:
             require_dask()
