@@ -8,7 +8,7 @@ only in the exception that line travels in.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 from .fs import RemoteError, RemoteOptions, explain, filesystem, split_url
 from .retry import RetryPolicy
