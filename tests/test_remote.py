@@ -178,6 +178,30 @@ def test_manifest_is_uploaded_last_and_interrupted_conversions_resume(demo_src, 
         assert [s.read(i, 3) for i in range(s.num_images)] == [t.read(i, 3) for i in range(t.num_images)]
 
 
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_record_sinks_behave_alike(kind, remote, tmp_path):
+    """A record reaches a local directory and an object-store prefix through the same calls,
+    with the same answers: put (chunks, never joined by the caller), size, exists, the
+    record ids there, publish of a finished local file, remove."""
+    root = tmp_path / "store.pcr"
+    (root / fmt.RECORDS_DIR).mkdir(parents=True)
+    sink = sink_mod.open_sink(str(root) if kind == "local" else f"s3://{BUCKET}/sink-{tmp_path.name}", remote)
+    assert isinstance(sink, sink_mod.LocalSink if kind == "local" else sink_mod.ObjectSink)
+    assert sink.record_ids() == [] and sink.size(fmt.record_name(0)) is None
+    sink.put(fmt.record_name(3), [b"abc", memoryview(b"defg")])
+    sink.put(fmt.record_name(1), b"x" * 10)
+    assert sink.size(fmt.record_name(3)) == 7 and sink.exists(fmt.RECORDS_DIR)
+    assert sink.record_ids() == [1, 3]
+    assert not [p for p in (root / fmt.RECORDS_DIR).iterdir() if p.name.endswith(".tmp")]
+    staged = tmp_path / "report.json"
+    staged.write_bytes(b"{}")
+    sink.publish(fmt.REPORT, staged)
+    assert sink.size(fmt.REPORT) == 2
+    sink.remove(fmt.record_name(3))
+    sink.remove(fmt.record_name(3))  # gone already: not an error
+    assert sink.record_ids() == [1] and not sink.exists(fmt.record_name(3))
+
+
 def test_convert_refuses_to_clobber(demo_src, remote_store, remote):
     from pcrfs.convert import StoreExists
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 from ..jpeg.transcode import TranscodeOptions
 from ..remote.fs import RemoteOptions
 from ..store import format as fmt
+from .dask import convert_batches
 from .local import convert_locally
 from .plan import ProgressFn, SourceListing, fingerprint, list_sources, plan_batches, without_bad_names
 from .target import FinishedButNotCleaned, StoreTarget
@@ -111,8 +112,6 @@ def _convert(src: Path, target: StoreTarget, listing: SourceListing | None, s: _
     if s.client is None:
         bytes_in = convert_locally(listing.files, todo, writer, s.opts, s.workers, s.on_progress, scoring)
     else:
-        from .dask import convert_batches
-
         bytes_in = convert_batches(s.client, listing.files, todo, writer, s.opts, str(src), target.location,
                                    s.remote, fp, s.on_progress, scoring=scoring)
     manifest = writer.finalize({

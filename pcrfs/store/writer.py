@@ -216,8 +216,9 @@ class StoreWriter:
         delay = 0.05
         while not self._record_in_place(r, size):
             if time.monotonic() >= deadline:
+                where = self.sink.where(fmt.record_name(r))
                 raise RecordNotVisible(
-                    f"record {r} was written by a worker but {self.sink.where(fmt.record_name(r))} is missing or not {size} bytes here: "
+                    f"record {r} was written by a worker but {where} is missing or not {size} bytes here: "
                     "workers must write the store at the same path as this client (a shared filesystem) "
                     "or to an object store URL")
             time.sleep(delay)
