@@ -281,12 +281,12 @@ def test_resume_after_interrupt_in_process(tmp_path, demo_src, stop_after):
 
 
 _SLOW_CLI = (
-    "import sys, time, pcrfs.convert as c\n"
-    "orig = c._process\n"
+    "import sys, time, pcrfs.convert.local as c\n"
+    "orig = c.transcode_source\n"
     "def slow(*a):\n"
     "    time.sleep(0.01)\n"
     "    return orig(*a)\n"
-    "c._process = slow\n"
+    "c.transcode_source = slow\n"
     "from pcrfs.cli import main\n"
     "sys.exit(main())\n"
 )

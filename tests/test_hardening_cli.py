@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from mountutil import fuse_unavailable, pcrfs_cli, wait_until
 from pcrfs.cli import main
-from pcrfs.convert import Listing, SourceFile, StoreBusy, convert, list_sources
+from pcrfs.convert import SourceFile, SourceListing, StoreBusy, convert, list_sources
 from pcrfs.fsutil import lock_exclusive
 from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
@@ -137,11 +137,11 @@ def test_second_convert_to_the_same_url_is_refused(demo_src, tmp_path):
     """For s3:// stores the lock is the staging directory's lock file: conversions on one
     machine. It is taken before the object store is contacted (none runs here)."""
     from pcrfs.remote.fs import RemoteOptions
-    from pcrfs.store.location import RemoteTarget
+    from pcrfs.convert.target import staging_path
 
     src = small_source(demo_src, tmp_path / "src", per_class=1)
     url, remote = "s3://bucket/train.pcr", RemoteOptions(endpoint_url="http://127.0.0.1:9")
-    staging = RemoteTarget(url, remote, tmp_path / "cache").staging
+    staging = staging_path(url, tmp_path / "cache")
     staging.parent.mkdir(parents=True)
     fd = lock_exclusive(staging.parent / (staging.name + ".lock"), create_file=True)
     try:
@@ -155,8 +155,8 @@ def test_two_real_converts_at_once(demo_src, tmp_path):
     """Two `pcrfs convert` processes on one store: one finishes, the other says why it stops."""
     src = small_source(demo_src, tmp_path / "src", per_class=4)
     store = tmp_path / "s.pcr"
-    slow = ("import sys, time, pcrfs.convert as c\norig = c._process\n"
-            "def slow(*a):\n    time.sleep(0.2)\n    return orig(*a)\nc._process = slow\n"
+    slow = ("import sys, time, pcrfs.convert.local as c\norig = c.transcode_source\n"
+            "def slow(*a):\n    time.sleep(0.2)\n    return orig(*a)\nc.transcode_source = slow\n"
             "from pcrfs.cli import main\nsys.exit(main())\n")
     first = subprocess.Popen([sys.executable, "-c", slow, "convert", "-q", "-j", "1", "--record-size", "32K",
                               str(src), str(store)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -381,8 +381,8 @@ def test_path_component_over_255_bytes_is_a_bad_file(demo_src, tmp_path):
     victim = listing.files[0]
     long_name = "é" * 200 + ".jpg"  # 404 bytes in UTF-8
     cls = victim.rel.split("/")[0]
-    crafted = Listing(listing.files + [SourceFile(f"{cls}/{long_name}", victim.abs, victim.size, victim.mtime_ns,
-                                                  victim.dev, victim.ino)], listing.problems)
+    crafted = SourceListing(listing.files + [SourceFile(f"{cls}/{long_name}", victim.abs, victim.size,
+                                                        victim.mtime_ns, victim.dev, victim.ino)], listing.problems)
     crafted.files.sort(key=lambda f: fmt.path_sort_key(f.rel))
     res = convert(src, tmp_path / "s.pcr", listing=crafted)
     assert [b["path"] for b in res.bad] == [f"{cls}/{long_name}"]

@@ -198,11 +198,10 @@ def _hostile_store(root: Path, names: list[str], jpeg: bytes) -> None:
     from pcrfs.jpeg.transcode import TranscodeOptions, transcode
 
     groups = [bytes(g) for g in transcode(jpeg, TranscodeOptions()).groups]
-    w = StoreWriter(root, 1 << 20)
+    w = StoreWriter(root)
     w.start("hostile")
-    for n, name in enumerate(sorted(names, key=fmt.path_sort_key)):
-        w.add(ImageEntry(name, len(jpeg), 0, 0, groups), n + 1)
-    w.finish_sources(len(names))
+    w.write_record(0, [ImageEntry(name, len(jpeg), 0, 0, groups) for name in sorted(names, key=fmt.path_sort_key)],
+                   sources=(0, len(names)))
     w.finalize({})
 
 

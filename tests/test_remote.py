@@ -24,7 +24,7 @@ from pcrfs.cli import main
 from pcrfs.convert import convert
 from pcrfs.remote.fs import RemoteOptions, filesystem
 from pcrfs.store import format as fmt
-from pcrfs.store import location as location_mod
+from pcrfs.store import sink as sink_mod
 from pcrfs.store.reader import ReadOptions, StoreError, StoreUnavailable, open_store
 
 from mountutil import fuse_unavailable, pcrfs_cli, wait_until
@@ -153,27 +153,53 @@ def test_index_is_downloaded_once_and_verified(remote_store, remote, tmp_path):
 def test_manifest_is_uploaded_last_and_interrupted_conversions_resume(demo_src, remote, monkeypatch):
     url = f"s3://{BUCKET}/interrupted.pcr"
     order: list[str] = []
-    real_upload = location_mod.RemoteTarget.upload
+    real_put, real_publish = sink_mod.ObjectSink.put, sink_mod.ObjectSink.publish
 
-    def failing_upload(self, name, local):
+    def failing_put(self, name, data):
         if name.startswith(fmt.RECORDS_DIR) and len(order) == 3:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C after three records
         order.append(name)
-        return real_upload(self, name, local)
+        return real_put(self, name, data)
 
-    monkeypatch.setattr(location_mod.RemoteTarget, "upload", failing_upload)
+    monkeypatch.setattr(sink_mod.ObjectSink, "put", failing_put)
+    monkeypatch.setattr(sink_mod.ObjectSink, "publish",  # index, report, manifest
+                        lambda self, name, local: (order.append(name), real_publish(self, name, local))[1])
     with pytest.raises(KeyboardInterrupt):
         convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)
     with pytest.raises(StoreError, match="unfinished conversion"):
         open_store(url, options=ropts(remote))
-    monkeypatch.setattr(location_mod.RemoteTarget, "upload",
-                        lambda self, name, local: (order.append(name), real_upload(self, name, local))[1])
+    monkeypatch.setattr(sink_mod.ObjectSink, "put",
+                        lambda self, name, data: (order.append(name), real_put(self, name, data))[1])
     result = convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)
     assert result.resumed_from > 0
     assert order[-1] == fmt.MANIFEST
     assert order.index(f"{fmt.INDEX_DIR}/images.npy") > max(i for i, n in enumerate(order) if n.startswith("records/"))
     with open_store(url, options=ropts(remote)) as s, open_store(f"s3://{BUCKET}/demo.pcr", options=ropts(remote)) as t:
         assert [s.read(i, 3) for i in range(s.num_images)] == [t.read(i, 3) for i in range(t.num_images)]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_record_sinks_behave_alike(kind, remote, tmp_path):
+    """A record reaches a local directory and an object-store prefix through the same calls,
+    with the same answers: put (chunks, never joined by the caller), size, exists, the
+    record ids there, publish of a finished local file, remove."""
+    root = tmp_path / "store.pcr"
+    (root / fmt.RECORDS_DIR).mkdir(parents=True)
+    sink = sink_mod.open_sink(str(root) if kind == "local" else f"s3://{BUCKET}/sink-{tmp_path.name}", remote)
+    assert isinstance(sink, sink_mod.LocalSink if kind == "local" else sink_mod.ObjectSink)
+    assert sink.record_ids() == [] and sink.size(fmt.record_name(0)) is None
+    sink.put(fmt.record_name(3), [b"abc", memoryview(b"defg")])
+    sink.put(fmt.record_name(1), b"x" * 10)
+    assert sink.size(fmt.record_name(3)) == 7 and sink.exists(fmt.RECORDS_DIR)
+    assert sink.record_ids() == [1, 3]
+    assert not [p for p in (root / fmt.RECORDS_DIR).iterdir() if p.name.endswith(".tmp")]
+    staged = tmp_path / "report.json"
+    staged.write_bytes(b"{}")
+    sink.publish(fmt.REPORT, staged)
+    assert sink.size(fmt.REPORT) == 2
+    sink.remove(fmt.record_name(3))
+    sink.remove(fmt.record_name(3))  # gone already: not an error
+    assert sink.record_ids() == [1] and not sink.exists(fmt.record_name(3))
 
 
 def test_convert_refuses_to_clobber(demo_src, remote_store, remote):

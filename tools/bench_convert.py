@@ -52,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.pool import ThreadPool
@@ -65,8 +64,8 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without install
 import pcrfs  # noqa: E402
 from pcrfs.convert import convert, list_sources  # noqa: E402
 from pcrfs.jpeg import turbojpeg  # noqa: E402
-from pcrfs.jpeg.scans import split_groups  # noqa: E402
 from pcrfs.store import format as fmt  # noqa: E402
+from pcrfs.store.sink import LocalSink  # noqa: E402
 
 METHODS = ("pcrfs", "reference", "bare")
 JPEGTRAN_ARGS = ("-copy", "none", "-optimize", "-progressive")
@@ -357,72 +356,98 @@ def check_dask_store(pcrfs_store: Path, dask_store: Path) -> bool:
 
 # ---- a serial stage breakdown of pcrfs (where the time goes) --------------------------
 
-def stage_breakdown(src: Path, out: Path, limit: int) -> dict:
-    """One thread, no pool: time every stage pcrfs.convert runs for each image.
+class TimedSink(LocalSink):
+    """The store sink convert uses, its puts (write, fsync, rename) and its fsyncs timed
+    through the sink's own ``fsync`` option: nothing patched."""
 
-    Mirrors convert._process + StoreWriter: read, header, transform, split, CRC-32,
-    writer (record assembly + write + fsync, timed separately), finalize.
-    """
-    from pcrfs.store import writer as writer_mod
-    from pcrfs.store.writer import ImageEntry, StoreWriter
-    t = {k: 0.0 for k in ("listing", "read", "header", "transform", "split", "crc32",
-                          "writer_add_excl_fsync", "fsync", "finalize_excl_fsync")}
-    fsync_time = [0.0]
-    real_fsync = os.fsync
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, fsync=self._fsync)
+        self.put_seconds = self.fsync_seconds = 0.0
 
-    def timed_fsync(fd):
+    def _fsync(self, fd: int) -> None:
         a = time.perf_counter()
-        try:
-            return real_fsync(fd)
-        finally:
-            fsync_time[0] += time.perf_counter() - a
+        os.fsync(fd)
+        self.fsync_seconds += time.perf_counter() - a
+
+    def put(self, name, data) -> None:
+        a = time.perf_counter()
+        super().put(name, data)
+        self.put_seconds += time.perf_counter() - a
+
+
+def stage_breakdown(src: Path, out: Path, limit: int, record_bytes: int = fmt.DEFAULT_RECORD_BYTES) -> dict:
+    """One thread, no pool: time each stage of the path ``pcrfs.convert.convert`` runs, with
+    its own functions and nothing patched: the listing and batch plan; per image
+    ``transcode_source`` (what each pool thread runs: read, header check, lossless transform,
+    scan split, CRC-32s); per batch ``StoreWriter.write_record`` (record assembly and its
+    ``.partial`` description), whose put into the store goes through a ``LocalSink`` timed
+    here, with the record's fsync timed through the sink's ``fsync`` option; ``finalize``
+    (index, report, manifest). Read and transform are also timed apart on the same images
+    (``transcode_source_parts``), outside the stages' total.
+    """
+    from pcrfs.convert.local import transcode_source
+    from pcrfs.convert.plan import fingerprint, plan_batches, without_bad_names
+    from pcrfs.jpeg.transcode import TranscodeOptions
+    from pcrfs.store.writer import Problem, StoreWriter
 
     pc = time.perf_counter
+    t = dict.fromkeys(("listing_and_plan", "transcode_source", "write_record_excl_put"), 0.0)
     a = pc()
-    listing = list_sources(src)
-    t["listing"] = pc() - a
+    listing = without_bad_names(list_sources(src))
     files = listing.files[:limit] if limit else listing.files
-    store = out / "breakdown-store"
-    w = StoreWriter(store)
-    writer_mod.os.fsync = timed_fsync  # module 'os' is shared: restored below
-    try:
-        w.start("breakdown")
-        for pos, sf in enumerate(files):
+    opts = TranscodeOptions()
+    plan = plan_batches(files, record_bytes)
+    fp = fingerprint(listing, opts, record_bytes)
+    t["listing_and_plan"] = pc() - a
+    (out / "breakdown-store").mkdir()
+    sink = TimedSink(out / "breakdown-store")
+    writer = StoreWriter(sink.root, sink)
+    writer.start(fp, [(b.start, b.end) for b in plan])
+    for batch in plan:
+        entries, problems = [], []
+        for sf in files[batch.start:batch.end]:
             a = pc()
-            with open(sf.abs, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read()
-            b = pc(); t["read"] += b - a
-            turbojpeg.read_header(data)
-            a = pc(); t["header"] += a - b
-            prog = turbojpeg.to_progressive(data)
-            b = pc(); t["transform"] += b - a
-            groups = split_groups(prog)
-            a = pc(); t["split"] += a - b
-            crcs = [zlib.crc32(g) for g in groups]
-            b = pc(); t["crc32"] += b - a
-            f0 = fsync_time[0]
-            w.add(ImageEntry(sf.rel, st.st_size, st.st_mtime_ns, 0, groups, crcs), source_end=pos + 1)
-            a = pc(); t["writer_add_excl_fsync"] += (a - b) - (fsync_time[0] - f0)
-        f0 = fsync_time[0]
+            r = transcode_source(sf, opts)
+            t["transcode_source"] += pc() - a
+            (problems if isinstance(r, Problem) else entries).append(r)
         a = pc()
-        w.finish_sources(len(files))
-        w.finalize({})
-        t["finalize_excl_fsync"] = (pc() - a) - (fsync_time[0] - f0)
-    finally:
-        writer_mod.os.fsync = real_fsync
-    t["fsync"] = fsync_time[0]
-    n = len(files)
-    total = sum(t.values())
+        writer.write_record(batch.record, entries, problems, (batch.start, batch.end))
+        t["write_record_excl_put"] += pc() - a
+    t["write_record_excl_put"] -= sink.put_seconds
+    t["record_put_excl_fsync"] = sink.put_seconds - sink.fsync_seconds
+    t["record_fsync"] = sink.fsync_seconds
+    a = pc()
+    writer.finalize({})
+    t["finalize"] = pc() - a
+    n, total = len(files), sum(t.values())
     return {
         "images": n,
-        "note": "single thread, no pool; ms per image for each stage of pcrfs.convert "
-                "(fsync = all os.fsync calls of the writer, records and metadata)",
+        "records": len(plan),
+        "note": "single thread, no pool; ms per image for each stage of the path pcrfs.convert runs "
+                "(record_fsync = the records' fsyncs; the descriptions', index's and manifest's are in "
+                "write_record_excl_put and finalize)",
         "ms_per_image": {k: round(v / n * 1000, 4) for k, v in t.items()},
         "share_of_total": {k: round(v / total, 4) for k, v in t.items()},
         "total_ms_per_image": round(total / n * 1000, 4),
-        "non_transform_ms_per_image": round((total - t["transform"]) / n * 1000, 4),
+        "transcode_source_parts": _read_and_transform(files),
     }
+
+
+def _read_and_transform(files) -> dict:
+    """ms per image of reading and of the bare lossless transform, timed apart on the same images:
+    how much of ``transcode_source`` is the transform (the rest: header check, scan split, CRC-32s)."""
+    pc = time.perf_counter
+    read = transform = 0.0
+    for sf in files:
+        a = pc()
+        with open(sf.abs, "rb") as f:
+            data = f.read()
+        b = pc()
+        turbojpeg.to_progressive(data)
+        transform += pc() - b
+        read += b - a
+    n = len(files) or 1
+    return {"read_ms_per_image": round(read / n * 1000, 4), "transform_ms_per_image": round(transform / n * 1000, 4)}
 
 
 # ---- verification --------------------------------------------------------------------
@@ -573,7 +598,8 @@ def plot(result: dict, path: Path) -> str | None:
 
 # ---- main ----------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options; ``dask_workers`` (a list) and ``dask_record_bytes`` parsed from their text."""
     ncores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -601,165 +627,177 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from pcrfs.units import parse_size
     try:
-        dask_workers = [int(x) for x in args.dask_workers.split(",") if x.strip()]
-        dask_record_bytes = parse_size(args.dask_record_size)
+        args.dask_workers = [int(x) for x in args.dask_workers.split(",") if x.strip()]
+        args.dask_record_bytes = parse_size(args.dask_record_size)
     except ValueError as e:
         p.error(f"--dask-workers / --dask-record-size: {e}")
     if args.workers < 1 or args.rounds < 1 or args.images < 1:
         p.error("--workers, --rounds and --images must be >= 1")
+    return args
 
-    jpegtran = shutil.which("jpegtran")
-    if not jpegtran:
-        raise SystemExit("jpegtran not found (Debian/Ubuntu: apt-get install libjpeg-turbo-progs)")
-    if not turbojpeg.available():
-        raise SystemExit("libturbojpeg not found (Debian/Ubuntu: apt-get install libturbojpeg0)")
 
-    tmp_root = Path(tempfile.mkdtemp(prefix="pcrfs-bench-", dir=args.tmp))
-    notes: list[str] = []
-    try:
-        machine = machine_info(jpegtran, tmp_root)
-        src, src_info = prepare_source(args, tmp_root)
-        files = jpeg_files(src)
-        if not files:
-            raise SystemExit(f"no files under {src}")
-        dataset = {**src_info, **describe_dataset(files)}
-        helper, helper_desc = build_helper(args.helper, tmp_root)
-        dask_ways = [f"dask{k}" for k in dask_workers]
-        if dask_ways:
+class Bench:
+    """One benchmark run: the options, the photo set, the ways and, round by round, their figures."""
+
+    def __init__(self, args: argparse.Namespace, jpegtran: str, tmp_root: Path) -> None:
+        self.args, self.jpegtran, self.tmp_root = args, jpegtran, tmp_root
+        self.notes: list[str] = []
+        self.machine = machine_info(jpegtran, tmp_root)
+        self.src, src_info = prepare_source(args, tmp_root)
+        self.files = jpeg_files(self.src)
+        if not self.files:
+            raise SystemExit(f"no files under {self.src}")
+        self.dataset = {**src_info, **describe_dataset(self.files)}
+        self.helper, self.helper_desc = build_helper(args.helper, tmp_root)
+        self.dask_ways = [f"dask{k}" for k in args.dask_workers]
+        if self.dask_ways:
             try:
                 import distributed  # noqa: F401
             except ImportError as e:
-                notes.append(f"Dask ways skipped: {e} (pip install 'pcrfs[dask]')")
-                print(notes[-1])
-                dask_ways = []
-        ways = list(METHODS) + dask_ways
-        print(f"{dataset['images']} images, {dataset['bytes'] / 1e6:.1f} MB; workers={args.workers}; "
-              f"rounds={args.rounds}; tmp={tmp_root}", flush=True)
+                self.notes.append(f"Dask ways skipped: {e} (pip install 'pcrfs[dask]')")
+                print(self.notes[-1])
+                self.dask_ways = []
+        self.ways = list(METHODS) + self.dask_ways
+        self.datas: list[bytes] | None = None
+        self.times: dict[str, list[float]] = {m: [] for m in self.ways}
+        self.cpu: dict[str, list[float]] = {m: [] for m in self.ways}
+        self.foreign: dict[str, list[float | None]] = {m: [] for m in self.ways}  # other processes' CPU share
+        self.startup: dict[str, list[float]] = {m: [] for m in self.dask_ways}
+        self.last: dict[str, dict] = {}
 
-        # Warm-up outside the clock: sources in the page cache, the bare set in memory,
-        # jpegtran and the helper run once, libturbojpeg loaded.
-        datas = []
-        for _, a in files:
+    def warm_up(self) -> None:
+        """Outside the clock: sources in the page cache, the bare set in memory, jpegtran and
+        the helper run once, libturbojpeg loaded."""
+        self.datas = []
+        for _, a in self.files:
             with open(a, "rb") as f:
-                datas.append(f.read())
-        warm = tmp_root / "warm.jpg"
-        subprocess.run([jpegtran, *JPEGTRAN_ARGS, "-outfile", str(warm), files[0][1]], check=True)
-        subprocess.run([*helper, str(warm)], check=True, stdout=subprocess.DEVNULL)
-        turbojpeg.to_progressive(datas[0])
+                self.datas.append(f.read())
+        warm = self.tmp_root / "warm.jpg"
+        subprocess.run([self.jpegtran, *JPEGTRAN_ARGS, "-outfile", str(warm), self.files[0][1]], check=True)
+        subprocess.run([*self.helper, str(warm)], check=True, stdout=subprocess.DEVNULL)
+        turbojpeg.to_progressive(self.datas[0])
 
-        times: dict[str, list[float]] = {m: [] for m in ways}
-        cpu: dict[str, list[float]] = {m: [] for m in ways}
-        foreign: dict[str, list[float | None]] = {m: [] for m in ways}
-        startup: dict[str, list[float]] = {m: [] for m in dask_ways}
-        ncpu = machine["nproc"] or 1
-        last: dict[str, dict] = {}
-        for rnd in range(args.rounds):
-            order = ways[rnd % len(ways):] + ways[:rnd % len(ways)]  # rotate who goes first
+    def run_way(self, m: str, out: Path) -> dict:
+        a = self.args
+        if m == "pcrfs":
+            return run_pcrfs(self.src, out, a.workers)
+        if m == "reference":
+            return run_reference(self.src, out, a.workers, self.helper, self.jpegtran, fmt.DEFAULT_RECORD_BYTES)
+        if m == "bare":
+            return run_bare(self.datas, a.workers)
+        return run_dask(self.src, out, int(m[4:]), a.dask_record_bytes)
+
+    def run_rounds(self) -> None:
+        for rnd in range(self.args.rounds):
+            order = self.ways[rnd % len(self.ways):] + self.ways[:rnd % len(self.ways)]  # rotate who goes first
             for m in order:
-                out = tmp_root / f"out-{m}"
-                if out.exists():
-                    shutil.rmtree(out)
-                out.mkdir()
-                last.pop(m, None)
-                os.sync()  # the previous way's dirty pages are not this way's bill
-                b0 = machine_busy_seconds()
-                c0 = os.times()
-                if m == "pcrfs":
-                    r = run_pcrfs(src, out, args.workers)
-                elif m == "reference":
-                    r = run_reference(src, out, args.workers, helper, jpegtran, fmt.DEFAULT_RECORD_BYTES)
-                elif m == "bare":
-                    r = run_bare(datas, args.workers)
-                else:
-                    r = run_dask(src, out, int(m[4:]), dask_record_bytes)
-                if r["images"] != len(files):
-                    raise RuntimeError(f"{m} converted {r['images']} of {len(files)} images")
-                c1 = os.times()
-                b1 = machine_busy_seconds()
-                times[m].append(r["seconds"])
-                if "cpu_seconds" in r:  # Dask: measured around the conversion only, workers included
-                    cpu[m].append(r["cpu_seconds"])
-                    startup[m].append(r["startup_seconds"])
-                    b0, b1 = (None, None) if r["busy_seconds"] is None else (0.0, r["busy_seconds"])
-                else:
-                    cpu[m].append(sum(c1[:4]) - sum(c0[:4]))  # user+sys, this process and reaped children
-                # other processes' share of the machine while this way ran: the noise
-                foreign[m].append(None if b0 is None else
-                                  max(0.0, (b1 - b0) - cpu[m][-1]) / (r["seconds"] * ncpu))
-                last[m] = r
-                busy = "" if foreign[m][-1] is None else f"  (other processes: {foreign[m][-1]:4.0%} of the CPUs)"
-                extra = f"  (+{r['startup_seconds']:.2f} s cluster startup)" if "startup_seconds" in r else ""
-                print(f"  round {rnd + 1}/{args.rounds}  {m:<9} {r['seconds']:7.2f} s  "
-                      f"{len(files) / r['seconds']:8.1f} img/s{busy}{extra}", flush=True)
+                self.run_once(m, rnd)
 
-        n, mb = len(files), dataset["bytes"] / 1e6
-        methods = {}
+    def run_once(self, m: str, rnd: int) -> None:
+        out = self.tmp_root / f"out-{m}"
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir()
+        self.last.pop(m, None)
+        os.sync()  # the previous way's dirty pages are not this way's bill
+        b0, c0 = machine_busy_seconds(), os.times()
+        r = self.run_way(m, out)
+        if r["images"] != len(self.files):
+            raise RuntimeError(f"{m} converted {r['images']} of {len(self.files)} images")
+        c1, b1 = os.times(), machine_busy_seconds()
+        self.times[m].append(r["seconds"])
+        if "cpu_seconds" in r:  # Dask: measured around the conversion only, workers included
+            self.cpu[m].append(r["cpu_seconds"])
+            self.startup[m].append(r["startup_seconds"])
+            b0, b1 = (None, None) if r["busy_seconds"] is None else (0.0, r["busy_seconds"])
+        else:
+            self.cpu[m].append(sum(c1[:4]) - sum(c0[:4]))  # user+sys, this process and reaped children
+        # other processes' share of the machine while this way ran: the noise
+        self.foreign[m].append(None if b0 is None else
+                               max(0.0, (b1 - b0) - self.cpu[m][-1]) / (r["seconds"] * (self.machine["nproc"] or 1)))
+        self.last[m] = r
+        busy = "" if self.foreign[m][-1] is None else f"  (other processes: {self.foreign[m][-1]:4.0%} of the CPUs)"
+        extra = f"  (+{r['startup_seconds']:.2f} s cluster startup)" if "startup_seconds" in r else ""
+        print(f"  round {rnd + 1}/{self.args.rounds}  {m:<9} {r['seconds']:7.2f} s  "
+              f"{len(self.files) / r['seconds']:8.1f} img/s{busy}{extra}", flush=True)
+
+    def descriptions(self) -> dict[str, str]:
+        a = self.args
         desc = {
-            "pcrfs": f"pcrfs.convert.convert(src, store, workers={args.workers}): listing, read, header, "
+            "pcrfs": f"pcrfs.convert.convert(src, store, workers={a.workers}): listing, read, header, "
                      "tjTransform (ctypes), scan split, CRC-32, group-major records (fsync), index, manifest",
-            "reference": f"ThreadPool({args.workers}); per image: `jpegtran {' '.join(JPEGTRAN_ARGS)} -outfile tmp` "
-                         f"subprocess + scan-offset helper subprocess ({helper_desc}); read back, split, "
+            "reference": f"ThreadPool({a.workers}); per image: `jpegtran {' '.join(JPEGTRAN_ARGS)} -outfile tmp` "
+                         f"subprocess + scan-offset helper subprocess ({self.helper_desc}); read back, split, "
                          "group-major records + JSON index written in Python (no fsync)",
-            "bare": f"multiprocessing.pool.ThreadPool({args.workers}).map(pcrfs.jpeg.turbojpeg.to_progressive) "
+            "bare": f"multiprocessing.pool.ThreadPool({a.workers}).map(pcrfs.jpeg.turbojpeg.to_progressive) "
                     "over bytes preloaded in memory; nothing read, split or written",
         }
-        for m in dask_ways:
-            desc[m] = (f"pcrfs.convert.convert(src, store, record_bytes={dask_record_bytes}, client=Client("
+        for m in self.dask_ways:
+            desc[m] = (f"pcrfs.convert.convert(src, store, record_bytes={a.dask_record_bytes}, client=Client("
                        f"LocalCluster(n_workers={m[4:]}, threads_per_worker=1, processes=True))): one Dask task "
                        "per record batch (read, transcode, split, CRC-32, write the record, fsync); the client "
                        "writes descriptions, index and manifest. Cluster startup not included (see "
                        "cluster_startup_seconds_per_round); CPU = client + worker processes")
-        for m in ways:
-            med = statistics.median(times[m])
+        return desc
+
+    def methods(self) -> dict[str, dict]:
+        n, mb = len(self.files), self.dataset["bytes"] / 1e6
+        desc, methods = self.descriptions(), {}
+        for m in self.ways:
+            times, cpu = self.times[m], self.cpu[m]
+            med = statistics.median(times)
             methods[m] = {
                 "description": desc[m],
-                "seconds_per_round": [round(x, 4) for x in times[m]],
+                "seconds_per_round": [round(x, 4) for x in times],
                 "median_seconds": round(med, 4),
                 "images_per_s": round(n / med, 2),
                 "mb_per_s": round(mb / med, 3),
-                "best_seconds": round(min(times[m]), 4),
-                "best_images_per_s": round(n / min(times[m]), 2),
-                "per_round_images_per_s": [round(n / x, 2) for x in times[m]],
-                "per_round_mb_per_s": [round(mb / x, 3) for x in times[m]],
-                "cpu_seconds_per_round": [round(x, 3) for x in cpu[m]],
-                "cpu_ms_per_image": round(statistics.median(cpu[m]) / n * 1000, 4),
-                "per_round_cpu_ms_per_image": [round(x / n * 1000, 4) for x in cpu[m]],
-                "other_processes_cpu_share_per_round": [None if x is None else round(x, 3) for x in foreign[m]],
-                "bytes_out": last[m]["bytes_out"],
+                "best_seconds": round(min(times), 4),
+                "best_images_per_s": round(n / min(times), 2),
+                "per_round_images_per_s": [round(n / x, 2) for x in times],
+                "per_round_mb_per_s": [round(mb / x, 3) for x in times],
+                "cpu_seconds_per_round": [round(x, 3) for x in cpu],
+                "cpu_ms_per_image": round(statistics.median(cpu) / n * 1000, 4),
+                "per_round_cpu_ms_per_image": [round(x / n * 1000, 4) for x in cpu],
+                "other_processes_cpu_share_per_round": [None if x is None else round(x, 3) for x in self.foreign[m]],
+                "bytes_out": self.last[m]["bytes_out"],
             }
-            if m in dask_ways:
+            if m in self.dask_ways:
                 methods[m].update({
-                    "workers": int(m[4:]), "record_bytes": dask_record_bytes, "records": last[m]["records"],
-                    "cluster_startup_seconds_per_round": [round(x, 3) for x in startup[m]],
+                    "workers": int(m[4:]), "record_bytes": self.args.dask_record_bytes,
+                    "records": self.last[m]["records"],
+                    "cluster_startup_seconds_per_round": [round(x, 3) for x in self.startup[m]],
                     "speedup_over_pcrfs_local": round(methods[m]["images_per_s"] / methods["pcrfs"]["images_per_s"], 3),
                 })
-        ratios = {
-            "pcrfs_over_reference": round(methods["pcrfs"]["images_per_s"] / methods["reference"]["images_per_s"], 3),
-            "pcrfs_over_bare": round(methods["pcrfs"]["images_per_s"] / methods["bare"]["images_per_s"], 3),
-            "reference_over_bare": round(methods["reference"]["images_per_s"] / methods["bare"]["images_per_s"], 3),
+        return methods
+
+    def ratios(self, methods: dict[str, dict]) -> dict:
+        ips = {m: methods[m]["images_per_s"] for m in METHODS}
+        return {
+            "pcrfs_over_reference": round(ips["pcrfs"] / ips["reference"], 3),
+            "pcrfs_over_bare": round(ips["pcrfs"] / ips["bare"], 3),
+            "reference_over_bare": round(ips["reference"] / ips["bare"], 3),
             "cpu_per_image_bare_over_pcrfs": round(methods["bare"]["cpu_ms_per_image"]
                                                    / methods["pcrfs"]["cpu_ms_per_image"], 3),
-            "best_pcrfs_over_reference": round(min(times["reference"]) / min(times["pcrfs"]), 3),
-            "best_pcrfs_over_bare": round(min(times["bare"]) / min(times["pcrfs"]), 3),
+            "best_pcrfs_over_reference": round(min(self.times["reference"]) / min(self.times["pcrfs"]), 3),
+            "best_pcrfs_over_bare": round(min(self.times["bare"]) / min(self.times["pcrfs"]), 3),
             "note": "ratios of median throughputs (higher = pcrfs faster); best_* use each way's fastest "
                     "round (the least disturbed one on a shared machine); cpu_per_image_bare_over_pcrfs is "
                     "bare CPU ms/image over pcrfs CPU ms/image (load-insensitive efficiency)",
         }
 
+    def check_outputs(self) -> dict:
         print("verifying outputs ...", flush=True)
-        check = verify(files, last["pcrfs"]["store"], last["reference"]["tmpdir"], last["bare"]["outs"],
-                       args.verify_sample, args.seed)
+        last = self.last
+        check = verify(self.files, last["pcrfs"]["store"], last["reference"]["tmpdir"], last["bare"]["outs"],
+                       self.args.verify_sample, self.args.seed)
         check["dask_index_equals_local"] = {m: check_dask_store(last["pcrfs"]["store"], last[m]["store"])
-                                            for m in dask_ways}
+                                            for m in self.dask_ways}
         last["bare"]["outs"] = None
-        datas = None
+        self.datas = None
+        return check
 
-        breakdown = None
-        if not args.no_breakdown:
-            print("serial stage breakdown of pcrfs ...", flush=True)
-            os.sync()
-            breakdown = stage_breakdown(src, tmp_root, 0)
-
+    def result(self, methods: dict, ratios: dict, check: dict, breakdown: dict | None) -> dict:
         targets = {
             "pcrfs_over_reference_min": TARGET_VS_REFERENCE,
             "pcrfs_over_bare_min": TARGET_VS_BARE,
@@ -768,65 +806,98 @@ def main(argv: list[str] | None = None) -> int:
             "output_size_equal_met": check["sizes_equal"] and check["byte_identical"]
                                      and all(check["dask_index_equals_local"].values()),
         }
-        machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        self.machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         result = {
             "benchmark": "pcrfs convert vs PCR reference conversion vs bare libjpeg-turbo transform",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "workers": args.workers,
-            "rounds": args.rounds,
+            "workers": self.args.workers,
+            "rounds": self.args.rounds,
             "interleaving": "each round runs every way, the starting way rotating; medians over rounds",
-            "reference_helper": helper_desc,
-            "machine": machine,
-            "dataset": dataset,
+            "reference_helper": self.helper_desc,
+            "machine": self.machine,
+            "dataset": self.dataset,
             "methods": methods,
             "ratios": ratios,
             "targets": targets,
             "output_check": check,
             "pcrfs_stage_breakdown": breakdown,
-            "notes": notes,
+            "notes": self.notes,
         }
-        shares = [x for m in ways for x in foreign[m] if x is not None]
+        shares = [x for m in self.ways for x in self.foreign[m] if x is not None]
         if shares and max(shares) > 0.10:
-            notes.append(f"the machine was shared: other processes took up to {max(shares):.0%} of the CPUs "
-                         "during a timed run; wall-clock ratios are unreliable then (a way that spawns "
-                         "processes wins more of a contended CPU), compare cpu_ms_per_image instead")
-            print("WARNING: " + notes[-1])
+            self.notes.append(f"the machine was shared: other processes took up to {max(shares):.0%} of the CPUs "
+                              "during a timed run; wall-clock ratios are unreliable then (a way that spawns "
+                              "processes wins more of a contended CPU), compare cpu_ms_per_image instead")
+            print("WARNING: " + self.notes[-1])
         result["max_other_processes_cpu_share"] = round(max(shares), 3) if shares else None
-        if dataset["images"] and dataset["bytes"] / dataset["images"] < 80_000:
-            notes.append(f"mean source JPEG is {dataset['mean_kb']} KB (ImageNet's is ~110 KB): fixed "
-                         "per-image costs (process spawns, Python bookkeeping) weigh more than on ImageNet")
+        d = self.dataset
+        if d["images"] and d["bytes"] / d["images"] < 80_000:
+            self.notes.append(f"mean source JPEG is {d['mean_kb']} KB (ImageNet's is ~110 KB): fixed "
+                              "per-image costs (process spawns, Python bookkeeping) weigh more than on ImageNet")
+        return result
+
+
+def print_summary(result: dict, dask_ways: list[str]) -> None:
+    methods, ratios, targets, check = result["methods"], result["ratios"], result["targets"], result["output_check"]
+    print()
+    print(f"{'way':<10} {'median s':>9} {'img/s':>9} {'MB/s':>8} {'CPU ms/img':>11}")
+    for m, r in methods.items():
+        startup_note = (f"   (+{statistics.median(r['cluster_startup_seconds_per_round']):.2f} s cluster startup, "
+                        f"{r['records']} tasks)" if m in dask_ways else "")
+        print(f"{m:<10} {r['median_seconds']:9.2f} {r['images_per_s']:9.1f} {r['mb_per_s']:8.2f} "
+              f"{r['cpu_ms_per_image']:11.3f}{startup_note}")
+    print(f"pcrfs / reference = {ratios['pcrfs_over_reference']:.2f}x (target >= {TARGET_VS_REFERENCE}: "
+          f"{'met' if targets['vs_reference_met'] else 'MISSED'})")
+    print(f"pcrfs / bare      = {ratios['pcrfs_over_bare']:.2f}x (target >= {TARGET_VS_BARE}: "
+          f"{'met' if targets['vs_bare_met'] else 'MISSED'})")
+    print(f"best rounds: pcrfs/reference {ratios['best_pcrfs_over_reference']:.2f}x, pcrfs/bare "
+          f"{ratios['best_pcrfs_over_bare']:.2f}x; CPU per image bare/pcrfs "
+          f"{ratios['cpu_per_image_bare_over_pcrfs']:.2f}")
+    print(f"output: pcrfs {check['pcrfs_stored_bytes']} B + 2*{check['pcrfs_images']} EOI = "
+          f"{check['pcrfs_stored_plus_eoi']} B; jpegtran {check['jpegtran_output_bytes']} B; "
+          f"bare {check['bare_output_bytes']} B -> {'equal' if check['sizes_equal'] else 'DIFFERENT'}; "
+          f"byte-identical on {check['byte_identity_checked']} images: {check['byte_identical']}")
+    breakdown = result["pcrfs_stage_breakdown"]
+    if breakdown:
+        print("pcrfs serial stage breakdown (ms/image): " +
+              ", ".join(f"{k}={v:.3f}" for k, v in breakdown["ms_per_image"].items())
+              + "; transcode_source parts timed apart: " + ", ".join(
+                  f"{k}={v:.3f}" for k, v in breakdown["transcode_source_parts"].items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    jpegtran = shutil.which("jpegtran")
+    if not jpegtran:
+        raise SystemExit("jpegtran not found (Debian/Ubuntu: apt-get install libjpeg-turbo-progs)")
+    if not turbojpeg.available():
+        raise SystemExit("libturbojpeg not found (Debian/Ubuntu: apt-get install libturbojpeg0)")
+    tmp_root = Path(tempfile.mkdtemp(prefix="pcrfs-bench-", dir=args.tmp))
+    try:
+        bench = Bench(args, jpegtran, tmp_root)
+        print(f"{bench.dataset['images']} images, {bench.dataset['bytes'] / 1e6:.1f} MB; workers={args.workers}; "
+              f"rounds={args.rounds}; tmp={tmp_root}", flush=True)
+        bench.warm_up()
+        bench.run_rounds()
+        methods = bench.methods()
+        ratios = bench.ratios(methods)
+        check = bench.check_outputs()
+        breakdown = None
+        if not args.no_breakdown:
+            print("serial stage breakdown of pcrfs ...", flush=True)
+            os.sync()
+            breakdown = stage_breakdown(bench.src, tmp_root, 0)
+        result = bench.result(methods, ratios, check, breakdown)
         plot_note = plot(result, args.plot)
         if plot_note:
-            notes.append(plot_note)
+            bench.notes.append(plot_note)
             print(plot_note)
         else:
             result["plot"] = str(args.plot)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-
-        print()
-        print(f"{'way':<10} {'median s':>9} {'img/s':>9} {'MB/s':>8} {'CPU ms/img':>11}")
-        for m in ways:
-            r = methods[m]
-            startup_note = (f"   (+{statistics.median(r['cluster_startup_seconds_per_round']):.2f} s cluster startup, "
-                            f"{r['records']} tasks)" if m in dask_ways else "")
-            print(f"{m:<10} {r['median_seconds']:9.2f} {r['images_per_s']:9.1f} {r['mb_per_s']:8.2f} "
-                  f"{r['cpu_ms_per_image']:11.3f}{startup_note}")
-        print(f"pcrfs / reference = {ratios['pcrfs_over_reference']:.2f}x (target >= {TARGET_VS_REFERENCE}: "
-              f"{'met' if targets['vs_reference_met'] else 'MISSED'})")
-        print(f"pcrfs / bare      = {ratios['pcrfs_over_bare']:.2f}x (target >= {TARGET_VS_BARE}: "
-              f"{'met' if targets['vs_bare_met'] else 'MISSED'})")
-        print(f"best rounds: pcrfs/reference {ratios['best_pcrfs_over_reference']:.2f}x, pcrfs/bare "
-              f"{ratios['best_pcrfs_over_bare']:.2f}x; CPU per image bare/pcrfs "
-              f"{ratios['cpu_per_image_bare_over_pcrfs']:.2f}")
-        print(f"output: pcrfs {check['pcrfs_stored_bytes']} B + 2*{check['pcrfs_images']} EOI = "
-              f"{check['pcrfs_stored_plus_eoi']} B; jpegtran {check['jpegtran_output_bytes']} B; "
-              f"bare {check['bare_output_bytes']} B -> {'equal' if check['sizes_equal'] else 'DIFFERENT'}; "
-              f"byte-identical on {check['byte_identity_checked']} images: {check['byte_identical']}")
-        if breakdown:
-            print("pcrfs serial stage breakdown (ms/image): " +
-                  ", ".join(f"{k}={v:.3f}" for k, v in breakdown["ms_per_image"].items()))
+        print_summary(result, bench.dask_ways)
         print(f"wrote {args.out}" + ("" if plot_note else f" and {args.plot}"))
         return 0
     finally:

@@ -66,7 +66,7 @@ def dask_cluster(use_dask: bool, scheduler: str | None, n_workers: int | None):
         raise click.UsageError("--dask and --scheduler are mutually exclusive")
     if not (use_dask or scheduler):
         return None
-    from ..distributed import DaskUnavailable, dask_client, require_dask
+    from ..cluster import DaskUnavailable, dask_client, require_dask
 
     try:
         require_dask()

@@ -238,7 +238,7 @@ def _run_local(location: str, remote, jobs: list[tuple], workers: int, store: "S
 
 def _run_dask(client: "distributed.Client", jobs: list[tuple], run: str) -> Iterator[PartResult]:
     """Parts as Dask tasks, a few per worker thread in flight (as for convert's records)."""
-    from ..distributed import run_bounded
+    from ..cluster import run_bounded
 
     def submit(job: tuple):
         return client.submit(score_part_task, *job, key=f"pcrfs-score-{run}-{job[3]:05d}-{job[4]:04d}",

@@ -6,29 +6,23 @@ remote store the index files are downloaded once into a local cache directory,
 checked against the manifest's sizes and CRC-32s, and then memory-mapped like a
 local index; only record bytes travel on every read.
 
-:class:`RemoteTarget` is the writing side used by ``pcrfs convert SRC s3://...``:
-the conversion runs in a local staging directory (resumable as usual) and each
-finished record is uploaded (multipart for large ones) before its local copy is
-dropped; the index and report follow, and the manifest is uploaded last, so a
-half-written remote store is never taken as complete.
+The writing side is :mod:`pcrfs.store.sink`.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import stat
 import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..fsutil import fsync_dir, write_atomic
 from ..remote.bwlimit import TokenBucket
-from ..remote.fs import RemoteError, RemoteOptions, explain, filesystem, is_url, split_url
-from ..remote.retry import RetryPolicy
+from ..remote.fs import RemoteError, RemoteOptions, explain, is_url
+from ..remote.prefix import ObjectPrefix
 from . import format as fmt
 from .backends import LocalRecords, RecordSource, remote_records
 from .errors import StoreError
@@ -157,29 +151,16 @@ class LocalLocation(StoreLocation):
         (self.root / name).unlink(missing_ok=True)
 
 
-class RemoteLocation(StoreLocation):
+class RemoteLocation(ObjectPrefix, StoreLocation):
     """A store at an fsspec URL; index files cached under ``cache_dir``."""
 
+    error = StoreError                    # a failed call is a StoreError with a readable message
+    passthrough = (FileNotFoundError,)    # a missing object is for the caller to explain
+
     def __init__(self, url: str, options: RemoteOptions = RemoteOptions(), cache_dir: Path | None = None) -> None:
-        self.url = url.rstrip("/")
+        super().__init__(url, options)
         self.root = self.url
-        self.options = options
-        self.fs = filesystem(self.url, options)
-        self.base = split_url(self.url)[1]
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.retry = RetryPolicy(attempts=options.attempts)
-
-    def _path(self, name: str) -> str:
-        return f"{self.base}/{name}"
-
-    def _call(self, fn, what: str) -> Any:
-        """``fn()`` with retries; any failure becomes a StoreError with a readable message."""
-        try:
-            return self.retry.call(fn, what=what)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # noqa: BLE001 - reported as a message, not a traceback
-            raise StoreError(explain(e, self.url, self.options)) from None
 
     def manifest_bytes(self) -> bytes:
         try:
@@ -288,90 +269,3 @@ def open_location(location: str | os.PathLike, options: RemoteOptions = RemoteOp
     if text.startswith("file://"):
         text = text[len("file://"):]
     return LocalLocation(text)
-
-
-# ---- writing -----------------------------------------------------------------------------------
-
-class RemoteTarget:
-    """The remote end of a conversion: uploads files from a local staging directory."""
-
-    def __init__(self, url: str, options: RemoteOptions = RemoteOptions(), cache_dir: Path | None = None) -> None:
-        self.url = url.rstrip("/")
-        self.options = options
-        self.fs = filesystem(self.url, options)
-        self.base = split_url(self.url)[1]
-        self.bucket = self.base.split("/", 1)[0]
-        self.staging = (Path(cache_dir) if cache_dir else default_cache_dir()) / "staging" / _digest(self.url)
-        self.retry = RetryPolicy(attempts=options.attempts)
-        self.uploaded = 0  # bytes
-
-    def _path(self, name: str) -> str:
-        return f"{self.base}/{name}"
-
-    def _call(self, fn, what: str) -> Any:
-        try:
-            return self.retry.call(fn, what=what)
-        except Exception as e:  # noqa: BLE001
-            raise RemoteError(explain(e, self.url, self.options)) from None
-
-    def check(self) -> None:
-        """RemoteError now, before any work, if the bucket is missing or unusable."""
-        try:
-            self.retry.call(lambda: self.fs.ls(self.bucket), what=f"LIST {self.bucket}")
-        except FileNotFoundError:  # listing the bucket itself: only the bucket can be missing
-            raise RemoteError(explain(FileNotFoundError("no such bucket"), self.url, self.options)) from None
-        except Exception as e:  # noqa: BLE001
-            raise RemoteError(explain(e, self.url, self.options)) from None
-
-    def exists(self, name: str) -> bool:
-        return bool(self._call(lambda: self.fs.exists(self._path(name)), f"HEAD {self.url}/{name}"))
-
-    def is_empty(self) -> bool:
-        def listing() -> list:
-            try:
-                return self.fs.ls(self.base)
-            except FileNotFoundError:
-                return []
-        return not self._call(listing, f"LIST {self.url}")
-
-    def size(self, name: str) -> int | None:
-        def info() -> int | None:
-            try:
-                return int(self.fs.size(self._path(name)))
-            except FileNotFoundError:
-                return None
-        return self._call(info, f"HEAD {self.url}/{name}")
-
-    def upload(self, name: str, local: Path) -> None:
-        """Put ``local`` at ``name`` (s3fs uses a multipart upload for large files)."""
-        self._call(lambda: self.fs.put_file(str(local), self._path(name)), f"PUT {self.url}/{name}")
-        self.uploaded += local.stat().st_size
-
-    def record_ids(self) -> list[int]:
-        def listing() -> list:
-            try:
-                return self.fs.ls(self._path(fmt.RECORDS_DIR), detail=False)
-            except FileNotFoundError:
-                return []
-        ids = []
-        for p in self._call(listing, f"LIST {self.url}/{fmt.RECORDS_DIR}"):
-            stem = p.rsplit("/", 1)[-1].split(".")[0]
-            if stem.isdigit():
-                ids.append(int(stem))
-        return sorted(ids)
-
-    def remove(self, name: str) -> None:
-        self._call(lambda: self.fs.rm(self._path(name)), f"DELETE {self.url}/{name}")
-
-    def remove_store(self) -> None:
-        """Delete everything under the prefix (``--overwrite``) and the local staging state."""
-        def rm() -> None:
-            # the objects under the prefix, never the bucket itself (s3://bucket has no prefix)
-            try:
-                paths = self.fs.find(self.base)
-            except FileNotFoundError:
-                return
-            if paths:
-                self.fs.rm(paths)
-        self._call(rm, f"DELETE {self.url}")
-        shutil.rmtree(self.staging, ignore_errors=True)

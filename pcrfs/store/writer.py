@@ -8,10 +8,11 @@ of order), so ``kill -9`` at any point loses at most the records in progress.
 ``finalize`` writes the index, the report and, last of all, the manifest: a store
 without ``pcr.yaml`` is never readable as complete.
 
-With a :class:`~pcrfs.store.location.RemoteTarget` the writer works in a local
-staging directory and uploads as it goes: each record right after it is
-written (then its local copy is dropped; its description records that it is
-uploaded), the index and report at the end, and the manifest last of all.
+Records reach the store through a :class:`~pcrfs.store.sink.RecordSink`, the
+one way to write a record (a Dask task writes its own record through one too).
+The writer's own files (``.partial/``, index, report, manifest) are made in its
+working directory: the store itself, or for an object store a local staging
+directory whose files the sink uploads as they are final, the manifest last.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import yaml
@@ -32,9 +33,7 @@ from .._version import __version__
 from ..fsutil import fsync_dir, write_atomic
 from . import format as fmt
 from .index import Index, StringTable, directories_of
-
-if TYPE_CHECKING:
-    from .location import RemoteTarget
+from .sink import LocalSink, RecordSink
 
 
 @dataclass
@@ -69,7 +68,7 @@ def build_record(record: int, entries: Sequence[ImageEntry], problems: Sequence[
                  sources: tuple[int, int] | None = None) -> tuple[list, dict]:
     """Record ``record`` holding ``entries``: its bytes (as chunks, header first) and its description.
 
-    Pure: the local writer and a Dask task (pcrfs.distributed) build records with it, so
+    Pure: the local writer and a Dask task (pcrfs.convert.dask) build records with it, so
     both give the same bytes. The description is what ``.partial/NNNNN.json`` holds and
     what ``finalize`` turns into index rows: per image its name, source size and mtime,
     flags, group lengths and CRCs; the record's size and group region offsets; the
@@ -109,24 +108,18 @@ class RecordNotVisible(RuntimeError):
 class StoreWriter:
     """Builds a store in ``root``: ``start``, then records (in any order), then ``finalize``.
 
-    Records come from :meth:`write_record` (built and written here), from
-    :meth:`record_written` (built and written by a Dask worker), or from the streaming
-    :meth:`add` for producers without a batch plan (tests, synthetic stores).
+    Records come from :meth:`write_record` (built here, written through ``sink``) or
+    from :meth:`record_written` (built and written through a sink by a Dask worker).
+    ``root`` is the working directory; ``sink`` the store (default: ``root`` itself).
     """
 
-    def __init__(self, root: Path, record_bytes: int = fmt.DEFAULT_RECORD_BYTES,
-                 target: "RemoteTarget | None" = None) -> None:
+    def __init__(self, root: Path, sink: RecordSink | None = None) -> None:
         self.root = Path(root)  # the store itself, or the local staging directory of a remote one
-        self.target = target
-        self.record_bytes = record_bytes
+        self.sink = sink if sink is not None else LocalSink(self.root)
         self.partial = self.root / fmt.PARTIAL_DIR
         self.records_dir = self.root / fmt.RECORDS_DIR
         self.plan: list[tuple[int, int]] | None = None
         self.done: dict[int, dict] = {}  # descriptions of finished records, by record id
-        self._pending: list[ImageEntry] = []
-        self._pending_bytes = 0
-        self._pending_problems: list[Problem] = []
-        self._stream_start = 0
 
     # ---- state ---------------------------------------------------------------
 
@@ -170,8 +163,6 @@ class StoreWriter:
             if d is not None:
                 self.done[int(stem)] = d
         self.remove_leftovers()
-        # a streaming producer (add) continues after the records it already finished
-        self._stream_start = max((d["sources"][1] for d in self.done.values() if d.get("sources")), default=0)
 
     def _valid_description(self, r: int, path: Path) -> dict | None:
         try:
@@ -200,28 +191,17 @@ class StoreWriter:
                 p.unlink(missing_ok=True)
 
     def _record_in_place(self, r: int, size: int) -> bool:
-        """True if record ``r`` is where it belongs (local store, or uploaded) with ``size`` bytes."""
-        if self.target is not None:
-            return self.target.size(fmt.record_name(r)) == size
-        rec = self.root / fmt.record_name(r)
-        try:
-            return rec.stat().st_size == size
-        except FileNotFoundError:
-            return False
+        """True if record ``r`` is in the store (local, or uploaded) with ``size`` bytes."""
+        return self.sink.size(fmt.record_name(r)) == size
 
     # ---- adding records ------------------------------------------------------
 
     def write_record(self, record: int, entries: Sequence[ImageEntry], problems: Sequence[Problem] = (),
                      sources: tuple[int, int] | None = None) -> dict:
-        """Build record ``record``, write it (upload it for a remote store), then describe it."""
+        """Build record ``record``, put it into the store, then describe it."""
         chunks, desc = build_record(record, entries, problems, sources)
-        rec_path = self.root / fmt.record_name(record)
-        write_atomic(rec_path, chunks)
-        if self.target is not None:
-            self.target.upload(fmt.record_name(record), rec_path)
+        self.sink.put(fmt.record_name(record), chunks)
         self._describe(desc)
-        if self.target is not None:
-            rec_path.unlink()  # uploaded and described: the staging copy is no longer needed
         return desc
 
     def record_written(self, desc: dict, wait: float = 15.0) -> None:
@@ -236,7 +216,7 @@ class StoreWriter:
         delay = 0.05
         while not self._record_in_place(r, size):
             if time.monotonic() >= deadline:
-                where = f"{self.target.url}/{fmt.record_name(r)}" if self.target else str(self.root / fmt.record_name(r))
+                where = self.sink.where(fmt.record_name(r))
                 raise RecordNotVisible(
                     f"record {r} was written by a worker but {where} is missing or not {size} bytes here: "
                     "workers must write the store at the same path as this client (a shared filesystem) "
@@ -248,34 +228,6 @@ class StoreWriter:
     def _describe(self, desc: dict) -> None:
         write_atomic(self.partial / f"{desc['record']:05d}.json", json.dumps(desc).encode())
         self.done[desc["record"]] = desc
-
-    # ---- streaming (no batch plan) -------------------------------------------
-
-    def add(self, entry: ImageEntry, source_end: int) -> None:
-        """Append an image; a record is closed when its *output* bytes reach ``record_bytes``.
-
-        For producers without a source listing to plan batches from (tests, synthetic
-        stores); ``pcrfs convert`` writes whole batches with :meth:`write_record`.
-        ``source_end`` is the listing position after the image.
-        """
-        self._pending.append(entry)
-        self._pending_bytes += entry.nbytes
-        if self._pending_bytes >= self.record_bytes:
-            self._flush(source_end)
-
-    def add_problem(self, problem: Problem) -> None:
-        self._pending_problems.append(problem)
-
-    def finish_sources(self, source_end: int) -> None:
-        """No more images: flush the last, partly filled record."""
-        if self._pending or self._pending_problems:
-            self._flush(source_end)
-
-    def _flush(self, source_end: int) -> None:
-        record = max(self.done, default=-1) + 1
-        self.write_record(record, self._pending, self._pending_problems, (self._stream_start, source_end))
-        self._stream_start = source_end
-        self._pending, self._pending_bytes, self._pending_problems = [], 0, []
 
     # ---- finalization ------------------------------------------------------
 
@@ -318,13 +270,11 @@ class StoreWriter:
                       StringTable.from_strings(paths), StringTable.from_strings(dir_names), dir_ranges)
 
         problems = [p.as_dict() for p in extra_problems] + self.problems()
-        upload = None
-        if self.target is not None:
-            for stale in self.target.record_ids():  # left by an earlier, abandoned conversion
-                if stale >= n_records:
-                    self.target.remove(fmt.record_name(stale))
-            upload = lambda name: self.target.upload(name, self.root / name)  # noqa: E731
-        manifest = publish(self.root, index, problems, manifest_extra, upload=upload)
+        for stale in self.sink.record_ids():  # left by an earlier, abandoned conversion of more records
+            if stale >= n_records:
+                self.sink.remove(fmt.record_name(stale))
+        manifest = publish(self.root, index, problems, manifest_extra,
+                           upload=lambda name: self.sink.publish(name, self.root / name))
         shutil.rmtree(self.partial, ignore_errors=True)
         return manifest
 
