@@ -142,8 +142,8 @@ def test_mount_serves_more_records_than_the_soft_limit(many_records, mounts, tmp
     code = f"""
 import resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (48, 200))
-from pcrfs.fuse import daemon
-info = daemon.mount({str(many_records)!r}, {str(mnt)!r}, log_file={str(tmp_path / 'many.log')!r},
+from pcrfs.fuse import mounting
+info = mounting.mount({str(many_records)!r}, {str(mnt)!r}, log_file={str(tmp_path / 'many.log')!r},
                     echo=lambda m: None, cache_size=0)
 print(info.pid)
 """

@@ -306,16 +306,16 @@ def test_mount_damaged_group_is_eio_and_the_daemon_keeps_serving(demo_store, rem
 
 
 def test_the_mount_option_travels_to_the_daemon():
-    from pcrfs.fuse.daemon import read_options_argv, read_options_from
+    from pcrfs.fuse.config import MountConfig
 
     for spelling, value in (("off", False), ("on", True), ("auto", None), (None, None)):
-        o = read_options_from(record_prefix=spelling)
-        assert o.record_prefix is value
-        argv = read_options_argv(o)
-        back = argv[argv.index("--record-prefix") + 1] if "--record-prefix" in argv else None
-        assert read_options_from(record_prefix=back).record_prefix is value
+        config = MountConfig.from_values("s", "m", {"record_prefix": spelling})
+        assert config.read_options().record_prefix is value
+        back = MountConfig.from_argv(config.to_argv())
+        assert back.read_options().record_prefix is value
+        assert MountConfig.from_fstab("s", "m", [config.to_fstab()]).read_options().record_prefix is value
     with pytest.raises(ValueError, match="record_prefix"):
-        read_options_from(record_prefix="sometimes")
+        MountConfig.from_fstab("s", "m", ["record_prefix=sometimes"])
 
 
 def test_s3_reads_use_obstore_when_installed_and_s3fs_on_request(url, remote, reader, monkeypatch):

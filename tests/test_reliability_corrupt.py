@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import pcrfs
 from mountutil import fuse_unavailable
-from pcrfs.fuse import daemon
+from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
 from pcrfs.store.index import file_crc32
 from pcrfs.store.reader import CorruptData, StoreError, open_store
@@ -228,12 +228,12 @@ def test_mount_serves_eio_for_exactly_the_damaged_files(demo_store, intact, moun
         assert seen["wrong"] == [] and seen["other_errors"] == []
         assert seen["eio"] == expected_eio
         assert seen["ok"] == intact.num_images * len(views(intact)) - len(expected_eio)
-        assert daemon.daemon_alive(info.pid)
+        assert mounting.daemon_alive(info.pid)
         if scenario == 0:
             assert expected_eio and len(expected_eio) < intact.num_images * len(views(intact)) // 2
             log = Path(info.log_file).read_text(errors="replace")
             assert "EIO" in log and intact.path(intact.num_images // 2) in log
-        daemon.umount(info.mountpoint, echo=lambda _m: None)
+        mounting.umount(info.mountpoint, echo=lambda _m: None)
         shutil.rmtree(root)
 
 
@@ -270,8 +270,8 @@ def _damage_while_mounted(demo_store, intact, mounts, work: Path, figures, seed:
                 bytes_wrong_files=len(seen["wrong"]))
     assert seen["wrong"] == [] and seen["other_errors"] == []
     assert seen["eio"]  # the damage was seen
-    assert daemon.daemon_alive(info.pid)
-    daemon.umount(info.mountpoint, echo=lambda _m: None)
+    assert mounting.daemon_alive(info.pid)
+    mounting.umount(info.mountpoint, echo=lambda _m: None)
     shutil.rmtree(work)
 
 
@@ -312,8 +312,8 @@ def test_mount_refuses_damaged_index_or_manifest(demo_store, mounts, tmp_path, w
     assert res.returncode == 1, res.stderr
     assert res.stderr.startswith("pcrfs: error:") and needle in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
-    assert daemon.mount_entry(str(mnt)) is None
-    assert daemon.read_pid(str(mnt)) is None
+    assert mounting.mount_entry(str(mnt)) is None
+    assert mounting.read_pid(str(mnt)) is None
 
 
 # ---- an index that is damaged but carries matching checksums -----------------------------------------

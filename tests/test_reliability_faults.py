@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from mountutil import fuse_unavailable, pcrfs_cli, wait_until
-from pcrfs.fuse import daemon
+from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
 from pcrfs.store.reader import StoreError, open_store
 from pcrfs.store.verify import verify_store
@@ -282,7 +282,7 @@ def test_daemon_sigkill_under_heavy_reads_then_remount(demo_store, intact, mount
         time.sleep(random.Random(round_).uniform(0.6, 1.2))
         os.kill(info.pid, signal.SIGKILL)
         figures.add("faults", daemon_sigkills=1)
-        assert wait_until(lambda: not daemon.daemon_alive(info.pid), timeout=10)
+        assert wait_until(lambda: not mounting.daemon_alive(info.pid), timeout=10)
         counts = load.finish()
         figures.add("faults", reads_during_faults=counts["reads"], bytes_wrong=counts["wrong_bytes"])
         assert counts["wrong_reads"] == 0 and counts["wrong_bytes"] == 0, counts["wrong_samples"]
@@ -298,7 +298,7 @@ def test_daemon_sigkill_under_heavy_reads_then_remount(demo_store, intact, mount
         else:  # or just unmount it
             res = pcrfs_cli("umount", str(mnt))
             assert res.returncode == 0, res.stderr
-            assert daemon.mount_entry(str(mnt)) is None
+            assert mounting.mount_entry(str(mnt)) is None
         figures.add("faults", daemon_sigkills_survived=1)
 
 
@@ -319,17 +319,17 @@ def _sigterm_round(demo_store, intact, mounts, figures, round_: int) -> None:
     time.sleep(random.Random(round_).uniform(0.6, 1.2))
     os.kill(info.pid, signal.SIGTERM)
     figures.add("faults", daemon_sigterms=1)
-    assert wait_until(lambda: not daemon.daemon_alive(info.pid), timeout=15), "daemon ignored SIGTERM"
+    assert wait_until(lambda: not mounting.daemon_alive(info.pid), timeout=15), "daemon ignored SIGTERM"
     counts = load.finish()
     held.close()
     figures.add("faults", bytes_wrong=counts["wrong_bytes"])
     assert counts["wrong_reads"] == 0 and counts["reads"] > 0, counts["wrong_samples"]
     assert set(counts["errors"]) <= DEAD_DAEMON_ERRNOS | {"EIO", "ENOENT"}, counts["errors"]
-    assert wait_until(lambda: daemon.mount_entry(str(mnt)) is None, timeout=10), "SIGTERM left the mount"
+    assert wait_until(lambda: mounting.mount_entry(str(mnt)) is None, timeout=10), "SIGTERM left the mount"
     assert not os.path.exists(info.pid_file)
     info = mounts.mount(demo_store, f"term{round_}")
     assert (Path(info.mountpoint) / "scan1" / intact.path(1)).read_bytes() == intact.read(1, 1)
-    daemon.umount(info.mountpoint, echo=lambda _m: None)
+    mounting.umount(info.mountpoint, echo=lambda _m: None)
     figures.add("faults", daemon_sigterms_survived=1)
 
 
@@ -360,7 +360,7 @@ def test_loader_processes_killed_mid_read(demo_store, intact, mounts, figures, b
     counts = survivor.finish()
     figures.add("faults", bytes_wrong=counts["wrong_bytes"])
     assert counts["wrong_reads"] == 0 and counts["errors"] == {}, (counts["wrong_samples"], counts["errors"])
-    assert daemon.daemon_alive(info.pid)
+    assert mounting.daemon_alive(info.pid)
     assert wait_until(lambda: _daemon_resources(info.pid)[0] <= fds_before, timeout=10), \
         (_daemon_resources(info.pid), fds_before)
     assert _daemon_resources(info.pid)[1] <= max(threads_before, 20)
@@ -368,7 +368,7 @@ def test_loader_processes_killed_mid_read(demo_store, intact, mounts, figures, b
     assert stats["errors"]["eio"] == 0
     res = pcrfs_cli("umount", str(mnt))
     assert res.returncode == 0, res.stderr
-    assert wait_until(lambda: not daemon.daemon_alive(info.pid), timeout=10)
+    assert wait_until(lambda: not mounting.daemon_alive(info.pid), timeout=10)
     figures.add("faults", loaders_killed_survived=budget)
 
 
@@ -402,11 +402,11 @@ def _busy_round(demo_store, intact, mounts, figures, round_: int) -> None:
         res = pcrfs_cli("umount", str(mnt))
         assert res.returncode == 1 and "busy" in res.stderr and "--lazy" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
-        assert daemon.mount_entry(str(mnt)) is not None  # refused: still mounted
+        assert mounting.mount_entry(str(mnt)) is not None  # refused: still mounted
         res = pcrfs_cli("umount", "--lazy", str(mnt))
         assert res.returncode == 0, res.stderr
-        assert daemon.mount_entry(str(mnt)) is None
-        assert daemon.daemon_alive(info.pid)  # still serving its last user
+        assert mounting.mount_entry(str(mnt)) is None
+        assert mounting.daemon_alive(info.pid)  # still serving its last user
         holder.stdin.write("go\n")
         holder.stdin.flush()
         assert int(holder.stdout.readline()) == intact.size(5, 3)
@@ -418,6 +418,6 @@ def _busy_round(demo_store, intact, mounts, figures, round_: int) -> None:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
-    assert wait_until(lambda: not daemon.daemon_alive(info.pid), timeout=15), "daemon outlived its last user"
+    assert wait_until(lambda: not mounting.daemon_alive(info.pid), timeout=15), "daemon outlived its last user"
     assert not os.path.exists(info.pid_file)
     figures.add("faults", busy_unmounts_survived=1)

@@ -36,7 +36,7 @@ from click.testing import CliRunner
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli
 from pcrfs.cli import main as cli_main
 from pcrfs.convert import convert, list_sources
-from pcrfs.fuse import daemon
+from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
 from pcrfs.store.index import file_crc32
 from pcrfs.store.reader import StoreError, open_store
@@ -307,7 +307,7 @@ def test_everything_works_on_a_read_only_filesystem(demo_store, tmp_path, mounts
             info = mounts.mount(ro, "m")
             seen = read_all_files(Path(info.mountpoint), s)
             assert not seen["wrong"] and not seen["eio"] and not seen["other_errors"]
-            daemon.umount(info.mountpoint, echo=lambda _m: None)
+            mounting.umount(info.mountpoint, echo=lambda _m: None)
         finally:
             s.close()
             del s
@@ -380,7 +380,7 @@ def test_allow_other_is_off_unless_asked_for(demo_store, public_base):
 
 
 def test_systemd_unit_and_daemon_defaults_do_not_allow_other():
-    from pcrfs.fuse.daemon import fuse_options
+    from pcrfs.fuse.config import fuse_options
 
     assert "allow_other" not in fuse_options([], allow_other=False)[0]
     assert "allow_other" not in fuse_options(["ro", "nonempty"], allow_other=False)[0]

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from mountutil import fuse_unavailable
-from pcrfs.fuse import daemon
+from pcrfs.fuse import mounting
 from pcrfs.store.reader import open_store
 from reliability import Load, budget, figures, read_all_files  # noqa: F401 (fixture)
 
@@ -77,5 +77,5 @@ def test_soak_threads_and_processes_over_all_views(demo_store, mounts, figures, 
     assert after["wrong"] == [] and not after["eio"] and not after["other_errors"]
     assert counts["reads"] > 100 * seconds  # the readers really worked
     assert served >= counts["bytes"] // 4  # a good part went through the daemon, not just the page cache
-    assert daemon.daemon_alive(info.pid)
+    assert mounting.daemon_alive(info.pid)
     assert late - early <= RSS_SLACK, f"daemon RSS grew from {early / 2**20:.0f} to {late / 2**20:.0f} MiB"

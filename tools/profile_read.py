@@ -6,7 +6,7 @@ census from an instrumented daemon, and the read path in process without FUSE.
                  one fresh mount per pass; the merged collapsed stacks go to ``--stacks``,
                  the hot functions (self and inclusive samples) into the JSON.
 * ``census``     an instrumented daemon (this file's hidden ``--_daemon`` mode: the same
-                 ``pcrfs.fuse.daemon.run_foreground``, with mfusepy's ``FUSE._wrapper`` timed)
+                 ``pcrfs.fuse.daemon.start`` in the foreground, with mfusepy's ``FUSE._wrapper`` timed)
                  counts and times every FUSE callback during the walk, the first and the
                  second pass: requests per file, time per request inside Python, daemon CPU
                  per file.
@@ -169,6 +169,7 @@ def hidden_daemon(argv: list[str]) -> int:
     times every mfusepy callback; a watcher thread answers snapshot requests (DIR/req holds a
     tag, the answer goes to DIR/<tag>.json)."""
     from pcrfs.fuse import daemon, load_mfusepy
+    from pcrfs.fuse.config import MountConfig
     from pcrfs.units import parse_size
 
     p = argparse.ArgumentParser(prog="profile_read.py --_daemon")
@@ -216,8 +217,10 @@ def hidden_daemon(argv: list[str]) -> int:
 
         threading.Thread(target=watcher, daemon=True).start()
     mf.FUSE._wrapper = wrapper
-    daemon.run_foreground(a.store, a.mountpoint, options=a.options, cache_size=parse_size(a.cache_size),
-                          log_file=a.log_file)
+    config = MountConfig.from_values(a.store, a.mountpoint, {"foreground": True, "options": tuple(a.options),
+                                                             "cache_size": parse_size(a.cache_size),
+                                                             "log_file": a.log_file})
+    daemon.start(config)
     return 0
 
 

@@ -12,7 +12,8 @@ import os
 
 import click
 
-from ..fuse.mounting import MountError, mount_config as start_mount, umount
+from ..fuse.daemon import start as start_mount
+from ..fuse.mounting import MountError, umount
 from ..units import format_size
 from .options import echo_err, fail, mount_config_from_click, mount_options
 

@@ -11,24 +11,22 @@ here; an error that stops it is one ``pcrfs: error: ...`` line there, which
 
 SIGTERM, SIGINT and SIGHUP make the daemon unmount and exit (libfuse's handlers).
 
-Mounting from the caller's side (start, wait, unmount, stale mounts) is
-:mod:`pcrfs.fuse.mounting`; its names are also importable from here, as they were
-before the two were split.
+Mounting from the caller's side (start a daemon, wait, unmount, stale mounts) is
+:mod:`pcrfs.fuse.mounting`; :func:`start` is the one entry for both: it serves in the
+calling process for a foreground config and starts a daemon otherwise.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from ..fsutil import raise_open_file_limit
 from ..units import format_size
-from .config import DEFAULT_CACHE_SIZE, MountConfig, fuse_options, parse_switch, split_options  # noqa: F401
-from .mounting import (  # noqa: F401 - the caller's side, importable from here for existing callers
-    FSTYPE, READY_TIMEOUT, STALE_ERRNOS, Echo, MountEntry, MountError, MountInfo, daemon_alive,
-    default_log_file, detach_stale, is_stale, mount, mount_config, mount_entry, open_log,
-    open_store_checked, pid_file_for, prepare_mountpoint, probe, read_pid, resolved, runtime_dir, umount)
+from .config import MountConfig
+from .mounting import (Echo, MountError, MountInfo, READY_TIMEOUT, mount_config, open_log, open_store_checked,
+                       pid_file_for, prepare_mountpoint, read_pid, resolved)
 
 if TYPE_CHECKING:
     from ..store.reader import ReadOptions
@@ -99,29 +97,14 @@ def _serve_until_unmounted(ops, config: MountConfig, kwargs: dict[str, object]) 
              " (stopped by a signal)" if status == FUSE_MAIN_LOOP_ENDED else "")
 
 
-def run_foreground(store: str, mountpoint: str, *, options: Iterable[str] = (), cache_size: int | str,
-                   log_file: str | None = None, allow_other: bool = False, echo: Echo = log.info,
-                   read_options: "ReadOptions | None" = None) -> None:
-    """:func:`serve` with keyword arguments (for callers that predate :class:`MountConfig`)."""
-    mount(store, mountpoint, foreground=True, options=options, cache_size=cache_size, log_file=log_file,
-          allow_other=allow_other, echo=echo, read_options=read_options)
-
-
-def read_options_from(endpoint_url: str | None = None, bwlimit: str | None = None, disk_cache: str | None = None,
-                      disk_cache_size: str = "10G", readahead: str | None = None,
-                      record_prefix: str | None = None) -> "ReadOptions":
-    """ReadOptions from their fstab spellings (ValueError naming a malformed one); through
-    :class:`MountConfig`, for callers that predate it."""
-    values = dict(endpoint_url=endpoint_url, bwlimit=bwlimit, disk_cache=disk_cache,
-                  disk_cache_size=disk_cache_size, readahead=readahead, record_prefix=record_prefix)
-    return MountConfig.from_values("", "", values).read_options()
-
-
-def read_options_argv(o: "ReadOptions | None") -> list[str]:
-    """The daemon arguments that carry ``o`` (:meth:`MountConfig.to_argv` without the
-    store and the mount point), for callers that predate :class:`MountConfig`."""
-    argv = MountConfig("", "").with_read_options(o).to_argv()[:-2]
-    return [part for arg in argv for part in arg.split("=", 1)]  # --flag VALUE, as they always were
+def start(config: MountConfig, echo: Echo = log.info, timeout: float = READY_TIMEOUT,
+          read_options: "ReadOptions | None" = None) -> MountInfo | None:
+    """Mount as ``config`` says: serve in this process until unmounted (``foreground``;
+    returns None), or start a daemon and return once its mount is ready."""
+    if config.foreground:
+        serve(config, echo=echo, read_options=read_options)
+        return None
+    return mount_config(config, echo=echo, timeout=timeout, read_options=read_options)
 
 
 # ---- python -m pcrfs.fuse.daemon ------------------------------------------------------------

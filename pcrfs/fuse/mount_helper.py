@@ -29,7 +29,8 @@ from __future__ import annotations
 import sys
 
 from .config import BY_NAME, OPTIONS, MountConfig, classify_fstab_options
-from .mounting import MountError, mount_config
+from .daemon import start
+from .mounting import MountError
 
 USAGE = "usage: mount.pcrfs STORE MOUNTPOINT [-sfnv] [-o OPTION[,OPTION...]]"
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if "f" in flags:  # mount -f: "fake", do everything but the mount itself
             return 0
         quiet = "v" not in flags  # mount(8) helpers are silent unless asked
-        mount_config(config, echo=(lambda _m: None) if quiet else _stderr)
+        start(config, echo=(lambda _m: None) if quiet else _stderr)
     except (MountError, ValueError) as e:
         _stderr(f"mount.pcrfs: {e}")
         return 32  # mount(8): "mount failure"

@@ -390,15 +390,15 @@ def _wait_ready(proc: subprocess.Popen, mountpoint: str, log_file: str, log_star
                      f"{_log_tail(log_file, log_start)}")
 
 
-def mount(store: str | os.PathLike, mountpoint: str | os.PathLike, foreground: bool = False,
+def mount(store: str | os.PathLike, mountpoint: str | os.PathLike,
           options: Iterable[str] = (), cache_size: int | str = DEFAULT_CACHE_SIZE,
           log_file: str | os.PathLike | None = None, allow_other: bool = False,
           echo: Echo = _log, timeout: float = READY_TIMEOUT,
           read_options: "ReadOptions | None" = None) -> MountInfo | None:
     """Mount ``store`` at ``mountpoint``.
 
-    In the background (default) this returns a :class:`MountInfo` once the mount
-    is ready; with ``foreground=True`` it serves until unmounted and returns None.
+    Starts the daemon and returns a :class:`MountInfo` once the mount is ready (to
+    serve in the calling process, see :func:`pcrfs.fuse.daemon.start`).
     ``store`` is a directory or a URL (``s3://bucket/prefix``); ``read_options``
     carries the endpoint, bandwidth limit, disk cache and readahead settings.
     Raises :class:`MountError` with a message meant for the user (ValueError for
@@ -406,22 +406,19 @@ def mount(store: str | os.PathLike, mountpoint: str | os.PathLike, foreground: b
     """
     options = tuple(options) + (("allow_other",) if allow_other else ())
     config = MountConfig.from_values(os.fspath(store), os.fspath(mountpoint), {
-        "foreground": foreground, "options": options, "cache_size": cache_size,
+        "options": options, "cache_size": cache_size,
         "log_file": os.fspath(log_file) if log_file else None}).with_read_options(read_options)
     return mount_config(config, echo=echo, timeout=timeout, read_options=read_options)
 
 
 def mount_config(config: MountConfig, echo: Echo = _log, timeout: float = READY_TIMEOUT,
-                 read_options: "ReadOptions | None" = None) -> MountInfo | None:
-    """Mount as ``config`` says (see :func:`mount`). ``read_options``, if given, is what
-    a foreground mount reads with (it may carry more than a daemon's command line can)."""
-    config = resolved(config)
+                 read_options: "ReadOptions | None" = None) -> MountInfo:
+    """Start a daemon that mounts as ``config`` says, and wait until it is ready (see
+    :func:`mount`). A foreground config is served in the calling process by
+    :func:`pcrfs.fuse.daemon.start` instead: this module never loads the serving side."""
     if config.foreground:
-        from .daemon import serve  # the serving process's side: libfuse is loaded only now
-
-        serve(config, echo=echo, read_options=read_options)
-        return None
-    return _start_daemon(config, echo, timeout, read_options)
+        raise ValueError("a foreground mount is served by pcrfs.fuse.daemon.start, not started as a daemon")
+    return _start_daemon(resolved(config), echo, timeout, read_options)
 
 
 def resolved(config: MountConfig) -> MountConfig:

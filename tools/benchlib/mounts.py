@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pcrfs.fuse import daemon
+from pcrfs.fuse import mounting
 
 from . import log, quiet
 
@@ -20,7 +20,7 @@ STATS_XATTR = "user.pcrfs.stats"
 
 def is_mounted(mp: str | os.PathLike) -> bool:
     """True if ``mp`` is a mount point now (any file system)."""
-    return daemon.mount_entry(os.fspath(mp)) is not None
+    return mounting.mount_entry(os.fspath(mp)) is not None
 
 
 def stop_process(p: subprocess.Popen, timeout: float = 10) -> None:
@@ -68,9 +68,9 @@ def _stop_pid(pid: int, timeout: float = 10) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while daemon.daemon_alive(pid) and time.monotonic() < deadline:
+    while mounting.daemon_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if daemon.daemon_alive(pid):
+    if mounting.daemon_alive(pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -97,11 +97,11 @@ class Cleanup:
         pids = set(self.pids)
         for mp in self.mounts:
             pids |= pids_serving(mp)
-            pid = daemon.read_pid(mp)
+            pid = mounting.read_pid(mp)
             if pid is not None:
                 pids.add(pid)
         for pid in pids:
-            if pid != os.getpid() and daemon.daemon_alive(pid):
+            if pid != os.getpid() and mounting.daemon_alive(pid):
                 log(f"cleanup: stopping pid {pid}")
                 _stop_pid(pid)
         for mp in self.mounts:
@@ -136,7 +136,7 @@ def daemon_pid(mp: str | os.PathLike) -> int | None:
     :data:`CLEANUP` (for mounts made another way, e.g. by timing the ``pcrfs mount`` CLI)."""
     mp = os.path.abspath(os.fspath(mp))
     CLEANUP.add_mount(mp)
-    pid = daemon.read_pid(mp)
+    pid = mounting.read_pid(mp)
     if pid is not None:
         CLEANUP.pids.add(pid)
     return pid
@@ -148,15 +148,15 @@ def unmount_pcrfs(mp: str | os.PathLike, pid: int | None = None) -> None:
     mp = os.path.abspath(os.fspath(mp))
     if is_mounted(mp):
         try:
-            daemon.umount(mp, echo=quiet, timeout=30)
-        except daemon.MountError as e:
+            mounting.umount(mp, echo=quiet, timeout=30)
+        except mounting.MountError as e:
             log(f"pcrfs umount {mp} failed ({e}); detaching")
             unmount_any(mp)
     if pid is not None:
         deadline = time.monotonic() + 10
-        while daemon.daemon_alive(pid) and time.monotonic() < deadline:
+        while mounting.daemon_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if daemon.daemon_alive(pid):
+        if mounting.daemon_alive(pid):
             log(f"daemon {pid} still alive after its unmount; stopping it")
             _stop_pid(pid)
         CLEANUP.pids.discard(pid)
@@ -166,7 +166,7 @@ class PcrfsMount:
     """``pcrfs mount STORE MP`` (a background daemon) for the duration of a with-block.
 
     ``env`` sets environment variables for the daemon only (e.g. ``{"PCRFS_NO_FASTPATH": "1"}``);
-    ``cache_size``, ``read_options``, ``options`` are passed to ``pcrfs.fuse.daemon.mount``.
+    ``cache_size``, ``read_options``, ``options`` are passed to ``pcrfs.fuse.mounting.mount``.
     ``.pid`` is the daemon's PID; the exit unmounts (detaching if it must) and waits for it."""
 
     def __init__(self, store: str | os.PathLike, mp: str | os.PathLike, log_file: str | os.PathLike | None = None,
@@ -190,7 +190,7 @@ class PcrfsMount:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-            info = daemon.mount(self.store, self.mp, log_file=self.log_file, echo=quiet, **self.kw)
+            info = mounting.mount(self.store, self.mp, log_file=self.log_file, echo=quiet, **self.kw)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -239,7 +239,7 @@ class ProcessMount:
                 self.__exit__()
                 raise RuntimeError(f"{self.name} exited with {self.proc and self.proc.returncode}; "
                                    f"see {self.log_file}")
-            e = daemon.mount_entry(self.mp)
+            e = mounting.mount_entry(self.mp)
             if e is not None and e.fstype.startswith("fuse"):
                 try:
                     if self.ready(self.mp):
