@@ -19,7 +19,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Container, Iterable, Iterator, Union
+from typing import Any, Iterator, Union
 
 import numpy as np
 import yaml
@@ -204,8 +204,11 @@ class Store:
         """The image at fidelity k as a complete JPEG (whole image if it has < k groups)."""
         i = self._ref(image)
         r, offsets, lengths, crcs = self.groups.table(i, k)
-        everything = range(len(lengths))
-        parts = self._read_groups(i, k, (r, offsets, lengths, crcs), everything, keep=everything)
+        if self._direct:  # every group kept in the memory cache (no page cache holds this file)
+            parts = [self._read_direct(i, r, g, offsets[g], lengths[g], crcs[g], True) for g in range(len(lengths))]
+        else:
+            parts = self.fetcher.read_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
+                                                    for g in range(len(lengths))])
         parts.append(EOI_BYTES)
         return b"".join(parts)
 
@@ -214,27 +217,44 @@ class Store:
         groups that overlap the request (each whole, to check its CRC, except a large
         group the request cuts: see :meth:`_group_range`)."""
         i = self._ref(image)
-        table = r, offsets, lengths, crcs = self.groups.table(i, k)
+        table = self.groups.table(i, k)  # (record, offsets, lengths, crcs)
+        lengths = table[2]
         end = offset + size
         if self._direct and offset == 0 and end >= sum(lengths) + len(EOI_BYTES):
             return self._read_whole_direct(i, table)  # the whole file: the mount's common case
         cuts, pos = _overlaps(lengths, offset, end)
-        # A group the request covers whole goes to the kernel's page cache with the file;
-        # only one it cuts is kept here for the next read of the rest, and a large one it
-        # cuts is read by range.
-        cut = {g for g, lo, hi in cuts if hi - lo < lengths[g]}
-        ranged = {g for g in cut if lengths[g] > self.range_group_bytes}
-        fetched = iter(self._read_groups(i, k, table, [g for g, _, _ in cuts if g not in ranged], keep=cut))
-        out = []
-        for g, lo, hi in cuts:
-            if g in ranged:
-                out.append(self._group_range(i, r, g, offsets[g], lengths[g], crcs[g], lo, hi))
-            else:
-                data = next(fetched)
-                out.append(data[lo:hi] if g in cut else data)
+        if self._direct:
+            out = [self._direct_piece(i, table, g, lo, hi) for g, lo, hi in cuts]
+        else:
+            out = self._fetched_pieces(i, k, table, cuts)
         if end > pos:  # the request reaches into the EOI marker
             out.append(EOI_BYTES[max(offset - pos, 0):min(end - pos, len(EOI_BYTES))])
         return b"".join(out)
+
+    def _direct_piece(self, i: int, table: tuple[int, list[int], list[int], list[int]], g: int,
+                      lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of group g (0-based) of image i, read directly. A group the request
+        covers whole goes to the kernel's page cache with the file; only one it cuts is kept
+        here for the next read of the rest, and a large one it cuts is read by range."""
+        r, offsets, lengths, crcs = table
+        length = lengths[g]
+        if hi - lo == length:
+            return self._read_direct(i, r, g, offsets[g], length, crcs[g], False)
+        if length > self.range_group_bytes:
+            return self._group_range(i, r, g, offsets[g], length, crcs[g], lo, hi)
+        return self._read_direct(i, r, g, offsets[g], length, crcs[g], True)[lo:hi]
+
+    def _fetched_pieces(self, i: int, k: int, table: tuple[int, list[int], list[int], list[int]],
+                        cuts: list[tuple[int, int, int]]) -> list[bytes]:
+        """The pieces ``cuts`` of image i's groups through the fetcher: the groups they need
+        in one request to it, except a large group a piece cuts, which is read by range."""
+        r, offsets, lengths, crcs = table
+        big = self.range_group_bytes
+        ranged = {g for g, lo, hi in cuts if lengths[g] > big and hi - lo < lengths[g]}
+        fetched = iter(self.fetcher.read_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
+                                                       for g, _, _ in cuts if g not in ranged]))
+        return [self._group_range(i, r, g, offsets[g], lengths[g], crcs[g], lo, hi) if g in ranged
+                else next(fetched)[lo:hi] for g, lo, hi in cuts]
 
     def _read_whole_direct(self, i: int, table: tuple[int, list[int], list[int], list[int]]) -> bytes:
         """The whole file of a local store: its groups in one call to the source, each checked."""
@@ -245,17 +265,6 @@ class Store:
                 raise self.groups.corrupt(i, g + 1, r, offsets[g])
         parts.append(EOI_BYTES)
         return b"".join(parts)
-
-    def _read_groups(self, i: int, k: int, table: tuple[int, list[int], list[int], list[int]],
-                     wanted: Iterable[int], keep: Container[int]) -> list[bytes]:
-        """Verified bytes of the 0-based groups ``wanted`` of image i at fidelity k. Direct
-        stores read each with a pread (keeping those in ``keep`` in the memory cache); the
-        others through the fetcher (which keeps what it fetched)."""
-        r, offsets, lengths, crcs = table
-        if self._direct:
-            return [self._read_direct(i, r, g, offsets[g], lengths[g], crcs[g], g in keep) for g in wanted]
-        return self.fetcher.read_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
-                                               for g in wanted])
 
     def _read_direct(self, i: int, r: int, g: int, offset: int, length: int, crc: int, keep: bool) -> bytes:
         """One verified group straight from a local record; ``keep`` caches it (partial reads)."""
