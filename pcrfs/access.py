@@ -14,6 +14,7 @@ from dataclasses import fields
 from typing import Any, Mapping
 
 from .remote.fs import RemoteOptions
+from .store.adaptive import AdaptiveIndexError, load as load_adaptive_index
 from .store.errors import StoreError
 from .store.reader import ReadOptions, Store, open_store
 from .views import View, ViewTree
@@ -93,10 +94,8 @@ def find_view(views: Mapping[str, View], name: str, store: Store) -> View:
 
 def _adaptive_problem(store: Store) -> str:
     """Why a store shows no adaptive views, as a clause for a message."""
-    from .quality.adaptive import AdaptiveIndexError, load
-
     try:
-        index = load(store)
+        index = load_adaptive_index(store)
     except AdaptiveIndexError as e:
         return f": its adaptive index is unusable ({e})"
     if index is None:

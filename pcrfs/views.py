@@ -25,6 +25,7 @@ import numpy as np
 
 from .jpeg.scans import EOI_BYTES
 from .store import format as fmt
+from .store.adaptive import AdaptiveIndexError, load as load_adaptive_index
 from .store.reader import Store
 
 STATS_DIR = ".pcrfs"
@@ -48,7 +49,7 @@ class View:
         """Scan groups served for ``image`` in this view."""
         return self.k if self.ks is None else int(self.ks[image])
 
-    def sizes(self, listing: "Listing") -> np.ndarray:
+    def sizes(self, listing: "DirListing") -> np.ndarray:
         """Sizes of a listing's files in this view (one vectorized gather)."""
         if self.ks is None:
             return listing.sizes[:, self.k - 1]
@@ -132,7 +133,7 @@ class StatsNode:
 Node = Union[DirNode, FileNode, StatsNode]
 
 
-class Listing:
+class DirListing:
     """One source directory: subdirectories, files and, for ``readdir``, the
     files' sizes at every fidelity computed in one vectorized step.
 
@@ -226,7 +227,7 @@ class ViewTree:
             if name:
                 parent = name.rsplit("/", 1)[0] if "/" in name else ""
                 self._children.setdefault(self._dir_ids[parent], []).append(d)
-        self._listings: OrderedDict[int, Listing] = OrderedDict()
+        self._listings: OrderedDict[int, DirListing] = OrderedDict()
         self._listing_cap = listing_cache
         self._lock = threading.Lock()
         self.counters = ViewCounters(list(self.views))
@@ -236,7 +237,7 @@ class ViewTree:
 
     # ---- directory listings ----------------------------------------------------
 
-    def listing(self, dir_id: int) -> Listing:
+    def listing(self, dir_id: int) -> DirListing:
         with self._lock:
             hit = self._listings.get(dir_id)
             if hit is not None:
@@ -249,7 +250,7 @@ class ViewTree:
                 self._listings.popitem(last=False)
         return listing
 
-    def _build_listing(self, dir_id: int) -> Listing:
+    def _build_listing(self, dir_id: int) -> DirListing:
         name = self._dir_names[dir_id]
         subdirs = {}
         covered = []
@@ -276,7 +277,7 @@ class ViewTree:
         lengths = np.asarray(index.group_lengths[images], dtype=np.int64)
         sizes = np.cumsum(lengths, axis=1) + len(EOI_BYTES)
         mtimes = np.asarray(index.images["src_mtime_ns"][images], dtype=np.int64)
-        return Listing(subdirs, names, images, sizes, mtimes)
+        return DirListing(subdirs, names, images, sizes, mtimes)
 
     # ---- resolution ------------------------------------------------------------
 
@@ -405,10 +406,8 @@ def adaptive_views(store: Store) -> dict[str, View]:
     The index is optional: if it is damaged or stale the mount goes on without
     these views and says why in its log.
     """
-    from .quality.adaptive import AdaptiveIndexError, load
-
     try:
-        index = load(store)
+        index = load_adaptive_index(store)
     except AdaptiveIndexError as e:
         log.warning("no adaptive views: %s", e)
         return {}

@@ -95,7 +95,7 @@ def store(demo_store):
 def fetcher_for(store, **kwargs) -> tuple[GroupFetcher, CountingSource]:
     delay = kwargs.pop("delay", 0.0)
     src = CountingSource(store.root, store.index.records["size"], delay=delay)
-    return GroupFetcher(store, src, **kwargs), src
+    return GroupFetcher(store.groups, src, large_group_bytes=store.range_group_bytes, **kwargs), src
 
 
 def test_whole_image_fetches_all_groups_at_once(store):

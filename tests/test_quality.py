@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 import pcrfs
 from pcrfs.cli import main
-from pcrfs.quality import adaptive, measure, msssim
+from pcrfs.quality import adaptive as scoring, measure, msssim
+from pcrfs.store import adaptive
 from pcrfs.store import format as fmt
 from pcrfs.views import ViewTree
 
@@ -63,8 +64,8 @@ def test_measure_image_stops_early(reader):
     first = int(np.argmax(full.ms_ssim >= 0.9))  # the first k-1 reaching 0.9
     assert np.array_equal(s.ms_ssim[:first + 1], full.ms_ssim[:first + 1])
     assert np.all(np.isnan(s.ms_ssim[first + 1:s.n_groups - 1]))  # nothing decoded after it
-    assert adaptive.smallest_k(s.ms_ssim, s.n_groups, [0.9]).tolist() == \
-        adaptive.smallest_k(full.ms_ssim, full.n_groups, [0.9]).tolist()
+    assert scoring.smallest_k(s.ms_ssim, s.n_groups, [0.9]).tolist() == \
+        scoring.smallest_k(full.ms_ssim, full.n_groups, [0.9]).tolist()
 
 
 def test_table_is_monotonic_in_k(table, reader):
@@ -132,7 +133,7 @@ def test_target_picks_the_smallest_k_meeting_the_5th_percentile():
 
 def test_adaptive_rows_use_each_images_k():
     scores = synthetic_scores(10, 2)
-    ks = adaptive.smallest_k(scores[0].ms_ssim, 6, [0.95]), adaptive.smallest_k(scores[5].ms_ssim, 6, [0.95])
+    ks = scoring.smallest_k(scores[0].ms_ssim, 6, [0.95]), scoring.smallest_k(scores[5].ms_ssim, 6, [0.95])
     assert ks[0].tolist() == [5] and ks[1].tolist() == [2]
     per_image = np.array([5, 5] + [2] * 8, dtype=np.uint8)
     rows = measure.aggregate(scores, 6, {"ssim95": per_image})
@@ -147,12 +148,12 @@ def test_adaptive_rows_use_each_images_k():
 
 def test_smallest_k():
     s = np.array([0.80, 0.91, 0.91, 0.94, 0.96, 0.99, 1.0])
-    assert adaptive.smallest_k(s, 7).tolist() == [2, 5, 6]
-    assert adaptive.smallest_k(s, 7, [0.5, 0.995]).tolist() == [1, 7]
+    assert scoring.smallest_k(s, 7).tolist() == [2, 5, 6]
+    assert scoring.smallest_k(s, 7, [0.5, 0.995]).tolist() == [1, 7]
     # an image with fewer groups than the store: its last group is its full decode
-    assert adaptive.smallest_k(np.array([0.5, 0.6, 1.0, 1.0]), 3).tolist() == [3, 3, 3]
+    assert scoring.smallest_k(np.array([0.5, 0.6, 1.0, 1.0]), 3).tolist() == [3, 3, 3]
     # unmeasured (NaN) scores after an early stop never qualify
-    assert adaptive.smallest_k(np.array([0.92, 0.99, np.nan, np.nan]), 4).tolist() == [1, 2, 2]
+    assert scoring.smallest_k(np.array([0.92, 0.99, np.nan, np.nan]), 4).tolist() == [1, 2, 2]
 
 
 def test_view_names():
@@ -167,12 +168,12 @@ def test_view_names():
 
 def test_compute_write_load_roundtrip(store_copy):
     s = pcrfs.open_store(store_copy)
-    ks, failures = adaptive.compute(s, workers=2)
+    ks, failures = scoring.compute(s, workers=2)
     assert failures == [] and ks.shape == (s.num_images, 3) and ks.dtype == np.uint8
     assert np.all(ks >= 1) and np.all(ks[:, 0] <= ks[:, 1]) and np.all(ks[:, 1] <= ks[:, 2])
     for i in (0, 17, s.num_images - 1):  # the same answer as scoring every k
         full = measure.measure_image(s, i)
-        assert ks[i].tolist() == adaptive.smallest_k(full.ms_ssim, full.n_groups).tolist()
+        assert ks[i].tolist() == scoring.smallest_k(full.ms_ssim, full.n_groups).tolist()
         for t, threshold in enumerate(adaptive.THRESHOLDS):
             assert full.ms_ssim[ks[i, t] - 1] >= threshold
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 import pcrfs
 from pcrfs.cli import main
 from pcrfs.convert import convert
-from pcrfs.quality import adaptive, build
+from pcrfs.quality import adaptive as scoring, build
+from pcrfs.store import adaptive
 from pcrfs.store import format as fmt
 
 RECORD = 256 * 1024  # the demo set in ~15 records
@@ -66,7 +67,7 @@ def store_copy(demo_store, tmp_path) -> Path:
 
 def test_reference_index_is_the_exhaustive_one(reference):
     with pcrfs.open_store(reference) as s:
-        exhaustive, _ = adaptive.compute_exhaustive(s)
+        exhaustive, _ = scoring.compute_exhaustive(s)
         assert np.array_equal(adaptive.load(s).ks, exhaustive)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pcrfs
-from pcrfs.quality import adaptive
+from pcrfs.store import adaptive
 
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli
 

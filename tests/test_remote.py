@@ -417,7 +417,7 @@ def test_mount_helper_rejects_malformed_options(remote_store, tmp_path, capsys):
 def test_adaptive_views_of_a_remote_store(demo_src, remote, moto, local, mounts):
     """`pcrfs quality s3://... --write-index` installs the adaptive index in the bucket
     (array first, manifest last) and a mount of the URL serves ssim90/95/98."""
-    from pcrfs.quality import adaptive
+    from pcrfs.store import adaptive
 
     url = f"s3://{BUCKET}/adaptive.pcr"
     convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)

@@ -436,3 +436,59 @@ def test_cache_serves_verified_groups(demo_store):
         before = s.records.bytes_read
         assert s.read(7, 3) == first[:s.size(7, 3) - 2] + EOI_BYTES
         assert s.records.bytes_read == before  # all from the cache
+
+
+# ---- the read side's structure ----------------------------------------------------------------------
+
+PKG = Path(__file__).resolve().parents[1] / "pcrfs"
+
+
+def _modules():
+    import ast
+    for path in sorted(PKG.rglob("*.py")):
+        yield path.relative_to(PKG).as_posix(), ast.parse(path.read_text(), str(path))
+
+
+def test_only_the_location_code_tells_local_from_remote():
+    """Local and remote stores differ behind StoreLocation alone: nothing else asks which
+    kind it has (it asks the location: read_defaults, describe, writer_lock)."""
+    import ast
+    kinds = {"LocalLocation", "RemoteLocation"}
+    found = []
+    for name, tree in _modules():
+        if name == "store/location.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
+                named = {n.id if isinstance(n, ast.Name) else getattr(n, "attr", None) for n in ast.walk(node.args[1])}
+                if named & kinds:
+                    found.append(f"{name}:{node.lineno}")
+    assert not found, found
+
+
+def test_the_fetchers_never_reach_back_into_the_store():
+    """The store builds its fetchers and hands them a group table and a record source; the
+    fetchers (and what they stand on) never import the store, so the dependency runs one way."""
+    import ast
+    found = []
+    for name, tree in _modules():
+        if name not in ("store/fetch.py", "store/prefixfetch.py", "store/groups.py", "store/tiers.py"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] in ("reader", "location"):
+                found.append(f"{name}:{node.lineno} imports {node.module}")
+    assert not found, found
+
+
+def test_the_adaptive_index_format_lives_in_the_store():
+    """The mount's view layer loads the adaptive index from beside the store's index, never from
+    pcrfs.quality (which decodes and scores: the format must not depend on it)."""
+    import ast
+    found = []
+    for name, tree in _modules():
+        if not (name.startswith("store/") or name in ("views.py", "access.py")):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and "quality" in (node.module or ""):
+                found.append(f"{name}:{node.lineno} imports {node.module}")
+    assert not found, found

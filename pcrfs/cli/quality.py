@@ -62,7 +62,7 @@ def _describe_choice(choice, metric_label: str) -> str:
 
 
 def _load_adaptive(store):
-    from ..quality.adaptive import AdaptiveIndexError, load
+    from ..store.adaptive import AdaptiveIndexError, load
 
     try:
         return load(store)

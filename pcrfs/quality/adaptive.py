@@ -1,58 +1,28 @@
-"""The adaptive-k index: per image, the smallest k reaching each MS-SSIM threshold.
+"""Computing the adaptive-k index: per image, the smallest k reaching each MS-SSIM threshold.
 
-It is the one optional addition to a finished store (docs/format.md, "Adaptive
-views"): ``index/adaptive_k-XXXXXXXX.npy``, a u1[n, T] array, described in
-``pcr.yaml`` under ``adaptive_index``. The mount shows one view per threshold
-(``ssim90``, ``ssim95``, ``ssim98``) serving image i with ``ks[i, t]`` groups.
-
-Writing it never leaves a reader with a half-written state: the array goes to
-a new file named after its CRC-32, the manifest is then replaced atomically
-(write, fsync, rename) to point at it, and only then is any previous array
-removed. Until the rename the old manifest and its old array stay valid; after
-it, the new ones are.
-
-This module is imported by the view layer at mount time, so it needs numpy and
-PyYAML only; computing the index (decoding, MS-SSIM) is in :mod:`.measure`.
+The index's format (its file, manifest entry, checks, writing and loading) is
+:mod:`pcrfs.store.adaptive`, beside the store's index; this module scores images
+(decoding, MS-SSIM: :mod:`.measure`, :mod:`.search`) to fill it. The format's names
+are imported here too, so ``pcrfs.quality.adaptive`` still names the whole feature
+for the CLI and tools.
 """
 from __future__ import annotations
 
-import datetime
-import fcntl
-import io
-import os
-import zlib
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-import yaml
 
-from .._version import __version__
 from ..jpeg.scans import EOI_BYTES
-from ..store import format as fmt
-from ..store.errors import StoreError
-from ..store.index import NPY_HEADER_MAX
-from ..store.location import LocalLocation, StoreLocation, open_location
-from ..store.reader import Store, parse_manifest
+from ..store.adaptive import (  # noqa: F401 - the format's side, re-exported (see above)
+    BINDS_TO, DTYPE, FILE_PREFIX, MANIFEST_KEY, METRIC, THRESHOLDS, AdaptiveIndex, AdaptiveIndexError, load,
+    npy_bytes, view_name, write)
+from ..store.reader import Store
 
-MANIFEST_KEY = "adaptive_index"
-METRIC = "ms-ssim-luma"
-THRESHOLDS = (0.90, 0.95, 0.98)
-FILE_PREFIX = "adaptive_k-"
-DTYPE = np.dtype("u1")
-BINDS_TO = "group_crc32.npy"  # the index file whose CRC-32 ties the array to this store's content
+_npy_bytes = npy_bytes  # the name tools/bench_quality.py uses
 
-
-class AdaptiveIndexError(ValueError):
-    """The adaptive index is missing from the manifest's description, damaged or stale."""
-
-
-def view_name(threshold: float) -> str:
-    """ssim90 for 0.90, ssim95 for 0.95, ssim995 for 0.995."""
-    if not 0 < threshold < 1:
-        raise ValueError(f"an MS-SSIM threshold must lie strictly between 0 and 1, got {threshold}")
-    digits = f"{threshold:.4f}"[2:].rstrip("0")
-    return "ssim" + digits.ljust(2, "0")
+__all__ = ["smallest_k", "compute", "compute_exhaustive", "summarize",  # computed here
+           "BINDS_TO", "DTYPE", "FILE_PREFIX", "MANIFEST_KEY", "METRIC", "THRESHOLDS", "AdaptiveIndex",
+           "AdaptiveIndexError", "load", "npy_bytes", "view_name", "write"]
 
 
 def smallest_k(ms_ssim: np.ndarray, n_groups: int, thresholds: Sequence[float] = THRESHOLDS) -> np.ndarray:
@@ -67,18 +37,6 @@ def smallest_k(ms_ssim: np.ndarray, n_groups: int, thresholds: Sequence[float] =
         hits = np.flatnonzero(scores[:n_groups - 1] >= threshold)
         out[t] = hits[0] + 1 if len(hits) else n_groups
     return out
-
-
-@dataclass
-class AdaptiveIndex:
-    thresholds: list[float]
-    views: list[str]
-    ks: np.ndarray  # u1[n, T]; 0 = not measured (served at full fidelity)
-
-    def column(self, view: str, num_groups: int) -> np.ndarray:
-        """u1[n]: the k served for every image in ``view``, with 0 resolved to ``num_groups``."""
-        col = np.asarray(self.ks[:, self.views.index(view)])
-        return np.where(col == 0, num_groups, col).astype(DTYPE)
 
 
 def compute(store: Store, thresholds: Sequence[float] = THRESHOLDS, *, workers: int = 1,
@@ -149,118 +107,3 @@ def summarize(store: Store, ks: np.ndarray, thresholds: Sequence[float] = THRESH
             "k_counts": {k: int(c) for k, c in enumerate(counts[t]) if c},
         })
     return out
-
-
-# ---- on disk ---------------------------------------------------------------------------------------
-
-
-
-def _npy_bytes(ks: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(ks, dtype=DTYPE), allow_pickle=False)
-    return buf.getvalue()
-
-
-def write(target: "Store | str | os.PathLike", ks: np.ndarray, thresholds: Sequence[float] = THRESHOLDS,
-          *, store_locked: bool = False) -> dict:
-    """Install ``ks`` (u1[n, T]) as the adaptive index of ``target`` (an open Store, a
-    store directory or a store URL); returns the manifest entry.
-
-    A local store is locked against concurrent writers for the duration (``flock`` on
-    its directory, as ``convert`` does); a caller that holds that lock already says
-    ``store_locked`` (a second flock through another descriptor would wait for itself).
-    On an object store the last writer wins (each PUT is atomic, so readers never see a mix).
-    """
-    location = target.location if isinstance(target, Store) else open_location(target)
-    if isinstance(location, LocalLocation) and not store_locked:
-        fd = os.open(location.root, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            return _install(location, ks, thresholds)
-        finally:
-            os.close(fd)  # releases the lock
-    return _install(location, ks, thresholds)
-
-
-def _install(location: StoreLocation, ks: np.ndarray, thresholds: Sequence[float]) -> dict:
-    thresholds = [float(t) for t in thresholds]
-    views = [view_name(t) for t in thresholds]
-    manifest = parse_manifest(location.manifest_bytes(), f"{location.url}/{fmt.MANIFEST}")
-    n, g = manifest["num_images"], manifest["num_groups"]
-    ks = np.asarray(ks)
-    if ks.shape != (n, len(thresholds)):
-        raise AdaptiveIndexError(f"adaptive index has shape {ks.shape}, the store needs ({n}, {len(thresholds)})")
-    if ks.size and int(ks.max()) > g:
-        raise AdaptiveIndexError(f"adaptive index names k = {int(ks.max())} > {g} scan groups")
-    data = _npy_bytes(ks)
-    crc = zlib.crc32(data)
-    name = f"{FILE_PREFIX}{crc:08x}.npy"
-    location.write_file(f"{fmt.INDEX_DIR}/{name}", data)
-    previous = manifest.get(MANIFEST_KEY) or {}
-    entry = {
-        "file": name, "size": len(data), "crc32": crc, "metric": METRIC,
-        "thresholds": thresholds, "views": views,
-        "index_crc32": manifest["index_files"][BINDS_TO]["crc32"],
-        "pcrfs_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    manifest[MANIFEST_KEY] = entry
-    # the array is in place before the manifest names it; the old one goes only after
-    location.write_file(fmt.MANIFEST, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True).encode())
-    old = previous.get("file") if isinstance(previous, dict) else None
-    if isinstance(old, str) and old != name and old.startswith(FILE_PREFIX) and "/" not in old:
-        location.remove_file(f"{fmt.INDEX_DIR}/{old}")
-    return entry
-
-
-def load(store: Store) -> AdaptiveIndex | None:
-    """The store's adaptive index, checked against the manifest; None if it has none.
-
-    Raises :class:`AdaptiveIndexError` when the manifest describes one that is
-    missing, damaged, or belongs to other store contents.
-    """
-    entry = store.manifest.get(MANIFEST_KEY)
-    if entry is None:
-        return None
-    if not isinstance(entry, dict):
-        raise AdaptiveIndexError(f"'{MANIFEST_KEY}' in the manifest is not a table")
-    try:
-        name, size, crc = entry["file"], entry["size"], entry["crc32"]
-        thresholds = [float(t) for t in entry["thresholds"]]
-        views = [str(v) for v in entry["views"]]
-        binds = entry["index_crc32"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdaptiveIndexError(f"'{MANIFEST_KEY}' in the manifest is incomplete: {e}") from None
-    if entry.get("metric") != METRIC:
-        raise AdaptiveIndexError(f"adaptive index metric {entry.get('metric')!r} is not supported (expected {METRIC})")
-    if not isinstance(name, str) or "/" in name or not name.startswith(FILE_PREFIX):
-        raise AdaptiveIndexError(f"adaptive index file name {name!r} is not valid")
-    try:
-        expected = [view_name(t) for t in thresholds]
-    except ValueError as e:
-        raise AdaptiveIndexError(f"adaptive index: {e}") from None
-    if views != expected or len(set(views)) != len(views):
-        raise AdaptiveIndexError(f"adaptive index views {views} do not match its thresholds {thresholds}")
-    if binds != store.manifest["index_files"].get(BINDS_TO, {}).get("crc32"):
-        raise AdaptiveIndexError("adaptive index belongs to other store contents (stale); "
-                                 "run `pcrfs quality STORE --write-index` again")
-    path = f"{store.location.url}/{fmt.INDEX_DIR}/{name}"
-    if type(size) is not int or not 0 <= size <= NPY_HEADER_MAX + store.num_images * len(thresholds):
-        raise AdaptiveIndexError(f"adaptive index {path}: size {size!r} is not that of u1[{store.num_images}, "
-                                 f"{len(thresholds)}]")
-    try:
-        data = store.location.read_file(f"{fmt.INDEX_DIR}/{name}", max_bytes=size)
-    except StoreError as e:
-        raise AdaptiveIndexError(f"adaptive index: {e}") from None
-    if len(data) != size or zlib.crc32(data) != crc:
-        raise AdaptiveIndexError(f"adaptive index {path} is damaged (size or CRC-32 mismatch)")
-    try:
-        ks = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as e:
-        raise AdaptiveIndexError(f"adaptive index {path} is unreadable: {e}") from None
-    if ks.dtype != DTYPE or ks.shape != (store.num_images, len(thresholds)):
-        raise AdaptiveIndexError(f"adaptive index {path} has dtype {ks.dtype} and shape {ks.shape}, expected "
-                                 f"u1[{store.num_images}, {len(thresholds)}]")
-    if ks.size and int(ks.max()) > store.num_groups:
-        raise AdaptiveIndexError(f"adaptive index {path} names more scan groups than the store has")
-    return AdaptiveIndex(thresholds, views, ks)

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..fsutil import write_atomic
-from . import adaptive
+from ..store import adaptive
 
 if TYPE_CHECKING:
     import distributed

@@ -71,6 +71,10 @@ class RecordSource(ABC):
     def _fetch(self, span: Span) -> bytes:
         """The bytes of one span (may be short if the record is)."""
 
+    @abstractmethod
+    def read_record(self, record: int) -> bytes:
+        """A whole record file, as verification reads it (counted like any read)."""
+
     def describe(self, record: int) -> str:
         """Where record ``record`` lives, for messages."""
         return fmt.record_name(record)

@@ -1,8 +1,9 @@
 """From "groups of image i" to verified bytes: caches, requests in flight, readahead.
 
-:class:`GroupFetcher` sits between the store's catalogue (which groups an image
-at fidelity k needs, where they are) and a record source (bytes of spans). For
-every group it tries, in order:
+:class:`GroupFetcher` sits between the group table (which groups an image at
+fidelity k needs, where they are: :class:`~pcrfs.store.groups.GroupTable`) and a
+record source (bytes of spans); it is given both and never calls back into the
+store. For every group it tries, in order:
 
 1. the memory cache (:class:`~pcrfs.store.cache.ByteLRU`, keyed (image, group));
 2. a request already in flight for it (another reader's, or readahead's);
@@ -29,10 +30,9 @@ from __future__ import annotations
 
 import bisect
 import logging
-import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -41,31 +41,32 @@ from .diskcache import DiskCache
 from .readahead import Readahead
 from .backends import RecordSource, Span, coalesce
 from .errors import CorruptData
+from .groups import GroupRange, GroupTable
 from .prefixfetch import PrefixFetcher
-
-if TYPE_CHECKING:
-    from .reader import GroupRange, Store
+from .tiers import Tiers
 
 log = logging.getLogger("pcrfs.store")
 Key = tuple[int, int]                  # (image, 1-based group)
-Item = tuple[int, "GroupRange"]        # (image, where its group lives)
+Item = tuple[int, GroupRange]          # (image, where its group lives)
 
 
-class GroupFetcher:
-    def __init__(self, store: "Store", source: RecordSource, memory: ByteLRU | None = None,
+class GroupFetcher(Tiers):
+    """Verified groups of images, from the caches, requests in flight, or ``source``.
+
+    ``large_group_bytes``: groups longer than this are the store's to read by range
+    (:meth:`pcrfs.store.reader.Store.read_at`), so neither a whole-image fetch nor
+    readahead reads them whole in passing."""
+
+    def __init__(self, groups: GroupTable, source: RecordSource, memory: ByteLRU | None = None,
                  disk: DiskCache | None = None, readahead: Readahead | None = None,
                  readahead_bytes: int = 16 << 20, whole_image: bool = False, prefetch_threads: int = 2,
-                 prefixes: PrefixFetcher | None = None) -> None:
-        self.store = store
+                 prefixes: PrefixFetcher | None = None, large_group_bytes: int = 1 << 20) -> None:
+        super().__init__(groups, source, memory, disk)
         self.prefixes = prefixes
-        self.source = source
-        self.memory = memory
-        self.disk = disk
+        self.large_group_bytes = large_group_bytes
         self.readahead = readahead
         self.readahead_bytes = readahead_bytes
         self.whole_image = whole_image
-        self._inflight: dict[Key, Future] = {}
-        self._lock = threading.Lock()
         self._pool = (ThreadPoolExecutor(max_workers=prefetch_threads, thread_name_prefix="pcrfs-readahead")
                       if readahead is not None else None)
         self.prefetched_groups = 0  # groups fetched by readahead
@@ -73,7 +74,7 @@ class GroupFetcher:
 
     # ---- the read path -------------------------------------------------------------
 
-    def read_groups(self, i: int, k: int, wanted: list["GroupRange"]) -> list[bytes]:
+    def read_groups(self, i: int, k: int, wanted: list[GroupRange]) -> list[bytes]:
         """Verified bytes of ``wanted`` (groups of image ``i``, read at fidelity ``k``)."""
         if self.prefixes is not None:
             out = self.prefixes.read(i, k, wanted)
@@ -93,8 +94,8 @@ class GroupFetcher:
             if self.whole_image:
                 asked = {r.group for r in missing}
                 # (large groups are the store's to read by range, never whole in passing)
-                missing += [r for r in self.store.ranges(i, k) if r.group not in asked
-                            and r.length <= self.store.range_group_bytes and not self._available(i, r.group)]
+                missing += [r for r in self.groups.ranges(i, k) if r.group not in asked
+                            and r.length <= self.large_group_bytes and not self._available(i, r.group)]
             mine, futures = self._claim([(i, r) for r in missing])
             if mine:
                 self._run(mine, futures)
@@ -104,7 +105,7 @@ class GroupFetcher:
                     have[rng.group] = self._result(i, rng, futures[(i, rng.group)], rng.group in ours)
         return [have[r.group] for r in wanted]
 
-    def _result(self, i: int, rng: "GroupRange", fut: Future, ours: bool) -> bytes:
+    def _result(self, i: int, rng: GroupRange, fut: Future, ours: bool) -> bytes:
         try:
             return fut.result()
         except CorruptData:
@@ -118,7 +119,7 @@ class GroupFetcher:
             self._run(mine, futures)
         return futures[(i, rng.group)].result()
 
-    def _cached(self, i: int, rng: "GroupRange") -> bytes | None:
+    def _cached(self, i: int, rng: GroupRange) -> bytes | None:
         if self.memory is not None:
             data = self.memory.get((i, rng.group))
             if data is not None:
@@ -184,9 +185,7 @@ class GroupFetcher:
             rel = rng.offset - spans[j].offset
             data = blobs[j][rel:rel + rng.length]
             if zlib.crc32(data) != rng.crc32:
-                out[(i, rng.group)] = CorruptData(
-                    f"{self.store.path(i)}: scan group {rng.group} fails its CRC-32 check "
-                    f"(record {rng.record}, offset {rng.offset})")
+                out[(i, rng.group)] = self.groups.corrupt(i, rng.group, rng.record, rng.offset)
                 continue
             out[(i, rng.group)] = data
             if self.memory is not None:
@@ -198,11 +197,11 @@ class GroupFetcher:
     # ---- readahead ---------------------------------------------------------------------
 
     def _maybe_prefetch(self, i: int, k: int) -> None:
-        plan = self.readahead.access(i, k, self.store.num_images, clip=self._clip)
+        plan = self.readahead.access(i, k, self.groups.num_images, clip=self._clip)
         if plan is None:
             return
-        items = [(j, rng) for j in range(*plan) for rng in self.store.ranges(j, k)
-                 if rng.length <= self.store.range_group_bytes
+        items = [(j, rng) for j in range(*plan) for rng in self.groups.ranges(j, k)
+                 if rng.length <= self.large_group_bytes
                  and not self._available(j, rng.group) and not self._on_disk(j, rng)]
         mine, futures = self._claim(items)
         if mine:
@@ -218,27 +217,24 @@ class GroupFetcher:
 
     def _clip(self, first: int, end: int, k: int) -> int:
         """The end of the longest run from ``first`` whose groups 1..k fit the readahead budget."""
-        lengths = np.asarray(self.store.index.group_lengths[first:end, :k], dtype=np.int64).sum(axis=1)
+        lengths = np.asarray(self.groups.group_lengths[first:end, :k], dtype=np.int64).sum(axis=1)
         fits = int(np.searchsorted(np.cumsum(lengths), self.readahead_bytes, side="right"))
         return first + max(1, fits)
 
     # ---- the disk cache: one file per image, a prefix of its groups ------------------------
 
-    def _prefix(self, i: int, groups: int) -> int:
-        return int(np.asarray(self.store.index.group_lengths[i, :groups], dtype=np.int64).sum())
-
-    def _on_disk(self, i: int, rng: "GroupRange") -> bool:
+    def _on_disk(self, i: int, rng: GroupRange) -> bool:
         if self.disk is None:
             return False
         size = self.disk.size(str(i))
-        return size is not None and size >= self._prefix(i, rng.group)
+        return size is not None and size >= self.groups.prefix_bytes(i, rng.group)
 
-    def _from_disk(self, i: int, rng: "GroupRange") -> bytes | None:
-        data = self.disk.read(str(i), self._prefix(i, rng.group - 1), rng.length)
+    def _from_disk(self, i: int, rng: GroupRange) -> bytes | None:
+        data = self.disk.read(str(i), self.groups.prefix_bytes(i, rng.group - 1), rng.length)
         if data is None:
             return None
         if zlib.crc32(data) != rng.crc32:
-            log.warning("disk cache entry of %s fails its CRC-32 check; dropped", self.store.path(i))
+            log.warning("disk cache entry of %s fails its CRC-32 check; dropped", self.groups.path(i))
             self.disk.discard(str(i))
             return None
         if self.memory is not None:
@@ -251,12 +247,12 @@ class GroupFetcher:
             key = str(i)
             stored = self.disk.size(key) or 0
             parts = []
-            for g in range(1, int(self.store.index.images[i]["n_groups"]) + 1):
+            for g in range(1, self.groups.n_groups(i) + 1):
                 data = fresh.get((i, g))
                 if not isinstance(data, bytes) and self.memory is not None:
                     data = self.memory.peek((i, g))
-                if not isinstance(data, bytes) and self._prefix(i, g) <= stored:
-                    data = self.disk.read(key, self._prefix(i, g - 1), self._prefix(i, g) - self._prefix(i, g - 1))
+                if not isinstance(data, bytes) and self.groups.prefix_bytes(i, g) <= stored:
+                    data = self.disk.read(key, self.groups.prefix_bytes(i, g - 1), self.groups.prefix_bytes(i, g) - self.groups.prefix_bytes(i, g - 1))
                 if not isinstance(data, bytes):
                     break
                 parts.append(data)

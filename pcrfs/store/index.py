@@ -17,7 +17,7 @@ from . import format as fmt
 from .files import NotRegularFile, open_regular
 
 
-class IndexError_(ValueError):
+class IndexFileError(ValueError):
     """The index is missing, damaged or inconsistent."""
 
 
@@ -158,20 +158,20 @@ class Index:
                 if checks is not None:
                     want = checks.get(name)
                     if want is None:
-                        raise IndexError_(f"manifest has no checksum for index file {name}")
+                        raise IndexFileError(f"manifest has no checksum for index file {name}")
                     if sizes[name] != want["size"]:
-                        raise IndexError_(f"index file {directory / name} is {sizes[name]} bytes, "
+                        raise IndexFileError(f"index file {directory / name} is {sizes[name]} bytes, "
                                           f"manifest says {want['size']}")
             if counts is not None:
                 for name, limit in size_limits(*counts, sizes).items():
                     if sizes[name] > limit:
-                        raise IndexError_(f"index file {directory / name} is {sizes[name]} bytes, more than "
+                        raise IndexFileError(f"index file {directory / name} is {sizes[name]} bytes, more than "
                                           f"a store of {counts[0]} images, {counts[1]} scan groups and "
                                           f"{counts[2]} records can need ({limit})")
             if checks is not None:
                 for name in fmt.INDEX_FILES:
                     if fd_crc32(files[name][0]) != checks[name]["crc32"]:
-                        raise IndexError_(f"index file {directory / name} is damaged (CRC-32 mismatch)")
+                        raise IndexFileError(f"index file {directory / name} is damaged (CRC-32 mismatch)")
             headers = {name: _npy_header(directory / name, *files[name], _expected(name, counts))
                        for name in fmt.INDEX_FILES if name.endswith(".npy")}
 
@@ -193,7 +193,7 @@ class Index:
                     dir_ranges=arr("dir_ranges.npy"),
                 )
             except (ValueError, OSError) as e:
-                raise IndexError_(f"index in {directory} is unreadable: {e}") from e
+                raise IndexFileError(f"index in {directory} is unreadable: {e}") from e
         finally:
             for fd, _ in files.values():
                 os.close(fd)
@@ -229,7 +229,7 @@ class Index:
         if not problems:
             problems = self._value_problems()
         if problems:
-            raise IndexError_("inconsistent index: " + "; ".join(problems))
+            raise IndexFileError("inconsistent index: " + "; ".join(problems))
 
     def _value_problems(self) -> list[str]:
         """Values a reader relies on (all vectorized or per record/directory, never per image
@@ -393,11 +393,11 @@ def _open_index_file(path: Path) -> tuple[int, int]:
     try:
         return open_regular(path)
     except NotRegularFile as e:
-        raise IndexError_(f"index file {e.strerror}") from None
+        raise IndexFileError(f"index file {e.strerror}") from None
     except FileNotFoundError:
-        raise IndexError_(f"index file missing: {path}") from None
+        raise IndexFileError(f"index file missing: {path}") from None
     except OSError as e:
-        raise IndexError_(f"index file {path} cannot be opened: {e.strerror}") from None
+        raise IndexFileError(f"index file {path} cannot be opened: {e.strerror}") from None
 
 
 def _npy_header(path: Path, fd: int, size: int, shape: tuple[int, ...] | None) -> tuple[np.dtype, tuple, int]:
@@ -411,19 +411,19 @@ def _npy_header(path: Path, fd: int, size: int, shape: tuple[int, ...] | None) -
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             got_shape, fortran, dtype = read(f, max_header_size=NPY_HEADER_MAX)
         except (ValueError, OSError, SyntaxError) as e:
-            raise IndexError_(f"index file {path} is not a NumPy array file: {e}") from None
+            raise IndexFileError(f"index file {path} is not a NumPy array file: {e}") from None
         offset = f.tell()
     if dtype != want_dtype or len(got_shape) != ndim or fortran:
-        raise IndexError_(f"index file {path} holds {dtype}{list(got_shape)}{' (Fortran order)' if fortran else ''}, "
+        raise IndexFileError(f"index file {path} holds {dtype}{list(got_shape)}{' (Fortran order)' if fortran else ''}, "
                           f"the format says {want_dtype} with {ndim} dimension(s)")
     if shape is not None and tuple(got_shape) != shape:
-        raise IndexError_(f"index and manifest disagree: index file {path} has shape {list(got_shape)}, "
+        raise IndexFileError(f"index and manifest disagree: index file {path} has shape {list(got_shape)}, "
                           f"the manifest's counts imply {list(shape)}")
     count = 1
     for d in got_shape:
         count *= int(d)
     if size != offset + count * dtype.itemsize:  # Python ints: a crafted shape cannot overflow
-        raise IndexError_(f"index file {path} is {size} bytes, its header describes {offset + count * dtype.itemsize}")
+        raise IndexFileError(f"index file {path} is {size} bytes, its header describes {offset + count * dtype.itemsize}")
     return dtype, tuple(got_shape), offset
 
 

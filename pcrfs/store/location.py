@@ -4,18 +4,25 @@ A :class:`StoreLocation` gives the reader three things: the manifest's bytes, a
 local directory holding the (verified) index files, and a record source. For a
 remote store the index files are downloaded once into a local cache directory,
 checked against the manifest's sizes and CRC-32s, and then memory-mapped like a
-local index; only record bytes travel on every read.
+local index; only record bytes travel on every read. It also says how its records
+are best read when the caller leaves it open (:class:`ReadDefaults`), how to name a
+file of it in a message, and how to keep other writers out while a small file
+changes: the rest of pcrfs never asks which kind of location it has.
 
 The writing side is :mod:`pcrfs.store.sink`.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import stat
 import zlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -30,6 +37,21 @@ from .files import NotRegularFile, kind_of, read_capped
 from .index import size_limits
 
 MANIFEST_MAX_BYTES = 2 << 20  # a manifest is a few KiB plus a line per class (ImageNet-21k: ~300 KB)
+DEFAULT_READAHEAD = 16 << 20  # bytes per readahead window (remote stores)
+
+
+@dataclass(frozen=True)
+class ReadDefaults:
+    """How a location's records are best read, where the read options leave it open."""
+    readahead_bytes: int = 0     # readahead window budget (0: off)
+    record_prefix: bool = False  # fetch whole record prefixes (pcrfs.store.prefix)
+    # Fetch all of an image's groups 1..k on its first read, not only those a read overlaps:
+    # where each request pays a round trip, k concurrent requests beat k sequential ones.
+    whole_image: bool = False
+    # Reads may bypass the fetcher -- a pread and a CRC per group -- when nothing else
+    # (readahead, disk cache, rate limit) is asked for: local files, where the fetcher's
+    # futures and span merging cost several times the read itself (pcrfs.store.reader)
+    direct: bool = False
 
 
 def default_cache_dir() -> Path:
@@ -49,6 +71,16 @@ def _digest(*parts: bytes | str, n: int = 16) -> str:
 class StoreLocation(ABC):
     url: str             # as the user wrote it (for messages and stats)
     root: Path | str     # a local Path, or the URL of a remote store
+    read_defaults: ReadDefaults = ReadDefaults()
+
+    def describe(self, name: str) -> str:
+        """``name`` (relative to the store) as a message should show it."""
+        return f"{self.url}/{name}"
+
+    def writer_lock(self) -> contextlib.AbstractContextManager:
+        """Held while a small file beside the index changes (the adaptive index): keeps other
+        writers of this store out where the location can (see :class:`LocalLocation`)."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def manifest_bytes(self) -> bytes:
@@ -83,9 +115,25 @@ class StoreLocation(ABC):
 
 
 class LocalLocation(StoreLocation):
+    # the page cache makes a pread cheap: no readahead, no prefixes, only the groups asked for
+    read_defaults = ReadDefaults(direct=True)
+
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.url = str(self.root)
+
+    def describe(self, name: str) -> str:
+        return str(self.root / name)
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """``flock`` on the store's directory, as ``convert`` takes it: a second writer waits."""
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def manifest_bytes(self) -> bytes:
         path = self.root / fmt.MANIFEST
@@ -152,7 +200,13 @@ class LocalLocation(StoreLocation):
 
 
 class RemoteLocation(ObjectPrefix, StoreLocation):
-    """A store at an fsspec URL; index files cached under ``cache_dir``."""
+    """A store at an fsspec URL; index files cached under ``cache_dir``.
+
+    Every request costs a round trip, so reads default to readahead, record prefixes
+    and whole-image fetches. Concurrent writers of the adaptive index are not locked
+    out (:meth:`StoreLocation.writer_lock`): each PUT is atomic, the last one wins."""
+
+    read_defaults = ReadDefaults(readahead_bytes=DEFAULT_READAHEAD, record_prefix=True, whole_image=True)
 
     error = StoreError                    # a failed call is a StoreError with a readable message
     passthrough = (FileNotFoundError,)    # a missing object is for the caller to explain

@@ -27,21 +27,19 @@ fails a read.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .cache import ByteLRU
 from .diskcache import DiskCache
 from .backends import RecordSource
+from .groups import GroupRange, GroupTable
 from .prefix import PrefixPlan, RecordPrefixPolicy, split_parts
-
-if TYPE_CHECKING:
-    from .reader import GroupRange, Store
+from .tiers import Tiers
 
 log = logging.getLogger("pcrfs.store")
 
@@ -63,19 +61,16 @@ class RecordPrefix:
         return len(self.data)
 
 
-class PrefixFetcher:
-    def __init__(self, store: "Store", source: RecordSource, policy: RecordPrefixPolicy,
+class PrefixFetcher(Tiers):
+    """Groups served from, or fetched as, whole record prefixes (keyed by record in flight)."""
+
+    def __init__(self, groups: GroupTable, source: RecordSource, policy: RecordPrefixPolicy,
                  memory: ByteLRU | None = None, disk: DiskCache | None = None, threads: int = 8,
                  retry_after: float = 5.0) -> None:
-        self.store = store
+        super().__init__(groups, source, memory, disk)
         self.retry_after = retry_after
-        self.source = source
         self.policy = policy
-        self.memory = memory
-        self.disk = disk
         self._bounds = policy.bounds
-        self._inflight: dict[int, Future] = {}
-        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pcrfs-prefix")
         self.parts = 0          # counters for the mount's stats
         self.failed_parts = 0
@@ -84,7 +79,7 @@ class PrefixFetcher:
 
     # ---- serving ---------------------------------------------------------------------------
 
-    def read(self, i: int, k: int, wanted: list["GroupRange"]) -> list[bytes] | None:
+    def read(self, i: int, k: int, wanted: list[GroupRange]) -> list[bytes] | None:
         """Verified bytes of ``wanted`` (groups of image i at fidelity k) from record prefixes,
         or None: read them image by image."""
         if not wanted:
@@ -122,7 +117,7 @@ class PrefixFetcher:
     def _in_memory(self, r: int) -> RecordPrefix | None:
         return self.memory.get(("prefix", r)) if self.memory is not None else None  # type: ignore[return-value]
 
-    def _serve(self, entry: RecordPrefix, i: int, wanted: list["GroupRange"]) -> list[bytes] | None:
+    def _serve(self, entry: RecordPrefix, i: int, wanted: list[GroupRange]) -> list[bytes] | None:
         data, base, bad = entry.data, entry.base, entry.bad
         if bad and any((i, rng.group) in bad for rng in wanted):
             self.fallbacks += 1
@@ -145,7 +140,7 @@ class PrefixFetcher:
         ends = self._bounds[r, 1:] - self._bounds[r, 0]
         return int(np.searchsorted(ends, size, side="right"))
 
-    def _serve_disk(self, r: int, wanted: list["GroupRange"]) -> list[bytes] | None:
+    def _serve_disk(self, r: int, wanted: list[GroupRange]) -> list[bytes] | None:
         base = int(self._bounds[r, 0])
         key = self._key(r)
         out = []
@@ -239,18 +234,11 @@ class PrefixFetcher:
 
     def _check(self, r: int, groups: int, base: int, data: bytes) -> set[tuple[int, int]]:
         """(image, group) of every group 1..``groups`` of record r whose bytes fail their CRC-32."""
-        index = self.store.index
-        first = int(index.records[r]["first_image"])
-        n = int(index.records[r]["n_images"])
-        if not n:
-            return set()
-        offsets = (index.record_offsets(r)[:, :groups].astype(np.int64) - base).tolist()
-        lengths = index.group_lengths[first:first + n, :groups].tolist()
-        crcs = index.group_crc32[first:first + n, :groups].tolist()
+        first, offsets, lengths, crcs = self.groups.record_groups(r, groups, base)
         view = memoryview(data)
         crc32 = zlib.crc32
         bad = set()
-        for j in range(n):
+        for j in range(len(lengths)):
             for g, (off, length, crc) in enumerate(zip(offsets[j], lengths[j], crcs[j])):
                 if length and crc32(view[off:off + length]) != crc:
                     bad.add((first + j, g + 1))

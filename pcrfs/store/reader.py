@@ -18,7 +18,6 @@ import threading
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -35,25 +34,14 @@ from . import format as fmt
 from .backends import RecordFiles, RecordSource, Span  # noqa: F401 - RecordFiles: the local source's old name
 from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
 from .fetch import GroupFetcher
+from .groups import GroupRange, GroupTable
 from .prefix import RecordPrefixPolicy, group_bounds
 from .prefixfetch import PrefixFetcher
-from .index import Index, IndexError_
-from .location import MANIFEST_MAX_BYTES, LocalLocation, RemoteLocation, StoreLocation, open_location
+from .index import Index, IndexFileError
+from .location import DEFAULT_READAHEAD, MANIFEST_MAX_BYTES, LocalLocation, StoreLocation, open_location  # noqa: F401
 
 ImageRef = Union[int, str]
 
-
-@dataclass(frozen=True)
-class GroupRange:
-    """Where one scan group of one image lives."""
-    group: int     # 1-based scan group number
-    record: int
-    offset: int    # absolute offset in the record file
-    length: int
-    crc32: int
-
-
-DEFAULT_READAHEAD = 16 << 20  # bytes per readahead window (remote stores)
 # A group larger than this (or than an eighth of the group cache, if that is more) that a
 # read cuts is not read whole for every read: its CRC is checked once, streaming it in
 # GROUP_PIECE pieces, and later reads take just their range (records are immutable while
@@ -72,12 +60,12 @@ class ReadOptions:
     bwlimit: int | None = None            # bytes per second taken from the store, all requests together
     disk_cache: str | None = None         # directory for a size-capped on-disk group cache
     disk_cache_bytes: int = 10 << 30
-    readahead_bytes: int | None = None    # window budget; None: on for remote stores, off for local; 0: off
-    record_prefix: bool | None = None     # whole-record prefixes (pcrfs.store.prefix); None: on for remote stores
+    readahead_bytes: int | None = None    # window budget; None: the location's default; 0: off
+    record_prefix: bool | None = None     # whole-record prefixes (pcrfs.store.prefix); None: the location's default
 
-    def readahead_for(self, remote: bool) -> int:
+    def readahead_for(self, location: StoreLocation) -> int:
         if self.readahead_bytes is None:
-            return DEFAULT_READAHEAD if remote else 0
+            return location.read_defaults.readahead_bytes
         return max(0, int(self.readahead_bytes))
 
 
@@ -90,41 +78,40 @@ class Store:
         self.cache = cache  # verified groups, keyed (image, group)
         self.manifest = manifest
         self.index = index
+        self.groups = GroupTable(index)
         self.options = options
-        remote = isinstance(location, RemoteLocation)
+        defaults = location.read_defaults
         bwlimit = TokenBucket(options.bwlimit) if options.bwlimit else None
         self.records: RecordSource = location.records(np.asarray(index.records["size"]), bwlimit)
-        readahead_bytes = options.readahead_for(remote)
-        self.fetcher = GroupFetcher(self, self.records, cache, disk,
+        self.range_group_bytes = max(RANGE_GROUP_BYTES, cache.capacity // 8 if cache is not None else 0)
+        readahead_bytes = options.readahead_for(location)
+        self.fetcher = GroupFetcher(self.groups, self.records, cache, disk,
                                     Readahead() if readahead_bytes else None, readahead_bytes,
-                                    whole_image=remote, prefixes=self._prefix_fetcher(remote, cache, disk))
+                                    whole_image=defaults.whole_image, prefixes=self._prefix_fetcher(cache, disk),
+                                    large_group_bytes=self.range_group_bytes)
         # Local files without readahead, disk cache or rate limit need none of the
         # fetcher's machinery (futures, in-flight sharing, span merging): a pread and a
         # CRC per group. Measured: the fetcher path cost ~7x this floor per file.
-        self._direct = not remote and not readahead_bytes and disk is None and bwlimit is None
+        self._direct = defaults.direct and not readahead_bytes and disk is None and bwlimit is None
         self.classes: list[str] = list(manifest.get("classes", []))
         depth1 = [d for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
         self._class_first = np.array([int(index.dir_ranges[d][0]) for d in depth1], dtype=np.int64)
         self._class_end = np.array([int(index.dir_ranges[d][1]) for d in depth1], dtype=np.int64)
-        self._record_offsets = lru_cache(maxsize=256)(index.record_offsets)
-        # plain columns: indexing one is ~10x cheaper than a field of a structured row
-        self._n_groups_col = index.images["n_groups"]
-        self._mtime_col = index.images["src_mtime_ns"]
-        self.range_group_bytes = max(RANGE_GROUP_BYTES, cache.capacity // 8 if cache is not None else 0)
+        self._mtime_col = index.images["src_mtime_ns"]  # a plain column: cheaper to index than a row's field
         self._verified: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._verified_lock = threading.Lock()
         self._verifying: dict[tuple[int, int], threading.Lock] = {}
 
-    def _prefix_fetcher(self, remote: bool, cache: ByteLRU | None, disk: DiskCache | None) -> PrefixFetcher | None:
-        """Record-prefix fetching: on by default for remote stores (the policy falls back to
+    def _prefix_fetcher(self, cache: ByteLRU | None, disk: DiskCache | None) -> PrefixFetcher | None:
+        """Record-prefix fetching, by default where the location says (the policy falls back to
         per-image reads when the caches are too small)."""
         on = self.options.record_prefix
-        if not (remote if on is None else on):
+        if not (self.location.read_defaults.record_prefix if on is None else on):
             return None
         bounds = group_bounds(self.index.record_group_offsets, self.index.records["size"])
         policy = RecordPrefixPolicy(bounds, cache.capacity if cache is not None else 0,
                                     disk.capacity if disk is not None else 0)
-        return PrefixFetcher(self, self.records, policy, cache, disk)
+        return PrefixFetcher(self.groups, self.records, policy, cache, disk)
 
     @property
     def reads_direct(self) -> bool:
@@ -198,45 +185,86 @@ class Store:
     def source_mtime_ns(self, image: ImageRef) -> int:
         return int(self._mtime_col[self._ref(image)])
 
-    def _groups_for(self, i: int, k: int) -> int:
-        if not 1 <= k <= max(self.num_groups, 1):
-            raise ValueError(f"fidelity k must be in 1..{self.num_groups}, got {k}")
-        return min(k, int(self._n_groups_col[i]))
-
     # ---- sizes and ranges --------------------------------------------------------
 
     def size(self, image: ImageRef, k: int) -> int:
         """Bytes of the image at fidelity k: groups 1..k plus the 2-byte EOI."""
         i = self._ref(image)
-        kk = self._groups_for(i, k)
+        kk = self.groups.groups_for(i, k)
         # a row of at most a few dozen lengths: summed in Python, cheaper than a numpy reduction
         return sum(self.index.group_lengths[i].tolist()[:kk]) + len(EOI_BYTES)
 
     def ranges(self, image: ImageRef, k: int) -> list[GroupRange]:
         """The stored byte ranges behind the image at fidelity k."""
-        i = self._ref(image)
-        kk = self._groups_for(i, k)
-        r = self.index.record_of(i)
-        row = self._record_offsets(r)[i - int(self.index.records[r]["first_image"])]
-        lengths = self.index.group_lengths[i]
-        crcs = self.index.group_crc32[i]
-        return [GroupRange(g + 1, r, int(row[g]), int(lengths[g]), int(crcs[g])) for g in range(kk)]
+        return self.groups.ranges(self._ref(image), k)
 
     # ---- reading -------------------------------------------------------------
 
-    def _group_table(self, i: int, k: int) -> tuple[int, list[int], list[int], list[int]]:
-        """(record, offsets, lengths, crcs) of groups 1..min(k, n) of image i, as plain lists."""
-        kk = self._groups_for(i, k)
-        index = self.index
-        r = index.record_of(i)
-        row = self._record_offsets(r)[i - int(index.records[r]["first_image"])]
-        return (r, row[:kk].tolist(), index.group_lengths[i, :kk].tolist(),
-                index.group_crc32[i, :kk].tolist())
+    def read(self, image: ImageRef, k: int) -> bytes:
+        """The image at fidelity k as a complete JPEG (whole image if it has < k groups)."""
+        i = self._ref(image)
+        r, offsets, lengths, crcs = self.groups.table(i, k)
+        if self._direct:  # every group kept in the memory cache (no page cache holds this file)
+            parts = [self._read_direct(i, r, g, offsets[g], lengths[g], crcs[g], True) for g in range(len(lengths))]
+        else:
+            parts = self.fetcher.read_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
+                                                    for g in range(len(lengths))])
+        parts.append(EOI_BYTES)
+        return b"".join(parts)
 
-    def _check_group(self, i: int, r: int, g: int, offset: int, data: bytes, crc: int) -> None:
-        if zlib.crc32(data) != crc:
-            raise CorruptData(f"{self.path(i)}: scan group {g + 1} fails its CRC-32 check "
-                              f"(record {r}, offset {offset})")
+    def read_at(self, image: ImageRef, k: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of the fidelity-k file, reading only the
+        groups that overlap the request (each whole, to check its CRC, except a large
+        group the request cuts: see :meth:`_group_range`)."""
+        i = self._ref(image)
+        table = self.groups.table(i, k)  # (record, offsets, lengths, crcs)
+        lengths = table[2]
+        end = offset + size
+        if self._direct and offset == 0 and end >= sum(lengths) + len(EOI_BYTES):
+            return self._read_whole_direct(i, table)  # the whole file: the mount's common case
+        cuts, pos = _overlaps(lengths, offset, end)
+        if self._direct:
+            out = [self._direct_piece(i, table, g, lo, hi) for g, lo, hi in cuts]
+        else:
+            out = self._fetched_pieces(i, k, table, cuts)
+        if end > pos:  # the request reaches into the EOI marker
+            out.append(EOI_BYTES[max(offset - pos, 0):min(end - pos, len(EOI_BYTES))])
+        return b"".join(out)
+
+    def _direct_piece(self, i: int, table: tuple[int, list[int], list[int], list[int]], g: int,
+                      lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of group g (0-based) of image i, read directly. A group the request
+        covers whole goes to the kernel's page cache with the file; only one it cuts is kept
+        here for the next read of the rest, and a large one it cuts is read by range."""
+        r, offsets, lengths, crcs = table
+        length = lengths[g]
+        if hi - lo == length:
+            return self._read_direct(i, r, g, offsets[g], length, crcs[g], False)
+        if length > self.range_group_bytes:
+            return self._group_range(i, r, g, offsets[g], length, crcs[g], lo, hi)
+        return self._read_direct(i, r, g, offsets[g], length, crcs[g], True)[lo:hi]
+
+    def _fetched_pieces(self, i: int, k: int, table: tuple[int, list[int], list[int], list[int]],
+                        cuts: list[tuple[int, int, int]]) -> list[bytes]:
+        """The pieces ``cuts`` of image i's groups through the fetcher: the groups they need
+        in one request to it, except a large group a piece cuts, which is read by range."""
+        r, offsets, lengths, crcs = table
+        big = self.range_group_bytes
+        ranged = {g for g, lo, hi in cuts if lengths[g] > big and hi - lo < lengths[g]}
+        fetched = iter(self.fetcher.read_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
+                                                       for g, _, _ in cuts if g not in ranged]))
+        return [self._group_range(i, r, g, offsets[g], lengths[g], crcs[g], lo, hi) if g in ranged
+                else next(fetched)[lo:hi] for g, lo, hi in cuts]
+
+    def _read_whole_direct(self, i: int, table: tuple[int, list[int], list[int], list[int]]) -> bytes:
+        """The whole file of a local store: its groups in one call to the source, each checked."""
+        r, offsets, lengths, crcs = table
+        parts = self.records.read_in_record(r, offsets, lengths)
+        for g, data in enumerate(parts):
+            if zlib.crc32(data) != crcs[g]:
+                raise self.groups.corrupt(i, g + 1, r, offsets[g])
+        parts.append(EOI_BYTES)
+        return b"".join(parts)
 
     def _read_direct(self, i: int, r: int, g: int, offset: int, length: int, crc: int, keep: bool) -> bytes:
         """One verified group straight from a local record; ``keep`` caches it (partial reads)."""
@@ -246,83 +274,11 @@ class Store:
             if data is not None:
                 return data
         data = self.records.read(r, offset, length)
-        self._check_group(i, r, g, offset, data, crc)
+        if zlib.crc32(data) != crc:
+            raise self.groups.corrupt(i, g + 1, r, offset)
         if keep and cache is not None:
             cache.put((i, g + 1), data)
         return data
-
-    def read(self, image: ImageRef, k: int) -> bytes:
-        """The image at fidelity k as a complete JPEG (whole image if it has < k groups)."""
-        i = self._ref(image)
-        if self._direct:
-            r, offsets, lengths, crcs = self._group_table(i, k)
-            parts = [self._read_direct(i, r, g, offsets[g], lengths[g], crcs[g], True)
-                     for g in range(len(lengths))]
-        else:
-            parts = self.fetcher.read_groups(i, k, self.ranges(i, k))
-        parts.append(EOI_BYTES)
-        return b"".join(parts)
-
-    def read_at(self, image: ImageRef, k: int, offset: int, size: int) -> bytes:
-        """``size`` bytes at ``offset`` of the fidelity-k file, reading only the
-        groups that overlap the request (each whole, to check its CRC)."""
-        i = self._ref(image)
-        if self._direct:
-            return self._read_at_direct(i, k, offset, size)
-        end = offset + size
-        overlapping, starts = [], []
-        pos = 0
-        for rng in self.ranges(i, k):
-            g_end = pos + rng.length
-            if g_end > offset and pos < end:
-                overlapping.append(rng)
-                starts.append(pos)
-            pos = g_end
-            if pos >= end:
-                break
-        ranged = {rng.group for rng, start in zip(overlapping, starts)
-                  if rng.length > self.range_group_bytes and (start < offset or start + rng.length > end)}
-        fetched = iter(self.fetcher.read_groups(i, k, [rng for rng in overlapping if rng.group not in ranged]))
-        out = []
-        for rng, start in zip(overlapping, starts):
-            lo, hi = max(offset - start, 0), min(end - start, rng.length)
-            if rng.group in ranged:
-                out.append(self._group_range(i, rng.record, rng.group - 1, rng.offset, rng.length, rng.crc32, lo, hi))
-            else:
-                out.append(next(fetched)[lo:hi])
-        if end > pos:  # the request reaches into the EOI marker
-            out.append(EOI_BYTES[max(offset - pos, 0):min(end - pos, len(EOI_BYTES))])
-        return b"".join(out)
-
-    def _read_at_direct(self, i: int, k: int, offset: int, size: int) -> bytes:
-        r, offsets, lengths, crcs = self._group_table(i, k)
-        end = offset + size
-        if offset == 0 and end >= sum(lengths) + len(EOI_BYTES):  # the whole file: the common case
-            parts = self.records.read_in_record(r, offsets, lengths)
-            for g, data in enumerate(parts):
-                self._check_group(i, r, g, offsets[g], data, crcs[g])
-            parts.append(EOI_BYTES)
-            return b"".join(parts)
-        out = []
-        pos = 0
-        for g, length in enumerate(lengths):
-            g_end = pos + length
-            if g_end > offset and pos < end:
-                # A group the request covers whole goes to the kernel's page cache with
-                # the file; only one it cuts is kept here for the next read of the rest.
-                partial = pos < offset or g_end > end
-                lo, hi = max(offset - pos, 0), min(end - pos, length)
-                if partial and length > self.range_group_bytes:
-                    out.append(self._group_range(i, r, g, offsets[g], length, crcs[g], lo, hi))
-                else:
-                    data = self._read_direct(i, r, g, offsets[g], length, crcs[g], partial)
-                    out.append(data if not partial else data[lo:hi])
-            pos = g_end
-            if pos >= end:
-                break
-        if end > pos:  # the request reaches into the EOI marker
-            out.append(EOI_BYTES[max(offset - pos, 0):min(end - pos, len(EOI_BYTES))])
-        return b"".join(out)
 
     def _group_range(self, i: int, r: int, g: int, offset: int, length: int, crc: int, lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of a large group (0-based ``g`` of image ``i``), its CRC checked first.
@@ -361,8 +317,7 @@ class Store:
             for piece in self.records.read_spans(spans[b:b + GROUP_PIECES_AT_ONCE]):
                 c = zlib.crc32(piece, c)
         if c != crc:
-            raise CorruptData(f"{self.path(i)}: scan group {g + 1} fails its CRC-32 check "
-                              f"(record {r}, offset {offset})")
+            raise self.groups.corrupt(i, g + 1, r, offset)
 
     def verify_image(self, i: int) -> list[str]:
         """Problems with image i's stored groups (empty if it is intact)."""
@@ -375,7 +330,7 @@ class Store:
                 problems.append(str(e))
         return problems
 
-    def record_bytes(self, r: int) -> bytes:
+    def read_record(self, r: int) -> bytes:
         """The whole record file ``r`` (for verification)."""
         return self.records.read_record(r)
 
@@ -395,6 +350,21 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _overlaps(lengths: list[int], offset: int, end: int) -> tuple[list[tuple[int, int, int]], int]:
+    """The groups (0-based) a read of [offset, end) of the file overlaps, each with the
+    range [lo, hi) of its own bytes the read takes; and where the last of them ends."""
+    cuts = []
+    pos = 0
+    for g, length in enumerate(lengths):
+        g_end = pos + length
+        if g_end > offset and pos < end:
+            cuts.append((g, max(offset - pos, 0), min(end - pos, length)))
+        pos = g_end
+        if pos >= end:
+            break
+    return cuts, pos
 
 
 class _ManifestLoader(yaml.SafeLoader):
@@ -481,20 +451,18 @@ def open_store(location: str | os.PathLike, verify_index: bool = True, cache_byt
     cache_dir = Path(options.disk_cache) if options.disk_cache else None
     loc = open_location(location, options.remote, cache_dir)
     raw = loc.manifest_bytes()
-    manifest = parse_manifest(raw, f"{loc.url}/{fmt.MANIFEST}" if isinstance(loc, RemoteLocation)
-                              else str(Path(loc.root) / fmt.MANIFEST))
+    manifest = parse_manifest(raw, loc.describe(fmt.MANIFEST))
     index_dir, checked = loc.index_dir(manifest, raw)
     try:
         index = Index.load(index_dir, manifest["index_files"] if verify_index and not checked else None,
                            (manifest["num_images"], manifest["num_groups"], manifest["num_records"]))
-    except IndexError_ as e:
+    except IndexFileError as e:
         raise StoreError(str(e)) from e
     if index.num_images != manifest["num_images"] or len(index.records) != manifest["num_records"] \
             or index.num_groups != manifest["num_groups"]:
         raise StoreError(f"{loc.url}: index and manifest disagree on the image, scan group or record count")
-    remote = isinstance(loc, RemoteLocation)
     cache_bytes = max(cache_bytes, options.cache_bytes)
-    readahead = options.readahead_for(remote)
+    readahead = options.readahead_for(loc)
     if readahead:  # prefetched groups wait in the memory cache until they are read
         cache_bytes = max(cache_bytes, 4 * readahead)
     disk = None
