@@ -261,7 +261,8 @@ def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
 
 def _adaptive_views(s) -> dict:
     """`info`'s adaptive views (pcrfs quality --write-index): bytes and fraction of the full view each."""
-    from ..quality import adaptive
+    from ..quality.adaptive import summarize
+    from ..store import adaptive
 
     try:
         index = adaptive.load(s)
@@ -269,7 +270,7 @@ def _adaptive_views(s) -> dict:
         return {"adaptive_views": [], "adaptive_index_error": str(e)}
     if index is None:
         return {"adaptive_views": []}
-    views = adaptive.summarize(s, index.ks, index.thresholds)
+    views = summarize(s, index.ks, index.thresholds)
     return {"adaptive_views": [{k: v[k] for k in ("view", "threshold", "bytes", "fraction", "mean_k")}
                                for v in views]}
 
