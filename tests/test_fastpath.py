@@ -126,10 +126,18 @@ def test_requests_per_file_first_and_second_pass(debug_mount, reader):
     doc = json.loads(os.getxattr(mnt, "user.pcrfs.stats"))
     assert doc["views"]["full"]["first_reads"] == n
     assert doc["errors"]["eio"] == 0
-    assert ("fastpath" in doc) == (path_kind == "compiled")
+    if path_kind == "compiled":  # the compiled path answers (and counts) the ioctls
+        assert doc["fastpath"]["ioctls"] == 2 * n
+    else:
+        assert "fastpath" not in doc
 
 
-def test_isatty_is_answered_not_a_tty(demo_store, mounts):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_isatty_is_answered_not_a_tty(demo_store, mounts, monkeypatch, compiled):
+    if compiled:
+        monkeypatch.delenv(fastpath.DISABLE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(fastpath.DISABLE_ENV, "1")
     mnt = Path(mounts.mount(demo_store, "tty").mountpoint)
     path = files_of(mnt / "full")[0]
     fd = os.open(path, os.O_RDONLY)

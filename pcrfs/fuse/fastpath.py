@@ -99,12 +99,14 @@ class FastPath:
 
     def install(self, ops_struct: Any) -> None:
         """Put the compiled callbacks into mfusepy's ``fuse_operations`` struct; the
-        Python ones it replaces become their fallbacks."""
+        Python ones it replaces become their fallbacks. ``ioctl`` had no Python
+        callback (libfuse answered ENOSYS): the compiled one answers ENOTTY and counts."""
         py = (ops_struct.read, ops_struct.getattr, ops_struct.getxattr)
-        fast = self.module.install(*(_address(f) for f in py), self.reads)
+        *fast, ioctl = self.module.install(*(_address(f) for f in py), self.reads)
         self._trampolines = py  # the struct no longer references them: keep them alive
         for name, prototype_of, address in zip(("read", "getattr", "getxattr"), py, fast):
             setattr(ops_struct, name, type(prototype_of)(address))
+        ops_struct.ioctl = type(ops_struct.ioctl)(ioctl)
         self.installed = True
 
     def offer_record(self, image: int) -> None:
