@@ -2,8 +2,9 @@
  *
  * pcrfs.fuse.fastpath hands this module the store's memory-mapped index arrays
  * and puts read/getattr/getxattr/ioctl from here into the fuse_operations struct
- * in place of mfusepy's ctypes trampolines (ioctl had none: it only counts). libfuse's worker threads then serve a
- * file's lookup and read without the interpreter (no GIL): path -> (view, image)
+ * in place of mfusepy's ctypes trampolines (ioctl had none: see fast_ioctl).
+ * libfuse's worker threads then serve a file's lookup and read without the
+ * interpreter (no GIL): path -> (view, image)
  * through a hash table of the index's paths, the image's scan groups located
  * through the index arrays, pread from record descriptors that LocalRecords opened
  * and checked (this module receives duplicates and never opens a file itself),
@@ -36,7 +37,6 @@
 typedef int (*read_cb)(const char *, char *, size_t, off_t, void *);
 typedef int (*getattr_cb)(const char *, struct stat *, void *);
 typedef int (*getxattr_cb)(const char *, const char *, char *, size_t);
-typedef int (*ioctl_cb)(const char *, unsigned int, void *, void *, unsigned int, void *);
 typedef unsigned long (*crc32_fn)(unsigned long, const unsigned char *, unsigned int);
 
 #define MAX_VIEWS 64

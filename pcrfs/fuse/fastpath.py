@@ -1,7 +1,7 @@
 """The mount's compiled hot path (``pcrfs/fuse/_fastpath.c``), when it was built.
 
 With it, libfuse's worker threads answer an image file's ``getattr`` and ``read``
-in C, without the interpreter: the kernel's lookup and read of a file cost the
+(and every ``ioctl``: ENOTTY, counted) in C, without the interpreter: the kernel's lookup and read of a file cost the
 daemon no Python at all, and several readers are served on several cores at once
 (see the C file for what it does and what it leaves to Python). Reads are served
 there for a local store read without readahead, disk cache or bandwidth limit
