@@ -1,9 +1,10 @@
 /* The mount's compiled hot path: libfuse 3 high-level callbacks for image files.
  *
  * pcrfs.fuse.fastpath hands this module the store's memory-mapped index arrays
- * and puts read/getattr/getxattr from here into the fuse_operations struct in
- * place of mfusepy's ctypes trampolines. libfuse's worker threads then serve a
- * file's lookup and read without the interpreter (no GIL): path -> (view, image)
+ * and puts read/getattr/getxattr/ioctl from here into the fuse_operations struct
+ * in place of mfusepy's ctypes trampolines (ioctl had none: see fast_ioctl).
+ * libfuse's worker threads then serve a file's lookup and read without the
+ * interpreter (no GIL): path -> (view, image)
  * through a hash table of the index's paths, the image's scan groups located
  * through the index arrays, pread from record descriptors that LocalRecords opened
  * and checked (this module receives duplicates and never opens a file itself),
@@ -84,7 +85,7 @@ static struct {
     getattr_cb py_getattr;
     getxattr_cb py_getxattr;
     /* counters (atomic) */
-    uint64_t store_requests, store_bytes, fast_reads, fallback_reads, file_lookups, lookups;
+    uint64_t store_requests, store_bytes, fast_reads, fallback_reads, file_lookups, lookups, ioctls;
 } S;
 
 #define ADD(x, v) __atomic_fetch_add(&(x), (v), __ATOMIC_RELAXED)
@@ -377,6 +378,19 @@ static int fast_getxattr(const char *path, const char *name, char *value, size_t
     return -ENODATA;
 }
 
+/* Every ioctl on the mount. Python's open() (before 3.14) asks isatty (TCGETS) of each
+ * file it opens, and the kernel forwards every ioctl to the filesystem, whatever it
+ * answered before (fs/fuse/ioctl.c remembers no ENOSYS): on a re-read of a file the
+ * kernel holds, this is the one request the daemon still gets. libfuse resolves the
+ * path before calling here exactly as it does before answering ENOSYS without a
+ * callback, so answering here costs nothing more, and the count shows in the stats
+ * what a loader's opens cost (a reader that opens with buffering=0 or os.open sends
+ * none). ENOTTY is what the kernel would have made of ENOSYS. */
+static int fast_ioctl(const char *path, unsigned int cmd, void *arg, void *fi, unsigned int flags, void *data) {
+    ADD(S.ioctls, 1);
+    return -ENOTTY;
+}
+
 /* One verified group into dst: pread, then CRC-32; nonzero on any failure. */
 static int read_group(int fd, uint64_t offset, uint32_t length, uint32_t crc, unsigned char *dst) {
     size_t got = 0;
@@ -538,8 +552,9 @@ static PyObject *install(PyObject *self, PyObject *args) {
     }
     S.py_read = (read_cb)PTR(py_read), S.py_getattr = (getattr_cb)PTR(py_getattr);
     S.py_getxattr = (getxattr_cb)PTR(py_getxattr), S.reads_on = reads_on;
-    return Py_BuildValue("KKK", (unsigned long long)(uintptr_t)fast_read,
-                         (unsigned long long)(uintptr_t)fast_getattr, (unsigned long long)(uintptr_t)fast_getxattr);
+    return Py_BuildValue("KKKK", (unsigned long long)(uintptr_t)fast_read,
+                         (unsigned long long)(uintptr_t)fast_getattr, (unsigned long long)(uintptr_t)fast_getxattr,
+                         (unsigned long long)(uintptr_t)fast_ioctl);
 }
 
 static PyObject *adopt(PyObject *self, PyObject *args) {
@@ -572,12 +587,13 @@ static PyObject *counters(PyObject *self, PyObject *unused) {
         }
         Py_DECREF(row), Py_DECREF(key);
     }
-    return Py_BuildValue("{s:N,s:s,s:K,s:K,s:K,s:K,s:K,s:K}", "views", views, "crc32",
+    return Py_BuildValue("{s:N,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "views", views, "crc32",
                          use_clmul ? "pclmul" : "zlib", "store_requests",
                          (unsigned long long)LOAD(S.store_requests), "store_bytes",
                          (unsigned long long)LOAD(S.store_bytes), "fast_reads", (unsigned long long)LOAD(S.fast_reads),
                          "fallback_reads", (unsigned long long)LOAD(S.fallback_reads), "lookups",
-                         (unsigned long long)LOAD(S.lookups), "file_lookups", (unsigned long long)LOAD(S.file_lookups));
+                         (unsigned long long)LOAD(S.lookups), "file_lookups", (unsigned long long)LOAD(S.file_lookups),
+                         "ioctls", (unsigned long long)LOAD(S.ioctls));
 }
 
 static PyObject *release(PyObject *self, PyObject *unused) {
@@ -589,7 +605,7 @@ static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "Point the compiled path at a store's index arrays and views."},
     {"install", install, METH_VARARGS,
      "Given the Python read/getattr/getxattr callbacks' addresses and whether to serve reads, "
-     "return the compiled callbacks' addresses."},
+     "return the compiled read/getattr/getxattr/ioctl callbacks' addresses."},
     {"adopt", adopt, METH_VARARGS, "Take a record descriptor (a dup; True: it is ours to close)."},
     {"has_fd", has_fd, METH_VARARGS, "Whether record r has a descriptor here."},
     {"counters", counters, METH_NOARGS, "What the compiled path served and read."},

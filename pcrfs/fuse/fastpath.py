@@ -1,7 +1,7 @@
 """The mount's compiled hot path (``pcrfs/fuse/_fastpath.c``), when it was built.
 
 With it, libfuse's worker threads answer an image file's ``getattr`` and ``read``
-in C, without the interpreter: the kernel's lookup and read of a file cost the
+(and every ``ioctl``: ENOTTY, counted) in C, without the interpreter: the kernel's lookup and read of a file cost the
 daemon no Python at all, and several readers are served on several cores at once
 (see the C file for what it does and what it leaves to Python). Reads are served
 there for a local store read without readahead, disk cache or bandwidth limit
@@ -99,12 +99,14 @@ class FastPath:
 
     def install(self, ops_struct: Any) -> None:
         """Put the compiled callbacks into mfusepy's ``fuse_operations`` struct; the
-        Python ones it replaces become their fallbacks."""
+        Python ones it replaces become their fallbacks. ``ioctl`` had no Python
+        callback (libfuse answered ENOSYS): the compiled one answers ENOTTY and counts."""
         py = (ops_struct.read, ops_struct.getattr, ops_struct.getxattr)
-        fast = self.module.install(*(_address(f) for f in py), self.reads)
+        *fast, ioctl = self.module.install(*(_address(f) for f in py), self.reads)
         self._trampolines = py  # the struct no longer references them: keep them alive
         for name, prototype_of, address in zip(("read", "getattr", "getxattr"), py, fast):
             setattr(ops_struct, name, type(prototype_of)(address))
+        ops_struct.ioctl = type(ops_struct.ioctl)(ioctl)
         self.installed = True
 
     def offer_record(self, image: int) -> None:
