@@ -179,7 +179,8 @@ def dask_scaling(store_path: Path, worker_counts: list[int], reference: bytes, r
                     images = store.num_images
     for n in worker_counts:
         med = float(np.median(times[n]))
-        out[f"dask{n}"] = {"seconds": round(med, 3), "rounds": rounds, "seconds_each_round": [round(t, 3) for t in times[n]],
+        out[f"dask{n}"] = {"seconds": round(med, 3), "rounds": rounds,
+                           "seconds_each_round": [round(t, 3) for t in times[n]],
                            "images_per_s": round(images / med, 1),
                            "cpu_ms_per_image": round(1000 * float(np.median(cpus[n])) / images, 2),
                            "identical_to_local": same[n]}

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ..remote.fs import RemoteOptions
     from ..store.reader import Store
 
-PART_IMAGES = 16   # ~0.25 s of scoring: a 400-image record is 25 tasks, so 2 workers idle at most 1/25 at the end (32: 1/13)
+PART_IMAGES = 16   # ~0.25 s of scoring; a 400-image record is 25 tasks: 2 workers idle 1/25 at the end (32: 1/13)
 RESUME_DIR = ".adaptive-partial"   # inside a local store; URL stores: $XDG_CACHE_HOME/pcrfs/adaptive/
 STATE_VERSION = 1
 TASK_RETRIES = 2
