@@ -120,7 +120,7 @@ def test_interrupted_convert_resumes_without_rescoring(demo_src, reference, tmp_
     assert kept  # finished records' ks survive the interruption
     scored = []
     real = build.score_entry
-    monkeypatch.setattr(build, "score_entry", lambda groups, t: scored.append(1) or real(groups, t))
+    monkeypatch.setattr(build, "score_entry", lambda groups, t, *rest: scored.append(1) or real(groups, t, *rest))
     res = convert(demo_src, store, record_bytes=RECORD, workers=1, quality_index=True)
     assert 0 < len(scored) < res.images  # only the records not finished before
     assert index_bytes(store) == index_bytes(reference)

@@ -27,13 +27,19 @@ def fast_ks(store, i: int, thresholds=T, stats=None) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def edge_store(tmp_path_factory):
+def edge_root(tmp_path_factory):
     """Every edge case of tests/corpus.py that converts: grey, 4:4:4/4:2:2/4:2:0, CMYK,
-    restart markers, arithmetic coding, progressive input, 1x1 and odd sizes, non-JPEGs."""
+    restart markers, arithmetic coding, progressive input, 1x1 and odd sizes, non-JPEGs
+    (sources in src/, the store in s.pcr)."""
     root = tmp_path_factory.mktemp("edge")
     make_edge_cases(root / "src")
     convert(root / "src", root / "s.pcr", workers=2)
-    s = pcrfs.open_store(root / "s.pcr")
+    return root
+
+
+@pytest.fixture(scope="module")
+def edge_store(edge_root):
+    s = pcrfs.open_store(edge_root / "s.pcr")
     yield s
     s.close()
 
@@ -62,6 +68,35 @@ def test_same_ks_on_every_edge_case(edge_store):
         assert fast_ks(edge_store, i).tolist() == oracle_ks(edge_store, i).tolist(), edge_store.path(i)
         names.add(edge_store.path(i).rsplit("/", 1)[-1])
     assert {"grey.jpg", "cmyk.jpg", "tiny_1x1.jpg", "odd_17x9.jpg"} <= names
+
+
+def test_same_ks_with_the_source_as_reference(reader, oracle, demo_src):
+    """During convert the baseline source's decode stands in for the full decode: same ks."""
+    stats = search.SearchStats()
+    for i in range(reader.num_images):
+        source = (demo_src / reader.path(i)).read_bytes()
+        got = search.search_ks(search.file_reader(reader, i), reader.n_groups(i), T, stats, source=source)
+        assert got.tolist() == oracle[i].tolist(), reader.path(i)
+    assert stats.source_references == reader.num_images  # every demo photo is a baseline YCbCr/grey JPEG
+
+
+def test_same_ks_with_the_source_on_every_edge_case(edge_root, edge_store):
+    stats = search.SearchStats()
+    for i in range(edge_store.num_images):
+        source = (edge_root / "src" / edge_store.path(i)).read_bytes()
+        got = search.search_ks(search.file_reader(edge_store, i), edge_store.n_groups(i), T, stats, source=source)
+        assert got.tolist() == oracle_ks(edge_store, i).tolist(), edge_store.path(i)
+    assert 0 < stats.source_references < edge_store.num_images  # CMYK, PNG, ... fall back to the full decode
+
+
+def test_a_source_that_is_not_the_pair_is_not_used(reader):
+    i, j = 0, next(j for j in range(1, reader.num_images)
+                   if measure.decode_luma(reader.read(j, 1)).shape != measure.decode_luma(reader.read(0, 1)).shape)
+    with Image.open(io.BytesIO(reader.read(i, reader.n_groups(i)))) as im:
+        assert search._source_luma(reader.read(j, reader.n_groups(j)), im) is None   # another size
+        assert search._source_luma(b"not a jpeg", im) is None
+        assert np.array_equal(search._source_luma(reader.read(i, reader.n_groups(i)), im),
+                              measure.decode_luma(reader.read(i, reader.n_groups(i))))
 
 
 @pytest.mark.parametrize("thresholds", [(0.5,), (0.99, 0.7), (0.999, 0.95, 0.9, 0.8)])

@@ -146,38 +146,78 @@ def _worker_cpu(client) -> float:
 
 
 def dask_scaling(store_path: Path, worker_counts: list[int], reference: bytes, rounds: int) -> dict:
-    """`quality --write-index` (pcrfs.quality.build) on LocalClusters of each size; startup not timed."""
+    """`quality --write-index` (pcrfs.quality.build) on LocalClusters of each size, all started
+    first and their rounds interleaved (so the ratio sees the same load); startup not timed."""
+    from contextlib import ExitStack
+
     from distributed import Client, LocalCluster
 
     from pcrfs.quality import build
 
     out = {}
+    with ExitStack() as stack:
+        clients = {}
+        for n in worker_counts:
+            cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                       dashboard_address=":0"))
+            clients[n] = stack.enter_context(Client(cluster))
+            clients[n].run(lambda: None)
+        times = {n: [] for n in worker_counts}
+        cpus = {n: [] for n in worker_counts}
+        same = {n: True for n in worker_counts}
+        images = 0
+        for _ in range(rounds):
+            for n, client in clients.items():
+                with pcrfs.open_store(store_path) as store:
+                    build.Parts(build.resume_dir(str(store_path)), adaptive.THRESHOLDS).remove()
+                    w0, c0, t0 = _worker_cpu(client), _cpu(), time.perf_counter()
+                    built = build.build(store, client=client)
+                    times[n].append(time.perf_counter() - t0)
+                    cpus[n].append(_worker_cpu(client) - w0 + _cpu() - c0)
+                    same[n] &= adaptive._npy_bytes(built.ks) == reference
+                    built.parts.remove()
+                    images = store.num_images
     for n in worker_counts:
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
-        try:
-            with Client(cluster) as client:
-                client.run(lambda: None)
-                times, cpus, same = [], [], True
-                for _ in range(rounds):
-                    with pcrfs.open_store(store_path) as store:
-                        build.Parts(build.resume_dir(str(store_path)), adaptive.THRESHOLDS).remove()
-                        w0, c0, t0 = _worker_cpu(client), _cpu(), time.perf_counter()
-                        built = build.build(store, client=client)
-                        times.append(time.perf_counter() - t0)
-                        cpus.append(_worker_cpu(client) - w0 + _cpu() - c0)
-                        same &= adaptive._npy_bytes(built.ks) == reference
-                        built.parts.remove()
-                        images = store.num_images
-        finally:
-            cluster.close()
-        out[f"dask{n}"] = {"seconds": round(float(np.median(times)), 3), "rounds": rounds,
-                           "images_per_s": round(images / float(np.median(times)), 1),
-                           "cpu_ms_per_image": round(1000 * float(np.median(cpus)) / images, 2),
-                           "identical_to_local": same}
+        med = float(np.median(times[n]))
+        out[f"dask{n}"] = {"seconds": round(med, 3), "rounds": rounds,
+                           "seconds_each_round": [round(t, 3) for t in times[n]],
+                           "images_per_s": round(images / med, 1),
+                           "cpu_ms_per_image": round(1000 * float(np.median(cpus[n])) / images, 2),
+                           "identical_to_local": same[n]}
     if "dask1" in out and "dask2" in out:
         out["speedup_2_over_1"] = round(out["dask1"]["seconds"] / out["dask2"]["seconds"], 2)
+        out["speedup_2_over_1_each_round"] = [round(a / b, 2) for a, b in zip(times[1], times[2])]
+    out["part_images"] = build.PART_IMAGES
     out["loadavg_after"] = os.getloadavg()
     return out
+
+
+def make_imagenet_size(dest: Path, per_class: int, seed: int) -> dict:
+    """ImageNet-size photos: the demo's crops of its source photographs, all 500x375 (a
+    quarter of them 375x500), baseline 4:2:0 at quality 95: ~65 KB each, where ImageNet's
+    500x375 JPEGs are (the demo's own photos vary in size and quality: ~45 KB)."""
+    import io
+
+    from PIL import Image
+
+    from pcrfs import demo
+
+    photos = demo._load_photos()
+    sizes = []
+    for ci, (cls, sources) in enumerate(demo._available_classes().items()):
+        (dest / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rng = np.random.default_rng([seed, ci, i])
+            src = Image.fromarray(photos[sources[int(rng.integers(len(sources)))]])
+            w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
+            im = src.resize((w, h), Image.Resampling.LANCZOS, box=demo._crop_box(rng, src.width, src.height, w / h))
+            buf = io.BytesIO()
+            im.convert("RGB").save(buf, format="JPEG", quality=95, subsampling=2)
+            (dest / cls / f"{cls}_{i:04d}.jpg").write_bytes(buf.getvalue())
+            sizes.append(len(buf.getvalue()))
+    return {"origin": "tools/bench_quality.py make_imagenet_size (500x375 or 375x500, quality 95, 4:2:0)",
+            "images": len(sizes), "classes": ci + 1, "source_bytes": int(sum(sizes)),
+            "mean_kb": round(sum(sizes) / len(sizes) / 1000, 1)}
 
 
 def main() -> None:
@@ -191,11 +231,20 @@ def main() -> None:
     ap.add_argument("--convert-rounds", type=int, default=3, help="0 skips convert vs convert --quality-index")
     ap.add_argument("--dask-workers", default="1,2", help="LocalCluster sizes for --write-index on Dask ('' skips)")
     ap.add_argument("--dask-rounds", type=int, default=2)
+    ap.add_argument("--photos", choices=("demo", "imagenet"), default="demo",
+                    help="demo: pcrfs.demo's photos (~45 KB, sizes and qualities vary); imagenet: "
+                         "the same crops at 500x375, quality 95 (~65 KB, ImageNet's typical photo)")
+    ap.add_argument("--no-table", action="store_true", help="costs only: skip the quality table and plot")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="pcrfs-bench-quality-") as tmp:
         src, store_path = Path(tmp) / "photos", Path(tmp) / "demo.pcr"
-        demo = make_demo(src, per_class=args.per_class, seed=args.seed)
+        if args.photos == "demo":
+            demo = make_demo(src, per_class=args.per_class, seed=args.seed)
+            dataset = {"images": demo.count, "classes": len(demo.classes), "source_bytes": demo.total_bytes,
+                       "mean_kb": round(demo.total_bytes / demo.count / 1000, 1)}
+        else:
+            dataset = make_imagenet_size(src, args.per_class, args.seed)
         conv = convert(src, store_path, workers=args.workers)
         store = pcrfs.open_store(store_path)
 
@@ -221,6 +270,27 @@ def main() -> None:
             dask = dask_scaling(store_path, [int(n) for n in args.dask_workers.split(",")],
                                 adaptive._npy_bytes(ks), args.dask_rounds)
             print("Dask --write-index:", json.dumps(dask))
+        doc = {
+            "benchmark": "choosing the fidelity: quality per scan group and adaptive views",
+            "command": "python tools/bench_quality.py " + " ".join(sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {"nproc": os.cpu_count(), "platform": platform.platform()},
+            "dataset": {**dataset, "photos": args.photos, "stored_bytes": conv.bytes_out,
+                        "per_class": args.per_class, "seed": args.seed},
+            "workers": args.workers,
+            "loadavg_before": load_before,
+            "scoring_cost": cost,
+            "convert_cost": conv_cost,
+            "dask_write_index": dask,
+            "write_index_s": round(index_s, 2),
+            "write_index_ms_per_image": round(1000 * index_s / store.num_images, 1),
+            "not_scored": len(failures),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.no_table:
+            args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+            print(f"wrote {args.out.with_suffix('.json')}", file=sys.stderr)
+            return
         store = pcrfs.open_store(store_path)
         index = adaptive.load(store)
         views = {v: (t, index.column(v, store.num_groups)) for v, t in zip(index.views, index.thresholds)}
@@ -239,28 +309,10 @@ def main() -> None:
                   f"every image >= {c['threshold']:g} needs {c['same_min']['view']} "
                   f"({c['same_min']['saving']:.1%} saved)")
 
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         plot_table(table, args.out.with_suffix(".png"),
                    title=f"demo dataset: {len(table.sample)} photos, quality of every view against its full decode")
-        doc = {
-            "benchmark": "choosing the fidelity: quality per scan group and adaptive views",
-            "command": "python tools/bench_quality.py " + " ".join(sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {"nproc": os.cpu_count(), "platform": platform.platform()},
-            "dataset": {"images": demo.count, "classes": len(demo.classes), "source_bytes": demo.total_bytes,
-                        "stored_bytes": conv.bytes_out, "per_class": args.per_class, "seed": args.seed},
-            "workers": args.workers,
-            "loadavg_before": load_before,
-            "scoring_cost": cost,
-            "convert_cost": conv_cost,
-            "dask_write_index": dask,
-            "write_index_s": round(index_s, 2),
-            "write_index_ms_per_image": round(1000 * index_s / store.num_images, 1),
-            "quality_table_s": round(table.seconds, 2),
-            "not_scored": len(failures),
-            "adaptive_vs_fixed": comparison,
-            "table": table.as_dict(),
-        }
+        doc.update({"quality_table_s": round(table.seconds, 2), "adaptive_vs_fixed": comparison,
+                    "table": table.as_dict()})
         args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}", file=sys.stderr)
 

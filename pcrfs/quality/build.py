@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ..remote.fs import RemoteOptions
     from ..store.reader import Store
 
-PART_IMAGES = 32   # ~0.5 s of scoring: parts enough to keep every worker busy, small to redo
+PART_IMAGES = 16   # ~0.25 s of scoring; a 400-image record is 25 tasks: 2 workers idle 1/25 at the end (32: 1/13)
 RESUME_DIR = ".adaptive-partial"   # inside a local store; URL stores: $XDG_CACHE_HOME/pcrfs/adaptive/
 STATE_VERSION = 1
 TASK_RETRIES = 2
@@ -314,8 +314,10 @@ def build_and_write(store: "Store", thresholds: Sequence[float] = adaptive.THRES
 
 # ---- during `pcrfs convert --quality-index` --------------------------------------------------------
 
-def score_entry(groups: Sequence[bytes | memoryview], thresholds: Sequence[float]) -> tuple[np.ndarray, str | None]:
-    """(u1[T] ks, failure reason or None) of one transcoded image, from its scan groups.
+def score_entry(groups: Sequence[bytes | memoryview], thresholds: Sequence[float],
+                source: bytes | None = None) -> tuple[np.ndarray, str | None]:
+    """(u1[T] ks, failure reason or None) of one transcoded image, from its scan groups
+    (``source``: the JPEG they were losslessly transcoded from, see :func:`.search.search_ks`).
 
     No BLAS thread limit here (convert calls this from several threads at once): the
     conversion runs inside one :func:`.search.single_threaded_blas` instead.
@@ -323,7 +325,7 @@ def score_entry(groups: Sequence[bytes | memoryview], thresholds: Sequence[float
     from .search import search_ks
 
     try:
-        return search_ks(groups_reader(groups), len(groups), thresholds), None
+        return search_ks(groups_reader(groups), len(groups), thresholds, source=source), None
     except SCORE_ERRORS as e:
         return np.zeros(len(thresholds), dtype=adaptive.DTYPE), _failure(e)
 
@@ -336,6 +338,34 @@ def split_record(desc: dict, ks: np.ndarray, failures: list[tuple[int, str]]) ->
         part_failures = [(j - start, reason) for j, reason in failures if start <= j < end]
         crc = content_crc(row[5] for row in rows[start:end])
         yield PartResult(desc["record"], p, ks[start:end], part_failures), crc
+
+
+def _transcoded_source(source_file, entry) -> bytes | None:
+    """The JPEG that ``entry`` (an ImageEntry) was losslessly transcoded from, read again
+    from ``source_file`` (convert's SourceFile: ``abs``, ``ino``), or None.
+
+    Its baseline decode is the full decode's luminance for a third of the time
+    (:func:`.search._source_luma` checks the pair). Only for a lossless transcode, and
+    only if the file is still the one convert read: same inode, size and mtime.
+    """
+    import os
+
+    from ..store.format import FLAG_REENCODED
+
+    path = getattr(source_file, "abs", None)
+    if path is None or getattr(entry, "flags", FLAG_REENCODED) & FLAG_REENCODED:
+        return None
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            ino = getattr(source_file, "ino", 0)
+            if ((ino and (st.st_dev, st.st_ino) != (source_file.dev, ino))
+                    or st.st_size != entry.src_size or st.st_mtime_ns != entry.src_mtime_ns):
+                return None
+            data = f.read()
+    except OSError:
+        return None
+    return data if len(data) == entry.src_size else None
 
 
 class ConvertScoring:
@@ -360,7 +390,8 @@ class ConvertScoring:
         result = process(*args)
         groups = getattr(result, "groups", None)
         if groups is not None:
-            self._pending[result.path] = score_entry(groups, self.thresholds)
+            source = _transcoded_source(args[0] if args else None, result)
+            self._pending[result.path] = score_entry(groups, self.thresholds, source)
         return result
 
     def record_done(self, desc: dict) -> None:

@@ -144,6 +144,27 @@ def _measure_in_worker(job: tuple[int, bool, float | None]) -> ImageScores | Mea
     return _measure_or_fail(_worker_store, i, timing, stop_at)
 
 
+def _in_processes(store: Store, fn: Callable, jobs: list, workers: int, chunksize: int,
+                  on_done: Callable[[int], None] | None, initializer: Callable[[str], None] = _init_worker
+                  ) -> Iterator:
+    """``fn(job)`` for each job in ``workers`` processes, each with its own handle on the store; in order."""
+    # fork: workers start in milliseconds and need no importable __main__ (spawn would
+    # re-run the caller's script); each reopens the store, sharing nothing with the parent.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer,
+                             initargs=(str(store.root),)) as pool:
+        for result in pool.map(fn, jobs, chunksize=chunksize):
+            yield result
+            if on_done:
+                on_done(1)
+
+
+def _in_processes_possible(store: Store, workers: int, jobs: int) -> bool:
+    # workers reopen the store by path; a URL store stays in-process
+    return workers > 1 and jobs > 1 and isinstance(store.root, Path)
+
+
 def measure_many(store: Store, images: Iterable[int], *, timing: bool = False, stop_at: float | None = None,
                  workers: int = 1, on_done: Callable[[int], None] | None = None
                  ) -> Iterator[ImageScores | MeasureFailed]:
@@ -154,23 +175,13 @@ def measure_many(store: Store, images: Iterable[int], *, timing: bool = False, s
     GIL, so threads would not scale), each with its own handle on the store.
     """
     jobs = [(int(i), timing, stop_at) for i in images]
-    local = isinstance(store.root, Path)  # workers reopen the store by path; a URL store stays in-process
-    if workers <= 1 or len(jobs) < 2 or not local:
-        for i, _t, _s in jobs:
-            yield _measure_or_fail(store, i, timing, stop_at)
-            if on_done:
-                on_done(1)
+    if _in_processes_possible(store, workers, len(jobs)):
+        yield from _in_processes(store, _measure_in_worker, jobs, workers, 2, on_done)
         return
-    # fork: workers start in milliseconds and need no importable __main__ (spawn would
-    # re-run the caller's script); each reopens the store, sharing nothing with the parent.
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(str(store.root),)) as pool:
-        for result in pool.map(_measure_in_worker, jobs, chunksize=2):
-            yield result
-            if on_done:
-                on_done(1)
+    for i, _t, _s in jobs:
+        yield _measure_or_fail(store, i, timing, stop_at)
+        if on_done:
+            on_done(1)
 
 
 def _search_or_fail(store: Store, i: int, thresholds: tuple[float, ...]) -> tuple[int, np.ndarray] | MeasureFailed:
@@ -182,11 +193,17 @@ def _search_or_fail(store: Store, i: int, thresholds: tuple[float, ...]) -> tupl
         return MeasureFailed(i, str(e) or type(e).__name__)
 
 
-def _search_in_worker(job: tuple[int, tuple[float, ...]]) -> tuple[int, np.ndarray] | MeasureFailed:
+def _init_search_worker(root: str) -> None:
+    """A scoring worker: the store, and one BLAS thread for the rest of its life (set
+    once: entering the limit costs about a millisecond, too much per image)."""
     from .search import single_threaded_blas
 
-    with single_threaded_blas():
-        return _search_or_fail(_worker_store, *job)
+    _init_worker(root)
+    single_threaded_blas().__enter__()  # the process ends with the pool; nothing to restore
+
+
+def _search_in_worker(job: tuple[int, tuple[float, ...]]) -> tuple[int, np.ndarray] | MeasureFailed:
+    return _search_or_fail(_worker_store, *job)
 
 
 def search_many(store: Store, images: Iterable[int], thresholds: Sequence[float], *, workers: int = 1,
@@ -197,20 +214,13 @@ def search_many(store: Store, images: Iterable[int], thresholds: Sequence[float]
 
     thresholds = tuple(float(t) for t in thresholds)
     images = [int(i) for i in images]
-    local = isinstance(store.root, Path)
-    if workers <= 1 or len(images) < 2 or not local:
-        with single_threaded_blas():
-            for i in images:
-                yield _search_or_fail(store, i, thresholds)
-                if on_done:
-                    on_done(1)
+    if _in_processes_possible(store, workers, len(images)):
+        yield from _in_processes(store, _search_in_worker, [(i, thresholds) for i in images], workers, 4,
+                                 on_done, initializer=_init_search_worker)
         return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(str(store.root),)) as pool:
-        for result in pool.map(_search_in_worker, [(i, thresholds) for i in images], chunksize=4):
-            yield result
+    with single_threaded_blas():
+        for i in images:
+            yield _search_or_fail(store, i, thresholds)
             if on_done:
                 on_done(1)
 

@@ -31,6 +31,7 @@ through rounding.
 from __future__ import annotations
 
 import io
+import math
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class SearchStats:
     rejected_early: int = 0  # decodes rejected on the coarse scales' bound
     bounded: int = 0         # decodes decided on the bounds of the finest scale's term
     oracle: int = 0          # decisions too close to a threshold, left to the oracle
+    source_references: int = 0  # full decodes taken from the convert's source JPEG instead
 
     def add(self, other: "SearchStats") -> None:
         for name in self.__dataclass_fields__:
@@ -77,14 +79,24 @@ class _Scratch(threading.local):
 
     def __init__(self) -> None:
         self.buffers: dict[str, np.ndarray] = {}
+        # (name, shape) -> the shaped view: a decode asks for the same few dozen arrays
+        # again and again, and building a view costs more than many of the small products
+        self.views: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
         self.generation = 0  # FastReferences made in this thread
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        size = int(np.prod(shape))
+        view = self.views.get((name, shape))
+        if view is not None:
+            return view
+        size = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.size < size:
             buf = self.buffers[name] = np.empty(size, dtype=np.float32)
-        return buf[:size].reshape(shape)
+            self.views = {key: v for key, v in self.views.items() if key[0] != name}  # views of the old buffer
+        if len(self.views) > 512:  # images of many shapes: start over rather than grow without bound
+            self.views.clear()
+        view = self.views[(name, shape)] = buf[:size].reshape(shape)
+        return view
 
 
 _scratch = _Scratch()
@@ -111,8 +123,13 @@ def filter_stack(a: np.ndarray, taps: np.ndarray, name: str = "f") -> np.ndarray
     Vertical pass: the c images side by side are one (H, c*W) matrix, so one product per
     row block covers all of them. Horizontal pass: the same memory seen as (m*c, W) rows.
     """
-    n = len(taps)
-    g, gt = _bands(tuple(float(t) for t in taps))
+    return _filter(a, _bands(tuple(float(t) for t in taps)), name)
+
+
+def _filter(a: np.ndarray, bands: tuple[np.ndarray, np.ndarray], name: str = "f") -> np.ndarray:
+    """:func:`filter_stack` with the banded matrices already made."""
+    g, gt = bands
+    n = g.shape[1] - BLOCK + 1
     h, c, w = a.shape
     m, m2 = h - n + 1, w - n + 1
     rows = a.reshape(h, c * w)
@@ -167,6 +184,8 @@ class FastReference:
             raise ValueError(f"MS-SSIM works on 2-D luminance arrays, got shape {ref.shape}")
         self.shape = ref.shape
         self.taps, self.scales, self.weights = msssim.parameters(ref.shape)
+        self._bands = _bands(tuple(float(t) for t in self.taps))
+        self._w = [float(w) for w in self.weights]
         self._y = ref
         self._oracle: msssim.Reference | None = None
         # the statistics live in this thread's scratch arrays: one FastReference at a time
@@ -183,7 +202,7 @@ class FastReference:
             a = _scratch.get("ref", (h, 2, w))
             np.subtract(img, CENTRE, out=a[:, 0])
             np.multiply(a[:, 0], a[:, 0], out=a[:, 1])
-            f = filter_stack(a, self.taps)
+            f = _filter(a, self._bands)
             m = f.shape[0], f.shape[2]
             mu = np.add(f[:, 0], CENTRE, out=_scratch.get(f"mu{j}", m))
             var = _scratch.get("var", m)
@@ -194,14 +213,13 @@ class FastReference:
             self.imgs.append(img)
             self.mu.append(mu)
             self.var2.append(var2)
-            if j == 0 and self.scales > 1:
-                self._weights1 = self._finest_bound_weights(var)
+        self._weights1: np.ndarray | None = None  # made when a decode first needs the finest bound
 
     def _check_current(self) -> None:
         if _scratch.generation != self._generation:
             raise RuntimeError("another FastReference was made in this thread since; it holds the arrays")
 
-    def _finest_bound_weights(self, var: np.ndarray) -> np.ndarray:
+    def _finest_bound_weights(self) -> np.ndarray:
         """h (flat) such that 1 - sum(d*d * h) bounds the finest scale's term from below.
 
         Per window p, cs_p = 1 - var_d / (var_x + var_r + C2) with var_d <= f(d*d)_p (the
@@ -212,7 +230,8 @@ class FastReference:
         without the division by the number of windows, done on the sum.)
         """
         n = len(self.taps)
-        m, m2 = var.shape
+        var2 = self.var2[0]  # 2 var_r + C2 (float32): var_r comes back to far better than 1
+        m, m2 = var2.shape
         pad = n - 1
         inv = _scratch.get("inv", (m + 2 * pad, 1, m2 + 2 * pad))
         if pad:  # the zero border of the full correlation (the inside is written below)
@@ -221,14 +240,18 @@ class FastReference:
             inv[:, :, :pad] = 0
             inv[:, :, -pad:] = 0
         inner = inv[pad:pad + m, 0, pad:pad + m2]
-        # var is float32 here, off by far less than 1: D is taken 1 lower, a safe lower bound
-        np.maximum(var, np.float32(1), out=inner)
+        # var_r is float32 here, off by far less than 1: D is taken 1 lower, a safe lower bound
+        np.subtract(var2, np.float32(msssim.C2), out=inner)
+        inner *= np.float32(0.5)
+        np.maximum(inner, np.float32(1), out=inner)
         inner += np.float32(msssim.C2 - 1)
         np.reciprocal(inner, out=inner)
-        self._windows = var.size  # h is f^T(1/D); the division by the window count is in the bound
-        return filter_stack(inv, self.taps, name="h")[:, 0].ravel()
+        self._windows = var2.size  # h is f^T(1/D); the division by the window count is in the bound
+        return _filter(inv, self._bands, name="h")[:, 0].ravel()
 
     def _finest_lower_bound(self, d: np.ndarray) -> float:
+        if self._weights1 is None:
+            self._weights1 = self._finest_bound_weights()
         d2 = _scratch.get("d2", d.shape)
         np.multiply(d, d, out=d2)
         deficit = float(np.dot(d2.ravel(), self._weights1)) / self._windows
@@ -243,7 +266,7 @@ class FastReference:
         a[:, 0] = d
         np.multiply(d, d, out=a[:, 1])
         np.multiply(d, r, out=a[:, 2])
-        f = filter_stack(a, self.taps)
+        f = _filter(a, self._bands)
         mu_d = f[:, 0]
         cov2 = _scratch.get("t1", mu_d.shape)
         np.multiply(mu_r, mu_d, out=cov2)
@@ -287,27 +310,25 @@ class FastReference:
     def reached(self, y: np.ndarray, thresholds: Sequence[float], stats: SearchStats) -> list[bool]:
         """For each threshold, whether the MS-SSIM of ``y`` reaches it (score >= threshold)."""
         pyramid = self._pyramid(y)
-        terms = np.ones(self.scales)  # unscored scales count as their maximum, 1
+        w = self._w
         lowest = min(thresholds)
-        upper = 1.0
+        coarse = 1.0  # product of the scored coarse terms' powers; unscored ones count as 1, their maximum
         for j in reversed(range(1, self.scales)):
-            terms[j] = self._term(j, pyramid[j])
-            upper = float(np.prod(np.maximum(terms, 0.0) ** self.weights))
-            if upper < lowest - MARGIN:
+            coarse *= max(self._term(j, pyramid[j]), 0.0) ** w[j]
+            if coarse < lowest - MARGIN:
                 stats.rejected_early += 1
                 return [False] * len(thresholds)
+        upper = coarse
         if self.scales > 1:
             # the finest scale costs 3/4 of the work: first try deciding on its bounds
-            terms[0] = self._finest_lower_bound(pyramid[0])
-            lower = float(np.prod(np.maximum(terms, 0.0) ** self.weights))
+            lower = coarse * self._finest_lower_bound(pyramid[0]) ** w[0]
             decided = [True if lower >= t + MARGIN else False if upper < t - MARGIN else None
                        for t in thresholds]
             if None not in decided:
                 stats.bounded += 1
                 return decided
-        terms[0] = self._term(0, pyramid[0])
+        score = coarse * max(self._term(0, pyramid[0]), 0.0) ** w[0]
         stats.scored += 1
-        score = float(np.prod(np.maximum(terms, 0.0) ** self.weights))
         if any(abs(score - t) <= MARGIN for t in thresholds):
             stats.oracle += 1
             score = self.oracle_score(y)
@@ -350,12 +371,39 @@ def _luma_scans_of(im: Image.Image, data: bytes) -> list[bool] | None:
     return [luma in comps for comps in scan_components(data)]
 
 
+def _source_luma(source: bytes, im: Image.Image) -> np.ndarray | None:
+    """The luminance of ``source`` if it surely equals that of ``im`` (the full file), else None.
+
+    ``source`` is the JPEG that ``convert`` transcoded losslessly into ``im``: the same DCT
+    coefficients and quantisation tables, so libjpeg's greyscale output of either is the
+    same Y plane (their first component through the same IDCT; a complete progressive
+    file needs no block smoothing). A baseline file decodes in about a third of the time.
+    Anything that does not look like that very pair (another size, other components or
+    tables, a colour space whose grey output is a conversion) answers None.
+    """
+    from .measure import luma_of
+
+    try:
+        with Image.open(io.BytesIO(source)) as src:
+            if (src.format != "JPEG" or src.size != im.size or src.mode != im.mode
+                    or getattr(src, "layer", None) != getattr(im, "layer", None)
+                    or getattr(src, "quantization", None) != getattr(im, "quantization", None)
+                    or not _luma_is_first_component(src)):
+                return None
+            y = luma_of(src)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return y
+
+
 def search_ks(file_at: Callable[[int], bytes], n_groups: int, thresholds: Sequence[float],
-              stats: SearchStats | None = None) -> np.ndarray:
+              stats: SearchStats | None = None, source: bytes | None = None) -> np.ndarray:
     """u1[T]: per threshold, the smallest k whose MS-SSIM reaches it (``n_groups`` if none below it does).
 
     ``file_at(k)`` is the image's file with its first k scan groups. Equal to
     ``adaptive.smallest_k(measure_image(..., stop_at=max(thresholds)).ms_ssim, n, thresholds)``.
+    ``source``: the JPEG the store's file was losslessly transcoded from, if at hand (during
+    ``convert``); its decode stands in for the full one (:func:`_source_luma`).
     Raises what decoding raises (OSError, ValueError, ...) for a damaged image.
     """
     from .measure import decode_luma, luma_of
@@ -366,7 +414,12 @@ def search_ks(file_at: Callable[[int], bytes], n_groups: int, thresholds: Sequen
         full = file_at(n_groups)
         with Image.open(io.BytesIO(full)) as im:  # one parse for both
             changes = _luma_scans_of(im, full)
-            y_full = luma_of(im)
+            y_full = None
+            if source is not None and changes is not None:
+                y_full = _source_luma(source, im)
+                local.source_references += y_full is not None
+            if y_full is None:
+                y_full = luma_of(im)
         if changes is not None and len(changes) != n_groups:
             changes = None
         ref = FastReference(y_full)
