@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import pcrfs
 from pcrfs.cli import main
-from pcrfs.quality import adaptive as scoring, measure, msssim
+from pcrfs.quality import adaptive as scoring, luma, measure, msssim
 from pcrfs.store import adaptive
 from pcrfs.store import format as fmt
 from pcrfs.views import ViewTree
@@ -49,9 +49,9 @@ def test_measure_image_scores_every_k(reader):
     assert s.ms_ssim[-1] == 1.0 and s.psnr[-1] == msssim.PSNR_CAP
     assert np.all((s.ms_ssim > 0) & (s.ms_ssim <= 1)) and np.all(s.decode_s > 0)
     # the scores are those of the decoded k-group files against the full decode
-    full = measure.decode_luma(reader.read(i, n))
+    full = luma.decode_luma(reader.read(i, n))
     for k in (1, 2, 5):
-        y = measure.decode_luma(reader.read(i, k))
+        y = luma.decode_luma(reader.read(i, k))
         assert s.ms_ssim[k - 1] == pytest.approx(msssim.ms_ssim(full, y), abs=1e-12)
         assert s.psnr[k - 1] == pytest.approx(msssim.psnr(full, y), abs=1e-12)
     # chroma-only scans (3 and 4 of libjpeg's colour script) leave the luminance as it was

@@ -11,9 +11,10 @@ import pcrfs
 from corpus import make_edge_cases
 from pcrfs.convert import convert
 from pcrfs.jpeg.scans import ScanError, scan_components, scan_ends
-from pcrfs.quality import adaptive, measure, msssim, search
+from pcrfs.quality import adaptive, luma, measure, msssim, search
+from pcrfs.store.adaptive import THRESHOLDS
 
-T = adaptive.THRESHOLDS
+T = THRESHOLDS
 
 
 def oracle_ks(store, i: int, thresholds=T) -> np.ndarray:
@@ -91,12 +92,12 @@ def test_same_ks_with_the_source_on_every_edge_case(edge_root, edge_store):
 
 def test_a_source_that_is_not_the_pair_is_not_used(reader):
     i, j = 0, next(j for j in range(1, reader.num_images)
-                   if measure.decode_luma(reader.read(j, 1)).shape != measure.decode_luma(reader.read(0, 1)).shape)
+                   if luma.decode_luma(reader.read(j, 1)).shape != luma.decode_luma(reader.read(0, 1)).shape)
     with Image.open(io.BytesIO(reader.read(i, reader.n_groups(i)))) as im:
         assert search._source_luma(reader.read(j, reader.n_groups(j)), im) is None   # another size
         assert search._source_luma(b"not a jpeg", im) is None
         assert np.array_equal(search._source_luma(reader.read(i, reader.n_groups(i)), im),
-                              measure.decode_luma(reader.read(i, reader.n_groups(i))))
+                              luma.decode_luma(reader.read(i, reader.n_groups(i))))
 
 
 @pytest.mark.parametrize("thresholds", [(0.5,), (0.99, 0.7), (0.999, 0.95, 0.9, 0.8)])
@@ -125,10 +126,10 @@ def test_scores_agree_with_the_oracle_far_inside_the_margin(reader):
     worst = 0.0
     for i in range(0, reader.num_images, 13):
         n = reader.n_groups(i)
-        full = measure.decode_luma(reader.read(i, n))
+        full = luma.decode_luma(reader.read(i, n))
         exact, fast = msssim.Reference(full), search.FastReference(full)
         for k in range(1, n):
-            y = measure.decode_luma(reader.read(i, k))
+            y = luma.decode_luma(reader.read(i, k))
             a = exact.ms_ssim(y)
             b = float(np.prod(np.maximum(fast.score_terms(y), 0) ** fast.weights))
             worst = max(worst, abs(a - b))
@@ -149,10 +150,10 @@ def test_filter_stack_is_the_valid_gaussian_window():
 def test_finest_lower_bound_is_below_the_term(reader):
     i = 0
     n = reader.n_groups(i)
-    full = measure.decode_luma(reader.read(i, n))
+    full = luma.decode_luma(reader.read(i, n))
     fast = search.FastReference(full)
     for k in range(1, n):
-        y = measure.decode_luma(reader.read(i, k))
+        y = luma.decode_luma(reader.read(i, k))
         term = msssim.Reference(full).terms(y)[0]
         d = fast._pyramid(y)[0]
         assert fast._finest_lower_bound(d) <= term + 1e-9
@@ -172,7 +173,7 @@ def test_chroma_only_scans_leave_the_luminance_alone(reader):
     assert changes == [True, True, False, False, True, True, True, False, False, True]  # libjpeg's script
     previous = None
     for k in range(1, 11):
-        y = measure.decode_luma(reader.read(i, k))
+        y = luma.decode_luma(reader.read(i, k))
         if not changes[k - 1]:
             assert np.array_equal(y, previous)
         previous = y

@@ -50,6 +50,7 @@ import pcrfs  # noqa: E402
 from pcrfs.convert import convert  # noqa: E402
 from pcrfs.demo import make_demo  # noqa: E402
 from pcrfs.quality import adaptive, measure, search  # noqa: E402
+from pcrfs.store import adaptive as index_format  # noqa: E402
 from pcrfs.quality.plot import plot_table  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def scoring_cost(store, images: int, rounds: int) -> dict:
     """Exhaustive search against the fast one on the first ``images`` images, in this
     process, rounds interleaved; CPU and wall per image (medians over rounds)."""
     n = min(images, store.num_images)
-    thresholds = adaptive.THRESHOLDS
+    thresholds = index_format.THRESHOLDS
     runs: dict[str, list] = {"exhaustive": [], "fast": []}
     answers = {}
     stats = search.SearchStats()
@@ -169,12 +170,12 @@ def dask_scaling(store_path: Path, worker_counts: list[int], reference: bytes, r
         for _ in range(rounds):
             for n, client in clients.items():
                 with pcrfs.open_store(store_path) as store:
-                    build.Parts(build.resume_dir(str(store_path)), adaptive.THRESHOLDS).remove()
+                    build.Parts(build.resume_dir(str(store_path)), index_format.THRESHOLDS).remove()
                     w0, c0, t0 = _worker_cpu(client), _cpu(), time.perf_counter()
                     built = build.build(store, client=client)
                     times[n].append(time.perf_counter() - t0)
                     cpus[n].append(_worker_cpu(client) - w0 + _cpu() - c0)
-                    same[n] &= adaptive._npy_bytes(built.ks) == reference
+                    same[n] &= index_format.npy_bytes(built.ks) == reference
                     built.parts.remove()
                     images = store.num_images
     for n in worker_counts:
@@ -259,7 +260,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ks, failures = adaptive.compute(store, workers=args.workers)
         index_s = time.perf_counter() - t0
-        adaptive.write(store_path, ks)
+        index_format.write(store_path, ks)
         conv_cost = convert_cost(src, Path(tmp), args.convert_rounds) if args.convert_rounds else None
         if conv_cost:
             print(f"convert: {conv_cost['convert']['cpu_ms_per_image']} ms CPU per image; with --quality-index "
@@ -268,7 +269,7 @@ def main() -> None:
         dask = None
         if args.dask_workers:
             dask = dask_scaling(store_path, [int(n) for n in args.dask_workers.split(",")],
-                                adaptive._npy_bytes(ks), args.dask_rounds)
+                                index_format.npy_bytes(ks), args.dask_rounds)
             print("Dask --write-index:", json.dumps(dask))
         doc = {
             "benchmark": "choosing the fidelity: quality per scan group and adaptive views",
@@ -292,7 +293,7 @@ def main() -> None:
             print(f"wrote {args.out.with_suffix('.json')}", file=sys.stderr)
             return
         store = pcrfs.open_store(store_path)
-        index = adaptive.load(store)
+        index = index_format.load(store)
         views = {v: (t, index.column(v, store.num_groups)) for v, t in zip(index.views, index.thresholds)}
 
         table = measure.quality_table(store, sample=None, timing=True, workers=args.workers, adaptive=views)

@@ -59,15 +59,20 @@ def convert_batch(record: int, files: list[SourceFile], sources: tuple[int, int]
         raise WorkerSetupError(f"worker on {socket.gethostname()} cannot see the source at {src_root}: "
                                "every worker must read SRC at the client's path (a shared filesystem)")
     entries: list[ImageEntry] = []
+    entry_files: list[SourceFile] = []  # the file each entry came from (the scoring re-reads it)
     problems: list[Problem] = []
     for sf in files:
         result = transcode_source(sf, opts)
-        (problems if isinstance(result, Problem) else entries).append(result)
+        if isinstance(result, Problem):
+            problems.append(result)
+        else:
+            entries.append(result)
+            entry_files.append(sf)
     chunks, desc = build_record(record, entries, problems, sources)
     if thresholds is not None:  # `convert --quality-index`: the record's ks travel with its description
         from ..quality.build import score_batch_entries
 
-        desc.update(score_batch_entries(entries, thresholds))
+        desc.update(score_batch_entries(entries, thresholds, entry_files))
     try:
         open_sink(store, remote).put(fmt.record_name(record), chunks)
     except FileNotFoundError:  # a local store's records/ is not there: not the client's filesystem

@@ -2,9 +2,7 @@
 
 The index's format (its file, manifest entry, checks, writing and loading) is
 :mod:`pcrfs.store.adaptive`, beside the store's index; this module scores images
-(decoding, MS-SSIM: :mod:`.measure`, :mod:`.search`) to fill it. The format's names
-are imported here too, so ``pcrfs.quality.adaptive`` still names the whole feature
-for the CLI and tools.
+(decoding, MS-SSIM: :mod:`.measure`, :mod:`.search`) to fill it.
 """
 from __future__ import annotations
 
@@ -13,16 +11,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..jpeg.scans import EOI_BYTES
-from ..store.adaptive import (  # noqa: F401 - the format's side, re-exported (see above)
-    BINDS_TO, DTYPE, FILE_PREFIX, MANIFEST_KEY, METRIC, THRESHOLDS, AdaptiveIndex, AdaptiveIndexError, load,
-    npy_bytes, view_name, write)
+from ..store.adaptive import DTYPE, THRESHOLDS, view_name
 from ..store.reader import Store
-
-_npy_bytes = npy_bytes  # the name tools/bench_quality.py uses
-
-__all__ = ["smallest_k", "compute", "compute_exhaustive", "summarize",  # computed here
-           "BINDS_TO", "DTYPE", "FILE_PREFIX", "MANIFEST_KEY", "METRIC", "THRESHOLDS", "AdaptiveIndex",
-           "AdaptiveIndexError", "load", "npy_bytes", "view_name", "write"]
 
 
 def smallest_k(ms_ssim: np.ndarray, n_groups: int, thresholds: Sequence[float] = THRESHOLDS) -> np.ndarray:

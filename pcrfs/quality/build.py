@@ -420,14 +420,16 @@ class ConvertScoring:
                                    store_locked=True)
 
 
-def score_batch_entries(entries: Sequence, thresholds: Sequence[float]) -> dict:
-    """The description keys a Dask convert task adds for its record's images."""
+def score_batch_entries(entries: Sequence, thresholds: Sequence[float], sources: Sequence | None = None) -> dict:
+    """The description keys a Dask convert task adds for its record's images (``sources``:
+    the SourceFile each entry came from, whose baseline decode is the cheaper reference)."""
     from .search import single_threaded_blas
 
     rows, failures = [], []
     with single_threaded_blas():
         for j, e in enumerate(entries):
-            ks, reason = score_entry(e.groups, thresholds)
+            source = _transcoded_source(sources[j], e) if sources is not None else None
+            ks, reason = score_entry(e.groups, thresholds, source)
             rows.append(ks.tolist())
             if reason is not None:
                 failures.append([j, reason])

@@ -28,24 +28,10 @@ from PIL import Image
 
 from ..store.reader import Store
 from . import msssim
+from .luma import decode_luma, luma_of
 
 METRICS = ("ms_ssim", "psnr")
 PERCENTILE = 5  # the "bad tail" statistic: 5th percentile over images (numpy's linear interpolation)
-
-
-def decode_luma(data: bytes) -> np.ndarray:
-    """The luminance (Y) plane of a JPEG as uint8 [H, W]; libjpeg skips the chroma for colour images."""
-    with Image.open(io.BytesIO(data)) as im:
-        return luma_of(im)
-
-
-def luma_of(im: Image.Image) -> np.ndarray:
-    """:func:`decode_luma` of an opened, not yet decoded JPEG."""
-    if im.mode in ("RGB", "YCbCr"):
-        im.draft("L", None)  # libjpeg out_color_space = JCS_GRAYSCALE: Y only, no upsampling
-    if im.mode != "L":  # CMYK and other rare colour spaces: Pillow's conversion
-        return np.asarray(im.convert("L"))
-    return np.asarray(im)
 
 
 def time_rgb_decode(data: bytes) -> float:

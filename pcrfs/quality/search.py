@@ -43,6 +43,7 @@ from PIL import Image
 
 from ..jpeg.scans import scan_components
 from . import msssim
+from .luma import decode_luma, luma_of
 
 MARGIN = 1e-5   # |fast - oracle score| < 1e-7 measured (float32 sums of small numbers; see FastReference)
 BLOCK = 16      # rows/columns per banded product: small blocks waste few multiplications on zeros
@@ -381,7 +382,6 @@ def _source_luma(source: bytes, im: Image.Image) -> np.ndarray | None:
     Anything that does not look like that very pair (another size, other components or
     tables, a colour space whose grey output is a conversion) answers None.
     """
-    from .measure import luma_of
 
     try:
         with Image.open(io.BytesIO(source)) as src:
@@ -406,7 +406,6 @@ def search_ks(file_at: Callable[[int], bytes], n_groups: int, thresholds: Sequen
     ``convert``); its decode stands in for the full one (:func:`_source_luma`).
     Raises what decoding raises (OSError, ValueError, ...) for a damaged image.
     """
-    from .measure import decode_luma, luma_of
 
     local = SearchStats(images=1)
     ks = np.full(len(thresholds), n_groups, dtype=np.uint8)

@@ -1,0 +1,224 @@
+"""The never-rules of docs/architecture.md, checked on the source (AST, no imports run).
+
+- the format/store/JPEG layers (and everything else outside the FUSE adapter and the
+  CLI) never import the FUSE layer or a CLI module, nor click;
+- only the CLI (``pcrfs/cli/``, with the demo tour) and the two process entry points
+  (``mount.pcrfs``; the daemon, whose stdout/stderr are its log file) write to the
+  terminal; library functions return values, raise, or take a log callback;
+- nothing outside the store-location code asks which kind of store it has;
+- no module imports the package root (versions come from ``pcrfs/_version.py``);
+- no import cycles between modules, counting imports inside functions;
+- no function longer than ``MAX_FUNCTION_LINES``.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "pcrfs"
+MAX_FUNCTION_LINES = 60
+
+# modules (dotted, below pcrfs) allowed to write to the terminal
+TERMINAL_WRITERS = ("cli", "fuse.mount_helper", "fuse.daemon")
+# modules that may import click (the CLI declares its options there)
+CLICK_USERS = ("cli",)
+# modules that may import the FUSE layer (it is an adapter over the store and views)
+FUSE_USERS = ("fuse", "cli")
+# where the kinds of store locations (local directory, object-store prefix) are told apart
+LOCATION_KINDS = ("LocalLocation", "RemoteLocation", "LocalSink", "RemoteSink", "RemoteTarget")
+LOCATION_MODULES = ("store.location", "store.sink", "store.target")
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        out[".".join(parts)] = ast.parse(path.read_text(), str(path))
+    return out
+
+
+MODULES = _modules()
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _is_package(module: str) -> bool:
+    return (ROOT.joinpath(*module.split(".")) / "__init__.py").exists() if module else True
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of nodes under ``if TYPE_CHECKING:`` (annotations only; never executed)."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for sub in node.body:
+                skip.update(id(n) for n in ast.walk(sub))
+    return skip
+
+
+def _imports(module: str, tree: ast.Module) -> list[tuple[str, int]]:
+    """(absolute dotted name below the package root, line) for every import of pcrfs
+    code in ``module``; external imports as ('<ext>:name', line)."""
+    skip = _type_checking_only(tree)
+    package = module if _is_package(module) else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == "pcrfs" or a.name.startswith("pcrfs."):
+                    out.append((a.name[len("pcrfs."):] if a.name != "pcrfs" else "", node.lineno))
+                else:
+                    out.append((f"<ext>:{a.name}", node.lineno))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if node.module and (node.module == "pcrfs" or node.module.startswith("pcrfs.")):
+                    base = node.module[len("pcrfs."):] if node.module != "pcrfs" else ""
+                else:
+                    out.append((f"<ext>:{node.module}", node.lineno))
+                    continue
+            else:
+                parts = package.split(".") if package else []
+                parts = parts[:len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            for a in node.names:
+                sub = f"{base}.{a.name}" if base else a.name
+                out.append((sub if sub in MODULES else base, node.lineno))
+    return out
+
+
+def test_lower_layers_never_import_the_fuse_layer_the_cli_or_click():
+    bad = []
+    for module, tree in MODULES.items():
+        for name, line in _imports(module, tree):
+            if not _within(module, FUSE_USERS) and _within(name, ("fuse",)):
+                bad.append(f"{module}:{line} imports pcrfs.{name}")
+            if not _within(module, ("cli",)) and _within(name, ("cli",)):
+                bad.append(f"{module}:{line} imports pcrfs.{name}")
+            if not _within(module, CLICK_USERS) and name in ("<ext>:click",) :
+                bad.append(f"{module}:{line} imports click")
+    assert not bad, "layering broken:\n" + "\n".join(bad)
+
+
+def _writes_to_terminal(node: ast.AST) -> bool:
+    if isinstance(node, ast.Call):
+        f = node.func
+        if isinstance(f, ast.Name) and f.id in ("print", "input"):
+            return True
+        if isinstance(f, ast.Attribute) and f.attr in ("echo", "secho") \
+                and isinstance(f.value, ast.Name) and f.value.id == "click":
+            return True
+    # sys.stdout / sys.stderr used at all (write, flush, print(file=...), passed on)
+    return (isinstance(node, ast.Attribute) and node.attr in ("stdout", "stderr", "__stdout__", "__stderr__")
+            and isinstance(node.value, ast.Name) and node.value.id == "sys")
+
+
+def test_only_the_cli_writes_to_the_terminal():
+    bad = [f"{module}:{node.lineno} {ast.unparse(node)[:60]}"
+           for module, tree in MODULES.items() if not _within(module, TERMINAL_WRITERS)
+           for node in ast.walk(tree) if _writes_to_terminal(node)]
+    assert not bad, "library code writing to the terminal (return values, raise, or take a log callback):\n" \
+        + "\n".join(bad)
+
+
+def test_nothing_outside_the_location_code_asks_which_kind_of_store_it_has():
+    bad = []
+    for module, tree in MODULES.items():
+        if _within(module, LOCATION_MODULES):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+                kinds = {n.id if isinstance(n, ast.Name) else getattr(n, "attr", "") for n in ast.walk(node.args[1])}
+                if kinds & set(LOCATION_KINDS):
+                    bad.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_module_imports_the_package_root():
+    bad = [f"{module}:{line}" for module, tree in MODULES.items() if module
+           for name, line in _imports(module, tree) if name == ""]
+    assert not bad, "import pcrfs._version (or the module you need), not the package root:\n" + "\n".join(bad)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles_between_modules():
+    graph: dict[str, set[str]] = {}
+    for module, tree in MODULES.items():
+        deps = {name for name, _ in _imports(module, tree) if name in MODULES and name != module}
+        # a package's __init__ re-exporting its own submodules is not a cycle of design
+        graph[module] = {d for d in deps if not (_is_package(module) and _within(d, (module,)))} \
+            if module else set()
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles (imports inside functions count):\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for module, tree in MODULES.items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+@pytest.mark.parametrize("source, rule", [
+    ("print('x')\n", "terminal"),
+    ("import sys\nsys.stderr.write('x')\n", "terminal"),
+    ("import click\nclick.echo('x')\n", "terminal"),
+])
+def test_the_terminal_check_catches_what_it_is_for(source, rule):
+    # the lint must be able to fail: each snippet breaks the rule it names
+    assert any(_writes_to_terminal(n) for n in ast.walk(ast.parse(source)))
+
+
+def test_the_cycle_check_catches_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_relative_imports_resolve_to_modules():
+    tree = ast.parse("from ..store import format as fmt\nfrom .reader import Store\nfrom .. import _version\n")
+    names = {n for n, _ in _imports("store.fetch", tree)}
+    assert {"store.format", "store.reader", "_version"} <= names
