@@ -44,7 +44,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -509,28 +508,19 @@ def _cmd(args: list[str]) -> str:
 
 
 def machine_info(jpegtran: str, tmp_root: Path) -> dict:
-    from machine import cpu_model, memory_gb
+    """benchlib's machine facts (as every tool records them), plus what matters for conversion."""
+    from benchlib.machine import machine_facts
 
-    cpu, mem_gb = cpu_model(), memory_gb()
-    import numpy
-    import PIL
-    info = {
+    info = machine_facts(packages=("numpy", "pillow"))
+    info.update({
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "memory_gb": mem_gb,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "pcrfs": pcrfs.__version__,
-        "numpy": numpy.__version__,
-        "pillow": PIL.__version__,
+        "cpu_model": info["cpu"],
         "jpegtran": _cmd([jpegtran, "-version"]).splitlines()[0] if jpegtran else None,
         "libturbojpeg": None,
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "tmp_filesystem": _cmd(["df", "-T", str(tmp_root)]).splitlines()[-1:] or None,
-        "git_commit": _cmd(["git", "-C", str(REPO), "rev-parse", "HEAD"]) or None,
         "git_dirty": bool(_cmd(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])),
-    }
+    })
     try:
         lib = turbojpeg._library()
         info["libturbojpeg"] = getattr(lib, "_name", None)

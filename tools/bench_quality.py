@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ import numpy as np  # noqa: E402
 import pcrfs  # noqa: E402
 from pcrfs.convert import convert  # noqa: E402
 from pcrfs.demo import make_demo  # noqa: E402
+from benchlib.machine import machine_facts  # noqa: E402
 from pcrfs.quality import adaptive, measure, search  # noqa: E402
 from pcrfs.store import adaptive as index_format  # noqa: E402
 from pcrfs.quality.plot import plot_table  # noqa: E402
@@ -275,7 +275,7 @@ def main() -> None:
             "benchmark": "choosing the fidelity: quality per scan group and adaptive views",
             "command": "python tools/bench_quality.py " + " ".join(sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {"nproc": os.cpu_count(), "platform": platform.platform()},
+            "machine": machine_facts(packages=("numpy", "pillow", "dask", "distributed")),
             "dataset": {**dataset, "photos": args.photos, "stored_bytes": conv.bytes_out,
                         "per_class": args.per_class, "seed": args.seed},
             "workers": args.workers,
