@@ -233,21 +233,6 @@ def test_stats_file_fits_the_size_the_kernel_was_told(reader):
     assert len(data) == told and json.loads(data)["grown"] == grown
 
 
-def test_ioctl_is_enotty(mnt, reader):
-    import fcntl
-    import termios
-
-    path = mnt / "scan1" / reader.path(0)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        assert not os.isatty(fd)
-        with pytest.raises(OSError) as e:
-            fcntl.ioctl(fd, termios.TCGETS, bytes(64))
-        assert e.value.errno == errno.ENOTTY
-    finally:
-        os.close(fd)
-
-
 def test_stats_file_follows_the_counters(demo_store, reader, mounts):
     # no open reaches the daemon, so the stats file cannot be direct_io: the daemon
     # drops the kernel's copy after each read of it, and a later read is a new snapshot
