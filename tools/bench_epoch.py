@@ -38,6 +38,7 @@ from pathlib import Path
 
 from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys.path)
 from benchlib import log  # noqa: E402
+from benchlib.data import demo_store  # noqa: E402
 from benchlib.mounts import CLEANUP, PcrfsMount, is_mounted, unmount_any  # noqa: E402
 from benchlib.plots import pyplot, save  # noqa: E402
 from benchlib.proc import Meter  # noqa: E402
@@ -46,8 +47,6 @@ from benchlib.results import Run, write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pcrfs.convert import convert  # noqa: E402
-from pcrfs.demo import make_demo  # noqa: E402
 from pcrfs.remote.fs import RemoteOptions, filesystem  # noqa: E402
 from pcrfs.store.reader import ReadOptions, open_store  # noqa: E402
 from pcrfs.store.verify import cumulative_fractions  # noqa: E402
@@ -106,14 +105,7 @@ def _mounted_epoch(store: str, mnt: Path, view: str, shuffle: bool, args, read_o
 # ---- setup ---------------------------------------------------------------------------------
 
 def prepare(work: Path, per_class: int, record_size: int) -> tuple[Path, Path]:
-    src, store = work / "photos", work / "store.pcr"
-    if not (src.is_dir() and any(src.iterdir())):
-        log(f"writing the demo dataset ({per_class} per class) to {src}")
-        make_demo(src, per_class=per_class, seed=0)
-    if not (store / "pcr.yaml").exists():
-        log(f"converting to {store}")
-        convert(src, store, record_bytes=record_size, overwrite=True)
-    return src, store
+    return demo_store(work, per_class, record_bytes=record_size)
 
 
 def upload(store: Path, url: str, remote: RemoteOptions) -> None:

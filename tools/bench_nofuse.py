@@ -38,13 +38,12 @@ from pathlib import Path
 
 from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys.path)
 from benchlib import log  # noqa: E402
+from benchlib.data import demo_store  # noqa: E402
 from benchlib.mounts import CLEANUP, PcrfsMount, is_mounted  # noqa: E402
 from benchlib.proc import cpu_s, loadavg, self_cpu_s  # noqa: E402
 from benchlib.reads import warm  # noqa: E402
 from benchlib.results import Run, write_json  # noqa: E402
 
-from pcrfs.convert import convert  # noqa: E402
-from pcrfs.demo import make_demo  # noqa: E402
 from pcrfs.store.reader import open_store  # noqa: E402
 
 EPOCH_VIEWS = ["scan1", "scan5", "full"]
@@ -159,14 +158,7 @@ def raw_reads(store_path: Path, view: str, rounds: int, passes: int) -> dict:
 # ---- setup -------------------------------------------------------------------------------------
 
 def prepare(work: Path, per_class: int) -> tuple[Path, Path]:
-    src, store = work / "photos", work / "store.pcr"
-    if not (src.is_dir() and any(src.iterdir())):
-        log(f"writing the demo photos ({per_class} per class, 8 classes) to {src}")
-        make_demo(src, per_class=per_class, seed=0)
-    if not (store / "pcr.yaml").exists():
-        log(f"converting to {store}")
-        convert(src, store, overwrite=True, workers=2)
-    return src, store
+    return demo_store(work, per_class, workers=2)
 
 
 def main() -> int:

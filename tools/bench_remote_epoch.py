@@ -49,6 +49,7 @@ from typing import Any
 
 from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys.path)
 from benchlib import log  # noqa: E402
+from benchlib.data import demo_store  # noqa: E402
 from benchlib.mounts import CLEANUP, PcrfsMount  # noqa: E402
 from benchlib.proc import cpu_s, loadavg  # noqa: E402
 from benchlib.remote import BUCKET, S3RVER_ENV, LinkProxy, S3rver, store_files, upload  # noqa: E402,F401
@@ -60,17 +61,7 @@ VIEWS = ["scan1", "scan2", "scan5", "full"]
 # ---- data -------------------------------------------------------------------------------------------
 
 def prepare(work: Path, per_class: int, record_size: int) -> tuple[Path, Path]:
-    from pcrfs.convert import convert
-    from pcrfs.demo import make_demo
-
-    src, store = work / "photos", work / f"store-{record_size >> 20}M.pcr"
-    if not (src.is_dir() and any(src.iterdir())):
-        log(f"writing {per_class * 8} demo photos to {src}")
-        make_demo(src, per_class=per_class, seed=0)
-    if not (store / "pcr.yaml").exists():
-        log(f"converting to {store}")
-        convert(src, store, record_bytes=record_size, overwrite=True, workers=2)
-    return src, store
+    return demo_store(work, per_class, f"store-{record_size >> 20}M.pcr", record_bytes=record_size, workers=2)
 
 
 def make_shards(src: Path, out: Path, shards: int) -> list[Path]:

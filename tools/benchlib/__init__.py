@@ -44,6 +44,8 @@ Modules (each one job; none imports a tool):
                        file and keep the rest).
 ``benchlib.plots``     ``pyplot()`` -> matplotlib.pyplot on the Agg backend, or None (logged) when
                        matplotlib is not installed; ``save(fig, png)``.
+``benchlib.data``      ``demo_store(work, per_class, store_name="store.pcr", **convert_options)``:
+                       the demo photos and their store under ``work``, each made once.
 ``benchlib.remote``    an S3 server whose ranged GETs do not read the whole object (``S3rver``,
                        s3rver 3.7.1 installed with npm on first use; credentials ``S3RVER_ENV``)
                        and ``LinkProxy(upstream_port, latency, rate)``: a user-space link on
