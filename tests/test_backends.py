@@ -75,7 +75,7 @@ class CountingSource(LocalRecords):
         self.delay = delay
         self.damage: set[int] = set()  # offsets whose byte gets flipped
 
-    def _fetch(self, span):
+    def _fetch(self, span, raw=False):
         self.spans.append(span)
         time.sleep(self.delay)
         data = bytearray(super()._fetch(span))

@@ -59,16 +59,16 @@ def test_a_full_file_system_costs_old_entries_not_the_write(tmp_path, monkeypatc
 
     cache = dc_mod.DiskCache(tmp_path / "c", 1 << 20)
     assert cache.put("old1", b"a" * 1000) and cache.put("old2", b"b" * 1000)
-    real_open = open
+    real_create = dc_mod.DiskCache._create
     fail = [1]
 
-    def full_once(path, *a, **k):  # ENOSPC once, as if another tenant filled the disk
-        if fail[0] and str(path).endswith(dc_mod._TMP_SUFFIX):
+    def full_once(tmp):  # ENOSPC once, as if another tenant filled the disk
+        if fail[0] and str(tmp).endswith(dc_mod._TMP_SUFFIX):
             fail[0] = 0
             raise OSError(errno_mod.ENOSPC, "No space left on device")
-        return real_open(path, *a, **k)
+        return real_create(tmp)
 
-    monkeypatch.setattr(dc_mod, "open", full_once, raising=False)
+    monkeypatch.setattr(dc_mod.DiskCache, "_create", staticmethod(full_once))
     assert cache.put("new", b"c" * 1500)
     assert cache.read("new") == b"c" * 1500
     assert cache.size("old1") is None and cache.size("old2") is None  # both made room (1500 > 1000)

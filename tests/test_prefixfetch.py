@@ -171,7 +171,7 @@ def test_a_full_disk_cache_evicts_and_never_fails_reads(url, remote, reader, tmp
     with open_store(url, options=o) as s:
         def no_space(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
-        monkeypatch.setattr("pcrfs.store.diskcache.open", no_space, raising=False)
+        monkeypatch.setattr("pcrfs.store.diskcache.DiskCache._create", staticmethod(no_space))
         for i in shuffled(s.num_images):
             assert s.read(i, 2) == reader.read(i, 2)
         assert len(s.fetcher.disk) == 0
@@ -241,10 +241,10 @@ def test_a_failing_part_is_eio_for_the_images_in_it_and_heals(url, remote, reade
         real = s.records._fetch
         broken = [True]
 
-        def fetch(span):  # the server fails every request touching the hole (after retries)
+        def fetch(span, *raw):  # the server fails every request touching the hole (after retries)
             if broken[0] and span.record == r and span.offset < hole[1] and span.offset + span.length > hole[0]:
                 raise StoreUnavailable(f"{s.records.describe(r)}: InternalError (injected)")
-            return real(span)
+            return real(span, *raw)
         s.records._fetch = fetch
         images = [i for i in range(s.num_images) if s.index.record_of(i) == r]
         hit = {i for i in images for rng in s.ranges(i, k)

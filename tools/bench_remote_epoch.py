@@ -194,7 +194,9 @@ def mounted_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Pa
             rows.append(r)
             log(f"  {mode:7s} {view:5s} epoch {epoch}: {r['seconds']:6.1f}s  {link['bytes'] / 1e6:6.1f} MB  "
                 f"{r['gets_per_image']:.3f} GET/img  daemon {r['daemon_cpu_us_per_image']} us/img")
-        rows[-1]["mount_io"] = m.stats().get("io")
+        stats = m.stats()
+        rows[-1]["mount_io"] = stats.get("io")
+        rows[-1]["fastpath"] = stats.get("fastpath")
     return rows
 
 

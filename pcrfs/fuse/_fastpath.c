@@ -10,6 +10,14 @@
  * and checked (this module receives duplicates and never opens a file itself),
  * CRC-32 of every group before any of its bytes is served.
  *
+ * A remote store's records are read here only as far as a local file holds them:
+ * the disk cache's file of a record prefix (pcrfs.store.prefixfetch), which holds
+ * the record's bytes from `base` on, groups 1..`held` of every image. Such a
+ * descriptor can be taken back (revoke: the cache dropped or replaced the file);
+ * readers hold a per-record count while they use one, and revoke closes it only
+ * once the count is back at zero, so a descriptor number is never reused under a
+ * running pread.
+ *
  * Anything else goes to the Python callback this replaced (the "fallback"):
  * directories, the stats file, a record without a descriptor here yet, and every
  * failure (a CRC mismatch, a short or failed pread), so that EIO, its log line and
@@ -29,6 +37,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sched.h>
 #include <unistd.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -75,6 +84,10 @@ static struct {
     uint64_t mask;
     uint64_t **ckpts;              /* per record: group offsets every CKPT_STRIDE images (lazy) */
     int *fds;                      /* per record: a descriptor of ours, or -1 */
+    uint64_t *bases;               /* per record: record offset at the descriptor's byte 0 */
+    uint16_t *held;                /* per record: groups 1..held of every image are in it */
+    uint8_t *cached;               /* per record: a cache file (counted apart from store reads) */
+    uint32_t *users;               /* per record: reads using its descriptor now */
     View views[MAX_VIEWS];
     int n_views;
     uid_t uid;
@@ -85,7 +98,8 @@ static struct {
     getattr_cb py_getattr;
     getxattr_cb py_getxattr;
     /* counters (atomic) */
-    uint64_t store_requests, store_bytes, fast_reads, fallback_reads, file_lookups, lookups, ioctls;
+    uint64_t store_requests, store_bytes, cache_reads, cache_bytes, fast_reads, fallback_reads, file_lookups,
+        lookups, ioctls;
 } S;
 
 #define ADD(x, v) __atomic_fetch_add(&(x), (v), __ATOMIC_RELAXED)
@@ -392,7 +406,7 @@ static int fast_ioctl(const char *path, unsigned int cmd, void *arg, void *fi, u
 }
 
 /* One verified group into dst: pread, then CRC-32; nonzero on any failure. */
-static int read_group(int fd, uint64_t offset, uint32_t length, uint32_t crc, unsigned char *dst) {
+static int read_group(int fd, uint64_t offset, uint32_t length, uint32_t crc, unsigned char *dst, int cached) {
     size_t got = 0;
     while (got < length) {
         ssize_t n = pread(fd, dst + got, length - got, (off_t)(offset + got));
@@ -400,24 +414,44 @@ static int read_group(int fd, uint64_t offset, uint32_t length, uint32_t crc, un
         if (n <= 0) return -1;
         got += (size_t)n;
     }
-    ADD(S.store_requests, 1);
-    ADD(S.store_bytes, length);
+    if (cached) {
+        ADD(S.cache_reads, 1);
+        ADD(S.cache_bytes, length);
+    } else {
+        ADD(S.store_requests, 1);
+        ADD(S.store_bytes, length);
+    }
     return crc32_of(dst, length) == crc ? 0 : -1;
 }
 
+/* Record r's descriptor for one read, or -1; a descriptor returned must be put back
+ * with put_fd. Sequentially consistent on both sides (here: count, then load; revoke:
+ * exchange, then wait for the count), so revoke never closes one a reader holds. */
+static int take_fd(uint64_t r) {
+    __atomic_fetch_add(&S.users[r], 1, __ATOMIC_SEQ_CST);
+    int fd = __atomic_load_n(&S.fds[r], __ATOMIC_SEQ_CST);
+    if (fd < 0) __atomic_fetch_sub(&S.users[r], 1, __ATOMIC_SEQ_CST);
+    return fd;
+}
+
+static void put_fd(uint64_t r) { __atomic_fetch_sub(&S.users[r], 1, __ATOMIC_SEQ_CST); }
+
 #define CUT_GROUP_LIMIT (1u << 20) /* bytes: larger groups cut by a read go to Python */
 
-static int fast_read(const char *path, char *buf, size_t size, off_t off, void *fi) {
-    View *v;
-    uint64_t i;
-    if (!S.reads_on || off < 0 || resolve(path, &v, &i) != 0) goto fallback;
-    uint64_t r = record_of(i);
-    int fd = LOAD(S.fds[r]);
-    if (fd < 0) goto fallback; /* the Python read opens it through LocalRecords and hands us a dup */
+/* Bytes [off, off + size) of image i in view v from record r's descriptor fd (holding the
+ * record from base on, groups 1..held); -1: let Python serve it. */
+static int serve(View *v, uint64_t i, uint64_t r, int fd, char *buf, size_t size, off_t off) {
     unsigned kk = groups_served(v, i);
+    if (kk > S.held[r]) return -1; /* a record prefix with fewer groups than this view needs */
+    uint64_t base = S.bases[r];
+    int cached = S.cached[r];
     const uint32_t *len = S.lengths + i * S.n_groups, *crc = S.crcs + i * S.n_groups;
     uint64_t offs[256];
-    if (kk > 256 || group_offsets(i, r, kk, offs) != 0) goto fallback;
+    if (kk > 256 || group_offsets(i, r, kk, offs) != 0) return -1;
+    for (unsigned g = 0; g < kk; g++) {
+        if (offs[g] < base) return -1;
+        offs[g] -= base;
+    }
     uint64_t fsize = EOI_LEN;
     for (unsigned g = 0; g < kk; g++) fsize += len[g];
     uint64_t start = (uint64_t)off, end = start + size;
@@ -428,18 +462,18 @@ static int fast_read(const char *path, char *buf, size_t size, off_t off, void *
         uint64_t g_end = pos + len[g];
         if (g_end > start) {
             if (pos >= start && g_end <= end) { /* the request covers it whole: straight into buf */
-                if (read_group(fd, offs[g], len[g], crc[g], (unsigned char *)buf + (pos - start)) != 0)
-                    goto fallback;
+                if (read_group(fd, offs[g], len[g], crc[g], (unsigned char *)buf + (pos - start), cached) != 0)
+                    return -1;
             } else { /* cut by the request: the whole group, to check it, then the part asked for */
                 /* A large group cut by the kernel's 128 KiB reads would be read whole for each
                    of them (quadratic, and memory per concurrent read): the Python path checks
                    it once, in bounded pieces, and then serves ranges (pcrfs.store.reader). */
-                if (len[g] > CUT_GROUP_LIMIT) goto fallback;
+                if (len[g] > CUT_GROUP_LIMIT) return -1;
                 unsigned char *tmp = malloc(len[g] ? len[g] : 1);
-                if (!tmp) goto fallback;
-                if (read_group(fd, offs[g], len[g], crc[g], tmp) != 0) {
+                if (!tmp) return -1;
+                if (read_group(fd, offs[g], len[g], crc[g], tmp, cached) != 0) {
                     free(tmp);
-                    goto fallback;
+                    return -1;
                 }
                 uint64_t a = start > pos ? start : pos, b = end < g_end ? end : g_end;
                 memcpy(buf + (a - start), tmp + (a - pos), b - a);
@@ -452,10 +486,25 @@ static int fast_read(const char *path, char *buf, size_t size, off_t off, void *
         uint64_t a = start > pos ? start : pos;
         memcpy(buf + (a - start), EOI + (a - pos), end - a);
     }
-    ADD(S.fast_reads, 1);
-    ADD(v->served, end - start);
-    if (start == 0) ADD(v->first_reads, 1);
     return (int)(end - start);
+}
+
+static int fast_read(const char *path, char *buf, size_t size, off_t off, void *fi) {
+    View *v;
+    uint64_t i;
+    if (!S.reads_on || off < 0 || resolve(path, &v, &i) != 0) goto fallback;
+    uint64_t r = record_of(i);
+    int fd = take_fd(r);
+    if (fd < 0) goto fallback; /* the Python read opens (or fetches) it and may hand us a descriptor */
+    int n = serve(v, i, r, fd, buf, size, off);
+    put_fd(r);
+    if (n < 0) goto fallback;
+    if (n > 0) { /* as before prefixes: a read past the end is answered, not counted */
+        ADD(S.fast_reads, 1);
+        ADD(v->served, (uint64_t)n);
+        if (off == 0) ADD(v->first_reads, 1);
+    }
+    return n;
 fallback:
     ADD(S.fallback_reads, 1);
     return S.py_read(path, buf, size, off, fi);
@@ -473,6 +522,7 @@ static void release_all(void) {
             if (S.fds[r] >= 0) close(S.fds[r]);
         free(S.fds);
     }
+    free(S.bases), free(S.held), free(S.cached), free(S.users);
     free(S.table);
     memset(&S, 0, sizeof S);
 }
@@ -524,7 +574,11 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     S.table = calloc(cap, sizeof *S.table);
     S.ckpts = calloc(R ? R : 1, sizeof *S.ckpts);
     S.fds = malloc((R ? R : 1) * sizeof *S.fds);
-    if (!S.table || !S.ckpts || !S.fds) {
+    S.bases = calloc(R ? R : 1, sizeof *S.bases);
+    S.held = calloc(R ? R : 1, sizeof *S.held);
+    S.cached = calloc(R ? R : 1, sizeof *S.cached);
+    S.users = calloc(R ? R : 1, sizeof *S.users);
+    if (!S.table || !S.ckpts || !S.fds || !S.bases || !S.held || !S.cached || !S.users) {
         release_all();
         return PyErr_NoMemory();
     }
@@ -557,14 +611,35 @@ static PyObject *install(PyObject *self, PyObject *args) {
                          (unsigned long long)(uintptr_t)fast_ioctl);
 }
 
+/* Callers serialize adopt and revoke of a record (pcrfs.fuse.fastpath holds a lock): base,
+ * held and cached are written while no descriptor is published and no reader uses one. */
 static PyObject *adopt(PyObject *self, PyObject *args) {
-    unsigned long long r;
-    int fd;
-    if (!PyArg_ParseTuple(args, "Ki", &r, &fd)) return NULL;
-    int expected = -1;
-    if (!S.ready || r >= S.n_records ||
-        !__atomic_compare_exchange_n(&S.fds[r], &expected, fd, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    unsigned long long r, base = 0;
+    int fd, cached = 0;
+    unsigned int held = 0xFFFF;
+    if (!PyArg_ParseTuple(args, "Ki|KIp", &r, &fd, &base, &held, &cached)) return NULL;
+    if (!S.ready || r >= S.n_records || LOAD(S.fds[r]) >= 0 || LOAD(S.users[r]) != 0)
         Py_RETURN_FALSE; /* the caller keeps (and closes) fd */
+    S.bases[r] = base;
+    S.held[r] = (uint16_t)(held < S.n_groups ? held : S.n_groups);
+    S.cached[r] = (uint8_t)cached;
+    int expected = -1;
+    if (!__atomic_compare_exchange_n(&S.fds[r], &expected, fd, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
+/* Take record r's descriptor back and close it once no read uses it; True if there was one. */
+static PyObject *revoke_fd(PyObject *self, PyObject *args) {
+    unsigned long long r;
+    if (!PyArg_ParseTuple(args, "K", &r)) return NULL;
+    if (!S.ready || r >= S.n_records) Py_RETURN_FALSE;
+    int fd = __atomic_exchange_n(&S.fds[r], -1, __ATOMIC_SEQ_CST);
+    if (fd < 0) Py_RETURN_FALSE;
+    Py_BEGIN_ALLOW_THREADS
+    while (__atomic_load_n(&S.users[r], __ATOMIC_SEQ_CST) != 0) sched_yield(); /* a pread or two */
+    close(fd);
+    Py_END_ALLOW_THREADS
     Py_RETURN_TRUE;
 }
 
@@ -587,10 +662,12 @@ static PyObject *counters(PyObject *self, PyObject *unused) {
         }
         Py_DECREF(row), Py_DECREF(key);
     }
-    return Py_BuildValue("{s:N,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "views", views, "crc32",
+    return Py_BuildValue("{s:N,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "views", views, "crc32",
                          use_clmul ? "pclmul" : "zlib", "store_requests",
                          (unsigned long long)LOAD(S.store_requests), "store_bytes",
-                         (unsigned long long)LOAD(S.store_bytes), "fast_reads", (unsigned long long)LOAD(S.fast_reads),
+                         (unsigned long long)LOAD(S.store_bytes), "cache_reads",
+                         (unsigned long long)LOAD(S.cache_reads), "cache_bytes",
+                         (unsigned long long)LOAD(S.cache_bytes), "fast_reads", (unsigned long long)LOAD(S.fast_reads),
                          "fallback_reads", (unsigned long long)LOAD(S.fallback_reads), "lookups",
                          (unsigned long long)LOAD(S.lookups), "file_lookups", (unsigned long long)LOAD(S.file_lookups),
                          "ioctls", (unsigned long long)LOAD(S.ioctls));
@@ -606,7 +683,10 @@ static PyMethodDef methods[] = {
     {"install", install, METH_VARARGS,
      "Given the Python read/getattr/getxattr callbacks' addresses and whether to serve reads, "
      "return the compiled read/getattr/getxattr/ioctl callbacks' addresses."},
-    {"adopt", adopt, METH_VARARGS, "Take a record descriptor (a dup; True: it is ours to close)."},
+    {"adopt", adopt, METH_VARARGS,
+     "adopt(r, fd, base=0, held=all, cached=False): take a descriptor of record r's bytes from base on, "
+     "groups 1..held (a dup; True: it is ours to close)."},
+    {"revoke", revoke_fd, METH_VARARGS, "Take record r's descriptor back and close it once no read uses it."},
     {"has_fd", has_fd, METH_VARARGS, "Whether record r has a descriptor here."},
     {"counters", counters, METH_NOARGS, "What the compiled path served and read."},
     {"release", release, METH_NOARGS, "Close the descriptors and free the tables (after unmount)."},

@@ -5,8 +5,10 @@ With it, libfuse's worker threads answer an image file's ``getattr`` and ``read`
 daemon no Python at all, and several readers are served on several cores at once
 (see the C file for what it does and what it leaves to Python). Reads are served
 there for a local store read without readahead, disk cache or bandwidth limit
-(``Store._direct``); for other stores only attributes are. The Python callbacks
-stay installed behind it for everything else and for every failure.
+(``Store._direct``), and for a remote store from the record prefixes its disk
+cache holds (``Store.prefix_file``: the descriptor is taken back when the cache
+drops or replaces the file); for other stores only attributes are. The Python
+callbacks stay installed behind it for everything else and for every failure.
 
 ``PCRFS_NO_FASTPATH=1`` in the daemon's environment turns it off (the mount logs
 which path it serves with).
@@ -87,7 +89,9 @@ class FastPath:
             arrays["group_offsets"].ctypes.data, arrays["blob"].ctypes.data, arrays["path_offsets"].ctypes.data,
             owner[0], owner[1], views)
         self.store = store
-        self.reads = store.reads_direct and isinstance(store.records, LocalRecords)
+        self.local = store.reads_direct and isinstance(store.records, LocalRecords)
+        self._prefixes = not self.local and store.prefix_files
+        self.reads = self.local or self._prefixes
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_budget = len(records) if soft == resource.RLIM_INFINITY else \
             max(0, int(soft * FD_SHARE) - FD_RESERVE)
@@ -108,10 +112,13 @@ class FastPath:
             setattr(ops_struct, name, type(prototype_of)(address))
         ops_struct.ioctl = type(ops_struct.ioctl)(ioctl)
         self.installed = True
+        if self._prefixes:
+            self.store.on_prefix_dropped(self._prefix_dropped)
 
     def offer_record(self, image: int) -> None:
         """After a Python read of ``image`` succeeded: hand its record's descriptor to
-        the compiled path (a duplicate of the one LocalRecords opened and checked)."""
+        the compiled path (a duplicate of the one LocalRecords opened and checked, or
+        the disk cache's file of the record's prefix)."""
         if not self.reads or self._fds_given >= self._fd_budget:
             return
         r = self.store.index.record_of(image)
@@ -120,11 +127,25 @@ class FastPath:
         with self._lock:
             if self._fds_given >= self._fd_budget or self.module.has_fd(r):
                 return
-            fd = self.store.records.dup_descriptor(r)
-            if self.module.adopt(r, fd):
+            if self.local:
+                fd = self.store.records.dup_descriptor(r)
+                taken = self.module.adopt(r, fd)
+            else:
+                held = self.store.prefix_file(r)
+                if held is None:
+                    return
+                fd, base, groups = held
+                taken = self.module.adopt(r, fd, base, groups, True)
+            if taken:
                 self._fds_given += 1
             else:
                 os.close(fd)
+
+    def _prefix_dropped(self, r: int) -> None:
+        """The disk cache dropped or replaced record r's prefix file: take the descriptor back."""
+        with self._lock:
+            if self.module.revoke(r):
+                self._fds_given -= 1
 
     def counters(self) -> dict[str, Any]:
         return self.module.counters()

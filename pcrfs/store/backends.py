@@ -68,8 +68,9 @@ class RecordSource(ABC):
         self.bytes_read = 0
 
     @abstractmethod
-    def _fetch(self, span: Span) -> bytes:
-        """The bytes of one span (may be short if the record is)."""
+    def _fetch(self, span: Span, raw: bool = False) -> Any:
+        """The bytes of one span (may be short if the record is); with ``raw``, any object
+        with the buffer protocol will do (see :meth:`read_buffer`)."""
 
     @abstractmethod
     def read_record(self, record: int) -> bytes:
@@ -82,6 +83,12 @@ class RecordSource(ABC):
     def read(self, record: int, offset: int, length: int) -> bytes:
         return self._read_one(Span(record, offset, length))
 
+    def read_buffer(self, record: int, offset: int, length: int) -> Any:
+        """Like :meth:`read`, as any object with the buffer protocol: a source whose client
+        hands back its own buffer (obstore) returns it without a copy. For large spans
+        that are written on, not kept (record prefixes going to the disk cache)."""
+        return self._read_one(Span(record, offset, length), raw=True)
+
     def read_in_record(self, record: int, offsets: list[int], lengths: list[int]) -> list[bytes]:
         """Several ranges of one record (a whole image's groups), in order."""
         return [self.read(record, o, n) for o, n in zip(offsets, lengths)]
@@ -90,8 +97,8 @@ class RecordSource(ABC):
         """The bytes of every span, in order (sources that can, fetch them concurrently)."""
         return [self._read_one(s) for s in spans]
 
-    def _read_one(self, span: Span) -> bytes:
-        data = self._fetch(span)
+    def _read_one(self, span: Span, raw: bool = False) -> Any:
+        data = self._fetch(span, raw) if raw else self._fetch(span)
         self._account(len(data))
         if len(data) != span.length:
             raise CorruptData(f"record {span.record}: short read at {span.offset} "
@@ -230,7 +237,7 @@ class LocalRecords(RecordSource):
         with self._lock:
             return len(self._fds)
 
-    def _fetch(self, span: Span) -> bytes:
+    def _fetch(self, span: Span, raw: bool = False) -> bytes:
         with self.descriptor(span.record) as fd:
             return os.pread(fd, span.length, span.offset)
 
@@ -341,7 +348,7 @@ class FsspecRecords(_RemoteRecords):
         except Exception as e:  # noqa: BLE001 - every other failure is "unavailable", with its reason
             raise StoreUnavailable(explain(e, self.describe(record), self.options)) from None
 
-    def _fetch(self, span: Span) -> bytes:
+    def _fetch(self, span: Span, raw: bool = False) -> bytes:
         return self._get(span.record, f"GET {self.describe(span.record)} [{span.offset}, {span.end})",
                          start=span.offset, end=span.end)
 
@@ -392,7 +399,8 @@ class ObstoreRecords(_RemoteRecords):
     def _key(self, record: int) -> str:
         return f"{self.prefix}/{fmt.record_name(record)}" if self.prefix else fmt.record_name(record)
 
-    def _get(self, record: int, what: str, start: int | None = None, length: int | None = None) -> bytes:
+    def _get(self, record: int, what: str, start: int | None = None, length: int | None = None,
+             raw: bool = False) -> Any:
         import obstore
         from obstore.exceptions import NotFoundError, PermissionDeniedError, UnauthenticatedError
 
@@ -402,7 +410,8 @@ class ObstoreRecords(_RemoteRecords):
             try:
                 if start is None:
                     return obstore.get(self._store, key).bytes().to_bytes()
-                return obstore.get_range(self._store, key, start=start, length=length).to_bytes()
+                got = obstore.get_range(self._store, key, start=start, length=length)
+                return got if raw else got.to_bytes()
             except NotFoundError as e:  # final: retrying cannot help
                 raise FileNotFoundError(str(e)) from None
             except (PermissionDeniedError, UnauthenticatedError) as e:
@@ -414,9 +423,10 @@ class ObstoreRecords(_RemoteRecords):
         except Exception as e:  # noqa: BLE001 - every other failure is "unavailable", with its reason
             raise StoreUnavailable(explain(e, self.describe(record), self.options)) from None
 
-    def _fetch(self, span: Span) -> bytes:
+    def _fetch(self, span: Span, raw: bool = False) -> Any:
+        # raw: obstore's own Bytes, so a prefix part of megabytes is not copied into a Python bytes
         return self._get(span.record, f"GET {self.describe(span.record)} [{span.offset}, {span.end})",
-                         span.offset, span.length)
+                         span.offset, span.length, raw=raw)
 
 
 # obstore runs its requests on a tokio runtime whose threads do not survive fork(): a

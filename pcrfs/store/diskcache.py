@@ -8,15 +8,21 @@ so a cache survives remounts.
 
 The cache stores what it is given and checks nothing: callers verify what they
 read back (the store checks every scan group's CRC-32) and :meth:`discard`
-entries that fail.
+entries that fail. A caller that keeps an entry's file open past a read (the
+mount's compiled path) hears of every entry that is dropped or replaced
+(:meth:`on_drop`), so it can let go of the old file.
 """
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("pcrfs.store")
 
 _TMP_SUFFIX = ".tmp"
 
@@ -34,6 +40,7 @@ class DiskCache:
         self.hits = 0
         self.misses = 0
         self.evicted = 0
+        self._drop_listeners: list[Callable[[str], None]] = []
         self._load()
 
     # ---- layout ------------------------------------------------------------------
@@ -63,6 +70,24 @@ class DiskCache:
 
     # ---- access ---------------------------------------------------------------------
 
+    def on_drop(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(key)`` after an entry is deleted or replaced (never with a lock held)."""
+        self._drop_listeners.append(listener)
+
+    def _dropped(self, keys: list[str]) -> None:
+        for key in keys:
+            for listener in self._drop_listeners:
+                try:
+                    listener(key)
+                except Exception:  # noqa: BLE001 - a listener's failure must not fail the cache
+                    log.exception("disk cache drop listener failed for %s", key)
+
+    def path_of(self, key: str) -> Path | None:
+        """The file holding ``key`` (None if absent), for a caller that reads it itself and
+        checks what it reads; it may be deleted at any time (see :meth:`on_drop`)."""
+        with self._lock:
+            return self._path(key) if key in self._sizes else None
+
     def size(self, key: str) -> int | None:
         """Bytes stored under ``key`` (None if absent); does not count as a use."""
         with self._lock:
@@ -89,6 +114,32 @@ class DiskCache:
             self.hits += 1
         return data
 
+    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+        """The bytes of each (offset, length) of the entry, from one open of its file; None if
+        it is absent or too short for any of them."""
+        with self._lock:
+            size = self._sizes.get(key)
+            if size is None or any(offset + length > size for offset, length in ranges):
+                self.misses += 1
+                return None
+            self._sizes.move_to_end(key)
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                out = [os.pread(fd, length, offset) for offset, length in ranges]
+            finally:
+                os.close(fd)
+        except OSError:
+            out = None
+        if out is None or any(len(data) != length for data, (_, length) in zip(out, ranges)):
+            self.discard(key)
+            with self._lock:
+                self.misses += 1
+            return None
+        with self._lock:
+            self.hits += 1
+        return out
+
     def put(self, key: str, data: bytes) -> bool:
         """Store ``data`` under ``key`` (replacing it); False if it cannot be kept.
 
@@ -103,23 +154,57 @@ class DiskCache:
             except OSError as e:
                 if attempt or e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._make_room(len(data)):
                     return False
-        with self._lock:
-            self._bytes += len(data) - self._sizes.pop(key, 0)
-            self._sizes[key] = len(data)
-            self._evict()
+        self._account(key, len(data))
         return True
+
+    def put_file(self, key: str, fill: Callable[[int], int]) -> bool:
+        """Store under ``key`` what ``fill(fd)`` writes into a new file (it returns the size);
+        False if it cannot be kept (nothing is stored then). For entries written in pieces
+        straight from network buffers, with no copy of the whole in memory."""
+        path = self._path(key)
+        tmp = path.with_name(f"{key}.{threading.get_ident()}{_TMP_SUFFIX}")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            fd = self._create(tmp)
+            try:
+                size = fill(fd)
+            finally:
+                os.close(fd)
+            if size > self.capacity:
+                raise OSError(errno.EFBIG, "larger than the cache")
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._make_room(self.capacity // 8)  # the file system is fuller than we thought
+            return False
+        self._account(key, size)
+        return True
+
+    def _account(self, key: str, size: int) -> None:
+        with self._lock:
+            old = self._sizes.pop(key, None)
+            self._bytes += size - (old or 0)
+            self._sizes[key] = size
+            dropped = self._evict()
+        self._dropped(([key] if old is not None else []) + dropped)
 
     def _write(self, key: str, data: bytes) -> None:
         path = self._path(key)
         tmp = path.with_name(f"{key}.{threading.get_ident()}{_TMP_SUFFIX}")
         try:
             path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
+            with open(self._create(tmp), "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
+
+    @staticmethod
+    def _create(tmp: Path) -> int:
+        """A new entry's temporary file, open for writing (and reading: a writer may map it)."""
+        return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
 
     def _make_room(self, nbytes: int) -> bool:
         """Drop least recently used entries of at least ``nbytes`` in all; False if there were none."""
@@ -133,6 +218,7 @@ class DiskCache:
                 dropped.append(key)
         for key in dropped:
             self._path(key).unlink(missing_ok=True)
+        self._dropped(dropped)
         return bool(dropped)
 
     def discard(self, key: str) -> None:
@@ -141,17 +227,22 @@ class DiskCache:
             if size is not None:
                 self._bytes -= size
         self._path(key).unlink(missing_ok=True)
+        if size is not None:
+            self._dropped([key])
 
-    def _evict(self) -> None:
-        """Drop least recently used entries until the total fits (lock held)."""
+    def _evict(self) -> list[str]:
+        """Drop least recently used entries until the total fits (lock held); their keys."""
+        dropped = []
         while self._bytes > self.capacity and self._sizes:
             key, size = self._sizes.popitem(last=False)
             self._bytes -= size
             self.evicted += 1
+            dropped.append(key)
             try:
                 self._path(key).unlink()
             except OSError:
                 pass
+        return dropped
 
     @property
     def nbytes(self) -> int:

@@ -10,7 +10,11 @@ for every read of a remote store. It answers from
    checked against its CRC-32, a damaged file is dropped);
 3. a new fetch, when :class:`~pcrfs.store.prefix.RecordPrefixPolicy` says so: the
    span as a few ranged GETs at once, every group of every image in it checked,
-   then cached (memory if it fits, disk if configured) -- or
+   then cached: in the disk cache when there is one (the parts are written
+   straight from the client's buffers and checked through a read-only mapping of
+   the file: no copy of the prefix in the daemon's memory, and the mount's
+   compiled path can serve the file, see :meth:`PrefixFetcher.prefix_file`),
+   else in the memory cache -- or
 4. nothing (``None``): the caller reads the image as before, group by group.
 
 Readers of the same record wait on one fetch. A prefix that arrives damaged
@@ -27,10 +31,12 @@ fails a read.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -111,7 +117,7 @@ class PrefixFetcher(Tiers):
                 return None
             fetched = self._claim_and_fetch(plan, entry, on_disk)
             if fetched is None:
-                continue  # somebody else started first: wait for theirs
+                continue  # somebody else started first (wait for theirs), or it went to disk
             return self._serve(fetched, i, wanted)
 
     def _in_memory(self, r: int) -> RecordPrefix | None:
@@ -140,25 +146,55 @@ class PrefixFetcher(Tiers):
         ends = self._bounds[r, 1:] - self._bounds[r, 0]
         return int(np.searchsorted(ends, size, side="right"))
 
+    def prefix_file(self, r: int) -> tuple[int, int, int] | None:
+        """A new read-only descriptor of record r's prefix file in the disk cache, the record
+        offset at its byte 0 and how many groups it holds -- or None. For a reader that
+        serves from the file itself (the mount's compiled path): it must check every
+        group's CRC-32 as it reads, and let go of the descriptor when :meth:`on_dropped`
+        reports the record."""
+        if self.disk is None:
+            return None
+        path = self.disk.path_of(self._key(r))
+        if path is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        size = os.fstat(fd).st_size
+        ends = self._bounds[r, 1:] - self._bounds[r, 0]
+        groups = int(np.searchsorted(ends, size, side="right"))
+        if groups == 0:
+            os.close(fd)
+            return None
+        return fd, int(self._bounds[r, 0]), groups
+
+    def on_dropped(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(r)`` when record r's prefix file leaves the disk cache or is replaced."""
+        if self.disk is not None:
+            def relay(key: str) -> None:
+                if key.startswith("r") and key[1:].isdigit():
+                    listener(int(key[1:]))
+            self.disk.on_drop(relay)
+
     def _serve_disk(self, r: int, wanted: list[GroupRange]) -> list[bytes] | None:
         base = int(self._bounds[r, 0])
         key = self._key(r)
-        out = []
-        for rng in wanted:
-            data = self.disk.read(key, rng.offset - base, rng.length)
-            if data is None:
-                return None
+        out = self.disk.read_ranges(key, [(rng.offset - base, rng.length) for rng in wanted])
+        if out is None:
+            return None
+        for data, rng in zip(out, wanted):
             if zlib.crc32(data) != rng.crc32:
                 log.warning("disk cache prefix of record %d fails a CRC-32 check; dropped", r)
                 self.disk.discard(key)
                 return None
-            out.append(data)
         return out
 
     # ---- fetching --------------------------------------------------------------------------
 
     def _claim_and_fetch(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int) -> RecordPrefix | None:
-        """Fetch ``plan`` unless another reader already fetches this record (then None)."""
+        """Fetch ``plan`` unless another reader already fetches this record; the prefix, or None
+        when somebody else fetches it or it was kept in the disk cache (read it there)."""
         fut: Future = Future()
         with self._lock:
             if plan.record in self._inflight:
@@ -197,8 +233,8 @@ class PrefixFetcher(Tiers):
             plan = PrefixPlan(r, 1, plan.groups, base, plan.end,
                               split_parts(base, plan.end, self.policy.part_bytes, self.policy.max_parts))
             held = b""
-        futures = [self._pool.submit(self.source.read, r, off, n) for off, n in plan.parts]
-        pieces: list[bytes] = [held]
+        futures = [self._pool.submit(self.source.read_buffer, r, off, n) for off, n in plan.parts]
+        pieces: list[Any] = [held]  # bytes-like: the client's own buffers where it has them
         failed: list[tuple[int, int, BaseException]] = []
         for (off, n), f in zip(plan.parts, futures):
             try:
@@ -207,8 +243,10 @@ class PrefixFetcher(Tiers):
                 failed.append((off, n, e))
                 pieces.append(bytes(n))
         self.parts += len(plan.parts)
-        data = b"".join(pieces)
         base = int(self._bounds[r, 0])
+        if self.disk is not None and not failed and self._to_disk(r, plan.groups, base, pieces):
+            return None
+        data = b"".join(pieces)
         bad = self._check(r, plan.groups, base, data)
         if failed:
             self.failed_parts += len(failed)
@@ -232,7 +270,27 @@ class PrefixFetcher(Tiers):
             self.policy.not_kept(plan.groups)
         return result
 
-    def _check(self, r: int, groups: int, base: int, data: bytes) -> set[tuple[int, int]]:
+    def _to_disk(self, r: int, groups: int, base: int, pieces: list[Any]) -> bool:
+        """Write the prefix into the disk cache and check it there; True if it was kept (every
+        group sound). False: the caller checks and keeps it in memory instead."""
+        def fill(fd: int) -> int:
+            pos = 0
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    n = os.pwrite(fd, view, pos)
+                    pos += n
+                    view = view[n:]
+            with mmap.mmap(fd, pos, prot=mmap.PROT_READ) as mapped:
+                if self._check(r, groups, base, mapped):
+                    raise OSError("a scan group fails its CRC-32 check")  # not kept; found again in memory
+            return pos
+        size = sum(len(piece) for piece in pieces)
+        if not size or size > self.disk.capacity:
+            return False
+        return self.disk.put_file(self._key(r), fill)
+
+    def _check(self, r: int, groups: int, base: int, data: Any) -> set[tuple[int, int]]:
         """(image, group) of every group 1..``groups`` of record r whose bytes fail their CRC-32."""
         first, offsets, lengths, crcs = self.groups.record_groups(r, groups, base)
         view = memoryview(data)

@@ -19,7 +19,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 import yaml
@@ -112,6 +112,25 @@ class Store:
         policy = RecordPrefixPolicy(bounds, cache.capacity if cache is not None else 0,
                                     disk.capacity if disk is not None else 0)
         return PrefixFetcher(self.groups, self.records, policy, cache, disk)
+
+    @property
+    def prefix_files(self) -> bool:
+        """True if record prefixes are kept as files in a disk cache (:meth:`prefix_file`)."""
+        prefixes = self.fetcher.prefixes
+        return prefixes is not None and prefixes.disk is not None
+
+    def prefix_file(self, record: int) -> tuple[int, int, int] | None:
+        """A read-only descriptor of the disk cache's file of ``record``'s prefix (the caller
+        closes it), the record offset at its byte 0 and how many groups of every image
+        it holds; None if there is none. Nothing in it was checked for the caller: it
+        must check every group's CRC-32 as it reads (see :meth:`on_prefix_dropped`)."""
+        prefixes = self.fetcher.prefixes
+        return prefixes.prefix_file(record) if prefixes is not None else None
+
+    def on_prefix_dropped(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(record)`` when a record's prefix file is deleted or replaced."""
+        if self.fetcher.prefixes is not None:
+            self.fetcher.prefixes.on_dropped(listener)
 
     @property
     def reads_direct(self) -> bool:
