@@ -73,3 +73,42 @@ def test_a_full_file_system_costs_old_entries_not_the_write(tmp_path, monkeypatc
     assert cache.read("new") == b"c" * 1500
     assert cache.size("old1") is None and cache.size("old2") is None  # both made room (1500 > 1000)
     assert cache.stats()["evicted"] == 2
+
+
+def test_put_file_keeps_what_the_writer_wrote_and_nothing_when_it_fails(tmp_path):
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+
+    def write(fd):
+        os.pwrite(fd, b"world", 6)
+        os.pwrite(fd, b"hello ", 0)
+        return 11
+    assert cache.put_file("k", write)
+    assert cache.read("k") == b"hello world" and cache.size("k") == 11
+    assert cache.read_ranges("k", [(6, 5), (0, 5)]) == [b"world", b"hello"]
+    assert cache.read_ranges("k", [(6, 6)]) is None  # past the end: a miss, the entry stays
+    assert cache.size("k") == 11
+
+    def fails(fd):
+        os.pwrite(fd, b"partial", 0)
+        raise OSError("the writer found its data damaged")
+    assert not cache.put_file("bad", fails)
+    assert cache.size("bad") is None
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file() and p.name != "k"]  # no temporary left
+    assert not cache.put_file("big", lambda fd: (os.pwrite(fd, b"x" * 10, 0), (1 << 20) + 1)[1])  # over capacity
+
+
+def test_every_dropped_or_replaced_entry_is_reported(tmp_path):
+    cache = DiskCache(tmp_path / "c", 3000)
+    dropped = []
+    cache.on_drop(dropped.append)
+    assert cache.put("a", b"1" * 1000) and cache.put("b", b"2" * 1000) and dropped == []
+    assert cache.put("a", b"3" * 1000)  # replaced: a reader of the old file must let it go
+    assert dropped == ["a"]
+    assert cache.put("c", b"4" * 1000) and cache.put("d", b"5" * 1000)  # over capacity: b, the LRU one
+    assert dropped == ["a", "b"]
+    cache.discard("c")
+    cache.discard("never-stored")
+    assert dropped == ["a", "b", "c"]
+    cache.on_drop(lambda key: 1 / 0)  # a failing listener does not fail the cache
+    cache.discard("d")
+    assert dropped[-1] == "d" and cache.size("d") is None

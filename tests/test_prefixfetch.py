@@ -8,6 +8,7 @@ a part that fails, a truncated object -- is EIO for exactly the images it touche
 from __future__ import annotations
 
 import errno
+import os
 import random
 import threading
 from pathlib import Path
@@ -303,6 +304,102 @@ def test_mount_damaged_group_is_eio_and_the_daemon_keeps_serving(demo_store, rem
     doc = json.loads((mnt / ".pcrfs" / "stats").read_bytes())
     assert doc["errors"]["eio"] >= 1  # the kernel may retry a failed read
     assert doc["io"]["record_prefix"]["fetches"] == records_with_images(reader)
+
+
+def _stats(mnt: Path) -> dict:
+    import json
+    return json.loads((mnt / ".pcrfs" / "stats").read_bytes())
+
+
+def _deleted_cache_files_held(pid: int, cache: Path) -> list[str]:
+    """Files under ``cache`` that the daemon still holds open although they were deleted."""
+    held = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(cache)) and target.endswith("(deleted)"):
+            held.append(target)
+    return held
+
+
+def _compiled_or_skip(monkeypatch) -> None:
+    from pcrfs.fuse import fastpath
+    monkeypatch.delenv(fastpath.DISABLE_ENV, raising=False)
+    if fastpath.load()[0] is None:
+        pytest.skip(f"compiled path unavailable: {fastpath.load()[1]}")
+
+
+@needs_fuse
+def test_the_compiled_path_serves_prefix_files_and_lets_a_damaged_one_go(url, remote, reader, mounts, tmp_path,
+                                                                          monkeypatch):
+    _compiled_or_skip(monkeypatch)
+    cache = tmp_path / "dc"
+    o = ReadOptions(remote=remote, disk_cache=str(cache), disk_cache_bytes=1 << 30)
+    info = mounts.mount(url, "cfiles", read_options=o)
+    mnt = Path(info.mountpoint)
+    n, records = reader.num_images, records_with_images(reader)
+    for i in shuffled(n, 3):
+        assert (mnt / "scan3" / reader.path(i)).read_bytes() == reader.read(i, 3)
+    doc = _stats(mnt)
+    fast = doc["fastpath"]
+    assert fast["serves_reads"]
+    # a record's first read fetches its prefix in Python; the compiled path serves the rest from the file
+    assert fast["python_reads"] <= 2 * records, fast
+    assert fast["prefix_file_reads"] >= 3 * (n - 2 * records), fast  # 3 groups per image
+    assert doc["io"]["record_prefix"]["fetches"] == records
+    assert doc["io"]["source"]["requests"] == doc["io"]["record_prefix"]["parts"]  # nothing image by image
+
+    # damage the cached file of record 1 in place (the daemon's descriptor sees it): the compiled
+    # path's CRC check refuses the group, Python drops the file, fetches the prefix again, and
+    # the image is served right; the old file is let go (no descriptor on a deleted file)
+    victim = next(i for i in range(n) if reader.index.record_of(i) == 1 and reader.n_groups(i) >= 2)
+    rng = reader.ranges(victim, 2)[1]
+    base = int(reader.index.record_group_offsets[1, 0])
+    path = next(cache.rglob("r1"))
+    with open(path, "r+b") as f:
+        f.seek(rng.offset - base + rng.length // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x55]))
+    assert (mnt / "scan2" / reader.path(victim)).read_bytes() == reader.read(victim, 2)
+    doc = _stats(mnt)
+    assert doc["io"]["record_prefix"]["fetches"] == records + 1
+    assert doc["errors"]["eio"] == 0
+    assert _deleted_cache_files_held(info.pid, cache) == []
+    others = [i for i in range(n) if reader.index.record_of(i) == 1 and i != victim]
+    for i in others:
+        assert (mnt / "scan2" / reader.path(i)).read_bytes() == reader.read(i, 2)
+    assert _stats(mnt)["fastpath"]["prefix_file_reads"] > doc["fastpath"]["prefix_file_reads"]
+
+
+@needs_fuse
+def test_evicted_and_extended_prefix_files_are_let_go(url, remote, reader, mounts, tmp_path, monkeypatch):
+    from pcrfs.store.prefix import group_bounds
+
+    _compiled_or_skip(monkeypatch)
+    bounds = group_bounds(reader.index.record_group_offsets, reader.index.records["size"])
+    spans = bounds - bounds[:, :1]
+    # room for every record's group-1 prefix (VIEW mode at k=1), not for all of them at k=4
+    capacity = int(spans[:, 1].sum() / 0.9) + 1
+    assert spans[:, 4].sum() > 0.9 * capacity and spans[:, 4].max() < capacity / 2
+    cache = tmp_path / "dc"
+    o = ReadOptions(remote=remote, disk_cache=str(cache), disk_cache_bytes=capacity)
+    info = mounts.mount(url, "cevict", read_options=o)
+    mnt = Path(info.mountpoint)
+    n = reader.num_images
+    for i in shuffled(n, 4):
+        assert (mnt / "scan1" / reader.path(i)).read_bytes() == reader.read(i, 1)
+    assert _stats(mnt)["fastpath"]["prefix_file_reads"] > 0
+    # record by record at k=4: prefixes grow (files replaced) and push others out (files deleted)
+    for i in range(n):
+        assert (mnt / "scan4" / reader.path(i)).read_bytes() == reader.read(i, 4)
+    doc = _stats(mnt)
+    assert doc["io"]["disk_cache"]["evicted"] >= 1, doc["io"]
+    assert doc["io"]["disk_cache"]["bytes"] <= capacity
+    assert doc["errors"]["eio"] == 0
+    assert _deleted_cache_files_held(info.pid, cache) == []
 
 
 def test_the_mount_option_travels_to_the_daemon():
