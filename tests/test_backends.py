@@ -75,13 +75,16 @@ class CountingSource(LocalRecords):
         self.delay = delay
         self.damage: set[int] = set()  # offsets whose byte gets flipped
 
-    def _fetch(self, span, raw=False):
+    def _fetch(self, span, into=None):
         self.spans.append(span)
         time.sleep(self.delay)
         data = bytearray(super()._fetch(span))
         for off in self.damage:
             if span.offset <= off < span.end:
                 data[off - span.offset] ^= 0xFF
+        if into is not None:
+            into[:len(data)] = data
+            return len(data)
         return bytes(data)
 
 

@@ -242,10 +242,10 @@ def test_a_failing_part_is_eio_for_the_images_in_it_and_heals(url, remote, reade
         real = s.records._fetch
         broken = [True]
 
-        def fetch(span, *raw):  # the server fails every request touching the hole (after retries)
+        def fetch(span, *into):  # the server fails every request touching the hole (after retries)
             if broken[0] and span.record == r and span.offset < hole[1] and span.offset + span.length > hole[0]:
                 raise StoreUnavailable(f"{s.records.describe(r)}: InternalError (injected)")
-            return real(span, *raw)
+            return real(span, *into)
         s.records._fetch = fetch
         images = [i for i in range(s.num_images) if s.index.record_of(i) == r]
         hit = {i for i in images for rng in s.ranges(i, k)
@@ -306,6 +306,10 @@ def test_mount_damaged_group_is_eio_and_the_daemon_keeps_serving(demo_store, rem
     assert doc["io"]["record_prefix"]["fetches"] == records_with_images(reader)
 
 
+def _prefix_files(cache: Path) -> list[Path]:
+    return [p for p in cache.rglob("r*") if p.name[1:].isdigit()]
+
+
 def _stats(mnt: Path) -> dict:
     import json
     return json.loads((mnt / ".pcrfs" / "stats").read_bytes())
@@ -336,8 +340,8 @@ def test_the_compiled_path_serves_prefix_files_and_lets_a_damaged_one_go(url, re
                                                                           monkeypatch):
     _compiled_or_skip(monkeypatch)
     cache = tmp_path / "dc"
-    o = ReadOptions(remote=remote, disk_cache=str(cache), disk_cache_bytes=1 << 30)
-    info = mounts.mount(url, "cfiles", read_options=o)
+    o = ReadOptions(remote=remote, disk_cache=str(cache), disk_cache_bytes=1 << 30, readahead_bytes=0)
+    info = mounts.mount(url, "cfiles", read_options=o, cache_size=64 << 10)  # the view fits on disk only
     mnt = Path(info.mountpoint)
     n, records = reader.num_images, records_with_images(reader)
     for i in shuffled(n, 3):
@@ -347,7 +351,7 @@ def test_the_compiled_path_serves_prefix_files_and_lets_a_damaged_one_go(url, re
     assert fast["serves_reads"]
     # a record's first read fetches its prefix in Python; the compiled path serves the rest from the file
     assert fast["python_reads"] <= 2 * records, fast
-    assert fast["prefix_file_reads"] >= 3 * (n - 2 * records), fast  # 3 groups per image
+    assert fast["prefix_reads"] >= 3 * (n - 2 * records), fast  # 3 groups per image
     assert doc["io"]["record_prefix"]["fetches"] == records
     assert doc["io"]["source"]["requests"] == doc["io"]["record_prefix"]["parts"]  # nothing image by image
 
@@ -371,7 +375,7 @@ def test_the_compiled_path_serves_prefix_files_and_lets_a_damaged_one_go(url, re
     others = [i for i in range(n) if reader.index.record_of(i) == 1 and i != victim]
     for i in others:
         assert (mnt / "scan2" / reader.path(i)).read_bytes() == reader.read(i, 2)
-    assert _stats(mnt)["fastpath"]["prefix_file_reads"] > doc["fastpath"]["prefix_file_reads"]
+    assert _stats(mnt)["fastpath"]["prefix_reads"] > doc["fastpath"]["prefix_reads"]
 
 
 @needs_fuse
@@ -385,13 +389,13 @@ def test_evicted_and_extended_prefix_files_are_let_go(url, remote, reader, mount
     capacity = int(spans[:, 1].sum() / 0.9) + 1
     assert spans[:, 4].sum() > 0.9 * capacity and spans[:, 4].max() < capacity / 2
     cache = tmp_path / "dc"
-    o = ReadOptions(remote=remote, disk_cache=str(cache), disk_cache_bytes=capacity)
-    info = mounts.mount(url, "cevict", read_options=o)
+    o = ReadOptions(remote=remote, disk_cache=str(cache), disk_cache_bytes=capacity, readahead_bytes=0)
+    info = mounts.mount(url, "cevict", read_options=o, cache_size=64 << 10)
     mnt = Path(info.mountpoint)
     n = reader.num_images
     for i in shuffled(n, 4):
         assert (mnt / "scan1" / reader.path(i)).read_bytes() == reader.read(i, 1)
-    assert _stats(mnt)["fastpath"]["prefix_file_reads"] > 0
+    assert _stats(mnt)["fastpath"]["prefix_reads"] > 0
     # record by record at k=4: prefixes grow (files replaced) and push others out (files deleted)
     for i in range(n):
         assert (mnt / "scan4" / reader.path(i)).read_bytes() == reader.read(i, 4)
@@ -400,6 +404,50 @@ def test_evicted_and_extended_prefix_files_are_let_go(url, remote, reader, mount
     assert doc["io"]["disk_cache"]["bytes"] <= capacity
     assert doc["errors"]["eio"] == 0
     assert _deleted_cache_files_held(info.pid, cache) == []
+
+
+@needs_fuse
+def test_prefixes_served_from_memory_are_saved_to_the_disk_cache_for_the_next_mount(url, remote, reader, mounts,
+                                                                                   tmp_path, monkeypatch):
+    _compiled_or_skip(monkeypatch)
+    cache = tmp_path / "dc"
+    o = ReadOptions(remote=remote, disk_cache=str(cache), disk_cache_bytes=1 << 30)
+    n, records = reader.num_images, records_with_images(reader)
+    first = mounts.mount(url, "cmem1", read_options=o, cache_size=64 << 20)  # the view fits in memory
+    mnt = Path(first.mountpoint)
+    for i in shuffled(n, 5):
+        assert (mnt / "scan3" / reader.path(i)).read_bytes() == reader.read(i, 3)
+    doc = _stats(mnt)
+    assert doc["fastpath"]["prefix_reads"] >= 3 * (n - 2 * records), doc["fastpath"]
+    assert doc["io"]["record_prefix"]["fetches"] == records
+    assert not _prefix_files(cache), "memory first: nothing written while the view fits there"
+    mounts.cleanup()  # the unmount writes the prefixes back
+    assert len(_prefix_files(cache)) == records
+    o = ReadOptions(remote=remote, disk_cache=str(cache), disk_cache_bytes=1 << 30, readahead_bytes=0)
+    second = Path(mounts.mount(url, "cmem2", read_options=o, cache_size=64 << 10).mountpoint)
+    for i in shuffled(n, 6):
+        assert (second / "scan2" / reader.path(i)).read_bytes() == reader.read(i, 2)
+    doc = _stats(second)
+    assert doc["io"]["source"]["requests"] == 0
+    assert doc["fastpath"]["prefix_reads"] >= 2 * (n - 2 * records), doc["fastpath"]
+
+
+def test_a_prefix_leaving_memory_is_written_back_once(url, remote, reader, tmp_path):
+    o = opts(remote, disk_cache=str(tmp_path / "dc"), disk_cache_bytes=1 << 30)
+    with open_store(url, options=o) as s:
+        prefixes = s.fetcher.prefixes
+        for i in shuffled(s.num_images):
+            assert s.read(i, 2) == reader.read(i, 2)
+        assert prefixes.written_back == 0 and len(s.fetcher.disk) == 0
+        held = [key for key, _ in s.cache.items() if key[0] == "prefix"]
+        assert len(held) == records_with_images(s)
+        s.cache.put("filler", b"x" * (s.cache.capacity - 1))  # pushes every prefix out
+        assert prefixes.written_back == len(held) and len(s.fetcher.disk) == len(held)
+        for i in shuffled(s.num_images, 1):  # now served from the disk cache: no request
+            before = s.records.requests
+            assert s.read(i, 2) == reader.read(i, 2)
+            assert s.records.requests == before
+    assert prefixes.written_back == len(held)  # nothing twice at close
 
 
 def test_the_mount_option_travels_to_the_daemon():

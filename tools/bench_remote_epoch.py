@@ -51,7 +51,7 @@ from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys
 from benchlib import log  # noqa: E402
 from benchlib.data import demo_store  # noqa: E402
 from benchlib.mounts import CLEANUP, PcrfsMount  # noqa: E402
-from benchlib.proc import cpu_s, loadavg  # noqa: E402
+from benchlib.proc import cpu_split_s, loadavg  # noqa: E402
 from benchlib.remote import BUCKET, S3RVER_ENV, LinkProxy, S3rver, store_files, upload  # noqa: E402,F401
 from benchlib.results import Run, write_json  # noqa: E402
 
@@ -181,13 +181,15 @@ def mounted_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Pa
         for epoch in (1, 2):
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            before, cpu0 = proxy.counts(), cpu_s(m.pid)
+            before, cpu0 = proxy.counts(), cpu_split_s(m.pid)
             r = imagefolder_epoch(mnt / view, args.workers, args.batch, epoch, sampler, args.loader)
-            link, cpu = delta(proxy.counts(), before), cpu_s(m.pid) - cpu0
+            cpu1 = cpu_split_s(m.pid)
+            link, cpu, system = delta(proxy.counts(), before), sum(cpu1) - sum(cpu0), cpu1[1] - cpu0[1]
             r.update(mode=mode, view=view, epoch=epoch, link=link,
                      gets_per_image=round(link["gets"] / max(r["images"], 1), 4),
                      record_gets_per_image=round(link["record_gets"] / max(r["images"], 1), 4),
                      daemon_cpu_us_per_image=round(1e6 * cpu / max(r["images"], 1), 1),
+                     daemon_system_us_per_image=round(1e6 * system / max(r["images"], 1), 1),
                      loadavg=loadavg()[0])
             if sampler is not None:
                 r["window"] = sampler.window

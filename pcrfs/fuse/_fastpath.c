@@ -10,13 +10,14 @@
  * and checked (this module receives duplicates and never opens a file itself),
  * CRC-32 of every group before any of its bytes is served.
  *
- * A remote store's records are read here only as far as a local file holds them:
- * the disk cache's file of a record prefix (pcrfs.store.prefixfetch), which holds
- * the record's bytes from `base` on, groups 1..`held` of every image. Such a
- * descriptor can be taken back (revoke: the cache dropped or replaced the file);
- * readers hold a per-record count while they use one, and revoke closes it only
- * once the count is back at zero, so a descriptor number is never reused under a
- * running pread.
+ * A remote store's records are read here only as far as a cache holds them: a
+ * record prefix (pcrfs.store.prefixfetch) in the memory cache (a buffer this module
+ * holds a reference to) or in the disk cache (a descriptor of its file); either holds
+ * the record's bytes from `base` on, groups 1..`held` of every image. Such a holder
+ * can be taken back (revoke: the cache dropped or replaced it); readers hold a
+ * per-record count while they use one, and revoke lets it go only once the count is
+ * back at zero, so a descriptor number is never reused, nor a buffer freed, under a
+ * running read.
  *
  * Anything else goes to the Python callback this replaced (the "fallback"):
  * directories, the stats file, a record without a descriptor here yet, and every
@@ -83,7 +84,8 @@ static struct {
     uint32_t *table;               /* image + 1 by path hash, 0: empty */
     uint64_t mask;
     uint64_t **ckpts;              /* per record: group offsets every CKPT_STRIDE images (lazy) */
-    int *fds;                      /* per record: a descriptor of ours, or -1 */
+    int *fds;                      /* per record: a descriptor of ours, MEM_SLOT (bufs[r]), or -1 */
+    Py_buffer *bufs;               /* per record: a buffer we hold (fds[r] == MEM_SLOT) */
     uint64_t *bases;               /* per record: record offset at the descriptor's byte 0 */
     uint16_t *held;                /* per record: groups 1..held of every image are in it */
     uint8_t *cached;               /* per record: a cache file (counted apart from store reads) */
@@ -102,6 +104,7 @@ static struct {
         lookups, ioctls;
 } S;
 
+#define MEM_SLOT 0x7fffffff /* fds[r]: record r is served from bufs[r], not a descriptor */
 #define ADD(x, v) __atomic_fetch_add(&(x), (v), __ATOMIC_RELAXED)
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
 
@@ -405,9 +408,17 @@ static int fast_ioctl(const char *path, unsigned int cmd, void *arg, void *fi, u
     return -ENOTTY;
 }
 
-/* One verified group into dst: pread, then CRC-32; nonzero on any failure. */
-static int read_group(int fd, uint64_t offset, uint32_t length, uint32_t crc, unsigned char *dst, int cached) {
+/* One verified group into dst: pread (or a copy from record r's buffer), then CRC-32;
+ * nonzero on any failure. */
+static int read_group(int fd, uint64_t r, uint64_t offset, uint32_t length, uint32_t crc, unsigned char *dst,
+                      int cached) {
     size_t got = 0;
+    if (fd == MEM_SLOT) {
+        const Py_buffer *b = &S.bufs[r];
+        if (offset > (uint64_t)b->len || length > (uint64_t)b->len - offset) return -1;
+        memcpy(dst, (const unsigned char *)b->buf + offset, length);
+        got = length;
+    }
     while (got < length) {
         ssize_t n = pread(fd, dst + got, length - got, (off_t)(offset + got));
         if (n < 0 && errno == EINTR) continue;
@@ -462,7 +473,7 @@ static int serve(View *v, uint64_t i, uint64_t r, int fd, char *buf, size_t size
         uint64_t g_end = pos + len[g];
         if (g_end > start) {
             if (pos >= start && g_end <= end) { /* the request covers it whole: straight into buf */
-                if (read_group(fd, offs[g], len[g], crc[g], (unsigned char *)buf + (pos - start), cached) != 0)
+                if (read_group(fd, r, offs[g], len[g], crc[g], (unsigned char *)buf + (pos - start), cached) != 0)
                     return -1;
             } else { /* cut by the request: the whole group, to check it, then the part asked for */
                 /* A large group cut by the kernel's 128 KiB reads would be read whole for each
@@ -471,7 +482,7 @@ static int serve(View *v, uint64_t i, uint64_t r, int fd, char *buf, size_t size
                 if (len[g] > CUT_GROUP_LIMIT) return -1;
                 unsigned char *tmp = malloc(len[g] ? len[g] : 1);
                 if (!tmp) return -1;
-                if (read_group(fd, offs[g], len[g], crc[g], tmp, cached) != 0) {
+                if (read_group(fd, r, offs[g], len[g], crc[g], tmp, cached) != 0) {
                     free(tmp);
                     return -1;
                 }
@@ -518,10 +529,13 @@ static void release_all(void) {
         free(S.ckpts);
     }
     if (S.fds) {
-        for (uint64_t r = 0; r < S.n_records; r++)
-            if (S.fds[r] >= 0) close(S.fds[r]);
+        for (uint64_t r = 0; r < S.n_records; r++) {
+            if (S.fds[r] == MEM_SLOT) PyBuffer_Release(&S.bufs[r]);
+            else if (S.fds[r] >= 0) close(S.fds[r]);
+        }
         free(S.fds);
     }
+    free(S.bufs);
     free(S.bases), free(S.held), free(S.cached), free(S.users);
     free(S.table);
     memset(&S, 0, sizeof S);
@@ -578,7 +592,8 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     S.held = calloc(R ? R : 1, sizeof *S.held);
     S.cached = calloc(R ? R : 1, sizeof *S.cached);
     S.users = calloc(R ? R : 1, sizeof *S.users);
-    if (!S.table || !S.ckpts || !S.fds || !S.bases || !S.held || !S.cached || !S.users) {
+    S.bufs = calloc(R ? R : 1, sizeof *S.bufs);
+    if (!S.table || !S.ckpts || !S.fds || !S.bases || !S.held || !S.cached || !S.users || !S.bufs) {
         release_all();
         return PyErr_NoMemory();
     }
@@ -617,15 +632,28 @@ static PyObject *adopt(PyObject *self, PyObject *args) {
     unsigned long long r, base = 0;
     int fd, cached = 0;
     unsigned int held = 0xFFFF;
-    if (!PyArg_ParseTuple(args, "Ki|KIp", &r, &fd, &base, &held, &cached)) return NULL;
+    PyObject *holder;
+    if (!PyArg_ParseTuple(args, "KO|KIp", &r, &holder, &base, &held, &cached)) return NULL;
     if (!S.ready || r >= S.n_records || LOAD(S.fds[r]) >= 0 || LOAD(S.users[r]) != 0)
         Py_RETURN_FALSE; /* the caller keeps (and closes) fd */
+    if (PyLong_Check(holder)) {
+        fd = (int)PyLong_AsLong(holder);
+        if (fd < 0 || fd == MEM_SLOT) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "not a descriptor");
+            return NULL;
+        }
+    } else { /* a buffer (a record prefix in memory): held until revoked */
+        if (PyObject_GetBuffer(holder, &S.bufs[r], PyBUF_SIMPLE) < 0) return NULL;
+        fd = MEM_SLOT;
+    }
     S.bases[r] = base;
     S.held[r] = (uint16_t)(held < S.n_groups ? held : S.n_groups);
     S.cached[r] = (uint8_t)cached;
     int expected = -1;
-    if (!__atomic_compare_exchange_n(&S.fds[r], &expected, fd, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+    if (!__atomic_compare_exchange_n(&S.fds[r], &expected, fd, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+        if (fd == MEM_SLOT) PyBuffer_Release(&S.bufs[r]);
         Py_RETURN_FALSE;
+    }
     Py_RETURN_TRUE;
 }
 
@@ -638,8 +666,9 @@ static PyObject *revoke_fd(PyObject *self, PyObject *args) {
     if (fd < 0) Py_RETURN_FALSE;
     Py_BEGIN_ALLOW_THREADS
     while (__atomic_load_n(&S.users[r], __ATOMIC_SEQ_CST) != 0) sched_yield(); /* a pread or two */
-    close(fd);
+    if (fd != MEM_SLOT) close(fd);
     Py_END_ALLOW_THREADS
+    if (fd == MEM_SLOT) PyBuffer_Release(&S.bufs[r]);
     Py_RETURN_TRUE;
 }
 
@@ -684,8 +713,8 @@ static PyMethodDef methods[] = {
      "Given the Python read/getattr/getxattr callbacks' addresses and whether to serve reads, "
      "return the compiled read/getattr/getxattr/ioctl callbacks' addresses."},
     {"adopt", adopt, METH_VARARGS,
-     "adopt(r, fd, base=0, held=all, cached=False): take a descriptor of record r's bytes from base on, "
-     "groups 1..held (a dup; True: it is ours to close)."},
+     "adopt(r, fd_or_buffer, base=0, held=all, cached=False): take a descriptor (a dup; True: it is ours "
+     "to close) or a buffer (held until revoked) of record r's bytes from base on, groups 1..held."},
     {"revoke", revoke_fd, METH_VARARGS, "Take record r's descriptor back and close it once no read uses it."},
     {"has_fd", has_fd, METH_VARARGS, "Whether record r has a descriptor here."},
     {"counters", counters, METH_NOARGS, "What the compiled path served and read."},

@@ -5,9 +5,9 @@ With it, libfuse's worker threads answer an image file's ``getattr`` and ``read`
 daemon no Python at all, and several readers are served on several cores at once
 (see the C file for what it does and what it leaves to Python). Reads are served
 there for a local store read without readahead, disk cache or bandwidth limit
-(``Store._direct``), and for a remote store from the record prefixes its disk
-cache holds (``Store.prefix_file``: the descriptor is taken back when the cache
-drops or replaces the file); for other stores only attributes are. The Python
+(``Store._direct``), and for a remote store from the record prefixes its caches
+hold (``Store.prefix_holder``: a buffer in memory or a file on disk, taken back
+when the cache drops or replaces it); for other stores only attributes are. The Python
 callbacks stay installed behind it for everything else and for every failure.
 
 ``PCRFS_NO_FASTPATH=1`` in the daemon's environment turns it off (the mount logs
@@ -90,7 +90,7 @@ class FastPath:
             owner[0], owner[1], views)
         self.store = store
         self.local = store.reads_direct and isinstance(store.records, LocalRecords)
-        self._prefixes = not self.local and store.prefix_files
+        self._prefixes = not self.local and store.serves_prefixes
         self.reads = self.local or self._prefixes
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_budget = len(records) if soft == resource.RLIM_INFINITY else \
@@ -131,18 +131,18 @@ class FastPath:
                 fd = self.store.records.dup_descriptor(r)
                 taken = self.module.adopt(r, fd)
             else:
-                held = self.store.prefix_file(r)
+                held = self.store.prefix_holder(r)
                 if held is None:
                     return
-                fd, base, groups = held
+                fd, base, groups = held  # a descriptor, or a buffer (memory) the module holds on to
                 taken = self.module.adopt(r, fd, base, groups, True)
             if taken:
                 self._fds_given += 1
-            else:
+            elif isinstance(fd, int):
                 os.close(fd)
 
     def _prefix_dropped(self, r: int) -> None:
-        """The disk cache dropped or replaced record r's prefix file: take the descriptor back."""
+        """A cache dropped or replaced record r's prefix: take the descriptor or buffer back."""
         with self._lock:
             if self.module.revoke(r):
                 self._fds_given -= 1

@@ -219,7 +219,7 @@ class PcrfsOperations(mf.Operations):
                 section["bytes"] += c["store_bytes"]
             doc["fastpath"] = {"reads": c["fast_reads"], "python_reads": c["fallback_reads"],
                                "file_lookups": c["file_lookups"], "ioctls": c["ioctls"],
-                               "prefix_file_reads": c["cache_reads"], "prefix_file_bytes": c["cache_bytes"],
+                               "prefix_reads": c["cache_reads"], "prefix_bytes": c["cache_bytes"],
                                "serves_reads": fast.reads, "crc32": c["crc32"]}
         doc["pid"] = os.getpid()
         doc["errors"] = {"eio": self.eio_count, "eio_requests": self.eio_requests}
@@ -657,7 +657,7 @@ def _compiled_path(ops: PcrfsOperations) -> FastPath | None:
             why_not = str(e)
         else:
             log.info("compiled path: lookups%s in C%s", " and reads" if fast.reads else "",
-                     " (record prefixes in the disk cache)" if fast.reads and not fast.local else
+                     " (from cached record prefixes)" if fast.reads and not fast.local else
                      "" if fast.reads else " (reads in Python: remote store, readahead, disk cache or bwlimit)")
             return fast
     log.info("compiled path off: every callback in Python (%s)", why_not)

@@ -3,13 +3,18 @@
 Scan group g of an image is the same bytes in every view scanK with K >= g, so
 caching groups (not assembled files) lets scan1, scan5 and full share them.
 Record prefixes (:mod:`pcrfs.store.prefixfetch`) share the same budget: any value
-whose ``len()`` is its size in bytes may be cached.
+whose ``len()`` is its size in bytes may be cached. Whoever holds on to values past
+a ``get`` (the mount's compiled path) or must save them elsewhere before they go
+(the disk cache's write-back) hears of every value that leaves (:meth:`on_evict`).
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
-from typing import Hashable
+from typing import Any, Callable, Hashable
+
+log = logging.getLogger("pcrfs.store")
 
 
 class ByteLRU:
@@ -22,6 +27,16 @@ class ByteLRU:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self._evict_listeners: list[Callable[[Hashable, Any], None]] = []
+
+    def on_evict(self, listener: Callable[[Hashable, Any], None]) -> None:
+        """Call ``listener(key, value)`` after a value leaves (evicted or replaced; no lock held)."""
+        self._evict_listeners.append(listener)
+
+    def items(self) -> list[tuple[Hashable, Any]]:
+        """A snapshot of the entries, least recently used first."""
+        with self._lock:
+            return list(self._items.items())
 
     def get(self, key: Hashable) -> bytes | None:
         with self._lock:
@@ -46,15 +61,25 @@ class ByteLRU:
         size = len(value)
         if size > self.capacity:
             return
+        gone = []
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= len(old)
+                gone.append((key, old))
             self._items[key] = value
             self._bytes += size
             while self._bytes > self.capacity:
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= len(evicted)
+                evicted = self._items.popitem(last=False)
+                self._bytes -= len(evicted[1])
+                gone.append(evicted)
+        if gone and self._evict_listeners:
+            for k, v in gone:
+                for listener in self._evict_listeners:
+                    try:
+                        listener(k, v)
+                    except Exception:  # noqa: BLE001 - a listener's failure must not fail the cache
+                        log.exception("memory cache eviction listener failed for %r", k)
 
     @property
     def nbytes(self) -> int:

@@ -150,6 +150,11 @@ class RecordPrefixPolicy:
             return Mode.WINDOW, fit
         return Mode.IMAGES, 0
 
+    def fits_memory(self, k: int) -> bool:
+        """Whether the memory cache holds the whole view's prefixes at fidelity ``k`` (with headroom)."""
+        k = min(max(k, 1), self.num_groups)
+        return bool(self.memory_bytes) and int(self.view_bytes[k]) <= self.headroom * self.memory_bytes
+
     def not_kept(self, k: int) -> None:
         """A prefix fetched for fidelity ``k`` fitted in neither cache (a disk that refuses
         writes, say): fetching more would only fetch them again; read image by image."""

@@ -10,12 +10,23 @@ for every read of a remote store. It answers from
    checked against its CRC-32, a damaged file is dropped);
 3. a new fetch, when :class:`~pcrfs.store.prefix.RecordPrefixPolicy` says so: the
    span as a few ranged GETs at once, every group of every image in it checked,
-   then cached: in the disk cache when there is one (the parts are written
-   straight from the client's buffers and checked through a read-only mapping of
-   the file: no copy of the prefix in the daemon's memory, and the mount's
-   compiled path can serve the file, see :meth:`PrefixFetcher.prefix_file`),
-   else in the memory cache -- or
+   then cached: in the memory cache when the policy finds the whole view fits
+   there (written back to the disk cache, if any, when it leaves memory and when
+   the store closes: the next mount finds it there), else in the disk cache (the
+   parts are written straight from the client's buffers and checked through a
+   read-only mapping of the file: no copy of the prefix in the daemon's memory),
+   else in memory as far as it fits -- or
 4. nothing (``None``): the caller reads the image as before, group by group.
+
+The mount's compiled path serves a record from its cached prefix itself
+(:meth:`PrefixFetcher.prefix_holder`: the buffer in memory or the file on disk,
+every group's CRC-32 checked as it is read) until :meth:`PrefixFetcher.on_dropped`
+reports that the cache let go of it.
+
+Why memory first when the view fits: writing a prefix into the page cache costs
+the daemon about as much CPU as everything else a prefix read does (measured, see
+tools/bench_remote_epoch.py), and a shuffled epoch over a view that fits in memory
+reads every prefix from memory anyway; the disk copy is for the next mount.
 
 Readers of the same record wait on one fetch. A prefix that arrives damaged
 -- a group failing its CRC, a part that came back short or failed after retries --
@@ -52,16 +63,17 @@ log = logging.getLogger("pcrfs.store")
 
 class RecordPrefix:
     """Bytes ``[base, base + len(data))`` of one record: groups 1..``groups`` of all its images."""
-    __slots__ = ("record", "groups", "base", "data", "bad", "retry_at")
+    __slots__ = ("record", "groups", "base", "data", "bad", "retry_at", "unsaved")
 
     def __init__(self, record: int, groups: int, base: int, data: bytes, bad: frozenset[tuple[int, int]],
-                 retry_at: float | None = None) -> None:
+                 retry_at: float | None = None, unsaved: bool = False) -> None:
         self.record = record
         self.groups = groups
         self.base = base
         self.data = data
         self.bad = bad            # (image, group) whose bytes here are not to be served
         self.retry_at = retry_at  # parts failed: fetch the prefix again after this (time.monotonic())
+        self.unsaved = unsaved    # sound, and not yet written to the disk cache
 
     def __len__(self) -> int:  # what the memory cache counts
         return len(self.data)
@@ -82,6 +94,12 @@ class PrefixFetcher(Tiers):
         self.failed_parts = 0
         self.bad_groups = 0
         self.fallbacks = 0      # reads handed back to the per-image path because of a bad group
+        self.written_back = 0   # prefixes written to the disk cache on leaving memory or at close
+        self._drop_listeners: list[Callable[[int], None]] = []
+        if memory is not None:
+            memory.on_evict(self._left_memory)
+        if disk is not None:
+            disk.on_drop(self._left_disk)
 
     # ---- serving ---------------------------------------------------------------------------
 
@@ -146,12 +164,19 @@ class PrefixFetcher(Tiers):
         ends = self._bounds[r, 1:] - self._bounds[r, 0]
         return int(np.searchsorted(ends, size, side="right"))
 
-    def prefix_file(self, r: int) -> tuple[int, int, int] | None:
-        """A new read-only descriptor of record r's prefix file in the disk cache, the record
-        offset at its byte 0 and how many groups it holds -- or None. For a reader that
-        serves from the file itself (the mount's compiled path): it must check every
-        group's CRC-32 as it reads, and let go of the descriptor when :meth:`on_dropped`
-        reports the record."""
+    def prefix_holder(self, r: int) -> tuple[Any, int, int] | None:
+        """What holds record r's cached prefix, for a reader that serves from it itself (the
+        mount's compiled path): its bytes in memory (a buffer) or a new read-only
+        descriptor of its disk cache file (the caller closes it); the record offset at
+        its byte 0; how many groups of every image it holds. None if neither cache holds
+        a sound one. The reader must check every group's CRC-32 as it reads, and let go
+        when :meth:`on_dropped` reports the record."""
+        entry = self.memory.peek(("prefix", r)) if self.memory is not None else None
+        if entry is not None and not entry.bad and entry.retry_at is None:  # type: ignore[union-attr]
+            return entry.data, entry.base, entry.groups  # type: ignore[union-attr]
+        return self._prefix_file(r)
+
+    def _prefix_file(self, r: int) -> tuple[int, int, int] | None:
         if self.disk is None:
             return None
         path = self.disk.path_of(self._key(r))
@@ -170,12 +195,31 @@ class PrefixFetcher(Tiers):
         return fd, int(self._bounds[r, 0]), groups
 
     def on_dropped(self, listener: Callable[[int], None]) -> None:
-        """Call ``listener(r)`` when record r's prefix file leaves the disk cache or is replaced."""
-        if self.disk is not None:
-            def relay(key: str) -> None:
-                if key.startswith("r") and key[1:].isdigit():
-                    listener(int(key[1:]))
-            self.disk.on_drop(relay)
+        """Call ``listener(r)`` when record r's prefix leaves a cache or is replaced there."""
+        self._drop_listeners.append(listener)
+
+    def _dropped(self, r: int) -> None:
+        for listener in self._drop_listeners:
+            listener(r)
+
+    def _left_disk(self, key: str) -> None:
+        if key.startswith("r") and key[1:].isdigit():
+            self._dropped(int(key[1:]))
+
+    def _left_memory(self, key: Any, entry: Any) -> None:
+        if not (isinstance(key, tuple) and key[0] == "prefix"):
+            return
+        self._dropped(key[1])
+        if ("prefix", key[1]) not in self.memory:  # evicted, not replaced by a longer prefix
+            self._write_back(entry)
+
+    def _write_back(self, entry: RecordPrefix) -> None:
+        """Save a prefix that only memory held into the disk cache (on eviction, at close)."""
+        if self.disk is None or not entry.unsaved or self._disk_groups(entry.record) >= entry.groups:
+            return
+        entry.unsaved = False
+        if self.disk.put(self._key(entry.record), entry.data):
+            self.written_back += 1
 
     def _serve_disk(self, r: int, wanted: list[GroupRange]) -> list[bytes] | None:
         base = int(self._bounds[r, 0])
@@ -233,20 +277,26 @@ class PrefixFetcher(Tiers):
             plan = PrefixPlan(r, 1, plan.groups, base, plan.end,
                               split_parts(base, plan.end, self.policy.part_bytes, self.policy.max_parts))
             held = b""
-        futures = [self._pool.submit(self.source.read_buffer, r, off, n) for off, n in plan.parts]
-        pieces: list[Any] = [held]  # bytes-like: the client's own buffers where it has them
+        # One buffer for the whole prefix; the parts stream into their places in it.
+        data = bytearray(len(held) + plan.end - plan.start)
+        data[:len(held)] = held
+        view = memoryview(data)
+        at = len(held) - plan.start
+        futures = [self._pool.submit(self.source.read_into, r, off, n, view[at + off:at + off + n])
+                   for off, n in plan.parts]
         failed: list[tuple[int, int, BaseException]] = []
         for (off, n), f in zip(plan.parts, futures):
             try:
-                pieces.append(f.result())
+                f.result()
             except Exception as e:  # noqa: BLE001 - the groups in it are marked bad, the rest served
                 failed.append((off, n, e))
-                pieces.append(bytes(n))
+                view[at + off:at + off + n] = bytes(n)
+        view.release()
         self.parts += len(plan.parts)
         base = int(self._bounds[r, 0])
-        if self.disk is not None and not failed and self._to_disk(r, plan.groups, base, pieces):
+        in_memory = self.memory is not None and self.policy.fits_memory(plan.groups)
+        if self.disk is not None and not failed and not in_memory and self._to_disk(r, plan.groups, base, data):
             return None
-        data = b"".join(pieces)
         bad = self._check(r, plan.groups, base, data)
         if failed:
             self.failed_parts += len(failed)
@@ -257,36 +307,37 @@ class PrefixFetcher(Tiers):
         elif bad:
             log.warning("record prefix %s: %d scan groups fail their CRC-32 check", self.source.describe(r), len(bad))
         self.bad_groups += len(bad)
+        sound = not bad and not failed
         result = RecordPrefix(r, plan.groups, base, data, frozenset(bad),
-                              time.monotonic() + self.retry_after if failed else None)
+                              time.monotonic() + self.retry_after if failed else None,
+                              unsaved=sound and self.disk is not None)
         kept = False
         if self.memory is not None:
             self.memory.put(("prefix", r), result)  # type: ignore[arg-type] - sized like bytes
             kept = ("prefix", r) in self.memory
-        if self.disk is not None and not bad:
-            kept = self.disk.put(self._key(r), data) or kept
+        if self.disk is not None and sound and not kept:
+            result.unsaved = False
+            kept = self.disk.put(self._key(r), data)
         if not kept and not failed:
             log.warning("a record prefix of %d bytes fits in neither cache; reading image by image", len(data))
             self.policy.not_kept(plan.groups)
         return result
 
-    def _to_disk(self, r: int, groups: int, base: int, pieces: list[Any]) -> bool:
+    def _to_disk(self, r: int, groups: int, base: int, data: bytearray) -> bool:
         """Write the prefix into the disk cache and check it there; True if it was kept (every
         group sound). False: the caller checks and keeps it in memory instead."""
         def fill(fd: int) -> int:
             pos = 0
-            for piece in pieces:
-                view = memoryview(piece)
-                while view:
-                    n = os.pwrite(fd, view, pos)
-                    pos += n
-                    view = view[n:]
+            with memoryview(data) as view:
+                while pos < len(data):
+                    pos += os.pwrite(fd, view[pos:], pos)
+            # checked as written (the page cache's copy), so what the compiled path reads
+            # later is what was checked; a mapping reads it without another copy
             with mmap.mmap(fd, pos, prot=mmap.PROT_READ) as mapped:
                 if self._check(r, groups, base, mapped):
                     raise OSError("a scan group fails its CRC-32 check")  # not kept; found again in memory
             return pos
-        size = sum(len(piece) for piece in pieces)
-        if not size or size > self.disk.capacity:
+        if not data or len(data) > self.disk.capacity:
             return False
         return self.disk.put_file(self._key(r), fill)
 
@@ -296,19 +347,26 @@ class PrefixFetcher(Tiers):
         view = memoryview(data)
         crc32 = zlib.crc32
         bad = set()
-        for j in range(len(lengths)):
-            for g, (off, length, crc) in enumerate(zip(offsets[j], lengths[j], crcs[j])):
-                if length and crc32(view[off:off + length]) != crc:
-                    bad.add((first + j, g + 1))
+        for j, (off, length, crc) in enumerate(zip(offsets, lengths, crcs)):
+            if length and crc32(view[off:off + length]) != crc:
+                bad.add((first + j // groups, j % groups + 1))
         return bad
 
     # ---- bookkeeping -----------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         return dict(self.policy.stats(), parts=self.parts, failed_parts=self.failed_parts,
-                    bad_groups=self.bad_groups, fallbacks=self.fallbacks)
+                    bad_groups=self.bad_groups, fallbacks=self.fallbacks, written_back=self.written_back)
 
     def close(self) -> None:
+        """Write the prefixes only memory holds to the disk cache (the next mount's), then stop."""
+        if self.memory is not None and self.disk is not None:
+            for key, entry in self.memory.items():
+                if isinstance(key, tuple) and key[0] == "prefix":
+                    try:
+                        self._write_back(entry)  # type: ignore[arg-type]
+                    except OSError as e:
+                        log.warning("record prefix %d not saved to the disk cache: %s", key[1], e)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

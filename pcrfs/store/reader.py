@@ -114,21 +114,21 @@ class Store:
         return PrefixFetcher(self.groups, self.records, policy, cache, disk)
 
     @property
-    def prefix_files(self) -> bool:
-        """True if record prefixes are kept as files in a disk cache (:meth:`prefix_file`)."""
-        prefixes = self.fetcher.prefixes
-        return prefixes is not None and prefixes.disk is not None
+    def serves_prefixes(self) -> bool:
+        """True if record prefixes are fetched and cached (:meth:`prefix_holder`)."""
+        return self.fetcher.prefixes is not None
 
-    def prefix_file(self, record: int) -> tuple[int, int, int] | None:
-        """A read-only descriptor of the disk cache's file of ``record``'s prefix (the caller
-        closes it), the record offset at its byte 0 and how many groups of every image
-        it holds; None if there is none. Nothing in it was checked for the caller: it
-        must check every group's CRC-32 as it reads (see :meth:`on_prefix_dropped`)."""
+    def prefix_holder(self, record: int) -> tuple[Any, int, int] | None:
+        """What holds ``record``'s cached prefix -- its bytes (a buffer) or a new read-only
+        descriptor of its disk cache file (the caller closes it) -- the record offset at
+        its byte 0 and how many groups of every image it holds; None if no cache does.
+        Only the disk's bytes may have changed since they were checked: the caller
+        checks every group's CRC-32 as it reads (see :meth:`on_prefix_dropped`)."""
         prefixes = self.fetcher.prefixes
-        return prefixes.prefix_file(record) if prefixes is not None else None
+        return prefixes.prefix_holder(record) if prefixes is not None else None
 
     def on_prefix_dropped(self, listener: Callable[[int], None]) -> None:
-        """Call ``listener(record)`` when a record's prefix file is deleted or replaced."""
+        """Call ``listener(record)`` when a record's cached prefix is dropped or replaced."""
         if self.fetcher.prefixes is not None:
             self.fetcher.prefixes.on_dropped(listener)
 

@@ -17,6 +17,19 @@ def cpu_s(pid: int | None) -> float:
         return 0.0
 
 
+def cpu_split_s(pid: int | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` (see :func:`cpu_s`; (0, 0) if unknown)."""
+    if pid is None:
+        return 0.0, 0.0
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0
+
+
 def threads_cpu_s(pid: int | None) -> float:
     """CPU seconds of every thread of ``pid``: the sum of /proc/PID/task/*/schedstat (nanoseconds).
 
