@@ -361,12 +361,16 @@ class PrefixFetcher(Tiers):
     def close(self) -> None:
         """Write the prefixes only memory holds to the disk cache (the next mount's), then stop."""
         if self.memory is not None and self.disk is not None:
-            for key, entry in self.memory.items():
-                if isinstance(key, tuple) and key[0] == "prefix":
-                    try:
-                        self._write_back(entry)  # type: ignore[arg-type]
-                    except OSError as e:
-                        log.warning("record prefix %d not saved to the disk cache: %s", key[1], e)
+            unsaved = [entry for key, entry in self.memory.items()
+                       if isinstance(key, tuple) and key[0] == "prefix" and entry.unsaved]  # type: ignore[union-attr]
+            if unsaved:
+                log.info("saving %d record prefixes (%d bytes) to the disk cache", len(unsaved),
+                         sum(len(entry) for entry in unsaved))
+            for entry in unsaved:
+                try:
+                    self._write_back(entry)  # type: ignore[arg-type]
+                except OSError as e:
+                    log.warning("record prefix %d not saved to the disk cache: %s", entry.record, e)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
