@@ -96,23 +96,10 @@ class DiskCache:
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes | None:
         """``length`` bytes at ``offset`` of the entry (all of it by default), or None if it
         is absent or too short."""
-        with self._lock:
-            size = self._sizes.get(key)
-            if size is None or (length is not None and offset + length > size):
-                self.misses += 1
-                return None
-            self._sizes.move_to_end(key)
-        try:
-            with open(self._path(key), "rb") as f:
-                data = os.pread(f.fileno(), size - offset if length is None else length, offset)
-        except OSError:
-            self.discard(key)
-            with self._lock:
-                self.misses += 1
-            return None
-        with self._lock:
-            self.hits += 1
-        return data
+        if length is None:
+            length = max(0, (self.size(key) or 0) - offset)
+        out = self.read_ranges(key, [(offset, length)])
+        return out[0] if out is not None else None
 
     def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
         """The bytes of each (offset, length) of the entry, from one open of its file; None if
