@@ -148,3 +148,25 @@ def test_prefixes_that_cannot_be_kept_turn_the_fidelity_to_image_reads():
     assert p.mode(2) == (Mode.IMAGES, 0)
     assert p.access(1, 2, held=0) is None
     assert p.mode(3)[0] is Mode.VIEW  # other fidelities are unaffected
+
+
+def test_the_rest_of_the_view_is_prefetched_once_an_epoch_is_under_way():
+    b = bounds(records=6)
+    b[4, 1:] = b[4, 0]  # record 4 has no images: nothing to fetch there
+    p = RecordPrefixPolicy(b, memory_bytes=0, disk_bytes=1 << 40, prefetch_after=3)
+    assert p.prefetch(2, 2) == [] and p.prefetch(2, 2) == []  # one record, however often
+    assert p.prefetch(0, 2) == []
+    assert p.prefetch(5, 2) == [1, 3]  # the third distinct record: every other non-empty one
+    assert p.prefetch(1, 2) == []  # once per fidelity
+    assert p.prefetch(0, 3) == [] and p.prefetch(1, 3) == [] and p.prefetch(2, 3) == [3, 5]
+    assert p.plan(3, 3, 2) == p.plan(3, 3, 2)  # what a prefetch fetches: groups held+1..k
+    assert p.plan(3, 3, 2).first_group == 3 and p.plan(3, 3, 2).start == int(b[3, 2])
+
+
+def test_no_prefetching_outside_view_mode_or_when_off():
+    b = bounds(records=10)
+    window = RecordPrefixPolicy(b, memory_bytes=0, disk_bytes=45 * MiB, prefetch_after=2)
+    assert window.mode(4)[0] is Mode.WINDOW
+    assert [window.prefetch(r, 4) for r in range(5)] == [[]] * 5
+    off = RecordPrefixPolicy(b, memory_bytes=0, disk_bytes=1 << 40, prefetch_after=0)
+    assert [off.prefetch(r, 2) for r in range(5)] == [[]] * 5

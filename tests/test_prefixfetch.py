@@ -11,6 +11,7 @@ import errno
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,26 @@ def test_a_full_disk_cache_evicts_and_never_fails_reads(url, remote, reader, tmp
             assert s.read(i, 2) == reader.read(i, 2)
         assert s.io_stats()["record_prefix"]["fetches"] == 1
         assert s.records.bytes_read < 2 * sum(reader.size(i, 2) for i in range(reader.num_images))
+
+
+def test_an_epoch_fetches_the_rest_of_the_view_ahead_of_its_reads(url, remote, reader):
+    with open_store(url, options=opts(remote)) as s:
+        prefixes = s.fetcher.prefixes
+        prefixes.policy.prefetch_after = 2
+        records = sorted({s.index.record_of(i) for i in range(s.num_images)})
+        firsts = [next(i for i in range(s.num_images) if s.index.record_of(i) == r) for r in records[:2]]
+        for i in firsts:  # two records read: the other records' prefixes are fetched in the background
+            assert s.read(i, 3) == reader.read(i, 3)
+        deadline = time.monotonic() + 30
+        while prefixes.prefetched < len(records) - 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert prefixes.prefetched == len(records) - 2
+        requests = s.records.requests
+        assert requests == prefixes.parts  # nothing image by image
+        for i in shuffled(s.num_images):  # the epoch: no more requests
+            assert s.read(i, 3) == reader.read(i, 3)
+        assert s.records.requests == requests
+        assert s.io_stats()["record_prefix"]["fetches"] == len(records)
 
 
 def test_small_caches_fall_back_to_image_reads(url, remote, reader):

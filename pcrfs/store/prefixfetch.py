@@ -84,12 +84,17 @@ class PrefixFetcher(Tiers):
 
     def __init__(self, groups: GroupTable, source: RecordSource, policy: RecordPrefixPolicy,
                  memory: ByteLRU | None = None, disk: DiskCache | None = None, threads: int = 8,
-                 retry_after: float = 5.0) -> None:
+                 retry_after: float = 5.0, prefetch_records: int = 2) -> None:
         super().__init__(groups, source, memory, disk)
         self.retry_after = retry_after
         self.policy = policy
         self._bounds = policy.bounds
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pcrfs-prefix")
+        # whole-view prefetching (RecordPrefixPolicy.prefetch): a few records at a time, beside
+        # the readers' own fetches; its own pool, as each fetch waits on parts in the one above
+        self._ahead = ThreadPoolExecutor(max_workers=prefetch_records, thread_name_prefix="pcrfs-ahead")
+        self._closing = False
+        self.prefetched = 0
         self.parts = 0          # counters for the mount's stats
         self.failed_parts = 0
         self.bad_groups = 0
@@ -133,10 +138,28 @@ class PrefixFetcher(Tiers):
             plan = self.policy.access(r, max(k, need), held)
             if plan is None:
                 return None
+            for other in self.policy.prefetch(r, plan.groups):
+                self._ahead.submit(self._fetch_ahead, other, plan.groups)
             fetched = self._claim_and_fetch(plan, entry, on_disk)
             if fetched is None:
                 continue  # somebody else started first (wait for theirs), or it went to disk
             return self._serve(fetched, i, wanted)
+
+    def _fetch_ahead(self, r: int, k: int) -> None:
+        """Fetch record r's prefix at fidelity k before any read asks (unless held or in flight)."""
+        if self._closing:
+            return
+        try:
+            entry = self._in_memory(r)
+            on_disk = self._disk_groups(r)
+            held = max(entry.groups if entry is not None else 0, on_disk)
+            if held >= k or r in self._inflight:
+                return
+            if self._claim_and_fetch(self.policy.plan(r, k, held), entry, on_disk) is not None or \
+                    self._disk_groups(r) >= k:
+                self.prefetched += 1
+        except Exception:  # noqa: BLE001 - a read of the record will fetch it (and report)
+            log.exception("record prefix %s: fetching ahead failed", self.source.describe(r))
 
     def _in_memory(self, r: int) -> RecordPrefix | None:
         return self.memory.get(("prefix", r)) if self.memory is not None else None  # type: ignore[return-value]
@@ -356,10 +379,13 @@ class PrefixFetcher(Tiers):
 
     def stats(self) -> dict[str, Any]:
         return dict(self.policy.stats(), parts=self.parts, failed_parts=self.failed_parts,
-                    bad_groups=self.bad_groups, fallbacks=self.fallbacks, written_back=self.written_back)
+                    bad_groups=self.bad_groups, fallbacks=self.fallbacks, written_back=self.written_back,
+                    prefetched=self.prefetched)
 
     def close(self) -> None:
         """Write the prefixes only memory holds to the disk cache (the next mount's), then stop."""
+        self._closing = True
+        self._ahead.shutdown(wait=True, cancel_futures=True)
         if self.memory is not None and self.disk is not None:
             unsaved = [entry for key, entry in self.memory.items()
                        if isinstance(key, tuple) and key[0] == "prefix" and entry.unsaved]  # type: ignore[union-attr]
