@@ -147,7 +147,9 @@ OPTIONS: tuple[MountOption, ...] = (
     MountOption("record_prefix", "switch", default="auto", show_default=True,
                 help="Fetch whole record prefixes (groups 1..k of every image of a record, a few large "
                      "requests) instead of k requests per image, when the caches can hold them; auto: on for "
-                     "remote stores. See 'Shuffled training from object storage' in the README.",
+                     "remote stores. When they hold the whole view, an epoch's first records start the "
+                     "rest of the view's prefixes in the background. See 'Shuffled training from object "
+                     "storage' in the README.",
                 fstab_value="MODE", fstab="auto, on or off: fetch whole record prefixes (groups 1..k of\n"
                                                 "every image of a record) of a remote store [default: auto]"),
 )
