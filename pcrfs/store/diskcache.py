@@ -128,26 +128,48 @@ class DiskCache:
         return out
 
     def put(self, key: str, data: bytes) -> bool:
-        """Store ``data`` under ``key`` (replacing it); False if it cannot be kept.
-
-        A file system that runs out of space before ``capacity`` is reached (shared
-        with other data) costs the least recently used entries, not the write."""
+        """Store ``data`` under ``key`` (replacing it); False if it cannot be kept."""
         if len(data) > self.capacity:
             return False
-        for attempt in range(2):
-            try:
-                self._write(key, data)
-                break
-            except OSError as e:
-                if attempt or e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._make_room(len(data)):
-                    return False
-        self._account(key, len(data))
-        return True
 
-    def put_file(self, key: str, fill: Callable[[int], int]) -> bool:
+        def fill(fd: int) -> int:
+            with memoryview(data) as view:
+                pos = 0
+                while pos < len(view):
+                    pos += os.write(fd, view[pos:])
+            return pos
+        return self.put_file(key, fill, len(data))
+
+    def put_file(self, key: str, fill: Callable[[int], int], size_hint: int | None = None) -> bool:
         """Store under ``key`` what ``fill(fd)`` writes into a new file (it returns the size);
         False if it cannot be kept (nothing is stored then). For entries written in pieces
-        straight from network buffers, with no copy of the whole in memory."""
+        straight from network buffers, with no copy of the whole in memory.
+
+        A file system that runs out of space before ``capacity`` is reached (shared with
+        other data) costs the least recently used entries, not the write: ``fill`` is
+        called a second time after room was made (``size_hint`` bytes, or an eighth of
+        the capacity), so it must be able to write its data again."""
+        for attempt in range(2):
+            try:
+                size = self._write(key, fill)
+                break
+            except OSError as e:
+                if attempt or e.errno not in (errno.ENOSPC, errno.EDQUOT) or \
+                        not self._make_room(size_hint or self.capacity // 8):
+                    return False
+        self._account(key, size)
+        return True
+
+    def _account(self, key: str, size: int) -> None:
+        with self._lock:
+            old = self._sizes.pop(key, None)
+            self._bytes += size - (old or 0)
+            self._sizes[key] = size
+            dropped = self._evict()
+        self._dropped(([key] if old is not None else []) + dropped)
+
+    def _write(self, key: str, fill: Callable[[int], int]) -> int:
+        """A temporary file filled by ``fill``, renamed to the entry's name; its size."""
         path = self._path(key)
         tmp = path.with_name(f"{key}.{threading.get_ident()}{_TMP_SUFFIX}")
         try:
@@ -160,33 +182,10 @@ class DiskCache:
             if size > self.capacity:
                 raise OSError(errno.EFBIG, "larger than the cache")
             os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                self._make_room(self.capacity // 8)  # the file system is fuller than we thought
-            return False
-        self._account(key, size)
-        return True
-
-    def _account(self, key: str, size: int) -> None:
-        with self._lock:
-            old = self._sizes.pop(key, None)
-            self._bytes += size - (old or 0)
-            self._sizes[key] = size
-            dropped = self._evict()
-        self._dropped(([key] if old is not None else []) + dropped)
-
-    def _write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        tmp = path.with_name(f"{key}.{threading.get_ident()}{_TMP_SUFFIX}")
-        try:
-            path.parent.mkdir(exist_ok=True)
-            with open(self._create(tmp), "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
+        return size
 
     @staticmethod
     def _create(tmp: Path) -> int:
