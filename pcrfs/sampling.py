@@ -86,7 +86,7 @@ class RecordShuffleSampler:
         store, view, opened = _open(path_or_store, view)
         try:
             images = imagefolder_order(store).images  # the dataset's (and torchvision's) order
-            record_of = np.searchsorted(np.asarray(store.index.record_starts), images, side="right") - 1
+            record_of = store.index.records_of(images)
             if window is None:
                 window = default_window(store, view, cache_bytes)
         finally:

@@ -101,6 +101,11 @@ class Index:
     def record_of(self, i: int) -> int:
         return int(np.searchsorted(self.record_starts, i, side="right")) - 1
 
+    def records_of(self, images: np.ndarray) -> np.ndarray:
+        """The record of each image id in ``images`` (vectorized :meth:`record_of`): what a
+        record-aware sampler groups by, whatever order the store keeps its images in."""
+        return np.searchsorted(self.record_starts, np.asarray(images), side="right") - 1
+
     def record_offsets(self, r: int) -> np.ndarray:
         """u8[n_images_in_record, G]: absolute offset of every group of record r's images.
 
