@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from pcrfs.store.diskcache import DiskCache
 
 
@@ -62,11 +64,11 @@ def test_a_full_file_system_costs_old_entries_not_the_write(tmp_path, monkeypatc
     real_create = dc_mod.DiskCache._create
     fail = [1]
 
-    def full_once(tmp):  # ENOSPC once, as if another tenant filled the disk
+    def full_once(dir_fd, tmp):  # ENOSPC once, as if another tenant filled the disk
         if fail[0] and str(tmp).endswith(dc_mod._TMP_SUFFIX):
             fail[0] = 0
             raise OSError(errno_mod.ENOSPC, "No space left on device")
-        return real_create(tmp)
+        return real_create(dir_fd, tmp)
 
     monkeypatch.setattr(dc_mod.DiskCache, "_create", staticmethod(full_once))
     assert cache.put("new", b"c" * 1500)
@@ -112,3 +114,70 @@ def test_every_dropped_or_replaced_entry_is_reported(tmp_path):
     cache.on_drop(lambda key: 1 / 0)  # a failing listener does not fail the cache
     cache.discard("d")
     assert dropped[-1] == "d" and cache.size("d") is None
+
+
+# ---- a cache directory others could reach (issue 26: writes outside the cache, FIFO hangs) ----
+
+def test_a_symlink_planted_as_a_temporary_file_is_never_written_through(tmp_path):
+    import threading
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    shard = tmp_path / "c" / DiskCache._shard("k")
+    shard.mkdir(mode=0o700, exist_ok=True)
+    # the exact name the next write of "k" by this thread would create
+    (shard / f"k.{threading.get_ident()}.tmp").symlink_to(victim)
+    assert cache.put("k", b"record bytes")
+    assert victim.read_bytes() == b"precious"
+    assert cache.read("k") == b"record bytes"
+
+
+def test_a_fifo_or_symlink_in_place_of_an_entry_is_a_miss_not_a_hang(tmp_path):
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    assert cache.put("f", b"x" * 10) and cache.put("s", b"y" * 10)
+    entry_f = tmp_path / "c" / DiskCache._shard("f") / "f"
+    entry_s = tmp_path / "c" / DiskCache._shard("s") / "s"
+    entry_f.unlink()
+    os.mkfifo(entry_f)  # opening it for reading without O_NONBLOCK would wait for a writer forever
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"y" * 10)
+    entry_s.unlink()
+    entry_s.symlink_to(outside)
+    assert cache.read("f") is None and cache.open_entry("f") is None
+    assert cache.read("s") is None
+    again = DiskCache(tmp_path / "c", 1 << 20)  # a restart ignores what it did not write
+    assert again.size("f") is None and again.size("s") is None
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_a_cache_directory_others_can_write_is_refused(tmp_path, mode):
+    from pcrfs.store.diskcache import UnsafeCacheDirectory
+
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(mode)
+    with pytest.raises(UnsafeCacheDirectory, match="chmod go-w"):
+        DiskCache(d, 1 << 20)
+
+
+def test_a_cache_directory_that_is_a_symlink_or_owned_by_another_user_is_refused(tmp_path):
+    from pcrfs.store.diskcache import UnsafeCacheDirectory
+
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(UnsafeCacheDirectory, match="not a directory"):
+        DiskCache(tmp_path / "link", 1 << 20)
+    if os.geteuid() == 0:  # root can hand a directory to another user
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        os.chown(other, 12345, 12345)
+        with pytest.raises(UnsafeCacheDirectory, match="owned by uid 12345"):
+            DiskCache(other, 1 << 20)
+    # a shard planted as a symlink (while the directory was still open to others) is refused too
+    c = tmp_path / "c"
+    c.mkdir(mode=0o700)
+    (c / "5a").symlink_to(real)
+    with pytest.raises(UnsafeCacheDirectory):
+        DiskCache(c, 1 << 20)

@@ -6,6 +6,14 @@ crash leaves whole entries or none. The directory's total size stays under
 lives in memory; at start-up it is rebuilt from the files' modification times,
 so a cache survives remounts.
 
+The directory is shared with nothing: it must be the mount user's own and not
+writable by anyone else (refused otherwise, as ssh refuses a key directory others can
+write), and every file in it is reached relative to directory descriptors opened
+without following symlinks: temporary files are created ``O_EXCL|O_NOFOLLOW`` and
+entries opened ``O_NOFOLLOW|O_NONBLOCK`` and checked to be regular files, so a
+symlink, FIFO or device planted in it can neither redirect a write outside it nor
+block a read.
+
 The cache stores what it is given and checks nothing: callers verify what they
 read back (the store checks every scan group's CRC-32) and :meth:`discard`
 entries that fail. A caller that keeps an entry's file open past a read (the
@@ -17,14 +25,56 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
+from .files import kind_of
+
 log = logging.getLogger("pcrfs.store")
 
 _TMP_SUFFIX = ".tmp"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted under an entry's name must fail or return, never wait
+_ENTRY_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class UnsafeCacheDirectory(OSError):
+    """The cache directory (or one inside it) is not private to the user running pcrfs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)
+
+
+def _open_private_dir(name: str | os.PathLike, dir_fd: int | None = None) -> int:
+    """A descriptor of the directory ``name`` (relative to ``dir_fd``), created if missing,
+    checked to be a real directory (not a symlink) owned by this user (or root) and not
+    writable by group or others: whoever else can write it can plant files in it."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeCacheDirectory(f"cache directory {os.fspath(name)} is not a directory "
+                                       "(a symlink or a file): refusing to use it") from None
+        raise
+    st = os.fstat(fd)
+    problem = None
+    if st.st_uid not in (os.geteuid(), 0):
+        problem = f"is owned by uid {st.st_uid}, not by uid {os.geteuid()} running pcrfs"
+    elif st.st_mode & 0o022:
+        problem = f"is writable by {'others' if st.st_mode & 0o002 else 'its group'} " \
+                  f"(mode {stat.S_IMODE(st.st_mode):o}); run: chmod go-w {os.fspath(name)}"
+    if problem:
+        os.close(fd)
+        raise UnsafeCacheDirectory(f"cache directory {os.fspath(name)} {problem}; a cache must be private "
+                                   "(others could plant files in it)")
+    return fd
 
 
 class DiskCache:
@@ -33,7 +83,11 @@ class DiskCache:
     def __init__(self, directory: str | os.PathLike, capacity: int) -> None:
         self.directory = Path(directory)
         self.capacity = max(0, int(capacity))
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        self._dir_fd = _open_private_dir(self.directory)
+        # shard directories checked private (files are reached as "shard/key" relative to
+        # the cache's descriptor: no one else can replace a shard of a private directory)
+        self._shards: set[str] = set()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # key -> bytes, least recently used first
         self._bytes = 0
         self._lock = threading.Lock()
@@ -49,20 +103,35 @@ class DiskCache:
     def _shard(key: str) -> str:
         return f"{sum(key.encode()) % 256:02x}"  # keeps directories small; any stable spread would do
 
-    def _path(self, key: str) -> Path:
-        return self.directory / self._shard(key) / key
+    def _name(self, key: str) -> str:
+        """The entry's name relative to the cache directory's descriptor."""
+        return f"{self._shard(key)}/{key}"
+
+    def _check_shard(self, shard: str) -> None:
+        """Make the shard directory (once), checked like the cache's own."""
+        if shard not in self._shards:
+            os.close(_open_private_dir(shard, self._dir_fd))
+            self._shards.add(shard)
 
     def _load(self) -> None:
         found = []
-        for shard in self.directory.iterdir() if self.directory.is_dir() else ():
-            if not shard.is_dir():
-                continue
-            for entry in os.scandir(shard):
-                if entry.name.endswith(_TMP_SUFFIX):
-                    os.unlink(entry.path)  # left by a crash mid-write
-                    continue
-                st = entry.stat()
-                found.append((st.st_mtime_ns, entry.name, st.st_size))
+        for name in os.listdir(self._dir_fd):
+            if len(name) != 2 or not all(c in "0123456789abcdef" for c in name):
+                continue  # not a shard this cache made
+            self._check_shard(name)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=self._dir_fd)
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if entry.name.endswith(_TMP_SUFFIX):
+                        os.unlink(entry.name, dir_fd=fd)  # left by a crash mid-write
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        log.warning("disk cache %s: ignoring %s/%s (%s, not an entry this cache wrote)",
+                                    self.directory, name, entry.name, kind_of(st.st_mode))
+                        continue
+                    found.append((st.st_mtime_ns, entry.name, st.st_size))
+            os.close(fd)
         for _, key, size in sorted(found):
             self._sizes[key] = size
             self._bytes += size
@@ -82,11 +151,22 @@ class DiskCache:
                 except Exception:  # noqa: BLE001 - a listener's failure must not fail the cache
                     log.exception("disk cache drop listener failed for %s", key)
 
-    def path_of(self, key: str) -> Path | None:
-        """The file holding ``key`` (None if absent), for a caller that reads it itself and
-        checks what it reads; it may be deleted at any time (see :meth:`on_drop`)."""
+    def open_entry(self, key: str) -> tuple[int, int] | None:
+        """A new read-only descriptor of the file holding ``key`` and its size (None if absent
+        or not a regular file), for a caller that reads it itself, checks what it reads and
+        closes it; the entry may be dropped at any time (see :meth:`on_drop`)."""
         with self._lock:
-            return self._path(key) if key in self._sizes else None
+            if key not in self._sizes:
+                return None
+        try:
+            fd = os.open(self._name(key), _ENTRY_FLAGS, dir_fd=self._dir_fd)
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return fd, st.st_size
 
     def size(self, key: str) -> int | None:
         """Bytes stored under ``key`` (None if absent); does not count as a use."""
@@ -110,14 +190,16 @@ class DiskCache:
                 self.misses += 1
                 return None
             self._sizes.move_to_end(key)
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        opened = self.open_entry(key)
+        out = None
+        if opened is not None:
+            fd = opened[0]
             try:
                 out = [os.pread(fd, length, offset) for offset, length in ranges]
+            except OSError:
+                out = None
             finally:
                 os.close(fd)
-        except OSError:
-            out = None
         if out is None or any(len(data) != length for data, (_, length) in zip(out, ranges)):
             self.discard(key)
             with self._lock:
@@ -170,27 +252,50 @@ class DiskCache:
 
     def _write(self, key: str, fill: Callable[[int], int]) -> int:
         """A temporary file filled by ``fill``, renamed to the entry's name; its size."""
-        path = self._path(key)
-        tmp = path.with_name(f"{key}.{threading.get_ident()}{_TMP_SUFFIX}")
+        self._check_shard(self._shard(key))
+        tmp = f"{self._name(key)}.{threading.get_ident()}{_TMP_SUFFIX}"
+        d = self._dir_fd
+        fd = None
         try:
-            path.parent.mkdir(exist_ok=True)
-            fd = self._create(tmp)
+            try:
+                fd = self._create(d, tmp)
+            except FileExistsError:  # left by a crash of this thread id, or planted: never written through
+                self._unlink(d, tmp)
+                fd = self._create(d, tmp)
             try:
                 size = fill(fd)
             finally:
                 os.close(fd)
             if size > self.capacity:
                 raise OSError(errno.EFBIG, "larger than the cache")
-            os.replace(tmp, path)
+            os.replace(tmp, self._name(key), src_dir_fd=d, dst_dir_fd=d)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            if fd is not None:
+                self._unlink(d, tmp)
             raise
         return size
 
     @staticmethod
-    def _create(tmp: Path) -> int:
-        """A new entry's temporary file, open for writing (and reading: a writer may map it)."""
-        return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    def _create(dir_fd: int, name: str) -> int:
+        """A new entry's temporary file in the directory ``dir_fd``, open for writing (and
+        reading: a writer may map it). O_EXCL|O_NOFOLLOW: never a file that already exists,
+        so never the target of a symlink someone planted under this name."""
+        return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                       dir_fd=dir_fd)
+
+    @staticmethod
+    def _unlink(dir_fd: int, name: str) -> None:
+        """Remove ``name`` (a link, not what it points to) if it is there."""
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+
+    def _remove(self, key: str) -> None:
+        try:
+            self._unlink(self._dir_fd, self._name(key))
+        except OSError:
+            pass
 
     def _make_room(self, nbytes: int) -> bool:
         """Drop least recently used entries of at least ``nbytes`` in all; False if there were none."""
@@ -203,7 +308,7 @@ class DiskCache:
                 freed += size
                 dropped.append(key)
         for key in dropped:
-            self._path(key).unlink(missing_ok=True)
+            self._remove(key)
         self._dropped(dropped)
         return bool(dropped)
 
@@ -212,7 +317,7 @@ class DiskCache:
             size = self._sizes.pop(key, None)
             if size is not None:
                 self._bytes -= size
-        self._path(key).unlink(missing_ok=True)
+        self._remove(key)
         if size is not None:
             self._dropped([key])
 
@@ -224,10 +329,7 @@ class DiskCache:
             self._bytes -= size
             self.evicted += 1
             dropped.append(key)
-            try:
-                self._path(key).unlink()
-            except OSError:
-                pass
+            self._remove(key)
         return dropped
 
     @property
@@ -236,6 +338,17 @@ class DiskCache:
 
     def __len__(self) -> int:
         return len(self._sizes)
+
+    def close(self) -> None:
+        """Let go of the directory descriptors (the entries stay for the next start)."""
+        with self._lock:
+            fd, self._dir_fd = self._dir_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if getattr(self, "_dir_fd", -1) >= 0:
+            os.close(self._dir_fd)
 
     def stats(self) -> dict[str, int]:
         return {"capacity": self.capacity, "bytes": self._bytes, "entries": len(self._sizes),

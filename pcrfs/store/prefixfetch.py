@@ -202,14 +202,10 @@ class PrefixFetcher(Tiers):
     def _prefix_file(self, r: int) -> tuple[int, int, int] | None:
         if self.disk is None:
             return None
-        path = self.disk.path_of(self._key(r))
-        if path is None:
+        opened = self.disk.open_entry(self._key(r))  # a regular file, never blocking, never a link
+        if opened is None:
             return None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            return None
-        size = os.fstat(fd).st_size
+        fd, size = opened
         ends = self._bounds[r, 1:] - self._bounds[r, 0]
         groups = int(np.searchsorted(ends, size, side="right"))
         if groups == 0:
