@@ -1,9 +1,14 @@
-"""The README is the user's door: its commands and its reference must match the code.
+"""The README is the user's door: its commands, its tour and the reference must match the code.
 
-* every click command and every one of its options appears in the command reference
-  (its own ``### `pcrfs NAME …``` section), so a new option cannot go undocumented;
-* every flag and ``-o`` option of ``mount.pcrfs`` appears in the fstab section;
-* ``.ci/run`` runs exactly the README's "Run the tests" command.
+* every click command and every one of its options appears in the command reference,
+  docs/cli.md (its own ``### `pcrfs NAME …``` section), so a new option cannot go
+  undocumented;
+* every flag and ``-o`` option of ``mount.pcrfs`` appears in its fstab section;
+* ``.ci/run`` runs exactly the README's "Run the tests" command;
+* the README's quick tour is the output of a real ``pcrfs demo`` run (see
+  :func:`normalize_tour` for what may differ from machine to machine).
+
+That every command and option *shown* in the README and docs/ exists is tests/test_docs.py.
 """
 from __future__ import annotations
 
@@ -19,12 +24,14 @@ from pcrfs.fuse.config import FSTAB_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+CLI_DOC = (ROOT / "docs" / "cli.md").read_text()
 
 
-def _section(title_start: str) -> str:
-    """The text of the README section whose heading starts with ``title_start``, up to the next heading."""
-    m = re.search(r"^#{2,4} " + re.escape(title_start) + r".*?$(.*?)(?=^#{2,4} |\Z)", README, re.M | re.S)
-    assert m, f"README has no section '{title_start}…'"
+def _section(title_start: str, text: str = CLI_DOC) -> str:
+    """The text of the section of ``text`` (the command reference) whose heading starts with
+    ``title_start``, up to the next heading."""
+    m = re.search(r"^#{2,4} " + re.escape(title_start) + r".*?$(.*?)(?=^#{2,4} |\Z)", text, re.M | re.S)
+    assert m, f"docs/cli.md has no section '{title_start}…'"
     return m.group(1)
 
 
@@ -42,17 +49,17 @@ def test_every_option_of_every_command_is_in_the_reference(name):
     cmd = main.commands[name]
     text = _section(f"`pcrfs {name} ")
     missing = [o for o in _options(cmd) if not _mentions(text, o)]
-    assert not missing, f"README's reference for `pcrfs {name}` lacks {missing}"
+    assert not missing, f"docs/cli.md's reference for `pcrfs {name}` lacks {missing}"
 
 
 def test_the_reference_covers_every_command_and_the_group_options():
-    ref = _section("Command reference") + "".join(_section(f"`pcrfs {n} ") for n in main.commands)
+    ref = _section("Conventions") + "".join(_section(f"`pcrfs {n} ") for n in main.commands)
     assert _mentions(ref, "--version") and _mentions(ref, "--help")
-    headings = re.findall(r"^### `pcrfs ([\w-]+)", README, re.M)
+    headings = re.findall(r"^### `pcrfs ([\w-]+)", CLI_DOC, re.M)
     assert sorted(headings) == sorted(main.commands), "one reference section per command, no stale ones"
 
 
-def test_mount_helper_flags_and_options_are_in_the_readme_and_its_help():
+def test_mount_helper_flags_and_options_are_in_the_reference_and_its_help():
     text = _section("`mount -t pcrfs")
     own = list(FSTAB_KEYS) + ["nonempty", "debug"]
     assert not [o for o in own if not _mentions(text, o)]
