@@ -174,6 +174,7 @@ class PcrfsOperations(mf.Operations):
             total = int(records["size"].sum()) if len(records) else 0
         self._stored_bytes = int(total)
         self._inodes = 3 + len(self._view_list) * (1 + len(store.index.dirs) + store.num_images)
+        self._index_copy = index_copy(store)  # the stats' "index" (see index_copy), found once
 
     # ---- helpers (not FUSE callbacks) --------------------------------------------------
 
@@ -225,6 +226,7 @@ class PcrfsOperations(mf.Operations):
         doc["errors"] = {"eio": self.eio_count, "eio_requests": self.eio_requests}
         doc["attr_requests"] = self.attr_requests + (c["file_lookups"] if "fastpath" in doc else 0)
         doc["dispatched"] = dict(self.dispatched)
+        doc["index"] = self._index_copy
         doc.update(self.extra_stats)
         return (json.dumps(doc, indent=1) + "\n").encode()
 
@@ -372,6 +374,39 @@ class PcrfsOperations(mf.Operations):
 
     write = create = mknod = mkdir = rmdir = unlink = rename = link = symlink = _read_only
     chmod = chown = truncate = utimens = setxattr = removexattr = fallocate = _read_only
+
+
+def index_copy(store: Any) -> dict[str, Any]:
+    """The stats' ``"index"``: where this machine holds the index files of the mounted
+    store, so a reader of the mount that needs the catalogue but no image
+    (:class:`pcrfs.sampling.RecordShuffleSampler`) opens it with no network and no
+    credentials. ``dir``: the store's ``index/`` directory, or for a remote store the copy
+    downloaded into the cache directory (``StoreLocation.index_dir``); None if none is
+    found. ``files`` (the manifest's sizes and CRC-32s) and ``counts`` (images, scan
+    groups, records) let the reader check that copy as ``open_store`` would."""
+    from ..store import format as fmt
+    from ..store.location import LocalLocation, _matches
+
+    manifest = store.manifest
+    files = manifest["index_files"]
+    loc = store.location
+    found = None
+    if isinstance(loc, LocalLocation):
+        found = loc.root / fmt.INDEX_DIR
+    elif getattr(loc, "cache_dir", None) is not None and (loc.cache_dir / "index").is_dir():
+        # The copy's name is a digest of the manifest's bytes, which the store does not keep:
+        # the copy whose files have the manifest's sizes (CRC-32s only if several do).
+        def sizes_match(d) -> bool:
+            try:
+                return all((d / name).stat().st_size == want["size"] for name, want in files.items())
+            except OSError:
+                return False
+        same = [d for d in sorted((loc.cache_dir / "index").iterdir()) if sizes_match(d)]
+        if len(same) > 1:
+            same = [d for d in same if all(_matches(d / name, want) for name, want in files.items())]
+        found = same[0] if same else None
+    return {"dir": None if found is None else str(found), "files": files,
+            "counts": [manifest["num_images"], manifest["num_groups"], manifest["num_records"]]}
 
 
 def _pages(n: int) -> int:
