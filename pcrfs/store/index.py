@@ -1,10 +1,15 @@
-"""The store index: a handful of numpy arrays, memory-mapped on load.
+"""The store index: a handful of numpy arrays, read once into private memory on load.
 
-Nothing per image becomes a Python object at load time: 1.28M images load as
-a few ``np.load(mmap_mode="r")`` calls. Paths are decoded one at a time on demand.
+Nothing per image becomes a Python object at load time: 1.28M images load as one
+read per file (~170 MB). The arrays are private copies, not mappings of the files:
+what was checked at open (sizes, CRCs, shapes, values) is what is served for the
+store's whole life, whatever happens to the files afterwards -- a mapping would show
+an in-place edit (wrong offsets, wrong CRCs) and die of SIGBUS on a truncation.
+Paths are decoded one at a time on demand.
 """
 from __future__ import annotations
 
+import io
 import os
 import zlib
 from dataclasses import dataclass
@@ -148,12 +153,14 @@ class Index:
     @classmethod
     def load(cls, directory: Path, checks: dict[str, dict[str, int]] | None = None,
              counts: tuple[int, int, int] | None = None) -> "Index":
-        """Memory-map the index; with ``checks`` (from the manifest) verify sizes and CRCs first.
+        """Read the index; with ``checks`` (from the manifest) verify sizes and CRCs first.
 
         ``counts`` (the manifest's num_images, num_groups, num_records) bound every file's
-        size and fix the arrays' shapes; both are checked before any CRC pass, so a crafted
-        huge (sparse) index file is refused at once. Every file is opened as a regular file
-        (no symlink, FIFO or device) and mapped from the descriptor that was checked."""
+        size and fix the arrays' shapes; both are checked before any file is read, so a
+        crafted huge (sparse) index file is refused at once. Every file is opened as a
+        regular file (no symlink, FIFO or device) and read once, from the descriptor that
+        was checked, into private memory: the CRC, the headers and the arrays all come
+        from that one copy."""
         files: dict[str, tuple[int, int]] = {}
         try:
             for name in fmt.INDEX_FILES:
@@ -173,18 +180,19 @@ class Index:
                         raise IndexFileError(f"index file {directory / name} is {sizes[name]} bytes, more than "
                                           f"a store of {counts[0]} images, {counts[1]} scan groups and "
                                           f"{counts[2]} records can need ({limit})")
+            data = {name: _read_private(directory / name, *files[name]) for name in fmt.INDEX_FILES}
             if checks is not None:
                 for name in fmt.INDEX_FILES:
-                    if fd_crc32(files[name][0]) != checks[name]["crc32"]:
+                    if zlib.crc32(data[name]) != checks[name]["crc32"]:
                         raise IndexFileError(f"index file {directory / name} is damaged (CRC-32 mismatch)")
-            headers = {name: _npy_header(directory / name, *files[name], _expected(name, counts))
+            headers = {name: _npy_header(directory / name, data[name], _expected(name, counts))
                        for name in fmt.INDEX_FILES if name.endswith(".npy")}
 
             def arr(name: str) -> np.ndarray:
-                return _map(files[name][0], *headers[name])
+                return _view(data[name], *headers[name])
 
             def blob(name: str) -> np.ndarray:
-                return _map(files[name][0], np.dtype(np.uint8), (sizes[name],), 0)
+                return _view(data[name], np.dtype(np.uint8), (sizes[name],), 0)
 
             try:
                 index = cls(
@@ -405,12 +413,13 @@ def _open_index_file(path: Path) -> tuple[int, int]:
         raise IndexFileError(f"index file {path} cannot be opened: {e.strerror}") from None
 
 
-def _npy_header(path: Path, fd: int, size: int, shape: tuple[int, ...] | None) -> tuple[np.dtype, tuple, int]:
-    """(dtype, shape, data offset) of the .npy file open at ``fd``, checked: the dtype and
-    number of dimensions the format says, the shape the manifest implies (where it does),
-    C order, and a file size of exactly header + data."""
+def _npy_header(path: Path, data: np.ndarray, shape: tuple[int, ...] | None) -> tuple[np.dtype, tuple, int]:
+    """(dtype, shape, data offset) of the .npy file whose bytes are ``data``, checked: the
+    dtype and number of dimensions the format says, the shape the manifest implies (where
+    it does), C order, and a file size of exactly header + data."""
     want_dtype, ndim = _NPY_TYPES[path.name]
-    with os.fdopen(os.dup(fd), "rb") as f:
+    size = len(data)
+    with io.BytesIO(memoryview(data)[:NPY_HEADER_MAX + 16]) as f:  # the header's bytes (+ magic, length)
         try:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -432,23 +441,30 @@ def _npy_header(path: Path, fd: int, size: int, shape: tuple[int, ...] | None) -
     return dtype, tuple(got_shape), offset
 
 
-def _map(fd: int, dtype: np.dtype, shape: tuple, offset: int) -> np.ndarray:
-    """A read-only mapping of the array at ``offset`` of the file open at ``fd``.
+def _read_private(path: Path, fd: int, size: int) -> np.ndarray:
+    """The ``size`` bytes of the file open at ``fd``, read into private memory (uint8[size]);
+    IndexFileError if it holds fewer now (truncated since it was opened)."""
+    buf = np.empty(size, dtype=np.uint8)
+    view = memoryview(buf)
+    pos = 0
+    while pos < size:  # one pread returns at most ~2 GiB
+        got = os.preadv(fd, [view[pos:]], pos)
+        if got <= 0:
+            raise IndexFileError(f"index file {path} is {pos} bytes, shorter than when it was opened ({size})")
+        pos += got
+    return buf
 
-    np.asarray drops the np.memmap subclass but keeps the mapping: indexing a plain
-    ndarray is ~4x cheaper, and the read path indexes on every request."""
-    if 0 in shape:
+
+def _view(data: np.ndarray, dtype: np.dtype, shape: tuple, offset: int) -> np.ndarray:
+    """The read-only array at ``offset`` of a file's private bytes (no copy)."""
+    count = 1
+    for d in shape:
+        count *= int(d)
+    if count == 0:
         return np.zeros(shape, dtype=dtype)
-    with os.fdopen(os.dup(fd), "rb") as f:
-        return np.asarray(np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape))
-
-
-def fd_crc32(fd: int, chunk: int = 1 << 20) -> int:
-    crc, pos = 0, 0
-    while block := os.pread(fd, chunk, pos):
-        crc = zlib.crc32(block, crc)
-        pos += len(block)
-    return crc
+    out = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    out.flags.writeable = False
+    return out
 
 
 def file_crc32(path: Path, chunk: int = 1 << 20) -> int:

@@ -43,13 +43,23 @@ from .location import DEFAULT_READAHEAD, MANIFEST_MAX_BYTES, LocalLocation, Stor
 ImageRef = Union[int, str]
 
 # A group larger than this (or than an eighth of the group cache, if that is more) that a
-# read cuts is not read whole for every read: its CRC is checked once, streaming it in
-# GROUP_PIECE pieces, and later reads take just their range (records are immutable while
-# a store is open, and each record file's size and header are checked whenever it is opened).
+# read cuts is not kept in the group cache (it would flush it). Its first read streams it
+# whole through its CRC in GROUP_PIECE pieces; what later reads are served from depends
+# on its size, and in neither case can bytes changed in the record afterwards (an edit in
+# place, an object replaced) reach a reader:
+# - up to KEEP_GROUP_BYTES: the checked bytes themselves, kept in a private buffer (the
+#   buffers of recently cut groups share LARGE_GROUP_BUFFER bytes): read once in all;
+# - larger: only the CRC-32 of each CHECK_BLOCK of it, taken during the checked pass (so
+#   they are as trustworthy as the group's own CRC); a later read fetches the blocks it
+#   overlaps and checks each against its CRC before serving a byte. Memory stays bounded
+#   (4 bytes per 64 KiB) and a file read in kernel pieces costs about twice its bytes.
 RANGE_GROUP_BYTES = 1 << 20
 GROUP_PIECE = 1 << 20
 GROUP_PIECES_AT_ONCE = 4      # pieces requested together (a remote store fetches them concurrently)
-VERIFIED_GROUPS = 1 << 16     # (image, group) pairs remembered as checked
+LARGE_GROUP_BUFFER = 64 << 20
+KEEP_GROUP_BYTES = 24 << 20
+CHECK_BLOCK = 64 << 10        # divides GROUP_PIECE
+BLOCK_TABLES = 4096           # groups whose block CRCs are remembered
 
 
 @dataclass(frozen=True)
@@ -98,9 +108,10 @@ class Store:
         self._class_first = np.array([int(index.dir_ranges[d][0]) for d in depth1], dtype=np.int64)
         self._class_end = np.array([int(index.dir_ranges[d][1]) for d in depth1], dtype=np.int64)
         self._mtime_col = index.images["src_mtime_ns"]  # a plain column: cheaper to index than a row's field
-        self._verified: OrderedDict[tuple[int, int], None] = OrderedDict()
-        self._verified_lock = threading.Lock()
-        self._verifying: dict[tuple[int, int], threading.Lock] = {}
+        self._large = ByteLRU(LARGE_GROUP_BUFFER)  # checked private copies of large groups reads cut
+        self._blocks: OrderedDict[tuple[int, int], list[int]] = OrderedDict()  # CRC per CHECK_BLOCK of huge groups
+        self._large_lock = threading.Lock()
+        self._loading: dict[tuple[int, int], threading.Lock] = {}
 
     def _prefix_fetcher(self, cache: ByteLRU | None, disk: DiskCache | None) -> PrefixFetcher | None:
         """Record-prefix fetching, by default where the location says (the policy falls back to
@@ -300,43 +311,77 @@ class Store:
         return data
 
     def _group_range(self, i: int, r: int, g: int, offset: int, length: int, crc: int, lo: int, hi: int) -> bytes:
-        """Bytes [lo, hi) of a large group (0-based ``g`` of image ``i``), its CRC checked first.
+        """Bytes [lo, hi) of a large group (0-based ``g`` of image ``i``), from a copy whose CRC
+        was checked and that cannot change under the reader.
 
         The first read of the group streams all of it through the CRC in pieces of
-        GROUP_PIECE (memory stays bounded whatever its size); later reads take only
-        their range, so reading a large file in kernel-sized pieces reads it about twice
-        in all, not once per piece."""
+        GROUP_PIECE into a private buffer; later reads are served from that buffer, so
+        reading a large file in kernel-sized pieces reads it from the store once. Concurrent
+        first reads of one group wait for a single pass."""
+        if hi <= lo:
+            return b""
         key = (i, g + 1)
-        with self._verified_lock:
-            known = key in self._verified
-            if known:
-                self._verified.move_to_end(key)
-            else:  # concurrent first reads of one group wait for a single CRC pass
-                busy = self._verifying.setdefault(key, threading.Lock())
-        if not known:
+        keep = length <= min(KEEP_GROUP_BYTES, self._large.capacity)
+        with self._large_lock:
+            data = self._large.get(key) if keep else None
+            blocks = self._blocks.get(key) if not keep else None
+            if data is None and blocks is None:  # concurrent first reads of one group wait for one pass
+                busy = self._loading.setdefault(key, threading.Lock())
+        if data is None and blocks is None:
             try:
                 with busy:
-                    with self._verified_lock:
-                        known = key in self._verified
-                    if not known:
-                        self._check_group_streaming(i, r, g, offset, length, crc)
-                        with self._verified_lock:
-                            self._verified[key] = None
-                            if len(self._verified) > VERIFIED_GROUPS:
-                                self._verified.popitem(last=False)
+                    with self._large_lock:
+                        data, blocks = self._large.peek(key), self._blocks.get(key)
+                    if data is None and blocks is None:
+                        data, blocks = self._check_group_streaming(i, r, g, offset, length, crc, keep)
+                        with self._large_lock:
+                            if keep:
+                                self._large.put(key, data)
+                            else:
+                                self._blocks[key] = blocks
+                                while len(self._blocks) > BLOCK_TABLES:
+                                    self._blocks.popitem(last=False)
             finally:
-                with self._verified_lock:
-                    self._verifying.pop(key, None)
-        return self.records.read(r, offset + lo, hi - lo) if hi > lo else b""
+                with self._large_lock:
+                    self._loading.pop(key, None)
+        if data is not None:
+            return data[lo:hi]
+        return self._checked_blocks(i, r, g, offset, length, blocks, lo, hi)
 
-    def _check_group_streaming(self, i: int, r: int, g: int, offset: int, length: int, crc: int) -> None:
+    def _check_group_streaming(self, i: int, r: int, g: int, offset: int, length: int, crc: int,
+                               keep: bool) -> tuple[bytearray | None, list[int] | None]:
+        """One pass over the whole group that checks its CRC: its bytes (``keep``) in a private
+        buffer no one else holds, or else the CRC-32 of each CHECK_BLOCK of it."""
         spans = [Span(r, offset + p, min(GROUP_PIECE, length - p)) for p in range(0, length, GROUP_PIECE)]
-        c = 0
+        c, pos = 0, 0
+        out = bytearray() if keep else None
+        blocks: list[int] = []
         for b in range(0, len(spans), GROUP_PIECES_AT_ONCE):
             for piece in self.records.read_spans(spans[b:b + GROUP_PIECES_AT_ONCE]):
                 c = zlib.crc32(piece, c)
-        if c != crc:
+                pos += len(piece)
+                if out is not None:
+                    out += piece
+                else:
+                    with memoryview(piece) as view:
+                        blocks += [zlib.crc32(view[q:q + CHECK_BLOCK]) for q in range(0, len(view), CHECK_BLOCK)]
+        if c != crc or pos != length:
             raise self.groups.corrupt(i, g + 1, r, offset)
+        return (out, None) if keep else (None, blocks)
+
+    def _checked_blocks(self, i: int, r: int, g: int, offset: int, length: int, blocks: list[int],
+                        lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of a huge group: the blocks they overlap, each checked against the
+        CRC the group's checked pass recorded for it."""
+        b0, b1 = lo // CHECK_BLOCK, (hi - 1) // CHECK_BLOCK + 1
+        start = b0 * CHECK_BLOCK
+        data = self.records.read(r, offset + start, min(length, b1 * CHECK_BLOCK) - start)
+        with memoryview(data) as view:
+            for b in range(b0, b1):
+                q = (b - b0) * CHECK_BLOCK
+                if zlib.crc32(view[q:q + CHECK_BLOCK]) != blocks[b]:
+                    raise self.groups.corrupt(i, g + 1, r, offset)
+            return bytes(view[lo - start:hi - start])
 
     def verify_image(self, i: int) -> list[str]:
         """Problems with image i's stored groups (empty if it is intact)."""
