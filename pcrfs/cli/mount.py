@@ -40,6 +40,9 @@ def mount_cmd(store: str, mountpoint: str, **values) -> None:
     \b
     MOUNTPOINT/scan1 ... MOUNTPOINT/scanN   the source tree, each image cut after k scan groups
     MOUNTPOINT/full                         the source tree at full fidelity (pixel-identical JPEGs)
+    MOUNTPOINT/ssim90, ssim95, ssim98       each image cut at its own k, the smallest reaching that
+                                            MS-SSIM (stores with the quality index: `pcrfs quality
+                                            STORE --write-index` or `pcrfs convert --quality-index`)
     MOUNTPOINT/.pcrfs/stats                 live counters as JSON (see `pcrfs stats`)
 
     Every view is an ordinary directory tree of complete JPEG files, so any loader
