@@ -48,7 +48,8 @@ def split_markdown(text: str) -> tuple[list[tuple[str, str]], str]:
 def command_lines(text: str) -> list[str]:
     """The lines of ``text`` that may hold commands: shell code blocks and inline code spans."""
     blocks, prose = split_markdown(text)
-    lines = [line for lang, body in blocks if lang in SHELL_LANGS for line in body.splitlines()]
+    lines = [line for lang, body in blocks if lang in SHELL_LANGS
+             for line in re.sub(r"\\\n", " ", body).splitlines()]  # a trailing \ continues the line
     return lines + [span.replace("\n", " ") for span in _INLINE.findall(prose)]
 
 
@@ -260,6 +261,7 @@ def test_a_bogus_option_is_caught():
     assert command_problems("Run `pcrfs get STORE PATH --scan 3 --bogus=1`.")[0].startswith(
         "`pcrfs get` has no option --bogus")
     assert command_problems("```sh\n.venv/bin/pcrfs --versions\n```\n")
+    assert command_problems("```sh\npcrfs convert SRC STORE \\\n    --workers 2 --no-such-option\n```\n")
 
 
 def test_a_bogus_command_or_tool_is_caught():
