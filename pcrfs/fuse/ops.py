@@ -382,8 +382,9 @@ def index_copy(store: Any) -> dict[str, Any]:
     (:class:`pcrfs.sampling.RecordShuffleSampler`) opens it with no network and no
     credentials. ``dir``: the store's ``index/`` directory, or for a remote store the copy
     downloaded into the cache directory (``StoreLocation.index_dir``); None if none is
-    found. ``files`` (the manifest's sizes and CRC-32s) and ``counts`` (images, scan
-    groups, records) let the reader check that copy as ``open_store`` would."""
+    found. ``files`` (the manifest's sizes and CRC-32s), ``counts`` (images, scan groups,
+    records) and ``format_version`` let the reader load and check that copy as
+    ``open_store`` would."""
     from ..store import format as fmt
     from ..store.location import LocalLocation, _matches
 
@@ -406,7 +407,8 @@ def index_copy(store: Any) -> dict[str, Any]:
             same = [d for d in same if all(_matches(d / name, want) for name, want in files.items())]
         found = same[0] if same else None
     return {"dir": None if found is None else str(found), "files": files,
-            "counts": [manifest["num_images"], manifest["num_groups"], manifest["num_records"]]}
+            "counts": [manifest["num_images"], manifest["num_groups"], manifest["num_records"]],
+            "format_version": manifest.get("format_version", 1)}
 
 
 def _pages(n: int) -> int:
