@@ -59,6 +59,15 @@ def demo_store(demo_src, tmp_path_factory) -> Path:
     return store
 
 
+@pytest.fixture(scope="session")
+def source_store(demo_src, tmp_path_factory) -> Path:
+    """``demo_src`` in path order (``--order source``, a format-version-1 store): records of
+    consecutive images, for tests of what depends on that layout. Read-only by convention."""
+    store = tmp_path_factory.mktemp("store") / "source.pcr"
+    convert(demo_src, store, record_bytes=256 * 1024, workers=2, order="source")
+    return store
+
+
 @pytest.fixture(scope="module")
 def reader(demo_store):
     """The reader API on ``demo_store`` (what the mount's bytes are compared with)."""

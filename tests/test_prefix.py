@@ -111,7 +111,7 @@ def test_window_mode_fetches_once_reads_show_record_locality():
     plans = [p.access(r, 4, held=0) for _ in range(5) for r in range(8)]
     assert plans[:29] == [None] * 29
     assert [pl.record for pl in plans[29:]] == [5, 6, 7] + list(range(8))
-    assert p.stats() == {"fetches": 11, "declined": 29}
+    assert p.stats() == {"fetches": 11, "declined": 29, "deferred": 0}
 
 
 @pytest.mark.parametrize("records", [20, 30, 1000])
@@ -170,3 +170,46 @@ def test_no_prefetching_outside_view_mode_or_when_off():
     assert [window.prefetch(r, 4) for r in range(5)] == [[]] * 5
     off = RecordPrefixPolicy(b, memory_bytes=0, disk_bytes=1 << 40, prefetch_after=0)
     assert [off.prefetch(r, 2) for r in range(5)] == [[]] * 5
+
+
+# ---- records that mix the dataset (format version 2) -----------------------------------------
+
+def test_mixed_records_wait_for_a_few_distinct_images_before_their_prefix():
+    from pcrfs.store.prefix import mixed_record_thresholds
+
+    need = mixed_record_thresholds(np.array([1000, 3, 0, 2000]))
+    assert need.tolist() == [5, 3, 1, 10]  # 0.5 % of the images, at least 4, at most all of them
+    p = RecordPrefixPolicy(bounds(records=4), 1 << 40, reads_before_fetch=need)
+    assert p.mode(4)[0] is Mode.VIEW
+    # the same image again and again (a file read in kernel pieces) counts once
+    assert [p.access(0, 4, 0, image=7) for _ in range(10)] == [None] * 10
+    plans = [p.access(0, 4, 0, image=j) for j in range(1, 5)]
+    assert plans[:3] == [None] * 3 and plans[3].record == 0
+    assert p.access(2, 4, 0, image=1).record == 2  # a record of no images needs none
+    assert p.stats()["deferred"] == 13
+
+
+def test_a_small_read_of_mixed_records_fetches_no_prefix_and_an_epoch_fetches_all():
+    """A class of 1,300 images spread over 1,000 records of 1,281 (1.3 per record) crosses no
+    record's threshold; a uniform epoch crosses every record's within its first percent."""
+    from pcrfs.store.prefix import mixed_record_thresholds
+
+    rng = np.random.default_rng(5)
+    n_rec, per = 1000, 1281
+    need = mixed_record_thresholds(np.full(n_rec, per))
+    p = RecordPrefixPolicy(bounds(records=n_rec), 1 << 50, reads_before_fetch=need)
+    owner = rng.permutation(n_rec * per) // per  # image -> record, shuffled
+    one_class = rng.choice(n_rec * per, 1300, replace=False)
+    assert all(p.access(int(owner[i]), 4, 0, image=int(i)) is None for i in one_class)
+    assert p.stats()["fetches"] == 0
+    q = RecordPrefixPolicy(bounds(records=n_rec), 1 << 50, reads_before_fetch=need)
+    fetched, first_plan = set(), {}
+    for t, i in enumerate(rng.permutation(n_rec * per)):
+        r = int(owner[i])
+        if r in fetched:
+            continue
+        if q.access(r, 4, 0, image=int(i)) is not None:
+            fetched.add(r)
+            first_plan[r] = t
+    assert len(fetched) == n_rec
+    assert np.percentile(list(first_plan.values()), 99) < 0.02 * n_rec * per

@@ -59,8 +59,47 @@ def upload(store: Path, name: str, remote: RemoteOptions, record_bytes: dict[int
 
 
 @pytest.fixture(scope="module")
-def url(demo_store, remote) -> str:
-    return upload(demo_store, "demo.pcr", remote)
+def url(source_store, remote) -> str:
+    """Records of consecutive images (format version 1): a record's prefix is fetched on its
+    first read. Records that mix the dataset: test_mixed_records_* below."""
+    return upload(source_store, "demo.pcr", remote)
+
+
+@pytest.fixture(scope="module")
+def reader(source_store):
+    s = open_store(source_store)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def mixed_url(demo_store, remote) -> str:
+    return upload(demo_store, "mixed.pcr", remote)
+
+
+def test_mixed_records_serve_a_small_read_image_by_image_and_an_epoch_by_prefix(demo_store, mixed_url, remote):
+    """A shuffled store (format version 2): reading one class touches most records, a few
+    images each -- no prefix is fetched and the bytes are that class's; an epoch (path
+    order) fetches every record's prefix after a few images of each."""
+    with open_store(demo_store) as intact, open_store(mixed_url, options=opts(remote)) as s:
+        assert s.index.shuffled
+        cls = intact.classes[0]
+        mine = [i for i in range(s.num_images) if s.path(i).startswith(cls + "/")]
+        assert len({s.index.record_of(i) for i in mine}) >= 3  # one class spans several records
+        for i in mine:
+            assert s.read(i, 3) == intact.read(i, 3)
+        io = s.io_stats()
+        assert io["record_prefix"]["fetches"] == 0
+        class_bytes = sum(intact.size(i, 3) - 2 for i in mine)
+        assert io["source"]["bytes"] <= 2 * class_bytes
+    with open_store(demo_store) as intact, open_store(mixed_url, options=opts(remote)) as s:
+        for i in range(s.num_images):
+            assert s.read(i, 3) == intact.read(i, 3)
+        io = s.io_stats()
+        assert io["record_prefix"]["fetches"] >= 1
+        # no more than the view plus the images read one by one before their record's prefix
+        view = sum(intact.size(i, 3) - 2 for i in range(s.num_images))
+        assert io["source"]["bytes"] <= 2 * view
 
 
 def opts(remote: RemoteOptions, **kw) -> ReadOptions:
@@ -178,7 +217,9 @@ def test_a_full_disk_cache_evicts_and_never_fails_reads(url, remote, reader, tmp
             assert s.read(i, 2) == reader.read(i, 2)
         assert len(s.fetcher.disk) == 0
     # ... and with no room in memory either: one prefix, then image by image (no refetching)
-    o = opts(remote, disk_cache=str(tmp_path / "dc3"), disk_cache_bytes=1 << 30, cache_bytes=64 << 10)
+    spans = reader.index.record_group_offsets[:, 2].astype(int) - reader.index.record_group_offsets[:, 0].astype(int)
+    smallest = int(spans[spans > 0].min())  # a memory cache too small for any record's prefix at k=2
+    o = opts(remote, disk_cache=str(tmp_path / "dc3"), disk_cache_bytes=1 << 30, cache_bytes=smallest - 1)
     with open_store(url, options=o) as s:
         for i in shuffled(s.num_images):
             assert s.read(i, 2) == reader.read(i, 2)
@@ -213,8 +254,8 @@ def test_small_caches_fall_back_to_image_reads(url, remote, reader):
         assert s.io_stats()["record_prefix"]["fetches"] == 0
 
 
-def test_off_for_local_stores_and_when_asked(url, remote, demo_store):
-    with open_store(demo_store) as s:
+def test_off_for_local_stores_and_when_asked(url, remote, source_store):
+    with open_store(source_store) as s:
         assert s.fetcher.prefixes is None
     with open_store(url, options=opts(remote, record_prefix=False)) as s:
         assert s.fetcher.prefixes is None
@@ -222,10 +263,10 @@ def test_off_for_local_stores_and_when_asked(url, remote, demo_store):
 
 # ---- damage: exactly the affected images fail -------------------------------------------------
 
-def damaged_group(demo_store: Path, reader, i: int, g: int) -> tuple[int, bytes]:
+def damaged_group(source_store: Path, reader, i: int, g: int) -> tuple[int, bytes]:
     """Record bytes of image i's record with a byte of its group g flipped."""
     rng = reader.ranges(i, g)[g - 1]
-    data = bytearray((demo_store / fmt.record_name(rng.record)).read_bytes())
+    data = bytearray((source_store / fmt.record_name(rng.record)).read_bytes())
     data[rng.offset + rng.length // 2] ^= 0x55
     return rng.record, bytes(data)
 
@@ -234,10 +275,10 @@ def affected(reader, record: int, k: int, bad: set[tuple[int, int]]) -> set[int]
     return {i for i, g in bad if g <= min(k, reader.n_groups(i))}
 
 
-def test_a_damaged_group_is_eio_for_its_image_only(demo_store, remote, reader):
+def test_a_damaged_group_is_eio_for_its_image_only(source_store, remote, reader):
     victim = 30
-    r, data = damaged_group(demo_store, reader, victim, 3)
-    url = upload(demo_store, "bad-group.pcr", remote, {r: data})
+    r, data = damaged_group(source_store, reader, victim, 3)
+    url = upload(source_store, "bad-group.pcr", remote, {r: data})
     with open_store(url, options=opts(remote)) as s:
         for k in (2, 3, s.num_groups):
             for i in shuffled(s.num_images, k):
@@ -285,12 +326,12 @@ def test_a_failing_part_is_eio_for_the_images_in_it_and_heals(url, remote, reade
             assert s.read(i, k) == reader.read(i, k)
 
 
-def test_a_truncated_record_is_eio_for_the_images_past_the_cut(demo_store, remote, reader):
+def test_a_truncated_record_is_eio_for_the_images_past_the_cut(source_store, remote, reader):
     r = 1
-    full = (demo_store / fmt.record_name(r)).read_bytes()
-    with open_store(demo_store) as local:
+    full = (source_store / fmt.record_name(r)).read_bytes()
+    with open_store(source_store) as local:
         cut = int(local.index.record_group_offsets[r, 1]) + 1000  # inside the group-2 region
-    url = upload(demo_store, "short.pcr", remote, {r: full[:cut]})
+    url = upload(source_store, "short.pcr", remote, {r: full[:cut]})
     with open_store(url, options=opts(remote)) as s:
         images = [i for i in range(s.num_images) if s.index.record_of(i) == r]
         for i in images:
@@ -306,10 +347,10 @@ def test_a_truncated_record_is_eio_for_the_images_past_the_cut(demo_store, remot
 
 
 @needs_fuse
-def test_mount_damaged_group_is_eio_and_the_daemon_keeps_serving(demo_store, remote, reader, mounts, tmp_path):
+def test_mount_damaged_group_is_eio_and_the_daemon_keeps_serving(source_store, remote, reader, mounts, tmp_path):
     victim = 50
-    r, data = damaged_group(demo_store, reader, victim, 2)
-    url = upload(demo_store, "bad-mount.pcr", remote, {r: data})
+    r, data = damaged_group(source_store, reader, victim, 2)
+    url = upload(source_store, "bad-mount.pcr", remote, {r: data})
     o = ReadOptions(remote=remote, disk_cache=str(tmp_path / "dc"), disk_cache_bytes=1 << 30)
     mnt = Path(mounts.mount(url, "bad", read_options=o).mountpoint)
     for i in shuffled(reader.num_images):

@@ -273,7 +273,7 @@ def _edit_manifest(root: Path, edit) -> None:
     (root / fmt.MANIFEST).write_text(yaml.safe_dump(m, sort_keys=False))
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, "1", None])
+@pytest.mark.parametrize("version", [0, 3, 99, "1", None])
 def test_refuses_wrong_format_version(store_copy, version):
     _edit_manifest(store_copy, lambda m: m.__setitem__("format_version", version))
     with pytest.raises(StoreError, match="version"):

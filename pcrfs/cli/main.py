@@ -90,9 +90,16 @@ def main() -> None:
 @click.option("--quality-index", is_flag=True,
               help="Also score every image and write the adaptive index (ssim90/ ssim95/ ssim98/ views), as "
                    "`pcrfs quality --write-index` would.")
+@click.option("--order", type=click.Choice(["shuffled", "source"]), default="shuffled", show_default=True,
+              help="Which images share a record. shuffled: each record holds a random sample of the whole "
+                   "dataset, so a cache of a few records feeds well-mixed batches (RecordShuffleSampler, "
+                   "bounded-memory shuffles); a store format version 2. source: runs of consecutive paths "
+                   "(a few classes per record), format version 1, readable by older pcrfs.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the shuffled order: the same source and seed give the same store.")
 @endpoint_option
 def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep_metadata, max_pixels,
-            skip_bad, overwrite, quiet, use_dask, scheduler, quality_index, endpoint_url) -> None:
+            skip_bad, overwrite, quiet, use_dask, scheduler, quality_index, order, seed, endpoint_url) -> None:
     """Convert the image tree SRC into a PCR store at STORE.
 
     SRC is an image tree such as torchvision's ImageFolder layout (class/img.jpg);
@@ -127,7 +134,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
         click.echo(f"Listing {src} ...", err=True)
     kwargs = dict(opts=opts, workers=workers, record_bytes=record_size, overwrite=overwrite,
                   listing=list_sources(src), remote=RemoteOptions(endpoint_url=endpoint_url),
-                  quality_index=quality_index)
+                  quality_index=quality_index, order=order, seed=seed)
     result = _run_convert(src, store, kwargs, cluster, _ConvertProgress(quiet))
     _report_convert(result, store, skip_bad, endpoint_url)
 
@@ -238,6 +245,7 @@ def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
         "created": m.get("created"), "images": m["num_images"], "classes": len(m.get("classes", [])),
         "records": m["num_records"], "scan_groups": m["num_groups"], "stored_bytes": m.get("total_bytes"),
         "reencoded": int((s.index.images["flags"] & 1).sum()), "options": m.get("options"),
+        "order": m.get("order", "shuffled" if s.index.shuffled else "source"), "seed": m.get("seed"),
         "views": fractions,
     }
     summary.update(_adaptive_views(s))
@@ -248,6 +256,8 @@ def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
     click.echo(f"images       {summary['images']} in {summary['classes']} classes, {summary['records']} records "
                f"({summary['reencoded']} re-encoded)")
     click.echo(f"stored       {format_size(summary['stored_bytes'] or 0)}, {summary['scan_groups']} scan groups")
+    seed = f", seed {summary['seed']}" if summary["order"] == "shuffled" and summary["seed"] is not None else ""
+    click.echo(f"order        {summary['order']}{seed} (format version {summary['format_version']})")
     click.echo("")
     click.echo(f"{'view':>6}  {'bytes':>12}  {'of full':>8}")
     for v in fractions:

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from ..imagenames import image_by_name, looks_like_image_tree
+import numpy as np
+
 from ..jpeg.transcode import TranscodeOptions
 from ..store import format as fmt
 from ..store.writer import Problem
@@ -129,11 +132,25 @@ def without_bad_names(listing: SourceListing) -> SourceListing:
                          listing.problems + [Problem(f.rel, why) for f, why in bad])
 
 
-def fingerprint(listing: SourceListing, opts: TranscodeOptions, record_bytes: int) -> str:
-    """What a resumed run must share with the run it resumes: files, sizes, mtimes, options."""
+def storage_order(listing: SourceListing, order: str, seed: int) -> SourceListing:
+    """The listing in the order its files will be stored (``docs/format.md``, storage order):
+    the path order for ``"source"``; for ``"shuffled"`` a permutation drawn from ``seed``
+    alone, so a resumed run, a Dask client and a rerun all cut the same records."""
+    if order == fmt.ORDER_SOURCE or len(listing.files) < 2:
+        return listing
+    perm = np.random.default_rng([int(seed), 0x9C5]).permutation(len(listing.files))
+    return SourceListing([listing.files[j] for j in perm.tolist()], listing.problems)
+
+
+def fingerprint(listing: SourceListing, opts: TranscodeOptions, record_bytes: int,
+                order: str = fmt.ORDER_SOURCE, seed: int = 0) -> str:
+    """What a resumed run must share with the run it resumes: files (in storage order),
+    sizes, mtimes, options."""
     h = hashlib.sha256()
-    h.update(json.dumps({"opts": asdict(opts), "record_bytes": record_bytes,
-                         "format": fmt.FORMAT_VERSION}, sort_keys=True).encode())
+    fields = {"opts": asdict(opts), "record_bytes": record_bytes, "format": 1}
+    if order != fmt.ORDER_SOURCE:
+        fields.update(format=2, order=order, seed=int(seed))
+    h.update(json.dumps(fields, sort_keys=True).encode())
     for f in listing.files:
         h.update(fmt.encode_path(f.rel) + b"\0" + f"{f.size}:{f.mtime_ns}".encode() + b"\n")
     return h.hexdigest()

@@ -15,7 +15,8 @@ from ..remote.fs import RemoteOptions
 from ..store import format as fmt
 from .dask import convert_batches
 from .local import convert_locally
-from .plan import ProgressFn, SourceListing, fingerprint, list_sources, plan_batches, without_bad_names
+from .plan import (ProgressFn, SourceListing, fingerprint, list_sources, plan_batches, storage_order,
+                   without_bad_names)
 from .target import FinishedButNotCleaned, StoreTarget
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class _Settings:
     remote: RemoteOptions
     client: "distributed.Client | None"
     quality_index: bool
+    order: str = fmt.ORDER_SHUFFLED
+    seed: int = 0
 
 
 def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeOptions(),
@@ -62,7 +65,7 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
             listing: SourceListing | None = None, on_start: Callable[[int, int], None] | None = None,
             on_progress: ProgressFn | None = None, remote: RemoteOptions = RemoteOptions(),
             staging_dir: Path | None = None, client: "distributed.Client | None" = None,
-            quality_index: bool = False) -> ConvertResult:
+            quality_index: bool = False, order: str = fmt.ORDER_SHUFFLED, seed: int = 0) -> ConvertResult:
     """Convert the image tree ``src`` into a store at ``store`` (a directory or a URL).
 
     ``on_start(total, already_done)`` and ``on_progress(n, bytes)`` drive a progress bar.
@@ -75,6 +78,12 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
     process (see docs/distributed.md); ``workers`` is then unused. The store is the
     same as a local conversion's.
 
+    ``order`` is the storage order (``docs/format.md``): ``"shuffled"`` (the default) puts
+    a pseudo-random sample of the images, drawn from ``seed``, in each record, so that a
+    cache holding a few records holds a sample of the whole dataset (shuffled training
+    with bounded memory); ``"source"`` keeps the path order (a version-1 store). The same
+    source, options and seed give the same store, locally and on Dask.
+
     ValueError if ``src`` and ``store`` overlap; StoreBusy if another conversion is
     writing ``store``. Source paths a mount could not serve are reported as bad files.
     """
@@ -82,8 +91,10 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
     if not src.is_dir():
         raise FileNotFoundError(f"source {src} is not a directory")
     target = StoreTarget.open(src, store, remote, staging_dir)
+    if order not in fmt.ORDERS:
+        raise ValueError(f"unknown storage order {order!r} (one of: {', '.join(fmt.ORDERS)})")
     settings = _Settings(opts, workers, record_bytes, overwrite, on_start, on_progress, remote, client,
-                         quality_index)
+                         quality_index, order, int(seed))
     with target.locked():
         if client is not None:  # workers open these paths themselves, from their own working directories
             src, target = Path(os.path.abspath(src)), target.absolute()
@@ -93,10 +104,10 @@ def convert(src: Path, store: Path | str, *, opts: TranscodeOptions = TranscodeO
 def _convert(src: Path, target: StoreTarget, listing: SourceListing | None, s: _Settings) -> ConvertResult:
     """:func:`convert`, with the checks done and the store's lock held."""
     t0 = time.monotonic()
-    listing = without_bad_names(listing or list_sources(src))
+    listing = storage_order(without_bad_names(listing or list_sources(src)), s.order, s.seed)
     if s.client is not None and listing.files and not os.path.isabs(listing.files[0].abs):
         raise ValueError("a conversion on Dask needs a listing of an absolute source path")
-    fp = fingerprint(listing, s.opts, s.record_bytes)
+    fp = fingerprint(listing, s.opts, s.record_bytes, s.order, s.seed)
     source_bytes = sum(f.size for f in listing.files)
     try:
         writer = target.open_writer(s.overwrite)
@@ -116,6 +127,8 @@ def _convert(src: Path, target: StoreTarget, listing: SourceListing | None, s: _
                                    s.remote, fp, s.on_progress, scoring=scoring)
     manifest = writer.finalize({
         "record_target_bytes": s.record_bytes,
+        "order": s.order,
+        "seed": s.seed,
         "options": {"keep_metadata": s.opts.keep_metadata, "quality": s.opts.quality,
                     "non_jpeg": s.opts.non_jpeg, "max_pixels": s.opts.max_pixels},
     }, extra_problems=listing.problems)

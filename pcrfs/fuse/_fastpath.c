@@ -80,6 +80,9 @@ static struct {
     const uint64_t *group_offsets; /* u8[R, G] */
     const unsigned char *blob;     /* paths.bin */
     const uint64_t *path_offsets;  /* u8[n + 1] */
+    /* format version 2 (a storage order): records hold ranges of storage positions; NULL: v1 */
+    const int64_t *positions;      /* i8[n]: storage position of each image */
+    const uint64_t *storage;       /* u8[n]: image at each storage position */
     /* built here */
     uint32_t *table;               /* image + 1 by path hash, 0: empty */
     uint64_t mask;
@@ -287,11 +290,14 @@ static uint64_t record_first(uint64_t r) {
     return v;
 }
 
-static uint64_t record_of(uint64_t i) { /* the last record whose first image is <= i */
-    uint64_t lo = 0, hi = S.n_records;
+static uint64_t position_of(uint64_t i) { return S.positions ? (uint64_t)S.positions[i] : i; }
+static uint64_t image_at(uint64_t p) { return S.storage ? S.storage[p] : p; }
+
+static uint64_t record_of(uint64_t i) { /* the last record whose first position is <= i's */
+    uint64_t lo = 0, hi = S.n_records, p = position_of(i);
     while (hi - lo > 1) {
         uint64_t mid = (lo + hi) / 2;
-        if (record_first(mid) <= i) lo = mid; else hi = mid;
+        if (record_first(mid) <= p) lo = mid; else hi = mid;
     }
     return lo;
 }
@@ -313,7 +319,7 @@ static const uint64_t *checkpoints(uint64_t r) {
     memcpy(ck, cur, G * sizeof *cur);
     for (uint64_t j = 0; j < count; j++) {
         if (j % CKPT_STRIDE == 0) memcpy(ck + (j / CKPT_STRIDE) * G, cur, G * sizeof *cur);
-        const uint32_t *len = S.lengths + (first + j) * G;
+        const uint32_t *len = S.lengths + image_at(first + j) * G;
         for (uint64_t g = 0; g < G; g++) cur[g] += len[g];
     }
     uint64_t *expected = NULL;
@@ -328,11 +334,11 @@ static const uint64_t *checkpoints(uint64_t r) {
 static int group_offsets(uint64_t i, uint64_t r, unsigned kk, uint64_t *out) {
     const uint64_t *ck = checkpoints(r);
     if (!ck) return -1;
-    uint64_t G = S.n_groups, first = record_first(r), j = i - first;
+    uint64_t G = S.n_groups, first = record_first(r), p = position_of(i), j = p - first;
     uint64_t row = j / CKPT_STRIDE, from = first + row * CKPT_STRIDE;
     for (unsigned g = 0; g < kk; g++) out[g] = ck[row * G + g];
-    for (uint64_t m = from; m < i; m++) {
-        const uint32_t *len = S.lengths + m * G;
+    for (uint64_t m = from; m < p; m++) {
+        const uint32_t *len = S.lengths + image_at(m) * G;
         for (unsigned g = 0; g < kk; g++) out[g] += len[g];
     }
     return 0;
@@ -545,12 +551,12 @@ static void release_all(void) {
 
 static PyObject *configure(PyObject *self, PyObject *args) {
     unsigned long long n, G, R, lengths, crcs, images, image_size, off_mtime, off_ngroups, records, record_size,
-        off_first, group_offsets_p, blob, path_offsets;
+        off_first, group_offsets_p, blob, path_offsets, positions, storage;
     unsigned int uid, gid;
     PyObject *views;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKKKKIIO!", &n, &G, &R, &lengths, &crcs, &images, &image_size,
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKKKKKKIIO!", &n, &G, &R, &lengths, &crcs, &images, &image_size,
                           &off_mtime, &off_ngroups, &records, &record_size, &off_first, &group_offsets_p, &blob,
-                          &path_offsets, &uid, &gid, &PyList_Type, &views))
+                          &path_offsets, &positions, &storage, &uid, &gid, &PyList_Type, &views))
         return NULL;
     release_all();
     void *z = dlopen("libz.so.1", RTLD_NOW | RTLD_LOCAL);
@@ -570,6 +576,7 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     S.image_size = image_size, S.off_mtime = off_mtime, S.off_ngroups = off_ngroups;
     S.records = PTR(records), S.record_size = record_size, S.off_first = off_first;
     S.group_offsets = PTR(group_offsets_p), S.blob = PTR(blob), S.path_offsets = PTR(path_offsets);
+    S.positions = positions ? PTR(positions) : NULL, S.storage = storage ? PTR(storage) : NULL;
     S.uid = uid, S.gid = gid;
     for (Py_ssize_t v = 0; v < PyList_GET_SIZE(views); v++) {
         const char *name;

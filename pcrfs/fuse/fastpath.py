@@ -71,6 +71,9 @@ class FastPath:
             else np.zeros(1, np.uint8),
             "path_offsets": np.ascontiguousarray(index.paths.offsets, dtype="<u8"),
         }
+        if index.shuffled:  # format version 2: records hold ranges of storage positions
+            arrays["positions"] = np.ascontiguousarray(index.positions, dtype="<i8")
+            arrays["storage"] = np.ascontiguousarray(index.storage_order, dtype="<u8")
         views = []
         file_base = 1 + len(index.dirs)
         for name, view in tree.views.items():
@@ -87,6 +90,8 @@ class FastPath:
             images.dtype.fields["n_groups"][1],
             records.ctypes.data, records.dtype.itemsize, records.dtype.fields["first_image"][1],
             arrays["group_offsets"].ctypes.data, arrays["blob"].ctypes.data, arrays["path_offsets"].ctypes.data,
+            arrays["positions"].ctypes.data if index.shuffled else 0,
+            arrays["storage"].ctypes.data if index.shuffled else 0,
             owner[0], owner[1], views)
         self.store = store
         self.local = store.reads_direct and isinstance(store.records, LocalRecords)

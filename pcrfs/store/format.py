@@ -8,7 +8,14 @@ from __future__ import annotations
 import numpy as np
 
 FORMAT_NAME = "pcr"
-FORMAT_VERSION = 1
+# Version 1: a record holds a contiguous range of images in path order.
+# Version 2: the writer chooses which images share a record and their order in it (the
+# storage order, index/storage_order.npy); everything else is as in version 1.
+# A store is written as version 1 when its storage order is the path order, so readers
+# of version 1 keep reading it; readers of this version read both.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+RECORD_LAYOUT_VERSION = 1  # the u32 in every record header: the record file layout, the same in both
 
 MANIFEST = "pcr.yaml"
 INDEX_DIR = "index"
@@ -35,7 +42,7 @@ IMAGE_DTYPE = np.dtype([
 FLAG_REENCODED = 1  # not a lossless transcode: the source was not a (supported) JPEG
 
 RECORD_DTYPE = np.dtype([
-    ("first_image", "<u8"),  # index of the record's first image
+    ("first_image", "<u8"),  # storage position of the record's first image (v1: its image number)
     ("n_images", "<u8"),
     ("size", "<u8"),         # bytes of the record file, header included
 ])
@@ -57,6 +64,18 @@ INDEX_FILES = (
     "dir_offsets.npy",            # u8[D+1]
     "dir_ranges.npy",             # u8[D, 2]  [first, end) images under directory d
 )
+STORAGE_ORDER = "storage_order.npy"  # u8[n] (version 2): the image at each storage position
+STORAGE_ORDER_DTYPE = np.dtype("<u8")
+
+# the storage orders `pcrfs convert --order` writes
+ORDER_SHUFFLED = "shuffled"
+ORDER_SOURCE = "source"
+ORDERS = (ORDER_SHUFFLED, ORDER_SOURCE)
+
+
+def index_files(version: int) -> tuple[str, ...]:
+    """The index files of a store of format ``version``."""
+    return INDEX_FILES + ((STORAGE_ORDER,) if version >= 2 else ())
 
 # Limits every stored name must keep (what Linux allows: NAME_MAX, PATH_MAX), so the
 # mount can list and open all of them; readers refuse an index that breaks them.
@@ -74,7 +93,7 @@ def record_name(record_id: int) -> str:
 
 
 def record_header(record_id: int) -> bytes:
-    return RECORD_MAGIC + FORMAT_VERSION.to_bytes(4, "little") + record_id.to_bytes(4, "little")
+    return RECORD_MAGIC + RECORD_LAYOUT_VERSION.to_bytes(4, "little") + record_id.to_bytes(4, "little")
 
 
 def encode_path(path: str) -> bytes:

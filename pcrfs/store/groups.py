@@ -59,8 +59,9 @@ class GroupTable:
         (indexing a list is cheaper than a numpy scalar on the hot path)."""
         kk = self.groups_for(i, k)
         index = self.index
-        r = index.record_of(i)
-        row = self._record_offsets(r)[i - int(index.records[r]["first_image"])]
+        pos = index.position(i)
+        r = int(np.searchsorted(index.record_starts, pos, side="right")) - 1
+        row = self._record_offsets(r)[pos - int(index.records[r]["first_image"])]
         return (r, row[:kk].tolist(), index.group_lengths[i, :kk].tolist(),
                 index.group_crc32[i, :kk].tolist())
 
@@ -73,18 +74,18 @@ class GroupTable:
         """Bytes of image i's groups 1..``groups`` together."""
         return int(np.asarray(self.group_lengths[i, :groups], dtype=np.int64).sum())
 
-    def record_groups(self, r: int, groups: int, base: int) -> tuple[int, list[int], list[int], list[int]]:
-        """(first image, offsets relative to ``base``, lengths, crcs) of groups 1..``groups``
-        of every image of record r, as flat lists, image-major: entry ``j * groups + g - 1``
-        is image ``first + j``'s group g. Flat, because a record's thousands of small
-        lists would wake the garbage collector (a full collection of the daemon's heap
-        cost ~40% of a prefix's CPU, measured with perf)."""
+    def record_groups(self, r: int, groups: int, base: int) -> tuple[np.ndarray, list[int], list[int], list[int]]:
+        """(images, offsets relative to ``base``, lengths, crcs) of groups 1..``groups`` of
+        every image of record r, as flat lists, image-major: entry ``j * groups + g - 1`` is
+        image ``images[j]``'s group g (the record's images in storage order). Flat, because
+        a record's thousands of small lists would wake the garbage collector (a full
+        collection of the daemon's heap cost ~40% of a prefix's CPU, measured with perf)."""
         index = self.index
-        first = int(index.records[r]["first_image"])
-        n = int(index.records[r]["n_images"])
+        images = index.record_images(r)
+        rows = slice(int(images[0]), int(images[0]) + len(images)) if not index.shuffled and len(images) else images
         offsets = (self._record_offsets(r)[:, :groups].astype(np.int64) - base).ravel().tolist()
-        return (first, offsets, index.group_lengths[first:first + n, :groups].ravel().tolist(),
-                index.group_crc32[first:first + n, :groups].ravel().tolist())
+        return (images, offsets, index.group_lengths[rows, :groups].ravel().tolist(),
+                index.group_crc32[rows, :groups].ravel().tolist())
 
     def corrupt(self, i: int, group: int, record: int, offset: int) -> CorruptData:
         """The error for image i's 1-based ``group`` failing its CRC-32."""

@@ -90,6 +90,9 @@ class Index:
     paths: StringTable
     dirs: StringTable
     dir_ranges: np.ndarray            # u8[D, 2]
+    # u8[n], format version 2: the image at each storage position (None: the path order,
+    # version 1). Records hold ranges of storage positions; images keep their path-order numbers.
+    storage_order: np.ndarray | None = None
 
     @property
     def num_images(self) -> int:
@@ -101,26 +104,61 @@ class Index:
 
     @cached_property
     def record_starts(self) -> np.ndarray:
+        """The storage position of each record's first image."""
         return np.asarray(self.records["first_image"])
 
+    @property
+    def shuffled(self) -> bool:
+        """True if the storage order is not the path order (format version 2)."""
+        return self.storage_order is not None
+
+    @cached_property
+    def positions(self) -> np.ndarray | None:
+        """i8[n]: the storage position of each image (None: the path order)."""
+        if self.storage_order is None:
+            return None
+        pos = np.empty(len(self.storage_order), dtype=np.int64)
+        pos[self.storage_order] = np.arange(len(self.storage_order), dtype=np.int64)
+        return pos
+
+    def position(self, i: int) -> int:
+        """The storage position of image i."""
+        return i if self.storage_order is None else int(self.positions[i])
+
     def record_of(self, i: int) -> int:
-        return int(np.searchsorted(self.record_starts, i, side="right")) - 1
+        return int(np.searchsorted(self.record_starts, self.position(i), side="right")) - 1
 
     def records_of(self, images: np.ndarray) -> np.ndarray:
         """The record of each image id in ``images`` (vectorized :meth:`record_of`): what a
         record-aware sampler groups by, whatever order the store keeps its images in."""
-        return np.searchsorted(self.record_starts, np.asarray(images), side="right") - 1
+        images = np.asarray(images, dtype=np.int64)
+        pos = images if self.storage_order is None else self.positions[images]
+        return np.searchsorted(self.record_starts, pos, side="right") - 1
+
+    def record_images(self, r: int) -> np.ndarray:
+        """The images of record r, in their order in it (the storage order)."""
+        first = int(self.records[r]["first_image"])
+        n = int(self.records[r]["n_images"])
+        if self.storage_order is None:
+            return np.arange(first, first + n, dtype=np.int64)
+        return self.storage_order[first:first + n].astype(np.int64)
 
     def record_offsets(self, r: int) -> np.ndarray:
-        """u8[n_images_in_record, G]: absolute offset of every group of record r's images.
+        """u8[n_images_in_record, G]: absolute offset of every group of record r's images,
+        in storage order (row j: the record's j-th image, :meth:`record_images`).
 
         Group-major layout: group g of image j starts after group g of images before j.
         """
-        first = int(self.records[r]["first_image"])
-        n = int(self.records[r]["n_images"])
-        lengths = self.group_lengths[first:first + n].astype(np.uint64)
+        lengths = self._record_lengths(r).astype(np.uint64)
         offsets = np.cumsum(lengths, axis=0) - lengths
         return offsets + self.record_group_offsets[r]
+
+    def _record_lengths(self, r: int) -> np.ndarray:
+        """u4[n_images_in_record, G]: group lengths of record r's images, in storage order."""
+        if self.storage_order is None:
+            first = int(self.records[r]["first_image"])
+            return self.group_lengths[first:first + int(self.records[r]["n_images"])]
+        return self.group_lengths[self.record_images(r)]
 
     # ---- persistence -------------------------------------------------------
 
@@ -137,13 +175,15 @@ class Index:
             "dir_offsets.npy": self.dirs.offsets,
             "dir_ranges.npy": self.dir_ranges,
         }
+        if self.storage_order is not None:
+            arrays[fmt.STORAGE_ORDER] = self.storage_order
         for name, arr in arrays.items():
             with open(directory / name, "wb") as f:
                 np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
         (directory / "paths.bin").write_bytes(self.paths.blob_bytes())
         (directory / "dirs.bin").write_bytes(self.dirs.blob_bytes())
         checks = {}
-        for name in fmt.INDEX_FILES:
+        for name in fmt.index_files(2 if self.storage_order is not None else 1):
             p = directory / name
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
@@ -152,7 +192,7 @@ class Index:
 
     @classmethod
     def load(cls, directory: Path, checks: dict[str, dict[str, int]] | None = None,
-             counts: tuple[int, int, int] | None = None) -> "Index":
+             counts: tuple[int, int, int] | None = None, version: int = 1) -> "Index":
         """Read the index; with ``checks`` (from the manifest) verify sizes and CRCs first.
 
         ``counts`` (the manifest's num_images, num_groups, num_records) bound every file's
@@ -161,12 +201,13 @@ class Index:
         regular file (no symlink, FIFO or device) and read once, from the descriptor that
         was checked, into private memory: the CRC, the headers and the arrays all come
         from that one copy."""
+        names = fmt.index_files(version)
         files: dict[str, tuple[int, int]] = {}
         try:
-            for name in fmt.INDEX_FILES:
+            for name in names:
                 files[name] = _open_index_file(directory / name)
             sizes = {name: size for name, (_, size) in files.items()}
-            for name in fmt.INDEX_FILES:
+            for name in names:
                 if checks is not None:
                     want = checks.get(name)
                     if want is None:
@@ -176,17 +217,17 @@ class Index:
                                           f"manifest says {want['size']}")
             if counts is not None:
                 for name, limit in size_limits(*counts, sizes).items():
-                    if sizes[name] > limit:
+                    if name in sizes and sizes[name] > limit:
                         raise IndexFileError(f"index file {directory / name} is {sizes[name]} bytes, more than "
                                           f"a store of {counts[0]} images, {counts[1]} scan groups and "
                                           f"{counts[2]} records can need ({limit})")
-            data = {name: _read_private(directory / name, *files[name]) for name in fmt.INDEX_FILES}
+            data = {name: _read_private(directory / name, *files[name]) for name in names}
             if checks is not None:
-                for name in fmt.INDEX_FILES:
+                for name in names:
                     if zlib.crc32(data[name]) != checks[name]["crc32"]:
                         raise IndexFileError(f"index file {directory / name} is damaged (CRC-32 mismatch)")
             headers = {name: _npy_header(directory / name, data[name], _expected(name, counts))
-                       for name in fmt.INDEX_FILES if name.endswith(".npy")}
+                       for name in names if name.endswith(".npy")}
 
             def arr(name: str) -> np.ndarray:
                 return _view(data[name], *headers[name])
@@ -204,6 +245,7 @@ class Index:
                     paths=StringTable(blob("paths.bin"), arr("path_offsets.npy")),
                     dirs=StringTable(blob("dirs.bin"), arr("dir_offsets.npy")),
                     dir_ranges=arr("dir_ranges.npy"),
+                    storage_order=arr(fmt.STORAGE_ORDER) if fmt.STORAGE_ORDER in names else None,
                 )
             except (ValueError, OSError) as e:
                 raise IndexFileError(f"index in {directory} is unreadable: {e}") from e
@@ -239,6 +281,12 @@ class Index:
             problems.append("dir_ranges.npy does not match the directory table")
         if r and (int(self.records["n_images"].sum()) != n or int(self.records[0]["first_image"]) != 0):
             problems.append("records do not cover the images")
+        if self.storage_order is not None:
+            o = self.storage_order
+            if o.dtype != fmt.STORAGE_ORDER_DTYPE or o.shape != (n,):
+                problems.append(f"{fmt.STORAGE_ORDER} does not match the image count")
+            elif n and (int(o.max()) >= n or not np.all(np.bincount(o.astype(np.int64), minlength=n) == 1)):
+                problems.append(f"{fmt.STORAGE_ORDER} is not a permutation of the images")
         if not problems:
             problems = self._value_problems()
         if problems:
@@ -265,9 +313,8 @@ class Index:
         for r in range(len(rec)):
             if problems:
                 break
-            a, b = int(first[r]), int(first[r]) + int(count[r])
             starts = self.record_group_offsets[r]
-            region = self.group_lengths[a:b].sum(axis=0, dtype=np.uint64)
+            region = self._record_lengths(r).sum(axis=0, dtype=np.uint64)
             # compared without adding, so a crafted huge offset cannot wrap around
             if np.any(starts < fmt.RECORD_HEADER_SIZE) or np.any(starts > size[r]) or np.any(region > size[r] - starts):
                 problems.append(f"record {r}: group regions lie outside the record file")
@@ -366,6 +413,7 @@ _NPY_TYPES = {
     "group_crc32.npy": (fmt.GROUP_CRC_DTYPE, 2), "records.npy": (fmt.RECORD_DTYPE, 1),
     "record_group_offsets.npy": (fmt.OFFSET_DTYPE, 2), "path_offsets.npy": (fmt.OFFSET_DTYPE, 1),
     "dir_offsets.npy": (fmt.OFFSET_DTYPE, 1), "dir_ranges.npy": (fmt.OFFSET_DTYPE, 2),
+    fmt.STORAGE_ORDER: (fmt.STORAGE_ORDER_DTYPE, 1),
 }
 
 
@@ -386,6 +434,7 @@ def size_limits(n: int, g: int, r: int, sizes: dict[str, int]) -> dict[str, int]
         "record_group_offsets.npy": h + r * g * fmt.OFFSET_DTYPE.itemsize,
         "path_offsets.npy": h + (n + 1) * fmt.OFFSET_DTYPE.itemsize,
         "paths.bin": n * fmt.MAX_PATH_BYTES,
+        fmt.STORAGE_ORDER: h + n * fmt.STORAGE_ORDER_DTYPE.itemsize,
         "dir_offsets.npy": h + (dirs + 1) * fmt.OFFSET_DTYPE.itemsize,
         "dir_ranges.npy": h + dirs * 2 * fmt.OFFSET_DTYPE.itemsize,
         "dirs.bin": min(paths * (fmt.MAX_PATH_BYTES + 1) // 4,
@@ -399,7 +448,7 @@ def _expected(name: str, counts: tuple[int, int, int] | None) -> tuple[int, ...]
         return None
     n, g, r = counts
     return {"images.npy": (n,), "group_lengths.npy": (n, g), "group_crc32.npy": (n, g), "records.npy": (r,),
-            "record_group_offsets.npy": (r, g), "path_offsets.npy": (n + 1,)}.get(name)
+            "record_group_offsets.npy": (r, g), "path_offsets.npy": (n + 1,), fmt.STORAGE_ORDER: (n,)}.get(name)
 
 
 def _open_index_file(path: Path) -> tuple[int, int]:

@@ -240,17 +240,18 @@ class RemoteLocation(ObjectPrefix, StoreLocation):
         directory = self.cache_dir / "index" / self.identity(manifest_bytes)
         directory.mkdir(parents=True, exist_ok=True)
         checks = manifest["index_files"]
-        for name in fmt.INDEX_FILES:
+        names = fmt.index_files(manifest["format_version"])
+        for name in names:
             if name not in checks:
                 raise StoreError(f"{self.url}/{fmt.MANIFEST} has no checksum for index file {name}")
         # sizes the manifest's counts allow, checked before anything is downloaded
         limits = size_limits(manifest["num_images"], manifest["num_groups"], manifest["num_records"],
-                             {name: checks[name]["size"] for name in fmt.INDEX_FILES})
-        for name in fmt.INDEX_FILES:
+                             {name: checks[name]["size"] for name in names})
+        for name in names:
             if checks[name]["size"] > limits[name]:
                 raise StoreError(f"{self.url}/{fmt.MANIFEST} gives index file {name} {checks[name]['size']} bytes, "
                                  f"more than a store of its counts can need ({limits[name]})")
-        for name in fmt.INDEX_FILES:
+        for name in names:
             want = checks[name]
             local = directory / name
             if _matches(local, want):

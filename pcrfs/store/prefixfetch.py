@@ -135,7 +135,7 @@ class PrefixFetcher(Tiers):
                 except Exception:  # noqa: BLE001 - the fetcher logged it; read image by image
                     return None
                 continue
-            plan = self.policy.access(r, max(k, need), held)
+            plan = self.policy.access(r, max(k, need), held, image=i)
             if plan is None:
                 return None
             for other in self.policy.prefetch(r, plan.groups):
@@ -362,13 +362,13 @@ class PrefixFetcher(Tiers):
 
     def _check(self, r: int, groups: int, base: int, data: Any) -> set[tuple[int, int]]:
         """(image, group) of every group 1..``groups`` of record r whose bytes fail their CRC-32."""
-        first, offsets, lengths, crcs = self.groups.record_groups(r, groups, base)
+        images, offsets, lengths, crcs = self.groups.record_groups(r, groups, base)
         view = memoryview(data)
         crc32 = zlib.crc32
         bad = set()
         for j, (off, length, crc) in enumerate(zip(offsets, lengths, crcs)):
             if length and crc32(view[off:off + length]) != crc:
-                bad.add((first + j // groups, j % groups + 1))
+                bad.add((int(images[j // groups]), j % groups + 1))
         return bad
 
     # ---- bookkeeping -----------------------------------------------------------------------

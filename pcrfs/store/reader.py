@@ -35,7 +35,7 @@ from .backends import RecordFiles, RecordSource, Span  # noqa: F401 - RecordFile
 from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
 from .fetch import GroupFetcher
 from .groups import GroupRange, GroupTable
-from .prefix import RecordPrefixPolicy, group_bounds
+from .prefix import RecordPrefixPolicy, group_bounds, mixed_record_thresholds
 from .prefixfetch import PrefixFetcher
 from .index import Index, IndexFileError
 from .location import DEFAULT_READAHEAD, MANIFEST_MAX_BYTES, LocalLocation, StoreLocation, open_location  # noqa: F401
@@ -120,8 +120,10 @@ class Store:
         if not (self.location.read_defaults.record_prefix if on is None else on):
             return None
         bounds = group_bounds(self.index.record_group_offsets, self.index.records["size"])
+        # records that mix the dataset: a prefix only once reads of the record look like an epoch
+        mixed = mixed_record_thresholds(self.index.records["n_images"]) if self.index.shuffled else None
         policy = RecordPrefixPolicy(bounds, cache.capacity if cache is not None else 0,
-                                    disk.capacity if disk is not None else 0)
+                                    disk.capacity if disk is not None else 0, reads_before_fetch=mixed)
         return PrefixFetcher(self.groups, self.records, policy, cache, disk)
 
     @property
@@ -463,9 +465,10 @@ def parse_manifest(raw: bytes, where: str) -> dict:
         raise StoreError(f"{where} is damaged: its YAML is nested too deeply") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
         raise StoreError(f"{where} is not a PCR manifest")
-    if manifest.get("format_version") != fmt.FORMAT_VERSION:
+    if manifest.get("format_version") not in fmt.READ_VERSIONS:
         raise StoreError(f"{where}: format version {manifest.get('format_version')} is not supported "
-                         f"(this pcrfs reads version {fmt.FORMAT_VERSION})")
+                         f"(this pcrfs reads versions {', '.join(map(str, fmt.READ_VERSIONS))}; "
+                         "a newer pcrfs wrote it: upgrade pcrfs)")
     for key in ("num_images", "num_groups", "num_records", "index_files"):
         if key not in manifest:
             raise StoreError(f"{where} is damaged: no '{key}'")
@@ -519,7 +522,8 @@ def open_store(location: str | os.PathLike, verify_index: bool = True, cache_byt
     index_dir, checked = loc.index_dir(manifest, raw)
     try:
         index = Index.load(index_dir, manifest["index_files"] if verify_index and not checked else None,
-                           (manifest["num_images"], manifest["num_groups"], manifest["num_records"]))
+                           (manifest["num_images"], manifest["num_groups"], manifest["num_records"]),
+                           manifest["format_version"])
     except IndexFileError as e:
         raise StoreError(str(e)) from e
     if index.num_images != manifest["num_images"] or len(index.records) != manifest["num_records"] \

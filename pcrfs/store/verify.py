@@ -85,10 +85,8 @@ def _check_group_counts(store: Store, out: list[Damage]) -> set[int]:
 def _check_record_layout(index, out: list[Damage]) -> set[int]:
     """Where each group region starts follows from the group lengths (group-major layout)."""
     bad = set()
-    lengths = index.group_lengths
     for r, rec in enumerate(index.records):
-        first, n = int(rec["first_image"]), int(rec["n_images"])
-        regions = np.asarray(lengths[first:first + n], dtype=np.uint64).sum(axis=0, dtype=np.uint64)
+        regions = np.asarray(index.group_lengths[index.record_images(r)], dtype=np.uint64).sum(axis=0, dtype=np.uint64)
         ends = fmt.RECORD_HEADER_SIZE + np.cumsum(regions, dtype=np.uint64)
         starts = ends - regions
         size = int(ends[-1]) if len(ends) else fmt.RECORD_HEADER_SIZE
@@ -131,12 +129,12 @@ def _verify_record(store: Store, r: int) -> list[Damage]:
     index = store.index
     rec = index.records[r]
     size = int(rec["size"])
-    first, n = int(rec["first_image"]), int(rec["n_images"])
+    images = index.record_images(r)  # in the record's (storage) order
     # (image, group) of every stored group, in file order: group-major
-    lengths = np.asarray(index.group_lengths[first:first + n], dtype=np.int64)
+    lengths = np.asarray(index.group_lengths[images], dtype=np.int64)
     order_g, order_j = np.nonzero(lengths.T > 0)
     group_lengths = lengths[order_j, order_g].tolist()
-    group_crcs = np.asarray(index.group_crc32[first:first + n])[order_j, order_g].tolist()
+    group_crcs = np.asarray(index.group_crc32[images])[order_j, order_g].tolist()
     out: list[Damage] = []
     at = 0         # which stored group the next byte belongs to
     left = group_lengths[0] if group_lengths else 0
@@ -166,7 +164,7 @@ def _verify_record(store: Store, r: int) -> list[Damage]:
                 view, left = view[take:], left - take
                 if not left:
                     if crc != group_crcs[at]:
-                        i = first + int(order_j[at])
+                        i = int(images[order_j[at]])
                         out.append(Damage(r, store.path(i), int(order_g[at]) + 1, "CRC-32 mismatch"))
                     at, crc = at + 1, 0
                     left = group_lengths[at] if at < len(group_lengths) else 0

@@ -246,8 +246,15 @@ class StoreWriter:
             raise RuntimeError(f"cannot finalize {self.root}: records {missing[:10]} are not finished")
         self.remove_leftovers()  # temporary files of attempts that died: never part of a store
         done = [self.done[r] for r in range(n_records)]
-        rows = [row for d in done for row in d["images"]]
+        rows = [row for d in done for row in d["images"]]  # in storage order (record by record)
         n = len(rows)
+        # images are numbered in path order whatever order the records keep them in
+        by_path = sorted(range(n), key=lambda p: fmt.path_sort_key(rows[p][0]))  # image i's storage position
+        storage_order = np.empty(n, dtype=fmt.STORAGE_ORDER_DTYPE)
+        storage_order[by_path] = np.arange(n, dtype=fmt.STORAGE_ORDER_DTYPE)
+        if np.array_equal(storage_order, np.arange(n, dtype=fmt.STORAGE_ORDER_DTYPE)):
+            storage_order = None  # the path order: a version-1 store, as every reader reads
+        rows = [rows[p] for p in by_path]
         n_groups = max((len(row[4]) for row in rows), default=0)
         images = np.zeros(n, dtype=fmt.IMAGE_DTYPE)
         lengths = np.zeros((n, n_groups), dtype=fmt.GROUP_LENGTH_DTYPE)
@@ -267,7 +274,8 @@ class StoreWriter:
         paths = [row[0] for row in rows]
         dir_names, dir_ranges = directories_of(paths)
         index = Index(images, lengths, crcs, records, rec_offsets,
-                      StringTable.from_strings(paths), StringTable.from_strings(dir_names), dir_ranges)
+                      StringTable.from_strings(paths), StringTable.from_strings(dir_names), dir_ranges,
+                      storage_order)
 
         problems = [p.as_dict() for p in extra_problems] + self.problems()
         for stale in self.sink.record_ids():  # left by an earlier, abandoned conversion of more records
@@ -312,7 +320,7 @@ def publish(root: Path, index: Index, problems: list[dict], manifest_extra: dict
     classes = [name for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
     manifest = {
         "format": fmt.FORMAT_NAME,
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": 2 if index.shuffled else 1,
         "pcrfs_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "num_images": n,
