@@ -157,16 +157,23 @@ class _Resume:
 
 
 class _SamplerIterator(Iterator[int]):
-    """One pass over a rank's share; counts what it yields (the sampler's state reads it)."""
+    """One pass over a rank's share; counts what it yields (the sampler's state reads it).
 
-    def __init__(self, sampler: "RecordShuffleSampler", epoch: int, closed: tuple, start: int) -> None:
+    DataLoaders make spare iterators (torchdata's batch sampler calls ``iter`` at once,
+    and a loader with workers makes one iterator and then another in its ``_reset``), so
+    nothing happens until the first ``next``: the share is computed then, and a resume
+    from ``load_state_dict`` is used up by the first iterator that yields, not by the
+    first one made."""
+
+    def __init__(self, sampler: "RecordShuffleSampler", epoch: int, resume: _Resume | None) -> None:
         self.sampler = sampler
         self.epoch = epoch
-        self.closed = closed
-        self.start = start
+        self.resume = resume
+        self.closed = resume.closed if resume else ()
+        self.start = resume.start if resume else 0
         self.world_size = sampler.world_size
         self.yielded = 0
-        self._share: list[int] | None = None  # computed on the first next(): DataLoaders make spare iterators
+        self._share: list[int] | None = None
 
     def __iter__(self) -> "_SamplerIterator":
         return self
@@ -175,6 +182,8 @@ class _SamplerIterator(Iterator[int]):
         share = self._share
         if share is None:
             share = self._share = self.sampler._share(self.epoch, self.closed).tolist()
+            if self.resume is not None and self.sampler._resume is self.resume:
+                self.sampler._resume = None  # used up: the next iterator starts the epoch afresh
         pos = self.start + self.yielded
         if pos >= len(share):
             raise StopIteration
@@ -254,7 +263,7 @@ class RecordShuffleSampler:
         n = len(images)
         self.num_samples = share_length(n, world_size, drop_last)
         self._orders: tuple[tuple[int, int, int], np.ndarray] | None = None  # the last epoch's order, cached
-        self._resume: _Resume | None = None            # from load_state_dict, for the next __iter__
+        self._resume: _Resume | None = None            # from load_state_dict, until an iterator yields
         self._iterator: _SamplerIterator | None = None  # the last one handed out (its count is the state)
 
     def set_epoch(self, epoch: int) -> None:
@@ -290,8 +299,7 @@ class RecordShuffleSampler:
 
     def __iter__(self) -> Iterator[int]:
         resume = self._resume if self._resume is not None and self._resume.epoch == self.epoch else None
-        self._resume = None
-        it = _SamplerIterator(self, self.epoch, resume.closed if resume else (), resume.start if resume else 0)
+        it = _SamplerIterator(self, self.epoch, resume)
         self._iterator = it
         return it
 

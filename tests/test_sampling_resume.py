@@ -310,3 +310,24 @@ def test_set_epoch_to_another_epoch_drops_a_loaded_resume():
     t.set_epoch(4)
     assert len(list(t)) == 30
     assert t.state_dict()["progress"] == [[1, 30]] and t.state_dict()["epoch"] == 4
+
+
+@pytest.mark.parametrize("loader", ["torch", "stateful"])
+def test_a_state_loaded_into_the_sampler_itself_survives_the_loaders_spare_iterators(loader):
+    """``sampler.load_state_dict`` and then a DataLoader with workers (which makes an iterator,
+    then another): the iterator that yields resumes; the next epoch starts afresh."""
+    from torch.utils.data import DataLoader
+
+    make_loader = DataLoader if loader == "torch" else StatefulDataLoader
+    record_of = np.repeat(np.arange(8), 6)
+    s = RecordShuffleSampler.from_records(record_of, 3, seed=2)
+    s.set_epoch(1)
+    whole = list(s)
+    it = iter(s)
+    [next(it) for _ in range(13)]
+    t = RecordShuffleSampler.from_records(record_of, 3, seed=2)
+    t.load_state_dict(s.state_dict())
+    dl = make_loader(list(range(len(record_of))), batch_size=4, sampler=t, num_workers=2)
+    assert [i for b in dl for i in b.tolist()] == whole[13:]
+    assert t.state_dict()["progress"] == [[1, 48]]
+    assert [i for b in dl for i in b.tolist()] == whole  # the same epoch again, from its start
