@@ -21,10 +21,12 @@ from the mount: the catalogue from the local copy of the index it serves (its
 ``/.pcrfs/stats`` says where, with the sizes and CRC-32s to check it against --
 no network, no credentials, also for an ``s3://`` store), and the window from
 the cache it keeps (its ``--cache-size``, or its disk cache if larger): as many
-records as 90 % of it holds, at their largest prefix for the view. A window
-asked for that does not fit is clamped, with a :class:`WindowWarning`. A store
-URL takes ``storage_options`` as ``pcrfs.torch.ImageFolder`` does; only its
-manifest and index are read (no record client is opened).
+records as 90 % of it holds, at their largest prefix for the view. Where records
+are fetched as whole prefixes (remote stores, and mounts of them), a window asked
+for that does not fit is clamped, with a :class:`WindowWarning`; a local store is
+read image by image, so any window costs the same bytes there. A store URL takes
+``storage_options`` as ``pcrfs.torch.ImageFolder`` does; only its manifest and
+index are read (no record client is opened).
 
 **Ranks.** Like ``DistributedSampler``: ``rank``/``world_size`` give each rank a
 disjoint, contiguous share of the epoch's order (so each rank opens only its
@@ -222,13 +224,13 @@ class RecordShuffleSampler:
         fits = default_window(source.store, source.view, budget)
         if window is None:
             window = fits
-        elif window > fits:
+        elif window > fits and source.prefixes:
             need = window_bytes(source.store, source.view, window)
             warnings.warn(f"window={window} records does not fit {source.cache_what} ({budget} bytes): "
                           f"{fits} records' largest {source.view} prefixes fit in {HEADROOM:.0%} of it, so "
                           f"records would be fetched again and again (up to several times the view's bytes); "
                           f"using window={fits}. For window={window}, give it a cache of at least {need} "
-                          f"bytes (the mount's --cache-size)", WindowWarning, stacklevel=2)
+                          f"bytes ({source.cache_knob})", WindowWarning, stacklevel=2)
             window = fits
         fingerprint = catalogue_fingerprint(images, record_of, source.store.index.paths.blob())
         self._init(images, record_of, window, seed, rank, world_size, drop_last, fingerprint)
@@ -464,16 +466,24 @@ class _Source:
     view: str
     cache_bytes: int      # what the cache that will serve the records keeps
     cache_what: str       # that cache, for messages
+    cache_knob: str       # how to make it larger, for messages
+    # Whether that reader fetches whole record prefixes (remote stores; mounts of them): only
+    # then does a window larger than its cache fetch records again and again. Local stores
+    # are read image by image, from the page cache: any window costs the same bytes.
+    prefixes: bool
     is_mount: bool = False
+
+
+_DEFAULT_CACHE = "the default cache (the mount's default --cache-size)"
 
 
 def _open(path_or_store: Any, view: str, storage_options: Mapping[str, Any] | None) -> _Source:
     """A Store, a mounted view or mount root, or a store's path or URL."""
     if hasattr(path_or_store, "index") and hasattr(path_or_store, "paths"):
-        cache = path_or_store.cache
+        cache, prefixes = path_or_store.cache, bool(getattr(path_or_store, "serves_prefixes", False))
         if cache is not None and cache.capacity:
-            return _Source(path_or_store, view, cache.capacity, "the store's memory cache")
-        return _Source(path_or_store, view, DEFAULT_CACHE_BYTES, "the default cache (the mount's default --cache-size)")
+            return _Source(path_or_store, view, cache.capacity, "the store's memory cache", "cache_bytes=", prefixes)
+        return _Source(path_or_store, view, DEFAULT_CACHE_BYTES, _DEFAULT_CACHE, "cache_bytes=", prefixes)
     from .store import format as fmt
 
     text = os.fspath(path_or_store)
@@ -495,17 +505,19 @@ def _open_mount(mnt: Path, view: str) -> _Source:
     stats = json.loads((mnt / ".pcrfs" / "stats").read_bytes())
     memory = int(stats.get("cache", {}).get("capacity", 0))
     disk = int(stats.get("io", {}).get("disk_cache", {}).get("capacity", 0))
-    what = f"the cache of the mount at {mnt} ({'its disk cache' if disk > memory else '--cache-size'})"
-    cache = max(memory, disk)
+    prefixes = "record_prefix" in stats.get("io", {})  # the mount fetches record prefixes
+    what = f"the cache of the mount at {mnt}"
+    knob = "the mount's --disk-cache-size" if disk > memory else "the mount's --cache-size"
+    cache = max(memory, disk)  # as the mount's prefix policy: the larger of its caches holds the window
     info = stats.get("index") or {}
     if info.get("dir"):
         index = _load_index(Path(info["dir"]), info["files"], info["counts"], info.get("format_version", 1),
                             f"the index copy of the mount at {mnt} ({info['dir']})")
-        return _Source(_Catalogue(index, str(stats.get("store", mnt))), view, cache, what, is_mount=True)
+        return _Source(_Catalogue(index, str(stats.get("store", mnt))), view, cache, what, knob, prefixes, True)
     store = str(stats.get("store", ""))
     if "index" not in stats and store and "://" not in store:  # a daemon from before the "index" stats
         source = _open_location(store, view, None)
-        return _Source(source.store, view, cache, what, is_mount=True)
+        return _Source(source.store, view, cache, what, knob, prefixes, True)
     why = "its cache directory no longer has the copy: remount it" if "index" in stats else "remount it with this pcrfs"
     raise StoreError(f"the mount at {mnt} does not say where this machine holds its index ({why}); or give the "
                      f"sampler the store's location ({store}) and storage_options")
@@ -522,22 +534,27 @@ def _open_location(text: str, view: str, storage_options: Mapping[str, Any] | No
 
     options = read_options(storage_options)
     loc = open_location(text, options.remote, Path(options.disk_cache) if options.disk_cache else None)
-    raw = loc.manifest_bytes()
-    manifest = parse_manifest(raw, loc.describe(fmt.MANIFEST))
-    index_dir, checked = loc.index_dir(manifest, raw)
+    try:
+        raw = loc.manifest_bytes()
+        manifest = parse_manifest(raw, loc.describe(fmt.MANIFEST))
+        index_dir, checked = loc.index_dir(manifest, raw)
+    finally:
+        _close_session(getattr(loc, "fs", None))
     index = _load_index(index_dir, None if checked else manifest["index_files"],
                         (manifest["num_images"], manifest["num_groups"], manifest["num_records"]),
                         manifest.get("format_version", 1), loc.url)
-    url = loc.url
-    # the memory cache open_store gives a store opened with these options (readahead's window raises it)
+    # the caches open_store gives a store opened with these options (readahead's window raises
+    # the memory cache), the larger of which holds the prefixes (as the prefix policy has it)
     readahead = options.readahead_for(loc)
-    cache = max(int(options.cache_bytes), 4 * readahead if readahead else 0)
-    _close_session(getattr(loc, "fs", None))
+    cache = max(int(options.cache_bytes), 4 * readahead if readahead else 0,
+                int(options.disk_cache_bytes) if options.disk_cache else 0)
+    on = options.record_prefix
+    prefixes = loc.read_defaults.record_prefix if on is None else bool(on)
+    knob = "storage_options cache_bytes / disk_cache_bytes"
     if cache:
-        return _Source(_Catalogue(index, url), view, cache,
-                       "the memory cache of a store opened with these storage_options")
-    return _Source(_Catalogue(index, url), view, DEFAULT_CACHE_BYTES,
-                   "the default cache (the mount's default --cache-size)")
+        return _Source(_Catalogue(index, loc.url), view, cache, "the caches of a store opened with these "
+                       "storage_options", knob, prefixes)
+    return _Source(_Catalogue(index, loc.url), view, DEFAULT_CACHE_BYTES, _DEFAULT_CACHE, knob, prefixes)
 
 
 def _close_session(fs: Any) -> None:

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,12 @@ def test_the_default_window_fits_a_4M_mount(big_store, mounts):
 
 
 def test_a_window_that_does_not_fit_the_mount_is_clamped_with_a_warning(big_store, mounts):
-    mnt = Path(mounts.mount(big_store, "m", cache_size="4M").mountpoint)
+    """On a mount that fetches record prefixes (as a remote store's mount does), a window
+    larger than its cache holds is clamped, with a warning saying what cache it would need;
+    on one that reads image by image (a local store's, by default) it is taken as asked."""
+    mnt = Path(mounts.mount(big_store, "m", cache_size="4M", read_options=ReadOptions(record_prefix=True)).mountpoint)
     fits = RecordShuffleSampler(mnt / "full").window
-    with pytest.warns(WindowWarning, match=r"does not fit .*--cache-size.*at least \d+ bytes"):
+    with pytest.warns(WindowWarning, match=r"does not fit .* at least \d+ bytes \(the mount's --cache-size\)"):
         s = RecordShuffleSampler(mnt / "full", window=fits + 5)
     assert s.window == fits
     with pytest.warns(WindowWarning, match="more than"):
@@ -86,6 +90,12 @@ def test_a_window_that_does_not_fit_the_mount_is_clamped_with_a_warning(big_stor
     assert small.window <= fits and small.cache_bytes == CACHE // 4
     with pytest.raises(ValueError, match="storage_options"):
         RecordShuffleSampler(mnt / "full", storage_options={"endpoint_url": "http://127.0.0.1:1"})
+
+    plain = Path(mounts.mount(big_store, "plain", cache_size="4M").mountpoint)
+    assert RecordShuffleSampler(plain / "full").window == fits  # the default fits the cache all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WindowWarning)
+        assert RecordShuffleSampler(plain / "full", window=fits + 5).window == fits + 5
 
 
 def test_the_mount_and_the_store_give_the_same_catalogue(big_store, mounts):
