@@ -338,6 +338,22 @@ class RecordShuffleSampler:
             "samples": sum(c for _, c in progress),    # indices this rank was handed this epoch
         }
 
+    @staticmethod
+    def state_in(loader_state: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The sampler's state inside a ``StatefulDataLoader.state_dict()`` (wherever that
+        keeps it: with or without workers, under a batch sampler or not), or None. Its loader
+        state resumes only a loader with as many workers; this one resumes the sampler of
+        any loader (``sampler.load_state_dict(RecordShuffleSampler.state_in(saved))``)."""
+        if not isinstance(loader_state, Mapping):
+            return None
+        if loader_state.get("version") == STATE_VERSION and "fingerprint" in loader_state:
+            return dict(loader_state)
+        for value in loader_state.values():
+            found = RecordShuffleSampler.state_in(value)
+            if found is not None:
+                return found
+        return None
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from ``state`` (of any rank, on any number of ranks; see the module doc).
         ValueError, changing nothing, if it is not a state of this sampler's catalogue,

@@ -30,13 +30,9 @@ def read_file(path: str) -> tuple[str, int]:
 
 
 def sampler_state(loader_state: dict) -> dict:
-    """The sampler's state inside a StatefulDataLoader's (wherever that version keeps it)."""
-    if "fingerprint" in loader_state:
-        return loader_state
-    for value in loader_state.values():
-        if isinstance(value, dict) and (found := sampler_state(value)) is not None:
-            return found
-    return None
+    found = RecordShuffleSampler.state_in(loader_state)
+    assert found is not None
+    return found
 
 
 def names(batches) -> list[str]:
@@ -76,6 +72,10 @@ def test_exact_resume_under_prefetching_workers(demo_store, mounts):
     assert saved["samples"] == k * 5 and saved["progress"] == [[1, k * 5]] and saved["epoch"] == 1
     json.dumps(saved)  # plain numbers and strings
     del dl
+
+    other_workers = sampler(1)  # a loader with another number of workers: the sampler's state alone
+    other_workers.load_state_dict(saved)
+    assert names(consumed) + names(StatefulDataLoader(ds, batch_size=5, sampler=other_workers)) == whole
 
     resumed_sampler = sampler(1)
     dl = loader(resumed_sampler)
