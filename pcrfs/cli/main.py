@@ -120,6 +120,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     conversion's, and interrupted runs resume the same way.
     """
     from ..convert import list_sources
+    from ..convert.target import check_arguments
     from ..jpeg.transcode import TranscodeOptions
     from ..remote.fs import RemoteOptions, is_url
 
@@ -130,6 +131,10 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
         if not is_url(store):
             store = os.path.abspath(store)
     opts = TranscodeOptions(keep_metadata=keep_metadata, quality=quality, non_jpeg=non_jpeg, max_pixels=max_pixels)
+    try:  # before a listing (of a store, or of every view of a mount): swapped or overlapping arguments
+        check_arguments(src, store)
+    except ValueError as e:
+        fail(str(e))
     if not quiet:
         click.echo(f"Listing {src} ...", err=True)
     kwargs = dict(opts=opts, workers=workers, record_bytes=record_size, overwrite=overwrite,

@@ -53,7 +53,8 @@ def list_sources(src: Path) -> SourceListing:
 
     Hidden entries (dot-names) are ignored. Symlinks to files are followed only if
     their target lies inside ``src``; symlinked directories are never followed (no
-    loops, no escapes). Both are reported, never silently dropped.
+    loops, no escapes). Both are reported, never silently dropped. Files that are not
+    images by their name (see :func:`image_by_name`) are skipped and reported as skipped.
     """
     listing = SourceListing()
     root_real = os.path.realpath(src)
@@ -85,11 +86,34 @@ def list_sources(src: Path) -> SourceListing:
             parts = rel_parts + (entry.name,)
             stack.append((iter(entries_of(entry.path, parts)), parts))
         elif stat.S_ISREG(st.st_mode):
+            why_not = image_by_name(entry.name, entry.path)
+            if why_not:
+                listing.problems.append(Problem(rel, why_not, "skipped"))
+                continue
             listing.files.append(SourceFile(rel, entry.path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino))
         else:
             listing.problems.append(Problem(rel, "not a regular file", "skipped"))
     listing.files.sort(key=lambda f: fmt.path_sort_key(f.rel))
     return listing
+
+
+def refuse_swapped(src: Path, store: Path | str | None) -> None:
+    """ValueError if ``src`` is a store or a mount (not an image tree), or if the local
+    ``store`` looks like an image tree: the arguments were most likely swapped."""
+    usage = "`pcrfs convert IMAGE_TREE STORE` reads IMAGE_TREE and writes STORE"
+    if os.path.exists(os.path.join(src, fmt.MANIFEST)) or os.path.isdir(os.path.join(src, fmt.PARTIAL_DIR)):
+        raise ValueError(f"the source {src} is a PCR store (it has {fmt.MANIFEST}), not an image tree; "
+                         f"are the arguments swapped? {usage}")
+    if os.path.exists(os.path.join(src, ".pcrfs", "stats")):
+        raise ValueError(f"the source {src} is the root of a pcrfs mount (its directories are views of "
+                         f"one store); convert a view such as {os.path.join(src, 'full')}, or use the store itself")
+    if store is None or not os.path.isdir(store) or os.path.exists(os.path.join(store, fmt.MANIFEST)) \
+            or os.path.isdir(os.path.join(store, fmt.PARTIAL_DIR)):
+        return
+    example = looks_like_image_tree(store)
+    if example is not None:
+        raise ValueError(f"the store {store} looks like an image tree (it holds {example}), not a PCR store; "
+                         f"are the arguments swapped? {usage}")
 
 
 def _vetted_stat(entry: os.DirEntry, rel: str, root_real: str, problems: list[Problem]) -> os.stat_result | None:

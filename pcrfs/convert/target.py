@@ -24,7 +24,7 @@ from ..store import format as fmt
 from ..store.location import _digest, default_cache_dir
 from ..store.sink import LocalSink, ObjectSink, RecordSink
 from ..store.writer import StoreWriter
-from .plan import refuse_overlap
+from .plan import refuse_overlap, refuse_swapped
 
 
 class StoreExists(RuntimeError):
@@ -45,6 +45,16 @@ def staging_path(url: str, cache_dir: Path | None = None) -> Path:
     return (Path(cache_dir) if cache_dir else default_cache_dir()) / "staging" / _digest(url.rstrip("/"))
 
 
+def check_arguments(src: Path, store: Path | str) -> None:
+    """ValueError if a local ``store`` overlaps the source ``src``, or if the arguments look
+    swapped (``src`` a store or a mount, ``store`` an image tree). Nothing is read or written."""
+    if is_url(str(store)):
+        refuse_swapped(src, None)
+    else:
+        refuse_overlap(src, Path(store))
+        refuse_swapped(src, Path(store))
+
+
 @dataclass(frozen=True)
 class StoreTarget:
     location: str     # the store's path or URL, as workers and the adaptive index are given it
@@ -54,11 +64,11 @@ class StoreTarget:
 
     @classmethod
     def open(cls, src: Path, store: Path | str, remote: RemoteOptions, staging_dir: Path | None) -> "StoreTarget":
-        """The target for ``store``; ValueError if a local one overlaps the source ``src``."""
+        """The target for ``store``; ValueError as :func:`check_arguments` says."""
+        check_arguments(src, store)
         if is_url(str(store)):
             sink = ObjectSink(str(store), remote)
             return cls(sink.url, sink, staging_path(sink.url, staging_dir), True)
-        refuse_overlap(src, Path(store))
         return cls(str(store), LocalSink(store), Path(store), False)
 
     def absolute(self) -> "StoreTarget":
@@ -77,23 +87,51 @@ class StoreTarget:
         machine (object stores have no lock that pcrfs could take for conversions on other
         machines)."""
         if self.staged:
-            self.work_dir.parent.mkdir(parents=True, exist_ok=True)
-            path, create_file = self.work_dir.parent / (self.work_dir.name + ".lock"), True
+            path = self.work_dir.parent / (self.work_dir.name + ".lock")
+            fd = self._lock_file(path)
         else:
             if self.work_dir.exists() and not self.work_dir.is_dir():
                 raise StoreExists(f"{self.work_dir} exists and is not a directory")
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            path, create_file = self.work_dir, False
-        try:
-            fd = lock_exclusive(path, create_file=create_file)
-        except LockHeld:
-            raise StoreBusy(f"another convert is writing this store ({self.location}); wait for it to finish, "
-                            "or stop it and run this command again to resume") from None
+            path = self.work_dir
+            try:
+                fd = lock_exclusive(path)
+            except LockHeld:
+                raise self._busy() from None
         try:
             yield
         finally:
             if fd is not None:
+                if self.staged:  # nothing left behind: the lock file goes while still held
+                    _remove_lock_file(path)
                 os.close(fd)
+
+    def _busy(self) -> "StoreBusy":
+        return StoreBusy(f"another convert is writing this store ({self.location}); wait for it to finish, "
+                         "or stop it and run this command again to resume")
+
+    def _lock_file(self, path: Path) -> int | None:
+        """``flock`` on the lock file ``path`` (made if missing), removed again when the
+        conversion ends. A lock taken on a file that its holder has meanwhile removed
+        locks nothing: then the lock is taken again on the file that is there now."""
+        for _ in range(100):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = lock_exclusive(path, create_file=True)
+            except LockHeld:
+                raise self._busy() from None
+            except FileNotFoundError:  # the staging directory went with another run's last lock file
+                continue
+            if fd is None:
+                return None
+            try:
+                held, there = os.fstat(fd), os.stat(path)
+                if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise self._busy()
 
     def open_writer(self, overwrite: bool) -> StoreWriter:
         """A writer for the store, after refusing to clobber a finished one (with ``overwrite``
@@ -140,6 +178,18 @@ class StoreTarget:
         """After the manifest: a remote store's staging directory is no longer needed."""
         if self.staged:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _remove_lock_file(path: Path) -> None:
+    """Remove a held lock file, and the staging directory above it once it is empty."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    try:
+        path.parent.rmdir()  # fails (ENOTEMPTY) while other conversions stage there
+    except OSError:
+        pass
 
 
 def _prepare_local(store: Path, overwrite: bool) -> None:
