@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from ..fsutil import fsync_dir, write_atomic
+from ..imagenames import looks_like_image_tree
 from ..remote.bwlimit import TokenBucket
 from ..remote.fs import RemoteError, RemoteOptions, explain, is_url
 from ..remote.prefix import ObjectPrefix
@@ -143,6 +144,10 @@ class LocalLocation(StoreLocation):
                                  "run the same `pcrfs convert` again to resume it")
             if not self.root.exists():
                 raise StoreError(f"{self.root}: no such store")
+            example = looks_like_image_tree(self.root) if self.root.is_dir() else None
+            if example is not None:
+                raise StoreError(f"{self.root} is an image tree (it holds {example}), not a PCR store (no "
+                                 f"{fmt.MANIFEST}); convert it first: pcrfs convert {self.root} STORE")
             raise StoreError(f"{self.root} is not a PCR store (no {fmt.MANIFEST})")
         try:
             return read_capped(path, MANIFEST_MAX_BYTES)
@@ -150,11 +155,32 @@ class LocalLocation(StoreLocation):
             raise StoreError(f"{path}: {e.strerror}") from None
 
     def index_dir(self, manifest: dict, manifest_bytes: bytes) -> tuple[Path, bool]:
-        return self.root / fmt.INDEX_DIR, False
+        return self._own_directory(fmt.INDEX_DIR), False
 
     def records(self, record_sizes: np.ndarray, bwlimit: TokenBucket | None = None) -> RecordSource:
+        self._own_directory(fmt.RECORDS_DIR)
         self._check_record_files(len(record_sizes))
         return LocalRecords(self.root, record_sizes, bwlimit)
+
+    def _own_directory(self, name: str) -> Path:
+        """``root/name``, refused (StoreError) if it is a symlink or anything but a directory:
+        a symlinked index/ or records/ would serve files from outside the store, which the
+        checks of the files inside (no symlinks, FIFOs, devices) cannot see. A missing one
+        is left to the reads that need it (a missing index file, a missing record)."""
+        path = self.root / name
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return path
+        except OSError as e:
+            raise StoreError(f"{path} cannot be examined: {e.strerror}") from None
+        if stat.S_ISLNK(mode):
+            raise StoreError(f"{path} is a symlink; a store serves only its own files (symlinks are refused): "
+                             f"put the {name} directory itself there, or bind-mount it")
+        if not stat.S_ISDIR(mode):
+            kind = "a regular file" if stat.S_ISREG(mode) else kind_of(mode)
+            raise StoreError(f"{path} is {kind}, not a directory; this store is damaged")
+        return path
 
     def _check_record_files(self, count: int) -> None:
         """Refuse the store if a record file is a symlink, FIFO, device or directory: one
