@@ -28,7 +28,7 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from . import access
 from .access import open_with_options
 from .store.reader import Store
-from .views import STATS_DIR, DirNode, FileNode, Node, View, ViewTree
+from .views import ROOT_HINT_DIR, STATS_DIR, DirNode, FileNode, Node, View, ViewTree
 
 PROTOCOL = "pcr"
 _LOCAL_PROTOCOLS = (None, "", "file", "local")
@@ -102,8 +102,14 @@ class PCRFileSystem(AbstractFileSystem):
     def _resolve(self, path: str) -> tuple[ViewTree, Node]:
         tree = self._view_tree()
         path = self._strip_protocol(path)
-        if path.split("/", 1)[0] == STATS_DIR:
+        top = path.split("/", 1)[0]
+        if top in (STATS_DIR, ROOT_HINT_DIR):
             raise FileNotFoundError(path)
+        if top and top not in tree.views:  # say which views there are (scan11 of 10 groups, no ssim95 ...)
+            try:
+                access.find_view(tree.views, top, tree.store)
+            except access.StoreError as e:
+                raise FileNotFoundError(errno.ENOENT, str(e), path) from None
         return tree, tree.resolve("/" + path)
 
     def _file(self, path: str) -> tuple[int, int]:
@@ -156,7 +162,7 @@ class PCRFileSystem(AbstractFileSystem):
         prefix = f"{path}/" if path else ""
         out = []
         for name, a in tree.readdir("/" + path):
-            if not path and name == STATS_DIR:
+            if not path and name in (STATS_DIR, ROOT_HINT_DIR):
                 continue
             if detail:
                 out.append({"name": prefix + name, "size": a.size,

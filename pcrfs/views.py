@@ -1,7 +1,8 @@
 """Fidelity views over a store: the filesystem tree the mount serves.
 
 ``/scan1`` ... ``/scanN`` mirror the source tree with each image cut after k scan
-groups; ``/full`` is the full-fidelity view; ``/.pcrfs/stats`` holds counters.
+groups; ``/full`` is the full-fidelity view; ``/.pcrfs/stats`` holds counters (and an empty
+hidden directory, :data:`ROOT_HINT_DIR`, tells a loader given the root to take a view).
 A store with an adaptive index (``pcrfs quality --write-index``) also gets
 ``/ssim90``, ``/ssim95``, ``/ssim98``: the same tree, each image cut at its own k.
 This layer is plain Python (no FUSE): the FUSE adapter, tests and tools use it.
@@ -30,6 +31,12 @@ from .store.reader import Store
 
 STATS_DIR = ".pcrfs"
 STATS_FILE = "stats"
+# An empty directory in the mount root whose name is the advice: a loader given the mount
+# root instead of a view (torchvision's ImageFolder(MNT)) takes each root directory for a
+# class; one without images makes it fail, naming the classes without images. Without this
+# one that name would be only ".pcrfs"; without either, ImageFolder(MNT) would train on
+# the views as classes. Listed by the mount only (fsspec's pcr:// root lists the views).
+ROOT_HINT_DIR = ".mount-root-of-pcrfs--point-the-loader-at-a-view-such-as-full-or-scan5"
 FULL_VIEW = "full"
 FILE_MODE = st.S_IFREG | 0o444
 DIR_MODE = st.S_IFDIR | 0o555
@@ -116,7 +123,7 @@ _EMPTY = np.zeros(0, np.int64)
 @dataclass(frozen=True)
 class DirNode:
     view: View | None  # None for the root and the stats directory
-    dir_id: int        # index into the store's directory table (-1: root, -2: stats dir)
+    dir_id: int        # index into the store's directory table (-1: root, -2: stats dir, -4: the hint)
 
 
 @dataclass(frozen=True)
@@ -292,6 +299,8 @@ class ViewTree:
             if len(parts) == 2 and parts[1] == STATS_FILE:
                 return StatsNode()
             raise FileNotFoundError(path)
+        if parts[0] == ROOT_HINT_DIR and len(parts) == 1:
+            return DirNode(None, -4)
         view = self.views.get(parts[0])
         if view is None:
             raise FileNotFoundError(path)
@@ -326,8 +335,8 @@ class ViewTree:
                         self._ino(node.view, 1 + len(self._dir_names) + node.image))
         if isinstance(node, StatsNode):
             return Attr(FILE_MODE, len(self.stats_bytes()), time.time_ns(), self._ino(None, 2))
-        if node.view is None:
-            ino = self._ino(None, 0 if node.dir_id == -1 else 1)
+        if node.view is None:  # the root, .pcrfs (the stats file is offset 2), the hint
+            ino = self._ino(None, {-1: 0, -2: 1, -4: 3}[node.dir_id])
         else:
             ino = self._ino(node.view, max(node.dir_id, 0))
         return Attr(DIR_MODE, 0, self.mtime_ns, ino, nlink=2 + self._subdir_count(node))
@@ -337,7 +346,7 @@ class ViewTree:
         '.', its entry in the parent, and each child's '..'), and tools such as Perl's
         File::Find stop looking for subdirectories once they have seen that many."""
         if node.view is None:
-            return len(self.views) + 1 if node.dir_id == -1 else 0  # the root: the views and .pcrfs
+            return len(self.views) + 2 if node.dir_id == -1 else 0  # the root: the views, .pcrfs, the hint
         if node.dir_id < 0:
             return 0  # the root of an empty store's view
         return len(self._children.get(node.dir_id, ()))
@@ -355,9 +364,11 @@ class ViewTree:
             for name, v in self.views.items():
                 out.add(name, self.attr(DirNode(v, max(self._dir_ids.get("", 0), 0))))
             out.add(STATS_DIR, self.attr(DirNode(None, -2)))
+            out.add(ROOT_HINT_DIR, self.attr(DirNode(None, -4)))
             return out
         if node.view is None:
-            out.add(STATS_FILE, self.attr(StatsNode()))
+            if node.dir_id == -2:
+                out.add(STATS_FILE, self.attr(StatsNode()))
             return out
         if node.dir_id < 0:
             return out

@@ -404,7 +404,7 @@ def test_view_tree_nlink_in_a_nested_tree(demo_src, tmp_path):
     convert(src, tmp_path / "s.pcr")
     with open_store(tmp_path / "s.pcr") as s:
         tree = ViewTree(s)
-        expect = {"/": 2 + len(tree.views) + 1, "/.pcrfs": 2, "/scan1": 4, "/full/a": 4, "/scan2/a/b": 2,
+        expect = {"/": 2 + len(tree.views) + 2, "/.pcrfs": 2, "/scan1": 4,  # + .pcrfs and the hint "/full/a": 4, "/scan2/a/b": 2,
                   "/scan1/d": 2}
         assert {p: tree.getattr(p).nlink for p in expect} == expect
         listed = {name: a.nlink for name, a in tree.readdir("/scan1")}
@@ -416,7 +416,7 @@ def test_directory_nlink_counts_subdirectories(demo_store, reader, mounts):
     info = mounts.mount(demo_store, "nlink")
     mnt = Path(info.mountpoint)
     views = [p for p in mnt.iterdir() if not p.name.startswith(".")]
-    assert os.stat(mnt).st_nlink == 2 + len(views) + 1  # the views and .pcrfs
+    assert os.stat(mnt).st_nlink == 2 + len(views) + 2  # the views, .pcrfs and the hint directory
     assert os.stat(mnt / ".pcrfs").st_nlink == 2
     for root, dirs, _ in os.walk(mnt / "scan1"):
         assert os.stat(root).st_nlink == 2 + len(dirs), root

@@ -25,6 +25,7 @@ from PIL import Image
 from pcrfs.fuse import mounting
 from pcrfs.cli.mount import read_stats
 from pcrfs.store import format as fmt
+from pcrfs.views import ROOT_HINT_DIR
 
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli, wait_until
 
@@ -74,7 +75,7 @@ def stats_of(mnt: Path) -> dict:
 
 def test_root_lists_views_and_stats(mnt, reader):
     names = sorted(os.listdir(mnt))
-    assert names == sorted([v for v, _ in views(reader)] + [".pcrfs"])
+    assert names == sorted([v for v, _ in views(reader)] + [".pcrfs", ROOT_HINT_DIR])
     assert os.listdir(mnt / ".pcrfs") == ["stats"]
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import pcrfs
 from pcrfs.store import adaptive
+from pcrfs.views import ROOT_HINT_DIR
 
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli
 
@@ -64,7 +65,7 @@ def tree_of(root: Path) -> tuple[set[str], set[str]]:
 
 def test_root_lists_the_adaptive_views(mnt, reader):
     names = sorted(p.name for p in mnt.iterdir())
-    expected = [f"scan{k}" for k in range(1, reader.num_groups + 1)] + ["full", *ADAPTIVE, ".pcrfs"]
+    expected = [f"scan{k}" for k in range(1, reader.num_groups + 1)] + ["full", *ADAPTIVE, ".pcrfs", ROOT_HINT_DIR]
     assert names == sorted(expected)
 
 

@@ -26,6 +26,7 @@ from pcrfs.remote.fs import RemoteOptions, filesystem
 from pcrfs.store import format as fmt
 from pcrfs.store import sink as sink_mod
 from pcrfs.store.reader import ReadOptions, StoreError, StoreUnavailable, open_store
+from pcrfs.views import ROOT_HINT_DIR
 
 from mountutil import fuse_unavailable, pcrfs_cli, wait_until
 from s3util import NO_CREDENTIALS_ENV, FaultProxy, MotoServer, s3_available, s3_environment
@@ -296,7 +297,7 @@ def test_retries_ride_out_a_burst_of_500s(remote_store, moto, local):
 def test_mount_reads_every_view_like_the_local_store(remote_store, moto, local, mounts):
     info = mounts.mount(remote_store, "s3", read_options=ropts(RemoteOptions(endpoint_url=moto.endpoint)))
     mnt = Path(info.mountpoint)
-    assert sorted(os.listdir(mnt)) == sorted([v for v, _ in views(local)] + [".pcrfs"])
+    assert sorted(os.listdir(mnt)) == sorted([v for v, _ in views(local)] + [".pcrfs", ROOT_HINT_DIR])
     for view, k in views(local):
         for i in range(local.num_images):
             assert (mnt / view / local.path(i)).read_bytes() == local.read(i, k), (view, i)

@@ -46,8 +46,11 @@ def mount_cmd(store: str, mountpoint: str, **values) -> None:
     MOUNTPOINT/.pcrfs/stats                 live counters as JSON (see `pcrfs stats`)
 
     Every view is an ordinary directory tree of complete JPEG files, so any loader
-    works unchanged (e.g. torchvision ImageFolder on MOUNTPOINT/scan3). Files are
-    immutable and cached by the kernel; damaged stored bytes read as EIO (errno 5).
+    works unchanged (e.g. torchvision ImageFolder on MOUNTPOINT/scan3). Give loaders a
+    view, not MOUNTPOINT itself: its directories are views, not classes (an empty
+    hidden directory there names this advice in the error ImageFolder(MOUNTPOINT)
+    raises). Files are immutable and cached by the kernel; damaged stored bytes read
+    as EIO (errno 5).
 
     Returns once the mount is ready; the daemon keeps running in the background and
     stops on `pcrfs umount MOUNTPOINT` (or SIGTERM). A mount left behind by a daemon
