@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +39,8 @@ class _OneLineErrors(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except BrokenPipeError:
+            _reader_went_away()
         except StoreError as e:
             fail(str(e))
         except (CorruptData, StoreUnavailable) as e:
@@ -52,6 +56,25 @@ class _OneLineErrors(click.Group):
                   "PCRFS_DEBUG=1 shows the traceback)")
 
 
+def _quiet_library_warnings() -> None:
+    """The library's warnings (each retry of a failed request, ...) are not printed: a
+    command that fails says so in one line, naming the cause. A mount's daemon logs them
+    to its log file; PCRFS_DEBUG=1 prints them here too."""
+    if not os.environ.get("PCRFS_DEBUG"):
+        logging.getLogger("pcrfs").addHandler(logging.NullHandler())
+
+
+def _reader_went_away() -> None:
+    """Standard output's reader closed the pipe (`pcrfs info STORE | head -1`): stop
+    quietly with the status a shell shows for SIGPIPE, as cat or ls would. Standard
+    output now points at /dev/null so that nothing tries to flush into the pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(141)
+
+
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pcrfs")
 def main() -> None:
@@ -63,6 +86,7 @@ def main() -> None:
       pcrfs mount /data/train.pcr /mnt/train                # views /mnt/train/scan1 ... /full
       python train.py --data /mnt/train/scan5               # any unmodified loader
     """
+    _quiet_library_warnings()
 
 
 @main.command()
@@ -267,6 +291,8 @@ def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
     click.echo(f"{'view':>6}  {'bytes':>12}  {'of full':>8}")
     for v in fractions:
         click.echo(f"{'scan' + str(v['k']):>6}  {format_size(v['bytes']):>12}  {v['fraction']:>8.1%}")
+    full = fractions[-1] if fractions else {"bytes": 0, "fraction": 1.0}  # every group: scanN's bytes
+    click.echo(f"{'full':>6}  {format_size(full['bytes']):>12}  {full['fraction']:>8.1%}")
     for v in summary["adaptive_views"]:
         click.echo(f"{v['view']:>6}  {format_size(v['bytes']):>12}  {v['fraction']:>8.1%}  "
                    f"per image: smallest k with MS-SSIM >= {v['threshold']:g} (mean k {v['mean_k']:.2f})")
@@ -333,6 +359,11 @@ def get(store: str, path: str, k, output, endpoint_url: str | None) -> None:
     try:
         data = s.read(path, k)
     except KeyError:
+        view, _, rest = path.strip("/").partition("/")
+        if rest and re.fullmatch(r"scan\d+|full|ssim\d+", view):  # a path as the mount shows it
+            k = f" --scan {min(int(view[4:]), s.num_groups)}" if view.startswith("scan") else ""
+            fail(f"no image {path!r} in {store}: PATH is as in the source tree, without a view; "
+                 f"try: pcrfs get {store} {rest}{k}")
         fail(f"no image {path!r} in {store}")
     except (CorruptData, StoreUnavailable) as e:
         fail(e.strerror or str(e))

@@ -116,10 +116,14 @@ OPTIONS: tuple[MountOption, ...] = (
                      "debug (log every FUSE request), or any other libfuse option."),
     MountOption("cache_size", "size", default=DEFAULT_CACHE_SIZE, show_default=True,
                 help="Memory for verified scan groups, shared by all views (scan1's bytes are the "
-                     "start of scan5's); 0 disables it. For a remote store it holds every group fetched; "
+                     "start of scan5's). For a remote store it holds every group fetched; "
                      "for a local one only groups a read cuts in two (the kernel's page cache already "
-                     "holds the record files and the served files).",
-                fstab_value="SIZE", fstab=f"memory for verified scan groups [default: {DEFAULT_CACHE_SIZE}]"),
+                     "holds the record files and the served files). 0 disables it, except that readahead "
+                     "needs room for the groups it fetches ahead: with --readahead on (remote stores' "
+                     "default) it is at least 4x the readahead window (64M by default); --readahead 0 "
+                     "--cache-size 0 keeps nothing.",
+                fstab_value="SIZE", fstab=f"memory for verified scan groups [default: {DEFAULT_CACHE_SIZE};\n"
+                                          "at least 4x the readahead window]"),
     MountOption("log_file", "file",
                 help="Where the daemon logs (errors such as damaged groups are named there) "
                      "[default: /run/pcrfs/<mount>.log for root, else under $XDG_RUNTIME_DIR or /tmp].",
