@@ -527,8 +527,12 @@ def _open_mount(mnt: Path, view: str) -> _Source:
     cache = max(memory, disk)  # as the mount's prefix policy: the larger of its caches holds the window
     info = stats.get("index") or {}
     if info.get("dir"):
-        index = _load_index(Path(info["dir"]), info["files"], info["counts"], info.get("format_version", 1),
-                            f"the index copy of the mount at {mnt} ({info['dir']})")
+        try:
+            index = _load_index(Path(info["dir"]), info["files"], info["counts"], info.get("format_version", 1),
+                                f"the index copy of the mount at {mnt} ({info['dir']})")
+        except StoreError as e:  # unreadable by this user (a daemon of another), or changed since
+            raise StoreError(f"{e}; give the sampler the store's location ({stats.get('store')}) and "
+                             "storage_options instead") from None
         return _Source(_Catalogue(index, str(stats.get("store", mnt))), view, cache, what, knob, prefixes, True)
     store = str(stats.get("store", ""))
     if "index" not in stats and store and "://" not in store:  # a daemon from before the "index" stats

@@ -187,3 +187,22 @@ def test_an_s3_url_takes_storage_options_and_leaves_nothing_open(on_moto, reader
     assert got["order"] == got["loaded"] == list(local)
     assert got["obstore"] is None and got["open_sessions"] == 0
     assert got["cache"] == 4 * (16 << 20)  # what a store opened with these options keeps (readahead's 4 windows)
+
+
+def test_an_index_copy_changed_since_the_mount_is_refused(demo_store, mounts, tmp_path):
+    """The mount's index copy is checked against the manifest's CRC-32s, as open_store does:
+    a copy changed under the mount is an error naming it, not a silently other catalogue."""
+    import shutil
+
+    from pcrfs.store.errors import StoreError
+
+    store = tmp_path / "copy.pcr"
+    shutil.copytree(demo_store, store)
+    mnt = Path(mounts.mount(store, "m").mountpoint)
+    assert len(RecordShuffleSampler(mnt / "scan2", window=2)) == len(RecordShuffleSampler(store, window=2))
+    paths = store / "index" / "paths.bin"
+    data = bytearray(paths.read_bytes())
+    data[0] ^= 1
+    paths.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"index copy of the mount .*CRC.*store's location"):
+        RecordShuffleSampler(mnt / "scan2", window=2)
