@@ -77,11 +77,23 @@ def some_image(store: Path) -> str:
 
 # ---- convert ------------------------------------------------------------------------------------
 
-def test_convert_with_the_arguments_swapped_writes_nothing(demo_store, tmp_path):
-    """`pcrfs convert STORE NEW`: was a 0-image store at NEW (every store file "not an image")."""
+def test_convert_with_the_arguments_swapped(demo_store, demo_src, tmp_path):
+    """`pcrfs convert STORE TREE`: refused naming the swap, the tree left as it was. And
+    `pcrfs convert STORE NEW` wrote a 0-image store (every store file "not an image"): now
+    it is refused the same way, or, where convert copies a store into a new layout, NEW
+    holds every image -- never an empty store."""
+    target = small_source(demo_src, tmp_path / "photos")
+    before = tree(target)
+    one_line(cli("convert", "-q", demo_store, target), "swapped", "pcrfs convert IMAGE_TREE STORE")
+    assert tree(target) == before
+
     res = cli("convert", "-q", demo_store, tmp_path / "new.pcr")
-    one_line(res, "is a PCR store", "swapped", "pcrfs convert IMAGE_TREE STORE")
-    assert not (tmp_path / "new.pcr").exists()
+    if res.returncode == 0:
+        with open_store(demo_store) as a, open_store(tmp_path / "new.pcr") as b:
+            assert b.num_images == a.num_images > 0
+    else:
+        one_line(res, "swapped", "pcrfs convert IMAGE_TREE STORE")
+        assert not (tmp_path / "new.pcr").exists()
 
 
 def test_convert_into_an_image_tree_names_the_swap(demo_src, tmp_path):
