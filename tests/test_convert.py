@@ -359,19 +359,23 @@ def test_plan_batches_cuts_by_source_bytes():
     assert plan_batches([], 100) == []
 
 
-def test_local_records_follow_the_batch_plan(tmp_path, demo_src):
-    """Record r holds exactly batch r's files: the records a Dask run writes are the same."""
+@pytest.mark.parametrize("order", ["shuffled", "source"])
+def test_local_records_follow_the_batch_plan(tmp_path, demo_src, order):
+    """Record r holds exactly batch r's files, in the listing's storage order: the records
+    a Dask run writes are the same."""
     from pcrfs.convert import list_sources, plan_batches
+    from pcrfs.convert.plan import storage_order
 
-    files = list_sources(demo_src).files
+    files = storage_order(list_sources(demo_src), order, 7).files
     plan = plan_batches(files, 64 * 1024)
-    convert(demo_src, tmp_path / "s.pcr", record_bytes=64 * 1024, workers=2)
+    convert(demo_src, tmp_path / "s.pcr", record_bytes=64 * 1024, workers=2, order=order, seed=7)
     with open_store(tmp_path / "s.pcr") as s:
         records = s.index.records
+        assert s.manifest["format_version"] == (2 if order == "shuffled" else 1)
         assert len(records) == len(plan) > 10
         for b, rec in zip(plan, records):
             assert int(rec["first_image"]) == b.start and int(rec["n_images"]) == b.count
-            assert [s.path(i) for i in range(b.start, b.end)] == [f.rel for f in files[b.start:b.end]]
+            assert [s.path(int(i)) for i in s.index.record_images(b.record)] == [f.rel for f in files[b.start:b.end]]
             data = (tmp_path / "s.pcr" / fmt.record_name(b.record)).read_bytes()
             assert data[:fmt.RECORD_HEADER_SIZE] == fmt.record_header(b.record) and len(data) == rec["size"]
 
@@ -384,7 +388,7 @@ def test_batch_of_bad_files_only_is_an_empty_record(tmp_path, demo_src):
     src = tmp_path / "src"
     copy_classes(demo_src, src, classes=("cat",), per_class=3)
     (src / "cat" / "cat_0000b.jpg").write_bytes(b"not a jpeg" * 1000)  # sorts second
-    res = convert(src, tmp_path / "s.pcr", record_bytes=1, workers=2)  # one file per batch
+    res = convert(src, tmp_path / "s.pcr", record_bytes=1, workers=2, order="source")  # one file per batch, in path order
     assert res.images == 3 and [b["path"] for b in res.bad] == ["cat/cat_0000b.jpg"]
     with open_store(tmp_path / "s.pcr") as s:
         assert [int(r["n_images"]) for r in s.index.records] == [1, 0, 1, 1]

@@ -117,7 +117,10 @@ def assert_same_store(store: Path, reference: Path) -> None:
 
 
 def n_batches(demo_src: Path) -> int:
-    return len(plan_batches(list_sources(demo_src).files, RECORD))
+    """Records of a conversion at the defaults (the shuffled storage order, seed 0)."""
+    from pcrfs.convert.plan import storage_order
+
+    return len(plan_batches(storage_order(list_sources(demo_src), "shuffled", 0).files, RECORD))
 
 
 class _Stop(Exception):

@@ -102,13 +102,13 @@ def flip_byte(path: Path, offset: int) -> None:
 
 def group_at(intact, r: int, offset: int) -> tuple[int, int]:
     """The (image, 1-based group) whose stored bytes include ``offset`` of record ``r``."""
-    first = int(intact.index.records[r]["first_image"])
+    images = intact.index.record_images(r)  # in the record's storage order
     starts = intact.index.record_offsets(r)
-    lengths = intact.index.group_lengths[first:first + len(starts)]
+    lengths = intact.index.group_lengths[images]
     hit = np.argwhere((starts <= offset) & (offset < starts + lengths))
     assert len(hit) == 1, (r, offset)
     j, g = hit[0]
-    return first + int(j), int(g) + 1
+    return int(images[j]), int(g) + 1
 
 
 def record_size(intact, r: int) -> int:
@@ -124,7 +124,7 @@ def combined_damage(intact) -> Damage:
     r_mid = intact.index.record_of(mid_image)
     g3 = intact.ranges(mid_image, 3)[-1]
     return Damage(
-        flips=[(0, fmt.RECORD_HEADER_SIZE),                       # first byte of group 1 of image 0
+        flips=[(0, fmt.RECORD_HEADER_SIZE),                       # first byte of record 0's first group 1
                (r_mid, g3.offset + g3.length // 2),               # inside group 3 of a middle image
                (n_rec - 1, record_size(intact, n_rec - 1) - 1),   # the very last stored byte
                (2, 5)],                                           # record 2's header

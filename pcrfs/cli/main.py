@@ -90,7 +90,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("src")
 @click.argument("store")
 @click.option("-j", "--workers", type=click.IntRange(1), default=None,
               help="Parallel transcoding threads [default: all cores].")
@@ -142,11 +142,27 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     With --dask or --scheduler each record-sized batch of SRC is converted by a Dask
     task that writes its record straight into STORE; the store is the same as a local
     conversion's, and interrupted runs resume the same way.
+
+    SRC may also be a PCR store (a directory with pcr.yaml, or a URL): its images are
+    then copied into a new layout at STORE without their source -- e.g. an older store
+    in --order shuffled -- every scan group checked against its CRC-32 and copied as
+    stored (no transcoding); the views serve the same bytes, the adaptive index is
+    carried over, and damaged images are reported as bad and left out.
     """
     from ..convert import list_sources
     from ..convert.target import check_arguments
     from ..jpeg.transcode import TranscodeOptions
     from ..remote.fs import RemoteOptions, is_url
+
+    if is_url(src) or os.path.exists(os.path.join(src, "pcr.yaml")):
+        if use_dask or scheduler or quality_index:
+            fail("copying a store into a new layout runs here (no --dask/--scheduler) and keeps its adaptive "
+                 "index (no --quality-index)")
+        _migrate(src, store, record_size, overwrite, quiet, order, seed, skip_bad, endpoint_url)
+        return
+    if not os.path.isdir(src):
+        fail(f"{src}: no such directory (SRC is an image tree, or a PCR store to copy into a new layout)")
+    src = Path(src)
 
     cluster = dask_cluster(use_dask, scheduler, workers)
     if cluster is not None:
@@ -165,6 +181,39 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
                   listing=list_sources(src), remote=RemoteOptions(endpoint_url=endpoint_url),
                   quality_index=quality_index, order=order, seed=seed)
     result = _run_convert(src, store, kwargs, cluster, _ConvertProgress(quiet))
+    _report_convert(result, store, skip_bad, endpoint_url)
+
+
+def _migrate(src: str, store: str, record_size: int, overwrite: bool, quiet: bool, order: str, seed: int,
+             skip_bad: bool, endpoint_url: str | None) -> None:
+    """convert's form with a store as SRC: pcrfs.convert.migrate, every failure one line."""
+    from ..convert.migrate import migrate
+    from ..convert.plan import refuse_overlap
+    from ..convert.target import StoreExists
+    from ..imagenames import looks_like_image_tree
+    from ..remote.fs import RemoteError, RemoteOptions, is_url
+    from ..store.errors import StoreError
+    from ..store.writer import ResumeMismatch
+
+    if not is_url(store) and os.path.isdir(store) and not os.path.exists(os.path.join(store, "pcr.yaml")):
+        example = looks_like_image_tree(store)
+        if example is not None:
+            fail(f"the store {store} looks like an image tree (it holds {example}), not a PCR store; are the "
+                 "arguments swapped? `pcrfs convert IMAGE_TREE STORE` reads IMAGE_TREE and writes STORE")
+    try:
+        if not is_url(src) and not is_url(store):
+            refuse_overlap(Path(src), Path(store))
+        progress = _ConvertProgress(quiet)
+        if not quiet:
+            click.echo(f"Copying the store {src} into a new layout ({order}) at {store} ...", err=True)
+        result = migrate(src, store, order=order, seed=seed, record_bytes=record_size, overwrite=overwrite,
+                         remote=RemoteOptions(endpoint_url=endpoint_url), on_start=progress.on_start,
+                         on_progress=progress.on_progress)
+        progress.close()
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to resume", 130)
+    except (StoreExists, ResumeMismatch, ValueError, StoreError, RemoteError) as e:
+        fail(str(e))
     _report_convert(result, store, skip_bad, endpoint_url)
 
 

@@ -66,6 +66,11 @@ class StoreTarget:
     def open(cls, src: Path, store: Path | str, remote: RemoteOptions, staging_dir: Path | None) -> "StoreTarget":
         """The target for ``store``; ValueError as :func:`check_arguments` says."""
         check_arguments(src, store)
+        return cls.for_store(store, remote, staging_dir)
+
+    @classmethod
+    def for_store(cls, store: Path | str, remote: RemoteOptions, staging_dir: Path | None) -> "StoreTarget":
+        """The target for ``store``, with no source tree to check it against (a migration)."""
         if is_url(str(store)):
             sink = ObjectSink(str(store), remote)
             return cls(sink.url, sink, staging_path(sink.url, staging_dir), True)

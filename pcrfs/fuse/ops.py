@@ -385,27 +385,9 @@ def index_copy(store: Any) -> dict[str, Any]:
     found. ``files`` (the manifest's sizes and CRC-32s), ``counts`` (images, scan groups,
     records) and ``format_version`` let the reader load and check that copy as
     ``open_store`` would."""
-    from ..store import format as fmt
-    from ..store.location import LocalLocation, _matches
-
     manifest = store.manifest
     files = manifest["index_files"]
-    loc = store.location
-    found = None
-    if isinstance(loc, LocalLocation):
-        found = loc.root / fmt.INDEX_DIR
-    elif getattr(loc, "cache_dir", None) is not None and (loc.cache_dir / "index").is_dir():
-        # The copy's name is a digest of the manifest's bytes, which the store does not keep:
-        # the copy whose files have the manifest's sizes (CRC-32s only if several do).
-        def sizes_match(d) -> bool:
-            try:
-                return all((d / name).stat().st_size == want["size"] for name, want in files.items())
-            except OSError:
-                return False
-        same = [d for d in sorted((loc.cache_dir / "index").iterdir()) if sizes_match(d)]
-        if len(same) > 1:
-            same = [d for d in same if all(_matches(d / name, want) for name, want in files.items())]
-        found = same[0] if same else None
+    found = store.index_dir  # where open_store read (and checked) the index files
     return {"dir": None if found is None else str(found), "files": files,
             "counts": [manifest["num_images"], manifest["num_groups"], manifest["num_records"]],
             "format_version": manifest.get("format_version", 1)}

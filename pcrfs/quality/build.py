@@ -56,7 +56,9 @@ class PartResult:
 
 
 def parts_of(store: "Store") -> list[tuple[int, int, int, int]]:
-    """(record, part, first image, count) of every part, in image order."""
+    """(record, part, first position, count) of every part, in storage order: a part is the
+    images at storage positions [first, first + count) (``Index.images_at``), so a part
+    lies in one record whatever the store's order."""
     out = []
     for r, rec in enumerate(store.index.records):
         first, n = int(rec["first_image"]), int(rec["n_images"])
@@ -75,8 +77,9 @@ def content_crc(crc_rows: Iterable[Sequence[int]]) -> int:
 
 
 def store_part_crc(store: "Store", first: int, count: int) -> int:
-    n_groups = store.index.images["n_groups"][first:first + count]
-    crcs = store.index.group_crc32[first:first + count]
+    images = store.index.images_at(first, count)
+    n_groups = store.index.images["n_groups"][images]
+    crcs = store.index.group_crc32[images]
     return content_crc(row[:int(n)] for row, n in zip(crcs, n_groups))
 
 
@@ -116,7 +119,7 @@ def groups_reader(groups: Sequence[bytes | memoryview]) -> Callable[[int], bytes
 
 def score_part(store: "Store", record: int, part: int, first: int, count: int,
                thresholds: Sequence[float]) -> PartResult:
-    images = [(_store_reader(store, i), store.n_groups(i)) for i in range(first, first + count)]
+    images = [(_store_reader(store, i), store.n_groups(i)) for i in store.index.images_at(first, count).tolist()]
     return PartResult(record, part, *score_files(images, thresholds))
 
 
@@ -276,9 +279,9 @@ def build(store: "Store", thresholds: Sequence[float] = adaptive.THRESHOLDS, *, 
     resumed = 0
 
     def take(result: PartResult) -> None:
-        first = firsts[(result.record, result.part)]
-        ks[first:first + len(result.ks)] = result.ks
-        failures.extend((first + j, reason) for j, reason in result.failures)
+        images = store.index.images_at(firsts[(result.record, result.part)], len(result.ks))
+        ks[images] = result.ks
+        failures.extend((int(images[j]), reason) for j, reason in result.failures)
 
     for r, p, first, count in parts_of(store):
         crc = store_part_crc(store, first, count)

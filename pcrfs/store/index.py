@@ -137,11 +137,13 @@ class Index:
 
     def record_images(self, r: int) -> np.ndarray:
         """The images of record r, in their order in it (the storage order)."""
-        first = int(self.records[r]["first_image"])
-        n = int(self.records[r]["n_images"])
+        return self.images_at(int(self.records[r]["first_image"]), int(self.records[r]["n_images"]))
+
+    def images_at(self, first: int, count: int) -> np.ndarray:
+        """The images at storage positions [first, first + count), in that order."""
         if self.storage_order is None:
-            return np.arange(first, first + n, dtype=np.int64)
-        return self.storage_order[first:first + n].astype(np.int64)
+            return np.arange(first, first + count, dtype=np.int64)
+        return self.storage_order[first:first + count].astype(np.int64)
 
     def record_offsets(self, r: int) -> np.ndarray:
         """u8[n_images_in_record, G]: absolute offset of every group of record r's images,

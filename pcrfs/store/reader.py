@@ -83,8 +83,10 @@ class Store:
     """A read-only PCR store."""
 
     def __init__(self, location: StoreLocation, manifest: dict, index: Index, cache: ByteLRU | None = None,
-                 options: ReadOptions = ReadOptions(), disk: DiskCache | None = None) -> None:
+                 options: ReadOptions = ReadOptions(), disk: DiskCache | None = None,
+                 index_dir: Path | None = None) -> None:
         self.location = location
+        self.index_dir = index_dir  # the local directory the index was read from (a remote store's copy)
         self.cache = cache  # verified groups, keyed (image, group)
         self.manifest = manifest
         self.index = index
@@ -243,6 +245,13 @@ class Store:
                                                     for g in range(len(lengths))])
         parts.append(EOI_BYTES)
         return b"".join(parts)
+
+    def read_groups(self, image: ImageRef) -> list[bytes]:
+        """Every scan group of the image as stored, each checked against its CRC-32 (what a
+        migration to another layout copies; :meth:`read` joins them into a file)."""
+        i = self._ref(image)
+        k = self.num_groups or 1
+        return self.fetcher.read_groups(i, k, self.groups.ranges(i, k))
 
     def read_at(self, image: ImageRef, k: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the fidelity-k file, reading only the
@@ -536,4 +545,4 @@ def open_store(location: str | os.PathLike, verify_index: bool = True, cache_byt
     disk = None
     if options.disk_cache and options.disk_cache_bytes > 0:
         disk = DiskCache(Path(options.disk_cache) / "groups" / loc.identity(raw), options.disk_cache_bytes)
-    return Store(loc, manifest, index, ByteLRU(cache_bytes) if cache_bytes > 0 else None, options, disk)
+    return Store(loc, manifest, index, ByteLRU(cache_bytes) if cache_bytes > 0 else None, options, disk, index_dir)

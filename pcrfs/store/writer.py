@@ -333,7 +333,7 @@ def publish(root: Path, index: Index, problems: list[dict], manifest_extra: dict
     }
     fsync_dir(root / fmt.RECORDS_DIR)
     if upload is not None:
-        for name in fmt.INDEX_FILES:
+        for name in checks:  # every index file of its version
             upload(f"{fmt.INDEX_DIR}/{name}")
         upload(fmt.REPORT)
     write_atomic(root / fmt.MANIFEST,
