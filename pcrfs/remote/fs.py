@@ -7,7 +7,9 @@ Other fsspec protocols (``memory://``, ``gcs://`` with gcsfs installed ...) are
 opened with fsspec's defaults.
 
 Retries are pcrfs's own (:mod:`.retry`): s3fs and botocore are told to try once,
-so one policy decides, logs and counts every retry.
+so one policy decides, logs and counts every retry. Every read of a remote store
+ends within ``read_deadline`` seconds (:mod:`.deadline`), and no single request's
+connect or read timeout is longer than that.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .deadline import DEFAULT_READ_DEADLINE
 from .retry import is_final
 
 S3_PROTOCOLS = ("s3", "s3a")
@@ -31,7 +34,21 @@ class RemoteOptions:
     attempts: int = 5                 # tries per request (retryable errors only)
     concurrency: int = 16             # ranged GETs in flight at once
     connect_timeout: float = 5.0
-    read_timeout: float = 30.0
+    read_timeout: float = 30.0        # seconds a request may wait for bytes (obstore: for all of them)
+    # Seconds a read may take in all -- every request, retry and path it tries, waiting on
+    # other readers' fetches included -- before it fails (EIO through the mount). None or 0:
+    # no deadline. Also caps connect_timeout and read_timeout. See pcrfs.remote.deadline.
+    read_deadline: float | None = DEFAULT_READ_DEADLINE
+
+    def __post_init__(self) -> None:
+        if self.read_deadline is not None and not self.read_deadline >= 0:
+            raise ValueError(f"read_deadline must be a number of seconds >= 0 (0 or None: no deadline), "
+                             f"got {self.read_deadline!r}")
+
+    def timeouts(self) -> tuple[float, float]:
+        """(connect, read) timeouts of one request, each at most the read deadline."""
+        cap = self.read_deadline or float("inf")
+        return min(self.connect_timeout, cap), min(self.read_timeout, cap)
 
 
 def is_url(location: str) -> bool:
@@ -59,8 +76,9 @@ def filesystem(url: str, options: RemoteOptions = RemoteOptions()) -> Any:
         except ImportError:
             raise RemoteError("stores on S3 need s3fs: pip install 'pcrfs[s3]'") from None
         client_kwargs = {"endpoint_url": options.endpoint_url} if options.endpoint_url else {}
+        connect_timeout, read_timeout = options.timeouts()
         config_kwargs = {"retries": {"total_max_attempts": 1, "mode": "standard"},  # "max_attempts" would mean retries
-                         "connect_timeout": options.connect_timeout, "read_timeout": options.read_timeout,
+                         "connect_timeout": connect_timeout, "read_timeout": read_timeout,
                          "max_pool_connections": max(10, options.concurrency)}
         fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs,
                                skip_instance_cache=True, use_listings_cache=False)

@@ -9,6 +9,12 @@ less CPU per request and ~3x less per MB than s3fs (``tools/bench_s3_client.py``
 and is used for ``s3://`` when obstore is installed (:func:`remote_records`). All honour an optional bandwidth
 limit. Which spans to ask for (coalescing, readahead, caching) is decided above
 this layer, in :mod:`pcrfs.store.fetch`.
+
+A remote source's every call ends within the read's deadline (:mod:`pcrfs.remote.deadline`;
+``RemoteOptions.read_deadline``): the one of the read in progress on the calling thread,
+else one of its own. Its requests run in its pool, the caller waits for them no longer
+than that (:class:`~pcrfs.store.errors.ReadTimedOut`, EIO, past it), and their retries
+stop when the deadline is too close for another try.
 """
 from __future__ import annotations
 
@@ -22,15 +28,16 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from ..remote.bwlimit import TokenBucket
+from ..remote.deadline import Deadline, DeadlineExceeded, Interrupted, in_worker, scope
 from ..remote.fs import RemoteOptions, explain
 from ..remote.retry import RetryPolicy
 from . import format as fmt
-from .errors import CorruptData, StoreUnavailable
+from .errors import CorruptData, ReadTimedOut, StoreUnavailable
 from .files import open_regular
 
 log = logging.getLogger("pcrfs.store")
@@ -66,6 +73,8 @@ def coalesce(spans: Sequence[Span]) -> list[Span]:
 class RecordSource(ABC):
     """Reads spans of record files; thread-safe; counts what it fetched."""
 
+    read_deadline: float | None = None  # seconds a read may take (remote sources); None: no deadline
+
     def __init__(self, bwlimit: TokenBucket | None = None) -> None:
         self.bwlimit = bwlimit
         self._counter_lock = threading.Lock()
@@ -84,6 +93,11 @@ class RecordSource(ABC):
     def describe(self, record: int) -> str:
         """Where record ``record`` lives, for messages."""
         return fmt.record_name(record)
+
+    def deadline(self) -> ContextManager[Deadline]:
+        """The deadline of the read in progress on this thread, or, outside one, a new one
+        of ``read_deadline`` seconds for the ``with`` block (what every layer of a read opens)."""
+        return scope(self.read_deadline, ReadTimedOut)
 
     def read(self, record: int, offset: int, length: int) -> bytes:
         return self._read_one(Span(record, offset, length))
@@ -304,6 +318,7 @@ class _RemoteRecords(RecordSource):
         super().__init__(bwlimit)
         self.url = url.rstrip("/")
         self.options = options
+        self.read_deadline = options.read_deadline or None
         self.retry = retry or RetryPolicy(attempts=options.attempts)
         self._pool = ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="pcrfs-get")
 
@@ -314,14 +329,43 @@ class _RemoteRecords(RecordSource):
     def _get(self, record: int, what: str) -> bytes:
         """The whole object of record ``record`` (``what`` names the request in errors)."""
 
+    # Every public read runs its requests in the pool and waits for them until the read's
+    # deadline -- except on a thread that is itself such work (a record prefix's part:
+    # its reader already waits for it with the deadline), where they run in place.
+
+    def _bounded(self, calls: Sequence[tuple[Callable[..., Any], tuple]], what: str) -> list[Any]:
+        with self.deadline() as d:
+            if in_worker():
+                return [fn(*args) for fn, args in calls]
+            return d.wait_all([self._pool.submit(d.run, fn, *args) for fn, args in calls], what)
+
+    def _what(self, record: int, offset: int | None = None, length: int | None = None) -> str:
+        where = f" [{offset}, {offset + length})" if offset is not None and length is not None else ""
+        return f"GET {self.describe(record)}{where}"
+
+    def read(self, record: int, offset: int, length: int) -> bytes:
+        return self._bounded([(self._read_one, (Span(record, offset, length),))], self._what(record, offset, length))[0]
+
+    def read_into(self, record: int, offset: int, length: int, out: memoryview) -> None:
+        self._bounded([(self._read_one, (Span(record, offset, length), out))], self._what(record, offset, length))
+
+    def read_in_record(self, record: int, offsets: list[int], lengths: list[int]) -> list[bytes]:
+        return self.read_spans([Span(record, o, n) for o, n in zip(offsets, lengths)])
+
     def read_spans(self, spans: Sequence[Span]) -> list[bytes]:
-        if len(spans) <= 1:
-            return [self._read_one(s) for s in spans]
-        return list(self._pool.map(self._read_one, spans))
+        if not spans:
+            return []
+        what = self._what(spans[0].record, spans[0].offset, spans[0].length)
+        if len(spans) > 1:
+            what += f" and {len(spans) - 1} more ranges"
+        return self._bounded([(self._read_one, (s,)) for s in spans], what)
 
     def read_record(self, record: int) -> bytes:
         """A whole record object (for verification) in one GET."""
-        data = self._get(record, f"GET {self.describe(record)}")
+        return self._bounded([(self._read_record, (record,))], self._what(record))[0]
+
+    def _read_record(self, record: int) -> bytes:
+        data = self._get(record, self._what(record))
         self._account(len(data))
         return data
 
@@ -349,6 +393,8 @@ class FsspecRecords(_RemoteRecords):
         path = f"{self.base}/{fmt.record_name(record)}"
         try:
             return self.retry.call(lambda: self.fs.cat_file(path, **range_kwargs), what=what)
+        except (DeadlineExceeded, Interrupted):
+            raise
         except FileNotFoundError as e:
             if "bucket" in str(e).lower():
                 raise StoreUnavailable(explain(e, self.url, self.options)) from None
@@ -403,8 +449,9 @@ class ObstoreRecords(_RemoteRecords):
         config: dict[str, Any] = {"region": session.get_config_variable("region") or "us-east-1"}
         if endpoint:
             config.update(endpoint=endpoint, virtual_hosted_style_request=False)
+        connect_timeout, timeout = options.timeouts()  # each at most the read deadline
         client = {"allow_http": bool(endpoint and endpoint.startswith("http://")),
-                  "connect_timeout": f"{options.connect_timeout}s", "timeout": f"{options.read_timeout}s",
+                  "connect_timeout": f"{connect_timeout}s", "timeout": f"{timeout}s",
                   "pool_max_idle_per_host": str(max(10, options.concurrency))}
         self._store = S3Store(bucket, config=config, client_options=client, retry_config={"max_retries": 0},
                               credential_provider=_BotocoreCredentials(session))
@@ -441,6 +488,8 @@ class ObstoreRecords(_RemoteRecords):
                 raise PermissionError(str(e)) from None
         try:
             return self.retry.call(get, what=what)
+        except (DeadlineExceeded, Interrupted):
+            raise
         except FileNotFoundError:
             raise CorruptData(f"record file {self.describe(record)} is missing") from None
         except Exception as e:  # noqa: BLE001 - every other failure is "unavailable", with its reason

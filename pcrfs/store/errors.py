@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 
+from ..remote.deadline import DeadlineExceeded
+
 
 class StoreError(Exception):
     """The store cannot be opened (missing, incomplete, damaged manifest or index)."""
@@ -21,3 +23,11 @@ class StoreUnavailable(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EIO, message)
+
+
+class ReadTimedOut(StoreUnavailable, DeadlineExceeded):
+    """A read of a remote store did not finish within its deadline
+    (``RemoteOptions.read_deadline``, the mount's ``--read-deadline``); maps to EIO."""
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, errno.EIO, message)

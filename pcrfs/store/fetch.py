@@ -18,6 +18,10 @@ stores) may answer from, or fetch, the record's whole group-1..k prefix (see
 :mod:`pcrfs.store.prefix` for when); when it declines, the steps above run.
 
 Every group's CRC-32 is checked before its bytes are returned or cached.
+A read has one deadline (:meth:`~pcrfs.store.backends.RecordSource.deadline`, opened
+here and shared by every layer below): its record-prefix attempt, the per-image
+fetch after it and any wait on a fetch another reader started all end by then
+(:class:`~pcrfs.store.errors.ReadTimedOut`, EIO).
 With ``whole_image`` (remote stores) the first read of an image fetches all
 its groups 1..k together, not only those the read overlaps: the kernel reads
 a file in 128 KiB pieces, and k concurrent requests beat k sequential ones.
@@ -36,6 +40,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ..remote.deadline import Deadline
 from .cache import ByteLRU
 from .diskcache import DiskCache
 from .readahead import Readahead
@@ -75,7 +80,12 @@ class GroupFetcher(Tiers):
     # ---- the read path -------------------------------------------------------------
 
     def read_groups(self, i: int, k: int, wanted: list[GroupRange]) -> list[bytes]:
-        """Verified bytes of ``wanted`` (groups of image ``i``, read at fidelity ``k``)."""
+        """Verified bytes of ``wanted`` (groups of image ``i``, read at fidelity ``k``), within
+        the read's deadline (ReadTimedOut past it)."""
+        with self.source.deadline() as deadline:
+            return self._read_groups(i, k, wanted, deadline)
+
+    def _read_groups(self, i: int, k: int, wanted: list[GroupRange], deadline: Deadline) -> list[bytes]:
         if self.prefixes is not None:
             out = self.prefixes.read(i, k, wanted)
             if out is not None:
@@ -102,22 +112,23 @@ class GroupFetcher(Tiers):
             ours = {rng.group for _, rng in mine}
             for rng in wanted:
                 if rng.group not in have:
-                    have[rng.group] = self._result(i, rng, futures[(i, rng.group)], rng.group in ours)
+                    have[rng.group] = self._result(i, rng, futures[(i, rng.group)], rng.group in ours, deadline)
         return [have[r.group] for r in wanted]
 
-    def _result(self, i: int, rng: GroupRange, fut: Future, ours: bool) -> bytes:
+    def _result(self, i: int, rng: GroupRange, fut: Future, ours: bool, deadline: Deadline) -> bytes:
+        what = f"image {i}, scan group {rng.group}"
         try:
-            return fut.result()
+            return deadline.wait(fut, what)
         except CorruptData:
             raise
         except Exception:  # noqa: BLE001 - a failed fetch of our own is final
-            if ours:
+            if ours or not fut.done():  # (not done: our own wait ended -- the deadline, an interrupt)
                 raise
         # someone else's fetch (readahead, another reader) failed: try once ourselves
         mine, futures = self._claim([(i, rng)])
         if mine:
             self._run(mine, futures)
-        return futures[(i, rng.group)].result()
+        return deadline.wait(futures[(i, rng.group)], what)
 
     def _cached(self, i: int, rng: GroupRange) -> bytes | None:
         if self.memory is not None:

@@ -38,6 +38,13 @@ the groups again and raises :class:`~pcrfs.store.errors.CorruptData` or
 exactly the affected images fail and a transient error heals. A disk cache that
 is full evicts (its LRU), and one that cannot be written is skipped: neither
 fails a read.
+
+All of this happens within the read's deadline (:mod:`pcrfs.remote.deadline`, shared
+with the per-image path): a reader waits on another's fetch, and on its own fetch's
+parts, no longer than that, then fails (:class:`~pcrfs.store.errors.ReadTimedOut`,
+EIO) -- and the readers waiting on a fetch given up that way read image by image,
+each within its own deadline. A prefix fetched ahead of any read has a deadline of
+the same length.
 """
 from __future__ import annotations
 
@@ -51,9 +58,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..remote.deadline import Deadline, DeadlineExceeded, Interrupted
 from .cache import ByteLRU
 from .diskcache import DiskCache
 from .backends import RecordSource
+from .errors import StoreUnavailable
 from .groups import GroupRange, GroupTable
 from .prefix import PrefixPlan, RecordPrefixPolicy, split_parts
 from .tiers import Tiers
@@ -113,6 +122,10 @@ class PrefixFetcher(Tiers):
         or None: read them image by image."""
         if not wanted:
             return None
+        with self.source.deadline() as deadline:
+            return self._read(i, k, wanted, deadline)
+
+    def _read(self, i: int, k: int, wanted: list[GroupRange], deadline: Deadline) -> list[bytes] | None:
         r = wanted[0].record
         need = wanted[-1].group if len(wanted) == 1 else max(rng.group for rng in wanted)
         while True:
@@ -131,8 +144,10 @@ class PrefixFetcher(Tiers):
             waiting = self._inflight.get(r)
             if waiting is not None:
                 try:
-                    waiting.result()
+                    deadline.wait(waiting, f"record prefix {self.source.describe(r)}")
                 except Exception:  # noqa: BLE001 - the fetcher logged it; read image by image
+                    if not waiting.done():  # our own wait ended: the deadline passed, or an interrupt
+                        raise
                     return None
                 continue
             plan = self.policy.access(r, max(k, need), held, image=i)
@@ -140,7 +155,7 @@ class PrefixFetcher(Tiers):
                 return None
             for other in self.policy.prefetch(r, plan.groups):
                 self._ahead.submit(self._fetch_ahead, other, plan.groups)
-            fetched = self._claim_and_fetch(plan, entry, on_disk)
+            fetched = self._claim_and_fetch(plan, entry, on_disk, deadline)
             if fetched is None:
                 continue  # somebody else started first (wait for theirs), or it went to disk
             return self._serve(fetched, i, wanted)
@@ -155,9 +170,12 @@ class PrefixFetcher(Tiers):
             held = max(entry.groups if entry is not None else 0, on_disk)
             if held >= k or r in self._inflight:
                 return
-            if self._claim_and_fetch(self.policy.plan(r, k, held), entry, on_disk) is not None or \
-                    self._disk_groups(r) >= k:
+            with self.source.deadline() as deadline:  # as long as a reader's
+                fetched = self._claim_and_fetch(self.policy.plan(r, k, held), entry, on_disk, deadline)
+            if fetched is not None or self._disk_groups(r) >= k:
                 self.prefetched += 1
+        except StoreUnavailable as e:  # unreachable, or out of time: a read of the record will tell
+            log.warning("record prefix %s: fetching ahead failed: %s", self.source.describe(r), e)
         except Exception:  # noqa: BLE001 - a read of the record will fetch it (and report)
             log.exception("record prefix %s: fetching ahead failed", self.source.describe(r))
 
@@ -255,7 +273,8 @@ class PrefixFetcher(Tiers):
 
     # ---- fetching --------------------------------------------------------------------------
 
-    def _claim_and_fetch(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int) -> RecordPrefix | None:
+    def _claim_and_fetch(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int,
+                         deadline: Deadline) -> RecordPrefix | None:
         """Fetch ``plan`` unless another reader already fetches this record; the prefix, or None
         when somebody else fetches it or it was kept in the disk cache (read it there)."""
         fut: Future = Future()
@@ -264,7 +283,7 @@ class PrefixFetcher(Tiers):
                 return None
             self._inflight[plan.record] = fut
         try:
-            result = self._fetch(plan, entry, on_disk)
+            result = self._fetch(plan, entry, on_disk, deadline)
         except BaseException as e:
             fut.set_exception(e)
             raise
@@ -287,7 +306,7 @@ class PrefixFetcher(Tiers):
                 return data  # checked below with the new groups
         raise _Replan()
 
-    def _fetch(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int) -> RecordPrefix:
+    def _fetch(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int, deadline: Deadline) -> RecordPrefix:
         r = plan.record
         try:
             held = self._held_bytes(plan, entry, on_disk)
@@ -301,13 +320,18 @@ class PrefixFetcher(Tiers):
         data[:len(held)] = held
         view = memoryview(data)
         at = len(held) - plan.start
-        futures = [self._pool.submit(self.source.read_into, r, off, n, view[at + off:at + off + n])
+        # each part under this read's deadline (its retries stop there), waited for until then
+        futures = [self._pool.submit(deadline.run, self.source.read_into, r, off, n, view[at + off:at + off + n])
                    for off, n in plan.parts]
         failed: list[tuple[int, int, BaseException]] = []
         for (off, n), f in zip(plan.parts, futures):
             try:
-                f.result()
+                deadline.wait(f, f"record prefix {self.source.describe(r)} [{plan.start}, {plan.end})")
             except Exception as e:  # noqa: BLE001 - the groups in it are marked bad, the rest served
+                if not f.done() or isinstance(e, (DeadlineExceeded, Interrupted)):
+                    for g in futures:  # out of time (or interrupted): the prefix is given up whole
+                        g.cancel()
+                    raise
                 failed.append((off, n, e))
                 view[at + off:at + off + n] = bytes(n)
         view.release()
