@@ -46,6 +46,7 @@ KIND_VALUES = {
     "dir": _NEW_PATH,
     "flag": st.booleans(),
     "fuse": st.lists(_FUSE, max_size=4).map(tuple),
+    "seconds": st.integers(0, 10**6).map(str) | st.sampled_from(["2.5", "0.25", "off", "20s"]),
 }
 
 
@@ -124,7 +125,8 @@ def test_fstab_options_are_classified_and_read():
 
 @pytest.mark.parametrize("option, value", [("cache_size", "lots"), ("bwlimit", "fast"), ("bwlimit", "0"),
                                            ("readahead", "-1"), ("record_prefix", "sometimes"),
-                                           ("disk_cache_size", "1X")])
+                                           ("disk_cache_size", "1X"), ("read_deadline", "soon"),
+                                           ("read_deadline", "-1"), ("read_deadline", "nan")])
 def test_an_ill_typed_value_is_one_line_naming_the_option(option, value):
     flag = cfg.BY_NAME[option].long_flag
     for read, name in ((lambda: MountConfig.from_fstab("s", "m", [f"{option}={value}"]), option),

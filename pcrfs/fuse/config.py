@@ -18,6 +18,7 @@ import argparse
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
+from ..remote.deadline import DEFAULT_READ_DEADLINE
 from ..units import parse_size
 
 if TYPE_CHECKING:  # the store layer is imported when a mount opens its store
@@ -53,6 +54,20 @@ def _rate(text: str) -> int:
     return parse_rate(text)
 
 
+def parse_seconds(value: object) -> float:
+    """'20', '2.5', '0' or 'off' (no limit) -> seconds, a float >= 0."""
+    text = str(value).strip().lower()
+    if text in ("off", "none", "no"):
+        return 0.0
+    try:
+        seconds = float(text[:-1] if text.endswith("s") else text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds (or 0/off), got {value!r}") from None
+    if not 0 <= seconds < 1e9:  # (nan and inf fail this too)
+        raise ValueError(f"expected a number of seconds (or 0/off), got {value!r}")
+    return seconds
+
+
 def _text(value: str) -> str | None:
     return value or None  # an empty value (log_file=) means "not given", as it always did
 
@@ -72,6 +87,8 @@ KINDS: dict[str, tuple[Callable[[object], object], Callable[[object], str]]] = {
     "file": (lambda v: _text(str(v)), str),
     "dir": (lambda v: _text(str(v)), str),
     "flag": (_flag, lambda v: "on" if v else "off"),
+    "seconds": (lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                else parse_seconds(v), lambda v: f"{v:g}"),
     "fuse": (lambda v: (v,) if isinstance(v, str) else tuple(v), ",".join),
 }
 
@@ -156,6 +173,16 @@ OPTIONS: tuple[MountOption, ...] = (
                      "storage' in the README.",
                 fstab_value="MODE", fstab="auto, on or off: fetch whole record prefixes (groups 1..k of\n"
                                                 "every image of a record) of a remote store [default: auto]"),
+    MountOption("read_deadline", "seconds", default=f"{DEFAULT_READ_DEADLINE:g}", show_default=True,
+                metavar="SECONDS",
+                help="Longest a read of a remote store may take, all retries and fallbacks included (the "
+                     "record prefix, then image by image, or waiting on another reader's fetch): past it the "
+                     "read fails with EIO and the reader goes on; no request's connect or read timeout is "
+                     "longer. A reader that gets Ctrl-C or a kill meanwhile is answered at once. Raise it for "
+                     "a slow link or a low --bwlimit: a record prefix (up to a record's size) must arrive "
+                     "within it. 0 or off: no deadline. See docs/remote.md.",
+                fstab="seconds a read of a remote store may take before it is EIO\n"
+                      f"[default: {DEFAULT_READ_DEADLINE:g}; 0: no limit]"),
 )
 BY_NAME: dict[str, MountOption] = {o.name: o for o in OPTIONS}
 FSTAB_KEYS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.fstab)
@@ -188,6 +215,7 @@ class MountConfig:
     disk_cache_size: int = parse_size("10G")
     readahead: int | None = None         # None: on for remote stores, off for local ones
     record_prefix: bool | None = None    # None: auto
+    read_deadline: float = DEFAULT_READ_DEADLINE  # seconds; 0: none
 
     @classmethod
     def from_values(cls, store: str, mountpoint: str, values: Mapping[str, object],
@@ -253,7 +281,8 @@ class MountConfig:
         from ..remote.fs import RemoteOptions
         from ..store.reader import ReadOptions
 
-        return ReadOptions(remote=RemoteOptions(endpoint_url=self.endpoint_url), bwlimit=self.bwlimit,
+        remote = RemoteOptions(endpoint_url=self.endpoint_url, read_deadline=self.read_deadline or None)
+        return ReadOptions(remote=remote, bwlimit=self.bwlimit,
                            disk_cache=self.disk_cache, disk_cache_bytes=self.disk_cache_size,
                            readahead_bytes=self.readahead, record_prefix=self.record_prefix)
 
@@ -263,7 +292,7 @@ class MountConfig:
             return self
         return replace(self, endpoint_url=o.remote.endpoint_url, bwlimit=o.bwlimit, disk_cache=o.disk_cache,
                        disk_cache_size=o.disk_cache_bytes, readahead=o.readahead_bytes,
-                       record_prefix=o.record_prefix)
+                       record_prefix=o.record_prefix, read_deadline=o.remote.read_deadline or 0.0)
 
     def fuse_options(self) -> tuple[dict[str, object], bool]:
         """libfuse's keyword options, and whether ``nonempty`` was asked for."""

@@ -53,7 +53,13 @@ Semantics (what the kernel sees):
   (the kernel retries a failed readahead READ with one-page READs, so one failing
   read() arrives two or three times: a repeat of the same file within EIO_REPEAT_S
   is counted as a request but neither logged nor counted as another error); the
-  daemon keeps serving everything else. ``ioctl`` (Python's ``open()``
+  daemon keeps serving everything else. A read of a remote store that runs past its
+  deadline (``--read-deadline``: an endpoint that stops answering) is EIO as well,
+  and the kernel's retry of it within EIO_REPEAT_S fails at once instead of waiting
+  a second deadline. A read whose process gets a signal meaning "stop" (Ctrl-C,
+  SIGTERM, SIGKILL) while it waits on the store is answered EINTR within 0.1 s
+  (:func:`_interrupt_probe`), so the reader, held by the kernel until it has an
+  answer, is let go. ``ioctl`` (Python's ``open()``
   asks ``isatty``) is ENOTTY (see above).
 
 Names of attributes on the Operations class matter: mfusepy registers any
@@ -69,6 +75,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -76,6 +83,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ..remote import deadline
+from ..remote.deadline import DeadlineExceeded
 from ..store.reader import CorruptData
 from ..views import FILE_MODE, Attr, DirEntries, DirNode, FileNode, StatsNode, ViewTree
 from . import fastpath, load_mfusepy
@@ -118,6 +127,13 @@ def _errors_mapped(fn: Callable) -> Callable:
             raise mf.FuseOSError(errno.ENOTDIR) from None
         except IsADirectoryError:
             raise mf.FuseOSError(errno.EISDIR) from None
+        except InterruptedError:  # the reader got a signal (see _interrupt_probe)
+            raise mf.FuseOSError(errno.EINTR) from None
+        except DeadlineExceeded as e:  # the read's deadline passed (a store that does not answer)
+            self._note_timeout(path)
+            if self._note_error(path):
+                log.error("EIO on %s: %s", path, e.strerror)
+            raise mf.FuseOSError(errno.EIO) from None
         except CorruptData as e:
             if self._note_error(path):
                 log.error("EIO on %s: %s", path, e.strerror)
@@ -157,6 +173,7 @@ class PcrfsOperations(mf.Operations):
         self.eio_count = 0      # failing files (a kernel retry of the same file is not another)
         self.eio_requests = 0   # failing requests
         self._eio_recent: OrderedDict[str, float] = OrderedDict()  # path -> when it last failed
+        self._timed_out: OrderedDict[str, float] = OrderedDict()  # path -> when a read of it ran out of time
         self._stats_doc = b""   # the stats file's last snapshot (made by a read at offset 0)
         self._stats_size_told = 0  # the stats file's size last given to the kernel
         self._stats_refresher: StatsFileRefresher | None = None
@@ -191,6 +208,21 @@ class PcrfsOperations(mf.Operations):
                 return False
             self.eio_count += 1
             return True
+
+    def _note_timeout(self, path: str) -> None:
+        with self._mutex:
+            self._timed_out.pop(path, None)
+            self._timed_out[path] = time.monotonic()
+            while len(self._timed_out) > EIO_REMEMBERED:
+                self._timed_out.popitem(last=False)
+
+    def _just_timed_out(self, path: str) -> bool:
+        """True if a read of ``path`` ran out of time less than EIO_REPEAT_S ago: this is the
+        kernel retrying the failed read (see Errors), and it fails at once rather than
+        waiting a whole deadline again."""
+        with self._mutex:
+            when = self._timed_out.get(path)
+        return when is not None and time.monotonic() - when < EIO_REPEAT_S
 
     def _stat(self, a: Attr) -> dict[str, int]:
         # mfusepy's dict form of a stat, for its generic getattr/readdir (libfuse 2 only:
@@ -349,7 +381,15 @@ class PcrfsOperations(mf.Operations):
     def read(self, path: str, size: int, offset: int, fi) -> bytes:
         node = self.tree.resolve(path)
         if isinstance(node, FileNode):
-            data = self.tree.read(node, offset, size)
+            if self._timed_out and self._just_timed_out(path):
+                self._note_error(path)
+                raise mf.FuseOSError(errno.EIO)
+            records = self.tree.store.records
+            if records.read_deadline is None:
+                data = self.tree.read(node, offset, size)
+            else:
+                with records.deadline():  # one for the whole request, whatever the store does inside
+                    data = self.tree.read(node, offset, size)
             if self.fast is not None:  # read and checked: the compiled path can take this record
                 self.fast.offer_record(node.image)
             return data
@@ -652,6 +692,7 @@ def serve(ops: PcrfsOperations, mountpoint: str, *, fsname: str, options: dict[s
         kwargs.update(max_threads=FUSE_THREADS, max_idle_threads=FUSE_THREADS)
     kwargs.update(options or {})
     ops.fast = _compiled_path(ops)
+    deadline.set_interrupt_probe(_interrupt_probe())
     try:
         PcrfsFUSE(ops, mountpoint, raw_fi=True, foreground=True, **kwargs)
     except RuntimeError as e:  # mfusepy raises fuse_main()'s non-zero status
@@ -659,9 +700,67 @@ def serve(ops: PcrfsOperations, mountpoint: str, *, fsname: str, options: dict[s
             return e.args[0]
         raise
     finally:
+        deadline.set_interrupt_probe(None)
         if ops.fast is not None:
             ops.fast.release()
     return 0
+
+
+# Signals that mean "stop" (SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGTERM), as a /proc SigPnd mask
+_STOP_SIGNALS = sum(1 << (s - 1) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGKILL,
+                                           signal.SIGTERM))
+
+
+def _interrupt_probe() -> Callable[[], bool] | None:
+    """Whether the process whose request is served on the calling thread wants it to end; a
+    read waiting on the store polls this (:mod:`pcrfs.remote.deadline`) and then answers
+    EINTR at once. Two ways to know:
+
+    * the kernel interrupted the request (libfuse's ``fuse_interrupted``): it does so when the
+      reader gets a signal during a synchronous READ -- the one-page read with which the kernel
+      retries a failed readahead is one;
+    * the reader has a signal that means "stop" pending (/proc/PID/status), or is gone: the
+      kernel sends no interrupt for a readahead READ, and a reader waiting on its pages sits in
+      D state with the signal pending -- Ctrl-C included -- until the answer comes.
+
+    False on a thread that serves no request."""
+    interrupted = getattr(mf._libfuse, "fuse_interrupted", None)
+    context = getattr(mf._libfuse, "fuse_get_context", None)
+    if interrupted is None or context is None:
+        return None
+    interrupted.argtypes = []
+    interrupted.restype = ctypes.c_int
+
+    def probe() -> bool:
+        if interrupted():
+            return True
+        ctx = context()
+        pid = ctx.contents.pid if ctx else 0
+        return pid > 0 and _stopping(pid)
+    return probe
+
+
+def _stopping(pid: int) -> bool:
+    """True if thread/process ``pid`` is gone or has a "stop" signal pending and not blocked."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read()
+    except OSError:  # gone (killed while its request waited) -- or hidden from us (hidepid)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+    fields = dict(line.split(b":", 1) for line in text.splitlines() if b":" in line)
+    try:
+        if fields[b"State"].split()[0] in (b"Z", b"X"):
+            return True
+        pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)
+        return bool(pending & ~int(fields[b"SigBlk"], 16) & _STOP_SIGNALS)
+    except (KeyError, ValueError, IndexError):
+        return False
 
 
 def _compiled_path(ops: PcrfsOperations) -> FastPath | None:
