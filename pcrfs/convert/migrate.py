@@ -141,4 +141,5 @@ def _carry_adaptive_index(old: Store, location: str, remote: RemoteOptions, bad:
     dropped = {p["path"] for p in bad}
     kept = [i for i in range(old.num_images) if old.path(i) not in dropped] if dropped else slice(None)
     with open_store(location, options=ReadOptions(remote=remote)) as new:
-        adaptive.write(new, np.asarray(index.ks)[kept], index.thresholds)
+        # the migration holds the store's lock (a second flock would wait for itself)
+        adaptive.write(new, np.asarray(index.ks)[kept], index.thresholds, store_locked=True)
