@@ -89,8 +89,9 @@ class CountingSource(LocalRecords):
 
 
 @pytest.fixture
-def store(demo_store):
-    s = pcrfs.open_store(demo_store)
+def store(source_store):
+    """Records of consecutive images (format version 1): readahead in path order reads runs of them."""
+    s = pcrfs.open_store(source_store)
     yield s
     s.close()
 

@@ -212,7 +212,9 @@ class RecordPrefixPolicy:
         mode, fit = self.mode(k)
         if mode is Mode.IMAGES:
             return None
-        if self.reads_before_fetch is not None and not self._enough_reads(record, image):
+        # a record with part of its prefix cached already passed (or was fetched ahead of)
+        # its threshold: extending it to a higher fidelity needs no new evidence
+        if self.reads_before_fetch is not None and not held and not self._enough_reads(record, image):
             return None
         if mode is Mode.WINDOW and not self._local(record, fit):
             with self._lock:

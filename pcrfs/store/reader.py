@@ -97,9 +97,15 @@ class Store:
         self.records: RecordSource = location.records(np.asarray(index.records["size"]), bwlimit)
         self.range_group_bytes = max(RANGE_GROUP_BYTES, cache.capacity // 8 if cache is not None else 0)
         readahead_bytes = options.readahead_for(location)
+        prefixes = self._prefix_fetcher(cache, disk)
+        if index.shuffled and prefixes is not None:
+            # records that mix the dataset: the images after one in path order lie all over
+            # the store, so readahead would fetch them one by one and their record prefixes
+            # again; a path-order pass is served by record prefixes (see store/prefix.py)
+            readahead_bytes = 0
         self.fetcher = GroupFetcher(self.groups, self.records, cache, disk,
                                     Readahead() if readahead_bytes else None, readahead_bytes,
-                                    whole_image=defaults.whole_image, prefixes=self._prefix_fetcher(cache, disk),
+                                    whole_image=defaults.whole_image, prefixes=prefixes,
                                     large_group_bytes=self.range_group_bytes)
         # Local files without readahead, disk cache or rate limit need none of the
         # fetcher's machinery (futures, in-flight sharing, span merging): a pread and a
