@@ -36,8 +36,7 @@ def module():
     mod, why = fastpath.load()
     if mod is None:
         pytest.skip(f"compiled path unavailable: {why}")
-    yield mod
-    mod.release()
+    return mod
 
 
 def test_reads_stay_exact_while_holders_come_and_go(module, demo_store):
@@ -60,57 +59,63 @@ def test_reads_stay_exact_while_holders_come_and_go(module, demo_store):
     with open_store(demo_store) as store:
         tree = ViewTree(store)
         fp = fastpath.FastPath(module, tree, (os.getuid(), os.getgid()))
-        fast_read_addr = module.install(addr(py_read), addr(py_getattr), addr(py_getxattr), True)[0]
-        fast_read = READ(fast_read_addr)
-        index = store.index
-        k = 3
-        records = sorted({index.record_of(i) for i in range(store.num_images)})
-        whole = {r: store.read_record(r) for r in records}
-        images = [i for i in range(store.num_images) if store.n_groups(i) >= k][:60]
-        expected = {i: store.read(i, k) for i in images}
-        stop = threading.Event()
-        errors: list[str] = []
-        served = [0]
+        state = fp.state
+        fast_read_addr = state.install(addr(py_read), addr(py_getattr), addr(py_getxattr))[0]
+        try:
+            _contend(store, state, READ(fast_read_addr), fallbacks)
+        finally:
+            fp.release()  # uninstalled: another test's State may be installed next
 
-        def holders() -> None:  # revoke and adopt, alternating buffers and descriptors
-            turn = 0
-            while not stop.is_set():
-                for r in records:
-                    module.revoke(r)
-                    if turn % 2:
-                        module.adopt(r, bytearray(whole[r]), 0, index.num_groups, True)  # the only reference
-                    else:
-                        fd = os.open(store.records.describe(r), os.O_RDONLY)
-                        if not module.adopt(r, fd, 0, index.num_groups, False):
-                            os.close(fd)
-                turn += 1
 
-        def reader(seed: int) -> None:
-            buf = ctypes.create_string_buffer(1 << 20)
-            for n in range(3000):
-                i = images[(seed * 7 + n) % len(images)]
-                path = f"/scan{k}/{store.path(i)}".encode()
-                got = fast_read(path, buf, len(buf), 0, None)
-                if got == FALLBACK:
-                    continue
-                if buf.raw[:got] != expected[i]:
-                    errors.append(f"image {i}: {got} bytes, not the image's")
-                    return
-                served[0] += 1
+def _contend(store, state, fast_read, fallbacks: list[int]) -> None:
+    index = store.index
+    k = 3
+    records = sorted({index.record_of(i) for i in range(store.num_images)})
+    whole = {r: store.read_record(r) for r in records}
+    images = [i for i in range(store.num_images) if store.n_groups(i) >= k][:60]
+    expected = {i: store.read(i, k) for i in images}
+    stop = threading.Event()
+    errors: list[str] = []
+    served = [0]
 
-        changer = threading.Thread(target=holders)
-        changer.start()
-        readers = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
-        t0 = time.monotonic()
-        for t in readers:
-            t.start()
-        for t in readers:
-            t.join()
-        stop.set()
-        changer.join()
-        for r in records:
-            module.revoke(r)
-        assert not errors, errors
-        assert served[0] > 100 and fallbacks[0] > 0, (served[0], fallbacks[0])  # both sides of the race ran
-        assert time.monotonic() - t0 < 120
-        del fp
+    def holders() -> None:  # revoke and adopt, alternating buffers and descriptors
+        turn = 0
+        while not stop.is_set():
+            for r in records:
+                state.revoke(r)
+                if turn % 2:
+                    state.adopt(r, bytearray(whole[r]), 0, index.num_groups, True)  # the only reference
+                else:
+                    fd = os.open(store.records.describe(r), os.O_RDONLY)
+                    if not state.adopt(r, fd, 0, index.num_groups, False):
+                        os.close(fd)
+            turn += 1
+
+    def reader(seed: int) -> None:
+        buf = ctypes.create_string_buffer(1 << 20)
+        for n in range(3000):
+            i = images[(seed * 7 + n) % len(images)]
+            path = f"/scan{k}/{store.path(i)}".encode()
+            got = fast_read(path, buf, len(buf), 0, None)
+            if got == FALLBACK:
+                continue
+            if buf.raw[:got] != expected[i]:
+                errors.append(f"image {i}: {got} bytes, not the image's")
+                return
+            served[0] += 1
+
+    changer = threading.Thread(target=holders)
+    changer.start()
+    readers = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    t0 = time.monotonic()
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    stop.set()
+    changer.join()
+    for r in records:
+        state.revoke(r)
+    assert not errors, errors
+    assert served[0] > 100 and fallbacks[0] > 0, (served[0], fallbacks[0])  # both sides of the race ran
+    assert time.monotonic() - t0 < 120

@@ -12,6 +12,15 @@ callbacks stay installed behind it for everything else and for every failure.
 
 ``PCRFS_NO_FASTPATH=1`` in the daemon's environment turns it off (the mount logs
 which path it serves with).
+
+The contract: :class:`FastPath` hands ``configure`` the index arrays themselves (the
+module holds their buffers), each structured array's fields as ``{name: (dtype string,
+offset)}`` and the constants the two sides share (``RANGE_GROUP_BYTES``, the EOI marker);
+the C side checks every one against what it reads and raises ``ContractError`` (a
+ValueError: the mount then serves in Python and logs why). A module built from another
+version of ``_fastpath.c`` than this file expects (``CONTRACT``) is not used at all.
+``configure`` returns the mount's own state (descriptors, tables, counters), released
+with :meth:`FastPath.release`; no other mount's state is touched.
 """
 from __future__ import annotations
 
@@ -25,11 +34,14 @@ from typing import Any
 import numpy as np
 
 from ..store.backends import LocalRecords
+from ..jpeg.scans import EOI_BYTES
+from ..store.reader import RANGE_GROUP_BYTES
 from ..views import ViewTree
 
 log = logging.getLogger("pcrfs.fuse")
 
 DISABLE_ENV = "PCRFS_NO_FASTPATH"
+CONTRACT = 2  # _fastpath.c's CONTRACT: configure()'s arguments and what they must hold
 # The compiled path keeps its own duplicate of each record's descriptor; it takes at
 # most this share of the open-file limit, the rest of the records stay on the Python path.
 FD_SHARE = 0.5
@@ -45,6 +57,10 @@ def load() -> tuple[Any, str]:
     except ImportError as e:
         return None, f"not built ({e}); reinstall pcrfs with a C compiler and Python's headers " \
                      "(Debian: apt-get install gcc libc6-dev python3-dev)"
+    built = getattr(_fastpath, "CONTRACT", None)
+    if built != CONTRACT:
+        return None, f"built from another version of _fastpath.c (contract {built}, this pcrfs needs " \
+                     f"{CONTRACT}); reinstall pcrfs"
     return _fastpath, ""
 
 
@@ -59,44 +75,35 @@ class FastPath:
         self.module = module
         store = tree.store
         index = store.index
-        # Contiguous arrays whose data the C side reads; kept here for the mount's life
-        # (np.ascontiguousarray copies nothing for the memory-mapped index files).
-        self._arrays = arrays = {
-            "lengths": np.ascontiguousarray(index.group_lengths, dtype="<u4"),
-            "crcs": np.ascontiguousarray(index.group_crc32, dtype="<u4"),
-            "images": np.ascontiguousarray(index.images),
-            "records": np.ascontiguousarray(index.records),
-            "group_offsets": np.ascontiguousarray(index.record_group_offsets, dtype="<u8"),
-            "blob": np.frombuffer(index.paths.blob(), dtype=np.uint8) if len(index.paths.blob())
-            else np.zeros(1, np.uint8),
-            "path_offsets": np.ascontiguousarray(index.paths.offsets, dtype="<u8"),
-        }
-        if index.shuffled:  # format version 2: records hold ranges of storage positions
-            arrays["positions"] = np.ascontiguousarray(index.positions, dtype="<i8")
-            arrays["storage"] = np.ascontiguousarray(index.storage_order, dtype="<u8")
-        views = []
-        file_base = 1 + len(index.dirs)
-        for name, view in tree.views.items():
-            ks = 0
-            if view.ks is not None:
-                arrays["ks_" + name] = col = np.ascontiguousarray(view.ks, dtype=np.uint8)
-                ks = col.ctypes.data
-            views.append((name.encode(), view.k, ks, tree._ino(view, file_base)))
-        images, records = arrays["images"], arrays["records"]
-        module.configure(
-            index.num_images, index.num_groups, len(records),
-            arrays["lengths"].ctypes.data, arrays["crcs"].ctypes.data,
-            images.ctypes.data, images.dtype.itemsize, images.dtype.fields["src_mtime_ns"][1],
-            images.dtype.fields["n_groups"][1],
-            records.ctypes.data, records.dtype.itemsize, records.dtype.fields["first_image"][1],
-            arrays["group_offsets"].ctypes.data, arrays["blob"].ctypes.data, arrays["path_offsets"].ctypes.data,
-            arrays["positions"].ctypes.data if index.shuffled else 0,
-            arrays["storage"].ctypes.data if index.shuffled else 0,
-            owner[0], owner[1], views)
         self.store = store
         self.local = store.reads_direct and isinstance(store.records, LocalRecords)
         self._prefixes = not self.local and store.serves_prefixes
         self.reads = self.local or self._prefixes
+        # The index arrays as they are (np.ascontiguousarray copies nothing for the
+        # memory-mapped index files): the C side checks their types and holds them.
+        images, records = np.ascontiguousarray(index.images), np.ascontiguousarray(index.records)
+        views = []
+        file_base = 1 + len(index.dirs)
+        for name, view in tree.views.items():
+            ks = None if view.ks is None else np.ascontiguousarray(view.ks)
+            views.append((name.encode(), view.k, ks, tree._ino(view, file_base)))
+        blob = index.paths.blob()
+        # The state this mount's reads use; ContractError (a ValueError) if anything is not
+        # what the C side reads.
+        self.state = module.configure(
+            n_images=index.num_images, n_groups=index.num_groups, n_records=len(records),
+            lengths=np.ascontiguousarray(index.group_lengths), crcs=np.ascontiguousarray(index.group_crc32),
+            images=images, image_fields=_fields(images.dtype), records=records,
+            record_fields=_fields(records.dtype),
+            group_offsets=np.ascontiguousarray(index.record_group_offsets),
+            blob=blob if len(blob) else b"", path_offsets=np.ascontiguousarray(index.paths.offsets),
+            # format version 2: records hold ranges of storage positions
+            positions=np.ascontiguousarray(index.positions) if index.shuffled else None,
+            storage=np.ascontiguousarray(index.storage_order) if index.shuffled else None,
+            views=views, uid=owner[0], gid=owner[1], serve_reads=self.reads,
+            # groups larger than this that a read cuts go to Python, which checks them once
+            # (the floor of Store.range_group_bytes: the compiled path keeps no group cache)
+            cut_group_limit=RANGE_GROUP_BYTES, eoi=EOI_BYTES)
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_budget = len(records) if soft == resource.RLIM_INFINITY else \
             max(0, int(soft * FD_SHARE) - FD_RESERVE)
@@ -111,7 +118,7 @@ class FastPath:
         Python ones it replaces become their fallbacks. ``ioctl`` had no Python
         callback (libfuse answered ENOSYS): the compiled one answers ENOTTY and counts."""
         py = (ops_struct.read, ops_struct.getattr, ops_struct.getxattr)
-        *fast, ioctl = self.module.install(*(_address(f) for f in py), self.reads)
+        *fast, ioctl = self.state.install(*(_address(f) for f in py))
         self._trampolines = py  # the struct no longer references them: keep them alive
         for name, prototype_of, address in zip(("read", "getattr", "getxattr"), py, fast):
             setattr(ops_struct, name, type(prototype_of)(address))
@@ -127,20 +134,20 @@ class FastPath:
         if not self.reads or self._fds_given >= self._fd_budget:
             return
         r = self.store.index.record_of(image)
-        if self.module.has_fd(r):
+        if self.state.has_fd(r):
             return
         with self._lock:
-            if self._fds_given >= self._fd_budget or self.module.has_fd(r):
+            if self._fds_given >= self._fd_budget or self.state.has_fd(r):
                 return
             if self.local:
                 fd = self.store.records.dup_descriptor(r)
-                taken = self.module.adopt(r, fd)
+                taken = self.state.adopt(r, fd)
             else:
                 held = self.store.prefix_holder(r)
                 if held is None:
                     return
                 fd, base, groups = held  # a descriptor, or a buffer (memory) the module holds on to
-                taken = self.module.adopt(r, fd, base, groups, True)
+                taken = self.state.adopt(r, fd, base, groups, True)
             if taken:
                 self._fds_given += 1
             elif isinstance(fd, int):
@@ -149,18 +156,25 @@ class FastPath:
     def _prefix_dropped(self, r: int) -> None:
         """A cache dropped or replaced record r's prefix: take the descriptor or buffer back."""
         with self._lock:
-            if self.module.revoke(r):
+            if self.state.revoke(r):
                 self._fds_given -= 1
 
     def counters(self) -> dict[str, Any]:
-        return self.module.counters()
+        return self.state.counters()
 
     def files_looked_up(self) -> bool:
         """Whether the kernel looked up an image file since the last call (see readdir_fuse_3)."""
-        n = self.module.counters()["file_lookups"]
+        n = self.state.counters()["file_lookups"]
         seen, self._file_lookups_seen = self._file_lookups_seen, n
         return n != seen
 
     def release(self) -> None:
-        """After the unmount: close the descriptors, free the tables."""
-        self.module.release()
+        """After the unmount: take the callbacks out, wait for any still running, close
+        the descriptors, free the tables (the counters stay readable)."""
+        self.state.release()
+        self.installed = False
+
+
+def _fields(dtype: np.dtype) -> dict[str, tuple[str, int]]:
+    """A structured dtype's fields as the C side checks them: name -> (dtype string, offset)."""
+    return {name: (spec[0].str, spec[1]) for name, spec in (dtype.fields or {}).items()}
