@@ -209,20 +209,7 @@ class Index:
             for name in names:
                 files[name] = _open_index_file(directory / name)
             sizes = {name: size for name, (_, size) in files.items()}
-            for name in names:
-                if checks is not None:
-                    want = checks.get(name)
-                    if want is None:
-                        raise IndexFileError(f"manifest has no checksum for index file {name}")
-                    if sizes[name] != want["size"]:
-                        raise IndexFileError(f"index file {directory / name} is {sizes[name]} bytes, "
-                                          f"manifest says {want['size']}")
-            if counts is not None:
-                for name, limit in size_limits(*counts, sizes).items():
-                    if name in sizes and sizes[name] > limit:
-                        raise IndexFileError(f"index file {directory / name} is {sizes[name]} bytes, more than "
-                                          f"a store of {counts[0]} images, {counts[1]} scan groups and "
-                                          f"{counts[2]} records can need ({limit})")
+            _check_sizes(directory, sizes, checks, counts)
             data = {name: _read_private(directory / name, *files[name]) for name in names}
             if checks is not None:
                 for name in names:
@@ -442,6 +429,25 @@ def size_limits(n: int, g: int, r: int, sizes: dict[str, int]) -> dict[str, int]
         "dirs.bin": min(paths * (fmt.MAX_PATH_BYTES + 1) // 4,
                         max(sizes.get("dir_offsets.npy", 0) // fmt.OFFSET_DTYPE.itemsize, 1) * fmt.MAX_PATH_BYTES),
     }
+
+
+def _check_sizes(directory: Path, sizes: dict[str, int], checks: dict[str, dict[str, int]] | None,
+                 counts: tuple[int, int, int] | None) -> None:
+    """IndexFileError unless every file has the manifest's size (``checks``) and fits what the
+    manifest's ``counts`` allow: all before a byte of any file is read."""
+    for name, size in sizes.items():
+        if checks is not None:
+            want = checks.get(name)
+            if want is None:
+                raise IndexFileError(f"manifest has no checksum for index file {name}")
+            if size != want["size"]:
+                raise IndexFileError(f"index file {directory / name} is {size} bytes, manifest says {want['size']}")
+    if counts is not None:
+        for name, limit in size_limits(*counts, sizes).items():
+            if name in sizes and sizes[name] > limit:
+                raise IndexFileError(f"index file {directory / name} is {sizes[name]} bytes, more than "
+                                     f"a store of {counts[0]} images, {counts[1]} scan groups and "
+                                     f"{counts[2]} records can need ({limit})")
 
 
 def _expected(name: str, counts: tuple[int, int, int] | None) -> tuple[int, ...] | None:
