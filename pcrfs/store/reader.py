@@ -281,15 +281,14 @@ class Store:
     def _direct_piece(self, i: int, table: tuple[int, list[int], list[int], list[int]], g: int,
                       lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of group g (0-based) of image i, read directly. A group the request
-        covers whole goes to the kernel's page cache with the file; only one it cuts is kept
-        here for the next read of the rest, and a large one it cuts is read by range."""
+        covers whole goes to the kernel's page cache with the file; one it cuts is read once
+        into the buffers of cut groups (:meth:`_group_range`), so the kernel's pieces of a
+        file -- sequential, or concurrent from its readahead -- read it from the store once."""
         r, offsets, lengths, crcs = table
         length = lengths[g]
         if hi - lo == length:
             return self._read_direct(i, r, g, offsets[g], length, crcs[g], False)
-        if length > self.range_group_bytes:
-            return self._group_range(i, r, g, offsets[g], length, crcs[g], lo, hi)
-        return self._read_direct(i, r, g, offsets[g], length, crcs[g], True)[lo:hi]
+        return self._group_range(i, r, g, offsets[g], length, crcs[g], lo, hi)
 
     def _fetched_pieces(self, i: int, k: int, table: tuple[int, list[int], list[int], list[int]],
                         cuts: list[tuple[int, int, int]]) -> list[bytes]:
