@@ -720,3 +720,12 @@ def test_vectorized_name_check_matches_a_per_name_check(names):
     if bad is not None and b"\0" not in b"".join(names):
         first_bad = next(n for n in names if not _canonical_reference(n))
         assert repr(fmt.decode_path(first_bad)) in bad, (names, bad)
+
+
+def test_an_image_named_like_a_directory_is_refused(tmp_path):
+    """'a' and 'a/x.jpg' both stored: the mount would list 'a' twice (file and directory)
+    and `ls` failed, though `verify` said OK (issue 26 item 8). Refused at open (so by verify too)."""
+    root = tiny_store(tmp_path / "s.pcr", ["a", "a/x.jpg", "c/z.jpg"])
+    with pytest.raises(StoreError, match="both an image and a directory"):
+        open_store(root)
+    assert_clean_cli_error(["verify", "-q", root], "both an image and a directory")

@@ -341,6 +341,10 @@ class Index:
             if first >= end or not (self.paths.raw(first).startswith(name + b"/")
                                     and self.paths.raw(end - 1).startswith(name + b"/")):
                 return [f"directory {fmt.decode_path(name)!r}: its image range does not match the image names"]
+            # an image with a directory's name would sort right before the directory's images
+            # ("a" < "a/x"): the mount could list one name twice and open neither as meant
+            if first and self.paths.raw(first - 1) == name:
+                return [f"{fmt.decode_path(name)!r} is both an image and a directory"]
         if len(self.dir_ranges) and (int(self.dir_ranges[0][0]) != 0 or int(self.dir_ranges[0][1]) != self.num_images):
             return ["the root directory does not cover every image"]
         return []
