@@ -406,7 +406,13 @@ def get(store: str, path: str, k, output, endpoint_url: str | None) -> None:
     if k > s.num_groups:
         fail(f"--scan must be at most {s.num_groups} for this store")
     try:
-        data = s.read(path, k)
+        size = s.size(path, k)
+        if size <= GET_PIECE:
+            data = s.read(path, k)
+        else:  # in pieces: a file of huge scan groups in bounded memory, each piece checked
+            data = None
+            pieces = (s.read_at(path, k, off, GET_PIECE) for off in range(0, size, GET_PIECE))
+            first = next(pieces)
     except KeyError:
         view, _, rest = path.strip("/").partition("/")
         if rest and re.fullmatch(r"scan\d+|full|ssim\d+", view):  # a path as the mount shows it
@@ -416,15 +422,58 @@ def get(store: str, path: str, k, output, endpoint_url: str | None) -> None:
         fail(f"no image {path!r} in {store}")
     except (CorruptData, StoreUnavailable) as e:
         fail(e.strerror or str(e))
+    if output is None and sys.stdout.isatty():
+        fail("refusing to write JPEG bytes to a terminal; use -o FILE or a pipe")
+    if data is not None:
+        _write_out(output, data)
+        return
+    _write_pieces(output, first, pieces)
+
+
+GET_PIECE = 64 << 20  # `pcrfs get` writes a file larger than this in pieces of this size
+
+
+def _write_out(output: Path | None, data: bytes) -> None:
     if output is None:
-        if sys.stdout.isatty():
-            fail("refusing to write JPEG bytes to a terminal; use -o FILE or a pipe")
         _write_stdout(data)
-    else:
-        try:
-            output.write_bytes(data)
-        except OSError as e:
-            fail(f"cannot write {output}: {e.strerror or e}")
+        return
+    try:
+        output.write_bytes(data)
+    except OSError as e:
+        fail(f"cannot write {output}: {e.strerror or e}")
+
+
+def _write_pieces(output: Path | None, first: bytes, pieces) -> None:
+    """``first`` then every piece to ``output`` (standard output if None), each failure one
+    line; a file that could not be written whole is removed (never left partly right)."""
+    from ..store.reader import CorruptData, StoreUnavailable
+
+    try:
+        out = open(output, "wb") if output is not None else sys.stdout.buffer
+    except OSError as e:
+        fail(f"cannot write {output}: {e.strerror or e}")
+    try:
+        out.write(first)
+        for piece in pieces:
+            out.write(piece)
+        out.flush()
+    except (CorruptData, StoreUnavailable) as e:
+        _drop_partial(output, out)
+        fail(e.strerror or str(e))
+    except BrokenPipeError:  # the reader went away (`| head -c 100`): as for cat
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except OSError as e:
+        _drop_partial(output, out)
+        fail(f"cannot write {output or 'to standard output'}: {e.strerror or e}")
+    if output is not None:
+        out.close()
+
+
+def _drop_partial(output: Path | None, out) -> None:
+    if output is not None:
+        out.close()
+        output.unlink(missing_ok=True)
 
 
 def _write_stdout(data: bytes) -> None:

@@ -160,6 +160,32 @@ def default_max_open() -> int:
     return max(16, min(4096, soft // 4))
 
 
+# Linux returns at most this from one read (0x7ffff000, MAX_RW_COUNT): a larger span (a scan
+# group of 2 GiB or more) takes several, or it would look truncated
+_MAX_RW = 0x7FFFF000
+
+
+def _pread_full(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset`` (fewer only at the end of the file)."""
+    if length <= _MAX_RW:
+        return os.pread(fd, length, offset)
+    buf = bytearray(length)
+    got = _preadv_full(fd, memoryview(buf), offset)
+    del buf[got:]
+    return bytes(buf) if got < length else buf
+
+
+def _preadv_full(fd: int, into: memoryview, offset: int) -> int:
+    """Fill ``into`` from ``offset``; the bytes read (fewer only at the end of the file)."""
+    got = 0
+    while got < len(into):
+        n = os.preadv(fd, [into[got:got + _MAX_RW]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
+
+
 class LocalRecords(RecordSource):
     """Positional reads from local record files.
 
@@ -260,8 +286,8 @@ class LocalRecords(RecordSource):
     def _fetch(self, span: Span, into: memoryview | None = None) -> Any:
         with self.descriptor(span.record) as fd:
             if into is not None:
-                return os.preadv(fd, [into[:span.length]], span.offset)
-            return os.pread(fd, span.length, span.offset)
+                return _preadv_full(fd, into[:span.length], span.offset)
+            return _pread_full(fd, span.length, span.offset)
 
     def dup_descriptor(self, record: int) -> int:
         """A duplicate of record ``record``'s descriptor, opened and checked like every
@@ -272,7 +298,7 @@ class LocalRecords(RecordSource):
     def read_in_record(self, record: int, offsets: list[int], lengths: list[int]) -> list[bytes]:
         # the hot path of every whole-file read through the mount: one descriptor
         # lookup and one counter update for all of an image's groups
-        h, pread = self._acquire(record), os.pread
+        h, pread = self._acquire(record), _pread_full
         try:
             fd = h.fd
             out = [pread(fd, n, o) for o, n in zip(offsets, lengths)]
