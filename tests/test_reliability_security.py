@@ -262,7 +262,9 @@ def test_store_is_opened_read_only(demo_store, tmp_path, mounts):
         verify_store(s)
         fds, maps = _store_handles("self", demo_store)
         _assert_read_only(fds, maps)
-        assert {p for p, _ in maps} >= {os.path.realpath(demo_store / fmt.INDEX_DIR / "group_lengths.npy")}
+        # the index is read into private memory, never mapped: nothing done to its files
+        # afterwards can change what is served (issue 26 item 2)
+        assert not {p for p, _ in maps if f"/{fmt.INDEX_DIR}/" in p}, maps
         info = mounts.mount(demo_store, "ro")
         assert not read_all_files(Path(info.mountpoint), s)["wrong"]
     _assert_read_only(*_store_handles(info.pid, demo_store))

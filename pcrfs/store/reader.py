@@ -26,6 +26,7 @@ import yaml
 
 from .cache import ByteLRU
 from .diskcache import DiskCache
+from .sharedcache import SharedDiskCache
 from ..jpeg.scans import EOI_BYTES
 from .readahead import Readahead
 from ..remote.bwlimit import TokenBucket
@@ -72,6 +73,11 @@ class ReadOptions:
     disk_cache_bytes: int = 10 << 30
     readahead_bytes: int | None = None    # window budget; None: the location's default; 0: off
     record_prefix: bool | None = None     # whole-record prefixes (pcrfs.store.prefix); None: the location's default
+    # A record-prefix cache in a directory the processes of one node share (DataLoader workers:
+    # pcrfs.store.sharedcache), capped at shared_cache_bytes for all of them together; it takes
+    # the place of disk_cache (which still holds the index copy)
+    shared_cache: str | None = None
+    shared_cache_bytes: int = 0
 
     def readahead_for(self, location: StoreLocation) -> int:
         if self.readahead_bytes is None:
@@ -103,7 +109,10 @@ class Store:
             # the store, so readahead would fetch them one by one and their record prefixes
             # again; a path-order pass is served by record prefixes (see store/prefix.py)
             readahead_bytes = 0
-        self.fetcher = GroupFetcher(self.groups, self.records, cache, disk,
+        # a shared disk cache holds record prefixes only (an entry per image would be a file
+        # per image, counted by every writer of every process)
+        image_disk = None if getattr(disk, "shared", False) else disk
+        self.fetcher = GroupFetcher(self.groups, self.records, cache, image_disk,
                                     Readahead() if readahead_bytes else None, readahead_bytes,
                                     whole_image=defaults.whole_image, prefixes=prefixes,
                                     large_group_bytes=self.range_group_bytes)
@@ -459,6 +468,46 @@ class _ManifestLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+MANIFEST_MAX_DEPTH = 64  # nested collections in a manifest (pcrfs writes 3)
+
+
+def _safe_yaml(text: str) -> object:
+    """The YAML document in ``text`` through PyYAML's safe loader, without aliases and nested
+    at most MANIFEST_MAX_DEPTH deep. With libyaml (PyYAML's wheels have it) a pass over the
+    parser's events checks both, then the C loader builds the document: a 1,000-class
+    manifest loads in ~30 ms instead of ~0.6 s in pure Python (measured at ImageNet scale)."""
+    c_loader = getattr(yaml, "CSafeLoader", None)
+    if c_loader is not None:
+        try:
+            return _safe_yaml_c(text, c_loader)
+        except yaml.scanner.ScannerError:
+            pass  # libyaml refuses what PyYAML writes and reads (lone surrogates of undecodable names)
+    loader = _ManifestLoader(text)  # pure Python: it refuses aliases; deep nesting is a RecursionError
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _safe_yaml_c(text: str, c_loader: type) -> object:
+    depth = 0
+    for event in yaml.parse(text, Loader=c_loader):
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases are not allowed in a pcrfs manifest",
+                                              event.start_mark)
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MANIFEST_MAX_DEPTH:
+                raise RecursionError
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    loader = c_loader(text)  # a safe loader: plain data only
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 # optional manifest keys readers use, and the type each must have
 _OPTIONAL_TYPES = {"total_bytes": int, "record_target_bytes": int, "classes": list, "options": dict}
 
@@ -468,12 +517,10 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     if len(raw) > MANIFEST_MAX_BYTES:
         raise StoreError(f"{where} is {len(raw)} bytes, more than a manifest can be ({MANIFEST_MAX_BYTES})")
     try:
-        loader = _ManifestLoader(raw.decode("utf-8"))
-        try:
-            manifest = loader.get_single_data()
-        finally:
-            loader.dispose()
+        manifest = _safe_yaml(raw.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
+        if "nesting depth" in str(e):  # libyaml's own limit, met before ours
+            raise StoreError(f"{where} is damaged: its YAML is nested too deeply") from None
         raise StoreError(f"{where} is damaged: {e}") from e
     except RecursionError:  # PyYAML composes nested collections recursively
         raise StoreError(f"{where} is damaged: its YAML is nested too deeply") from None
@@ -547,7 +594,9 @@ def open_store(location: str | os.PathLike, verify_index: bool = True, cache_byt
     readahead = options.readahead_for(loc)
     if readahead:  # prefetched groups wait in the memory cache until they are read
         cache_bytes = max(cache_bytes, 4 * readahead)
-    disk = None
-    if options.disk_cache and options.disk_cache_bytes > 0:
+    disk: DiskCache | SharedDiskCache | None = None
+    if options.shared_cache and options.shared_cache_bytes > 0:
+        disk = SharedDiskCache(Path(options.shared_cache) / loc.identity(raw), options.shared_cache_bytes)
+    elif options.disk_cache and options.disk_cache_bytes > 0:
         disk = DiskCache(Path(options.disk_cache) / "groups" / loc.identity(raw), options.disk_cache_bytes)
     return Store(loc, manifest, index, ByteLRU(cache_bytes) if cache_bytes > 0 else None, options, disk, index_dir)
