@@ -937,7 +937,7 @@ static PyObject *state_install(State *st, PyObject *args) {
     }
     if (installed) {
         PyErr_SetString(PyExc_RuntimeError, installed == st ? "already installed"
-                                                            : "another mount's compiled path is installed: uninstall it first");
+                                                            : "another mount's compiled path is installed");
         return NULL;
     }
     st->py_read = (read_cb)PTR(py_read), st->py_getattr = (getattr_cb)PTR(py_getattr);
@@ -1038,11 +1038,12 @@ static PyObject *state_stat_for_test(State *st, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y", &path)) return NULL;
     if (check_ready(st) < 0) return NULL;
     if (stat_in(st, path, &s) != 0) return PyLong_FromLong(FELL_BACK_UNRESOLVED);
-    long long mtime_ns = (long long)s.st_mtim.tv_sec * 1000000000LL + s.st_mtim.tv_nsec;
-    return Py_BuildValue("{s:I,s:L,s:L,s:K,s:I,s:I,s:I,s:L,s:I}", "mode", (unsigned)s.st_mode, "size",
-                         (long long)s.st_size, "mtime_ns", mtime_ns, "ino", (unsigned long long)s.st_ino, "nlink",
-                         (unsigned)s.st_nlink, "uid", (unsigned)s.st_uid, "gid", (unsigned)s.st_gid, "blocks",
-                         (long long)s.st_blocks, "blksize", (unsigned)s.st_blksize);
+    return Py_BuildValue("{s:I,s:L,s:(Ll),s:(Ll),s:(Ll),s:K,s:I,s:I,s:I,s:L,s:I}", "mode", (unsigned)s.st_mode,
+                         "size", (long long)s.st_size, "atime", (long long)s.st_atim.tv_sec, (long)s.st_atim.tv_nsec,
+                         "mtime", (long long)s.st_mtim.tv_sec, (long)s.st_mtim.tv_nsec, "ctime",
+                         (long long)s.st_ctim.tv_sec, (long)s.st_ctim.tv_nsec, "ino", (unsigned long long)s.st_ino,
+                         "nlink", (unsigned)s.st_nlink, "uid", (unsigned)s.st_uid, "gid", (unsigned)s.st_gid,
+                         "blocks", (long long)s.st_blocks, "blksize", (unsigned)s.st_blksize);
 }
 
 static PyObject *state_counters(State *st, PyObject *unused) {
@@ -1096,7 +1097,8 @@ static PyMethodDef state_methods[] = {
      "read_for_test(path, size, offset) -> bytes | int: the read callback's own path (resolve, record, serve) "
      "without FUSE and without the Python fallback: the bytes served, or FELL_BACK_* (why Python would be asked)."},
     {"stat_for_test", (PyCFunction)state_stat_for_test, METH_VARARGS,
-     "stat_for_test(path) -> dict | int: what the getattr callback answers for an image file, or FELL_BACK_UNRESOLVED."},
+     "stat_for_test(path) -> dict | int: what the getattr callback answers for an image file, "
+     "or FELL_BACK_UNRESOLVED."},
     {"counters", (PyCFunction)state_counters, METH_NOARGS, "What the compiled path served and read."},
     {"release", (PyCFunction)state_release, METH_NOARGS,
      "Uninstall, wait for calls in flight, close the descriptors, free the tables (after unmount)."},

@@ -74,38 +74,15 @@ class FastPath:
     def __init__(self, module: Any, tree: ViewTree, owner: tuple[int, int]) -> None:
         self.module = module
         store = tree.store
-        index = store.index
         self.store = store
         self.local = store.reads_direct and isinstance(store.records, LocalRecords)
         self._prefixes = not self.local and store.serves_prefixes
         self.reads = self.local or self._prefixes
-        # The index arrays as they are (np.ascontiguousarray copies nothing for the
-        # memory-mapped index files): the C side checks their types and holds them.
-        images, records = np.ascontiguousarray(index.images), np.ascontiguousarray(index.records)
-        views = []
-        file_base = 1 + len(index.dirs)
-        for name, view in tree.views.items():
-            ks = None if view.ks is None else np.ascontiguousarray(view.ks)
-            views.append((name.encode(), view.k, ks, tree._ino(view, file_base)))
-        blob = index.paths.blob()
         # The state this mount's reads use; ContractError (a ValueError) if anything is not
         # what the C side reads.
-        self.state = module.configure(
-            n_images=index.num_images, n_groups=index.num_groups, n_records=len(records),
-            lengths=np.ascontiguousarray(index.group_lengths), crcs=np.ascontiguousarray(index.group_crc32),
-            images=images, image_fields=_fields(images.dtype), records=records,
-            record_fields=_fields(records.dtype),
-            group_offsets=np.ascontiguousarray(index.record_group_offsets),
-            blob=blob if len(blob) else b"", path_offsets=np.ascontiguousarray(index.paths.offsets),
-            # format version 2: records hold ranges of storage positions
-            positions=np.ascontiguousarray(index.positions) if index.shuffled else None,
-            storage=np.ascontiguousarray(index.storage_order) if index.shuffled else None,
-            views=views, uid=owner[0], gid=owner[1], serve_reads=self.reads,
-            # groups larger than this that a read cuts go to Python, which checks them once
-            # (the floor of Store.range_group_bytes: the compiled path keeps no group cache)
-            cut_group_limit=RANGE_GROUP_BYTES, eoi=EOI_BYTES)
+        self.state = module.configure(**configure_args(tree, owner, self.reads))
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self._fd_budget = len(records) if soft == resource.RLIM_INFINITY else \
+        self._fd_budget = len(store.index.records) if soft == resource.RLIM_INFINITY else \
             max(0, int(soft * FD_SHARE) - FD_RESERVE)
         self._fds_given = 0
         self._lock = threading.Lock()
@@ -173,6 +150,31 @@ class FastPath:
         the descriptors, free the tables (the counters stay readable)."""
         self.state.release()
         self.installed = False
+
+
+def configure_args(tree: ViewTree, owner: tuple[int, int], serve_reads: bool) -> dict[str, Any]:
+    """``_fastpath.configure``'s arguments for a tree: the index arrays as they are
+    (np.ascontiguousarray copies nothing for the memory-mapped index files; the C side
+    checks their types and holds them), the views, and the constants both sides share."""
+    index = tree.store.index
+    images, records = np.ascontiguousarray(index.images), np.ascontiguousarray(index.records)
+    file_base = 1 + len(index.dirs)
+    views = [(name.encode(), view.k, None if view.ks is None else np.ascontiguousarray(view.ks),
+              tree._ino(view, file_base)) for name, view in tree.views.items()]
+    blob = index.paths.blob()
+    return dict(
+        n_images=index.num_images, n_groups=index.num_groups, n_records=len(records),
+        lengths=np.ascontiguousarray(index.group_lengths), crcs=np.ascontiguousarray(index.group_crc32),
+        images=images, image_fields=_fields(images.dtype), records=records, record_fields=_fields(records.dtype),
+        group_offsets=np.ascontiguousarray(index.record_group_offsets),
+        blob=blob if len(blob) else b"", path_offsets=np.ascontiguousarray(index.paths.offsets),
+        # format version 2: records hold ranges of storage positions
+        positions=np.ascontiguousarray(index.positions) if index.shuffled else None,
+        storage=np.ascontiguousarray(index.storage_order) if index.shuffled else None,
+        views=views, uid=owner[0], gid=owner[1], serve_reads=serve_reads,
+        # groups larger than this that a read cuts go to Python, which checks them once
+        # (the floor of Store.range_group_bytes: the compiled path keeps no group cache)
+        cut_group_limit=RANGE_GROUP_BYTES, eoi=EOI_BYTES)
 
 
 def _fields(dtype: np.dtype) -> dict[str, tuple[str, int]]:
