@@ -110,6 +110,10 @@ class PrefixFetcher(Tiers):
         self.fallbacks = 0      # reads handed back to the per-image path because of a bad group
         self.written_back = 0   # prefixes written to the disk cache on leaving memory or at close
         self._drop_listeners: list[Callable[[int], None]] = []
+        # A disk cache shared by the processes of a node (SharedDiskCache: DataLoader workers)
+        # is where a prefix goes first, so the others find it, and a record is fetched under
+        # its lock there: one process fetches it, the others wait and read its file.
+        self._shared = bool(getattr(disk, "shared", False))
         if memory is not None:
             memory.on_evict(self._left_memory)
         if disk is not None:
@@ -171,7 +175,8 @@ class PrefixFetcher(Tiers):
             if held >= k or r in self._inflight:
                 return
             with self.source.deadline() as deadline:  # as long as a reader's
-                fetched = self._claim_and_fetch(self.policy.plan(r, k, held), entry, on_disk, deadline)
+                # (wait=False: a record another process fetches is left to it)
+                fetched = self._claim_and_fetch(self.policy.plan(r, k, held), entry, on_disk, deadline, wait=False)
             if fetched is not None or self._disk_groups(r) >= k:
                 self.prefetched += 1
         except StoreUnavailable as e:  # unreachable, or out of time: a read of the record will tell
@@ -274,16 +279,20 @@ class PrefixFetcher(Tiers):
     # ---- fetching --------------------------------------------------------------------------
 
     def _claim_and_fetch(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int,
-                         deadline: Deadline) -> RecordPrefix | None:
+                         deadline: Deadline, wait: bool = True) -> RecordPrefix | None:
         """Fetch ``plan`` unless another reader already fetches this record; the prefix, or None
-        when somebody else fetches it or it was kept in the disk cache (read it there)."""
+        when somebody else fetches it or it was kept in the disk cache (read it there).
+        ``wait=False``: a record another process fetches is not waited for (None)."""
         fut: Future = Future()
         with self._lock:
             if plan.record in self._inflight:
                 return None
             self._inflight[plan.record] = fut
         try:
-            result = self._fetch(plan, entry, on_disk, deadline)
+            if self._shared:
+                result = self._fetch_shared(plan, entry, on_disk, deadline, wait)
+            else:
+                result = self._fetch(plan, entry, on_disk, deadline)
         except BaseException as e:
             fut.set_exception(e)
             raise
@@ -293,6 +302,26 @@ class PrefixFetcher(Tiers):
         finally:
             with self._lock:
                 self._inflight.pop(plan.record, None)
+
+    def _fetch_shared(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int, deadline: Deadline,
+                      wait: bool) -> RecordPrefix | None:
+        """:meth:`_fetch` under the record's lock in the shared disk cache: a process that
+        finds another fetching the record waits (within the read's deadline), then reads
+        what that one wrote (None: look on disk again) or, if it wrote nothing (it died,
+        or failed), fetches the record itself."""
+        r = plan.record
+        with self.disk.fetching(self._key(r), deadline if wait else None) as mine:
+            if not mine:
+                return None
+            now = self._disk_groups(r)
+            if now >= plan.groups:
+                return None  # written by another process meanwhile
+            if now > on_disk:  # another process wrote part of it: fetch only the rest
+                start = int(self._bounds[r, now])
+                plan = PrefixPlan(r, now + 1, plan.groups, start, plan.end,
+                                  split_parts(start, plan.end, self.policy.part_bytes, self.policy.max_parts))
+                on_disk = now
+            return self._fetch(plan, entry, on_disk, deadline)
 
     def _held_bytes(self, plan: PrefixPlan, entry: RecordPrefix | None, on_disk: int) -> bytes:
         """The record's bytes before ``plan.start`` (groups 1..first_group-1), from a cache."""
@@ -337,7 +366,7 @@ class PrefixFetcher(Tiers):
         view.release()
         self.parts += len(plan.parts)
         base = int(self._bounds[r, 0])
-        in_memory = self.memory is not None and self.policy.fits_memory(plan.groups)
+        in_memory = self.memory is not None and self.policy.fits_memory(plan.groups) and not self._shared
         if self.disk is not None and not failed and not in_memory and self._to_disk(r, plan.groups, base, data):
             return None
         bad = self._check(r, plan.groups, base, data)
@@ -382,7 +411,7 @@ class PrefixFetcher(Tiers):
             return pos
         if not data or len(data) > self.disk.capacity:
             return False
-        return self.disk.put_file(self._key(r), fill)
+        return self.disk.put_file(self._key(r), fill, len(data))
 
     def _check(self, r: int, groups: int, base: int, data: Any) -> set[tuple[int, int]]:
         """(image, group) of every group 1..``groups`` of record r whose bytes fail their CRC-32."""
