@@ -207,12 +207,6 @@ class ViewCounters:
             if offset == 0:
                 self.first_reads[view] += 1
 
-    def add(self, view: str, first_reads: int, served: int) -> None:
-        """Counts made elsewhere (the mount's compiled read path)."""
-        with self._lock:
-            self.first_reads[view] += first_reads
-            self.served[view] += served
-
 
 class ViewTree:
     """Resolve, list, stat and read paths of the mounted tree."""

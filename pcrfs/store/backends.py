@@ -330,7 +330,6 @@ class LocalRecords(RecordSource):
             self._fds.clear()
 
 
-RecordFiles = LocalRecords  # the name this class had before remote stores
 
 
 class _RemoteRecords(RecordSource):

@@ -32,7 +32,7 @@ from .readahead import Readahead
 from ..remote.bwlimit import TokenBucket
 from ..remote.fs import RemoteOptions
 from . import format as fmt
-from .backends import RecordFiles, RecordSource, Span  # noqa: F401 - RecordFiles: the local source's old name
+from .backends import RecordSource, Span
 from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
 from .fetch import GroupFetcher
 from .groups import GroupRange, GroupTable
@@ -78,6 +78,10 @@ class ReadOptions:
     # the place of disk_cache (which still holds the index copy)
     shared_cache: str | None = None
     shared_cache_bytes: int = 0
+    # processes that split one pass over the store between them (DataLoader workers sharing
+    # shared_cache): each sees 1/readers of a record's reads, so a mixed record's prefix is
+    # fetched after 1/readers of the reads one process would wait for (pcrfs.store.prefix)
+    prefix_readers: int = 1
 
     def readahead_for(self, location: StoreLocation) -> int:
         if self.readahead_bytes is None:
@@ -139,6 +143,8 @@ class Store:
         bounds = group_bounds(self.index.record_group_offsets, self.index.records["size"])
         # records that mix the dataset: a prefix only once reads of the record look like an epoch
         mixed = mixed_record_thresholds(self.index.records["n_images"]) if self.index.shuffled else None
+        if mixed is not None and self.options.prefix_readers > 1:
+            mixed = np.maximum(1, -(-mixed // int(self.options.prefix_readers)))
         policy = RecordPrefixPolicy(bounds, cache.capacity if cache is not None else 0,
                                     disk.capacity if disk is not None else 0, reads_before_fetch=mixed)
         return PrefixFetcher(self.groups, self.records, policy, cache, disk)
