@@ -2,6 +2,7 @@
 
 * :mod:`pcrfs.fuse.ops`      -- the mfusepy ``Operations`` (read-only, caching policy)
 * :mod:`pcrfs.fuse.fastpath` -- the optional compiled lookups and reads (``_fastpath.c``)
+* :mod:`pcrfs.fuse.mfuse_compat` -- every use of mfusepy's internals, checked when a mount starts
 * :mod:`pcrfs.fuse.config`   -- ``MountConfig``: the mount's options, declared once
 * :mod:`pcrfs.fuse.mounting` -- ``mount``/``umount`` from the caller's side: start, readiness, stale mounts
 * :mod:`pcrfs.fuse.daemon`   -- the serving process (``python -m pcrfs.fuse.daemon``)

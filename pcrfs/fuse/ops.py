@@ -87,7 +87,7 @@ from ..remote import deadline
 from ..remote.deadline import DeadlineExceeded
 from ..store.reader import CorruptData
 from ..views import FILE_MODE, Attr, DirEntries, DirNode, FileNode, StatsNode, ViewTree
-from . import fastpath, load_mfusepy
+from . import fastpath, load_mfusepy, mfuse_compat
 from .fastpath import FastPath
 
 mf = load_mfusepy()
@@ -284,7 +284,7 @@ class PcrfsOperations(mf.Operations):
             if conn_info.capable & FUSE_CAP_READDIRPLUS:
                 conn_info.want = conn_info.want | FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO
         if mf.fuse_version_major == 3:
-            fuse = _libfuse_context_fuse()
+            fuse = mfuse_compat.context_fuse()
             if fuse:
                 self._stats_refresher = StatsFileRefresher(fuse)
         log.info("serving %s (%d images, views %s) with libfuse %d.%d", self.tree.store.root,
@@ -438,12 +438,6 @@ def _pages(n: int) -> int:
     return -(-n // STATS_FILE_PAD) * STATS_FILE_PAD
 
 
-def _libfuse_context_fuse() -> int | None:
-    """The ``struct fuse *`` of the session serving this callback (libfuse 3's init and callbacks)."""
-    ctx = mf._libfuse.fuse_get_context()
-    return ctx.contents.fuse if ctx else None
-
-
 class StatsFileRefresher:
     """Drops the kernel's copy of ``/.pcrfs/stats`` after each read of it, so the next
     read asks the daemon again (``fuse_invalidate_path``: attributes and pages).
@@ -452,9 +446,7 @@ class StatsFileRefresher:
     the pages of a read in progress are released only by that read's reply."""
 
     def __init__(self, fuse: int) -> None:
-        self._invalidate = mf._libfuse.fuse_invalidate_path
-        self._invalidate.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        self._invalidate.restype = ctypes.c_int
+        self._invalidate = mfuse_compat.invalidate_path()
         self._fuse = ctypes.c_void_p(fuse)
         self._wanted = threading.Event()
         self._stopped = False
@@ -477,13 +469,7 @@ class StatsFileRefresher:
             self._invalidate(self._fuse, path)  # ENOENT when the kernel no longer holds it: fine
 
 
-_worker = threading.local()
-_PyGILState_Ensure = ctypes.pythonapi.PyGILState_Ensure
-_PyGILState_Ensure.restype = ctypes.c_int
-_PyGILState_Ensure.argtypes = []
-
-
-class PcrfsFUSE(mf.FUSE):
+class PcrfsFUSE(mfuse_compat.FUSE):
     """mfusepy's FUSE with libfuse 3 readdirplus and cached directory listings.
 
     mfusepy always fills directory entries without FUSE_FILL_DIR_PLUS, so the
@@ -492,34 +478,12 @@ class PcrfsFUSE(mf.FUSE):
     """
 
     def __init__(self, operations: PcrfsOperations, mountpoint: str, **kwargs: Any) -> None:
+        # the compiled callbacks go into mfusepy's fuse_operations struct before libfuse starts
         fast = operations.fast
-        if fast is None:
-            super().__init__(operations, mountpoint, **kwargs)
-            return
-        # mfusepy fills its fuse_operations struct and calls fuse_main_real() within
-        # __init__: the compiled callbacks go into the struct at that call.
-        real_main = mf.fuse_main_real
+        super().__init__(operations, mountpoint, install=None if fast is None else fast.install, **kwargs)
 
-        def main_with_fast_path(argc, argv, ops_p, size, user_data):
-            fast.install(ops_p.contents)
-            return real_main(argc, argv, ops_p, size, user_data)
-
-        mf.fuse_main_real = main_with_fast_path
-        try:
-            super().__init__(operations, mountpoint, **kwargs)
-        finally:
-            mf.fuse_main_real = real_main
-
-    def _wrapper(self, func, *args, **kwargs):
-        # libfuse's worker threads are not Python threads: ctypes creates a Python
-        # thread state for every callback and destroys it on return, which cost more
-        # CPU than the callbacks themselves. One extra, never-released
-        # PyGILState_Ensure per worker keeps its thread state for the worker's life.
-        if not getattr(_worker, "pinned", False):
-            _PyGILState_Ensure()
-            _worker.pinned = True
-            self.operations.dispatched["pinned_workers"] += 1
-        return super()._wrapper(func, *args, **kwargs)
+    def worker_pinned(self) -> None:
+        self.operations.dispatched["pinned_workers"] += 1
 
     def getattr_fuse_3(self, path: bytes | None, buf, fip) -> int:
         # Every lookup the kernel cannot answer from readdirplus (and the compiled path
@@ -610,7 +574,7 @@ class _Filler:
             call(buf, name, stat, off, 0)
 
 
-STAT_DTYPE = np.dtype(mf.c_stat)  # numpy's view of the platform's struct stat, as mfusepy declares it
+STAT_DTYPE = np.dtype(mfuse_compat.c_stat)  # numpy's view of the platform's struct stat, as mfusepy declares it
 STAT_SIZE = STAT_DTYPE.itemsize
 _NS = 1_000_000_000
 
@@ -691,6 +655,7 @@ def serve(ops: PcrfsOperations, mountpoint: str, *, fsname: str, options: dict[s
     if mf.fuse_version_major == 3 and mf.fuse_version_minor >= 12:
         kwargs.update(max_threads=FUSE_THREADS, max_idle_threads=FUSE_THREADS)
     kwargs.update(options or {})
+    mfuse_compat.check()  # every mfusepy internal used here is there
     ops.fast = _compiled_path(ops)
     deadline.set_interrupt_probe(_interrupt_probe())
     try:
@@ -724,12 +689,10 @@ def _interrupt_probe() -> Callable[[], bool] | None:
       D state with the signal pending -- Ctrl-C included -- until the answer comes.
 
     False on a thread that serves no request."""
-    interrupted = getattr(mf._libfuse, "fuse_interrupted", None)
-    context = getattr(mf._libfuse, "fuse_get_context", None)
-    if interrupted is None or context is None:
+    found = mfuse_compat.interrupt_functions()
+    if found is None:
         return None
-    interrupted.argtypes = []
-    interrupted.restype = ctypes.c_int
+    interrupted, context = found
 
     def probe() -> bool:
         if interrupted():
