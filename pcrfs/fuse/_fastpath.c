@@ -621,12 +621,16 @@ static PyObject *ContractError;
 #define PTR(x) ((const void *)(uintptr_t)(x))
 #define BUSY_ADD(st, v) __atomic_fetch_add(&(st)->busy, (v), __ATOMIC_SEQ_CST)
 
-static void wait_for_zero(uint64_t *count) { /* a pread or two; the GIL released by the caller */
-    while (__atomic_load_n(count, __ATOMIC_SEQ_CST) != 0) sched_yield();
+/* Until *count is 0 (the GIL released by the caller): usually a pread or two, so the
+ * thread yields; past that (a Python fallback waiting on a remote store) it sleeps. */
+static void wait_for_zero(uint64_t *count) {
+    for (unsigned n = 0; __atomic_load_n(count, __ATOMIC_SEQ_CST) != 0; n++)
+        n < 1000 ? sched_yield() : usleep(1000);
 }
 
 static void wait_for_zero32(uint32_t *count) {
-    while (__atomic_load_n(count, __ATOMIC_SEQ_CST) != 0) sched_yield();
+    for (unsigned n = 0; __atomic_load_n(count, __ATOMIC_SEQ_CST) != 0; n++)
+        n < 1000 ? sched_yield() : usleep(1000);
 }
 
 /* Take st out of libfuse's callbacks: once no callback uses it, drop the reference the
