@@ -379,6 +379,13 @@ class Store:
             return data[lo:hi]
         return self._checked_blocks(i, r, g, offset, length, blocks, lo, hi)
 
+    def cut_groups(self, image: int) -> list[tuple[int, bytearray]]:
+        """(1-based group, checked bytes) of the image's groups that reads cut and whose private
+        copies are kept (see :meth:`_group_range`): for the mount's compiled path, which then
+        serves the rest of the file without reading them again."""
+        n = int(self.index.images["n_groups"][image])
+        return [(g, data) for g in range(1, n + 1) if (data := self._large.peek((image, g))) is not None]
+
     def _check_group_streaming(self, i: int, r: int, g: int, offset: int, length: int, crc: int,
                                keep: bool) -> tuple[bytearray | None, list[int] | None]:
         """One pass over the whole group that checks its CRC: its bytes (``keep``) in a private

@@ -64,6 +64,10 @@ ROOM_WAIT_S = 10.0     # how long a writer waits for writes in progress to leave
 TOUCH_EVERY_S = 1.0    # an entry's recency is refreshed at most this often per process
 
 
+class _NoLock(OSError):
+    """A key's lock file cannot be used (something not a regular file is in its place)."""
+
+
 class SharedDiskCache:
     """Keys are short strings of [A-Za-z0-9._-] (file names); see the module doc."""
 
@@ -102,8 +106,12 @@ class SharedDiskCache:
         return fd
 
     def _try_lock(self, key: str) -> int | None:
-        """A descriptor of key's lock file, locked by it; None if another holds the lock."""
-        fd = self._open_lock(key, self._locks)
+        """A descriptor of key's lock file, locked by it; None if another holds the lock;
+        _NoLock if the lock file cannot be used."""
+        try:
+            fd = self._open_lock(key, self._locks)
+        except OSError as e:  # a symlink (ELOOP), FIFO or device planted under its name
+            raise _NoLock(e.errno, f"shared cache {self.directory}: lock of {key} unusable: {e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -152,7 +160,12 @@ class SharedDiskCache:
         if not _KEY.match(key):
             raise ValueError(f"not a cache key: {key!r}")
         until = None if deadline is None else deadline.expires
-        got = self._acquire(key, until)
+        try:
+            got = self._acquire(key, until)
+        except _NoLock as e:  # fetch without the others (each for itself); nothing is stored
+            log.warning("%s; fetching without it", e)
+            yield True
+            return
         if not got and deadline is not None:
             raise deadline.exceeded(f"waiting for another process's fetch of {key} ({self.directory})")
         try:
@@ -166,7 +179,10 @@ class SharedDiskCache:
         with self._mutex:
             if key in self._held:
                 return True
-        fd = self._try_lock(key)
+        try:
+            fd = self._try_lock(key)
+        except _NoLock:
+            return True  # cannot tell: its file stays (counted)
         if fd is None:
             return True
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -290,8 +306,12 @@ class SharedDiskCache:
         if size_hint is not None and size_hint > self.capacity or not self.capacity:
             self.refused += 1
             return False
-        if not self._acquire(key, None):
-            return False  # another process is writing it: theirs will do
+        try:
+            if not self._acquire(key, None):
+                return False  # another process is writing it: theirs will do
+        except _NoLock:
+            self.refused += 1
+            return False
         try:
             for attempt in range(2):
                 try:

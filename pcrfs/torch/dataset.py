@@ -21,12 +21,33 @@ then, with a slot of its own.
 Each process opens its own :class:`~pcrfs.store.reader.Store` on first use (a
 fork is noticed through :data:`pcrfs.access.forks`), so no file descriptor, lock or
 thread pool crosses a fork.
+
+**One download per node, whatever the number of workers.** Where the store is read
+as whole record prefixes (remote stores), the stores of all processes reading
+through this dataset -- its DataLoader workers, and the process that made it --
+keep the prefixes in one cache on this machine's disk
+(:class:`~pcrfs.store.sharedcache.SharedDiskCache`), not one each: a record is
+fetched by one worker while any other that needs it waits for it and then reads the
+file (an ``flock`` per record, released by the kernel if the fetching worker dies),
+every group read from it checked against its CRC-32. Its size cap holds for all the
+workers together; by default it is the memory cache one store opened with these
+``storage_options`` keeps (``cache_bytes``, at least 4x ``readahead_bytes``: the
+budget ``RecordShuffleSampler`` sizes its window for), in a private temporary
+directory removed when the dataset is; with ``disk_cache`` in ``storage_options``
+it is ``disk_cache_bytes`` in ``DISK_CACHE/shared`` (kept for the next run).
+``storage_options`` ``shared_cache``/``shared_cache_bytes`` name another directory
+and cap; ``shared_cache=False`` (the argument) gives each process a cache of its own,
+as before.
 """
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import io
 import os
+import shutil
+import tempfile
+import weakref
 from multiprocessing import context as mp_context
 from multiprocessing.sharedctypes import RawValue
 from typing import Any, Callable, Mapping
@@ -36,9 +57,9 @@ import torch.utils.data
 from PIL import Image
 
 from .. import access
-from ..access import find_view, open_with_options
+from ..access import find_view, read_options
 from ..imagefolder import IMG_EXTENSIONS, imagefolder_order
-from ..store.reader import Store
+from ..store.reader import ReadOptions, Store, open_store
 from ..views import View, ViewTree
 
 
@@ -53,28 +74,37 @@ class ImageFolder(torch.utils.data.Dataset):
 
     ``store`` is a local path or a URL the CLI takes (``s3://bucket/train.pcr``);
     ``storage_options`` are fsspec-style (``{"endpoint_url": ...}``, see
-    :func:`pcrfs.access.read_options`). Raises :class:`~pcrfs.store.errors.StoreError`
+    :func:`pcrfs.access.read_options`). ``shared_cache``: record prefixes in one cache
+    for all processes of this machine that read through this dataset (see the module
+    doc); False: one per process. Raises :class:`~pcrfs.store.errors.StoreError`
     for a location that is not a store, an unknown view, a missing bucket or credentials.
     """
 
     def __init__(self, store: str | os.PathLike, view: str = "scan5", transform: Callable | None = None,
                  target_transform: Callable | None = None, loader: Callable[[Any], Any] | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, shared_cache: bool = True) -> None:
         self.root = os.fspath(store)
         self.storage_options = dict(storage_options or {})
         self.transform = transform
         self.target_transform = target_transform
         self.loader = loader or pil_loader
         self.extensions = IMG_EXTENSIONS
-        opened = open_with_options(self.root, self.storage_options)
+        options = read_options(self.storage_options)
+        opened: Store | None = open_store(self.root, options=options)
         try:
             tree = ViewTree(opened)
             find_view(tree.views, view, opened)
             order = imagefolder_order(opened, tree=tree)
+            self._options, temporary = _cache_options(options, opened, shared_cache)
         except BaseException:
             opened.close()
             raise
-        self._store: Store | None = opened
+        self.cache_dir = self._options.shared_cache  # the shared cache's directory (None: none)
+        self._cleanup = weakref.finalize(self, _remove_tree, self.cache_dir, os.getpid()) if temporary else None
+        if self._options != options:  # this process reads through the shared cache too: reopened on use
+            opened.close()
+            opened = None
+        self._store = opened
         self._forks = access.forks
         self._views: dict[str, View] | None = tree.views
         self._view_names = list(tree.views)
@@ -109,11 +139,19 @@ class ImageFolder(torch.utils.data.Dataset):
         if self._store is None or self._forks != access.forks:
             # A store inherited through fork is left alone (its descriptors and
             # threads belong to the parent); this process gets its own.
-            self._store = open_with_options(self.root, self.storage_options)
+            self._store = open_store(self.root, options=self._process_options())
             self._forks = access.forks
             self._views = ViewTree(self._store).views
             self._current = (-1, None)
         return self._store
+
+    def _process_options(self) -> ReadOptions:
+        """This process's read options: in one of N DataLoader workers sharing the cache, each
+        sees 1/N of a record's reads (so 1/N of them tell that an epoch is under way)."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.num_workers > 1 and self._options.shared_cache:
+            return dataclasses.replace(self._options, prefix_readers=info.num_workers)
+        return self._options
 
     def _view_now(self) -> View:
         slot = self._slot.value
@@ -188,7 +226,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_store=None, _views=None, _current=(-1, None), _samples=None, _targets_list=None)
+        state.update(_store=None, _views=None, _current=(-1, None), _samples=None, _targets_list=None,
+                     _cleanup=None)  # the shared cache's directory is removed by the process that made it
         if mp_context.get_spawning_popen() is None:
             # not a worker being started: the shared slot cannot travel; keep its value
             state["_slot"] = self._slot.value
@@ -213,3 +252,35 @@ class ImageFolder(torch.utils.data.Dataset):
         if self.target_transform is not None:
             lines.append(f"    Target transform: {self.target_transform!r}")
         return "\n".join(lines)
+
+
+# ---- the shared cache of record prefixes ----------------------------------------------------------
+
+def _cache_options(options: ReadOptions, store: Store, shared: bool) -> tuple[ReadOptions, bool]:
+    """The read options of this dataset's stores: ``options`` with a cache of record prefixes
+    shared by the processes of this machine (where the store serves prefixes and ``shared``),
+    and whether its directory is a temporary one of this dataset's."""
+    if not shared or not store.serves_prefixes:
+        return dataclasses.replace(options, shared_cache=None), False
+    if options.shared_cache and options.shared_cache_bytes > 0:
+        return options, False
+    # the cache one store opened with these options keeps (readahead raises the memory cache,
+    # and the larger cache holds the prefixes): what RecordShuffleSampler sizes its window for
+    readahead = options.readahead_for(store.location)
+    budget = max(int(options.cache_bytes), 4 * readahead if readahead else 0,
+                 int(options.disk_cache_bytes) if options.disk_cache else 0)
+    temporary = not (options.shared_cache or options.disk_cache)
+    if options.shared_cache:
+        directory = options.shared_cache
+    elif options.disk_cache:
+        directory = os.path.join(options.disk_cache, "shared")
+    else:
+        directory = tempfile.mkdtemp(prefix="pcrfs-prefixes-")  # 0700, this user's
+    return dataclasses.replace(options, shared_cache=directory, shared_cache_bytes=budget), temporary
+
+
+def _remove_tree(directory: str, pid: int) -> None:
+    """Remove the temporary shared cache, in the process that made it only (a forked
+    worker that inherits the finalizer leaves it to its parent)."""
+    if os.getpid() == pid:
+        shutil.rmtree(directory, ignore_errors=True)
