@@ -63,6 +63,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 #if defined(__x86_64__)
@@ -104,6 +105,17 @@ typedef struct {
 enum { ARR_LENGTHS, ARR_CRCS, ARR_IMAGES, ARR_RECORDS, ARR_GROUP_OFFSETS, ARR_BLOB, ARR_PATH_OFFSETS,
        ARR_POSITIONS, ARR_STORAGE, ARR_KS };
 
+/* A scan group a read cut, read and checked once and kept as a private copy (see cut_piece). */
+#define CUT_SLOTS 16
+#define CUT_BUDGET (64u << 20) /* bytes all slots may hold together (as reader.LARGE_GROUP_BUFFER) */
+enum { CUT_EMPTY, CUT_LOADING, CUT_READY };
+typedef struct {
+    uint64_t image, used;          /* used: a clock tick, for least-recently-used eviction */
+    uint32_t group, len;
+    int state;
+    unsigned char *data;           /* CUT_READY: the group's checked bytes (ours alone) */
+} CutSlot;
+
 typedef struct {
     PyObject_HEAD
     int ready;                     /* configured and not released */
@@ -123,7 +135,7 @@ typedef struct {
     /* format version 2 (a storage order): records hold ranges of storage positions; NULL: v1 */
     const int64_t *positions;      /* i8[n]: storage position of each image */
     const uint64_t *storage;       /* u8[n]: image at each storage position */
-    uint64_t cut_limit;            /* bytes: larger groups cut by a read go to Python (reader.RANGE_GROUP_BYTES) */
+    uint64_t cut_limit;            /* bytes: larger groups cut by a read go to Python (reader.KEEP_GROUP_BYTES) */
     /* built here */
     uint32_t *table;               /* image + 1 by path hash, 0: empty */
     uint64_t mask;
@@ -142,6 +154,11 @@ typedef struct {
     read_cb py_read;
     getattr_cb py_getattr;
     getxattr_cb py_getxattr;
+    /* groups cut by reads: a few checked private copies, one load each (cut_piece) */
+    CutSlot cut[CUT_SLOTS];
+    uint64_t cut_clock, cut_bytes; /* cut_bytes: what the non-empty slots hold or load */
+    pthread_mutex_t cut_lock;
+    pthread_cond_t cut_done;
     /* counters (atomic) */
     uint64_t store_requests, store_bytes, cache_reads, cache_bytes, fast_reads, fallback_reads, file_lookups,
         lookups, ioctls;
@@ -459,6 +476,70 @@ static void put_fd(State *st, uint64_t r) { __atomic_fetch_sub(&st->users[r], 1,
 
 /* Bytes [off, off + size) of image i in view v from record r's descriptor fd (holding the
  * record from base on, groups 1..held); FELL_BACK_*: let Python serve it. */
+/* The slot holding (or loading) group g of image i, or NULL. With cut_lock held. */
+static CutSlot *cut_find(State *st, uint64_t i, unsigned g) {
+    for (int s = 0; s < CUT_SLOTS; s++)
+        if (st->cut[s].state != CUT_EMPTY && st->cut[s].image == i && st->cut[s].group == g) return &st->cut[s];
+    return NULL;
+}
+
+static void cut_drop(State *st, CutSlot *c) {
+    free(c->data), c->data = NULL, c->state = CUT_EMPTY;
+    st->cut_bytes -= c->len;
+}
+
+/* An empty slot with room for len more bytes in CUT_BUDGET, least recently used ready
+ * slots dropped to make it; NULL if loads in flight hold too much. With cut_lock held. */
+static CutSlot *cut_victim(State *st, uint32_t len) {
+    for (;;) {
+        CutSlot *empty = NULL, *oldest = NULL;
+        for (int s = 0; s < CUT_SLOTS; s++) {
+            CutSlot *c = &st->cut[s];
+            if (c->state == CUT_EMPTY) empty = c;
+            else if (c->state == CUT_READY && (!oldest || c->used < oldest->used)) oldest = c;
+        }
+        if (empty && st->cut_bytes + len <= CUT_BUDGET) {
+            st->cut_bytes += len;
+            empty->len = len;
+            return empty;
+        }
+        if (!oldest) return NULL;
+        cut_drop(st, oldest);
+    }
+}
+
+/* Bytes [a, a + n) of group g (0-based) of image i, which a read cuts, into dst. The kernel
+ * reads a file in 128 KiB pieces, several at once (readahead): each piece that cuts a group
+ * used to read and check the whole group again (1.5-2.3x a large file's bytes from the
+ * store). Now the first reads it once into a private copy -- checked, and ours alone, so
+ * nothing done to the record afterwards reaches a reader -- while concurrent reads of the
+ * same group wait for it; the last CUT_SLOTS such groups are kept. 0, or -1 (damaged). */
+static int cut_piece(State *st, int fd, uint64_t r, uint64_t i, unsigned g, uint64_t offset, uint32_t len,
+                     uint32_t crc, int cached, uint64_t a, uint64_t n, char *dst) {
+    pthread_mutex_lock(&st->cut_lock);
+    CutSlot *c;
+    while ((c = cut_find(st, i, g)) && c->state == CUT_LOADING) pthread_cond_wait(&st->cut_done, &st->cut_lock);
+    if (c) { /* ready */
+        memcpy(dst, c->data + a, n);
+        c->used = ++st->cut_clock;
+        pthread_mutex_unlock(&st->cut_lock);
+        return 0;
+    }
+    c = cut_victim(st, len);
+    if (c) c->image = i, c->group = g, c->state = CUT_LOADING;
+    pthread_mutex_unlock(&st->cut_lock);
+    unsigned char *tmp = malloc(len ? len : 1);
+    int rc = tmp ? read_group(st, fd, r, offset, len, crc, tmp, cached) : -1;
+    if (rc == 0) memcpy(dst, tmp + a, n);
+    pthread_mutex_lock(&st->cut_lock);
+    if (c && rc == 0) c->data = tmp, c->state = CUT_READY, c->used = ++st->cut_clock, tmp = NULL;
+    else if (c) cut_drop(st, c); /* a damaged group is never kept: the next read checks again */
+    pthread_cond_broadcast(&st->cut_done);
+    pthread_mutex_unlock(&st->cut_lock);
+    free(tmp);
+    return rc;
+}
+
 static int serve(State *st, View *v, uint64_t i, uint64_t r, int fd, char *buf, size_t size, off_t off) {
     unsigned kk = groups_served(st, v, i);
     if (kk > st->held[r]) return FELL_BACK_DECLINED; /* a record prefix with fewer groups than this view needs */
@@ -483,20 +564,15 @@ static int serve(State *st, View *v, uint64_t i, uint64_t r, int fd, char *buf, 
             if (pos >= start && g_end <= end) { /* the request covers it whole: straight into buf */
                 if (read_group(st, fd, r, offs[g], len[g], crc[g], (unsigned char *)buf + (pos - start), cached) != 0)
                     return FELL_BACK_FAILED;
-            } else { /* cut by the request: the whole group, to check it, then the part asked for */
+            } else { /* cut by the request: from a checked copy of the whole group */
                 /* A large group cut by the kernel's 128 KiB reads would be read whole for each
                    of them (quadratic, and memory per concurrent read): the Python path checks
                    it once, in bounded pieces, and then serves ranges (pcrfs.store.reader). */
                 if (len[g] > st->cut_limit) return FELL_BACK_DECLINED;
-                unsigned char *tmp = malloc(len[g] ? len[g] : 1);
-                if (!tmp) return FELL_BACK_FAILED;
-                if (read_group(st, fd, r, offs[g], len[g], crc[g], tmp, cached) != 0) {
-                    free(tmp);
-                    return FELL_BACK_FAILED;
-                }
                 uint64_t a = start > pos ? start : pos, b = end < g_end ? end : g_end;
-                memcpy(buf + (a - start), tmp + (a - pos), b - a);
-                free(tmp);
+                if (cut_piece(st, fd, r, i, g, offs[g], len[g], crc[g], cached, a - pos, b - a,
+                              buf + (a - start)) != 0)
+                    return FELL_BACK_FAILED;
             }
         }
         pos = g_end;
@@ -663,6 +739,8 @@ static void free_tables(State *st) {
     free(st->bufs);
     free(st->bases), free(st->held), free(st->cached), free(st->users);
     free(st->table);
+    for (int c = 0; c < CUT_SLOTS; c++) free(st->cut[c].data), st->cut[c].data = NULL, st->cut[c].state = CUT_EMPTY;
+    st->cut_bytes = 0;
     st->ckpts = NULL, st->fds = NULL, st->bufs = NULL, st->bases = NULL, st->held = NULL, st->cached = NULL;
     st->users = NULL, st->table = NULL;
     st->lengths = st->crcs = NULL, st->images = st->records = NULL, st->group_offsets = st->path_offsets = NULL;
@@ -673,6 +751,8 @@ static void free_tables(State *st) {
 
 static void state_dealloc(State *st) { /* never installed here: the installed pointer holds a reference */
     free_tables(st);
+    pthread_mutex_destroy(&st->cut_lock);
+    pthread_cond_destroy(&st->cut_done);
     Py_TYPE(st)->tp_free((PyObject *)st);
 }
 
@@ -839,6 +919,8 @@ static PyObject *configure(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     State *st = (State *)StateType.tp_alloc(&StateType, 0);
     if (!st) return NULL;
+    pthread_mutex_init(&st->cut_lock, NULL);
+    pthread_cond_init(&st->cut_done, NULL);
     st->n_images = n, st->n_groups = G, st->n_records = R, st->cut_limit = cut;
     st->uid = uid, st->gid = gid, st->reads_on = serve_reads;
     const char *i8 = LE_HOST ? "<i8" : "?", *u8 = LE_HOST ? "<u8" : "?";
@@ -1009,6 +1091,35 @@ static PyObject *state_has_fd(State *st, PyObject *args) {
     return PyBool_FromLong(st->ready && r < st->n_records && LOAD(st->fds[r]) >= 0);
 }
 
+/* A group the Python path read and checked for a read that cut it, handed over so that the
+ * reads of the rest of the file here do not read it again (the first reads of a record go
+ * to Python until it hands the record over). Checked again here: what a slot holds is
+ * always a copy whose CRC-32 this module computed. True if kept. */
+static PyObject *state_adopt_cut(State *st, PyObject *args) {
+    unsigned long long i;
+    unsigned int g;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "KIy*", &i, &g, &data)) return NULL;
+    int kept = 0;
+    if (st->ready && i < st->n_images && g < st->n_groups) {
+        uint32_t len = st->lengths[i * st->n_groups + g], crc = st->crcs[i * st->n_groups + g];
+        unsigned char *copy = (uint64_t)data.len == len && len <= st->cut_limit ? malloc(len ? len : 1) : NULL;
+        if (copy) {
+            memcpy(copy, data.buf, len);
+            if (crc32_of(copy, len) == crc) {
+                pthread_mutex_lock(&st->cut_lock);
+                CutSlot *c = cut_find(st, i, g) ? NULL : cut_victim(st, len);
+                if (c) c->image = i, c->group = g, c->data = copy, c->state = CUT_READY,
+                       c->used = ++st->cut_clock, copy = NULL, kept = 1;
+                pthread_mutex_unlock(&st->cut_lock);
+            }
+            free(copy);
+        }
+    }
+    PyBuffer_Release(&data);
+    return PyBool_FromLong(kept);
+}
+
 static PyObject *state_read_for_test(State *st, PyObject *args) {
     const char *path;
     Py_ssize_t size;
@@ -1097,6 +1208,9 @@ static PyMethodDef state_methods[] = {
     {"revoke", (PyCFunction)state_revoke, METH_VARARGS,
      "Take record r's descriptor back and close it once no read uses it."},
     {"has_fd", (PyCFunction)state_has_fd, METH_VARARGS, "Whether record r has a descriptor here."},
+    {"adopt_cut", (PyCFunction)state_adopt_cut, METH_VARARGS,
+     "adopt_cut(image, group0, data): keep a copy of a group that a Python read cut (checked here again); "
+     "True if kept."},
     {"read_for_test", (PyCFunction)state_read_for_test, METH_VARARGS,
      "read_for_test(path, size, offset) -> bytes | int: the read callback's own path (resolve, record, serve) "
      "without FUSE and without the Python fallback: the bytes served, or FELL_BACK_* (why Python would be asked)."},

@@ -15,7 +15,7 @@ which path it serves with).
 
 The contract: :class:`FastPath` hands ``configure`` the index arrays themselves (the
 module holds their buffers), each structured array's fields as ``{name: (dtype string,
-offset)}`` and the constants the two sides share (``RANGE_GROUP_BYTES``, the EOI marker);
+offset)}`` and the constants the two sides share (``KEEP_GROUP_BYTES``, the EOI marker);
 the C side checks every one against what it reads and raises ``ContractError`` (a
 ValueError: the mount then serves in Python and logs why). A module built from another
 version of ``_fastpath.c`` than this file expects (``CONTRACT``) is not used at all.
@@ -35,7 +35,7 @@ import numpy as np
 
 from ..store.backends import LocalRecords
 from ..jpeg.scans import EOI_BYTES
-from ..store.reader import RANGE_GROUP_BYTES
+from ..store.reader import KEEP_GROUP_BYTES
 from ..views import ViewTree
 
 log = logging.getLogger("pcrfs.fuse")
@@ -108,7 +108,11 @@ class FastPath:
         """After a Python read of ``image`` succeeded: hand its record's descriptor to
         the compiled path (a duplicate of the one LocalRecords opened and checked, or
         the disk cache's file of the record's prefix)."""
-        if not self.reads or self._fds_given >= self._fd_budget:
+        if not self.reads:
+            return
+        for g, data in self.store.cut_groups(image):  # what that read cut: its rest is served here
+            self.state.adopt_cut(image, g - 1, data)
+        if self._fds_given >= self._fd_budget:
             return
         r = self.store.index.record_of(image)
         if self.state.has_fd(r):
@@ -174,7 +178,7 @@ def configure_args(tree: ViewTree, owner: tuple[int, int], serve_reads: bool) ->
         views=views, uid=owner[0], gid=owner[1], serve_reads=serve_reads,
         # groups larger than this that a read cuts go to Python, which checks them once
         # (the floor of Store.range_group_bytes: the compiled path keeps no group cache)
-        cut_group_limit=RANGE_GROUP_BYTES, eoi=EOI_BYTES)
+        cut_group_limit=KEEP_GROUP_BYTES, eoi=EOI_BYTES)
 
 
 def _fields(dtype: np.dtype) -> dict[str, tuple[str, int]]:
