@@ -160,8 +160,10 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
                  "index (no --quality-index)")
         _migrate(src, store, record_size, overwrite, quiet, order, seed, skip_bad, endpoint_url)
         return
-    if not os.path.isdir(src):
-        fail(f"{src}: no such directory (SRC is an image tree, or a PCR store to copy into a new layout)")
+    if not os.path.isdir(src):  # a usage error, as click says it for a missing path argument
+        what = "is not a directory" if os.path.exists(src) else "does not exist"
+        raise click.BadParameter(f"{src!r} {what} (SRC is an image tree, or a PCR store to copy into a new "
+                                 "layout)", param_hint="'SRC'")
     src = Path(src)
 
     cluster = dask_cluster(use_dask, scheduler, workers)
