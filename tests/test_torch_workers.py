@@ -259,10 +259,12 @@ def test_two_workers_fetch_each_record_prefix_once(s3w, layout):
 def test_two_workers_with_the_record_shuffle_sampler(s3w, layout):
     url, proxy = s3w
     spans = [end - start for start, end in layout["prefix"].values()]
-    cache = int(2.2 * max(spans) / 0.9)  # a window of 2 records, fewer than the store has
+    # a window of 2 records, fewer than the store has, in a cache with room for one more: the
+    # loader's batches in flight still read a record after the next one joined the window
+    cache = int(3.2 * max(spans) / 0.9)
     opts = {"endpoint_url": proxy.endpoint, "cache_bytes": cache, "readahead_bytes": 0}
     ds = ImageFolder(url, view=VIEW, loader=raw_loader, storage_options=opts)
-    sampler = RecordShuffleSampler(url, view=VIEW, seed=3, storage_options=opts)
+    sampler = RecordShuffleSampler(url, view=VIEW, seed=3, window=2, storage_options=opts)
     assert sampler.window == 2 < len(spans)
     proxy.reset()
     got = epoch(ds, sampler)
@@ -272,6 +274,27 @@ def test_two_workers_with_the_record_shuffle_sampler(s3w, layout):
     assert t["record_bytes"] <= 1.15 * layout["view_bytes"], (t["record_bytes"], layout["view_bytes"])
     shared = _shared_cache(ds)
     assert shared.capacity == cache and shared.nbytes <= cache
+
+
+def test_fetching_ahead_of_the_sampler(s3w, layout):
+    """The sampler's process fetches the records its order needs next: the workers find them in
+    the shared cache (no record read image by image first), each prefix once."""
+    url, proxy = s3w
+    spans = [end - start for start, end in layout["prefix"].values()]
+    opts = {"endpoint_url": proxy.endpoint, "cache_bytes": int(4.2 * max(spans) / 0.9), "readahead_bytes": 0}
+    ds = ImageFolder(url, view=VIEW, loader=raw_loader, storage_options=opts)
+    sampler = RecordShuffleSampler(url, view=VIEW, seed=4, window=2, storage_options=opts)
+    proxy.reset()
+    with ds.fetch_ahead(sampler) as ahead:
+        got = epoch(ds, sampler)
+    check_epoch(got, ds, layout, list(sampler))
+    gets = proxy.reset()
+    t = tally(gets, layout)
+    assert all(n == 1 for n in t["prefix_fetches"].values()), t["prefix_fetches"]
+    assert ahead.submitted == len(spans)
+    assert t["record_bytes"] <= 1.05 * layout["view_bytes"], (t["record_bytes"], layout["view_bytes"])
+    record_gets = sum(1 for path, _, _ in gets if "/records/" in path)
+    assert record_gets <= 0.05 * len(got), record_gets  # the prefixes, and a few images read before them
 
 
 def _shared_cache(ds) -> SharedDiskCache:

@@ -164,6 +164,13 @@ class PrefixFetcher(Tiers):
                 continue  # somebody else started first (wait for theirs), or it went to disk
             return self._serve(fetched, i, wanted)
 
+    def fetch_ahead(self, r: int, k: int) -> Future:
+        """Fetch record r's prefix at fidelity k in the background, ahead of any read (unless a
+        cache holds it or a fetch of it is in flight, here or in another process sharing the
+        disk cache): for a caller that knows the order records will be read in (a sampler's).
+        The future ends when the fetch does (never raises: a read of the record will tell)."""
+        return self._ahead.submit(self._fetch_ahead, r, k)
+
     def _fetch_ahead(self, r: int, k: int) -> None:
         """Fetch record r's prefix at fidelity k before any read asks (unless held or in flight)."""
         if self._closing:

@@ -17,6 +17,7 @@ import os
 import threading
 import zlib
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
@@ -162,6 +163,13 @@ class Store:
         checks every group's CRC-32 as it reads (see :meth:`on_prefix_dropped`)."""
         prefixes = self.fetcher.prefixes
         return prefixes.prefix_holder(record) if prefixes is not None else None
+
+    def fetch_prefix_ahead(self, record: int, k: int) -> Future | None:
+        """Fetch ``record``'s prefix at fidelity ``k`` in the background, ahead of any read (a
+        caller that knows the order records will be read in); None if this store does not
+        read record prefixes."""
+        prefixes = self.fetcher.prefixes
+        return prefixes.fetch_ahead(record, k) if prefixes is not None else None
 
     def on_prefix_dropped(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(record)`` when a record's cached prefix is dropped or replaced."""

@@ -22,7 +22,8 @@ entries renamed into place whole) and, across processes:
   writes in progress fill the cap, and gives up (the entry is not cached) after that.
   A temporary file whose writer died (its key's lock is free) is deleted by the next
   scan. Recency is the files' modification time: a read touches the entry (at most
-  once a second per process and entry), a write sets it.
+  every 10 ms per process and entry: coarser, a record still read could look older
+  than one just finished, and be evicted first), a write sets it.
 * **no shared memory, no coordinator** -- only files and ``flock``s, which the
   kernel cleans up: nothing left by a crash can break the next start (MosaicML
   Streaming's shared-memory leftovers do, ../shared/PEERS.md). A temporary file left
@@ -61,7 +62,7 @@ _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOE
 POLL_MIN_S = 0.002     # first sleep of a process waiting for a lock another one holds
 POLL_MAX_S = 0.02      # ... doubling up to this
 ROOM_WAIT_S = 10.0     # how long a writer waits for writes in progress to leave room under the cap
-TOUCH_EVERY_S = 1.0    # an entry's recency is refreshed at most this often per process
+TOUCH_EVERY_S = 0.01   # an entry's recency is refreshed at most this often per process
 
 
 class _NoLock(OSError):

@@ -37,7 +37,9 @@ directory removed when the dataset is; with ``disk_cache`` in ``storage_options`
 it is ``disk_cache_bytes`` in ``DISK_CACHE/shared`` (kept for the next run).
 ``storage_options`` ``shared_cache``/``shared_cache_bytes`` name another directory
 and cap; ``shared_cache=False`` (the argument) gives each process a cache of its own,
-as before.
+as before. With a :class:`~pcrfs.sampling.RecordShuffleSampler`,
+:meth:`ImageFolder.fetch_ahead` fetches the records its order needs next into that
+cache, so decoding overlaps the download (:mod:`pcrfs.torch.ahead`).
 """
 from __future__ import annotations
 
@@ -160,6 +162,15 @@ class ImageFolder(torch.utils.data.Dataset):
             view = self._views[self._view_names[slot]]
             self._current = (slot, view)
         return view
+
+    def fetch_ahead(self, sampler: Any, ahead: int | None = None, behind: int | None = None) -> Any:
+        """Fetch record prefixes ahead of ``sampler``'s order (a :class:`~pcrfs.sampling.RecordShuffleSampler`
+        that a DataLoader over this dataset iterates, in this process) into the shared cache,
+        in a thread, so the workers' decoding overlaps the download: see :mod:`pcrfs.torch.ahead`.
+        Returns the :class:`~pcrfs.torch.ahead.FetchAhead` (``close()`` stops it)."""
+        from .ahead import FetchAhead
+
+        return FetchAhead(self, sampler, ahead, behind)
 
     # ---- items -----------------------------------------------------------------------
 
