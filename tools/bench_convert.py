@@ -17,6 +17,10 @@ because a shared machine is noisy):
              group-major record files in Python. A thread pool of W workers.
   bare       ``pcrfs.jpeg.turbojpeg.to_progressive`` over bytes already in memory, a
              ThreadPool of W: no reading, splitting, checksums or writing. The floor.
+  pcrfs_source  with ``--order both``: ``convert(src, store, workers=W, order="source")``
+             beside ``pcrfs`` (``order="shuffled"``, the default), rounds interleaved, so
+             the storage order's cost (issue 24: shuffled >= 0.95x source) is measured side
+             by side, per round and as medians.
   daskN      ``convert(src, store, client=...)`` on a Dask LocalCluster of N worker
              processes (one thread each; ``--dask-workers 1,2``): one task per record
              batch (``--dask-record-size``, default 8M, so a small set still makes
@@ -33,6 +37,7 @@ Usage (from the repository root):
     python3 tools/bench_convert.py --images 500 --rounds 5 --workers 1
     python3 tools/bench_convert.py --src /data/photos   # reuse (or create) a photo set
     python3 tools/bench_convert.py --rounds 1 --dask-workers 1,2 --no-breakdown   # quick
+    python3 tools/bench_convert.py --order both --dask-workers '' --rounds 5   # shuffled vs source
 
 Writes results/bench_convert.json and results/bench_convert.png (needs matplotlib;
 without it the plot is skipped with a note).
@@ -70,6 +75,8 @@ METHODS = ("pcrfs", "reference", "bare")
 JPEGTRAN_ARGS = ("-copy", "none", "-optimize", "-progressive")
 TARGET_VS_REFERENCE = 1.3
 TARGET_VS_BARE = 0.85
+TARGET_SHUFFLED_VS_SOURCE = 0.95
+QUIET_SHARE = 0.10  # a round is quiet when other processes took less than this share of the CPUs
 
 # ---- the reference's scan-offset helper --------------------------------------------
 # Prints the end offset of every scan's entropy-coded data (T.81 Annex B marker walk),
@@ -216,10 +223,10 @@ def describe_dataset(files: list[tuple[str, str]]) -> dict:
 
 # ---- the three ways ------------------------------------------------------------------
 
-def run_pcrfs(src: Path, out: Path, workers: int) -> dict:
+def run_pcrfs(src: Path, out: Path, workers: int, order: str = fmt.ORDER_SHUFFLED) -> dict:
     store = out / "store"
     t0 = time.perf_counter()
-    res = convert(src, store, workers=workers)
+    res = convert(src, store, workers=workers, order=order)
     dt = time.perf_counter() - t0
     if res.bad or res.skipped:
         raise RuntimeError(f"pcrfs reported problems: {res.bad[:3]} {res.skipped[:3]}")
@@ -315,7 +322,7 @@ def _worker_cpu(client) -> float:
     return sum(t[0] + t[1] for t in client.run(os.times).values())
 
 
-def run_dask(src: Path, out: Path, n_workers: int, record_bytes: int) -> dict:
+def run_dask(src: Path, out: Path, n_workers: int, record_bytes: int, order: str = fmt.ORDER_SHUFFLED) -> dict:
     """``convert`` on a fresh LocalCluster of ``n_workers`` processes; startup timed apart.
 
     ``seconds``, ``cpu_seconds`` (client + workers) and ``busy_seconds`` (the whole
@@ -332,7 +339,7 @@ def run_dask(src: Path, out: Path, n_workers: int, record_bytes: int) -> dict:
             store = out / "store"
             w0, c0, b0 = _worker_cpu(client), os.times(), machine_busy_seconds()
             t1 = time.perf_counter()
-            res = convert(src, store, record_bytes=record_bytes, client=client)
+            res = convert(src, store, record_bytes=record_bytes, client=client, order=order)
             dt = time.perf_counter() - t1
             w1, c1, b1 = _worker_cpu(client), os.times(), machine_busy_seconds()
     finally:
@@ -546,7 +553,10 @@ def plot(result: dict, path: Path) -> str | None:
               "bare": "bare tjTransform\n(in memory, floor)"}
     colors = {"pcrfs": "#2a7ab0", "reference": "#b0b0b0", "bare": "#6a6a6a"}
     m = result["methods"]
-    ways = [k for k in m if k in METHODS or k.startswith("dask")]
+    ways = [k for k in m if k in METHODS or k == "pcrfs_source" or k.startswith("dask")]
+    labels["pcrfs"] = f"pcrfs convert\n(end to end,\n--order {result.get('order_of_pcrfs', 'shuffled')})"
+    labels["pcrfs_source"] = "pcrfs convert\n(end to end,\n--order source)"
+    colors["pcrfs_source"] = "#5aa0d0"
     for k in ways:
         if k.startswith("dask"):
             labels[k] = f"pcrfs on Dask\n{k[4:]} worker\nprocess{'es' if k[4:] != '1' else ''}"
@@ -614,6 +624,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 1,2)")
     p.add_argument("--dask-record-size", default="8M",
                    help="record size of the Dask ways: one task per record batch (default 8M)")
+    p.add_argument("--order", choices=(*fmt.ORDERS, "both"), default=fmt.ORDER_SHUFFLED,
+                   help="storage order of the pcrfs and Dask ways (default shuffled, convert's default); "
+                        "both: also a pcrfs_source way (--order source) beside pcrfs (shuffled), interleaved")
     args = p.parse_args(argv)
     from pcrfs.units import parse_size
     try:
@@ -647,7 +660,9 @@ class Bench:
                 self.notes.append(f"Dask ways skipped: {e} (pip install 'pcrfs[dask]')")
                 print(self.notes[-1])
                 self.dask_ways = []
-        self.ways = list(METHODS) + self.dask_ways
+        self.order = fmt.ORDER_SHUFFLED if args.order == "both" else args.order
+        self.extra_ways = ["pcrfs_source"] if args.order == "both" else []
+        self.ways = list(METHODS) + self.extra_ways + self.dask_ways
         self.datas: list[bytes] | None = None
         self.times: dict[str, list[float]] = {m: [] for m in self.ways}
         self.cpu: dict[str, list[float]] = {m: [] for m in self.ways}
@@ -670,16 +685,21 @@ class Bench:
     def run_way(self, m: str, out: Path) -> dict:
         a = self.args
         if m == "pcrfs":
-            return run_pcrfs(self.src, out, a.workers)
+            return run_pcrfs(self.src, out, a.workers, self.order)
+        if m == "pcrfs_source":
+            return run_pcrfs(self.src, out, a.workers, fmt.ORDER_SOURCE)
         if m == "reference":
             return run_reference(self.src, out, a.workers, self.helper, self.jpegtran, fmt.DEFAULT_RECORD_BYTES)
         if m == "bare":
             return run_bare(self.datas, a.workers)
-        return run_dask(self.src, out, int(m[4:]), a.dask_record_bytes)
+        return run_dask(self.src, out, int(m[4:]), a.dask_record_bytes, self.order)
 
     def run_rounds(self) -> None:
         for rnd in range(self.args.rounds):
             order = self.ways[rnd % len(self.ways):] + self.ways[:rnd % len(self.ways)]  # rotate who goes first
+            if self.extra_ways:  # the two orders back to back, alternating which goes first
+                pair = ["pcrfs", "pcrfs_source"] if rnd % 2 == 0 else ["pcrfs_source", "pcrfs"]
+                order = pair + [m for m in order if m not in pair]
             for m in order:
                 self.run_once(m, rnd)
 
@@ -714,8 +734,11 @@ class Bench:
     def descriptions(self) -> dict[str, str]:
         a = self.args
         desc = {
-            "pcrfs": f"pcrfs.convert.convert(src, store, workers={a.workers}): listing, read, header, "
-                     "tjTransform (ctypes), scan split, CRC-32, group-major records (fsync), index, manifest",
+            "pcrfs": f"pcrfs.convert.convert(src, store, workers={a.workers}, order={self.order!r}): listing, "
+                     "read, header, tjTransform (ctypes), scan split, CRC-32, group-major records (fsync), index, "
+                     "manifest",
+            "pcrfs_source": f"pcrfs.convert.convert(src, store, workers={a.workers}, order='source'): the same, "
+                            "the storage order the path order (a version-1 store)",
             "reference": f"ThreadPool({a.workers}); per image: `jpegtran {' '.join(JPEGTRAN_ARGS)} -outfile tmp` "
                          f"subprocess + scan-offset helper subprocess ({self.helper_desc}); read back, split, "
                          "group-major records + JSON index written in Python (no fsync)",
@@ -723,7 +746,8 @@ class Bench:
                     "over bytes preloaded in memory; nothing read, split or written",
         }
         for m in self.dask_ways:
-            desc[m] = (f"pcrfs.convert.convert(src, store, record_bytes={a.dask_record_bytes}, client=Client("
+            desc[m] = (f"pcrfs.convert.convert(src, store, record_bytes={a.dask_record_bytes}, order={self.order!r}, "
+                       f"client=Client("
                        f"LocalCluster(n_workers={m[4:]}, threads_per_worker=1, processes=True))): one Dask task "
                        "per record batch (read, transcode, split, CRC-32, write the record, fsync); the client "
                        "writes descriptions, index and manifest. Cluster startup not included (see "
@@ -763,7 +787,23 @@ class Bench:
 
     def ratios(self, methods: dict[str, dict]) -> dict:
         ips = {m: methods[m]["images_per_s"] for m in METHODS}
-        return {
+        orders = {}
+        if "pcrfs_source" in methods:  # shuffled over source, per round (side by side) and of medians
+            per_round = [s / t for t, s in zip(self.times["pcrfs"], self.times["pcrfs_source"])]
+            orders = {
+                "shuffled_over_source": round(ips["pcrfs"] / methods["pcrfs_source"]["images_per_s"], 3),
+                "shuffled_over_source_per_round": [round(x, 3) for x in per_round],
+                "shuffled_over_source_median_of_rounds": round(statistics.median(per_round), 3),
+                "best_shuffled_over_source": round(min(self.times["pcrfs_source"]) / min(self.times["pcrfs"]), 3),
+                "cpu_per_image_source_over_shuffled": round(methods["pcrfs_source"]["cpu_ms_per_image"]
+                                                            / methods["pcrfs"]["cpu_ms_per_image"], 3),
+                "source_over_bare": round(methods["pcrfs_source"]["images_per_s"] / ips["bare"], 3),
+            }
+            quiet = [x for x, a, b in zip(per_round, self.foreign["pcrfs"], self.foreign["pcrfs_source"])
+                     if a is not None and b is not None and max(a, b) < QUIET_SHARE]
+            orders["shuffled_over_source_quiet_rounds"] = [round(x, 3) for x in quiet]
+            orders["shuffled_over_source_quiet_median"] = round(statistics.median(quiet), 3) if quiet else None
+        return {**orders,
             "pcrfs_over_reference": round(ips["pcrfs"] / ips["reference"], 3),
             "pcrfs_over_bare": round(ips["pcrfs"] / ips["bare"], 3),
             "reference_over_bare": round(ips["reference"] / ips["bare"], 3),
@@ -783,6 +823,13 @@ class Bench:
                        self.args.verify_sample, self.args.seed)
         check["dask_index_equals_local"] = {m: check_dask_store(last["pcrfs"]["store"], last[m]["store"])
                                             for m in self.dask_ways}
+        if "pcrfs_source" in last:  # the same images, names, group lengths and CRCs in either order
+            check["source_order_index_equals_shuffled"] = check_dask_store(last["pcrfs"]["store"],
+                                                                           last["pcrfs_source"]["store"])
+            from pcrfs.store.reader import open_store
+            with open_store(last["pcrfs"]["store"]) as a, open_store(last["pcrfs_source"]["store"]) as b:
+                check["format_versions"] = {"pcrfs": a.manifest["format_version"],
+                                            "pcrfs_source": b.manifest["format_version"]}
         last["bare"]["outs"] = None
         self.datas = None
         return check
@@ -796,12 +843,22 @@ class Bench:
             "output_size_equal_met": check["sizes_equal"] and check["byte_identical"]
                                      and all(check["dask_index_equals_local"].values()),
         }
+        if "shuffled_over_source" in ratios:
+            targets.update({
+                "shuffled_over_source_min": TARGET_SHUFFLED_VS_SOURCE,
+                "shuffled_over_source_met": ratios["shuffled_over_source"] >= TARGET_SHUFFLED_VS_SOURCE,
+                "shuffled_over_source_median_of_rounds_met":
+                    ratios["shuffled_over_source_median_of_rounds"] >= TARGET_SHUFFLED_VS_SOURCE,
+                "source_order_store_same_images_met": check["source_order_index_equals_shuffled"],
+            })
         self.machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         result = {
             "benchmark": "pcrfs convert vs PCR reference conversion vs bare libjpeg-turbo transform",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "workers": self.args.workers,
+            "order": self.args.order,
+            "order_of_pcrfs": self.order,
             "rounds": self.args.rounds,
             "interleaving": "each round runs every way, the starting way rotating; medians over rounds",
             "reference_helper": self.helper_desc,
@@ -841,6 +898,13 @@ def print_summary(result: dict, dask_ways: list[str]) -> None:
           f"{'met' if targets['vs_reference_met'] else 'MISSED'})")
     print(f"pcrfs / bare      = {ratios['pcrfs_over_bare']:.2f}x (target >= {TARGET_VS_BARE}: "
           f"{'met' if targets['vs_bare_met'] else 'MISSED'})")
+    if "shuffled_over_source" in ratios:
+        print(f"shuffled / source = {ratios['shuffled_over_source']:.2f}x of medians, "
+              f"{ratios['shuffled_over_source_median_of_rounds']:.2f}x median of rounds "
+              f"{ratios['shuffled_over_source_per_round']} (target >= {TARGET_SHUFFLED_VS_SOURCE}: "
+              f"{'met' if targets['shuffled_over_source_met'] else 'MISSED'}); CPU per image source/shuffled "
+              f"{ratios['cpu_per_image_source_over_shuffled']:.2f}; quiet rounds (others < {QUIET_SHARE:.0%}) "
+              f"{ratios['shuffled_over_source_quiet_rounds']}")
     print(f"best rounds: pcrfs/reference {ratios['best_pcrfs_over_reference']:.2f}x, pcrfs/bare "
           f"{ratios['best_pcrfs_over_bare']:.2f}x; CPU per image bare/pcrfs "
           f"{ratios['cpu_per_image_bare_over_pcrfs']:.2f}")

@@ -9,6 +9,14 @@ verifiable record, so reads through the reader or the mount return valid JPEGs.
 
     python tools/make_scale_store.py /tmp/scale.pcr                 # 1,281,167 entries
     python tools/make_scale_store.py /tmp/s100k.pcr --images 100000 --classes 100
+    python tools/make_scale_store.py /tmp/scale2.pcr --order shuffled   # format version 2
+
+``--order shuffled`` (``--seed``) writes a version-2 store: the storage order is drawn
+by the converter's own rule (``pcrfs.convert.plan.storage_order``), so record r holds
+the images at storage positions ``[r * per_record, ...)`` -- a sample of the whole
+dataset -- and the index carries ``storage_order.npy``, as ``pcrfs convert --order
+shuffled`` writes it. (Records are cut every ``--per-record`` images, not by bytes.)
+``--order source`` (the default) writes version 1, as before.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import numpy as np
 
 from benchlib import log  # noqa: E402  (puts the checkout first on sys.path)
 from pcrfs.jpeg import scans, turbojpeg  # noqa: E402
+from pcrfs.convert.plan import SourceListing, storage_order  # noqa: E402
 from pcrfs.store import format as fmt  # noqa: E402
 from pcrfs.store.index import Index, StringTable  # noqa: E402
 from pcrfs.store.writer import publish  # noqa: E402
@@ -64,8 +73,18 @@ def pool_images(n: int, seed: int) -> list[list[bytes]]:
     return out
 
 
+def storage_permutation(n_images: int, order: str, seed: int) -> np.ndarray | None:
+    """The image at each storage position, drawn as ``pcrfs convert`` draws it (None: the path order)."""
+    if order == fmt.ORDER_SOURCE:
+        return None
+    # the converter's rule applied to a listing of image numbers (it only permutes the list)
+    perm = storage_order(SourceListing(list(range(n_images))), order, seed).files  # type: ignore[arg-type]
+    return np.asarray(perm, dtype=fmt.STORAGE_ORDER_DTYPE)
+
+
 def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int = 1000,
-                     per_record: int = 1000, pool: int = 1000, seed: int = 0) -> dict:
+                     per_record: int = 1000, pool: int = 1000, seed: int = 0,
+                     order: str = fmt.ORDER_SOURCE, order_seed: int = 0) -> dict:
     if dest.exists():
         shutil.rmtree(dest)
     (dest / fmt.RECORDS_DIR).mkdir(parents=True)
@@ -105,8 +124,14 @@ def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int 
                         if g < len(groups[j]):
                             f.write(groups[j][g])
 
-    # Index arrays: image i is slot i % per_record of record i // per_record.
-    idx_slot = slot[np.arange(n_images) % per_record]
+    # Index arrays: the image at storage position q is slot q % per_record of record
+    # q // per_record; in the path order (version 1) image i is at position i.
+    perm = storage_permutation(n_images, order, order_seed)
+    position = np.arange(n_images)
+    if perm is not None:
+        position = np.empty(n_images, dtype=np.int64)
+        position[perm.astype(np.int64)] = np.arange(n_images)
+    idx_slot = slot[position % per_record]
     images = np.zeros(n_images, dtype=fmt.IMAGE_DTYPE)
     images["src_size"] = pool_len[idx_slot].sum(axis=1) + 2
     images["src_mtime_ns"] = 1_600_000_000_000_000_000 + rng.integers(0, 10**15, n_images)
@@ -120,7 +145,8 @@ def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int 
     rec_offsets = np.tile(np.array(group_offsets, dtype=fmt.OFFSET_DTYPE), (n_records, 1))
     if n_images % per_record:
         last = n_records - 1
-        last_len = lengths[records[last]["first_image"]:].astype(np.uint64)
+        at_last = np.arange(int(records[last]["first_image"]), n_images)  # storage positions
+        last_len = lengths[at_last if perm is None else perm[at_last].astype(np.int64)].astype(np.uint64)
         sizes = last_len.sum(axis=0)
         rec_offsets[last] = fmt.RECORD_HEADER_SIZE + np.concatenate([[0], np.cumsum(sizes)[:-1]])
         records["size"][last] = fmt.RECORD_HEADER_SIZE + int(sizes.sum())
@@ -136,9 +162,11 @@ def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int 
         dir_ranges.append([len(paths), len(paths) + int(count)])
         paths.extend(f"{wnid}/{name}" for name in names)
     index = Index(images, lengths, crcs, records, rec_offsets, StringTable.from_strings(paths),
-                  StringTable.from_strings([""] + wnids), np.array(dir_ranges, dtype=fmt.OFFSET_DTYPE))
+                  StringTable.from_strings([""] + wnids), np.array(dir_ranges, dtype=fmt.OFFSET_DTYPE),
+                  storage_order=perm)
     index.check_shapes()
-    return publish(dest, index, [], {"record_target_bytes": record_size, "options": {"synthetic_scale_store": True}})
+    return publish(dest, index, [], {"record_target_bytes": record_size, "order": order, "seed": int(order_seed),
+                                     "options": {"synthetic_scale_store": True}})
 
 
 def main() -> None:
@@ -147,12 +175,17 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=IMAGENET_TRAIN)
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--per-record", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the names, mtimes and tiny photos")
+    ap.add_argument("--order", choices=fmt.ORDERS, default=fmt.ORDER_SOURCE,
+                    help="storage order (default source: a version-1 store; shuffled: version 2)")
+    ap.add_argument("--order-seed", type=int, default=0, help="the storage order's seed (convert --seed)")
     args = ap.parse_args()
     t0 = time.monotonic()
-    m = make_scale_store(args.dest, args.images, args.classes, args.per_record, seed=args.seed)
+    m = make_scale_store(args.dest, args.images, args.classes, args.per_record, seed=args.seed,
+                         order=args.order, order_seed=args.order_seed)
     du = sum(f.stat().st_size for f in args.dest.rglob("*") if f.is_file())
     log(f"{m['num_images']} images, {len(m['classes'])} classes, {m['num_records']} records, "
+        f"format version {m['format_version']}, "
         f"{du / 2**20:.0f} MiB on disk in {time.monotonic() - t0:.1f}s -> {args.dest}")
 
 
