@@ -16,12 +16,15 @@ fetches their prefixes in the background into the dataset's shared cache
 their prefixes fit in 90 % of the cache's cap together. The workers then find them
 there (or wait for the fetch in flight: one flight per record across the processes).
 
-Bounded on purpose: records the workers still read are never pushed out to make room
-for one they will read later (where the cache holds no more than the window, nothing
-is fetched ahead and the workers fetch as before). It needs the shared cache (a remote
+Bounded on purpose: a record is fetched ahead only if it fits beside the records the
+workers read now (as far as ``behind`` positions tell: batches in flight further back
+than that are not seen), so as not to push one of those out to make room for one they
+read later; where the cache holds no more than the window, little is fetched ahead and
+the workers fetch as before. It needs the shared cache (a remote
 store, ``shared_cache=True``); otherwise it does nothing. It reads the sampler's live
 iterator and changes nothing in it: the sampler's state, resume and order are as
-without it. ``ahead``/``behind`` default to the mean number of images per record.
+without it. ``ahead`` defaults to the mean number of images per record, ``behind`` to
+twice that (it should cover the loader's batches in flight).
 """
 from __future__ import annotations
 
@@ -63,7 +66,8 @@ class FetchAhead:
         used = max(1, len(np.unique(self._record_of)))
         mean = max(1, len(self._record_of) // used)
         self.ahead = mean if ahead is None else max(0, int(ahead))
-        self.behind = mean if behind is None else max(0, int(behind))
+        # the loader's batches in flight (prefetch_factor x workers x batch) are behind p
+        self.behind = 2 * mean if behind is None else max(0, int(behind))
         self._bounds = group_bounds(index.record_group_offsets, index.records["size"])
         self._view: str | None = None
         self._ks = self._spans = np.zeros(0, dtype=np.int64)
