@@ -140,11 +140,11 @@ def test_filter_stack_is_the_valid_gaussian_window():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (53, 71)).astype(np.float64)
     taps = msssim.gaussian_taps()
-    a = np.stack([img - 128, (img - 128) ** 2], axis=1).astype(np.float32)
+    a = np.stack([img - 128, (img - 128) ** 2]).astype(np.float32)
     got = search.filter_stack(a, taps)
-    assert got.shape == (43, 2, 61)
-    np.testing.assert_allclose(got[:, 0], msssim.filter_valid(img - 128, taps), atol=1e-3)
-    np.testing.assert_allclose(got[:, 1], msssim.filter_valid((img - 128) ** 2, taps), rtol=1e-5)
+    assert got.shape == (2, 43, 61)
+    np.testing.assert_allclose(got[0], msssim.filter_valid(img - 128, taps), atol=1e-3)
+    np.testing.assert_allclose(got[1], msssim.filter_valid((img - 128) ** 2, taps), rtol=1e-5)
 
 
 def test_finest_lower_bound_is_below_the_term(reader):

@@ -192,7 +192,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
-    mse = float(np.mean((a - b) ** 2))
+    return psnr_of_mse(float(np.mean((a - b) ** 2)))
+
+
+def psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of a mean squared error (peak 255), capped at PSNR_CAP."""
     if mse == 0:
         return PSNR_CAP
-    return min(PSNR_CAP, 10.0 * np.log10(DATA_RANGE * DATA_RANGE / mse))
+    return min(PSNR_CAP, float(10.0 * np.log10(DATA_RANGE * DATA_RANGE / mse)))

@@ -46,8 +46,12 @@ from . import msssim
 from .luma import decode_luma, luma_of
 
 MARGIN = 1e-5   # |fast - oracle score| < 1e-7 measured (float32 sums of small numbers; see FastReference)
+ESTIMATE_MARGIN = 2e-3  # a sampled estimate this close to a threshold is computed on every window
 BLOCK = 16      # rows/columns per banded product: small blocks waste few multiplications on zeros
 CENTRE = np.float32(128)  # mid-grey, subtracted before squaring pixel values in float32
+BAND_WINDOWS = 1 << 19  # windows per band of rows a term is computed in: the work arrays of a
+                        # band stay within a few MB (a large image's are never whole-image size)
+SAMPLE_BAND = 32        # rows of windows per band when a scale's windows are sampled
 YCBCR_IDS = (1, 2, 3)  # component ids libjpeg takes for YCbCr when no JFIF/Adobe marker says
 
 
@@ -118,11 +122,13 @@ def _bands(taps: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def filter_stack(a: np.ndarray, taps: np.ndarray, name: str = "f") -> np.ndarray:
-    """The separable window over the valid region of each image in ``a`` (float32 (H, c, W))
-    -> (H-n+1, c, W-n+1). The result is a scratch array, valid until the next call with ``name``.
+    """The separable window over the valid region of each image in ``a`` (float32 (c, H, W))
+    -> (c, H-n+1, W-n+1). The result is a scratch array, valid until the next call with ``name``.
 
-    Vertical pass: the c images side by side are one (H, c*W) matrix, so one product per
-    row block covers all of them. Horizontal pass: the same memory seen as (m*c, W) rows.
+    Vertical pass: one (stacked) product per row block covers the c images. Horizontal
+    pass: the result seen as (c*m, W) rows, one product per column block. Each image of
+    the result is contiguous: the elementwise work on it runs on whole arrays (numpy's
+    loops on the rows of a strided (m, c, m2) view cost about three times as much).
     """
     return _filter(a, _bands(tuple(float(t) for t in taps)), name)
 
@@ -131,19 +137,33 @@ def _filter(a: np.ndarray, bands: tuple[np.ndarray, np.ndarray], name: str = "f"
     """:func:`filter_stack` with the banded matrices already made."""
     g, gt = bands
     n = g.shape[1] - BLOCK + 1
-    h, c, w = a.shape
+    c, h, w = a.shape
     m, m2 = h - n + 1, w - n + 1
-    rows = a.reshape(h, c * w)
-    vert = _scratch.get(name + ".v", (m, c * w))
+    vert = _scratch.get(name + ".v", (c, m, w))
     for i in range(0, m, BLOCK):
         b = min(BLOCK, m - i)
-        np.matmul(g[:b, :b + n - 1], rows[i:i + b + n - 1], out=vert[i:i + b])
-    flat = vert.reshape(m * c, w)
-    out = _scratch.get(name + ".h", (m * c, m2))
+        np.matmul(g[:b, :b + n - 1], a[:, i:i + b + n - 1], out=vert[:, i:i + b])
+    flat = vert.reshape(c * m, w)
+    out = _scratch.get(name + ".h", (c * m, m2))
     for j in range(0, m2, BLOCK):
         b = min(BLOCK, m2 - j)
         np.matmul(flat[:, j:j + b + n - 1], gt[:b + n - 1, :b], out=out[:, j:j + b])
-    return out.reshape(m, c, m2)
+    return out.reshape(c, m, m2)
+
+
+def row_bands(m: int, m2: int, max_windows: int | None = None) -> list[tuple[int, int]]:
+    """Bands [i0, i1) of the ``m`` rows of windows (``m2`` to a row) of one scale: all rows,
+    in bands of about :data:`BAND_WINDOWS` windows (one band for an ImageNet-size image);
+    with ``max_windows``, if there are more windows than that, only bands of
+    :data:`SAMPLE_BAND` rows holding about ``max_windows`` windows, spread evenly from
+    the first row to the last (a systematic sample of the scale's windows)."""
+    if max_windows is not None and m * m2 > max_windows:
+        total = -(-m // SAMPLE_BAND)
+        count = min(total, -(-max_windows // (m2 * SAMPLE_BAND)))
+        picks = np.unique(np.linspace(0, total - 1, count).round().astype(int))
+        return [(int(p) * SAMPLE_BAND, min(int(p) * SAMPLE_BAND + SAMPLE_BAND, m)) for p in picks]
+    rows = max(BLOCK, BAND_WINDOWS // max(m2, 1) // BLOCK * BLOCK)
+    return [(i, min(i + rows, m)) for i in range(0, m, rows)]
 
 
 def _downsample(img: np.ndarray, name: str) -> np.ndarray:
@@ -192,27 +212,35 @@ class FastReference:
         # the statistics live in this thread's scratch arrays: one FastReference at a time
         _scratch.generation += 1
         self._generation = _scratch.generation
-        self.imgs, self.mu, self.var2 = [], [], []
+        # per scale: the image r, 2 r, the window mean mu_r, 2 mu_r and 2 var_r + C2 (the
+        # doubled ones are what the terms use: doubling is exact in floating point)
+        self.imgs, self.imgs2, self.mu, self.mu2, self.var2 = [], [], [], [], []
         img = _scratch.get("r0", ref.shape)
         img[...] = ref
+        n = len(self.taps)
         for j in range(self.scales):
             if j:
                 img = _downsample(img, f"r{j}")
             h, w = img.shape
-            # centred on mid-grey: the window sums of squares stay small enough for float32
-            a = _scratch.get("ref", (h, 2, w))
-            np.subtract(img, CENTRE, out=a[:, 0])
-            np.multiply(a[:, 0], a[:, 0], out=a[:, 1])
-            f = _filter(a, self._bands)
-            m = f.shape[0], f.shape[2]
-            mu = np.add(f[:, 0], CENTRE, out=_scratch.get(f"mu{j}", m))
-            var = _scratch.get("var", m)
-            np.multiply(f[:, 0], f[:, 0], out=var)
-            np.subtract(f[:, 1], var, out=var)
-            var2 = np.multiply(var, np.float32(2), out=_scratch.get(f"var2{j}", m))
+            m = (h - n + 1, w - n + 1)
+            mu = _scratch.get(f"mu{j}", m)
+            var2 = _scratch.get(f"var2{j}", m)
+            for i0, i1 in row_bands(*m):
+                # centred on mid-grey: the window sums of squares stay small enough for float32
+                a = _scratch.get("ref", (2, i1 - i0 + n - 1, w))
+                np.subtract(img[i0:i1 + n - 1], CENTRE, out=a[0])
+                np.multiply(a[0], a[0], out=a[1])
+                f = _filter(a, self._bands)
+                np.add(f[0], CENTRE, out=mu[i0:i1])
+                var = _scratch.get("var", f.shape[1:])
+                np.multiply(f[0], f[0], out=var)
+                np.subtract(f[1], var, out=var)
+                np.multiply(var, np.float32(2), out=var2[i0:i1])
             var2 += np.float32(msssim.C2)  # 2 var_r + C2, as each term uses it
             self.imgs.append(img)
+            self.imgs2.append(np.multiply(img, np.float32(2), out=_scratch.get(f"r2{j}", img.shape)))
             self.mu.append(mu)
+            self.mu2.append(np.multiply(mu, np.float32(2), out=_scratch.get(f"mu2{j}", m)))
             self.var2.append(var2)
         self._weights1: np.ndarray | None = None  # made when a decode first needs the finest bound
 
@@ -234,13 +262,13 @@ class FastReference:
         var2 = self.var2[0]  # 2 var_r + C2 (float32): var_r comes back to far better than 1
         m, m2 = var2.shape
         pad = n - 1
-        inv = _scratch.get("inv", (m + 2 * pad, 1, m2 + 2 * pad))
+        inv = _scratch.get("inv", (1, m + 2 * pad, m2 + 2 * pad))
         if pad:  # the zero border of the full correlation (the inside is written below)
-            inv[:pad] = 0
-            inv[-pad:] = 0
+            inv[:, :pad] = 0
+            inv[:, -pad:] = 0
             inv[:, :, :pad] = 0
             inv[:, :, -pad:] = 0
-        inner = inv[pad:pad + m, 0, pad:pad + m2]
+        inner = inv[0, pad:pad + m, pad:pad + m2]
         # var_r is float32 here, off by far less than 1: D is taken 1 lower, a safe lower bound
         np.subtract(var2, np.float32(msssim.C2), out=inner)
         inner *= np.float32(0.5)
@@ -248,42 +276,51 @@ class FastReference:
         inner += np.float32(msssim.C2 - 1)
         np.reciprocal(inner, out=inner)
         self._windows = var2.size  # h is f^T(1/D); the division by the window count is in the bound
-        return _filter(inv, self._bands, name="h")[:, 0].ravel()
+        return _filter(inv, self._bands, name="h")[0].ravel()
 
     def _finest_lower_bound(self, d: np.ndarray) -> float:
         if self._weights1 is None:
             self._weights1 = self._finest_bound_weights()
-        d2 = _scratch.get("d2", d.shape)
+        d2 = _scratch.get("dd", d.shape)
         np.multiply(d, d, out=d2)
         deficit = float(np.dot(d2.ravel(), self._weights1)) / self._windows
         # float32 sums: allow 0.1% on the deficit, orders of magnitude above their rounding
         return max(0.0, 1.0 - deficit * 1.001)
 
-    def _term(self, j: int, d: np.ndarray) -> float:
-        """Scale j's term of MS-SSIM(r + d, r): msssim.Reference.terms with x = r + d."""
-        r, mu_r = self.imgs[j], self.mu[j]
-        h, w = d.shape
-        a = _scratch.get("a", (h, 3, w))
-        a[:, 0] = d
-        np.multiply(d, d, out=a[:, 1])
-        np.multiply(d, r, out=a[:, 2])
-        f = _filter(a, self._bands)
-        mu_d = f[:, 0]
-        cov2 = _scratch.get("t1", mu_d.shape)
-        np.multiply(mu_r, mu_d, out=cov2)
-        np.subtract(f[:, 2], cov2, out=cov2)     # cov(r, d)
-        cov2 *= 2
-        cov2 += self.var2[j]                     # 2 cov(x, r) + C2 = 2 var_r + 2 cov(r, d) + C2
-        den = _scratch.get("t2", mu_d.shape)
-        np.multiply(mu_d, mu_d, out=den)
-        np.subtract(f[:, 1], den, out=den)       # var_d
-        den += cov2                              # var_x + var_r + C2
-        cs_map = np.divide(cov2, den, out=cov2)
-        if j == self.scales - 1:
-            mu_x = mu_r + mu_d
-            lum = (2 * mu_x * mu_r + msssim.C1) / (mu_x * mu_x + mu_r * mu_r + msssim.C1)
-            cs_map *= lum
-        return float(cs_map.mean(dtype=np.float64))
+    def _term(self, j: int, d: np.ndarray, max_windows: int | None = None) -> float:
+        """Scale j's term of MS-SSIM(r + d, r): msssim.Reference.terms with x = r + d.
+
+        Computed band by band (:func:`row_bands`); with ``max_windows`` (only the table
+        asks for it) the mean over a systematic sample of about that many windows."""
+        mu_r, mu2, var2, r2 = self.mu[j], self.mu2[j], self.var2[j], self.imgs2[j]
+        n = len(self.taps)
+        m, m2 = mu_r.shape
+        last = j == self.scales - 1
+        total, count = 0.0, 0
+        for i0, i1 in row_bands(m, m2, max_windows):
+            rows, out = slice(i0, i1 + n - 1), slice(i0, i1)
+            a = _scratch.get("a", (3, i1 - i0 + n - 1, d.shape[1]))
+            a[0] = d[rows]
+            np.multiply(a[0], a[0], out=a[1])
+            np.multiply(a[0], r2[rows], out=a[2])  # 2 r d
+            f = _filter(a, self._bands)
+            mu_d = f[0]
+            cov2 = _scratch.get("t1", mu_d.shape)
+            np.multiply(mu2[out], mu_d, out=cov2)
+            np.subtract(f[2], cov2, out=cov2)      # 2 cov(r, d)
+            cov2 += var2[out]                      # 2 cov(x, r) + C2 = 2 var_r + 2 cov(r, d) + C2
+            den = _scratch.get("t2", mu_d.shape)
+            np.multiply(mu_d, mu_d, out=den)
+            np.subtract(f[1], den, out=den)        # var_d
+            den += cov2                            # var_x + var_r + C2
+            cs_map = np.divide(cov2, den, out=cov2)
+            if last:
+                mu_x = mu_r[out] + mu_d
+                lum = (2 * mu_x * mu_r[out] + msssim.C1) / (mu_x * mu_x + mu_r[out] * mu_r[out] + msssim.C1)
+                cs_map *= lum
+            total += float(cs_map.sum(dtype=np.float64))
+            count += cs_map.size
+        return total / count
 
     def oracle_score(self, y: np.ndarray) -> float:
         if self._oracle is None:
@@ -296,17 +333,43 @@ class FastReference:
         if x.shape != self.shape:
             raise ValueError(f"image is {x.shape}, reference is {self.shape}")
         d = _scratch.get("d0", self.shape)
-        d[...] = x                                  # uint8 -> float32, then an all-float32 subtract
-        d -= self.imgs[0]
+        np.subtract(x, self.imgs[0], out=d)         # uint8 - float32: float32, exact (integers)
         out = [d]
         for j in range(1, self.scales):
-            out.append(_downsample(out[-1], f"d{j}"))
+            out.append(_downsample(out[-1], f"p{j}"))
         return out
 
     def score_terms(self, y: np.ndarray) -> np.ndarray:
         """Every scale's term (for the tests: compare with msssim.Reference.terms)."""
         pyramid = self._pyramid(y)
         return np.array([self._term(j, pyramid[j]) for j in range(self.scales)])
+
+    def scores(self, y: np.ndarray, exact_near: Sequence[float] = (), max_windows: int | None = None
+               ) -> tuple[float, float, bool]:
+        """(MS-SSIM, PSNR, whether the MS-SSIM is an estimate) of ``y``, for the quality table.
+
+        MS-SSIM from every scale's term as :meth:`score_terms` computes it (float32 sums,
+        within 2e-6 of :class:`.msssim.Reference`); a score within :data:`MARGIN` of a
+        value in ``exact_near`` (the thresholds a reader compares it with) is the oracle's
+        own. With ``max_windows``, a scale with more windows than that has its term (a
+        mean over windows) estimated on a systematic sample of them (:func:`row_bands`);
+        an estimate within :data:`ESTIMATE_MARGIN` of a value in ``exact_near`` is
+        computed on every window instead. PSNR is exact: the squared differences are
+        integers, summed in float64 without rounding, so it equals :func:`.msssim.psnr`.
+        """
+        pyramid = self._pyramid(y)
+        psnr = msssim.psnr_of_mse(_sum_of_squares(pyramid[0]) / pyramid[0].size)
+        sampled = max_windows is not None and any(mu.size > max_windows for mu in self.mu)
+        if sampled:
+            terms = np.array([self._term(j, pyramid[j], max_windows) for j in range(self.scales)])
+            score = float(np.prod(np.maximum(terms, 0.0) ** self.weights))
+            if not any(abs(score - t) <= ESTIMATE_MARGIN for t in exact_near):
+                return score, psnr, True
+        terms = np.array([self._term(j, pyramid[j]) for j in range(self.scales)])
+        score = float(np.prod(np.maximum(terms, 0.0) ** self.weights))
+        if any(abs(score - t) <= MARGIN for t in exact_near):
+            score = self.oracle_score(y)
+        return score, psnr, False
 
     def reached(self, y: np.ndarray, thresholds: Sequence[float], stats: SearchStats) -> list[bool]:
         """For each threshold, whether the MS-SSIM of ``y`` reaches it (score >= threshold)."""
@@ -334,6 +397,19 @@ class FastReference:
             stats.oracle += 1
             score = self.oracle_score(y)
         return [score >= t for t in thresholds]
+
+
+def _sum_of_squares(d: np.ndarray) -> float:
+    """Sum of d*d over an integer-valued float32 image, exactly (float64 sums of integers)."""
+    h, w = d.shape
+    rows = max(1, BAND_WINDOWS // max(w, 1))
+    total = 0.0
+    for i in range(0, h, rows):
+        block = d[i:i + rows]
+        sq = _scratch.get("sq", block.shape)
+        np.multiply(block, block, out=sq)
+        total += float(sq.sum(dtype=np.float64))
+    return total
 
 
 # ---- decoding --------------------------------------------------------------------------------
@@ -396,6 +472,25 @@ def _source_luma(source: bytes, im: Image.Image) -> np.ndarray | None:
     return y
 
 
+def reference_luma(full: bytes, n_groups: int, source: bytes | None = None,
+                   stats: SearchStats | None = None) -> tuple[list[bool] | None, np.ndarray]:
+    """(per scan group, whether it can change the luminance, or None if that cannot be
+    told; the full decode's luminance) from one parse of the image's full file ``full``.
+    ``source``: as for :func:`search_ks`."""
+    with Image.open(io.BytesIO(full)) as im:  # one parse for both
+        changes = _luma_scans_of(im, full)
+        y_full = None
+        if source is not None and changes is not None:
+            y_full = _source_luma(source, im)
+            if stats is not None:
+                stats.source_references += y_full is not None
+        if y_full is None:
+            y_full = luma_of(im)
+    if changes is not None and len(changes) != n_groups:
+        changes = None
+    return changes, y_full
+
+
 def search_ks(file_at: Callable[[int], bytes], n_groups: int, thresholds: Sequence[float],
               stats: SearchStats | None = None, source: bytes | None = None) -> np.ndarray:
     """u1[T]: per threshold, the smallest k whose MS-SSIM reaches it (``n_groups`` if none below it does).
@@ -410,17 +505,7 @@ def search_ks(file_at: Callable[[int], bytes], n_groups: int, thresholds: Sequen
     local = SearchStats(images=1)
     ks = np.full(len(thresholds), n_groups, dtype=np.uint8)
     if n_groups > 1:
-        full = file_at(n_groups)
-        with Image.open(io.BytesIO(full)) as im:  # one parse for both
-            changes = _luma_scans_of(im, full)
-            y_full = None
-            if source is not None and changes is not None:
-                y_full = _source_luma(source, im)
-                local.source_references += y_full is not None
-            if y_full is None:
-                y_full = luma_of(im)
-        if changes is not None and len(changes) != n_groups:
-            changes = None
+        changes, y_full = reference_luma(file_at(n_groups), n_groups, source, local)
         ref = FastReference(y_full)
         open_t = list(range(len(thresholds)))
         for k in range(1, n_groups):
