@@ -267,7 +267,7 @@ def main() -> None:
                   f"{conv_cost['convert_quality_index']['cpu_ms_per_image']} ms ({conv_cost['cpu_ratio']}x CPU, "
                   f"{conv_cost['wall_ratio']}x wall)")
         dask = None
-        if args.dask_workers:
+        if args.dask_workers and args.dask_rounds > 0:
             dask = dask_scaling(store_path, [int(n) for n in args.dask_workers.split(",")],
                                 index_format.npy_bytes(ks), args.dask_rounds)
             print("Dask --write-index:", json.dumps(dask))

@@ -2,15 +2,21 @@
 
 For one image, :func:`measure_image` decodes the first k scan groups for every
 k (luminance only, straight from libjpeg: the Y plane, no colour conversion)
-and scores it against the full decode with MS-SSIM and PSNR. Scans that carry
-only chroma (3, 4, 8 and 9 in libjpeg's standard script for colour images)
-leave the luminance unchanged, so such a k gets exactly the score of k-1
-without being scored again. With ``timing`` it also times a complete RGB
-decode of each k, which is what a data loader pays.
+and scores it against the full decode with MS-SSIM and PSNR (float64,
+:class:`.msssim.Reference`). Scans that carry only chroma (3, 4, 8 and 9 in
+libjpeg's standard script for colour images) leave the luminance unchanged, so
+such a k gets exactly the score of k-1 without being scored again. With
+``timing`` it also times a complete RGB decode of each k, which is what a data
+loader pays. It is the exhaustive oracle of the tests and the benchmark.
 
-:func:`quality_table` runs that on a reproducible sample and aggregates it per
-k; :func:`choose_k` picks the smallest k whose 5th-percentile quality meets a
-target.
+:func:`score_image` computes the same quantities with the index search's
+machinery (:mod:`.search`): chroma-only scans are known from their headers and
+not decoded, and MS-SSIM is filtered in float32 (:meth:`.search.FastReference.scores`,
+within 1e-7 of the oracle; a score that close to a threshold a reader compares
+it with is the oracle's own). PSNR is bit-identical. :func:`quality_table`
+uses it, on a reproducible sample, and aggregates per k; the RGB decode timing
+is a mean over at most :data:`TIMED_IMAGES` of the sample. :func:`choose_k`
+picks the smallest k whose 5th-percentile quality meets a target.
 """
 from __future__ import annotations
 
@@ -32,6 +38,14 @@ from .luma import decode_luma, luma_of
 
 METRICS = ("ms_ssim", "psnr")
 PERCENTILE = 5  # the "bad tail" statistic: 5th percentile over images (numpy's linear interpolation)
+# images of a table's sample whose RGB decodes are timed (spread over the sample): a mean
+# over 32 images is within a few percent, and timing every k of every image cost about as
+# much as scoring it
+TIMED_IMAGES = 32
+# the table's MS-SSIM of a large image: a scale with more windows than this has its term (the
+# mean over its windows) estimated on a systematic sample of this many (2M: an image of ~2 Mpx
+# is scored exactly; 12-20 Mpx photos came within 2e-4 of the exact score, at half the cost)
+SAMPLE_WINDOWS = 1 << 21
 
 
 def time_rgb_decode(data: bytes) -> float:
@@ -51,6 +65,7 @@ class ImageScores:
     ms_ssim: np.ndarray   # float64[G] against the full decode (1.0 from n_groups on)
     psnr: np.ndarray      # float64[G] dB, capped at msssim.PSNR_CAP
     decode_s: np.ndarray | None = None  # float64[G] RGB decode seconds (with timing)
+    estimated: bool = False  # MS-SSIM of some k estimated on a sample of a large image's windows
 
 
 def measure_image(store: Store, i: int, timing: bool = False, stop_at: float | None = None) -> ImageScores:
@@ -85,6 +100,50 @@ def measure_image(store: Store, i: int, timing: bool = False, stop_at: float | N
     if timing:
         decode_s[n - 1:] = time_rgb_decode(full)
     return ImageScores(i, n, sizes, ssim, psnr, decode_s)
+
+
+def score_image(store: Store, i: int, timing: bool = False, exact_near: Sequence[float] = (),
+                max_windows: int | None = None) -> ImageScores:
+    """:func:`measure_image` (no ``stop_at``) with the index search's machinery: the same
+    sizes and PSNR, MS-SSIM within 2e-6 of it (exact within :data:`.search.MARGIN` of a
+    value in ``exact_near``), and RGB decode times with ``timing``. ``max_windows``: a
+    scale with more windows has its term estimated on a sample of them
+    (:meth:`.search.FastReference.scores`); the result's ``estimated`` says if any was."""
+    from .search import FastReference, reference_luma
+
+    g_store = store.num_groups
+    n = store.n_groups(i)
+    sizes = np.array([store.size(i, k) for k in range(1, g_store + 1)], dtype=np.int64)
+    ssim = np.full(g_store, np.nan)
+    psnr = np.full(g_store, np.nan)
+    ssim[n - 1:] = 1.0
+    psnr[n - 1:] = msssim.PSNR_CAP
+    decode_s = np.full(g_store, np.nan) if timing else None
+    full = store.read(i, n)
+    estimated = False
+    if n > 1:
+        changes, y_full = reference_luma(full, n)
+        ref = FastReference(y_full)
+        for k in range(1, n):
+            if k > 1 and changes is not None and not changes[k - 1]:
+                ssim[k - 1], psnr[k - 1] = ssim[k - 2], psnr[k - 2]  # a chroma-only scan: not decoded
+            else:
+                ssim[k - 1], psnr[k - 1], sampled = ref.scores(decode_luma(store.read(i, k)), exact_near,
+                                                               max_windows)
+                estimated |= sampled
+    if timing:
+        for k in range(1, n):
+            decode_s[k - 1] = time_rgb_decode(store.read(i, k))
+        decode_s[n - 1:] = time_rgb_decode(full)
+    return ImageScores(i, n, sizes, ssim, psnr, decode_s, estimated)
+
+
+def timed_subset(images: Sequence[int], count: int = TIMED_IMAGES) -> set[int]:
+    """The images of a sample whose decodes are timed: ``count`` spread evenly over it (all if fewer)."""
+    images = list(images)
+    if len(images) <= count:
+        return set(images)
+    return {images[int(p)] for p in np.linspace(0, len(images) - 1, count).round()}
 
 
 def sample_images(num_images: int, sample: int | None, seed: int) -> np.ndarray:
@@ -170,6 +229,39 @@ def measure_many(store: Store, images: Iterable[int], *, timing: bool = False, s
             on_done(1)
 
 
+def _score_or_fail(store: Store, i: int, timing: bool, exact_near: tuple[float, ...],
+                   sample_windows: int | None) -> ImageScores | MeasureFailed:
+    try:
+        return score_image(store, i, timing=timing, exact_near=exact_near, max_windows=sample_windows)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return MeasureFailed(i, str(e) or type(e).__name__)
+
+
+def _score_in_worker(job: tuple[int, bool, tuple[float, ...], int | None]) -> ImageScores | MeasureFailed:
+    return _score_or_fail(_worker_store, *job)
+
+
+def score_many(store: Store, images: Iterable[int], *, timed: Iterable[int] = (),
+               exact_near: Sequence[float] = (), sample_windows: int | None = None, workers: int = 1,
+               on_done: Callable[[int], None] | None = None) -> Iterator[ImageScores | MeasureFailed]:
+    """:func:`score_image` over ``images`` (those in ``timed`` with timing), in order, like
+    :func:`measure_many`; one BLAS thread per process, as for the index."""
+    from .search import single_threaded_blas
+
+    timed = set(int(i) for i in timed)
+    exact_near = tuple(float(t) for t in exact_near)
+    jobs = [(int(i), int(i) in timed, exact_near, sample_windows) for i in images]
+    if _in_processes_possible(store, workers, len(jobs)):
+        yield from _in_processes(store, _score_in_worker, jobs, workers, 1, on_done,
+                                 initializer=_init_search_worker)
+        return
+    with single_threaded_blas():
+        for job in jobs:
+            yield _score_or_fail(store, *job)
+            if on_done:
+                on_done(1)
+
+
 def _search_or_fail(store: Store, i: int, thresholds: tuple[float, ...]) -> tuple[int, np.ndarray] | MeasureFailed:
     from .search import file_reader, search_ks
 
@@ -242,6 +334,9 @@ class QualityTable:
     rows: list[Row]            # scan1..scanG, then any adaptive views
     seconds: float = 0.0
     adaptive: dict = field(default_factory=dict)  # view -> threshold, when the store has the index
+    timed: list[int] = field(default_factory=list)  # images whose RGB decodes the decode column averages
+    estimated: list[int] = field(default_factory=list)  # images whose MS-SSIM was estimated (large images)
+    sample_windows: int | None = None  # the estimates' windows per scale (None: every window, exact)
 
     def row(self, view: str) -> Row:
         return next(r for r in self.rows if r.view == view)
@@ -278,8 +373,9 @@ def aggregate(scores: Sequence[ImageScores], num_groups: int,
     sizes = np.stack([s.sizes for s in scores])       # [n, G]
     ssim = np.stack([s.ms_ssim for s in scores])
     psnr = np.stack([s.psnr for s in scores])
-    timing = scores[0].decode_s is not None
-    decode = np.stack([s.decode_s for s in scores]) if timing else None
+    timing = any(s.decode_s is not None for s in scores)  # untimed images of a timed table: NaN rows
+    decode = np.stack([s.decode_s if s.decode_s is not None else np.full(num_groups, np.nan)
+                       for s in scores]) if timing else None
     full = sizes[:, -1].astype(np.float64)
     rows = [_row(f"scan{k}", k, sizes[:, k - 1], full, ssim[:, k - 1], psnr[:, k - 1],
                  decode[:, k - 1] if timing else None) for k in range(1, num_groups + 1)]
@@ -295,27 +391,47 @@ def aggregate(scores: Sequence[ImageScores], num_groups: int,
 
 def quality_table(store: Store, *, sample: int | None = 200, seed: int = 0, timing: bool = True,
                   workers: int = 1, adaptive: dict[str, tuple[float, np.ndarray]] | None = None,
+                  exact_near: Sequence[float] = (), timed_images: int = TIMED_IMAGES,
+                  sample_windows: int | None = SAMPLE_WINDOWS, exhaustive: bool = False,
                   on_start: Callable[[int], None] | None = None,
                   on_done: Callable[[int], None] | None = None) -> QualityTable:
     """Measure a reproducible sample of ``store`` and tabulate quality per k.
 
     ``adaptive``: view name -> (threshold, per-image k) for rows of the adaptive views.
+    Images are scored by :func:`score_image`; MS-SSIM within :data:`.search.MARGIN` of one
+    of ``exact_near``, of the adaptive thresholds or of the index's default ones is the
+    exact float64 value. With ``timing`` the RGB decodes of ``timed_images`` images
+    (:func:`timed_subset`) are timed. ``sample_windows``: a scale of an image with more
+    windows than that has its MS-SSIM term estimated on a sample of them (None: every
+    window). ``exhaustive``: :func:`measure_image` for every image, every decode timed
+    (the oracle: slower, the same quantities).
     """
+    from ..store.adaptive import THRESHOLDS
+
     t0 = time.perf_counter()
     images = sample_images(store.num_images, sample, seed)
     if on_start:
         on_start(len(images))
     if len(images) == 0:
         raise ValueError("the store has no images to measure")
+    timed = sorted(timed_subset(images.tolist(), timed_images)) if timing else []
+    if exhaustive:
+        timed = images.tolist() if timing else []
+        results = measure_many(store, images, timing=timing, workers=workers, on_done=on_done)
+    else:
+        near = {*map(float, exact_near), *map(float, THRESHOLDS), *(t for t, _k in (adaptive or {}).values())}
+        results = score_many(store, images, timed=timed, exact_near=sorted(near), sample_windows=sample_windows,
+                             workers=workers, on_done=on_done)
     scores = []
-    for result in measure_many(store, images, timing=timing, workers=workers, on_done=on_done):
+    for result in results:
         if isinstance(result, MeasureFailed):
             raise result
         scores.append(result)
     ks = {v: k for v, (_t, k) in (adaptive or {}).items()}
     rows = aggregate(scores, store.num_groups, ks)
     return QualityTable(str(store.root), store.num_images, images.tolist(), seed, store.num_groups, rows,
-                        time.perf_counter() - t0, {v: t for v, (t, _k) in (adaptive or {}).items()})
+                        time.perf_counter() - t0, {v: t for v, (t, _k) in (adaptive or {}).items()}, timed,
+                        [s.image for s in scores if s.estimated], None if exhaustive else sample_windows)
 
 
 @dataclass
