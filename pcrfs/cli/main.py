@@ -160,12 +160,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
                  "index (no --quality-index)")
         _migrate(src, store, record_size, overwrite, quiet, order, seed, skip_bad, endpoint_url)
         return
-    if not os.path.isdir(src):  # a usage error, as click says it for a missing path argument
-        what = "is not a directory" if os.path.exists(src) else "does not exist"
-        raise click.BadParameter(f"{src!r} {what} (SRC is an image tree, or a PCR store to copy into a new "
-                                 "layout)", param_hint="'SRC'")
-    src = Path(src)
-
+    src = _source_tree(src)
     cluster = dask_cluster(use_dask, scheduler, workers)
     if cluster is not None:
         # workers open SRC and STORE themselves: give them paths that do not depend on our cwd
@@ -184,6 +179,16 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
                   quality_index=quality_index, order=order, seed=seed)
     result = _run_convert(src, store, kwargs, cluster, _ConvertProgress(quiet))
     _report_convert(result, store, skip_bad, endpoint_url)
+
+
+def _source_tree(src: str) -> Path:
+    """SRC as an image tree: a usage error (exit 2, as click says it for a path argument) if
+    it is not a directory."""
+    if not os.path.isdir(src):
+        what = "is not a directory" if os.path.exists(src) else "does not exist"
+        raise click.BadParameter(f"{src!r} {what} (SRC is an image tree, or a PCR store to copy into a new "
+                                 "layout)", param_hint="'SRC'")
+    return Path(src)
 
 
 def _migrate(src: str, store: str, record_size: int, overwrite: bool, quiet: bool, order: str, seed: int,
