@@ -435,18 +435,25 @@ def _prefix_spans(store: Any, view: str) -> np.ndarray:
     return spans[spans > 0]
 
 
+# records kept beyond the window: a DataLoader's batches in flight still read the record that
+# just left the window (measured: a window filling the cache fetched 1-3 prefixes twice an epoch)
+IN_FLIGHT_RECORDS = 1
+
+
 def default_window(store: Any, view: str, cache_bytes: int = DEFAULT_CACHE_BYTES) -> int:
-    """How many record prefixes of ``view`` fit in ``cache_bytes`` (90 %, as the mount's policy)."""
+    """How many record prefixes of ``view`` fit in ``cache_bytes`` (90 %, as the mount's policy),
+    less IN_FLIGHT_RECORDS for the batches still in flight behind the window."""
     spans = _prefix_spans(store, view)
     if not len(spans):
         return 1
-    return max(1, int(HEADROOM * cache_bytes // float(spans.max())))
+    fit = int(HEADROOM * cache_bytes // float(spans.max()))
+    return max(1, fit - IN_FLIGHT_RECORDS)
 
 
 def window_bytes(store: Any, view: str, window: int) -> int:
     """The cache a window of ``window`` records of ``view`` needs (the inverse of :func:`default_window`)."""
     spans = _prefix_spans(store, view)
-    return math.ceil(window * float(spans.max()) / HEADROOM) if len(spans) else 0
+    return math.ceil((window + IN_FLIGHT_RECORDS) * float(spans.max()) / HEADROOM) if len(spans) else 0
 
 
 def _view_k(store: Any, view: str) -> int:
