@@ -213,3 +213,20 @@ def test_a_small_read_of_mixed_records_fetches_no_prefix_and_an_epoch_fetches_al
             first_plan[r] = t
     assert len(fetched) == n_rec
     assert np.percentile(list(first_plan.values()), 99) < 0.02 * n_rec * per
+
+
+def test_the_epoch_gate_opens_for_an_epoch_and_never_for_a_class_copy():
+    """A mixed store's prefixes wait until reads touch two classes and 0.5 % of the images:
+    a copy of one class (any size) never opens it, a second class does."""
+    from pcrfs.store.prefix import EpochGate, mixed_record_thresholds
+
+    classes_of = np.repeat(np.arange(10), 100)           # 10 classes of 100 images
+    gate = EpochGate(classes_of, min_images=5)
+    assert not any(gate.note(i) for i in range(100))     # all of class 0, image by image
+    assert gate.note(100) and gate.open                   # the first image of class 1
+    assert gate.note(3)                                   # open stays open
+    p = RecordPrefixPolicy(bounds(records=4), 1 << 40, reads_before_fetch=mixed_record_thresholds(np.full(4, 250)),
+                           gate=EpochGate(classes_of, min_images=5))
+    assert all(p.access(0, 4, 0, image=i) is None for i in range(50))  # one class: no prefix
+    plan = p.access(0, 4, 0, image=500)                   # another class, record 0 past its threshold
+    assert plan is not None and plan.record == 0

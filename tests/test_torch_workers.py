@@ -345,7 +345,8 @@ def test_a_process_killed_mid_download_wedges_no_one(s3w, layout, tmp_path):
     kernel lets go of its lock, and B fetches the record itself and serves every image."""
     url, proxy = s3w
     directory, cap, r = tmp_path / "shared", 64 << 20, 1
-    images = [i for i in range(len(layout["expect"])) if layout["record_of"][i] == r][:8]
+    mine = [i for i in range(len(layout["expect"])) if layout["record_of"][i] == r]
+    images = mine[:4] + mine[-4:]  # from two classes: reads of one class never fetch a prefix (EpochGate)
     proxy.hold_first(_record_name(r), layout["prefix"][r])
     a = subprocess.Popen([sys.executable, "-c", READER, url, proxy.endpoint, str(directory), str(cap),
                           ",".join(map(str, images))], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

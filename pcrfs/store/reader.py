@@ -37,7 +37,7 @@ from .backends import RecordSource, Span
 from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
 from .fetch import GroupFetcher
 from .groups import GroupRange, GroupTable
-from .prefix import RecordPrefixPolicy, group_bounds, mixed_record_thresholds
+from .prefix import EPOCH_GATE_FRACTION, EpochGate, RecordPrefixPolicy, group_bounds, mixed_record_thresholds
 from .prefixfetch import PrefixFetcher
 from .index import Index, IndexFileError
 from .location import DEFAULT_READAHEAD, MANIFEST_MAX_BYTES, LocalLocation, StoreLocation, open_location  # noqa: F401
@@ -144,10 +144,14 @@ class Store:
         bounds = group_bounds(self.index.record_group_offsets, self.index.records["size"])
         # records that mix the dataset: a prefix only once reads of the record look like an epoch
         mixed = mixed_record_thresholds(self.index.records["n_images"]) if self.index.shuffled else None
-        if mixed is not None and self.options.prefix_readers > 1:
-            mixed = np.maximum(1, -(-mixed // int(self.options.prefix_readers)))
+        readers = max(1, int(self.options.prefix_readers))  # processes sharing one cache see 1/readers each
+        if mixed is not None and readers > 1:
+            mixed = np.maximum(1, -(-mixed // readers))
+        gate = None
+        if mixed is not None:
+            gate = EpochGate(_classes_of(self.index), -(-int(EPOCH_GATE_FRACTION * self.index.num_images) // readers))
         policy = RecordPrefixPolicy(bounds, cache.capacity if cache is not None else 0,
-                                    disk.capacity if disk is not None else 0, reads_before_fetch=mixed)
+                                    disk.capacity if disk is not None else 0, reads_before_fetch=mixed, gate=gate)
         return PrefixFetcher(self.groups, self.records, policy, cache, disk)
 
     @property
@@ -460,6 +464,17 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _classes_of(index: Index) -> np.ndarray:
+    """i8[n]: each image's class (its top-level directory's number), -1 for images at the root."""
+    depth1 = [d for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
+    first = np.array([int(index.dir_ranges[d][0]) for d in depth1], dtype=np.int64)
+    end = np.array([int(index.dir_ranges[d][1]) for d in depth1], dtype=np.int64)
+    images = np.arange(index.num_images, dtype=np.int64)
+    c = np.searchsorted(first, images, side="right") - 1
+    inside = (c >= 0) & (images < end[np.maximum(c, 0)]) if len(first) else np.zeros(len(images), bool)
+    return np.where(inside, c, -1)
 
 
 def _overlaps(lengths: list[int], offset: int, end: int) -> tuple[list[tuple[int, int, int]], int]:
