@@ -135,6 +135,20 @@ def test_table_records_estimated_images(reader):
         assert a.psnr_mean == b.psnr_mean
 
 
+def blas_threads(_job) -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_scoring_workers_keep_one_blas_thread(demo_store):
+    """The workers' BLAS limit is set once and held (a dropped context manager undid it)."""
+    with pcrfs.open_store(demo_store) as store:
+        got = list(measure._in_processes(store, blas_threads, [0, 1, 2, 3], 2, 1, None,
+                                         initializer=measure._init_search_worker))
+    assert got and all(threads == [1] * len(threads) for threads in got), got
+
+
 # ---- timing on a subset --------------------------------------------------------------------------
 
 def test_timed_subset_is_spread_over_the_sample():

@@ -207,12 +207,12 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
     compared with the full decode of the same image: PSNR and MS-SSIM (Wang et
     al. 2003, 5 scales, on luminance), as a mean and as the 5th percentile over
     images (the bad tail), with the byte fraction each view reads and the time
-    a full RGB decode of it takes (on 32 images of the sample). It costs about
-    twice what --write-index spends on the same images; a progress bar shows the
-    time left. Images over ~2 Mpx have their MS-SSIM estimated on a sample of
-    each large scale's windows (within ~2e-4 on 12-20 Mpx photos; --exact for
-    every window); values within 2e-3 of 0.90/0.95/0.98 or of --target-ssim are
-    computed exactly.
+    a full RGB decode of it takes (timed on 32 images of the sample). It costs
+    up to about twice what --write-index spends on the same images; a progress
+    bar shows the time left. Images over ~2 Mpx have their MS-SSIM estimated on
+    a sample of each large scale's windows (within 2e-4 on 12-20 Mpx photos;
+    an estimate within 1e-3 of 0.90/0.95/0.98 or --target-ssim is computed on
+    every window; --exact: every window always).
 
     \b
     Examples:

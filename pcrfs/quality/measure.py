@@ -271,13 +271,22 @@ def _search_or_fail(store: Store, i: int, thresholds: tuple[float, ...]) -> tupl
         return MeasureFailed(i, str(e) or type(e).__name__)
 
 
+_worker_blas_limit = None  # held for the worker's life: dropped, the limit would be undone at once
+
+
 def _init_search_worker(root: str) -> None:
     """A scoring worker: the store, and one BLAS thread for the rest of its life (set
-    once: entering the limit costs about a millisecond, too much per image)."""
+    once: entering the limit costs about a millisecond, too much per image).
+
+    The entered context manager is kept: a generator-based one that nothing refers to
+    is finalised at once, which exits its ``with`` and gives BLAS its threads back (it
+    did: each worker ran OpenBLAS on every core, 5x the CPU per large image on 2 cores)."""
+    global _worker_blas_limit
     from .search import single_threaded_blas
 
     _init_worker(root)
-    single_threaded_blas().__enter__()  # the process ends with the pool; nothing to restore
+    _worker_blas_limit = single_threaded_blas()
+    _worker_blas_limit.__enter__()  # the process ends with the pool; nothing to restore
 
 
 def _search_in_worker(job: tuple[int, tuple[float, ...]]) -> tuple[int, np.ndarray] | MeasureFailed:
