@@ -77,6 +77,41 @@ def _open_private_dir(name: str | os.PathLike, dir_fd: int | None = None) -> int
     return fd
 
 
+def open_entry_at(name: str, dir_fd: int) -> tuple[int, int] | None:
+    """A read-only descriptor of the regular file ``name`` in the directory ``dir_fd`` and its
+    size; None if it is absent, a symlink, a FIFO or anything but a regular file (never
+    blocking, never followed)."""
+    try:
+        fd = os.open(name, _ENTRY_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd, st.st_size
+
+
+class DropListeners:
+    """Callbacks told of every entry a cache deletes or replaces (a caller that keeps an
+    entry's file open lets it go); a listener's failure never fails the cache."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._listeners: list[Callable[[str], None]] = []
+
+    def add(self, listener: Callable[[str], None]) -> None:
+        self._listeners.append(listener)
+
+    def __call__(self, keys: list[str]) -> None:
+        for key in keys:
+            for listener in self._listeners:
+                try:
+                    listener(key)
+                except Exception:  # noqa: BLE001 - a listener's failure must not fail the cache
+                    log.exception("%s drop listener failed for %s", self._what, key)
+
+
 class DiskCache:
     """Keys are short strings of [A-Za-z0-9._-] (they become file names)."""
 
@@ -94,7 +129,7 @@ class DiskCache:
         self.hits = 0
         self.misses = 0
         self.evicted = 0
-        self._drop_listeners: list[Callable[[str], None]] = []
+        self._dropped = DropListeners("disk cache")
         self._load()
 
     # ---- layout ------------------------------------------------------------------
@@ -141,15 +176,7 @@ class DiskCache:
 
     def on_drop(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(key)`` after an entry is deleted or replaced (never with a lock held)."""
-        self._drop_listeners.append(listener)
-
-    def _dropped(self, keys: list[str]) -> None:
-        for key in keys:
-            for listener in self._drop_listeners:
-                try:
-                    listener(key)
-                except Exception:  # noqa: BLE001 - a listener's failure must not fail the cache
-                    log.exception("disk cache drop listener failed for %s", key)
+        self._dropped.add(listener)
 
     def open_entry(self, key: str) -> tuple[int, int] | None:
         """A new read-only descriptor of the file holding ``key`` and its size (None if absent
@@ -158,15 +185,7 @@ class DiskCache:
         with self._lock:
             if key not in self._sizes:
                 return None
-        try:
-            fd = os.open(self._name(key), _ENTRY_FLAGS, dir_fd=self._dir_fd)
-        except OSError:
-            return None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            return None
-        return fd, st.st_size
+        return open_entry_at(self._name(key), self._dir_fd)
 
     def size(self, key: str) -> int | None:
         """Bytes stored under ``key`` (None if absent); does not count as a use."""

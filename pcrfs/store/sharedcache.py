@@ -53,7 +53,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .diskcache import _DIR_FLAGS, _ENTRY_FLAGS, _TMP_SUFFIX, DiskCache, _open_private_dir
+from .diskcache import _DIR_FLAGS, _TMP_SUFFIX, DiskCache, DropListeners, _open_private_dir, open_entry_at
 
 log = logging.getLogger("pcrfs.store")
 
@@ -91,7 +91,7 @@ class SharedDiskCache:
         self._dir_mutex = threading.Lock()  # the directory's flock is per open file: threads take this first
         self._held: dict[str, list[int]] = {}   # key -> [lock fd, holding thread, depth] (this process)
         self._touched: dict[str, float] = {}
-        self._drop_listeners: list[Callable[[str], None]] = []
+        self._dropped = DropListeners("shared cache")
         self.hits = self.misses = self.evicted = self.stale = 0
         self.waits = 0        # fetches that waited for another process's
         self.refused = 0      # entries not kept: no room under the cap in time, or too large
@@ -222,15 +222,7 @@ class SharedDiskCache:
         regular file); the caller checks what it reads and closes it."""
         if not _KEY.match(key) or key.endswith(_TMP_SUFFIX):
             return None
-        try:
-            fd = os.open(key, _ENTRY_FLAGS, dir_fd=self._entries)
-        except OSError:
-            return None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            return None
-        return fd, st.st_size
+        return open_entry_at(key, self._entries)
 
     def size(self, key: str) -> int | None:
         """Bytes stored under ``key`` now (None if absent); does not count as a use."""
@@ -444,15 +436,7 @@ class SharedDiskCache:
 
     def on_drop(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(key)`` after this process deletes or replaces an entry."""
-        self._drop_listeners.append(listener)
-
-    def _dropped(self, keys: list[str]) -> None:
-        for key in keys:
-            for listener in self._drop_listeners:
-                try:
-                    listener(key)
-                except Exception:  # noqa: BLE001 - a listener's failure must not fail the cache
-                    log.exception("shared cache drop listener failed for %s", key)
+        self._dropped.add(listener)
 
     def discard(self, key: str) -> None:
         """Delete the entry (it failed a check)."""
