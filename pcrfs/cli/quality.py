@@ -55,7 +55,7 @@ def _table_progress(quiet: bool, timing: bool, exact: bool):
     from tqdm import tqdm
 
     on_start, on_done, close = _progress(quiet, "quality")
-    state = {"t0": 0.0, "total": 0, "done": 0, "advised": False}
+    state = {"t0": 0.0, "t1": 0.0, "total": 0, "done": 0, "advised": False}
 
     def start(total: int) -> None:
         state.update(t0=time.monotonic(), total=total)
@@ -65,10 +65,13 @@ def _table_progress(quiet: bool, timing: bool, exact: bool):
         on_done(n)
         state["done"] += n
         finished, total = state["done"], state["total"]
-        if state["advised"] or finished < 3 or finished >= total:
+        now = time.monotonic()
+        if finished == n:  # the first result: workers started, caches warm; the rate counts from here
+            state["t1"] = now
+        if state["advised"] or finished < 4 or finished >= total:
             return
-        elapsed = time.monotonic() - state["t0"]
-        expected = elapsed / finished * total
+        each = (now - state["t1"]) / (finished - 1)
+        expected = now - state["t0"] + each * (total - finished)
         if expected > ADVICE_AFTER_S:
             state["advised"] = True
             tips = [f"--sample {max(10, total // 4)} measures a quarter of the images in about a quarter "
@@ -78,7 +81,7 @@ def _table_progress(quiet: bool, timing: bool, exact: bool):
             if exact:
                 tips.append("without --exact large images are estimated, at about half the cost")
             tqdm.write(f"pcrfs: measuring {total} images will take about {_duration(expected)} "
-                       f"({elapsed / finished:.1f} s an image); " + "; ".join(tips) + ".", file=sys.stderr)
+                       f"({each:.2f} s an image); " + "; ".join(tips) + ".", file=sys.stderr)
 
     return start, done, close
 

@@ -123,7 +123,7 @@ def score_image(store: Store, i: int, timing: bool = False, exact_near: Sequence
     estimated = False
     if n > 1:
         changes, y_full = reference_luma(full, n)
-        ref = FastReference(y_full)
+        ref = FastReference(y_full, max_windows)
         for k in range(1, n):
             if k > 1 and changes is not None and not changes[k - 1]:
                 ssim[k - 1], psnr[k - 1] = ssim[k - 2], psnr[k - 2]  # a chroma-only scan: not decoded

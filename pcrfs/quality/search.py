@@ -200,7 +200,10 @@ class FastReference:
     (measured on the test images; :data:`MARGIN` is a hundred times that).
     """
 
-    def __init__(self, ref: np.ndarray) -> None:
+    def __init__(self, ref: np.ndarray, max_windows: int | None = None) -> None:
+        """``max_windows``: the statistics of a scale with more windows are first made only
+        for the sample of them that :meth:`scores` with that ``max_windows`` uses (the rest
+        when a term needs every window)."""
         ref = np.asarray(ref)
         if ref.ndim != 2:
             raise ValueError(f"MS-SSIM works on 2-D luminance arrays, got shape {ref.shape}")
@@ -216,6 +219,8 @@ class FastReference:
         # per scale: the image r, 2 r, the window mean mu_r, 2 mu_r and 2 var_r + C2 (the
         # doubled ones are what the terms use: doubling is exact in floating point)
         self.imgs, self.imgs2, self.mu, self.mu2, self.var2 = [], [], [], [], []
+        self._max_windows = max_windows
+        self._complete: list[bool] = []  # per scale: statistics made for every window
         img = _scratch.get("r0", ref.shape)
         img[...] = ref
         n = len(self.taps)
@@ -224,27 +229,39 @@ class FastReference:
                 img = _downsample(img, f"r{j}")
             h, w = img.shape
             m = (h - n + 1, w - n + 1)
-            mu = _scratch.get(f"mu{j}", m)
-            var2 = _scratch.get(f"var2{j}", m)
-            for i0, i1 in row_bands(*m):
-                # centred on mid-grey: the window sums of squares stay small enough for float32
-                a = _scratch.get("ref", (2, i1 - i0 + n - 1, w))
-                np.subtract(img[i0:i1 + n - 1], CENTRE, out=a[0])
-                np.multiply(a[0], a[0], out=a[1])
-                f = _filter(a, self._bands)
-                np.add(f[0], CENTRE, out=mu[i0:i1])
-                var = _scratch.get("var", f.shape[1:])
-                np.multiply(f[0], f[0], out=var)
-                np.subtract(f[1], var, out=var)
-                np.multiply(var, np.float32(2), out=var2[i0:i1])
-            var2 += np.float32(msssim.C2)  # 2 var_r + C2, as each term uses it
             self.imgs.append(img)
             self.imgs2.append(np.multiply(img, np.float32(2), out=_scratch.get(f"r2{j}", img.shape)))
-            self.mu.append(mu)
-            self.mu2.append(np.multiply(mu, np.float32(2), out=_scratch.get(f"mu2{j}", m)))
-            self.var2.append(var2)
+            self.mu.append(_scratch.get(f"mu{j}", m))
+            self.mu2.append(_scratch.get(f"mu2{j}", m))
+            self.var2.append(_scratch.get(f"var2{j}", m))
+            bands = row_bands(*m, max_windows)
+            self._statistics(j, bands)
+            self._complete.append(bands == row_bands(*m))
         self._weights1: np.ndarray | None = None  # made when a decode first needs the finest bound
         self._d_in_stack = False  # set by _pyramid
+
+    def _statistics(self, j: int, bands: list[tuple[int, int]]) -> None:
+        """mu_r, 2 mu_r and 2 var_r + C2 of scale j over the windows of ``bands``."""
+        n = len(self.taps)
+        img, mu, mu2, var2 = self.imgs[j], self.mu[j], self.mu2[j], self.var2[j]
+        for i0, i1 in bands:
+            # centred on mid-grey: the window sums of squares stay small enough for float32
+            a = _scratch.get("ref", (2, i1 - i0 + n - 1, img.shape[1]))
+            np.subtract(img[i0:i1 + n - 1], CENTRE, out=a[0])
+            np.multiply(a[0], a[0], out=a[1])
+            f = _filter(a, self._bands)
+            np.add(f[0], CENTRE, out=mu[i0:i1])
+            np.multiply(mu[i0:i1], np.float32(2), out=mu2[i0:i1])
+            var = _scratch.get("var", f.shape[1:])
+            np.multiply(f[0], f[0], out=var)
+            np.subtract(f[1], var, out=var)
+            np.multiply(var, np.float32(2), out=var2[i0:i1])
+            var2[i0:i1] += np.float32(msssim.C2)  # 2 var_r + C2, as each term uses it
+
+    def _complete_statistics(self, j: int) -> None:
+        if not self._complete[j]:
+            self._statistics(j, row_bands(*self.mu[j].shape))
+            self._complete[j] = True
 
     def _check_current(self) -> None:
         if _scratch.generation != self._generation:
@@ -261,6 +278,7 @@ class FastReference:
         without the division by the number of windows, done on the sum.)
         """
         n = len(self.taps)
+        self._complete_statistics(0)
         var2 = self.var2[0]  # 2 var_r + C2 (float32): var_r comes back to far better than 1
         m, m2 = var2.shape
         pad = n - 1
@@ -300,6 +318,8 @@ class FastReference:
         last = j == self.scales - 1
         total, count = 0.0, 0
         bands = row_bands(m, m2, max_windows)
+        if max_windows != self._max_windows:
+            self._complete_statistics(j)
         in_place = j == 0 and self._d_in_stack and bands == [(0, m)]
         for i0, i1 in bands:
             rows, out = slice(i0, i1 + n - 1), slice(i0, i1)
