@@ -26,6 +26,16 @@ the local one).
 
     python tools/bench_quality.py                 # writes results/bench_quality.{json,png}
     python tools/bench_quality.py --per-class 20  # quicker
+
+With --table-vs-index it measures instead what `pcrfs quality STORE` (the table, default
+options: 200 images, decode timing on) costs against `pcrfs quality STORE --write-index` on
+the same images, as commands (wall seconds and the CPU of the command and its workers),
+rounds interleaved, on the demo photos (200) and on large photos (skimage's photographs
+enlarged to 12-16 Mpx with LANCZOS and mild noise, baseline JPEG q85-95); the per-image CPU of
+the old exhaustive table on a few images; and how far the table's estimates of large images
+are from every window's score:
+
+    python tools/bench_quality.py --table-vs-index -j 2 --rounds 2   # results/bench_quality_table.json
 """
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -48,7 +59,7 @@ import numpy as np  # noqa: E402
 import pcrfs  # noqa: E402
 from pcrfs.convert import convert  # noqa: E402
 from pcrfs.demo import make_demo  # noqa: E402
-from benchlib.machine import machine_facts  # noqa: E402
+from benchlib.machine import machine_facts, source_state  # noqa: E402
 from pcrfs.quality import adaptive, measure, search  # noqa: E402
 from pcrfs.store import adaptive as index_format  # noqa: E402
 from pcrfs.quality.plot import plot_table  # noqa: E402
@@ -221,6 +232,202 @@ def make_imagenet_size(dest: Path, per_class: int, seed: int) -> dict:
             "mean_kb": round(sum(sizes) / len(sizes) / 1000, 1)}
 
 
+def make_large_photos(dest: Path, count: int, seed: int) -> dict:
+    """``count`` photos of 12-16 Mpx: skimage's colour photographs enlarged with LANCZOS (a
+    random aspect, 4:3 to 3:2 either way), plus mild noise (sigma 3, a tile of it shifted per
+    image), baseline JPEG at quality 85-95, 4:2:0."""
+    import io
+
+    from PIL import Image
+
+    from pcrfs import demo
+
+    photos = [a for a in demo._load_photos().values() if a.ndim == 3]
+    rng0 = np.random.default_rng(seed)
+    tile = np.clip(rng0.normal(0, 3, (1024, 1024, 3)), -12, 12).astype(np.int16)
+    (dest / "large").mkdir(parents=True, exist_ok=True)
+    sizes, pixels = [], []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        mp = rng.uniform(12e6, 16e6)
+        aspect = float(rng.choice([4 / 3, 3 / 2, 3 / 4, 2 / 3]))
+        w = int((mp * aspect) ** 0.5)
+        h = int(mp / w) + 1
+        im = Image.fromarray(photos[i % len(photos)]).resize((w, h), Image.Resampling.LANCZOS)
+        noise = np.roll(tile, (int(rng.integers(1024)), int(rng.integers(1024))), axis=(0, 1))
+        reps = (-(-h // 1024), -(-w // 1024), 1)
+        a = np.asarray(im, dtype=np.int16) + np.tile(noise, reps)[:h, :w]
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(
+            buf, format="JPEG", quality=int(rng.integers(85, 96)), subsampling=2)
+        (dest / "large" / f"large_{i:04d}.jpg").write_bytes(buf.getvalue())
+        sizes.append(len(buf.getvalue()))
+        pixels.append(w * h)
+    return {"origin": "tools/bench_quality.py make_large_photos (skimage photos, LANCZOS to 12-16 Mpx, "
+                      "noise sigma 3, q85-95, 4:2:0)",
+            "images": count, "mpx_min": round(min(pixels) / 1e6, 1), "mpx_max": round(max(pixels) / 1e6, 1),
+            "mpx_mean": round(sum(pixels) / count / 1e6, 1), "mean_mb": round(sum(sizes) / count / 1e6, 2)}
+
+
+def _run_pcrfs(*args: str) -> tuple[float, float, str]:
+    """(wall s, CPU s of the command and its worker processes, stdout) of ``pcrfs ARGS``."""
+    import subprocess
+
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "pcrfs.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if res.returncode:
+        raise RuntimeError(f"pcrfs {' '.join(args)}: {res.stderr[-2000:]}")
+    cpu = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
+    return wall, cpu, res.stdout
+
+
+def table_vs_index(store_path: Path, rounds: int, workers: int) -> dict:
+    """`quality --write-index` and `quality` (the table, default options) on the same store,
+    rounds interleaved; medians, and each round's ratio."""
+    from pcrfs.quality import build
+
+    runs: dict[str, list] = {"write_index": [], "table": []}
+    table_doc = None
+    for _ in range(rounds):
+        build.Parts(build.resume_dir(str(store_path)), index_format.THRESHOLDS).remove()
+        runs["write_index"].append(_run_pcrfs("quality", str(store_path), "--write-index", "-q", "-j", str(workers))[:2])
+        wall, cpu, out = _run_pcrfs("quality", str(store_path), "-q", "--json", "-j", str(workers))
+        runs["table"].append((wall, cpu))
+        table_doc = json.loads(out)
+    med = {name: {"wall_s": round(float(np.median([w for w, _ in v])), 2),
+                  "cpu_s": round(float(np.median([c for _, c in v])), 2),
+                  "wall_s_each_round": [round(w, 2) for w, _ in v], "cpu_s_each_round": [round(c, 2) for _, c in v]}
+           for name, v in runs.items()}
+    n = len(table_doc["sample"])
+    for v in med.values():
+        v["cpu_ms_per_image"] = round(1000 * v["cpu_s"] / n, 1)
+    return {"images": n, "rounds": rounds, "workers": workers, **med,
+            "wall_ratio": round(med["table"]["wall_s"] / med["write_index"]["wall_s"], 2),
+            "cpu_ratio": round(med["table"]["cpu_s"] / med["write_index"]["cpu_s"], 2),
+            "wall_ratio_each_round": [round(a[0] / b[0], 2) for a, b in zip(runs["table"], runs["write_index"])],
+            "table_timed_images": len(table_doc["timed"]), "table_estimated_images": len(table_doc["estimated"]),
+            "loadavg_after": os.getloadavg()}
+
+
+def old_table_cost(store, images: int) -> dict:
+    """CPU per image of the table as it was (every k decoded and scored in float64, every
+    decode timed: measure_image) against the table now (score_image; this image's decodes
+    all timed, as the 32 timed images of a sample are), one process, the same images."""
+    from pcrfs.quality import measure as m
+
+    n = min(images, store.num_images)
+    out = {}
+    with search.single_threaded_blas():
+        for name, fn in (("old_exhaustive", lambda i: m.measure_image(store, i, timing=True)),
+                         ("new_timed", lambda i: m.score_image(store, i, timing=True,
+                                                               max_windows=m.SAMPLE_WINDOWS)),
+                         ("new_untimed", lambda i: m.score_image(store, i, max_windows=m.SAMPLE_WINDOWS))):
+            c0 = _cpu()
+            for i in range(n):
+                fn(i)
+            out[name + "_cpu_ms_per_image"] = round(1000 * (_cpu() - c0) / n, 1)
+    out["images"] = n
+    return out
+
+
+def estimate_error(store, images: int) -> dict:
+    """The table's MS-SSIM of large images (sampled windows) against every window's, per k."""
+    from pcrfs.quality import measure as m
+
+    n = min(images, store.num_images)
+    worst, worst_high = 0.0, 0.0
+    with search.single_threaded_blas():
+        for i in range(n):
+            est = m.score_image(store, i, max_windows=m.SAMPLE_WINDOWS).ms_ssim
+            exact = m.score_image(store, i).ms_ssim
+            d = np.abs(est - exact)
+            worst = max(worst, float(np.nanmax(d)))
+            worst_high = max(worst_high, float(np.nanmax(np.where(exact >= 0.9, d, 0))))
+    return {"images": n, "sample_windows": m.SAMPLE_WINDOWS, "max_abs_error": worst,
+            "max_abs_error_where_exact_ge_0.9": worst_high}
+
+
+def cpu_facts() -> dict:
+    """What the scoring's speed leans on, per host: the CPU (as lscpu names it), its vector
+    extensions, the kernels OpenBLAS picked for it (numpy's and scipy's own copies) and the
+    SIMD paths numpy dispatches to."""
+    facts: dict = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        flags = set(info.get("flags", "").split())
+        facts.update({"model_name": info.get("model name"), "family": info.get("cpu family"),
+                      "model": info.get("model"), "stepping": info.get("stepping"),
+                      "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+                      "hypervisor": "hypervisor" in flags})
+    except OSError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        facts["blas"] = [{k: i.get(k) for k in ("prefix", "version", "architecture", "num_threads")}
+                         for i in threadpool_info() if i.get("user_api") == "blas"]
+    except ImportError:
+        pass
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+        facts["numpy_simd"] = sorted(k for k, on in __cpu_features__.items()
+                                     if on and k.startswith(("X86_V", "AVX512_", "AVX2", "FMA3")))
+    except ImportError:
+        pass
+    return facts
+
+
+def main_table_vs_index(args) -> None:
+    """--table-vs-index: results/bench_quality_table.json."""
+    out = {"benchmark": "pcrfs quality (the table) against pcrfs quality --write-index, same images",
+           "command": "python tools/bench_quality.py " + " ".join(sys.argv[1:]),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "machine": {**machine_facts(packages=("numpy", "scipy", "pillow", "threadpoolctl")),
+                       **cpu_facts()},
+           "source": source_state(),
+           "loadavg_before": os.getloadavg(), "sets": {}}
+    with tempfile.TemporaryDirectory(prefix="pcrfs-bench-table-") as tmp:
+        for name in args.sets.split(","):
+            src, store_path = (args.photos_dir or Path(tmp)) / name, Path(tmp) / f"{name}.pcr"
+            made = src.with_name(name + ".made.json")  # with --photos-dir: photos made once, reused
+            if made.is_file():
+                dataset = json.loads(made.read_text())
+            elif name == "demo":
+                demo = make_demo(src, per_class=25, seed=args.seed)
+                dataset = {"images": demo.count, "mean_kb": round(demo.total_bytes / demo.count / 1000, 1)}
+            elif name == "large":
+                dataset = make_large_photos(src, args.large_images, args.seed)
+            else:
+                raise SystemExit(f"unknown set {name!r} (demo, large)")
+            made.write_text(json.dumps(dataset))
+            convert(src, store_path, workers=args.workers)
+            entry = {"dataset": dataset, "commands": table_vs_index(store_path, args.rounds, args.workers)}
+            with pcrfs.open_store(store_path) as store:
+                entry["per_image_one_process"] = old_table_cost(store, args.old_table_images)
+                if name == "large":
+                    entry["estimate_error"] = estimate_error(store, args.error_images)
+            c = entry["commands"]
+            print(f"{name}: table {c['table']['wall_s']} s ({c['table']['cpu_ms_per_image']} ms CPU/img), "
+                  f"--write-index {c['write_index']['wall_s']} s ({c['write_index']['cpu_ms_per_image']} ms): "
+                  f"{c['wall_ratio']}x wall, {c['cpu_ratio']}x CPU; {json.dumps(entry['per_image_one_process'])}"
+                  + (f"; estimates: {json.dumps(entry['estimate_error'])}" if "estimate_error" in entry else ""),
+                  flush=True)
+            out["sets"][name] = entry
+            if args.photos_dir is None:
+                shutil.rmtree(src)
+            shutil.rmtree(store_path)
+    out["loadavg_after"] = os.getloadavg()
+    path = args.out.with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class", type=int, default=50, help="demo images per class (8 classes)")
@@ -236,7 +443,23 @@ def main() -> None:
                     help="demo: pcrfs.demo's photos (~45 KB, sizes and qualities vary); imagenet: "
                          "the same crops at 500x375, quality 95 (~65 KB, ImageNet's typical photo)")
     ap.add_argument("--no-table", action="store_true", help="costs only: skip the quality table and plot")
+    ap.add_argument("--table-vs-index", action="store_true",
+                    help="measure `quality` (the table) against `quality --write-index` instead (below)")
+    ap.add_argument("--sets", default="demo,large", help="with --table-vs-index: demo, large or both")
+    ap.add_argument("--photos-dir", type=Path, default=None,
+                    help="with --table-vs-index: make the photos here once and reuse them (else a temporary directory)")
+    ap.add_argument("--rounds", type=int, default=2, help="with --table-vs-index: interleaved rounds")
+    ap.add_argument("--large-images", type=int, default=200, help="with --table-vs-index: large photos made")
+    ap.add_argument("--old-table-images", type=int, default=4,
+                    help="with --table-vs-index: images the old exhaustive table is timed on (per image)")
+    ap.add_argument("--error-images", type=int, default=8,
+                    help="with --table-vs-index: large images whose estimates are checked against every window")
     args = ap.parse_args()
+    if args.table_vs_index:
+        if args.out == ROOT / "results" / "bench_quality":
+            args.out = ROOT / "results" / "bench_quality_table"
+        main_table_vs_index(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="pcrfs-bench-quality-") as tmp:
         src, store_path = Path(tmp) / "photos", Path(tmp) / "demo.pcr"
@@ -275,7 +498,8 @@ def main() -> None:
             "benchmark": "choosing the fidelity: quality per scan group and adaptive views",
             "command": "python tools/bench_quality.py " + " ".join(sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine_facts(packages=("numpy", "pillow", "dask", "distributed")),
+            "machine": {**machine_facts(packages=("numpy", "pillow", "dask", "distributed")), **cpu_facts()},
+            "source": source_state(),
             "dataset": {**dataset, "photos": args.photos, "stored_bytes": conv.bytes_out,
                         "per_class": args.per_class, "seed": args.seed},
             "workers": args.workers,
