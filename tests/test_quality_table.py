@@ -149,6 +149,15 @@ def test_scoring_workers_keep_one_blas_thread(demo_store):
     assert got and all(threads == [1] * len(threads) for threads in got), got
 
 
+def test_a_blas_slower_than_the_cpu_is_named():
+    old = [{"internal_api": "openblas", "architecture": "Nehalem"}]
+    new = [{"internal_api": "openblas", "architecture": "SkylakeX"}]
+    note = search.blas_kernel_note(old, {"sse2", "avx", "avx2"})
+    assert note and "Nehalem" in note and "OPENBLAS_CORETYPE=Haswell" in note
+    assert search.blas_kernel_note(new, {"avx2", "avx512f"}) is None
+    assert search.blas_kernel_note(old, {"sse2", "sse4_2"}) is None  # the CPU can run nothing newer
+
+
 # ---- timing on a subset --------------------------------------------------------------------------
 
 def test_timed_subset_is_spread_over_the_sample():

@@ -382,6 +382,45 @@ def cpu_facts() -> dict:
     return facts
 
 
+KERNELS = {"native": {}, "Haswell (AVX2)": {"OPENBLAS_CORETYPE": "Haswell"},
+           "Nehalem (SSE only)": {"OPENBLAS_CORETYPE": "Nehalem"}}
+
+
+def index_cost_by_kernel(tmp: Path, images: int, rounds: int, seed: int) -> dict:
+    """The index's scoring cost (fast search and the exhaustive oracle, one process) on
+    ImageNet-size photos under OpenBLAS's native kernels and two forced older ones
+    (OPENBLAS_CORETYPE): what a host whose OpenBLAS runs other kernels pays."""
+    import subprocess
+
+    src, store_path = tmp / "imagenet", tmp / "imagenet.pcr"
+    dataset = make_imagenet_size(src, -(-images // 8), seed)
+    convert(src, store_path, workers=1)
+    out = {"dataset": dataset, "kernels": {}}
+    for name, env in KERNELS.items():
+        res = subprocess.run([sys.executable, __file__, "--cost-store", str(store_path), "--cost-images", str(images),
+                              "--cost-rounds", str(rounds)], env={**os.environ, **env}, capture_output=True,
+                             text=True, cwd=ROOT)
+        if res.returncode:
+            raise RuntimeError(res.stderr[-2000:])
+        out["kernels"][name] = json.loads(res.stdout)
+        print(f"index cost, OpenBLAS {name}: {json.dumps(out['kernels'][name])}", flush=True)
+    out["convert_cost"] = convert_cost(src, tmp, rounds)
+    print(f"convert: {json.dumps(out['convert_cost'])}", flush=True)
+    shutil.rmtree(src)
+    shutil.rmtree(store_path)
+    return out
+
+
+def main_cost_store(args) -> None:
+    """--cost-store STORE: the scoring cost on STORE as JSON on stdout (with the BLAS kernels in use)."""
+    from threadpoolctl import threadpool_info
+
+    with pcrfs.open_store(args.cost_store) as store:
+        cost = scoring_cost(store, args.cost_images, args.cost_rounds)
+    cost["blas_architecture"] = sorted({i.get("architecture") for i in threadpool_info() if i.get("user_api") == "blas"})
+    print(json.dumps(cost))
+
+
 def main_table_vs_index(args) -> None:
     """--table-vs-index: results/bench_quality_table.json."""
     out = {"benchmark": "pcrfs quality (the table) against pcrfs quality --write-index, same images",
@@ -421,6 +460,9 @@ def main_table_vs_index(args) -> None:
             if args.photos_dir is None:
                 shutil.rmtree(src)
             shutil.rmtree(store_path)
+        if args.index_cost_images:
+            out["index_cost_by_kernel"] = index_cost_by_kernel(Path(tmp), args.index_cost_images, args.cost_rounds,
+                                                               args.seed)
     out["loadavg_after"] = os.getloadavg()
     path = args.out.with_suffix(".json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -454,7 +496,14 @@ def main() -> None:
                     help="with --table-vs-index: images the old exhaustive table is timed on (per image)")
     ap.add_argument("--error-images", type=int, default=8,
                     help="with --table-vs-index: large images whose estimates are checked against every window")
+    ap.add_argument("--index-cost-images", type=int, default=200,
+                    help="with --table-vs-index: ImageNet-size photos the index's cost is measured on, under "
+                         "OpenBLAS's native, Haswell and Nehalem kernels (0 skips)")
+    ap.add_argument("--cost-store", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.cost_store is not None:
+        main_cost_store(args)
+        return
     if args.table_vs_index:
         if args.out == ROOT / "results" / "bench_quality":
             args.out = ROOT / "results" / "bench_quality_table"

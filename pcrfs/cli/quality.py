@@ -235,6 +235,7 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
     _check_usage(ctx, plot, target_ssim, target_psnr, write_index, table_flags, use_dask, scheduler)
     s = _open_scored_store(store, endpoint_url)
     workers = workers or measure.default_workers()
+    _warn_slow_blas()
     if write_index:
         _write_index_cmd(s, store, workers, quiet, as_json, use_dask, scheduler,
                          RemoteOptions(endpoint_url=endpoint_url))
@@ -253,6 +254,14 @@ def quality_cmd(ctx: click.Context, store: str, sample: int, seed: int, as_json:
         click.echo(f"plot written to {plot}", err=True)
     if (target_ssim is not None or target_psnr is not None) and choice is None:
         fail("no view reaches the target on this sample")
+
+
+def _warn_slow_blas() -> None:
+    from ..quality.search import blas_kernel_note
+
+    note = blas_kernel_note()
+    if note:
+        _warn(note)
 
 
 def _check_usage(ctx: click.Context, plot: Path | None, target_ssim: float | None, target_psnr: float | None,

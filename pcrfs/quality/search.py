@@ -565,6 +565,48 @@ def file_reader(store, i: int) -> Callable[[int], bytes]:
     return lambda k: store.read(i, k)
 
 
+# OpenBLAS kernel sets (threadpoolctl's "architecture") older than AVX2: its sgemm there is
+# 2-4x slower at the filter's products, and the search ~1.5x (measured with OPENBLAS_CORETYPE)
+PRE_AVX2_KERNELS = frozenset({
+    "katmai", "coppermine", "northwood", "prescott", "banias", "atom", "core2", "penryn", "dunnington",
+    "nehalem", "athlon", "opteron", "opteron_sse3", "barcelona", "nano", "bobcat", "sandybridge",
+    "bulldozer", "piledriver", "steamroller", "excavator"})
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def blas_kernel_note(blas: Sequence[dict] | None = None, cpu_flags: set[str] | None = None) -> str | None:
+    """A line for a host whose OpenBLAS runs kernels older than its CPU (AVX2 present, an
+    SSE or AVX kernel set chosen: an unrecognised CPU model, OPENBLAS_CORETYPE), else None.
+    ``blas``: threadpoolctl's records, ``cpu_flags``: /proc/cpuinfo's (for the tests)."""
+    if cpu_flags is None:
+        cpu_flags = _cpu_flags()
+    if "avx2" not in cpu_flags:
+        return None  # the kernels are what the CPU can run
+    if blas is None:
+        try:
+            from threadpoolctl import threadpool_info
+        except ImportError:  # pragma: no cover - a dependency
+            return None
+        blas = threadpool_info()
+    slow = sorted({str(i.get("architecture")) for i in blas if i.get("internal_api") == "openblas"
+                   and str(i.get("architecture", "")).lower() in PRE_AVX2_KERNELS})
+    if not slow:
+        return None
+    return (f"OpenBLAS runs its {'/'.join(slow)} kernels on this AVX2 CPU, so MS-SSIM scoring takes about "
+            f"1.5x the CPU time; OPENBLAS_CORETYPE=Haswell (or Zen, SkylakeX) set before the command "
+            f"picks faster ones")
+
+
 @contextmanager
 def single_threaded_blas() -> Iterator[None]:
     """BLAS on one thread while scoring: the products are small, and OpenBLAS's threads
