@@ -731,6 +731,44 @@ def test_an_image_named_like_a_directory_is_refused(tmp_path):
     assert_clean_cli_error(["verify", "-q", root], "both an image and a directory")
 
 
+def test_an_unsorted_index_is_refused_at_open(tmp_path):
+    """Two names swapped in the path table (CRCs made to match): the mount listed both while
+    `get` bisected and missed one (issue 26 item 8). Refused at open, naming the pair, so no
+    door serves it (verify included)."""
+    root = tiny_store(tmp_path / "s.pcr", ["c/a.jpg", "c/b.jpg", "d/z.jpg"])
+    blob = (root / fmt.INDEX_DIR / "paths.bin").read_bytes()
+    assert blob.startswith(b"c/a.jpgc/b.jpg")
+    replace_index_file(root, "paths.bin", b"c/b.jpgc/a.jpg" + blob[14:])
+    with pytest.raises(StoreError, match="not sorted and unique: 'c/b.jpg' comes before 'c/a.jpg'"):
+        open_store(root)
+    assert_clean_cli_error(["get", root, "c/a.jpg", "-o", str(tmp_path / "x.jpg")], "not sorted")
+    assert_clean_cli_error(["verify", "-q", root], "not sorted")
+    # a duplicate name is refused the same way
+    root2 = tiny_store(tmp_path / "t.pcr", ["c/a.jpg", "c/b.jpg"])
+    replace_index_file(root2, "paths.bin", b"c/a.jpgc/a.jpg")
+    with pytest.raises(StoreError, match="not sorted and unique"):
+        open_store(root2)
+
+
+def _sorted_reference(names: list[bytes]) -> int | None:
+    keys = [tuple(n.split(b"/")) for n in names]
+    return next((i for i in range(len(keys) - 1) if keys[i] >= keys[i + 1]), None)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["a", "b", "ab", "a-b", "a.", "\u00e9", "abcdefgh", "abcdefg", "x" * 9]),
+                         min_size=1, max_size=3).map(lambda parts: "/".join(parts).encode()), max_size=7),
+       st.booleans())
+def test_vectorized_order_check_matches_a_per_name_check(names, sort):
+    from pcrfs.store.index import _first_unsorted
+
+    if sort:
+        names = sorted(set(names), key=lambda n: tuple(n.split(b"/")))
+    offsets = np.zeros(len(names) + 1, dtype=fmt.OFFSET_DTYPE)
+    np.cumsum([len(n) for n in names], out=offsets[1:])
+    assert _first_unsorted(b"".join(names), offsets) == _sorted_reference(names), names
+
+
 @pytest.mark.slow
 def test_get_of_a_group_over_2_gib_is_whole_and_in_bounded_memory(tmp_path):
     """One pread returns at most 0x7ffff000 bytes: a 2.1 GB group looked truncated to `get`

@@ -321,6 +321,12 @@ class Index:
         bad = _bad_name(self.paths.blob(), self.paths.offsets, "image path")
         if bad is not None:
             return [bad]
+        # lookups by name bisect the paths and listings come from directory ranges: an
+        # unsorted table would be listed by the mount yet missed by `get` (and vice versa)
+        i = _first_unsorted(self.paths.blob(), self.paths.offsets)
+        if i is not None:
+            return [f"image paths are not sorted and unique: {self.paths[i]!r} comes before "
+                    f"{self.paths[i + 1]!r} (images {i} and {i + 1})"]
         # the root is the empty name, first; every other directory is checked like a path
         if not len(self.dirs) or self.dirs.offsets[1] != 0:
             return ["the directory table does not start with the root"]
@@ -401,6 +407,48 @@ def _bad_name(blob: bytes | memoryview | np.ndarray, offsets: np.ndarray, what: 
     reason = (f"has a component longer than {fmt.MAX_NAME_BYTES} bytes" if long_parts
               else "is not a canonical relative path")
     return f"{what} {name[:300]!r} {reason}"
+
+
+def _first_unsorted(blob: bytes | memoryview | np.ndarray, offsets: np.ndarray) -> int | None:
+    """The first i whose name does not sort strictly before name i+1 (``fmt.path_sort_key``
+    order: component by component), or None. Names must be canonical (no NUL, no empty or
+    trailing component): then mapping '/' to NUL turns the component order into plain byte
+    order, a name's end sorting before any byte. Vectorized: compares 8 bytes of every
+    adjacent pair at a time, going on only with the pairs still equal (~0.1 s for
+    ImageNet's 1.28M paths, which share a ~20-byte class prefix)."""
+    b = np.frombuffer(blob, dtype=np.uint8) if not isinstance(blob, np.ndarray) else blob
+    o = np.asarray(offsets, dtype=np.int64)
+    if len(o) < 3:
+        return None
+    mapped = np.zeros(b.size + 8, dtype=np.uint8)   # padded: a window may run past the blob
+    mapped[:b.size] = b
+    mapped[mapped == ord("/")] = 0
+    # every 8-byte window of the blob as one big-endian integer (a view, no copy)
+    windows = np.ndarray((b.size + 1,), dtype=">u8", buffer=mapped, strides=(1,))
+    starts, lengths = o[:-1], o[1:] - o[:-1]
+    pairs = np.arange(len(starts) - 1, dtype=np.int64)  # pair p compares names p and p+1
+    bad: list[np.ndarray] = []
+    pos = 0
+    while len(pairs):
+        def word(names: np.ndarray) -> np.ndarray:
+            w = windows[starts[names] + pos].astype(np.uint64)
+            short = np.flatnonzero(lengths[names] < pos + 8)  # zero their bytes past the end
+            if len(short):
+                shift = ((pos + 8 - lengths[names[short]]) * 8).astype(np.uint64)
+                w[short] = (w[short] >> shift) << shift
+            return w
+        if pos == 0:  # every pair: each name's word once
+            w = word(np.arange(len(starts), dtype=np.int64))
+            a, c = w[:-1], w[1:]
+        else:
+            a, c = word(pairs), word(pairs + 1)
+        a_done, c_done = lengths[pairs] <= pos + 8, lengths[pairs + 1] <= pos + 8
+        # out of order: a larger word, or equal words where name p+1 ends first (or both end)
+        bad.append(pairs[(a > c) | ((a == c) & c_done)])
+        pairs = pairs[(a == c) & ~a_done & ~c_done]
+        pos += 8
+    found = np.concatenate(bad)
+    return int(found.min()) if len(found) else None
 
 
 NPY_HEADER_MAX = 1 << 16  # bytes an .npy header may take (numpy writes 128; it reads at most 10,000)
