@@ -230,3 +230,28 @@ def test_the_epoch_gate_opens_for_an_epoch_and_never_for_a_class_copy():
     assert all(p.access(0, 4, 0, image=i) is None for i in range(50))  # one class: no prefix
     plan = p.access(0, 4, 0, image=500)                   # another class, record 0 past its threshold
     assert plan is not None and plan.record == 0
+
+
+def test_in_view_mode_an_open_gate_fetches_at_once_and_prefetches_the_rest():
+    """Once the gate is open, a VIEW-mode read fetches its record's prefix on its first
+    image and starts the rest of the view (a path-order pass no longer reads ~4 images per
+    record one by one); in WINDOW mode the per-record thresholds still apply."""
+    from pcrfs.store.prefix import EpochGate, mixed_record_thresholds
+
+    classes_of = np.repeat(np.arange(10), 100)
+    need = mixed_record_thresholds(np.full(8, 125))
+    view = RecordPrefixPolicy(bounds(records=8), 1 << 40, reads_before_fetch=need,
+                              gate=EpochGate(classes_of, min_images=5))
+    assert view.mode(4)[0] is Mode.VIEW
+    assert all(view.access(i % 8, 4, 0, image=i) is None for i in range(100))  # class 0: gate shut
+    plan = view.access(3, 4, 0, image=100)              # class 1's first image: fetched at once
+    assert plan is not None and plan.record == 3
+    assert view.prefetch(3, 4) == [0, 1, 2, 4, 5, 6, 7]  # and the rest of the view, ahead
+    assert view.stats()["deferred"] == 0
+    one = bounds(records=8)
+    fit_two = int((one[:, 4] - one[:, 0]).mean() * 2.5)  # ~2 average prefixes fit: WINDOW mode
+    window = RecordPrefixPolicy(one, fit_two, reads_before_fetch=need, gate=EpochGate(classes_of, min_images=5))
+    assert window.mode(4)[0] is Mode.WINDOW
+    for i in range(101):
+        window.access(0, 4, 0, image=i)
+    assert window.stats()["deferred"] > 0               # thresholds counted, not skipped
