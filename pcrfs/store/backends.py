@@ -94,6 +94,11 @@ class RecordSource(ABC):
         """Where record ``record`` lives, for messages."""
         return fmt.record_name(record)
 
+    def offers_descriptors(self) -> bool:
+        """True if ``dup_descriptor(record)`` gives an OS descriptor of the record's file that
+        its caller may ``pread`` (the mount's compiled read path): local record files only."""
+        return False
+
     def deadline(self) -> ContextManager[Deadline]:
         """The deadline of the read in progress on this thread, or, outside one, a new one
         of ``read_deadline`` seconds for the ``with`` block (what every layer of a read opens)."""
@@ -288,6 +293,9 @@ class LocalRecords(RecordSource):
             if into is not None:
                 return _preadv_full(fd, into[:span.length], span.offset)
             return _pread_full(fd, span.length, span.offset)
+
+    def offers_descriptors(self) -> bool:
+        return True
 
     def dup_descriptor(self, record: int) -> int:
         """A duplicate of record ``record``'s descriptor, opened and checked like every

@@ -6,8 +6,11 @@ remote store the index files are downloaded once into a local cache directory,
 checked against the manifest's sizes and CRC-32s, and then memory-mapped like a
 local index; only record bytes travel on every read. It also says how its records
 are best read when the caller leaves it open (:class:`ReadDefaults`), how to name a
-file of it in a message, and how to keep other writers out while a small file
-changes: the rest of pcrfs never asks which kind of location it has.
+file of it in a message, how to keep other writers out while a small file changes,
+and whether worker processes may reopen it. The functions at the end answer the
+questions asked of a location the user wrote before anything is opened (is it a
+store, where may work on it be kept, how is it named from another directory): the
+rest of pcrfs never asks which kind of location it has.
 
 The writing side is :mod:`pcrfs.store.sink`.
 """
@@ -22,7 +25,7 @@ import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -114,6 +117,13 @@ class StoreLocation(ABC):
         """A short name for this store's content (caches of different stores never mix)."""
         return _digest(self.url, manifest_bytes)
 
+    def workers_can_reopen(self) -> bool:
+        """True if worker processes (the quality table's and index's process pools) may each
+        open this store again from ``str(root)``. Not a store at a URL: a worker would need
+        the caller's remote options (endpoint, retries) and a client and index cache check
+        of its own, so such a store is scored in the calling process."""
+        return False
+
 
 class LocalLocation(StoreLocation):
     # the page cache makes a pread cheap: no readahead, no prefixes, only the groups asked for
@@ -125,6 +135,11 @@ class LocalLocation(StoreLocation):
 
     def describe(self, name: str) -> str:
         return str(self.root / name)
+
+    def workers_can_reopen(self) -> bool:
+        # a path opens in a forked worker at the cost of reading the index: worth it for
+        # the CPU-bound scoring that the pools parallelize
+        return True
 
     @contextlib.contextmanager
     def writer_lock(self) -> Iterator[None]:
@@ -350,3 +365,65 @@ def open_location(location: str | os.PathLike, options: RemoteOptions = RemoteOp
     if text.startswith("file://"):
         text = text[len("file://"):]
     return LocalLocation(text)
+
+
+# ---- questions about a location as the user wrote it, answered without opening it ------------
+# Whether a string names a local directory or a URL is decided here (and in
+# pcrfs.store.sink for writers); callers ask for what they need instead.
+
+def names_a_store(location: str | os.PathLike) -> bool:
+    """True if ``location`` is to be read as a store, not as an image tree: a URL (only
+    stores live at URLs) or a directory holding a manifest."""
+    text = os.fspath(location)
+    return is_url(text) or os.path.exists(os.path.join(text, fmt.MANIFEST))
+
+
+def local_directory(location: str | os.PathLike) -> Path | None:
+    """The directory on this machine a store at ``location`` is (the path as given), or
+    None for a URL: checks that look at files (a store overlapping its source, an image
+    tree given as the store) have nothing to look at then."""
+    text = os.fspath(location)
+    return None if is_url(text) else Path(text)
+
+
+def image_tree_example(location: str | os.PathLike) -> str | None:
+    """An image file in ``location`` (see :func:`~pcrfs.imagenames.looks_like_image_tree`)
+    if it is an existing local directory without a manifest that holds images: an image
+    tree where a store was expected. None otherwise (a URL, a store, nothing there)."""
+    text = os.fspath(location)  # os.path on the text: "" is no directory (Path("") would be ".")
+    if is_url(text) or not os.path.isdir(text) or os.path.exists(os.path.join(text, fmt.MANIFEST)):
+        return None
+    return looks_like_image_tree(text)
+
+
+def absolute_location(location: str | os.PathLike, make_absolute: Callable[[str], str] = os.path.abspath) -> str:
+    """``location`` as a process in another working directory (a Dask worker) finds the
+    same store: a local path through ``make_absolute``, a URL as it is."""
+    text = os.fspath(location)
+    return text if is_url(text) else make_absolute(text)
+
+
+def canonical_location(location: str | os.PathLike, make_absolute: Callable[[str], str] = os.path.abspath) -> str:
+    """Like :func:`absolute_location`, with a URL named as its location names itself (no
+    trailing slash): the one name a mount is recorded and reported under."""
+    text = absolute_location(location, make_absolute)
+    return text.rstrip("/") if is_url(text) else text
+
+
+def join_location(location: str | os.PathLike, name: str) -> str:
+    """The file ``name`` of the store at ``location``, as a user finds it (``report.json``)."""
+    text = os.fspath(location)
+    return f"{text.rstrip('/')}/{name}" if is_url(text) else str(Path(text) / name)
+
+
+def local_work_dir(location: str | os.PathLike, name: str, cache_area: str) -> Path:
+    """A directory on this machine for work on the store at ``location`` that must survive
+    an interruption (the quality build's scored parts): ``name`` inside a local store;
+    for a store at a URL, which has no directory of its own here, one per URL under
+    ``cache_area`` in :func:`default_cache_dir` (the digest is part of where earlier runs'
+    work is found: changing it would lose their parts)."""
+    text = os.fspath(location)
+    if not is_url(text):
+        return Path(text) / name
+    key = hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
+    return default_cache_dir() / cache_area / key

@@ -24,6 +24,7 @@ from ..fsutil import write_atomic
 from ..remote.fs import RemoteError, RemoteOptions, explain, is_url
 from ..remote.prefix import ObjectPrefix
 from . import format as fmt
+from .location import _digest, default_cache_dir
 
 Data = bytes | Iterable[bytes | memoryview]  # a record's chunks are written in order, never joined locally
 
@@ -56,6 +57,13 @@ class RecordSink(ABC):
     def where(self, name: str) -> str:
         """``name`` as a user finds it (for messages)."""
         return f"{self.url}/{name}"
+
+    def staging_dir(self, cache_dir: Path | None = None) -> Path | None:
+        """The local directory where a writer keeps its resume state, index, report and
+        manifest until :meth:`publish` (``cache_dir``: the cache to put it in, default
+        :func:`~pcrfs.store.location.default_cache_dir`), or None where the writer works
+        in the store itself (a local directory)."""
+        return None
 
     def record_ids(self) -> list[int]:
         """The ids of the record files there, sorted."""
@@ -116,6 +124,10 @@ class ObjectSink(ObjectPrefix, RecordSink):
         super().__init__(url, options)
         self.bucket = self.base.split("/", 1)[0]
 
+    def staging_dir(self, cache_dir: Path | None = None) -> Path | None:
+        # an object store has no directory to work in, nor rename to make a file final
+        return staging_path(self.url, cache_dir)
+
     def put(self, name: str, data: Data) -> None:
         body = data if isinstance(data, bytes) else b"".join(data)
         self._call(lambda: self.fs.pipe_file(self._path(name), body), f"PUT {self.url}/{name}")
@@ -173,6 +185,11 @@ class ObjectSink(ObjectPrefix, RecordSink):
             if paths:
                 self.fs.rm(paths)
         self._call(rm, f"DELETE {self.url}")
+
+
+def staging_path(url: str, cache_dir: Path | None = None) -> Path:
+    """The local working directory of a conversion to ``url`` (one per store URL)."""
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "staging" / _digest(url.rstrip("/"))
 
 
 def open_sink(store: str | os.PathLike, options: RemoteOptions = RemoteOptions()) -> RecordSink:
