@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from ..store.backends import LocalRecords
 from ..jpeg.scans import EOI_BYTES
 from ..store.reader import KEEP_GROUP_BYTES
 from ..views import ViewTree
@@ -75,7 +74,8 @@ class FastPath:
         self.module = module
         store = tree.store
         self.store = store
-        self.local = store.reads_direct and isinstance(store.records, LocalRecords)
+        # local record files read directly: the C side preads descriptors the record source hands it
+        self.local = store.reads_direct and store.records.offers_descriptors()
         self._prefixes = not self.local and store.serves_prefixes
         self.reads = self.local or self._prefixes
         # The state this mount's reads use; ContractError (a ValueError) if anything is not
@@ -106,7 +106,7 @@ class FastPath:
 
     def offer_record(self, image: int) -> None:
         """After a Python read of ``image`` succeeded: hand its record's descriptor to
-        the compiled path (a duplicate of the one LocalRecords opened and checked, or
+        the compiled path (a duplicate of the one the record source opened and checked, or
         the disk cache's file of the record's prefix)."""
         if not self.reads:
             return

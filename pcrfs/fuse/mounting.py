@@ -294,11 +294,11 @@ def prepare_mountpoint(mountpoint: str, echo: Echo = _log, allow_nonempty: bool 
 # ---- the store and the log, checked before a daemon starts ----------------------------------
 
 def store_location(store: str | os.PathLike) -> str:
-    """An absolute path for a local store; a URL (s3://...) as it is."""
-    from ..remote.fs import is_url
+    """An absolute path for a local store (found as :func:`_abs` finds one: the daemon runs
+    from another directory); a URL (s3://...) without a trailing slash."""
+    from ..store.location import canonical_location
 
-    text = os.fspath(store)
-    return text.rstrip("/") if is_url(text) else _abs(text)
+    return canonical_location(store, _abs)
 
 
 def open_store_checked(store: str, cache_bytes: int, read_options: "ReadOptions | None" = None):

@@ -16,7 +16,6 @@ Whoever scores a part, and in whatever order, the ks are those of
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing
@@ -131,13 +130,9 @@ def _store_reader(store: "Store", i: int) -> Callable[[int], bytes]:
 
 def resume_dir(location: str) -> Path:
     """Where the scored parts of the store at ``location`` (a directory or a URL) are kept."""
-    from ..remote.fs import is_url
-    from ..store.location import default_cache_dir
+    from ..store.location import local_work_dir
 
-    if not is_url(location):
-        return Path(location) / RESUME_DIR
-    key = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
-    return default_cache_dir() / "adaptive" / key
+    return local_work_dir(location, RESUME_DIR, "adaptive")
 
 
 class Parts:
@@ -229,7 +224,7 @@ def _pool_task(job: tuple) -> PartResult:
 
 
 def _run_local(location: str, remote, jobs: list[tuple], workers: int, store: "Store") -> Iterator[PartResult]:
-    if workers <= 1 or len(jobs) < 2 or not isinstance(store.root, Path):
+    if workers <= 1 or len(jobs) < 2 or not store.location.workers_can_reopen():
         for (_loc, _bind, _rem, r, p, first, count, thresholds) in jobs:
             yield score_part(store, r, p, first, count, thresholds)
         return

@@ -26,7 +26,6 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -206,8 +205,8 @@ def _in_processes(store: Store, fn: Callable, jobs: list, workers: int, chunksiz
 
 
 def _in_processes_possible(store: Store, workers: int, jobs: int) -> bool:
-    # workers reopen the store by path; a URL store stays in-process
-    return workers > 1 and jobs > 1 and isinstance(store.root, Path)
+    # workers reopen the store from str(store.root) alone; a location that cannot be so reopened stays in-process
+    return workers > 1 and jobs > 1 and store.location.workers_can_reopen()
 
 
 def measure_many(store: Store, images: Iterable[int], *, timing: bool = False, stop_at: float | None = None,
