@@ -152,9 +152,10 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     from ..convert import list_sources
     from ..convert.target import check_arguments
     from ..jpeg.transcode import TranscodeOptions
-    from ..remote.fs import RemoteOptions, is_url
+    from ..remote.fs import RemoteOptions
+    from ..store.location import absolute_location, names_a_store
 
-    if is_url(src) or os.path.exists(os.path.join(src, "pcr.yaml")):
+    if names_a_store(src):
         if use_dask or scheduler or quality_index:
             fail("copying a store into a new layout runs here (no --dask/--scheduler) and keeps its adaptive "
                  "index (no --quality-index)")
@@ -165,8 +166,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     if cluster is not None:
         # workers open SRC and STORE themselves: give them paths that do not depend on our cwd
         src = Path(os.path.abspath(src))
-        if not is_url(store):
-            store = os.path.abspath(store)
+        store = absolute_location(store)
     opts = TranscodeOptions(keep_metadata=keep_metadata, quality=quality, non_jpeg=non_jpeg, max_pixels=max_pixels)
     try:  # before a listing (of a store, or of every view of a mount): swapped or overlapping arguments
         check_arguments(src, store)
@@ -197,19 +197,19 @@ def _migrate(src: str, store: str, record_size: int, overwrite: bool, quiet: boo
     from ..convert.migrate import migrate
     from ..convert.plan import refuse_overlap
     from ..convert.target import StoreExists
-    from ..imagenames import looks_like_image_tree
-    from ..remote.fs import RemoteError, RemoteOptions, is_url
+    from ..remote.fs import RemoteError, RemoteOptions
     from ..store.errors import StoreError
+    from ..store.location import image_tree_example, local_directory
     from ..store.writer import ResumeMismatch
 
-    if not is_url(store) and os.path.isdir(store) and not os.path.exists(os.path.join(store, "pcr.yaml")):
-        example = looks_like_image_tree(store)
-        if example is not None:
-            fail(f"the store {store} looks like an image tree (it holds {example}), not a PCR store; are the "
-                 "arguments swapped? `pcrfs convert IMAGE_TREE STORE` reads IMAGE_TREE and writes STORE")
+    example = image_tree_example(store)
+    if example is not None:
+        fail(f"the store {store} looks like an image tree (it holds {example}), not a PCR store; are the "
+             "arguments swapped? `pcrfs convert IMAGE_TREE STORE` reads IMAGE_TREE and writes STORE")
     try:
-        if not is_url(src) and not is_url(store):
-            refuse_overlap(Path(src), Path(store))
+        src_dir, store_dir = local_directory(src), local_directory(store)
+        if src_dir is not None and store_dir is not None:  # a URL overlaps nothing on this machine
+            refuse_overlap(src_dir, store_dir)
         progress = _ConvertProgress(quiet)
         if not quiet:
             click.echo(f"Copying the store {src} into a new layout ({order}) at {store} ...", err=True)
@@ -285,9 +285,10 @@ def _run_convert(src: Path, store: str, kwargs: dict, cluster, progress: _Conver
 
 
 def _report_convert(result, store: str, skip_bad: bool, endpoint_url: str | None) -> None:
-    from ..remote.fs import is_url
+    from ..store import format as fmt
+    from ..store.location import join_location
 
-    report_path = f"{store.rstrip('/')}/report.json" if is_url(store) else str(Path(store) / "report.json")
+    report_path = join_location(store, fmt.REPORT)
     # the ratio is of the whole source: a resumed run reads only the rest, the store holds all
     click.echo(
         f"{result.images} images in {result.manifest['num_records']} records, {result.manifest['num_groups']} scan groups; "

@@ -2,9 +2,10 @@
 conversion, checked (never clobber a finished store; ``--overwrite`` empties one) and
 handed to a :class:`~pcrfs.store.writer.StoreWriter`.
 
-A store at a URL is written through an :class:`~pcrfs.store.sink.ObjectSink`; the
-writer's resume state, index, report and manifest then wait in a local staging
-directory (under ``~/.cache/pcrfs/staging`` by default) until the sink uploads them.
+The sink (:func:`~pcrfs.store.sink.open_sink`) says where the writer works: in a local
+store itself, or, for a store at a URL, in a local staging directory (under
+``~/.cache/pcrfs/staging`` by default) whose resume state, index, report and manifest
+wait there until the sink uploads them.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from typing import Iterator
 import yaml
 
 from ..fsutil import LockHeld, lock_exclusive
-from ..remote.fs import RemoteOptions, is_url
+from ..remote.fs import RemoteOptions
 from ..store import format as fmt
-from ..store.location import _digest, default_cache_dir
-from ..store.sink import LocalSink, ObjectSink, RecordSink
+from ..store.location import local_directory
+from ..store.sink import LocalSink, RecordSink, open_sink, staging_path  # noqa: F401 (staging_path: re-exported)
 from ..store.writer import StoreWriter
 from .plan import refuse_overlap, refuse_swapped
 
@@ -40,19 +41,15 @@ class FinishedButNotCleaned(Exception):
     the conversion was complete when it was interrupted."""
 
 
-def staging_path(url: str, cache_dir: Path | None = None) -> Path:
-    """The local working directory of a conversion to ``url`` (one per store URL)."""
-    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "staging" / _digest(url.rstrip("/"))
-
-
 def check_arguments(src: Path, store: Path | str) -> None:
     """ValueError if a local ``store`` overlaps the source ``src``, or if the arguments look
     swapped (``src`` a store or a mount, ``store`` an image tree). Nothing is read or written."""
-    if is_url(str(store)):
+    directory = local_directory(store)
+    if directory is None:  # a URL: nothing here can overlap it, nor be an image tree given as it
         refuse_swapped(src, None)
     else:
-        refuse_overlap(src, Path(store))
-        refuse_swapped(src, Path(store))
+        refuse_overlap(src, directory)
+        refuse_swapped(src, directory)
 
 
 @dataclass(frozen=True)
@@ -71,10 +68,12 @@ class StoreTarget:
     @classmethod
     def for_store(cls, store: Path | str, remote: RemoteOptions, staging_dir: Path | None) -> "StoreTarget":
         """The target for ``store``, with no source tree to check it against (a migration)."""
-        if is_url(str(store)):
-            sink = ObjectSink(str(store), remote)
-            return cls(sink.url, sink, staging_path(sink.url, staging_dir), True)
-        return cls(str(store), LocalSink(store), Path(store), False)
+        sink = open_sink(store, remote)
+        staging = sink.staging_dir(staging_dir)
+        if staging is not None:
+            return cls(sink.url, sink, staging, True)
+        # the writer works in the store's own directory, named as the user gave it
+        return cls(str(store), sink, Path(store), False)
 
     def absolute(self) -> "StoreTarget":
         """The same target with an absolute path: Dask workers open it from their own directories."""
