@@ -78,7 +78,8 @@ import time
 from pathlib import Path
 
 from benchlib import REPO, log  # noqa: E402  (puts the checkout first on sys.path)
-from benchlib.mounts import CLEANUP, PcrfsMount, ProcessMount, is_mounted, on_signals  # noqa: E402
+from benchlib.mounts import CLEANUP, PcrfsMount, ProcessMount, is_mounted, libfuse_of, on_signals  # noqa: E402
+from benchlib.pagecache import can_drop_caches, drop_caches, fincore  # noqa: E402
 from benchlib.plots import pyplot, save  # noqa: E402
 from benchlib.proc import Meter, loadavg, threads_cpu_s  # noqa: E402
 from benchlib.reads import read_pass, read_pass_os, sample, walk, warm  # noqa: E402
@@ -101,22 +102,6 @@ EARLIER = {  # figures measured on this machine before (to verify)
 MB = 1e6
 
 
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def can_drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
-        return False
-
-
 def ratar_mount(exe: str, tar: Path, mp: str, log_file: Path, extra: list[str]) -> ProcessMount:
     """``ratarmount -f TAR MNT`` as a child process (foreground: its pid is the server's);
     --no-recreate-index: use the index built beforehand, never (re)build one while timed."""
@@ -133,33 +118,6 @@ def timed_pass(paths: list[str], server_pid: int | None) -> dict:
     return {"seconds": r["seconds"], "files": len(paths), "bytes": nbytes, "files_per_s": r["items_per_s"],
             "MB_per_s": nbytes / MB / r["seconds"], "reader_cpu_ms_per_file": r["self_us_per_item"] / 1e3,
             "server_cpu_ms_per_file": r.get("daemon_us_per_item", 0.0) / 1e3}
-
-
-def fincore(paths: list[str]) -> dict:
-    """Page-cache residency of ``paths`` from util-linux fincore (resident pages / pages)."""
-    exe = shutil.which("fincore")
-    if not exe or not paths:
-        return {"error": "fincore not found" if not exe else "no files"}
-    page = os.sysconf("SC_PAGE_SIZE")
-    resident = total = full_files = 0
-    n = 0
-    for i in range(0, len(paths), 200):
-        chunk = paths[i:i + 200]
-        r = subprocess.run([exe, "--bytes", "--noheadings", "--raw", "--output", "PAGES,SIZE,FILE", *chunk],
-                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
-        for line in r.stdout.splitlines():
-            parts = line.split(" ", 2)
-            if len(parts) < 3:
-                continue
-            pages, size = int(parts[0]), int(parts[1])
-            want = -(-size // page)
-            resident += pages
-            total += want
-            full_files += pages >= want
-            n += 1
-    return {"files_sampled": len(paths), "files_reported": n, "resident_pages": resident, "pages": total,
-            "fraction_resident": resident / total if total else 0.0,
-            "files_fully_resident": full_files, "fraction_files_fully_resident": full_files / n if n else 0.0}
 
 
 def stats_delta(a: dict, b: dict, view: str) -> dict:
@@ -271,6 +229,16 @@ def prepare(ctx) -> dict:
     if ready:
         log(f"reusing the data set in {work}")
         return have["info"]
+    remove_dataset(ctx, marker)
+    build_store(ctx, info)
+    copy_full_view(ctx, info)
+    build_tar(ctx, info)
+    marker.write_text(json.dumps({"key": want, "info": info}, indent=1))
+    return info
+
+
+def remove_dataset(ctx, marker: Path) -> None:
+    """What an earlier data set left in --work, its marker first."""
     if marker.exists():
         marker.unlink()
     for p in (ctx.src, ctx.store, ctx.full_dir):
@@ -280,9 +248,13 @@ def prepare(ctx) -> dict:
         if p.exists():
             p.unlink()
 
+
+def build_store(ctx, info: dict) -> None:
+    """The demo photos and their PCR store; the seconds each took into ``info``."""
     from pcrfs.convert import convert
     from pcrfs.demo import make_demo
 
+    args = ctx.args
     log(f"building the demo photo set: {args.per_class} per class into {ctx.src} ...")
     t0 = time.perf_counter()
     summary = make_demo(ctx.src, per_class=args.per_class, seed=args.seed)
@@ -296,8 +268,11 @@ def prepare(ctx) -> dict:
     if res.bad or res.skipped:
         raise RuntimeError(f"convert reported problems: {res.bad[:3]} {res.skipped[:3]}")
 
+
+def copy_full_view(ctx, info: dict) -> None:
+    """MNT/full copied into a plain directory (the files the plain and ratarmount cases read)."""
     log("copying MNT/full into a plain directory ...")
-    with PcrfsMount(ctx.store, ctx.mnt_pcrfs, work / "pcrfs-mount.log"):
+    with PcrfsMount(ctx.store, ctx.mnt_pcrfs, ctx.work / "pcrfs-mount.log"):
         root = os.path.join(ctx.mnt_pcrfs, "full")
         for rel in walk(root):
             dst = ctx.full_dir / rel
@@ -311,6 +286,10 @@ def prepare(ctx) -> dict:
             if (ctx.full_dir / st.path(i)).read_bytes() != st.read(i, st.num_groups):
                 raise RuntimeError(f"copy of MNT/full/{st.path(i)} differs from the store")
         info["num_groups"] = st.num_groups
+
+
+def build_tar(ctx, info: dict) -> None:
+    """The plain copy as an uncompressed tar, and ratarmount's index of it."""
     classes = sorted(os.listdir(ctx.full_dir))
     log(f"writing the uncompressed tar {ctx.tar} ...")
     subprocess.run(["tar", "--sort=name", "-cf", str(ctx.tar), "-C", str(ctx.full_dir), *classes], check=True)
@@ -321,8 +300,6 @@ def prepare(ctx) -> dict:
     info["ratarmount_index_build_s"] = round(time.perf_counter() - t0, 2)
     if not ctx.tar_index.exists():
         raise RuntimeError(f"ratarmount did not write its index {ctx.tar_index}")
-    marker.write_text(json.dumps({"key": want, "info": info}, indent=1))
-    return info
 
 
 def view_sizes(ctx, views: list[str]) -> dict:
@@ -343,6 +320,145 @@ def view_sizes(ctx, views: list[str]) -> dict:
 class Ctx:
     pass
 
+
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--per-class", type=int, default=625, help="demo photos per class (8 classes; default 625)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians reported (default 5)")
+    ap.add_argument("--views", nargs="+", default=["scan1", "scan5", "full"])
+    ap.add_argument("--cold", choices=("remount", "drop", "both"), default="both",
+                    help="what precedes a first pass (see the module doc; default both)")
+    ap.add_argument("--order", choices=("sorted", "shuffled"), default="sorted",
+                    help="file order of a pass (default: sorted, i.e. store order)")
+    ap.add_argument("--decode-sample", type=int, default=300, help="files decoded per round (default 300)")
+    ap.add_argument("--fincore-sample", type=int, default=1000, help="files checked with fincore (0: skip)")
+    ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
+                    help="py-spy the daemon during an extra first pass (auto: if a target is missed)")
+    ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--profile-passes", type=int, default=4, help="first passes sampled by py-spy (default 4)")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="extra, untargeted pcrfs full cases: the same daemon started from this tool with "
+                         "a changed setting (cache0: --cache-size 0; nothreads: -o nothreads; combine with +)")
+    ap.add_argument("--ratarmount-args", nargs=argparse.REMAINDER, default=[],
+                    help="extra ratarmount arguments (last on the line)")
+    ap.add_argument("--workers", type=int, default=2, help="convert workers for building the store")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-read",
+                    help="data/mount directory, reused between runs (default /tmp/pcrfs-bench-read)")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the data set even if --work has it")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "bench_read.json")
+    ap.add_argument("--png", type=Path, default=REPO / "results" / "bench_read.png")
+    return ap, ap.parse_args()
+
+
+def make_ctx(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Ctx:
+    """The run's paths under --work and the ratarmount found; the mount points made (not mounted)."""
+    ratarmount = shutil.which("ratarmount")
+    if not ratarmount:
+        ap.error("ratarmount not found: pip install ratarmount")
+    ctx = Ctx()
+    ctx.args = args
+    ctx.work = args.work.resolve()
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    ctx.src, ctx.store, ctx.full_dir = ctx.work / "src", ctx.work / "store", ctx.work / "full"
+    ctx.tar = ctx.work / "full.tar"
+    ctx.tar_index = ctx.work / "full.tar.index.sqlite"
+    ctx.mnt_pcrfs, ctx.mnt_ratar = str(ctx.work / "mnt-pcrfs"), str(ctx.work / "mnt-ratar")
+    ctx.ratarmount = ratarmount
+    for mp in (ctx.mnt_pcrfs, ctx.mnt_ratar):
+        if is_mounted(mp):
+            ap.error(f"{mp} is mounted; unmount it first")
+        os.makedirs(mp, exist_ok=True)
+    return ctx
+
+
+def cold_variants(cold: str) -> list[str]:
+    """What precedes first passes (--cold): drop only where this process may drop the caches."""
+    colds = ["remount", "drop"] if cold == "both" else [cold]
+    if "drop" in colds and not can_drop_caches():
+        log("cannot write /proc/sys/vm/drop_caches: measuring --cold remount only")
+        colds = ["remount"]
+    return colds
+
+
+def start_run(ratarmount: str) -> Run:
+    run = Run("tools/bench_read.py", packages=PACKAGES)
+    run.machine["libfuse_pcrfs_binding"] = libfuse_binding()
+    if run.machine["packages"].get("ratarmount") is None:  # installed apart from this Python
+        said = subprocess.run([ratarmount, "--version"], capture_output=True, text=True, timeout=60).stdout
+        run.machine["packages"]["ratarmount"] = said.split("\n", 1)[0].removeprefix("ratarmount ").strip() or None
+    return run
+
+
+def load_dataset(ctx) -> tuple[dict, dict]:
+    """The data set (:func:`prepare`), the pass order and the decode sample into ``ctx``:
+    (what prepare says, the sizes of the views)."""
+    args = ctx.args
+    prep = prepare(ctx)
+    ctx.rel = walk(str(ctx.full_dir))
+    ctx.order = list(ctx.rel)
+    if args.order == "shuffled":
+        random.Random(args.seed).shuffle(ctx.order)
+    ctx.decode_paths = [os.path.join(ctx.full_dir, r) for r in sample(ctx.rel, args.decode_sample)]
+    sizes = view_sizes(ctx, args.views)
+    per_view = ", ".join(f"{v} {sizes[v]['mean_kB']} kB" for v in args.views)
+    log(f"{len(ctx.rel)} files; mean file size: {per_view}")
+    return prep, sizes
+
+
+def build_cases(ap: argparse.ArgumentParser, args: argparse.Namespace, colds: list[str]) -> list[tuple[str, str, str]]:
+    """Every (system, view, cold) case measured in a round."""
+    cases: list[tuple[str, str, str]] = [("pcrfs", v, "remount") for v in args.views]
+    cases.append(("ratarmount", "full", "remount"))
+    for var in args.variants:
+        for part in var.split("+"):
+            if part not in VARIANTS:
+                ap.error(f"unknown variant {part!r} (known: {', '.join(VARIANTS)})")
+        cases.append((f"pcrfs+{var}", "full", "remount"))
+    if "drop" in colds:
+        if "full" in args.views:
+            cases.append(("pcrfs", "full", "drop"))
+        cases.append(("ratarmount", "full", "drop"))
+    cases += [("plain", "full", "-"), ("decode", "full", "-")]
+    return cases
+
+
+def measure_case(ctx, system: str, view: str, cold: str) -> tuple[dict, str]:
+    """One case once: (its figures, the line logged)."""
+    if system.startswith("pcrfs"):
+        r = measure_pcrfs(ctx, view, cold, system.partition("+")[2])
+        msg = f"first {r['first']['files_per_s']:8.0f}  second {r['second']['files_per_s']:8.0f} files/s"
+    elif system == "ratarmount":
+        r = measure_ratarmount(ctx, cold)
+        msg = f"first {r['first']['files_per_s']:8.0f}  second {r['second']['files_per_s']:8.0f} files/s"
+    elif system == "plain":
+        r = measure_plain(ctx)
+        msg = f"page-cached {r['page_cached']['files_per_s']:8.0f} files/s"
+    else:
+        r = measure_decode(ctx)
+        msg = f"{r['images_per_s']:.1f} images/s on one core"
+    return r, msg
+
+
+def run_rounds(ctx, cases: list[tuple[str, str, str]]) -> dict[str, list[dict]]:
+    """--rounds rounds of every case: per case key ``system:view:cold``, one dict per round."""
+    args = ctx.args
+    raw: dict[str, list[dict]] = {f"{s}:{v}:{c}": [] for s, v, c in cases}
+    for rnd in range(args.rounds):
+        shift = rnd % len(cases)
+        order = cases[shift:] + cases[:shift]  # rotate so no case always runs first/last
+        for s, v, c in order:
+            key = f"{s}:{v}:{c}"
+            r, msg = measure_case(ctx, s, v, c)
+            r["round"] = rnd + 1
+            r["loadavg_1min_after"] = loadavg()[0]
+            raw[key].append(r)
+            log(f"round {rnd + 1}/{args.rounds}  {key:28s} {msg}  (load {r['loadavg_1min_after']})")
+    return raw
+
+
+# ---- the summary -------------------------------------------------------------------------
 
 def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
@@ -372,6 +488,229 @@ def summarize_case(rounds: list[dict], passes: tuple[str, ...]) -> dict:
                                        "fraction_resident_min": min(f["fraction_resident"] for f in fc),
                                        "files_sampled": fc[0]["files_sampled"], "round1": fc[0]}
     return out
+
+
+def summarize_decode(rounds: list[dict]) -> dict:
+    return {"images_per_s": med([r["images_per_s"] for r in rounds]),
+            "images_per_s_min": min(r["images_per_s"] for r in rounds),
+            "images_per_s_max": max(r["images_per_s"] for r in rounds),
+            "images": rounds[0]["images"],
+            "by_source_mode": {m: {"images": v["images"], "images_per_s": med(
+                [r["by_source_mode"][m]["images_per_s"] for r in rounds])}
+                for m, v in rounds[0]["by_source_mode"].items()}}
+
+
+def summarize(raw: dict[str, list[dict]]) -> dict:
+    """Each case's rounds as medians (and min/max of the rates)."""
+    summary: dict = {}
+    for key, rounds in raw.items():
+        s = key.split(":")[0]
+        if s.startswith(("pcrfs", "ratarmount")):
+            summary[key] = summarize_case(rounds, ("first", "second"))
+        elif s == "plain":
+            summary[key] = summarize_case(rounds, ("page_cached",))
+        else:
+            summary[key] = summarize_decode(rounds)
+    return summary
+
+
+def paired(raw: dict[str, list[dict]], a: str, b: str, pa: str, pb: str) -> dict:
+    """Per-round ratio of a's to b's files/s (measured in the same round): median, min, max."""
+    if a not in raw or b not in raw:
+        return {}
+    rs = [x[pa]["files_per_s"] / y[pb]["files_per_s"] for x, y in zip(raw[a], raw[b])]
+    return {"median": med(rs), "min": min(rs), "max": max(rs)}
+
+
+def ratios_of(raw: dict[str, list[dict]], summary: dict, colds: list[str]) -> dict:
+    """The mounts' rates against each other, the plain directory and the decode rate: of the
+    medians, then (:func:`add_paired_ratios`) per round."""
+    decode = summary["decode:full:-"]["images_per_s"]
+    plain = summary["plain:full:-"]["page_cached"]["files_per_s"]
+    ratios: dict = {}
+    for key, s in summary.items():
+        if key.startswith(("pcrfs", "ratarmount")):
+            ratios[key] = {
+                "second_over_first": s["second"]["files_per_s"] / s["first"]["files_per_s"],
+                "first_over_plain": s["first"]["files_per_s"] / plain,
+                "second_over_plain": s["second"]["files_per_s"] / plain,
+                "first_over_decode": s["first"]["files_per_s"] / decode,
+                "second_over_decode": s["second"]["files_per_s"] / decode,
+            }
+    for c in colds:
+        pk, rk = f"pcrfs:full:{c}", f"ratarmount:full:{c}"
+        if pk in summary and rk in summary:
+            ratios[pk]["first_over_ratarmount_first"] = summary[pk]["first"]["files_per_s"] / summary[rk]["first"]["files_per_s"]
+            ratios[pk]["second_over_ratarmount_second"] = summary[pk]["second"]["files_per_s"] / summary[rk]["second"]["files_per_s"]
+    add_paired_ratios(ratios, raw, colds)
+    return ratios
+
+
+def add_paired_ratios(ratios: dict, raw: dict[str, list[dict]], colds: list[str]) -> None:
+    dk = "decode:full:-"
+    for key in ratios:  # files/s over the decode rate measured in the same round
+        for ps in ("first", "second"):
+            rs = [x[ps]["files_per_s"] / y["images_per_s"] for x, y in zip(raw[key], raw[dk])]
+            ratios[key][f"paired_rounds_{ps}_over_decode"] = {"median": med(rs), "min": min(rs), "max": max(rs)}
+    for c in colds:
+        pk, rk = f"pcrfs:full:{c}", f"ratarmount:full:{c}"
+        if pk in ratios:
+            ratios[pk]["paired_rounds_first_over_ratarmount_first"] = paired(raw, pk, rk, "first", "first")
+            ratios[pk]["paired_rounds_second_over_first"] = paired(raw, pk, pk, "second", "first")
+    for key in ratios:
+        if key.startswith("pcrfs+"):
+            ratios[key]["paired_rounds_first_over_default_first"] = paired(raw, key, "pcrfs:full:remount",
+                                                                           "first", "first")
+            ratios[key]["paired_rounds_second_over_default_second"] = paired(raw, key, "pcrfs:full:remount",
+                                                                             "second", "second")
+            ratios[key]["paired_rounds_first_over_ratarmount_first"] = paired(raw, key, "ratarmount:full:remount",
+                                                                              "first", "first")
+
+
+def full_view_targets(ratios: dict) -> dict:
+    """The targets of MNT/full: against ratarmount, its own first pass and the decode rate."""
+    targets: dict = {}
+    rf = ratios["pcrfs:full:remount"]
+    targets["full_first_pass_vs_ratarmount_first_pass"] = {
+        "target": f">= {TARGET_VS_RATARMOUNT}x", "value": round(rf["first_over_ratarmount_first"], 3),
+        "met": rf["first_over_ratarmount_first"] >= TARGET_VS_RATARMOUNT,
+        "paired_rounds_median": round(rf["paired_rounds_first_over_ratarmount_first"]["median"], 3)}
+    targets["full_second_pass_vs_first_pass"] = {
+        "target": f">= {TARGET_SECOND_VS_FIRST}x", "value": round(rf["second_over_first"], 3),
+        "met": rf["second_over_first"] >= TARGET_SECOND_VS_FIRST}
+    targets["full_first_pass_vs_decode_one_core"] = {
+        "target": f">= {TARGET_VS_DECODE}x", "value": round(rf["first_over_decode"], 2),
+        "met": rf["first_over_decode"] >= TARGET_VS_DECODE,
+        "paired_rounds_median": round(rf["paired_rounds_first_over_decode"]["median"], 2)}
+    targets["full_second_pass_vs_decode_one_core"] = {
+        "target": f">= {TARGET_VS_DECODE}x", "value": round(rf["second_over_decode"], 2),
+        "met": rf["second_over_decode"] >= TARGET_VS_DECODE}
+    if "pcrfs:full:drop" in ratios:
+        rd = ratios["pcrfs:full:drop"]
+        targets["(drop_caches) full_first_pass_vs_ratarmount_first_pass"] = {
+            "target": f">= {TARGET_VS_RATARMOUNT}x", "value": round(rd["first_over_ratarmount_first"], 3),
+            "met": rd["first_over_ratarmount_first"] >= TARGET_VS_RATARMOUNT}
+    return targets
+
+
+def targets_of(views: list[str], ratios: dict) -> dict:
+    """Every view's targets (those named in parentheses are reported, not judged)."""
+    targets: dict = {}
+    if "full" in views:
+        targets.update(full_view_targets(ratios))
+    for v in views:
+        if v == "full":
+            continue
+        r = ratios[f"pcrfs:{v}:remount"]
+        targets[f"{v}_second_pass_vs_first_pass"] = {"target": f">= {TARGET_SECOND_VS_FIRST}x",
+                                                     "value": round(r["second_over_first"], 3),
+                                                     "met": r["second_over_first"] >= TARGET_SECOND_VS_FIRST}
+        targets[f"{v}_first_pass_vs_decode_one_core"] = {"target": f">= {TARGET_VS_DECODE}x",
+                                                        "value": round(r["first_over_decode"], 2),
+                                                        "met": r["first_over_decode"] >= TARGET_VS_DECODE}
+    return targets
+
+
+def report_targets(targets: dict) -> list[str]:
+    """Log every target; the judged ones missed."""
+    missed = [k for k, t in targets.items() if not t["met"] and not k.startswith("(")]
+    for k, t in targets.items():
+        log(f"target {k}: {t['value']} ({t['target']}) {'met' if t['met'] else 'MISSED'}")
+    return missed
+
+
+# ---- profiling a target miss -----------------------------------------------------------------
+
+def profile_daemon(ctx, missed: list[str]) -> dict | None:
+    """With --profile always, or auto and a target missed: tools/profile_read.py's py-spy
+    profile, request census and in-process microbenchmark (None otherwise)."""
+    args = ctx.args
+    if not (args.profile == "always" or (args.profile == "auto" and missed)):
+        return None
+    log("profiling the pcrfs daemon (py-spy) during an extra first pass over MNT/full ...")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    profile = profile_first_pass(ctx.store, ctx.mnt_pcrfs, "full", ctx.order, ctx.work,
+                                 args.out.parent.resolve() / "bench_read_profile.txt",
+                                 args.profile_passes, args.profile_rate)
+    for row in profile.get("self", [])[:12]:
+        log(f"  self {row['share']:6.1%}  {row['function']}")
+    log("request census (instrumented daemon) ...")
+    profile["census"] = [census(ctx.store, ctx.mnt_pcrfs, "full", ctx.order, ctx.work)] + [
+        census(ctx.store, ctx.mnt_pcrfs, "full", ctx.order, ctx.work, v)
+        for v in args.variants if "pinned" in v][:1]
+    log_census(profile["census"])
+    log("in-process read-path microbenchmark ...")
+    profile["reader_microbench"] = reader_microbench(ctx.store, ctx.rel)
+    log(f"  {profile['reader_microbench']}")
+    return profile
+
+
+def log_census(censuses: list[dict]) -> None:
+    for cen in censuses:
+        for phase in ("first", "second"):
+            c = cen[phase]
+            log(f"  {cen['variant']} {phase}: {c['requests_per_file']} requests/file, python "
+                f"{c['python_callback_ms_per_file']} ms/file, daemon cpu {c['daemon_cpu_ms_per_file']} ms/file, "
+                f"wall {c.get('wall_ms_per_file')} ms/file: "
+                + ", ".join(f"{op} {o['per_file']}x{o['us_per_call']}us" for op, o in c["ops"].items()))
+
+
+# ---- the result --------------------------------------------------------------------------
+
+def config_doc(args: argparse.Namespace, colds: list[str]) -> dict:
+    """The JSON's ``config``: the options and what each case does."""
+    return {"rounds": args.rounds, "views": args.views, "cold": colds, "order": args.order,
+            "per_class": args.per_class, "seed": args.seed, "decode_sample": args.decode_sample,
+            "fincore_sample": args.fincore_sample, "ratarmount_args": args.ratarmount_args,
+            "variants": {v: "the pcrfs daemon started by tools/profile_read.py (--_daemon) with: "
+                         + "; ".join(VARIANT_DOC[x] for x in v.split("+")) for v in args.variants},
+            "reader": "one thread: open(p, 'rb'); f.read(); close, every file once per pass",
+            "walk": "os.walk of the mount before the first pass (timed as walk_s, not in the passes)",
+            "cold_remount": "fresh mount before the first pass; backing store/tar in the host page cache",
+            "cold_drop": "sync; echo 3 > /proc/sys/vm/drop_caches, then a fresh mount",
+            "decode": "PIL Image.open(p).convert('RGB').resize((224, 224)), no draft, pinned to one CPU"}
+
+
+def write_results(doc: dict, args: argparse.Namespace) -> None:
+    """--out (keeping the kernel mode's key of an existing file) and --png."""
+    if args.out.exists() and "kernel_speed" in (old := json.loads(args.out.read_text())):
+        doc["kernel_speed"] = old["kernel_speed"]  # the kernel mode's table lives in the same file
+    write_json(args.out, doc)
+    plot(doc, args.png)
+
+
+def run_benchmark(ap: argparse.ArgumentParser, ctx, colds: list[str], run: Run) -> None:
+    """The data set, the rounds, their summary, ratios and targets, a profile if one is due; written out."""
+    prep, sizes = load_dataset(ctx)
+    cases = build_cases(ap, ctx.args, colds)
+    raw = run_rounds(ctx, cases)
+    summary = summarize(raw)
+    ratios = ratios_of(raw, summary, colds)
+    targets = targets_of(ctx.args.views, ratios)
+    missed = report_targets(targets)
+    profile = profile_daemon(ctx, missed)
+    doc = run.doc(**{
+        "config": config_doc(ctx.args, colds),
+        "dataset": {**prep, "views": sizes},
+        "summary": summary,
+        "ratios": ratios,
+        "targets": targets,
+        "targets_missed": missed,
+        "earlier_measurements_to_verify": EARLIER,
+        "profile": profile,
+        "raw_rounds": raw,
+    })
+    write_results(doc, ctx.args)
+
+
+def release(ctx) -> None:
+    """Stop what the run started and unmount what it mounted; say what is still mounted."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    CLEANUP.all()
+    left = [mp for mp in (ctx.mnt_pcrfs, ctx.mnt_ratar) if is_mounted(mp)]
+    if left:
+        log(f"WARNING: still mounted: {left}")
 
 
 # ---- `bench_read.py kernel`: the mount against a plain directory, daemon CPU per file ------------
@@ -481,7 +820,7 @@ def measure_mount_case(store: Path, mp: Path, work: Path, view: str, compiled: b
     return out
 
 
-def kernel_main(argv: list[str]) -> int:
+def kernel_parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(prog="bench_read.py kernel", description=(
         "Issue #14's table: plain directory vs the mount's full and scan5 views, first pass on a fresh "
         "mount (store records page-cached) and second pass, daemon CPU per file from /proc/PID/stat, "
@@ -493,7 +832,111 @@ def kernel_main(argv: list[str]) -> int:
     ap.add_argument("--python-path", action="store_true", help="also measure PCRFS_NO_FASTPATH=1 (pure Python)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-kernel")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench_read.json")
-    args = ap.parse_args(argv)
+    return ap, ap.parse_args(argv)
+
+
+def kernel_case(work: Path, mp: Path, rel: list[str], plain_paths: list[str], case: tuple) -> tuple[str, dict]:
+    """One case of the table once: (its key, its figures)."""
+    kind, view, compiled, readers = case
+    key = "plain" if kind == "plain" else \
+        f"{view}:{'compiled' if compiled else 'python'}:{readers}r"
+    if kind == "plain":
+        r = {"first": timed_pass(plain_paths, None)}
+        r["second"] = r["first"]
+        r["second_os"] = timed_pass_precise(plain_paths, None, read_pass_os)
+    else:
+        r = measure_mount_case(work / "store", mp, work, view, compiled, readers, rel)
+        if compiled and not r["compiled"]:
+            log("WARNING: the compiled path is not in use (not built? see the mount log); "
+                "the 'compiled' rows measure the Python path")
+    return key, r
+
+
+def kernel_rounds(args: argparse.Namespace, work: Path, mp: Path, rel: list[str],
+                  plain_paths: list[str]) -> tuple[dict[str, list[dict]], list[float]]:
+    """--rounds rounds of every case, rotated: (per key one dict per round, the 1-minute loads)."""
+    impls = [True, False] if args.python_path else [True]
+    cases = [("plain", "full", True, 1)] + [("pcrfs", v, c, n) for c in impls for v in ("full", "scan5")
+                                             for n in (1, 2)]
+    raw: dict[str, list[dict]] = {}
+    loads = []
+    for rnd in range(args.rounds):
+        shift = rnd % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            key, r = kernel_case(work, mp, rel, plain_paths, case)
+            r["loadavg"] = loadavg()
+            loads.append(r["loadavg"][0])
+            raw.setdefault(key, []).append(r)
+            log(f"round {rnd + 1} {key:22s} first {r['first']['files_per_s']:8.0f} "
+                f"({r['first'].get('server_cpu_ms_per_file', 0) * 1e3:6.1f} us/file daemon)  second "
+                f"{r['second']['files_per_s']:8.0f} ({r['second'].get('server_cpu_ms_per_file', 0) * 1e3:5.1f} "
+                f"us/file)  load {r['loadavg'][0]:.2f}")
+    return raw, loads
+
+
+def kernel_row(rs: list[dict], plain: float, plain_os: float) -> dict:
+    """One mount case's rounds as the table's medians, against the plain directory's."""
+    row = {}
+    for p in ("first", "second"):
+        fps = med([r[p]["files_per_s"] for r in rs])
+        row[p] = {"files_per_s": round(fps), "vs_plain": round(fps / plain, 3),
+                  "daemon_us_per_file": round(med([r[p]["server_cpu_ms_per_file"] for r in rs]) * 1e3, 1)}
+        if "server_cpu_cores" in rs[0][p]:
+            row[p]["daemon_cores"] = round(med([r[p]["server_cpu_cores"] for r in rs]), 2)
+    if "second_os" in rs[0]:
+        fps = med([r["second_os"]["files_per_s"] for r in rs])
+        row["second_os_open"] = {
+            "files_per_s": round(fps), "vs_plain_os_open": round(fps / plain_os, 3),
+            "daemon_us_per_file": round(med([r["second_os"]["server_cpu_ms_per_file"] for r in rs]) * 1e3, 1)}
+    row["daemon_reads_per_file"] = rs[0].get("daemon_reads_per_file")
+    row["eio"] = sum(r["eio"] for r in rs)
+    return row
+
+
+def kernel_table(raw: dict[str, list[dict]]) -> dict:
+    plain = med([r["first"]["files_per_s"] for r in raw["plain"]])
+    plain_os = med([r["second_os"]["files_per_s"] for r in raw["plain"]])
+    table = {"plain": {"files_per_s": round(plain), "os_open_files_per_s": round(plain_os)}}
+    for key, rs in raw.items():
+        if key == "plain":
+            continue
+        table[key] = kernel_row(rs, plain, plain_os)
+    return table
+
+
+def kernel_targets(table: dict) -> dict:
+    """KERNEL_TARGETS judged on the compiled path's one-reader rows (each logged)."""
+    targets = {}
+    for name, (op, bound) in KERNEL_TARGETS.items():
+        view, _, rest = name.partition("_")
+        pas = "first" if rest.startswith("first") else "second"
+        row = table.get(f"{view}:compiled:1r")
+        if row is None:
+            continue
+        value = row[pas]["vs_plain" if rest.endswith("vs_plain") else "daemon_us_per_file"]
+        targets[name] = {"target": f"{op} {bound}", "value": value,
+                         "met": value >= bound if op == ">=" else value <= bound}
+        log(f"target {name}: {value} ({op} {bound}) {'met' if targets[name]['met'] else 'MISSED'}")
+    return targets
+
+
+def kernel_result(run: Run, args: argparse.Namespace, info: dict, loads: list[float], table: dict,
+                  targets: dict, raw: dict[str, list[dict]]) -> dict:
+    return run.doc(**{
+        "loadavg_1min": {"min": min(loads), "median": med(loads), "max": max(loads)},
+        "dataset": info,
+        "config": {"rounds": args.rounds,
+                   "reader": "open(p, 'rb'); f.read(); close per file; 2 readers: two processes, file j to "
+                             "reader j % 2; second_os_open: a third pass, os.open + fstat + os.read + os.close "
+                             "(no isatty ioctl), against the plain directory read the same way",
+                   "first_pass": "a fresh mount after an os.walk of the view; store records page-cached",
+                   "daemon_cpu": "sum over the daemon's threads of /proc/PID/task/TID/schedstat (ns on CPU)"},
+        "table": table, "targets": targets, "raw_rounds": raw,
+    })
+
+
+def kernel_main(argv: list[str]) -> int:
+    ap, args = kernel_parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     mp = work / "mnt"
@@ -508,74 +951,10 @@ def kernel_main(argv: list[str]) -> int:
         rel = walk(str(work / "full"))
         plain_paths = [str(work / "full" / r) for r in rel]
         read_pass(plain_paths)  # page-cache the plain copy
-        impls = [True, False] if args.python_path else [True]
-        cases = [("plain", "full", True, 1)] + [("pcrfs", v, c, n) for c in impls for v in ("full", "scan5")
-                                                 for n in (1, 2)]
-        raw: dict[str, list[dict]] = {}
-        loads = []
-        for rnd in range(args.rounds):
-            shift = rnd % len(cases)
-            for kind, view, compiled, readers in cases[shift:] + cases[:shift]:
-                key = "plain" if kind == "plain" else \
-                    f"{view}:{'compiled' if compiled else 'python'}:{readers}r"
-                if kind == "plain":
-                    r = {"first": timed_pass(plain_paths, None)}
-                    r["second"] = r["first"]
-                    r["second_os"] = timed_pass_precise(plain_paths, None, read_pass_os)
-                else:
-                    r = measure_mount_case(work / "store", mp, work, view, compiled, readers, rel)
-                    if compiled and not r["compiled"]:
-                        log("WARNING: the compiled path is not in use (not built? see the mount log); "
-                            "the 'compiled' rows measure the Python path")
-                r["loadavg"] = loadavg()
-                loads.append(r["loadavg"][0])
-                raw.setdefault(key, []).append(r)
-                log(f"round {rnd + 1} {key:22s} first {r['first']['files_per_s']:8.0f} "
-                    f"({r['first'].get('server_cpu_ms_per_file', 0) * 1e3:6.1f} us/file daemon)  second "
-                    f"{r['second']['files_per_s']:8.0f} ({r['second'].get('server_cpu_ms_per_file', 0) * 1e3:5.1f} "
-                    f"us/file)  load {r['loadavg'][0]:.2f}")
-        plain = med([r["first"]["files_per_s"] for r in raw["plain"]])
-        plain_os = med([r["second_os"]["files_per_s"] for r in raw["plain"]])
-        table = {"plain": {"files_per_s": round(plain), "os_open_files_per_s": round(plain_os)}}
-        for key, rs in raw.items():
-            if key == "plain":
-                continue
-            row = {}
-            for p in ("first", "second"):
-                fps = med([r[p]["files_per_s"] for r in rs])
-                row[p] = {"files_per_s": round(fps), "vs_plain": round(fps / plain, 3),
-                          "daemon_us_per_file": round(med([r[p]["server_cpu_ms_per_file"] for r in rs]) * 1e3, 1)}
-                if "server_cpu_cores" in rs[0][p]:
-                    row[p]["daemon_cores"] = round(med([r[p]["server_cpu_cores"] for r in rs]), 2)
-            if "second_os" in rs[0]:
-                fps = med([r["second_os"]["files_per_s"] for r in rs])
-                row["second_os_open"] = {
-                    "files_per_s": round(fps), "vs_plain_os_open": round(fps / plain_os, 3),
-                    "daemon_us_per_file": round(med([r["second_os"]["server_cpu_ms_per_file"] for r in rs]) * 1e3, 1)}
-            row["daemon_reads_per_file"] = rs[0].get("daemon_reads_per_file")
-            row["eio"] = sum(r["eio"] for r in rs)
-            table[key] = row
-        targets = {}
-        for name, (op, bound) in KERNEL_TARGETS.items():
-            view, _, rest = name.partition("_")
-            pas = "first" if rest.startswith("first") else "second"
-            row = table.get(f"{view}:compiled:1r")
-            if row is None:
-                continue
-            value = row[pas]["vs_plain" if rest.endswith("vs_plain") else "daemon_us_per_file"]
-            targets[name] = {"target": f"{op} {bound}", "value": value,
-                             "met": value >= bound if op == ">=" else value <= bound}
-            log(f"target {name}: {value} ({op} {bound}) {'met' if targets[name]['met'] else 'MISSED'}")
-        result = run.doc(**{
-            "loadavg_1min": {"min": min(loads), "median": med(loads), "max": max(loads)},
-            "dataset": info,
-            "config": {"rounds": args.rounds, "reader": "open(p, 'rb'); f.read(); close per file; 2 readers: "
-                       "two processes, file j to reader j % 2; second_os_open: a third pass, os.open + fstat + "
-                       "os.read + os.close (no isatty ioctl), against the plain directory read the same way", "first_pass": "a fresh mount after an os.walk of "
-                       "the view; store records page-cached", "daemon_cpu": "sum over the daemon's threads of /proc/PID/task/TID/schedstat "
-                       "(ns on CPU)"},
-            "table": table, "targets": targets, "raw_rounds": raw,
-        })
+        raw, loads = kernel_rounds(args, work, mp, rel, plain_paths)
+        table = kernel_table(raw)
+        targets = kernel_targets(table)
+        result = kernel_result(run, args, info, loads, table, targets, raw)
         # next to the ratarmount comparison the default mode writes
         write_json(args.out, result, key="kernel_speed")
     finally:
@@ -586,269 +965,16 @@ def kernel_main(argv: list[str]) -> int:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "kernel":
         return kernel_main(sys.argv[2:])
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--per-class", type=int, default=625, help="demo photos per class (8 classes; default 625)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians reported (default 5)")
-    ap.add_argument("--views", nargs="+", default=["scan1", "scan5", "full"])
-    ap.add_argument("--cold", choices=("remount", "drop", "both"), default="both",
-                    help="what precedes a first pass (see the module doc; default both)")
-    ap.add_argument("--order", choices=("sorted", "shuffled"), default="sorted",
-                    help="file order of a pass (default: sorted, i.e. store order)")
-    ap.add_argument("--decode-sample", type=int, default=300, help="files decoded per round (default 300)")
-    ap.add_argument("--fincore-sample", type=int, default=1000, help="files checked with fincore (0: skip)")
-    ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
-                    help="py-spy the daemon during an extra first pass (auto: if a target is missed)")
-    ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
-    ap.add_argument("--profile-passes", type=int, default=4, help="first passes sampled by py-spy (default 4)")
-    ap.add_argument("--variants", nargs="*", default=[],
-                    help="extra, untargeted pcrfs full cases: the same daemon started from this tool with "
-                         "a changed setting (cache0: --cache-size 0; nothreads: -o nothreads; combine with +)")
-    ap.add_argument("--ratarmount-args", nargs=argparse.REMAINDER, default=[],
-                    help="extra ratarmount arguments (last on the line)")
-    ap.add_argument("--workers", type=int, default=2, help="convert workers for building the store")
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-read",
-                    help="data/mount directory, reused between runs (default /tmp/pcrfs-bench-read)")
-    ap.add_argument("--rebuild", action="store_true", help="rebuild the data set even if --work has it")
-    ap.add_argument("--out", type=Path, default=REPO / "results" / "bench_read.json")
-    ap.add_argument("--png", type=Path, default=REPO / "results" / "bench_read.png")
-    args = ap.parse_args()
-
-    ratarmount = shutil.which("ratarmount")
-    if not ratarmount:
-        ap.error("ratarmount not found: pip install ratarmount")
-    ctx = Ctx()
-    ctx.args = args
-    ctx.work = args.work.resolve()
-    ctx.work.mkdir(parents=True, exist_ok=True)
-    ctx.src, ctx.store, ctx.full_dir = ctx.work / "src", ctx.work / "store", ctx.work / "full"
-    ctx.tar = ctx.work / "full.tar"
-    ctx.tar_index = ctx.work / "full.tar.index.sqlite"
-    ctx.mnt_pcrfs, ctx.mnt_ratar = str(ctx.work / "mnt-pcrfs"), str(ctx.work / "mnt-ratar")
-    ctx.ratarmount = ratarmount
-    for mp in (ctx.mnt_pcrfs, ctx.mnt_ratar):
-        if is_mounted(mp):
-            ap.error(f"{mp} is mounted; unmount it first")
-        os.makedirs(mp, exist_ok=True)
-    colds = ["remount", "drop"] if args.cold == "both" else [args.cold]
-    if "drop" in colds and not can_drop_caches():
-        log("cannot write /proc/sys/vm/drop_caches: measuring --cold remount only")
-        colds = ["remount"]
+    ap, args = parse_args()
+    ctx = make_ctx(ap, args)
+    colds = cold_variants(args.cold)
     on_signals()
-    run = Run("tools/bench_read.py", packages=PACKAGES)
-    run.machine["libfuse_pcrfs_binding"] = libfuse_binding()
-    if run.machine["packages"].get("ratarmount") is None:  # installed apart from this Python
-        said = subprocess.run([ratarmount, "--version"], capture_output=True, text=True, timeout=60).stdout
-        run.machine["packages"]["ratarmount"] = said.split("\n", 1)[0].removeprefix("ratarmount ").strip() or None
+    run = start_run(ctx.ratarmount)
     try:
-        prep = prepare(ctx)
-        ctx.rel = walk(str(ctx.full_dir))
-        ctx.order = list(ctx.rel)
-        if args.order == "shuffled":
-            random.Random(args.seed).shuffle(ctx.order)
-        ctx.decode_paths = [os.path.join(ctx.full_dir, r) for r in sample(ctx.rel, args.decode_sample)]
-        sizes = view_sizes(ctx, args.views)
-        per_view = ", ".join(f"{v} {sizes[v]['mean_kB']} kB" for v in args.views)
-        log(f"{len(ctx.rel)} files; mean file size: {per_view}")
-
-        cases: list[tuple[str, str, str]] = [("pcrfs", v, "remount") for v in args.views]
-        cases.append(("ratarmount", "full", "remount"))
-        for var in args.variants:
-            for part in var.split("+"):
-                if part not in VARIANTS:
-                    ap.error(f"unknown variant {part!r} (known: {', '.join(VARIANTS)})")
-            cases.append((f"pcrfs+{var}", "full", "remount"))
-        if "drop" in colds:
-            if "full" in args.views:
-                cases.append(("pcrfs", "full", "drop"))
-            cases.append(("ratarmount", "full", "drop"))
-        cases += [("plain", "full", "-"), ("decode", "full", "-")]
-        raw: dict[str, list[dict]] = {f"{s}:{v}:{c}": [] for s, v, c in cases}
-        for rnd in range(args.rounds):
-            shift = rnd % len(cases)
-            order = cases[shift:] + cases[:shift]  # rotate so no case always runs first/last
-            for s, v, c in order:
-                key = f"{s}:{v}:{c}"
-                if s.startswith("pcrfs"):
-                    r = measure_pcrfs(ctx, v, c, s.partition("+")[2])
-                    msg = f"first {r['first']['files_per_s']:8.0f}  second {r['second']['files_per_s']:8.0f} files/s"
-                elif s == "ratarmount":
-                    r = measure_ratarmount(ctx, c)
-                    msg = f"first {r['first']['files_per_s']:8.0f}  second {r['second']['files_per_s']:8.0f} files/s"
-                elif s == "plain":
-                    r = measure_plain(ctx)
-                    msg = f"page-cached {r['page_cached']['files_per_s']:8.0f} files/s"
-                else:
-                    r = measure_decode(ctx)
-                    msg = f"{r['images_per_s']:.1f} images/s on one core"
-                r["round"] = rnd + 1
-                r["loadavg_1min_after"] = loadavg()[0]
-                raw[key].append(r)
-                log(f"round {rnd + 1}/{args.rounds}  {key:28s} {msg}  (load {r['loadavg_1min_after']})")
-
-        summary: dict = {}
-        for key, rounds in raw.items():
-            s = key.split(":")[0]
-            if s.startswith(("pcrfs", "ratarmount")):
-                summary[key] = summarize_case(rounds, ("first", "second"))
-            elif s == "plain":
-                summary[key] = summarize_case(rounds, ("page_cached",))
-            else:
-                summary[key] = {"images_per_s": med([r["images_per_s"] for r in rounds]),
-                                "images_per_s_min": min(r["images_per_s"] for r in rounds),
-                                "images_per_s_max": max(r["images_per_s"] for r in rounds),
-                                "images": rounds[0]["images"],
-                                "by_source_mode": {m: {"images": v["images"], "images_per_s": med(
-                                    [r["by_source_mode"][m]["images_per_s"] for r in rounds])}
-                                    for m, v in rounds[0]["by_source_mode"].items()}}
-
-        decode = summary["decode:full:-"]["images_per_s"]
-        plain = summary["plain:full:-"]["page_cached"]["files_per_s"]
-        ratios: dict = {}
-        for key, s in summary.items():
-            if key.startswith(("pcrfs", "ratarmount")):
-                ratios[key] = {
-                    "second_over_first": s["second"]["files_per_s"] / s["first"]["files_per_s"],
-                    "first_over_plain": s["first"]["files_per_s"] / plain,
-                    "second_over_plain": s["second"]["files_per_s"] / plain,
-                    "first_over_decode": s["first"]["files_per_s"] / decode,
-                    "second_over_decode": s["second"]["files_per_s"] / decode,
-                }
-        for c in colds:
-            pk, rk = f"pcrfs:full:{c}", f"ratarmount:full:{c}"
-            if pk in summary and rk in summary:
-                ratios[pk]["first_over_ratarmount_first"] = summary[pk]["first"]["files_per_s"] / summary[rk]["first"]["files_per_s"]
-                ratios[pk]["second_over_ratarmount_second"] = summary[pk]["second"]["files_per_s"] / summary[rk]["second"]["files_per_s"]
-
-        def paired(a: str, b: str, pa: str, pb: str) -> dict:
-            """Per-round ratio of a's to b's files/s (measured in the same round): median, min, max."""
-            if a not in raw or b not in raw:
-                return {}
-            rs = [x[pa]["files_per_s"] / y[pb]["files_per_s"] for x, y in zip(raw[a], raw[b])]
-            return {"median": med(rs), "min": min(rs), "max": max(rs)}
-
-        dk = "decode:full:-"
-        for key in ratios:  # files/s over the decode rate measured in the same round
-            for ps in ("first", "second"):
-                rs = [x[ps]["files_per_s"] / y["images_per_s"] for x, y in zip(raw[key], raw[dk])]
-                ratios[key][f"paired_rounds_{ps}_over_decode"] = {"median": med(rs), "min": min(rs), "max": max(rs)}
-        for c in colds:
-            pk, rk = f"pcrfs:full:{c}", f"ratarmount:full:{c}"
-            if pk in ratios:
-                ratios[pk]["paired_rounds_first_over_ratarmount_first"] = paired(pk, rk, "first", "first")
-                ratios[pk]["paired_rounds_second_over_first"] = paired(pk, pk, "second", "first")
-        for key in ratios:
-            if key.startswith("pcrfs+"):
-                ratios[key]["paired_rounds_first_over_default_first"] = paired(key, "pcrfs:full:remount", "first", "first")
-                ratios[key]["paired_rounds_second_over_default_second"] = paired(key, "pcrfs:full:remount", "second", "second")
-                ratios[key]["paired_rounds_first_over_ratarmount_first"] = paired(key, "ratarmount:full:remount",
-                                                                                  "first", "first")
-
-        targets: dict = {}
-        if "full" in args.views:
-            rf = ratios["pcrfs:full:remount"]
-            targets["full_first_pass_vs_ratarmount_first_pass"] = {
-                "target": f">= {TARGET_VS_RATARMOUNT}x", "value": round(rf["first_over_ratarmount_first"], 3),
-                "met": rf["first_over_ratarmount_first"] >= TARGET_VS_RATARMOUNT,
-                "paired_rounds_median": round(rf["paired_rounds_first_over_ratarmount_first"]["median"], 3)}
-            targets["full_second_pass_vs_first_pass"] = {
-                "target": f">= {TARGET_SECOND_VS_FIRST}x", "value": round(rf["second_over_first"], 3),
-                "met": rf["second_over_first"] >= TARGET_SECOND_VS_FIRST}
-            targets["full_first_pass_vs_decode_one_core"] = {
-                "target": f">= {TARGET_VS_DECODE}x", "value": round(rf["first_over_decode"], 2),
-                "met": rf["first_over_decode"] >= TARGET_VS_DECODE,
-                "paired_rounds_median": round(rf["paired_rounds_first_over_decode"]["median"], 2)}
-            targets["full_second_pass_vs_decode_one_core"] = {
-                "target": f">= {TARGET_VS_DECODE}x", "value": round(rf["second_over_decode"], 2),
-                "met": rf["second_over_decode"] >= TARGET_VS_DECODE}
-            if "pcrfs:full:drop" in ratios:
-                rd = ratios["pcrfs:full:drop"]
-                targets["(drop_caches) full_first_pass_vs_ratarmount_first_pass"] = {
-                    "target": f">= {TARGET_VS_RATARMOUNT}x", "value": round(rd["first_over_ratarmount_first"], 3),
-                    "met": rd["first_over_ratarmount_first"] >= TARGET_VS_RATARMOUNT}
-        for v in args.views:
-            if v == "full":
-                continue
-            r = ratios[f"pcrfs:{v}:remount"]
-            targets[f"{v}_second_pass_vs_first_pass"] = {"target": f">= {TARGET_SECOND_VS_FIRST}x",
-                                                         "value": round(r["second_over_first"], 3),
-                                                         "met": r["second_over_first"] >= TARGET_SECOND_VS_FIRST}
-            targets[f"{v}_first_pass_vs_decode_one_core"] = {"target": f">= {TARGET_VS_DECODE}x",
-                                                            "value": round(r["first_over_decode"], 2),
-                                                            "met": r["first_over_decode"] >= TARGET_VS_DECODE}
-        missed = [k for k, t in targets.items() if not t["met"] and not k.startswith("(")]
-        for k, t in targets.items():
-            log(f"target {k}: {t['value']} ({t['target']}) {'met' if t['met'] else 'MISSED'}")
-
-        profile = None
-        if args.profile == "always" or (args.profile == "auto" and missed):
-            log("profiling the pcrfs daemon (py-spy) during an extra first pass over MNT/full ...")
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            profile = profile_first_pass(ctx.store, ctx.mnt_pcrfs, "full", ctx.order, ctx.work,
-                                         args.out.parent.resolve() / "bench_read_profile.txt",
-                                         args.profile_passes, args.profile_rate)
-            for row in profile.get("self", [])[:12]:
-                log(f"  self {row['share']:6.1%}  {row['function']}")
-            log("request census (instrumented daemon) ...")
-            profile["census"] = [census(ctx.store, ctx.mnt_pcrfs, "full", ctx.order, ctx.work)] + [
-                census(ctx.store, ctx.mnt_pcrfs, "full", ctx.order, ctx.work, v)
-                for v in args.variants if "pinned" in v][:1]
-            for cen in profile["census"]:
-                for phase in ("first", "second"):
-                    c = cen[phase]
-                    log(f"  {cen['variant']} {phase}: {c['requests_per_file']} requests/file, python "
-                        f"{c['python_callback_ms_per_file']} ms/file, daemon cpu {c['daemon_cpu_ms_per_file']} ms/file, "
-                        f"wall {c.get('wall_ms_per_file')} ms/file: "
-                        + ", ".join(f"{op} {o['per_file']}x{o['us_per_call']}us" for op, o in c["ops"].items()))
-            log("in-process read-path microbenchmark ...")
-            profile["reader_microbench"] = reader_microbench(ctx.store, ctx.rel)
-            log(f"  {profile['reader_microbench']}")
-
-        doc = run.doc(**{
-            "config": {"rounds": args.rounds, "views": args.views, "cold": colds, "order": args.order,
-                       "per_class": args.per_class, "seed": args.seed, "decode_sample": args.decode_sample,
-                       "fincore_sample": args.fincore_sample, "ratarmount_args": args.ratarmount_args,
-                       "variants": {v: "the pcrfs daemon started by tools/profile_read.py (--_daemon) with: "
-                                    + "; ".join(VARIANT_DOC[x] for x in v.split("+")) for v in args.variants},
-                       "reader": "one thread: open(p, 'rb'); f.read(); close, every file once per pass",
-                       "walk": "os.walk of the mount before the first pass (timed as walk_s, not in the passes)",
-                       "cold_remount": "fresh mount before the first pass; backing store/tar in the host page cache",
-                       "cold_drop": "sync; echo 3 > /proc/sys/vm/drop_caches, then a fresh mount",
-                       "decode": "PIL Image.open(p).convert('RGB').resize((224, 224)), no draft, pinned to one CPU"},
-            "dataset": {**prep, "views": sizes},
-            "summary": summary,
-            "ratios": ratios,
-            "targets": targets,
-            "targets_missed": missed,
-            "earlier_measurements_to_verify": EARLIER,
-            "profile": profile,
-            "raw_rounds": raw,
-        })
-        if args.out.exists() and "kernel_speed" in (old := json.loads(args.out.read_text())):
-            doc["kernel_speed"] = old["kernel_speed"]  # the kernel mode's table lives in the same file
-        write_json(args.out, doc)
-        plot(doc, args.png)
+        run_benchmark(ap, ctx, colds, run)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        CLEANUP.all()
-        left = [mp for mp in (ctx.mnt_pcrfs, ctx.mnt_ratar) if is_mounted(mp)]
-        if left:
-            log(f"WARNING: still mounted: {left}")
+        release(ctx)
     return 0
-
-
-def libfuse_of(pid: int | None) -> str | None:
-    """The libfuse shared object a running server has mapped (e.g. libfuse3.so.3.14.0)."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            libs = {line.rsplit("/", 1)[-1].strip() for line in f if "/libfuse" in line}
-        return ", ".join(sorted(libs)) or None
-    except (OSError, TypeError):
-        return None
-
-
 
 
 def libfuse_binding() -> str:

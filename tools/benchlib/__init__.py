@@ -31,7 +31,10 @@ Modules (each one job; none imports a tool):
                        instrumented daemon). ``CLEANUP`` tracks every mount and PID a run made;
                        ``CLEANUP.all()`` (in a ``finally``) stops only those, by PID, and unmounts;
                        ``on_signals()`` turns SIGTERM into KeyboardInterrupt so the finally runs.
-                       ``is_mounted(mp)``, ``unmount_any(mp)``, ``stop_process(popen)``.
+                       ``is_mounted(mp)``, ``unmount_any(mp)``, ``stop_process(popen)``,
+                       ``libfuse_of(pid)`` (the libfuse a FUSE server has mapped).
+``benchlib.pagecache`` ``drop_caches()`` (root: the next reads come from disk), ``can_drop_caches()``,
+                       ``fincore(paths)``: which fraction of the files the page cache holds.
 ``benchlib.machine``   ``machine_facts(packages=())``: cpu model, cores, memory, kernel, python,
                        platform, pcrfs version, git commit (+ whether pcrfs/ differs from it) and
                        the versions of ``packages``; ``source_state()``: HEAD, changed pcrfs files,

@@ -121,6 +121,16 @@ def on_signals() -> None:
     signal.signal(signal.SIGTERM, raise_interrupt)
 
 
+def libfuse_of(pid: int | None) -> str | None:
+    """The libfuse shared object a running server has mapped (e.g. libfuse3.so.3.14.0)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            libs = {line.rsplit("/", 1)[-1].strip() for line in f if "/libfuse" in line}
+        return ", ".join(sorted(libs)) or None
+    except (OSError, TypeError):
+        return None
+
+
 def read_stats(mp: str | os.PathLike) -> dict:
     """A pcrfs mount's counters: the ``user.pcrfs.stats`` xattr of its root, else MNT/.pcrfs/stats."""
     mp = os.fspath(mp)
