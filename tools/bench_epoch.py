@@ -166,7 +166,7 @@ def plot(doc: dict, path: Path) -> None:
 
 # ---- main ----------------------------------------------------------------------------------
 
-def main() -> int:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-epoch")
     p.add_argument("--per-class", type=int, default=100, help="demo images per class (8 classes)")
@@ -181,12 +181,11 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="epochs per configuration (fresh mount each); the median is reported")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_epoch.json")
-    args = p.parse_args()
-    run = Run("tools/bench_epoch.py", packages=("torch", "torchvision"))
+    return p, p.parse_args()
 
-    work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    src, store = prepare(work, args.per_class, args.record_size)
+
+def view_sizes(store: Path) -> tuple[int, dict[str, int]]:
+    """(images, bytes of every view scan1..scanN and full) of the local store."""
     s = open_store(store)
     n_images = s.num_images
     view_k = {f"scan{k}": k for k in range(1, s.num_groups + 1)}
@@ -194,14 +193,12 @@ def main() -> int:
     fractions = {f"scan{f['k']}": f for f in cumulative_fractions(s)}
     view_bytes = {v: fractions[f"scan{k}"]["bytes"] for v, k in view_k.items()}
     s.close()
-    mnt = work / "mnt"
-    mnt.mkdir(exist_ok=True)
-    if is_mounted(mnt):
-        p.error(f"{mnt} is mounted; unmount it first")
-    logs = work / "logs"
-    logs.mkdir(exist_ok=True)
+    return n_images, view_bytes
 
-    # ---- CPU-bound: baseline tree and the local store in the page cache
+
+def cpu_bound(src: Path, store: Path, mnt: Path, logs: Path, args) -> tuple[dict, dict, list[dict]]:
+    """The baseline JPEG tree (sequential, shuffled) and every view of the local store, its
+    records in the page cache: (baseline, baseline shuffled, one row per view)."""
     log("CPU-bound: baseline JPEG tree")
     run_epoch(src, False, args.workers, args.batch)  # warm the page cache and the code
     baseline = run_epoch(src, False, args.workers, args.batch)
@@ -213,12 +210,11 @@ def main() -> int:
         r = mounted_epoch(str(store), mnt, view, False, args, ReadOptions(), logs / "local.log")
         cpu.append(r)
         log(f"  local {view}: {r['seconds']}s")
-    cpu_full = next(r["seconds"] for r in cpu if r["view"] == "full")
+    return baseline, baseline_shuffled, cpu
 
-    # ---- I/O-bound: the store in S3 behind --bwlimit
-    rate_mib = args.bwlimit or view_bytes["full"] / (args.io_factor * cpu_full) / (1 << 20)
-    rate_mib = round(rate_mib, 2)
-    rate = int(rate_mib * (1 << 20))
+
+def io_bound(store: Path, work: Path, mnt: Path, logs: Path, args, rate: int) -> list[dict]:
+    """Every view, sequential and shuffled, from the store in moto's S3 behind ``rate`` bytes/s."""
     saved_env = {k: os.environ.get(k) for k in list(S3_ENV) + ["XDG_CACHE_HOME"]}
     os.environ.update(S3_ENV)
     os.environ["XDG_CACHE_HOME"] = str(work / "xdg-cache")
@@ -246,7 +242,11 @@ def main() -> int:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    return io
 
+
+def speedups(io: list[dict], view_bytes: dict[str, int]) -> dict:
+    """Per view below full: the I/O-bound epoch's speedup over full against its bytes ratio."""
     def t(view: str, shuffle: bool) -> float:
         return next(r["seconds"] for r in io if r["view"] == view and r["shuffle"] == shuffle)
 
@@ -257,10 +257,16 @@ def main() -> int:
         speedup[view] = {"bytes_ratio": round(ratio, 2), "sequential": round(seq, 2), "shuffled": round(shf, 2),
                          "target": round(0.8 * ratio, 2), "met_sequential": seq >= 0.8 * ratio,
                          "met_shuffled": shf >= 0.8 * ratio}
+    return speedup
+
+
+def result_doc(run: Run, args, *, n_images: int, view_bytes: dict[str, int], src: Path, rate_mib: float,
+               rate: int, baseline: dict, baseline_shuffled: dict, cpu: list[dict], io: list[dict]) -> dict:
+    speedup = speedups(io, view_bytes)
     seq_rpi = {r["view"]: r["requests_per_image"] for r in io if not r["shuffle"]}
     waste = {f"{r['view']}{'-shuffled' if r['shuffle'] else ''}": round(r["store_bytes"] / view_bytes[r["view"]], 3)
              for r in io}
-    doc = run.doc(**{
+    return run.doc(**{
         "benchmark": "bench_epoch",
         "date": run.started.isoformat(timespec="seconds"),
         "images": n_images, "workers": args.workers, "batch": args.batch, "record_size": args.record_size,
@@ -279,10 +285,39 @@ def main() -> int:
             "sequential_requests_per_image_le_1.2": all(v <= 1.2 for v in seq_rpi.values()),
         },
     })
+
+
+def main() -> int:
+    p, args = parse_args()
+    run = Run("tools/bench_epoch.py", packages=("torch", "torchvision"))
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    src, store = prepare(work, args.per_class, args.record_size)
+    n_images, view_bytes = view_sizes(store)
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    if is_mounted(mnt):
+        p.error(f"{mnt} is mounted; unmount it first")
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+
+    # ---- CPU-bound: baseline tree and the local store in the page cache
+    baseline, baseline_shuffled, cpu = cpu_bound(src, store, mnt, logs, args)
+    cpu_full = next(r["seconds"] for r in cpu if r["view"] == "full")
+
+    # ---- I/O-bound: the store in S3 behind --bwlimit
+    rate_mib = args.bwlimit or view_bytes["full"] / (args.io_factor * cpu_full) / (1 << 20)
+    rate_mib = round(rate_mib, 2)
+    rate = int(rate_mib * (1 << 20))
+    io = io_bound(store, work, mnt, logs, args, rate)
+
+    doc = result_doc(run, args, n_images=n_images, view_bytes=view_bytes, src=src, rate_mib=rate_mib, rate=rate,
+                     baseline=baseline, baseline_shuffled=baseline_shuffled, cpu=cpu, io=io)
     write_json(args.out, doc)
     plot(doc, args.out.with_suffix(".png"))
-    print(json.dumps({"speedup": speedup, "sequential_requests_per_image": seq_rpi, "targets": doc["targets"],
-                      "bwlimit_mib_s": rate_mib, "baseline_s": baseline["seconds"],
+    print(json.dumps({"speedup": doc["speedup"], "sequential_requests_per_image": doc["sequential_requests_per_image"],
+                      "targets": doc["targets"], "bwlimit_mib_s": rate_mib, "baseline_s": baseline["seconds"],
                       "cpu_bound_s": {r["view"]: r["seconds"] for r in cpu}}, indent=1))
     return 0
 

@@ -256,7 +256,7 @@ def evaluate(rows: list[dict], view_bytes: dict, rate: float) -> dict:
 
 # ---- main -------------------------------------------------------------------------------------------
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-remote")
     p.add_argument("--npm-cache", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-npm-s3rver")
@@ -280,25 +280,88 @@ def main() -> int:
                    help="decode: PIL + RandomResizedCrop(224) + ToTensor (a training pipeline); bytes: read "
                         "the files only (what the link costs, on a machine too loaded for the decode)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_remote_epoch.json")
-    args = p.parse_args()
-    from pcrfs.store.reader import open_store
-    from pcrfs.store.verify import cumulative_fractions
+    return p.parse_args()
+
+
+def parse_sizes(args: argparse.Namespace) -> None:
     from pcrfs.units import parse_size
 
-    run = Run("tools/bench_remote_epoch.py")
     args.cache_size = parse_size(args.cache_size)
     args.sampler_cache = parse_size(args.sampler_cache)
     args.record_size = parse_size(args.record_size)  # "4M" as the README writes it, or bytes
     if args.sampler_record_size:
         args.sampler_record_size = parse_size(args.sampler_record_size)
-    work = args.workdir
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    src, store = prepare(work, args.per_class, args.record_size)
+
+
+def store_facts(store: Path) -> tuple[dict, dict]:
+    """(the local store's images and records, the bytes of each of VIEWS)."""
+    from pcrfs.store.reader import open_store
+    from pcrfs.store.verify import cumulative_fractions
+
     with open_store(store) as s:
         n_images, n_records, groups = s.num_images, len(s.index.records), s.num_groups
         fractions = {f"scan{f['k']}": f["bytes"] for f in cumulative_fractions(s)}
     view_bytes = {v: fractions[v] for v in VIEWS if v != "full"}
     view_bytes["full"] = fractions[f"scan{groups}"]
+    return {"images": n_images, "records": n_records}, view_bytes
+
+
+def upload_all(endpoint: str, store: Path, shards: list[Path], sampler_store: Path) -> None:
+    log(f"uploading the store and {len(shards)} shards to s3rver at {endpoint}")
+    files = store_files(store, "store.pcr") + [(p, f"wds/{p.name}") for p in shards]
+    if sampler_store != store:
+        files += store_files(sampler_store, "sampler.pcr")
+    upload(files, endpoint)
+
+
+def run_modes(args: argparse.Namespace, proxy: LinkProxy, shards: list[Path], work: Path, store: Path,
+              sampler_store: Path) -> list[dict]:
+    """Every mode of --modes over every view of --views (the per-image one over --images-views)."""
+    url = f"s3://{BUCKET}/store.pcr"
+    rows: list[dict] = []
+    modes = args.modes.split(",")
+    views = args.views.split(",")
+    if "wds" in modes:
+        rows += wds_run(proxy, shards, args)
+    for mode in ("prefix", "sampler", "images"):
+        if mode not in modes:
+            continue
+        for view in views:
+            if mode == "images" and view not in args.images_views.split(","):
+                continue
+            if mode == "sampler" and sampler_store != store:
+                rows += mounted_run(mode, view, f"s3://{BUCKET}/sampler.pcr", proxy, args, work, sampler_store)
+            else:
+                rows += mounted_run(mode, view, url, proxy, args, work, store)
+    return rows
+
+
+def result_doc(run: Run, args: argparse.Namespace, facts: dict, view_bytes: dict, shards: list[Path],
+               rows: list[dict]) -> dict:
+    return run.doc(**{
+        "benchmark": "bench_remote_epoch",
+        "date": run.started.isoformat(timespec="seconds"),
+        "setting": {"latency_s": args.latency, "rate_bytes_s": args.rate, "images": facts["images"],
+                    "records": facts["records"], "record_size": args.record_size, "workers": args.workers,
+                    "batch": args.batch, "cache_size": args.cache_size, "sampler_cache": args.sampler_cache,
+                    "sampler_record_size": args.sampler_record_size or args.record_size,
+                    "server": "s3rver 3.7.1", "loader": args.loader,
+                    "transform": "RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor"
+                    if args.loader == "decode" else "none (file bytes)"},
+        "view_bytes": view_bytes, "link_seconds": {v: round(b / args.rate, 2) for v, b in view_bytes.items()},
+        "wds_bytes": sum(p.stat().st_size for p in shards),
+        "rows": rows, "targets": evaluate(rows, view_bytes, args.rate),
+    })
+
+
+def main() -> int:
+    args = parse_args()
+    run = Run("tools/bench_remote_epoch.py")
+    parse_sizes(args)
+    work = args.workdir
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    src, store = prepare(work, args.per_class, args.record_size)
+    facts, view_bytes = store_facts(store)
     shards = make_shards(src, work / "wds", args.shards)
     sampler_store = store
     if args.sampler_record_size:
@@ -308,48 +371,16 @@ def main() -> int:
     shutil.rmtree(work / "s3rver", ignore_errors=True)
     server = S3rver(args.npm_cache, work / "s3rver", work / "logs" / "s3rver.log")
     proxy = None
-    rows: list[dict] = []
     try:
-        url = f"s3://{BUCKET}/store.pcr"
-        log(f"uploading the store and {len(shards)} shards to s3rver at {server.endpoint}")
-        files = store_files(store, "store.pcr") + [(p, f"wds/{p.name}") for p in shards]
-        if sampler_store != store:
-            files += store_files(sampler_store, "sampler.pcr")
-        upload(files, server.endpoint)
+        upload_all(server.endpoint, store, shards, sampler_store)
         proxy = LinkProxy(server.port, args.latency, args.rate, work / "logs" / "link.log")
-        modes = args.modes.split(",")
-        views = args.views.split(",")
-        if "wds" in modes:
-            rows += wds_run(proxy, shards, args)
-        for mode in ("prefix", "sampler", "images"):
-            if mode not in modes:
-                continue
-            for view in views:
-                if mode == "images" and view not in args.images_views.split(","):
-                    continue
-                if mode == "sampler" and sampler_store != store:
-                    rows += mounted_run(mode, view, f"s3://{BUCKET}/sampler.pcr", proxy, args, work, sampler_store)
-                else:
-                    rows += mounted_run(mode, view, url, proxy, args, work, store)
+        rows = run_modes(args, proxy, shards, work, store, sampler_store)
     finally:
         if proxy is not None:
             proxy.stop()
         server.stop()
         CLEANUP.all()
-    doc = run.doc(**{
-        "benchmark": "bench_remote_epoch",
-        "date": run.started.isoformat(timespec="seconds"),
-        "setting": {"latency_s": args.latency, "rate_bytes_s": args.rate, "images": n_images, "records": n_records,
-                    "record_size": args.record_size, "workers": args.workers, "batch": args.batch,
-                    "cache_size": args.cache_size, "sampler_cache": args.sampler_cache,
-                    "sampler_record_size": args.sampler_record_size or args.record_size,
-                    "server": "s3rver 3.7.1", "loader": args.loader,
-                    "transform": "RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor"
-                    if args.loader == "decode" else "none (file bytes)"},
-        "view_bytes": view_bytes, "link_seconds": {v: round(b / args.rate, 2) for v, b in view_bytes.items()},
-        "wds_bytes": sum(p.stat().st_size for p in shards),
-        "rows": rows, "targets": evaluate(rows, view_bytes, args.rate),
-    })
+    doc = result_doc(run, args, facts, view_bytes, shards, rows)
     write_json(args.out, doc)
     print(json.dumps(doc["targets"], indent=1))
     return 0

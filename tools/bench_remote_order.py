@@ -278,7 +278,7 @@ def evaluate(rows: list[dict], infos: dict) -> dict:
 
 # ---- main -------------------------------------------------------------------------------------------
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-remote-order")
     p.add_argument("--npm-cache", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-npm-s3rver")
@@ -305,60 +305,49 @@ def main() -> int:
     p.add_argument("--settle", type=float, default=2.0, help="seconds after a copy before counting the link")
     p.add_argument("--repeats", type=int, default=1, help="rounds (the starting order alternates)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_remote_epoch_order.json")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def parse_sizes(args: argparse.Namespace) -> None:
     from pcrfs.units import parse_size
 
-    run = Run("tools/bench_remote_order.py", packages=("torch", "torchvision"))
     args.record_size = parse_size(args.record_size)
     args.small_cache = parse_size(args.small_cache)
     args.small_readahead = parse_size(args.small_readahead)
-    work = args.workdir
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    orders = args.orders.split(",")
+
+
+def classes_to_copy(names: list[str], n: int) -> list[str]:
+    """``n`` class names spread over ``names``, from the middle on."""
+    step = max(1, len(names) // max(1, n))
+    return [names[(len(names) // 2 + j * step) % len(names)] for j in range(n)]
+
+
+def run_rounds(args: argparse.Namespace, orders: list[str], infos: dict, copy_classes: list[str],
+               proxy: LinkProxy, work: Path) -> list[dict]:
+    """--repeats rounds of the parts of --parts, each over every cache setting and order."""
     caches = args.caches.split(",")
     parts = args.parts.split(",")
-    src = photos(work, args.per_class, args.classes)
-    local = stores(work, src, args.record_size, orders, args.seed)
-    infos = {o: describe(s, args.view) for o, s in local.items()}
-    names = infos[orders[0]]["class_names"]
-    step = max(1, len(names) // max(1, args.copy_classes))
-    copy_classes = [names[(len(names) // 2 + j * step) % len(names)] for j in range(args.copy_classes)]
-    os.environ.update(S3RVER_ENV)
-    os.environ["XDG_CACHE_HOME"] = str(work / "xdg-cache")
-    shutil.rmtree(work / "s3rver", ignore_errors=True)
-    server = S3rver(args.npm_cache, work / "s3rver", work / "logs" / "s3rver.log")
-    proxy = None
     rows: list[dict] = []
-    try:
-        files = []
-        for o, s in local.items():
-            files += store_files(s, f"{o}.pcr")
-        log(f"uploading {len(local)} stores to s3rver at {server.endpoint}")
-        upload(files, server.endpoint)
-        proxy = LinkProxy(server.port, args.latency, args.rate, work / "logs" / "link.log")
-        for rnd in range(args.repeats):
-            seq = orders if rnd % 2 == 0 else orders[::-1]
-            if "epoch" in parts:
-                for cache in caches:
+    for rnd in range(args.repeats):
+        seq = orders if rnd % 2 == 0 else orders[::-1]
+        if "epoch" in parts:
+            for cache in caches:
+                for o in seq:
+                    for r in epoch_run(o, f"s3://{BUCKET}/{o}.pcr", infos[o], cache, proxy, args, work):
+                        r["round"] = rnd
+                        rows.append(r)
+        if "copy" in parts:
+            for cache in caches:
+                for klass in copy_classes:
                     for o in seq:
-                        for r in epoch_run(o, f"s3://{BUCKET}/{o}.pcr", infos[o], cache, proxy, args, work):
-                            r["round"] = rnd
-                            rows.append(r)
-            if "copy" in parts:
-                for cache in caches:
-                    for klass in copy_classes:
-                        for o in seq:
-                            r = copy_run(o, f"s3://{BUCKET}/{o}.pcr", klass, cache, proxy, args, work)
-                            r["round"] = rnd
-                            rows.append(r)
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        server.stop()
-        CLEANUP.all()
-    for i in infos.values():
-        i.pop("class_names")
-    doc = run.doc(**{
+                        r = copy_run(o, f"s3://{BUCKET}/{o}.pcr", klass, cache, proxy, args, work)
+                        r["round"] = rnd
+                        rows.append(r)
+    return rows
+
+
+def result_doc(run: Run, args: argparse.Namespace, infos: dict, copy_classes: list[str], rows: list[dict]) -> dict:
+    return run.doc(**{
         "benchmark": "bench_remote_order",
         "setting": {"latency_s": args.latency, "rate_bytes_s": args.rate, "record_size": args.record_size,
                     "view": args.view, "workers": args.workers, "batch": args.batch, "loader": args.loader,
@@ -372,6 +361,40 @@ def main() -> int:
                     if args.loader == "decode" else "none (file bytes)"},
         "stores": infos, "rows": rows, "targets": evaluate(rows, infos),
     })
+
+
+def main() -> int:
+    args = parse_args()
+    run = Run("tools/bench_remote_order.py", packages=("torch", "torchvision"))
+    parse_sizes(args)
+    work = args.workdir
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    orders = args.orders.split(",")
+    src = photos(work, args.per_class, args.classes)
+    local = stores(work, src, args.record_size, orders, args.seed)
+    infos = {o: describe(s, args.view) for o, s in local.items()}
+    copy_classes = classes_to_copy(infos[orders[0]]["class_names"], args.copy_classes)
+    os.environ.update(S3RVER_ENV)
+    os.environ["XDG_CACHE_HOME"] = str(work / "xdg-cache")
+    shutil.rmtree(work / "s3rver", ignore_errors=True)
+    server = S3rver(args.npm_cache, work / "s3rver", work / "logs" / "s3rver.log")
+    proxy = None
+    try:
+        files = []
+        for o, s in local.items():
+            files += store_files(s, f"{o}.pcr")
+        log(f"uploading {len(local)} stores to s3rver at {server.endpoint}")
+        upload(files, server.endpoint)
+        proxy = LinkProxy(server.port, args.latency, args.rate, work / "logs" / "link.log")
+        rows = run_rounds(args, orders, infos, copy_classes, proxy, work)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        server.stop()
+        CLEANUP.all()
+    for i in infos.values():
+        i.pop("class_names")
+    doc = result_doc(run, args, infos, copy_classes, rows)
     write_json(args.out, doc)
     print(json.dumps({k: v["all_met"] for k, v in doc["targets"].items()}, indent=1))
     return 0
