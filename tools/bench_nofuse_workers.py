@@ -140,7 +140,7 @@ def run_epoch(code: Path, config: dict, proxy: LinkProxy, env: dict) -> dict:
     return row
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True, help="git revision whose pcrfs is the baseline (e.g. f0f46da~1)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-nofuse-workers")
@@ -160,10 +160,62 @@ def main() -> int:
     p.add_argument("--loader", choices=["bytes", "decode"], default="bytes")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench_nofuse_workers.json")
     p.add_argument("--key", default=None, help="write the run under this key of --out, keeping the others")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def store_facts(store: Path, view: str) -> dict:
+    """The local store's images and records, whether it is shuffled, and the bytes of ``view``."""
     from pcrfs.store.prefix import group_bounds
-    from pcrfs.store.reader import ReadOptions, open_store
+    from pcrfs.store.reader import open_store
+
+    k = int(view[4:])
+    with open_store(store) as s:
+        b = group_bounds(s.index.record_group_offsets, s.index.records["size"])
+        return {"images": s.num_images, "records": len(s.index.records),
+                "view_bytes": int((b[:, k] - b[:, 0]).sum()), "shuffled": bool(s.index.shuffled)}
+
+
+def fetch_index(url: str, endpoint: str) -> None:
     from pcrfs.remote.fs import RemoteOptions
+    from pcrfs.store.reader import ReadOptions, open_store
+
+    with open_store(url, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint))):
+        pass  # the index, fetched once into the cache directory every epoch's process reads it from
+
+
+def epoch_row(code: Path, config: dict, variant: str, proxy: LinkProxy, env: dict, view_bytes: int) -> dict:
+    """One epoch of ``config`` with the pcrfs under ``code``: its figures and the link's per image."""
+    row = run_epoch(code, config, proxy, env)
+    link = row["link"]
+    row.update(variant=variant, order=config["order"], workers=config["workers"], loadavg=loadavg()[0],
+               gets_per_image=round(link["gets"] / max(row["images"], 1), 4),
+               record_gets_per_image=round(link["record_gets"] / max(row["images"], 1), 4),
+               bytes_per_view=round(link["bytes"] / view_bytes, 3))
+    log(f"{config['order']:7s} {config['workers']} worker(s) {variant:11s}: {row['seconds']:6.1f} s  "
+        f"{link['record_gets']:4d} record GETs ({row['record_gets_per_image']:.3f}/image)  "
+        f"{link['bytes'] / 1e6:6.1f} MB = {row['bytes_per_view']:.2f}x the view")
+    return row
+
+
+def run_epochs(args: argparse.Namespace, url: str, codes: dict[str, Path], proxy: LinkProxy, env: dict,
+               view_bytes: int, sampler_cache: int) -> list[dict]:
+    """Every order and worker count, before and after (and after+ahead for the sampler)."""
+    rows = []
+    for order in args.orders.split(","):
+        opts = {"endpoint_url": proxy.endpoint}
+        if order == "sampler":
+            opts.update(cache_bytes=sampler_cache, readahead_bytes=0)
+        for workers in [int(w) for w in args.workers.split(",")]:
+            for variant in ("before", "after") + (("after+ahead",) if order == "sampler" else ()):
+                config = {"url": url, "view": args.view, "workers": workers, "batch": args.batch,
+                          "order": order, "storage_options": opts, "loader": args.loader,
+                          "window": args.sampler_window, "ahead": variant == "after+ahead"}
+                rows.append(epoch_row(codes[variant.split("+")[0]], config, variant, proxy, env, view_bytes))
+    return rows
+
+
+def main() -> int:
+    args = parse_args()
     from pcrfs.units import parse_size
 
     run = Run("tools/bench_nofuse_workers.py", packages=("torch", "torchvision"))
@@ -171,12 +223,7 @@ def main() -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     record_size, sampler_cache = parse_size(args.record_size), parse_size(args.sampler_cache)
     _, store = demo_store(work, args.per_class, f"store-{args.record_size}.pcr", record_bytes=record_size, workers=2)
-    k = int(args.view[4:])
-    with open_store(store) as s:
-        b = group_bounds(s.index.record_group_offsets, s.index.records["size"])
-        n_images, n_records = s.num_images, len(s.index.records)
-        view_bytes = int((b[:, k] - b[:, 0]).sum())
-        shuffled = bool(s.index.shuffled)
+    facts = store_facts(store, args.view)
     codes = {"before": extract(args.before, work), "after": REPO}
     env = dict(os.environ, **S3RVER_ENV, XDG_CACHE_HOME=str(work / "xdg-cache"))
     os.environ.update(S3RVER_ENV)
@@ -184,32 +231,12 @@ def main() -> int:
     shutil.rmtree(work / "s3rver", ignore_errors=True)
     server = S3rver(args.npm_cache, work / "s3rver", work / "logs" / "s3rver.log")
     proxy = None
-    rows: list[dict] = []
     try:
         upload(store_files(store, "store.pcr"), server.endpoint)
         proxy = LinkProxy(server.port, args.latency, args.rate, work / "logs" / "link.log")
         url = f"s3://{BUCKET}/store.pcr"
-        with open_store(url, options=ReadOptions(remote=RemoteOptions(endpoint_url=proxy.endpoint))):
-            pass  # the index, fetched once into the cache directory every epoch's process reads it from
-        for order in args.orders.split(","):
-            opts = {"endpoint_url": proxy.endpoint}
-            if order == "sampler":
-                opts.update(cache_bytes=sampler_cache, readahead_bytes=0)
-            for workers in [int(w) for w in args.workers.split(",")]:
-                for variant in ("before", "after") + (("after+ahead",) if order == "sampler" else ()):
-                    config = {"url": url, "view": args.view, "workers": workers, "batch": args.batch,
-                              "order": order, "storage_options": opts, "loader": args.loader,
-                              "window": args.sampler_window, "ahead": variant == "after+ahead"}
-                    row = run_epoch(codes[variant.split("+")[0]], config, proxy, env)
-                    link = row["link"]
-                    row.update(variant=variant, order=order, workers=workers, loadavg=loadavg()[0],
-                               gets_per_image=round(link["gets"] / max(row["images"], 1), 4),
-                               record_gets_per_image=round(link["record_gets"] / max(row["images"], 1), 4),
-                               bytes_per_view=round(link["bytes"] / view_bytes, 3))
-                    rows.append(row)
-                    log(f"{order:7s} {workers} worker(s) {variant:11s}: {row['seconds']:6.1f} s  "
-                        f"{link['record_gets']:4d} record GETs ({row['record_gets_per_image']:.3f}/image)  "
-                        f"{link['bytes'] / 1e6:6.1f} MB = {row['bytes_per_view']:.2f}x the view")
+        fetch_index(url, proxy.endpoint)
+        rows = run_epochs(args, url, codes, proxy, env, facts["view_bytes"], sampler_cache)
     finally:
         if proxy is not None:
             proxy.stop()
@@ -217,10 +244,10 @@ def main() -> int:
     doc = run.doc(**{
         "benchmark": "bench_nofuse_workers",
         "before": {"revision": args.before, "code": str(codes["before"])},
-        "setting": {"latency_s": args.latency, "rate_bytes_s": args.rate, "images": n_images, "records": n_records,
-                    "record_size": record_size, "shuffled_store": shuffled, "view": args.view,
-                    "view_bytes": view_bytes, "batch": args.batch, "sampler_cache": sampler_cache,
-                    "sampler_window": args.sampler_window,
+        "setting": {"latency_s": args.latency, "rate_bytes_s": args.rate, "images": facts["images"],
+                    "records": facts["records"], "record_size": record_size, "shuffled_store": facts["shuffled"],
+                    "view": args.view, "view_bytes": facts["view_bytes"], "batch": args.batch,
+                    "sampler_cache": sampler_cache, "sampler_window": args.sampler_window,
                     "loader": args.loader, "server": "s3rver 3.7.1"},
         "rows": rows,
         "side_by_side": side_by_side(rows),

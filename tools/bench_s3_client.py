@@ -42,7 +42,7 @@ def timed(fn, n: int) -> dict:
     return {"n": n, "cpu_ms": round(1e3 * cpu / n, 3), "wall_ms": round(1e3 * wall / n, 3)}
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-bench-client")
     p.add_argument("--npm-cache", type=Path, default=Path(tempfile.gettempdir()) / "pcrfs-npm-s3rver")
@@ -51,7 +51,55 @@ def main() -> int:
     p.add_argument("--large", type=int, default=8 << 20)
     p.add_argument("-n", type=int, default=300)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_s3_client.json")
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def s3fs_costs(fs, starts: list[int], a: argparse.Namespace, large_n: int) -> dict:
+    log("s3fs")
+    return {"s3fs_small": timed(lambda j: fs.cat_file(f"{BUCKET}/{KEY}", start=starts[j],
+                                                      end=starts[j] + a.small), a.n),
+            "s3fs_large": timed(lambda j: fs.cat_file(f"{BUCKET}/{KEY}", start=starts[j],
+                                                      end=starts[j] + a.large), large_n)}
+
+
+def boto3_costs(endpoint: str, starts: list[int], a: argparse.Namespace, large_n: int) -> dict:
+    log("boto3")
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+
+    def boto_get(j: int, n: int) -> bytes:
+        r = s3.get_object(Bucket=BUCKET, Key=KEY, Range=f"bytes={starts[j]}-{starts[j] + n - 1}")
+        return r["Body"].read()
+
+    return {"boto3_small": timed(lambda j: boto_get(j, a.small), a.n),
+            "boto3_large": timed(lambda j: boto_get(j, a.large), large_n)}
+
+
+def obstore_costs(endpoint: str, starts: list[int], a: argparse.Namespace, large_n: int) -> dict:
+    log("obstore")
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(BUCKET, endpoint=endpoint, access_key_id="S3RVER", secret_access_key="S3RVER",
+                    region="us-east-1", virtual_hosted_style_request=False,
+                    client_options={"allow_http": True})
+    out = {}
+    out["obstore_small"] = timed(lambda j: bytes(obstore.get_range(store, KEY, start=starts[j],
+                                                                   length=a.small)), a.n)
+    out["obstore_small_buffer"] = timed(lambda j: memoryview(obstore.get_range(store, KEY, start=starts[j],
+                                                                               length=a.small)), a.n)
+    out["obstore_large"] = timed(lambda j: memoryview(obstore.get_range(store, KEY, start=starts[j],
+                                                                        length=a.large)), large_n)
+    c0, w0 = time.process_time(), time.perf_counter()
+    obstore.get_ranges(store, KEY, starts=starts, lengths=[a.small] * a.n, coalesce=0)
+    out["obstore_get_ranges_small"] = {"n": a.n, "cpu_ms": round(1e3 * (time.process_time() - c0) / a.n, 3),
+                                       "wall_ms": round(1e3 * (time.perf_counter() - w0) / a.n, 3)}
+    return out
+
+
+def main() -> int:
+    a = parse_args()
     run = Run("tools/bench_s3_client.py")
     os.environ.update(S3RVER_ENV)
     (a.workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -65,41 +113,9 @@ def main() -> int:
         rng = random.Random(1)
         starts = [rng.randrange(0, a.object - a.large) for _ in range(a.n)]
         large_n = max(3, a.n // 30)
-
-        log("s3fs")
-        out["s3fs_small"] = timed(lambda j: fs.cat_file(f"{BUCKET}/{KEY}", start=starts[j],
-                                                        end=starts[j] + a.small), a.n)
-        out["s3fs_large"] = timed(lambda j: fs.cat_file(f"{BUCKET}/{KEY}", start=starts[j],
-                                                        end=starts[j] + a.large), large_n)
-
-        log("boto3")
-        import boto3
-
-        s3 = boto3.client("s3", endpoint_url=server.endpoint)
-
-        def boto_get(j: int, n: int) -> bytes:
-            r = s3.get_object(Bucket=BUCKET, Key=KEY, Range=f"bytes={starts[j]}-{starts[j] + n - 1}")
-            return r["Body"].read()
-        out["boto3_small"] = timed(lambda j: boto_get(j, a.small), a.n)
-        out["boto3_large"] = timed(lambda j: boto_get(j, a.large), large_n)
-
-        log("obstore")
-        import obstore
-        from obstore.store import S3Store
-
-        store = S3Store(BUCKET, endpoint=server.endpoint, access_key_id="S3RVER", secret_access_key="S3RVER",
-                        region="us-east-1", virtual_hosted_style_request=False,
-                        client_options={"allow_http": True})
-        out["obstore_small"] = timed(lambda j: bytes(obstore.get_range(store, KEY, start=starts[j],
-                                                                       length=a.small)), a.n)
-        out["obstore_small_buffer"] = timed(lambda j: memoryview(obstore.get_range(store, KEY, start=starts[j],
-                                                                                   length=a.small)), a.n)
-        out["obstore_large"] = timed(lambda j: memoryview(obstore.get_range(store, KEY, start=starts[j],
-                                                                            length=a.large)), large_n)
-        c0, w0 = time.process_time(), time.perf_counter()
-        obstore.get_ranges(store, KEY, starts=starts, lengths=[a.small] * a.n, coalesce=0)
-        out["obstore_get_ranges_small"] = {"n": a.n, "cpu_ms": round(1e3 * (time.process_time() - c0) / a.n, 3),
-                                           "wall_ms": round(1e3 * (time.perf_counter() - w0) / a.n, 3)}
+        out.update(s3fs_costs(fs, starts, a, large_n))
+        out.update(boto3_costs(server.endpoint, starts, a, large_n))
+        out.update(obstore_costs(server.endpoint, starts, a, large_n))
     finally:
         server.stop()
     for name, row in out.items():
