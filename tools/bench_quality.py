@@ -470,7 +470,7 @@ def main_table_vs_index(args) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class", type=int, default=50, help="demo images per class (8 classes)")
     ap.add_argument("--seed", type=int, default=0, help="demo dataset seed")
@@ -500,49 +500,87 @@ def main() -> None:
                     help="with --table-vs-index: ImageNet-size photos the index's cost is measured on, under "
                          "OpenBLAS's native, Haswell and Nehalem kernels (0 skips)")
     ap.add_argument("--cost-store", type=Path, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.cost_store is not None:
-        main_cost_store(args)
-        return
-    if args.table_vs_index:
-        if args.out == ROOT / "results" / "bench_quality":
-            args.out = ROOT / "results" / "bench_quality_table"
-        main_table_vs_index(args)
-        return
+    return ap.parse_args()
 
+
+def make_photos(src: Path, args: argparse.Namespace) -> dict:
+    """The photos of --photos under ``src``: what the JSON says of them."""
+    if args.photos == "demo":
+        demo = make_demo(src, per_class=args.per_class, seed=args.seed)
+        return {"images": demo.count, "classes": len(demo.classes), "source_bytes": demo.total_bytes,
+                "mean_kb": round(demo.total_bytes / demo.count / 1000, 1)}
+    return make_imagenet_size(src, args.per_class, args.seed)
+
+
+def index_costs(args: argparse.Namespace, tmp: Path, src: Path, store, store_path: Path) -> dict:
+    """The scoring cost, --write-index in this process (the index written into the store),
+    convert against convert --quality-index and --write-index on Dask, each printed: the
+    JSON's fields from ``loadavg_before`` to ``not_scored``."""
+    load_before = os.getloadavg()
+    cost = scoring_cost(store, args.cost_images, args.cost_rounds)
+    print(f"scoring cost per image, {cost['images']} images x {cost['rounds']} rounds, one process: "
+          f"exhaustive {cost['exhaustive']['cpu_ms_per_image']} ms CPU / "
+          f"{cost['exhaustive']['wall_ms_per_image']} ms wall; fast {cost['fast']['cpu_ms_per_image']} ms CPU / "
+          f"{cost['fast']['wall_ms_per_image']} ms wall ({cost['cpu_ratio']}x less CPU); "
+          f"identical ks: {cost['identical_ks']}; load average {load_before[0]:.2f}")
+
+    t0 = time.perf_counter()
+    ks, failures = adaptive.compute(store, workers=args.workers)
+    index_s = time.perf_counter() - t0
+    index_format.write(store_path, ks)
+    conv_cost = convert_cost(src, tmp, args.convert_rounds) if args.convert_rounds else None
+    if conv_cost:
+        print(f"convert: {conv_cost['convert']['cpu_ms_per_image']} ms CPU per image; with --quality-index "
+              f"{conv_cost['convert_quality_index']['cpu_ms_per_image']} ms ({conv_cost['cpu_ratio']}x CPU, "
+              f"{conv_cost['wall_ratio']}x wall)")
+    dask = None
+    if args.dask_workers and args.dask_rounds > 0:
+        dask = dask_scaling(store_path, [int(n) for n in args.dask_workers.split(",")],
+                            index_format.npy_bytes(ks), args.dask_rounds)
+        print("Dask --write-index:", json.dumps(dask))
+    return {"loadavg_before": load_before, "scoring_cost": cost, "convert_cost": conv_cost,
+            "dask_write_index": dask, "write_index_s": round(index_s, 2),
+            "write_index_ms_per_image": round(1000 * index_s / store.num_images, 1),
+            "not_scored": len(failures)}
+
+
+def measure_table(args: argparse.Namespace, store_path: Path, doc: dict) -> None:
+    """The quality table of every view (the adaptive ones from the index), each adaptive view
+    against the fixed ones, printed and plotted; ``doc`` with them written to --out."""
+    store = pcrfs.open_store(store_path)
+    index = index_format.load(store)
+    views = {v: (t, index.column(v, store.num_groups)) for v, t in zip(index.views, index.thresholds)}
+
+    table = measure.quality_table(store, sample=None, timing=True, workers=args.workers, adaptive=views)
+    comparison = compare(table)
+
+    from pcrfs.cli.quality import format_table
+
+    print(format_table(table))
+    for c in comparison:
+        s = c["same_target"]
+        print(f"{c['view']}: {c['fraction']:.1%} of the full bytes, p5 MS-SSIM {c['ms_ssim_p5']:.4f}; "
+              f"{s['view']} (smallest fixed k with p5 >= {c['threshold']:g}): {s['fraction']:.1%}, "
+              f"p5 {s['ms_ssim_p5']:.4f} -> {c['view']} reads {s['saving']:.1%} fewer bytes; "
+              f"every image >= {c['threshold']:g} needs {c['same_min']['view']} "
+              f"({c['same_min']['saving']:.1%} saved)")
+
+    plot_table(table, args.out.with_suffix(".png"),
+               title=f"demo dataset: {len(table.sample)} photos, quality of every view against its full decode")
+    doc.update({"quality_table_s": round(table.seconds, 2), "adaptive_vs_fixed": comparison,
+                "table": table.as_dict()})
+    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}", file=sys.stderr)
+
+
+def main_costs_and_table(args: argparse.Namespace) -> None:
+    """The default mode: the costs, then (unless --no-table) the quality table; results/bench_quality.{json,png}."""
     with tempfile.TemporaryDirectory(prefix="pcrfs-bench-quality-") as tmp:
         src, store_path = Path(tmp) / "photos", Path(tmp) / "demo.pcr"
-        if args.photos == "demo":
-            demo = make_demo(src, per_class=args.per_class, seed=args.seed)
-            dataset = {"images": demo.count, "classes": len(demo.classes), "source_bytes": demo.total_bytes,
-                       "mean_kb": round(demo.total_bytes / demo.count / 1000, 1)}
-        else:
-            dataset = make_imagenet_size(src, args.per_class, args.seed)
+        dataset = make_photos(src, args)
         conv = convert(src, store_path, workers=args.workers)
         store = pcrfs.open_store(store_path)
-
-        load_before = os.getloadavg()
-        cost = scoring_cost(store, args.cost_images, args.cost_rounds)
-        print(f"scoring cost per image, {cost['images']} images x {cost['rounds']} rounds, one process: "
-              f"exhaustive {cost['exhaustive']['cpu_ms_per_image']} ms CPU / "
-              f"{cost['exhaustive']['wall_ms_per_image']} ms wall; fast {cost['fast']['cpu_ms_per_image']} ms CPU / "
-              f"{cost['fast']['wall_ms_per_image']} ms wall ({cost['cpu_ratio']}x less CPU); "
-              f"identical ks: {cost['identical_ks']}; load average {load_before[0]:.2f}")
-
-        t0 = time.perf_counter()
-        ks, failures = adaptive.compute(store, workers=args.workers)
-        index_s = time.perf_counter() - t0
-        index_format.write(store_path, ks)
-        conv_cost = convert_cost(src, Path(tmp), args.convert_rounds) if args.convert_rounds else None
-        if conv_cost:
-            print(f"convert: {conv_cost['convert']['cpu_ms_per_image']} ms CPU per image; with --quality-index "
-                  f"{conv_cost['convert_quality_index']['cpu_ms_per_image']} ms ({conv_cost['cpu_ratio']}x CPU, "
-                  f"{conv_cost['wall_ratio']}x wall)")
-        dask = None
-        if args.dask_workers and args.dask_rounds > 0:
-            dask = dask_scaling(store_path, [int(n) for n in args.dask_workers.split(",")],
-                                index_format.npy_bytes(ks), args.dask_rounds)
-            print("Dask --write-index:", json.dumps(dask))
+        costs = index_costs(args, Path(tmp), src, store, store_path)
         doc = {
             "benchmark": "choosing the fidelity: quality per scan group and adaptive views",
             "command": "python tools/bench_quality.py " + " ".join(sys.argv[1:]),
@@ -552,43 +590,27 @@ def main() -> None:
             "dataset": {**dataset, "photos": args.photos, "stored_bytes": conv.bytes_out,
                         "per_class": args.per_class, "seed": args.seed},
             "workers": args.workers,
-            "loadavg_before": load_before,
-            "scoring_cost": cost,
-            "convert_cost": conv_cost,
-            "dask_write_index": dask,
-            "write_index_s": round(index_s, 2),
-            "write_index_ms_per_image": round(1000 * index_s / store.num_images, 1),
-            "not_scored": len(failures),
+            **costs,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.no_table:
             args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
             print(f"wrote {args.out.with_suffix('.json')}", file=sys.stderr)
             return
-        store = pcrfs.open_store(store_path)
-        index = index_format.load(store)
-        views = {v: (t, index.column(v, store.num_groups)) for v, t in zip(index.views, index.thresholds)}
+        measure_table(args, store_path, doc)
 
-        table = measure.quality_table(store, sample=None, timing=True, workers=args.workers, adaptive=views)
-        comparison = compare(table)
 
-        from pcrfs.cli.quality import format_table
-
-        print(format_table(table))
-        for c in comparison:
-            s = c["same_target"]
-            print(f"{c['view']}: {c['fraction']:.1%} of the full bytes, p5 MS-SSIM {c['ms_ssim_p5']:.4f}; "
-                  f"{s['view']} (smallest fixed k with p5 >= {c['threshold']:g}): {s['fraction']:.1%}, "
-                  f"p5 {s['ms_ssim_p5']:.4f} -> {c['view']} reads {s['saving']:.1%} fewer bytes; "
-                  f"every image >= {c['threshold']:g} needs {c['same_min']['view']} "
-                  f"({c['same_min']['saving']:.1%} saved)")
-
-        plot_table(table, args.out.with_suffix(".png"),
-                   title=f"demo dataset: {len(table.sample)} photos, quality of every view against its full decode")
-        doc.update({"quality_table_s": round(table.seconds, 2), "adaptive_vs_fixed": comparison,
-                    "table": table.as_dict()})
-        args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}", file=sys.stderr)
+def main() -> None:
+    args = parse_args()
+    if args.cost_store is not None:
+        main_cost_store(args)
+        return
+    if args.table_vs_index:
+        if args.out == ROOT / "results" / "bench_quality":
+            args.out = ROOT / "results" / "bench_quality_table"
+        main_table_vs_index(args)
+        return
+    main_costs_and_table(args)
 
 
 if __name__ == "__main__":
