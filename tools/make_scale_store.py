@@ -82,24 +82,20 @@ def storage_permutation(n_images: int, order: str, seed: int) -> np.ndarray | No
     return np.asarray(perm, dtype=fmt.STORAGE_ORDER_DTYPE)
 
 
-def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int = 1000,
-                     per_record: int = 1000, pool: int = 1000, seed: int = 0,
-                     order: str = fmt.ORDER_SOURCE, order_seed: int = 0) -> dict:
-    if dest.exists():
-        shutil.rmtree(dest)
-    (dest / fmt.RECORDS_DIR).mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    groups = pool_images(min(pool, per_record), seed)
-    n_groups = max(len(g) for g in groups)
+def pool_tables(groups: list[list[bytes]], n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Length and CRC of every scan group of each pool image (0 past its last group)."""
     p = len(groups)
-
-    # One record body, reused by every record (only the header differs).
     pool_len = np.zeros((p, n_groups), dtype=fmt.GROUP_LENGTH_DTYPE)
     pool_crc = np.zeros((p, n_groups), dtype=fmt.GROUP_CRC_DTYPE)
     for j, gs in enumerate(groups):
         pool_len[j, :len(gs)] = [len(g) for g in gs]
         pool_crc[j, :len(gs)] = [zlib.crc32(g) for g in gs]
-    slot = np.arange(per_record) % p  # pool image behind each slot of a record
+    return pool_len, pool_crc
+
+
+def record_body(groups: list[list[bytes]], slot: np.ndarray, n_groups: int) -> tuple[bytes, list[int]]:
+    """The group-major body of a full record (pool image ``slot[s]`` in slot s) and the offset
+    of each group in the record."""
     body_parts, group_offsets, off = [], [], fmt.RECORD_HEADER_SIZE
     for g in range(n_groups):
         group_offsets.append(off)
@@ -107,10 +103,11 @@ def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int 
             if g < len(groups[j]):
                 body_parts.append(groups[j][g])
                 off += len(groups[j][g])
-    body = b"".join(body_parts)
-    record_size = fmt.RECORD_HEADER_SIZE + len(body)
+    return b"".join(body_parts), group_offsets
 
-    n_records = -(-n_images // per_record)
+
+def write_records(dest: Path, n_records: int, n_images: int, per_record: int, body: bytes,
+                  groups: list[list[bytes]], slot: np.ndarray, n_groups: int) -> None:
     for r in range(n_records):
         count = min(per_record, n_images - r * per_record)
         path = dest / fmt.record_name(r)
@@ -124,9 +121,12 @@ def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int 
                         if g < len(groups[j]):
                             f.write(groups[j][g])
 
+
+def image_arrays(pool_len: np.ndarray, pool_crc: np.ndarray, slot: np.ndarray, n_images: int, per_record: int,
+                 perm: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The index's images, group lengths and CRCs."""
     # Index arrays: the image at storage position q is slot q % per_record of record
     # q // per_record; in the path order (version 1) image i is at position i.
-    perm = storage_permutation(n_images, order, order_seed)
     position = np.arange(n_images)
     if perm is not None:
         position = np.empty(n_images, dtype=np.int64)
@@ -136,8 +136,12 @@ def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int 
     images["src_size"] = pool_len[idx_slot].sum(axis=1) + 2
     images["src_mtime_ns"] = 1_600_000_000_000_000_000 + rng.integers(0, 10**15, n_images)
     images["n_groups"] = (pool_len[idx_slot] > 0).sum(axis=1)
-    lengths = pool_len[idx_slot]
-    crcs = pool_crc[idx_slot]
+    return images, pool_len[idx_slot], pool_crc[idx_slot]
+
+
+def record_arrays(n_records: int, n_images: int, per_record: int, record_size: int, group_offsets: list[int],
+                  lengths: np.ndarray, perm: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The index's records and each record's group offsets (a short last record's its own)."""
     records = np.zeros(n_records, dtype=fmt.RECORD_DTYPE)
     records["first_image"] = np.arange(n_records) * per_record
     records["n_images"] = np.minimum(per_record, n_images - records["first_image"])
@@ -150,7 +154,11 @@ def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int 
         sizes = last_len.sum(axis=0)
         rec_offsets[last] = fmt.RECORD_HEADER_SIZE + np.concatenate([[0], np.cumsum(sizes)[:-1]])
         records["size"][last] = fmt.RECORD_HEADER_SIZE + int(sizes.sum())
+    return records, rec_offsets
 
+
+def imagenet_names(rng: np.random.Generator, n_images: int, n_classes: int) -> tuple[list[str], list[str], list]:
+    """(class names, image paths, each directory's range of images: the root's first)."""
     # Names like ImageNet's: n01440764/n01440764_10026.JPEG, sorted like convert sorts.
     wnids = sorted({f"n{v:08d}" for v in rng.choice(10**8, size=n_classes * 2, replace=False)})[:n_classes]
     counts = class_counts(n_images, n_classes)
@@ -161,6 +169,31 @@ def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int 
         names = sorted(f"{wnid}_{v}.JPEG" for v in numbers)
         dir_ranges.append([len(paths), len(paths) + int(count)])
         paths.extend(f"{wnid}/{name}" for name in names)
+    return wnids, paths, dir_ranges
+
+
+def make_scale_store(dest: Path, n_images: int = IMAGENET_TRAIN, n_classes: int = 1000,
+                     per_record: int = 1000, pool: int = 1000, seed: int = 0,
+                     order: str = fmt.ORDER_SOURCE, order_seed: int = 0) -> dict:
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / fmt.RECORDS_DIR).mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    groups = pool_images(min(pool, per_record), seed)
+    n_groups = max(len(g) for g in groups)
+    pool_len, pool_crc = pool_tables(groups, n_groups)
+
+    # One record body, reused by every record (only the header differs).
+    slot = np.arange(per_record) % len(groups)  # pool image behind each slot of a record
+    body, group_offsets = record_body(groups, slot, n_groups)
+    record_size = fmt.RECORD_HEADER_SIZE + len(body)
+    n_records = -(-n_images // per_record)
+    write_records(dest, n_records, n_images, per_record, body, groups, slot, n_groups)
+
+    perm = storage_permutation(n_images, order, order_seed)
+    images, lengths, crcs = image_arrays(pool_len, pool_crc, slot, n_images, per_record, perm, rng)
+    records, rec_offsets = record_arrays(n_records, n_images, per_record, record_size, group_offsets, lengths, perm)
+    wnids, paths, dir_ranges = imagenet_names(rng, n_images, n_classes)
     index = Index(images, lengths, crcs, records, rec_offsets, StringTable.from_strings(paths),
                   StringTable.from_strings([""] + wnids), np.array(dir_ranges, dtype=fmt.OFFSET_DTYPE),
                   storage_order=perm)
