@@ -6,9 +6,10 @@ The catalogue is tools/bench_shuffle.py's: ``--classes`` x ``--per-class`` image
 log-normal sizes of mean ``--mean-kb``, cut into records by the converter's rule
 (``storage_order`` + ``plan_batches``, 64 MiB) in the ``--orders`` given. A record's
 group regions are sized from ``--group-fractions`` (cumulative share of an image's bytes
-in groups 1..k; the default is the demo store's). ``pcrfs.store.prefix.RecordPrefixPolicy``
-is built as ``Store._prefix_fetcher`` builds it (``group_bounds``, the cache budgets,
-``mixed_record_thresholds`` for a shuffled store) and is fed, one read at a time:
+in groups 1..k; the default is the demo store's). The policy is the store's own,
+``pcrfs.store.prefix.store_policy`` (``group_bounds``, the cache budgets, and for a
+shuffled store the per-record thresholds and the epoch gate, image i's class being
+``i // --per-class``), fed one read at a time:
 
 * ``path_epoch``: every image at ``--k`` in path order (``ImageFolder``, ``shuffle=False``);
 * ``one_class``: the images of ``--copy-classes`` classes, each alone on a fresh policy
@@ -41,7 +42,7 @@ from benchlib.results import Run, write_json  # noqa: E402
 from bench_shuffle import catalogue, records_by_rule  # noqa: E402
 
 from pcrfs.store import format as fmt  # noqa: E402
-from pcrfs.store.prefix import RecordPrefixPolicy, group_bounds, mixed_record_thresholds  # noqa: E402
+from pcrfs.store.prefix import group_bounds, store_policy  # noqa: E402
 
 DEMO_FRACTIONS = "0.082,0.213,0.257,0.305,0.435,0.637,0.651,0.686,0.721,1.0"  # pcrfs info of the demo store
 CACHES = {"default": (256 << 20, 0), "disk10g": (256 << 20, 10 << 30), "disk100g": (256 << 20, 100 << 30)}
@@ -63,9 +64,8 @@ def layout(sizes: np.ndarray, record_of: np.ndarray, perm: np.ndarray, fractions
 
 
 def simulate(images: np.ndarray, record_of: np.ndarray, image_k: np.ndarray, bounds: np.ndarray, counts: np.ndarray,
-             k: int, shuffled: bool, memory: int, disk: int) -> dict:
-    thresholds = mixed_record_thresholds(counts) if shuffled else None
-    policy = RecordPrefixPolicy(bounds, memory, disk, reads_before_fetch=thresholds)
+             k: int, shuffled: bool, memory: int, disk: int, classes_of: np.ndarray) -> dict:
+    policy = store_policy(bounds, counts, memory, disk, classes_of=classes_of if shuffled else None)
     held = np.zeros(len(bounds), dtype=np.int64)
     gets = prefix_gets = image_gets = 0
     link = 0.0
@@ -117,6 +117,7 @@ def main() -> int:
     files = catalogue(a.classes, a.per_class, a.mean_kb * 1000, a.size_sigma, a.seed)
     sizes = np.array([f.size for f in files], dtype=np.float64)
     n = len(files)
+    classes_of = np.arange(n) // a.per_class  # the catalogue is in path order, class by class
     rows = []
     for order in a.orders.split(","):
         record_of, perm = records_by_rule(files, order, a.seed, a.record_bytes)
@@ -125,13 +126,13 @@ def main() -> int:
         log(f"{order}: {len(counts)} records of {counts.mean():.0f} images; scan{a.k} view {view / 1e9:.1f} GB")
         for cache in a.caches.split(","):
             memory, disk = CACHES[cache]
-            r = simulate(np.arange(n), record_of, image_k, bounds, counts, a.k, order == "shuffled", memory, disk)
+            r = simulate(np.arange(n), record_of, image_k, bounds, counts, a.k, order == "shuffled", memory, disk, classes_of)
             rows.append({"what": "path_epoch", "order": order, "cache": cache, **r})
             log(str(rows[-1]))
             for c in range(a.copy_classes):
                 klass = (a.classes // 2 + c * 97) % a.classes
                 imgs = np.arange(klass * a.per_class, (klass + 1) * a.per_class)
-                r = simulate(imgs, record_of, image_k, bounds, counts, a.k, order == "shuffled", memory, disk)
+                r = simulate(imgs, record_of, image_k, bounds, counts, a.k, order == "shuffled", memory, disk, classes_of)
                 rows.append({"what": "one_class", "class": klass, "order": order, "cache": cache, **r})
                 log(str(rows[-1]))
     doc = run.doc(benchmark="sim_order_policy", images=n, classes=a.classes, mean_kb=a.mean_kb,

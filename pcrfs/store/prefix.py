@@ -352,3 +352,20 @@ class RecordPrefixPolicy:
 
     def stats(self) -> dict[str, int]:
         return {"fetches": self.fetches, "declined": self.declined, "deferred": self.deferred}
+
+
+def store_policy(bounds: np.ndarray, images_per_record: np.ndarray, memory_bytes: int, disk_bytes: int,
+                 classes_of: np.ndarray | None = None, readers: int = 1) -> RecordPrefixPolicy:
+    """The policy a store opens with (and the one ``tools/sim_order_policy.py`` simulates):
+    ``classes_of`` (each image's class) given where the records mix the dataset, which adds
+    the per-record thresholds and the epoch gate. ``readers`` processes sharing one cache
+    each see 1/readers of the reads, so both are divided among them."""
+    mixed = gate = None
+    if classes_of is not None:
+        readers = max(1, int(readers))
+        mixed = mixed_record_thresholds(images_per_record)
+        if readers > 1:
+            mixed = np.maximum(1, -(-mixed // readers))
+        gate = EpochGate(classes_of, -(-int(EPOCH_GATE_FRACTION * len(classes_of)) // readers))
+    return RecordPrefixPolicy(bounds, memory_bytes, disk_bytes, reads_before_fetch=mixed, gate=gate)
+

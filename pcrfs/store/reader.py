@@ -37,7 +37,7 @@ from .backends import RecordSource, Span
 from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
 from .fetch import GroupFetcher
 from .groups import GroupRange, GroupTable
-from .prefix import EPOCH_GATE_FRACTION, EpochGate, RecordPrefixPolicy, group_bounds, mixed_record_thresholds
+from .prefix import group_bounds, store_policy
 from .prefixfetch import PrefixFetcher
 from .index import Index, IndexFileError
 from .location import DEFAULT_READAHEAD, MANIFEST_MAX_BYTES, LocalLocation, StoreLocation, open_location  # noqa: F401
@@ -143,15 +143,10 @@ class Store:
             return None
         bounds = group_bounds(self.index.record_group_offsets, self.index.records["size"])
         # records that mix the dataset: a prefix only once reads of the record look like an epoch
-        mixed = mixed_record_thresholds(self.index.records["n_images"]) if self.index.shuffled else None
-        readers = max(1, int(self.options.prefix_readers))  # processes sharing one cache see 1/readers each
-        if mixed is not None and readers > 1:
-            mixed = np.maximum(1, -(-mixed // readers))
-        gate = None
-        if mixed is not None:
-            gate = EpochGate(_classes_of(self.index), -(-int(EPOCH_GATE_FRACTION * self.index.num_images) // readers))
-        policy = RecordPrefixPolicy(bounds, cache.capacity if cache is not None else 0,
-                                    disk.capacity if disk is not None else 0, reads_before_fetch=mixed, gate=gate)
+        policy = store_policy(bounds, self.index.records["n_images"], cache.capacity if cache is not None else 0,
+                              disk.capacity if disk is not None else 0,
+                              classes_of=_classes_of(self.index) if self.index.shuffled else None,
+                              readers=self.options.prefix_readers)
         return PrefixFetcher(self.groups, self.records, policy, cache, disk)
 
     @property
