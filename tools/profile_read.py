@@ -169,14 +169,14 @@ def hidden_daemon(argv: list[str]) -> int:
     times every mfusepy callback; a watcher thread answers snapshot requests (DIR/req holds a
     tag, the answer goes to DIR/<tag>.json)."""
     from pcrfs.fuse import daemon, load_mfusepy
-    from pcrfs.fuse.config import MountConfig
+    from pcrfs.fuse.config import DEFAULT_CACHE_SIZE, MountConfig
     from pcrfs.units import parse_size
 
     p = argparse.ArgumentParser(prog="profile_read.py --_daemon")
     p.add_argument("store")
     p.add_argument("mountpoint")
     p.add_argument("--log-file", required=True)
-    p.add_argument("--cache-size", default=daemon.DEFAULT_CACHE_SIZE)
+    p.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE)
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("--census", default=None)
     a = p.parse_args(argv)
