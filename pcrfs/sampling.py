@@ -209,7 +209,8 @@ class RecordShuffleSampler:
 
     def __init__(self, path_or_store: Any, view: str = "full", window: int | None = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 cache_bytes: int | None = None, storage_options: Mapping[str, Any] | None = None) -> None:
+                 cache_bytes: int | None = None, storage_options: Mapping[str, Any] | None = None,
+                 fetch_ahead: bool = True) -> None:
         _check(window, rank, world_size)
         source = _open(path_or_store, view, storage_options)  # opens no record client: nothing to close
         images = imagefolder_order(source.store).images  # the dataset's (and torchvision's) order
@@ -236,6 +237,8 @@ class RecordShuffleSampler:
         self._init(images, record_of, window, seed, rank, world_size, drop_last, fingerprint)
         self.view = source.view
         self.cache_bytes = budget
+        if fetch_ahead and source.mount is not None and source.prefixes:
+            self._mount_ahead = (source.mount, source.store, budget)
 
     @classmethod
     def from_records(cls, record_of: np.ndarray, window: int, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -267,6 +270,8 @@ class RecordShuffleSampler:
         self._orders: tuple[tuple[int, int, int], np.ndarray] | None = None  # the last epoch's order, cached
         self._resume: _Resume | None = None            # from load_state_dict, until an iterator yields
         self._iterator: _SamplerIterator | None = None  # the last one handed out (its count is the state)
+        self._mount_ahead: tuple[Path, Any, int] | None = None  # (mount, catalogue, cache) to hint
+        self._ahead: Any = None  # the FetchAhead telling that mount the records coming next
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch to shuffle for; another epoch than a loaded state's drops that resume."""
@@ -303,7 +308,32 @@ class RecordShuffleSampler:
         resume = self._resume if self._resume is not None and self._resume.epoch == self.epoch else None
         it = _SamplerIterator(self, self.epoch, resume)
         self._iterator = it
+        if self._mount_ahead is not None and self._ahead is None:
+            self._ahead = self._start_mount_ahead(*self._mount_ahead)
         return it
+
+    def _start_mount_ahead(self, mount: Path, catalogue: Any, cache: int) -> Any:
+        """Tell the mount which records this rank's order reads next, so it fetches their
+        prefixes before the workers ask (:mod:`pcrfs.ahead`): no record is read image by
+        image while the mount's policy learns that the reads are local. Not for adaptive
+        views (their k varies per image; the mount's policy serves them as before)."""
+        from .ahead import FetchAhead, fixed_ks, mount_fetcher
+        from .store.prefix import group_bounds
+
+        index = catalogue.index
+        bounds = group_bounds(index.record_group_offsets, index.records["size"])
+
+        def record_ks() -> tuple[str | None, np.ndarray]:
+            view = self.view or ""
+            adaptive = not (view == "full" or (view.startswith("scan") and view[4:].isdigit()))
+            return view, fixed_ks(len(bounds), 0 if adaptive else _view_k(catalogue, view))
+
+        return FetchAhead(self, self.record_of, bounds, record_ks, cache, mount_fetcher(mount))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_ahead"] = None  # a thread: the copy starts its own when iterated
+        return state
 
     def __len__(self) -> int:
         """Indices per rank in a whole epoch (a resumed one yields what is left of it)."""
@@ -495,6 +525,7 @@ class _Source:
     # are read image by image, from the page cache: any window costs the same bytes.
     prefixes: bool
     is_mount: bool = False
+    mount: Path | None = None  # the mount's root, where the source is a mount
 
 
 _DEFAULT_CACHE = "the default cache (the mount's default --cache-size)"
@@ -540,11 +571,11 @@ def _open_mount(mnt: Path, view: str) -> _Source:
         except StoreError as e:  # unreadable by this user (a daemon of another), or changed since
             raise StoreError(f"{e}; give the sampler the store's location ({stats.get('store')}) and "
                              "storage_options instead") from None
-        return _Source(_Catalogue(index, str(stats.get("store", mnt))), view, cache, what, knob, prefixes, True)
+        return _Source(_Catalogue(index, str(stats.get("store", mnt))), view, cache, what, knob, prefixes, True, mnt)
     store = str(stats.get("store", ""))
     if "index" not in stats and store and "://" not in store:  # a daemon from before the "index" stats
         source = _open_location(store, view, None)
-        return _Source(source.store, view, cache, what, knob, prefixes, True)
+        return _Source(source.store, view, cache, what, knob, prefixes, True, mnt)
     why = "its cache directory no longer has the copy: remount it" if "index" in stats else "remount it with this pcrfs"
     raise StoreError(f"the mount at {mnt} does not say where this machine holds its index ({why}); or give the "
                      f"sampler the store's location ({store}) and storage_options")

@@ -174,37 +174,23 @@ def test_no_prefetching_outside_view_mode_or_when_off():
 
 # ---- records that mix the dataset (format version 2) -----------------------------------------
 
-def test_mixed_records_wait_for_a_few_distinct_images_before_their_prefix():
-    from pcrfs.store.prefix import mixed_record_thresholds
-
-    need = mixed_record_thresholds(np.array([1000, 3, 0, 2000]))
-    assert need.tolist() == [5, 3, 1, 10]  # 0.5 % of the images, at least 4, at most all of them
-    p = RecordPrefixPolicy(bounds(records=4), 1 << 40, reads_before_fetch=need)
-    assert p.mode(4)[0] is Mode.VIEW
-    # the same image again and again (a file read in kernel pieces) counts once
-    assert [p.access(0, 4, 0, image=7) for _ in range(10)] == [None] * 10
-    plans = [p.access(0, 4, 0, image=j) for j in range(1, 5)]
-    assert plans[:3] == [None] * 3 and plans[3].record == 0
-    assert p.access(2, 4, 0, image=1).record == 2  # a record of no images needs none
-    assert p.stats()["deferred"] == 13
-
-
 def test_a_small_read_of_mixed_records_fetches_no_prefix_and_an_epoch_fetches_all():
-    """A class of 1,300 images spread over 1,000 records of 1,281 (1.3 per record) crosses no
-    record's threshold; a uniform epoch crosses every record's within its first percent."""
-    from pcrfs.store.prefix import mixed_record_thresholds
+    """A class of 1,281 images spread over 1,000 records (1.3 per record) never opens the gate;
+    a uniform epoch opens it within its first percent and fetches every record once."""
+    from pcrfs.store.prefix import EpochGate
 
     rng = np.random.default_rng(5)
-    n_rec, per = 1000, 1281
-    need = mixed_record_thresholds(np.full(n_rec, per))
-    p = RecordPrefixPolicy(bounds(records=n_rec), 1 << 50, reads_before_fetch=need)
-    owner = rng.permutation(n_rec * per) // per  # image -> record, shuffled
-    one_class = rng.choice(n_rec * per, 1300, replace=False)
+    n_rec, per, n_classes = 1000, 1281, 1000
+    n = n_rec * per
+    classes_of = np.repeat(np.arange(n_classes), n // n_classes)
+    owner = rng.permutation(n) // per  # image -> record, shuffled
+    p = RecordPrefixPolicy(bounds(records=n_rec), 1 << 50, gate=EpochGate(classes_of, int(0.005 * n)))
+    one_class = np.flatnonzero(classes_of == 17)
     assert all(p.access(int(owner[i]), 4, 0, image=int(i)) is None for i in one_class)
-    assert p.stats()["fetches"] == 0
-    q = RecordPrefixPolicy(bounds(records=n_rec), 1 << 50, reads_before_fetch=need)
+    assert p.stats()["fetches"] == 0 and p.stats()["deferred"] == len(one_class)
+    q = RecordPrefixPolicy(bounds(records=n_rec), 1 << 50, gate=EpochGate(classes_of, int(0.005 * n)))
     fetched, first_plan = set(), {}
-    for t, i in enumerate(rng.permutation(n_rec * per)):
+    for t, i in enumerate(rng.permutation(n)):
         r = int(owner[i])
         if r in fetched:
             continue
@@ -212,46 +198,64 @@ def test_a_small_read_of_mixed_records_fetches_no_prefix_and_an_epoch_fetches_al
             fetched.add(r)
             first_plan[r] = t
     assert len(fetched) == n_rec
-    assert np.percentile(list(first_plan.values()), 99) < 0.02 * n_rec * per
+    assert min(first_plan.values()) == int(0.005 * n) - 1  # the gate opened at 0.5 % of the images
+    assert np.percentile(list(first_plan.values()), 99) < 0.02 * n
 
 
 def test_the_epoch_gate_opens_for_an_epoch_and_never_for_a_class_copy():
     """A mixed store's prefixes wait until reads touch two classes and 0.5 % of the images:
     a copy of one class (any size) never opens it, a second class does."""
-    from pcrfs.store.prefix import EpochGate, mixed_record_thresholds
+    from pcrfs.store.prefix import EpochGate
 
     classes_of = np.repeat(np.arange(10), 100)           # 10 classes of 100 images
     gate = EpochGate(classes_of, min_images=5)
     assert not any(gate.note(i) for i in range(100))     # all of class 0, image by image
     assert gate.note(100) and gate.open                   # the first image of class 1
     assert gate.note(3)                                   # open stays open
-    p = RecordPrefixPolicy(bounds(records=4), 1 << 40, reads_before_fetch=mixed_record_thresholds(np.full(4, 250)),
-                           gate=EpochGate(classes_of, min_images=5))
+    p = RecordPrefixPolicy(bounds(records=4), 1 << 40, gate=EpochGate(classes_of, min_images=5))
     assert all(p.access(0, 4, 0, image=i) is None for i in range(50))  # one class: no prefix
-    plan = p.access(0, 4, 0, image=500)                   # another class, record 0 past its threshold
+    plan = p.access(0, 4, 0, image=500)                   # another class: the gate opens
     assert plan is not None and plan.record == 0
+    assert p.stats()["deferred"] == 50
 
 
 def test_in_view_mode_an_open_gate_fetches_at_once_and_prefetches_the_rest():
     """Once the gate is open, a VIEW-mode read fetches its record's prefix on its first
-    image and starts the rest of the view (a path-order pass no longer reads ~4 images per
-    record one by one); in WINDOW mode the per-record thresholds still apply."""
-    from pcrfs.store.prefix import EpochGate, mixed_record_thresholds
+    image and starts the rest of the view (a path-order pass reads no more images one by
+    one); in WINDOW mode the reads must still stay in few records."""
+    from pcrfs.store.prefix import EpochGate
 
     classes_of = np.repeat(np.arange(10), 100)
-    need = mixed_record_thresholds(np.full(8, 125))
-    view = RecordPrefixPolicy(bounds(records=8), 1 << 40, reads_before_fetch=need,
-                              gate=EpochGate(classes_of, min_images=5))
+    view = RecordPrefixPolicy(bounds(records=8), 1 << 40, gate=EpochGate(classes_of, min_images=5))
     assert view.mode(4)[0] is Mode.VIEW
     assert all(view.access(i % 8, 4, 0, image=i) is None for i in range(100))  # class 0: gate shut
     plan = view.access(3, 4, 0, image=100)              # class 1's first image: fetched at once
     assert plan is not None and plan.record == 3
     assert view.prefetch(3, 4) == [0, 1, 2, 4, 5, 6, 7]  # and the rest of the view, ahead
-    assert view.stats()["deferred"] == 0
     one = bounds(records=8)
     fit_two = int((one[:, 4] - one[:, 0]).mean() * 2.5)  # ~2 average prefixes fit: WINDOW mode
-    window = RecordPrefixPolicy(one, fit_two, reads_before_fetch=need, gate=EpochGate(classes_of, min_images=5))
+    window = RecordPrefixPolicy(one, fit_two, gate=EpochGate(classes_of, min_images=5))
     assert window.mode(4)[0] is Mode.WINDOW
-    for i in range(101):
-        window.access(0, 4, 0, image=i)
-    assert window.stats()["deferred"] > 0               # thresholds counted, not skipped
+    window.access(0, 4, 0, image=500)
+    assert [window.access(r % 8, 4, 0, image=600 + r) for r in range(20)] == [None] * 20
+    # the gate opened at the fifth image (two classes); the reads after it touch 8 records: not local
+    assert (window.stats()["deferred"], window.stats()["declined"]) == (4, 17)
+
+
+def test_an_announced_reader_fetches_on_first_read_whatever_the_gate_and_history():
+    """A reader that named its records (a sampler's fetch-ahead hint) keeps at most a cache's
+    worth of records open: from then on any read of an unheld record fetches its prefix."""
+    from pcrfs.store.prefix import EpochGate
+
+    classes_of = np.repeat(np.arange(10), 100)
+    one = bounds(records=8)
+    fit_two = int((one[:, 4] - one[:, 0]).mean() * 2.5)
+    p = RecordPrefixPolicy(one, fit_two, gate=EpochGate(classes_of, min_images=5))
+    assert p.access(5, 4, 0, image=0) is None            # gate shut, history empty
+    p.announce()
+    plan = p.access(5, 4, 0, image=1)
+    assert plan is not None and plan.record == 5 and (plan.first_group, plan.groups) == (1, 4)
+    assert p.access(5, 4, 4, image=2) is None            # held: nothing to fetch
+    tiny = RecordPrefixPolicy(one, 1)                    # IMAGES mode: a prefix fits no cache
+    tiny.announce()
+    assert tiny.access(0, 4, 0, image=0) is None

@@ -108,18 +108,12 @@ def view_bytes(store, k: int) -> int:
 
 def mixed_overhead(url: str, remote: RemoteOptions, k: int) -> int:
     """The most bytes a pass over a shuffled store reads twice at fidelity k (store/prefix.py):
-    the images read before the reads look like an epoch (in path order: the first class),
-    and in each record the images read one by one before its prefix is fetched, at most
-    ``reads_before_fetch[r]`` of them, counted at their largest."""
-    from pcrfs.store.prefix import mixed_record_thresholds
-
+    the images read one by one before the reads look like an epoch (in path order: the
+    first class and the first of the next), then again within their record's prefix."""
     with open_store(url, options=ropts(remote)) as s:
-        need = mixed_record_thresholds(s.index.records["n_images"])
-        sizes = [sorted((s.size(int(i), k) - 2 for i in s.index.record_images(r)), reverse=True)
-                 for r in range(len(s.index.records))]
-        first_class = [i for i in range(s.num_images) if s.label(i) == 0]
-        gate = sum(s.size(i, k) - 2 for i in first_class)
-    return gate + sum(sum(row[:int(n)]) for row, n in zip(sizes, need))
+        first_classes = [i for i in range(s.num_images) if s.label(i) <= 1]
+        gate = sum(s.size(i, k) - 2 for i in first_classes)
+    return gate
 
 
 def stats_of(mnt: Path) -> dict:

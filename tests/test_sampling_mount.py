@@ -8,11 +8,13 @@ session behind.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -208,3 +210,42 @@ def test_an_index_copy_changed_since_the_mount_is_refused(demo_store, mounts, tm
     paths.write_bytes(bytes(data))
     with pytest.raises(StoreError, match=r"index copy of the mount .*CRC.*store's location"):
         RecordShuffleSampler(mnt / "scan2", window=2)
+
+
+@pytest.mark.skipif(s3_available() is not None, reason=str(s3_available()))
+def test_the_sampler_tells_an_s3_mount_what_it_reads_next(on_moto, mounts, tmp_path):
+    """Iterated over a mounted view, the sampler names the records it reads next (an extended
+    attribute on the mount's root): the mount fetches each record's prefix ahead, once, and
+    reads no image one by one -- every GET is a prefix part. Malformed hints are EINVAL."""
+    from pcrfs.remote.fs import RemoteOptions
+    from torchvision import datasets
+
+    url, endpoint = on_moto
+    info = mounts.mount(url, "hint", cache_size="4M",
+                        read_options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint), readahead_bytes=0))
+    mnt = Path(info.mountpoint)
+    ds = datasets.ImageFolder(str(mnt / "scan2"), loader=read_file)
+    sampler = RecordShuffleSampler(mnt / "scan2", seed=2)
+    it = iter(sampler)
+    first = next(it)
+    stats = lambda: json.loads(os.getxattr(mnt, "user.pcrfs.stats"))  # noqa: E731
+    for _ in range(500):  # the hints come from a thread that polls the sampler's position
+        if stats()["fetch_ahead_hints"]:
+            break
+        time.sleep(0.01)
+    for j in [first, *it]:
+        read_file(ds.samples[j][0])
+    st = stats()
+    prefix = st["io"]["record_prefix"]
+    assert st["fetch_ahead_hints"] >= 1 and prefix["prefetched"] >= 1
+    assert prefix["deferred"] == 0 and prefix["declined"] == 0   # no image read one by one ...
+    assert st["io"]["source"]["requests"] == prefix["parts"]      # ... every GET a prefix part
+    with open_store(url, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint))) as s:
+        assert prefix["fetches"] == len(s.index.records)          # each record once
+        n_records = len(s.index.records)
+    for bad in ("x", "1", "1.0", f"{n_records}.1", "0.99", "0.1,", "-1.1"):
+        with pytest.raises(OSError) as e:
+            os.getxattr(mnt, "user.pcrfs.fetch_ahead." + bad)
+        assert e.value.errno == errno.EINVAL, bad
+    with pytest.raises(OSError):
+        os.getxattr(mnt / "scan2", "user.pcrfs.fetch_ahead.0.1")  # the root only

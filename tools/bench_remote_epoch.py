@@ -17,8 +17,9 @@ flip + ``ToTensor``:
 * ``prefix``  -- ``shuffle=True``, record prefixes (the default), disk cache;
 * ``images``  -- ``shuffle=True``, ``--record-prefix off`` (per-image reads, as
   before issue 13), disk cache;
-* ``sampler`` -- ``RecordShuffleSampler`` (default window), no disk cache, memory
-  cache ``--sampler-cache`` (``--cache-size``);
+* ``sampler`` -- ``RecordShuffleSampler(MNT/VIEW)`` (its window sized by the mount,
+  which it tells the records it reads next), no disk cache, memory cache
+  ``--sampler-cache`` (``--cache-size``);
 * ``wds``     -- the peer: WebDataset over ``--shards`` tar shards of the original
   JPEGs (samples shuffled before sharding), shard shuffle + a 500-sample buffer,
   fetched through the same proxy with curl.
@@ -174,10 +175,9 @@ def mounted_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Pa
     with PcrfsMount(url, mnt, work / "logs" / "mount.log", cache_size=cache_size, read_options=opts) as m:
         sampler = None
         if mode == "sampler":
-            from pcrfs.store.reader import open_store
-
-            with open_store(local_store) as s:  # the same index as the remote copy
-                sampler = RecordShuffleSampler(s, view=view, seed=0, cache_bytes=args.sampler_cache)
+            # as a user would: the sampler given the mounted view takes its catalogue and its
+            # window from the mount, and tells it the records it reads next (--no-sampler-ahead: not)
+            sampler = RecordShuffleSampler(mnt / view, seed=0, fetch_ahead=not args.no_sampler_ahead)
         for epoch in (1, 2):
             if sampler is not None:
                 sampler.set_epoch(epoch)
@@ -268,6 +268,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--cache-size", default="256M")
     p.add_argument("--sampler-cache", default="256M", help="memory cache of the sampler runs (no disk cache)")
+    p.add_argument("--no-sampler-ahead", action="store_true",
+                   help="the sampler does not tell the mount the records it reads next (RecordShuffleSampler(..., "
+                        "fetch_ahead=False))")
     p.add_argument("--sampler-record-size", default=None,
                    help="the sampler runs read a copy of the photos in records of this size (e.g. 4M records "
                         "and --sampler-cache 16M: the cache holds a window of records, not the view)")

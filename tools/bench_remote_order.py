@@ -30,7 +30,7 @@ Per order, each on a fresh mount of ``s3://.../STORE`` through the proxy:
 
 Orders alternate (``--repeats`` rounds, the starting order alternating). Requests, bytes
 and link time come from the proxy; the daemon's CPU from /proc; the mount's own counters
-(record prefixes fetched, reads deferred under a mixed record's threshold) from its stats.
+(record prefixes fetched, reads served image by image while the epoch gate was shut) from its stats.
 
     python tools/bench_remote_order.py                                  # ~10 min on 2 cores
     python tools/bench_remote_order.py --classes 100 --out results/bench_remote_order_100c.json
@@ -110,35 +110,9 @@ def describe(store: Path, view: str) -> dict:
         fr = {f"scan{f['k']}": f["bytes"] for f in cumulative_fractions(s)}
         fr["full"] = fr[f"scan{s.num_groups}"]
         return {"format_version": s.manifest["format_version"], "order": s.manifest.get("order"),
-                "one_class_reads": class_thresholds(s),
                 "images": s.num_images, "records": len(s.index.records), "classes": len(s.classes),
                 "images_per_record": round(s.num_images / len(s.index.records), 1),
                 "view_bytes": fr[view], "full_bytes": fr["full"], "class_names": list(s.classes)}
-
-
-def class_thresholds(s) -> dict | None:
-    """What a one-class read meets on a shuffled store, from its index alone: per class, the
-    records where the class holds at least the record's threshold of distinct images
-    (``mixed_record_thresholds``), whose prefixes a copy of the class fetches; three such
-    records set off the whole view's prefetch where the caches hold the view (VIEW mode)."""
-    import numpy as np
-
-    from pcrfs.store.prefix import mixed_record_thresholds
-
-    if not s.index.shuffled:
-        return None
-    labels = np.array([s.label(i) for i in range(s.num_images)])
-    records = s.index.records_of(np.arange(s.num_images))
-    need = mixed_record_thresholds(s.index.records["n_images"])
-    crossing = []
-    for c in range(len(s.classes)):
-        counts = np.bincount(records[labels == c], minlength=len(need))
-        crossing.append(int((counts >= need).sum()))
-    crossing = np.array(crossing)
-    return {"threshold_per_record": sorted(set(need.tolist())),
-            "classes": len(crossing), "mean_records_crossing": round(float(crossing.mean()), 3),
-            "share_of_classes_fetching_a_prefix": round(float((crossing >= 1).mean()), 3),
-            "share_of_classes_fetching_the_view": round(float((crossing >= 3).mean()), 3)}
 
 
 # ---- measurements -----------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ log-normal sizes of mean ``--mean-kb``, cut into records by the converter's rule
 group regions are sized from ``--group-fractions`` (cumulative share of an image's bytes
 in groups 1..k; the default is the demo store's). The policy is the store's own,
 ``pcrfs.store.prefix.store_policy`` (``group_bounds``, the cache budgets, and for a
-shuffled store the per-record thresholds and the epoch gate, image i's class being
-``i // --per-class``), fed one read at a time:
+shuffled store the epoch gate, image i's class being ``i // --per-class``), fed one
+read at a time:
 
 * ``path_epoch``: every image at ``--k`` in path order (``ImageFolder``, ``shuffle=False``);
 * ``one_class``: the images of ``--copy-classes`` classes, each alone on a fresh policy
@@ -65,7 +65,7 @@ def layout(sizes: np.ndarray, record_of: np.ndarray, perm: np.ndarray, fractions
 
 def simulate(images: np.ndarray, record_of: np.ndarray, image_k: np.ndarray, bounds: np.ndarray, counts: np.ndarray,
              k: int, shuffled: bool, memory: int, disk: int, classes_of: np.ndarray) -> dict:
-    policy = store_policy(bounds, counts, memory, disk, classes_of=classes_of if shuffled else None)
+    policy = store_policy(bounds, memory, disk, classes_of=classes_of if shuffled else None)
     held = np.zeros(len(bounds), dtype=np.int64)
     gets = prefix_gets = image_gets = 0
     link = 0.0

@@ -83,7 +83,7 @@ typedef unsigned long (*crc32_fn)(unsigned long, const unsigned char *, unsigned
 #define EOI_LEN 2
 static const unsigned char EOI[EOI_LEN] = {0xFF, 0xD9}; /* JPEG end of image (ITU-T T.81, B.1.1.3) */
 #define FILE_MODE (S_IFREG | 0444)
-#define STATS_XATTR "user.pcrfs.stats"
+#define PCRFS_XATTRS "user.pcrfs."
 
 /* Why a read was not served here (read_for_test's answer; the callback asks Python). */
 #define FELL_BACK_UNRESOLVED (-1) /* reads off, not an image file of a view here, offset < 0 */
@@ -664,8 +664,9 @@ static int fast_getattr(const char *path, struct stat *out, void *fi) {
 }
 
 static int fast_getxattr(const char *path, const char *name, char *value, size_t size) {
-    /* only the stats attribute exists; ls -l asks every file for ACLs and labels */
-    if (strcmp(name, STATS_XATTR) != 0) return -ENODATA;
+    /* only pcrfs's own attributes exist (the stats, the fetch-ahead hints: ops.py); ls -l asks
+       every file for ACLs and labels, answered here without the GIL */
+    if (strncmp(name, PCRFS_XATTRS, sizeof PCRFS_XATTRS - 1) != 0) return -ENODATA;
     State *st = enter();
     if (!st) return -EIO;
     int rc = st->py_getxattr(path, name, value, size);

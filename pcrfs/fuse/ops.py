@@ -106,6 +106,11 @@ _TABLE_HANDLES = 1 << 62  # directory listing handles come from a counter from h
 _DOTS = (".", "..")
 STATS_XATTR = "user.pcrfs.stats"  # getxattr(MNT, STATS_XATTR): the counters as JSON, always fresh
 STATS_FILE_PATH = "/.pcrfs/stats"
+# getxattr(MNT, AHEAD_XATTR + "R.K,R.K,..."): fetch records R's prefixes at fidelity K in the
+# background now -- a hint from a reader that knows its order (RecordShuffleSampler over a
+# mount); answers how many fetches were started (0 where the store fetches no prefixes)
+AHEAD_XATTR = "user.pcrfs.fetch_ahead."
+AHEAD_MAX_RECORDS = 64  # records one hint may name
 STATS_FILE_PAD = 4096  # the stats file's size is a multiple of this (see _stats_file_size)
 STATS_FILE_HEADROOM = 2048  # bytes the document may grow by before a read outgrows the size told
 EIO_REPEAT_S = 1.0   # a failure of the same file again within this is the kernel's retry (see Errors)
@@ -182,6 +187,7 @@ class PcrfsOperations(mf.Operations):
         # to mfusepy's own, slower, methods after an mfusepy change shows up as zeros)
         self.dispatched = {"getattr_fuse_3": 0, "readdir_fuse_3": 0, "pinned_workers": 0}
         self.attr_requests = 0  # getattr calls: attributes the kernel did not have cached
+        self.ahead_hints = 0    # records named by fetch-ahead hints (AHEAD_XATTR)
         self._listing_attrs_used = True  # were readdirplus attributes used lately? (readdir_fuse_3)
         self._slot = {v.name: slot for slot, v in enumerate(self._view_list)}
         store = tree.store
@@ -258,6 +264,7 @@ class PcrfsOperations(mf.Operations):
         doc["errors"] = {"eio": self.eio_count, "eio_requests": self.eio_requests}
         doc["attr_requests"] = self.attr_requests + (c["file_lookups"] if "fastpath" in doc else 0)
         doc["dispatched"] = dict(self.dispatched)
+        doc["fetch_ahead_hints"] = self.ahead_hints
         doc["index"] = self._index_copy
         doc.update(self.extra_stats)
         return (json.dumps(doc, indent=1) + "\n").encode()
@@ -404,7 +411,25 @@ class PcrfsOperations(mf.Operations):
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         if name == STATS_XATTR and path in ("/", STATS_FILE_PATH):
             return self.stats_document()
+        if name.startswith(AHEAD_XATTR) and path == "/":
+            return self._fetch_ahead(name[len(AHEAD_XATTR):])
         raise mf.FuseOSError(errno.ENODATA)
+
+    def _fetch_ahead(self, spec: str) -> bytes:
+        """Hand a reader's fetch-ahead hint ("R.K,R.K,...") to the store; EINVAL if malformed."""
+        store = self.tree.store
+        try:
+            pairs = [tuple(int(x) for x in item.split(".")) for item in spec.split(",")]
+        except ValueError:
+            raise mf.FuseOSError(errno.EINVAL) from None
+        n_records = len(store.index.records)
+        if not 0 < len(pairs) <= AHEAD_MAX_RECORDS or any(
+                len(p) != 2 or not (0 <= p[0] < n_records and 1 <= p[1] <= store.num_groups) for p in pairs):
+            raise mf.FuseOSError(errno.EINVAL)
+        started = sum(store.fetch_prefix_ahead(r, k) is not None for r, k in pairs)
+        with self._mutex:
+            self.ahead_hints += len(pairs)
+        return str(started).encode()
 
     def destroy(self, path: str) -> None:
         if self._stats_refresher is not None:

@@ -62,30 +62,23 @@ The policy, per read of image i (record r) at fidelity k:
 * **records that mix the dataset** (a shuffled store, format version 2) -- one class
   directory, or any small part of the tree, touches nearly every record with a few
   images each, so fetching a record's prefix on its first read would download the
-  whole view for a ``cp -r`` of one class. There a record's prefix is fetched only
-  once ``reads_before_fetch[r]`` distinct images of it have been read (a small
-  fraction of its images: :func:`mixed_record_thresholds`); until then its images are
-  read one by one. An epoch, in any order, reaches that count in every record within
-  its first percent or so; a small read reaches it in none (a class of 1,300 images
-  over 1,000 records puts ~1.3 in each). The cost for an epoch: that fraction of its
-  images read image by image, then read again within their record's prefix.
+  whole view for a ``cp -r`` of one class. There no prefix is fetched before the reads
+  look like an epoch (:class:`EpochGate`): they must have touched at least two
+  top-level directories (classes) and ``gate_images`` distinct images (0.5 % of the
+  store). A copy of one class -- or of a few, at ImageNet scale -- never opens the gate,
+  so it is read image by image, its own bytes once; a path-order pass opens it once its
+  second class begins, a shuffled epoch at once. After that the modes apply as for any
+  store: ``VIEW`` fetches a record's prefix on its first read and the rest of the view
+  ahead at once (the gate already told an epoch from a look at a few files);
+  ``WINDOW`` fetches while the reads stay in few records.
 
-  Before any of that, reads must look like an epoch at all (:class:`EpochGate`): they
-  must have touched at least two top-level directories (classes) and ``gate_images``
-  distinct images (0.5 % of the store). A copy of one class -- or of a few, at ImageNet
-  scale -- never opens the gate, so it is read image by image, its own bytes once; a
-  path-order pass opens it once its second class begins, a shuffled epoch at once.
-  Without the gate a class's images crossed a few records' thresholds, and three
-  records fetched started the whole view's prefetch (measured: 8.6x a class's bytes on
-  a 100-class store; ~1,000x simulated at ImageNet scale with a disk cache).
-
-  In ``VIEW`` mode the open gate is the whole test: the per-record thresholds are
-  skipped and the first prefix fetched starts the prefetch of the rest of the view
-  (those thresholds only made a path-order pass read ~4 more images per record one by
-  one -- 160 of its 175 requests on a 15-record store -- and protected no small read
-  the gate lets through: three records past their thresholds started the prefetch
-  anyway). ``WINDOW`` mode keeps them: there a prefix is worth fetching only if the
-  reads stay in few records, which the thresholds and the history measure.
+  Measured before the gate: per-record thresholds alone (a prefix after ``max(4, 0.5 %)``
+  of a record's images) let a class's images cross a few records' thresholds, and three
+  records fetched started the whole view's prefetch (8.6x a class's bytes on a 100-class
+  store; ~1,000x simulated at ImageNet scale with a disk cache). With the gate they only
+  made an epoch read more images one by one (a path-order pass: 160 of its 175
+  requests on a 15-record store; a sampler over a mount, ~40 images per mount) and were
+  dropped.
 
   The price of the gate is fixed by the one-class copy it protects: a path-order pass
   reads its first class (and 0.5 % of the images) image by image, ``k`` requests each,
@@ -93,6 +86,12 @@ The policy, per read of image i (record r) at fidelity k:
   ImageNet's 1,000 classes that is ~0.02 GET per image at ``scan5``; with 8 classes of
   equal size it is ~0.6: a store of few large classes read in path order (a validation
   set) is better written ``--order source``.
+
+* **a reader that says what it reads** -- a ``RecordShuffleSampler`` over a mount (an
+  extended attribute, :mod:`pcrfs.ahead`) or ``ImageFolder.fetch_ahead`` names the
+  records it reads next, and they are fetched ahead of their reads; after that
+  (:meth:`RecordPrefixPolicy.announce`) any read of a record whose prefix is not held
+  fetches it at once: such a reader keeps at most a cache's worth of records open.
 
 * **what to evict** -- nothing is chosen here: a record's prefix is one entry of
   the memory cache and one file of the disk cache, so both caches' LRU order
@@ -108,18 +107,6 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
-
-
-MIXED_FETCH_FRACTION = 0.005  # of a mixed record's images read before its prefix is fetched
-MIXED_FETCH_MIN = 4            # ... and at least this many
-
-
-def mixed_record_thresholds(images_per_record: np.ndarray, fraction: float = MIXED_FETCH_FRACTION,
-                            minimum: int = MIXED_FETCH_MIN) -> np.ndarray:
-    """i8[R]: distinct images of each record to read before fetching its prefix, for
-    records that mix the dataset: ``max(minimum, ceil(fraction * n))``, at most ``n``."""
-    n = np.asarray(images_per_record, dtype=np.int64)
-    return np.minimum(np.maximum(minimum, np.ceil(fraction * n).astype(np.int64)), np.maximum(n, 1))
 
 
 EPOCH_GATE_FRACTION = 0.005  # of a mixed store's images read before any record prefix is fetched
@@ -205,7 +192,7 @@ class RecordPrefixPolicy:
     def __init__(self, bounds: np.ndarray, memory_bytes: int, disk_bytes: int = 0, *,
                  part_bytes: int = 8 << 20, max_parts: int = 8, headroom: float = 0.9,
                  min_window: int = 2, history_factor: int = 3, prefetch_after: int = 3,
-                 reads_before_fetch: np.ndarray | None = None, gate: EpochGate | None = None) -> None:
+                 gate: EpochGate | None = None) -> None:
         self.bounds = np.asarray(bounds, dtype=np.int64)
         self.memory_bytes = max(0, int(memory_bytes))
         self.disk_bytes = max(0, int(disk_bytes))
@@ -215,9 +202,6 @@ class RecordPrefixPolicy:
         self.min_window = min_window
         self.history_factor = history_factor
         self.prefetch_after = prefetch_after
-        # mixed records: distinct images read before a record's prefix is fetched (None: 1)
-        self.reads_before_fetch = None if reads_before_fetch is None else np.asarray(reads_before_fetch)
-        self._read_in: dict[int, set[int]] = {}  # record -> images read while under its threshold
         self.gate = gate  # mixed records: no prefix at all until the reads look like an epoch
         self._fetched_at: dict[int, set[int]] = {}   # k -> records fetched on demand at k
         self._prefetched_at: set[int] = set()         # fidelities whose view was prefetched
@@ -229,9 +213,10 @@ class RecordPrefixPolicy:
         self._recent: deque[int] = deque()
         self._counts: Counter[int] = Counter()
         self._lock = threading.Lock()
+        self.announced = False  # a record-aware reader said what it reads (announce)
         self.fetches = 0  # counters for the mount's stats
         self.declined = 0
-        self.deferred = 0  # reads of mixed records served image by image while under their threshold
+        self.deferred = 0  # reads of mixed records served image by image while the gate was shut
 
     @property
     def num_groups(self) -> int:
@@ -277,20 +262,27 @@ class RecordPrefixPolicy:
         mode, fit = self.mode(k)
         if mode is Mode.IMAGES:
             return None
-        # a record with part of its prefix cached already passed (or was fetched ahead of)
-        # its threshold: extending it to a higher fidelity needs no new evidence
-        if self.reads_before_fetch is not None and not held:
-            epoch = self.gate is None or self.gate.note(image)
-            # in VIEW mode an open gate is evidence enough (the whole view is fetched anyway):
-            # waiting for each record's threshold would only read more images one by one
-            trust_gate = self.gate is not None and mode is Mode.VIEW
-            if not epoch or (not trust_gate and not self._enough_reads(record, image)):
-                return None
+        if self.announced:  # a record-aware sampler reads here (see announce): no evidence needed
+            return self.plan(record, k, held)
+        # a record with part of its prefix cached was fetched after the gate opened (or ahead
+        # of its reads): extending it to a higher fidelity needs no new evidence
+        if not held and self.gate is not None and not self.gate.note(image):
+            with self._lock:
+                self.deferred += 1
+            return None
         if mode is Mode.WINDOW and not self._local(record, fit):
             with self._lock:
                 self.declined += 1
             return None
         return self.plan(record, k, held)
+
+    def announce(self) -> None:
+        """A reader told which records it reads next (``RecordShuffleSampler`` hinting the
+        mount, ``ImageFolder.fetch_ahead``): its order keeps at most a cache's worth of records
+        open, so from now on a read of a record whose prefix is not held fetches it at once --
+        no epoch gate, no locality history (their warm-up read ~40 images one by one on a
+        15-record store), as for the records it named."""
+        self.announced = True
 
     def plan(self, record: int, k: int, held: int) -> PrefixPlan:
         """The fetch of groups held+1..k of ``record`` (counted as a fetch)."""
@@ -320,23 +312,6 @@ class RecordPrefixPolicy:
         spans = self.bounds[:, k] - self.bounds[:, 0]
         return [int(r) for r in np.flatnonzero(spans > 0) if int(r) not in seen]
 
-    def _enough_reads(self, record: int, image: int | None) -> bool:
-        """Count ``image`` as read in ``record`` (a mixed record); True once its threshold is met."""
-        need = int(self.reads_before_fetch[record])
-        with self._lock:
-            seen = self._read_in.get(record)
-            if seen is None:
-                if need <= 1:
-                    return True
-                seen = self._read_in[record] = set()
-            elif len(seen) >= need:
-                return True
-            seen.add(-1 - len(seen) if image is None else image)
-            if len(seen) >= need:
-                return True
-            self.deferred += 1
-            return False
-
     def _local(self, record: int, fit: int) -> bool:
         """Count this read; True when the recent reads (this one included) touch at most ``fit`` records."""
         history = self.history_factor * fit
@@ -354,18 +329,15 @@ class RecordPrefixPolicy:
         return {"fetches": self.fetches, "declined": self.declined, "deferred": self.deferred}
 
 
-def store_policy(bounds: np.ndarray, images_per_record: np.ndarray, memory_bytes: int, disk_bytes: int,
+def store_policy(bounds: np.ndarray, memory_bytes: int, disk_bytes: int,
                  classes_of: np.ndarray | None = None, readers: int = 1) -> RecordPrefixPolicy:
     """The policy a store opens with (and the one ``tools/sim_order_policy.py`` simulates):
     ``classes_of`` (each image's class) given where the records mix the dataset, which adds
-    the per-record thresholds and the epoch gate. ``readers`` processes sharing one cache
-    each see 1/readers of the reads, so both are divided among them."""
-    mixed = gate = None
+    the epoch gate. ``readers`` processes sharing one cache each see 1/readers of the
+    reads, so the gate's image count is divided among them."""
+    gate = None
     if classes_of is not None:
         readers = max(1, int(readers))
-        mixed = mixed_record_thresholds(images_per_record)
-        if readers > 1:
-            mixed = np.maximum(1, -(-mixed // readers))
         gate = EpochGate(classes_of, -(-int(EPOCH_GATE_FRACTION * len(classes_of)) // readers))
-    return RecordPrefixPolicy(bounds, memory_bytes, disk_bytes, reads_before_fetch=mixed, gate=gate)
+    return RecordPrefixPolicy(bounds, memory_bytes, disk_bytes, gate=gate)
 

@@ -156,6 +156,10 @@ class PrefixFetcher(Tiers):
                 continue
             plan = self.policy.access(r, max(k, need), held, image=i)
             if plan is None:
+                # another process of the node fetching this record (a worker's read, or the
+                # main process fetching ahead of a sampler): its prefix, not image by image
+                if self._shared and self.disk.wait_for_other(self._key(r), deadline):
+                    continue
                 return None
             for other in self.policy.prefetch(r, plan.groups):
                 self._ahead.submit(self._fetch_ahead, other, plan.groups)
@@ -169,6 +173,7 @@ class PrefixFetcher(Tiers):
         cache holds it or a fetch of it is in flight, here or in another process sharing the
         disk cache): for a caller that knows the order records will be read in (a sampler's).
         The future ends when the fetch does (never raises: a read of the record will tell)."""
+        self.policy.announce()
         return self._ahead.submit(self._fetch_ahead, r, k)
 
     def _fetch_ahead(self, r: int, k: int) -> None:

@@ -143,7 +143,7 @@ class Store:
             return None
         bounds = group_bounds(self.index.record_group_offsets, self.index.records["size"])
         # records that mix the dataset: a prefix only once reads of the record look like an epoch
-        policy = store_policy(bounds, self.index.records["n_images"], cache.capacity if cache is not None else 0,
+        policy = store_policy(bounds, cache.capacity if cache is not None else 0,
                               disk.capacity if disk is not None else 0,
                               classes_of=_classes_of(self.index) if self.index.shuffled else None,
                               readers=self.options.prefix_readers)

@@ -175,6 +175,24 @@ class SharedDiskCache:
             if got:
                 self._release(key)
 
+    def wait_for_other(self, key: str, deadline: Any) -> bool:
+        """If another process holds key's lock (it is fetching the entry), wait until it lets go
+        (within ``deadline``, else raise its error) and return True: look for the entry again.
+        False at once if nobody else holds it."""
+        with self._mutex:
+            if key in self._held:
+                return False  # this process's own fetch: its readers wait on it in memory
+        try:
+            fd = self._try_lock(key)
+        except _NoLock:
+            return False
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            return False
+        with self.fetching(key, deadline):
+            return True
+
     def _writer_alive(self, key: str) -> bool:
         """Whether a process holds key's lock (so a temporary file of key may be its write)."""
         with self._mutex:

@@ -166,11 +166,11 @@ class ImageFolder(torch.utils.data.Dataset):
     def fetch_ahead(self, sampler: Any, ahead: int | None = None, behind: int | None = None) -> Any:
         """Fetch record prefixes ahead of ``sampler``'s order (a :class:`~pcrfs.sampling.RecordShuffleSampler`
         that a DataLoader over this dataset iterates, in this process) into the shared cache,
-        in a thread, so the workers' decoding overlaps the download: see :mod:`pcrfs.torch.ahead`.
-        Returns the :class:`~pcrfs.torch.ahead.FetchAhead` (``close()`` stops it)."""
-        from .ahead import FetchAhead
+        in a thread, so the workers' decoding overlaps the download: see :mod:`pcrfs.ahead`.
+        Returns the :class:`~pcrfs.ahead.FetchAhead` (``close()`` stops it)."""
+        from .ahead import dataset_fetch_ahead
 
-        return FetchAhead(self, sampler, ahead, behind)
+        return dataset_fetch_ahead(self, sampler, ahead, behind)
 
     # ---- items -----------------------------------------------------------------------
 
