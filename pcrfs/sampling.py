@@ -538,11 +538,11 @@ def _open(path_or_store: Any, view: str, storage_options: Mapping[str, Any] | No
         if cache is not None and cache.capacity:
             return _Source(path_or_store, view, cache.capacity, "the store's memory cache", "cache_bytes=", prefixes)
         return _Source(path_or_store, view, DEFAULT_CACHE_BYTES, _DEFAULT_CACHE, "cache_bytes=", prefixes)
-    from .store import format as fmt
+    from .store.location import names_a_store
 
     text = os.fspath(path_or_store)
     p = Path(text)
-    if "://" not in text and not (p / fmt.MANIFEST).exists():
+    if not names_a_store(text):  # a local path without a manifest: a mount, or a view of one
         for mnt, name in ((p.parent, p.name), (p, view)):  # MNT/scan5, or MNT with view=
             if (mnt / ".pcrfs" / "stats").exists():
                 if storage_options:
@@ -555,6 +555,7 @@ def _open_mount(mnt: Path, view: str) -> _Source:
     """The catalogue a pcrfs mount serves, from the local index copy its stats name (no network,
     no credentials), and the cache it keeps."""
     from .store.errors import StoreError
+    from .store.location import local_directory
 
     stats = json.loads((mnt / ".pcrfs" / "stats").read_bytes())
     memory = int(stats.get("cache", {}).get("capacity", 0))
@@ -573,7 +574,7 @@ def _open_mount(mnt: Path, view: str) -> _Source:
                              "storage_options instead") from None
         return _Source(_Catalogue(index, str(stats.get("store", mnt))), view, cache, what, knob, prefixes, True, mnt)
     store = str(stats.get("store", ""))
-    if "index" not in stats and store and "://" not in store:  # a daemon from before the "index" stats
+    if "index" not in stats and store and local_directory(store) is not None:  # a daemon before "index" stats
         source = _open_location(store, view, None)
         return _Source(source.store, view, cache, what, knob, prefixes, True, mnt)
     why = "its cache directory no longer has the copy: remount it" if "index" in stats else "remount it with this pcrfs"
