@@ -12,13 +12,14 @@ ranges and kept in a small LRU, so nothing per image is created at mount time.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import stat as st
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Union
 
@@ -83,20 +84,35 @@ class DirEntries(Sequence):
     of files costs no Python object per file until someone asks for one.
     Indexing gives ``(name, Attr)`` for every entry alike."""
 
-    __slots__ = ("named", "file_names", "file_sizes", "file_mtimes", "file_inos")
+    __slots__ = ("named", "file_names", "_file_sizes", "file_mtimes", "file_inos")
 
     def __init__(self) -> None:
         self.named: list[tuple[str, Attr]] = []
         self.file_names: list[bytes] = []  # raw (encoded) names, as the kernel gets them
-        self.file_sizes = _EMPTY
+        self._file_sizes: np.ndarray | Callable[[], np.ndarray] = _EMPTY
         self.file_mtimes = _EMPTY
         self.file_inos = _EMPTY
 
     def add(self, name: str, a: Attr) -> None:
         self.named.append((name, a))
 
-    def set_files(self, names: list[bytes], sizes: np.ndarray, mtimes: np.ndarray, inos: np.ndarray) -> None:
-        self.file_names, self.file_sizes, self.file_mtimes, self.file_inos = names, sizes, mtimes, inos
+    def set_files(self, names: list[bytes], sizes: np.ndarray | Callable[[], np.ndarray], mtimes: np.ndarray,
+                  inos: np.ndarray) -> None:
+        """The files' columns; ``sizes`` may be a function that computes them, called on first
+        use (a bare walk lists names and kinds only, and never pays for the sizes)."""
+        self.file_names, self._file_sizes, self.file_mtimes, self.file_inos = names, sizes, mtimes, inos
+
+    def set_files_of(self, other: "DirEntries") -> None:
+        """The files of ``other`` (their sizes still uncomputed if they were)."""
+        self.file_names, self._file_sizes = other.file_names, other._file_sizes
+        self.file_mtimes, self.file_inos = other.file_mtimes, other.file_inos
+
+    @property
+    def file_sizes(self) -> np.ndarray:
+        sizes = self._file_sizes
+        if callable(sizes):  # computed once (a racing second computation gives the same array)
+            sizes = self._file_sizes = sizes()
+        return sizes
 
     def raw_names(self) -> list[bytes]:
         """Every entry's name as bytes, in order."""
@@ -148,16 +164,26 @@ class DirListing:
     map that path lookups need is built on the first lookup, so a bare walk
     (``os.walk``, ImageFolder) never pays for it."""
 
-    __slots__ = ("subdirs", "raw_names", "images", "sizes", "mtimes", "_files")
+    __slots__ = ("subdirs", "raw_names", "images", "mtimes", "_lengths", "_sizes", "_files")
 
     def __init__(self, subdirs: dict[str, int], raw_names: list[bytes], images: np.ndarray,
-                 sizes: np.ndarray, mtimes: np.ndarray) -> None:
+                 lengths: Callable[[], np.ndarray], mtimes: np.ndarray) -> None:
         self.subdirs = subdirs
         self.raw_names = raw_names
         self.images = images          # image index of each file, in name order
-        self.sizes = sizes            # int64[n_files, G]: size of the file in view scanK at [:, K-1]
         self.mtimes = mtimes          # int64[n_files]
+        self._lengths = lengths       # () -> the files' group lengths, [n_files, G]
+        self._sizes: np.ndarray | None = None
         self._files: dict[str, int] | None = None
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """int64[n_files, G]: size of the file in view scanK at [:, K-1] (computed on first use:
+        a bare walk never asks; a racing second computation gives the same array)."""
+        sizes = self._sizes
+        if sizes is None:
+            sizes = self._sizes = np.cumsum(np.asarray(self._lengths(), dtype=np.int64), axis=1) + len(EOI_BYTES)
+        return sizes
 
     @property
     def names(self) -> list[str]:
@@ -176,13 +202,15 @@ def split_names(blob: bytes, rel: list[int], prefix: bytes) -> list[bytes]:
     """The names of consecutive paths ``prefix + name`` stored back to back in ``blob``
     (path j is ``blob[rel[j]:rel[j+1]]``), all direct children of one directory.
 
-    The fast way is one ``replace`` + ``split``: names contain no ``/`` and the prefix
-    ends with one, so every match of the prefix is a real one. The slicing
-    fallback covers the root directory (no prefix) and double-checks the count."""
+    The fast way is one ``split`` at the prefix: names contain no ``/`` and the prefix
+    contains one, so the leftmost match after a name is the next path's prefix (a match
+    starting inside the name would need a ``/`` before the next path's first one). The
+    slicing fallback covers the root directory (no prefix) and double-checks the count."""
     n = len(rel) - 1
     if prefix:
-        names = blob.replace(prefix, b"/").split(b"/")[1:]
-        if len(names) == n:
+        names = blob.split(prefix)
+        if len(names) == n + 1 and not names[0]:
+            del names[0]
             return names
     p = len(prefix)
     return [blob[rel[j] + p:rel[j + 1]] for j in range(n)]
@@ -274,11 +302,14 @@ class ViewTree:
             offs = index.paths.offsets[a:b + 1]
             base = int(offs[0])
             names += split_names(index.paths.raw_span(base, int(offs[-1])), (offs - base).tolist(), prefix)
-        images = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.zeros(0, np.int64)
-        lengths = np.asarray(index.group_lengths[images], dtype=np.int64)
-        sizes = np.cumsum(lengths, axis=1) + len(EOI_BYTES)
-        mtimes = np.asarray(index.images["src_mtime_ns"][images], dtype=np.int64)
-        return DirListing(subdirs, names, images, sizes, mtimes)
+        if len(spans) == 1:  # the usual directory (files only, or files before or after its subdirectories)
+            a, b = spans[0]
+            images, rows = np.arange(a, b), slice(a, b)
+        else:
+            images = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.zeros(0, np.int64)
+            rows = images
+        mtimes = np.asarray(index.images["src_mtime_ns"][rows], dtype=np.int64)
+        return DirListing(subdirs, names, images, lambda: index.group_lengths[rows], mtimes)
 
     # ---- resolution ------------------------------------------------------------
 
@@ -371,7 +402,7 @@ class ViewTree:
         for name, d in listing.subdirs.items():
             out.add(name, self.attr(DirNode(view, d)))
         base = self._ino(view, 1 + len(self._dir_names))
-        out.set_files(listing.raw_names, view.sizes(listing), listing.mtimes, listing.images + base)
+        out.set_files(listing.raw_names, functools.partial(view.sizes, listing), listing.mtimes, listing.images + base)
         return out
 
     # ---- reading -----------------------------------------------------------------

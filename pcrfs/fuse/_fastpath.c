@@ -75,7 +75,7 @@ typedef int (*getattr_cb)(const char *, struct stat *, void *);
 typedef int (*getxattr_cb)(const char *, const char *, char *, size_t);
 typedef unsigned long (*crc32_fn)(unsigned long, const unsigned char *, unsigned int);
 
-#define CONTRACT 2 /* configure()'s arguments and what they must hold; pcrfs.fuse.fastpath.CONTRACT */
+#define CONTRACT 3 /* configure()'s arguments and what they must hold; pcrfs.fuse.fastpath.CONTRACT */
 #define MAX_VIEWS 64
 #define VIEW_NAME_MAX 32
 #define MAX_GROUPS 256    /* per image: the stack arrays of serve() and checkpoints() */
@@ -757,6 +757,56 @@ static void state_dealloc(State *st) { /* never installed here: the installed po
     Py_TYPE(st)->tp_free((PyObject *)st);
 }
 
+/* ---- directory listings ---- */
+
+/* libfuse 3's filler (fuse.h, fuse_fill_dir_t): 1 once its buffer for this request is full. */
+typedef int (*fill_dir_cb)(void *, const char *, const struct stat *, off_t, int);
+
+/* fill_dir(filler, buf, names, stats, start, end, flags, whole) -> the first position not
+ * filled (end if every entry went in). The per-entry loop of pcrfs.fuse.ops's readdir:
+ * entry pos is names[pos] (bytes) with the struct stat at stats + pos * sizeof(struct stat).
+ * Paged (whole false): positions start..end-1 at offsets pos + 1 with `flags`, until the
+ * filler says its buffer is full. Whole: offsets 0 and no flags (libfuse keeps the whole
+ * listing and answers the kernel's next chunks itself); it stops only if the filler fails.
+ * The names are taken with the GIL, the filler runs without it. */
+static PyObject *fill_dir(PyObject *self, PyObject *args) {
+    unsigned long long filler, buf, stats;
+    PyObject *names;
+    Py_ssize_t start, end;
+    int flags, whole;
+    if (!PyArg_ParseTuple(args, "KKO!KnnIp", &filler, &buf, &PyList_Type, &names, &stats, &start, &end, &flags,
+                          &whole))
+        return NULL;
+    if (!filler || !stats || start < 0 || end < start || end > PyList_GET_SIZE(names)) {
+        PyErr_SetString(PyExc_ValueError, "fill_dir: no filler or stats, or positions outside the names");
+        return NULL;
+    }
+    Py_ssize_t n = end - start;
+    const char **ptrs = PyMem_Malloc((size_t)(n ? n : 1) * sizeof *ptrs);
+    if (!ptrs) return PyErr_NoMemory();
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *name = PyList_GET_ITEM(names, start + j);
+        if (!PyBytes_Check(name)) {
+            PyMem_Free(ptrs);
+            PyErr_SetString(PyExc_TypeError, "fill_dir: names must be bytes");
+            return NULL;
+        }
+        ptrs[j] = PyBytes_AS_STRING(name);
+    }
+    fill_dir_cb call = (fill_dir_cb)(uintptr_t)filler;
+    const char *block = PTR(stats);
+    Py_ssize_t pos = start;
+    Py_BEGIN_ALLOW_THREADS
+    for (; pos < end; pos++) {
+        const struct stat *s = (const struct stat *)(block + (size_t)pos * sizeof(struct stat));
+        if (call((void *)(uintptr_t)buf, ptrs[pos - start], s, whole ? 0 : (off_t)(pos + 1), whole ? 0 : flags))
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(ptrs);
+    return PyLong_FromSsize_t(pos);
+}
+
 /* ---- configure(): the contract ---- */
 
 /* dtype strings as numpy spells them for the types read here, on this host */
@@ -1239,6 +1289,9 @@ static PyMethodDef methods[] = {
      "record_fields=, group_offsets=, blob=, path_offsets=, positions=, storage=, views=, uid=, gid=, "
      "serve_reads=, cut_group_limit=, eoi=) -> State: the compiled path for one mounted tree, every array and "
      "constant checked against what this code reads (ContractError if not)."},
+    {"fill_dir", fill_dir, METH_VARARGS,
+     "fill_dir(filler, buf, names, stats, start, end, flags, whole) -> int: hand entries start..end-1 of a "
+     "listing to libfuse's filler (paged, until its buffer is full, or whole); the first position not filled."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1257,6 +1310,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     if (!ContractError || PyModule_AddObjectRef(m, "ContractError", ContractError) < 0 ||
         PyModule_AddObjectRef(m, "State", (PyObject *)&StateType) < 0 ||
         PyModule_AddIntConstant(m, "CONTRACT", CONTRACT) < 0 ||
+        PyModule_AddIntConstant(m, "STAT_SIZE", (long)sizeof(struct stat)) < 0 ||
         PyModule_AddIntConstant(m, "FELL_BACK_UNRESOLVED", FELL_BACK_UNRESOLVED) < 0 ||
         PyModule_AddIntConstant(m, "FELL_BACK_NO_HOLDER", FELL_BACK_NO_HOLDER) < 0 ||
         PyModule_AddIntConstant(m, "FELL_BACK_DECLINED", FELL_BACK_DECLINED) < 0 ||

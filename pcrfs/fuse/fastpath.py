@@ -40,7 +40,7 @@ from ..views import ViewTree
 log = logging.getLogger("pcrfs.fuse")
 
 DISABLE_ENV = "PCRFS_NO_FASTPATH"
-CONTRACT = 2  # _fastpath.c's CONTRACT: configure()'s arguments and what they must hold
+CONTRACT = 3  # _fastpath.c's CONTRACT: configure()'s arguments and what they must hold
 # The compiled path keeps its own duplicate of each record's descriptor; it takes at
 # most this share of the open-file limit, the rest of the records stay on the Python path.
 FD_SHARE = 0.5
@@ -61,6 +61,16 @@ def load() -> tuple[Any, str]:
         return None, f"built from another version of _fastpath.c (contract {built}, this pcrfs needs " \
                      f"{CONTRACT}); reinstall pcrfs"
     return _fastpath, ""
+
+
+def fill_dir_function(stat_size: int) -> Any:
+    """The compiled loop that hands a listing's entries to libfuse's filler
+    (``_fastpath.fill_dir``), or None: not built, turned off, or built with another
+    ``struct stat`` than ``stat_size`` bytes (the size of the listings' stat blocks)."""
+    module, _ = load()
+    if module is None or module.STAT_SIZE != stat_size:
+        return None
+    return module.fill_dir
 
 
 def _address(func: Any) -> int:

@@ -183,6 +183,7 @@ class PcrfsOperations(mf.Operations):
         self._stats_size_told = 0  # the stats file's size last given to the kernel
         self._stats_refresher: StatsFileRefresher | None = None
         self.fast: FastPath | None = None  # the compiled hot path, when serve() installs it
+        self.fill_dir: Callable[..., int] | None = None  # the compiled listing loop (_fastpath.fill_dir), from serve()
         # calls that reached PcrfsFUSE's overrides of mfusepy internals (a silent fallback
         # to mfusepy's own, slower, methods after an mfusepy change shows up as zeros)
         self.dispatched = {"getattr_fuse_3": 0, "readdir_fuse_3": 0, "pinned_workers": 0}
@@ -347,7 +348,7 @@ class PcrfsOperations(mf.Operations):
         named = [(n, a._replace(size=self._stats_file_size()) if a.mode == FILE_MODE else a)
                  for n, a in listed.named]  # the stats file (the only file among named entries)
         entries.named = [(".", me), ("..", parent)] + named
-        entries.set_files(listed.file_names, listed.file_sizes, listed.file_mtimes, listed.file_inos)
+        entries.set_files_of(listed)
         return FuseListing(entries, self.owner)
 
     @_errors_mapped
@@ -548,7 +549,7 @@ class PcrfsFUSE(mfuse_compat.FUSE):
         if ops.fast is not None and ops.fast.files_looked_up():
             ops._listing_attrs_used = True  # the compiled getattr's part of _attr_of
         plus = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
-        fill = _Filler(filler, buf, listing)
+        fill = _Filler(filler, buf, listing, ops.fill_dir)
         n = len(listing.names)
         if offset:
             # The kernel asks for attributes past the first chunk only if the caller
@@ -571,20 +572,30 @@ class PcrfsFUSE(mfuse_compat.FUSE):
 
 
 class _Filler:
-    """Calls libfuse's filler for a range of a listing's entries (see readdir_fuse_3)."""
+    """Calls libfuse's filler for a range of a listing's entries (see readdir_fuse_3): in one
+    compiled loop when the compiled path is built (``_fastpath.fill_dir``), else entry by
+    entry through ctypes."""
 
-    __slots__ = ("call", "buf", "names", "address", "stat", "offset")
+    __slots__ = ("call", "buf", "names", "listing", "stat", "offset", "compiled", "filler")
 
-    def __init__(self, filler, buf: int, listing: "FuseListing") -> None:
+    def __init__(self, filler, buf: int, listing: "FuseListing", compiled: Callable[..., int] | None = None) -> None:
+        self.names, self.listing = listing.names, listing
+        self.compiled = compiled
+        if compiled is not None:
+            self.filler, self.buf = ctypes.cast(filler, ctypes.c_void_p).value, buf
+            return
         self.call = _raw_filler(filler)
         self.buf, self.stat, self.offset = ctypes.c_void_p(buf), ctypes.c_void_p(), ctypes.c_int64()
-        self.names, self.address = listing.names, listing.address
 
     def paged(self, start: int, end: int, flag: int) -> bool:
         """Entries start..end-1 with their positions as offsets, until libfuse's buffer
         for this request is full; False if it filled up."""
+        stats = self.listing.stats
+        if self.compiled is not None:
+            return self.compiled(self.filler, self.buf, self.names, stats.ctypes.data, start, end, flag, False) == end
         call, buf, stat, off, names = self.call, self.buf, self.stat, self.offset, self.names
-        for pos, address in zip(range(start, end), range(self.address + start * STAT_SIZE, 1 << 62, STAT_SIZE)):
+        first = stats.ctypes.data + start * STAT_SIZE
+        for pos, address in zip(range(start, end), range(first, 1 << 62, STAT_SIZE)):
             stat.value = address
             off.value = pos + 1
             if call(buf, names[pos], stat, off, flag):
@@ -592,11 +603,17 @@ class _Filler:
         return True
 
     def whole(self, end: int) -> None:
-        """Entries 0..end-1, without attributes, at offset 0: libfuse buffers the whole listing."""
+        """Entries 0..end-1, without attributes, at offset 0: libfuse buffers the whole listing
+        (its filler fails only when it cannot: no more entries then)."""
+        kinds = self.listing.kinds  # what a names-only entry carries: d_ino and d_type
+        if self.compiled is not None:
+            self.compiled(self.filler, self.buf, self.names, kinds.ctypes.data, 0, end, 0, True)
+            return
         call, buf, stat, off = self.call, self.buf, self.stat, self.offset
-        for name, address in zip(self.names[:end], range(self.address, 1 << 62, STAT_SIZE)):
+        for name, address in zip(self.names[:end], range(kinds.ctypes.data, 1 << 62, STAT_SIZE)):
             stat.value = address
-            call(buf, name, stat, off, 0)
+            if call(buf, name, stat, off, 0):
+                return
 
 
 STAT_DTYPE = np.dtype(mfuse_compat.c_stat)  # numpy's view of the platform's struct stat, as mfusepy declares it
@@ -605,24 +622,47 @@ _NS = 1_000_000_000
 
 
 class FuseListing:
-    """A directory as the kernel receives it: raw names and one contiguous block
-    of complete ``struct stat``s built with a few vectorized assignments."""
+    """A directory as the kernel receives it: raw names and blocks of ``struct stat``s
+    built with a few vectorized assignments, each on first use: ``kinds`` (inode and
+    mode only: all a names-only listing hands over, as d_ino and d_type) and ``stats``
+    (complete, for readdirplus). A racing second build of either gives the same block."""
 
-    __slots__ = ("entries", "names", "stats", "address")
+    __slots__ = ("entries", "names", "owner", "_kinds", "_stats")
 
     def __init__(self, entries: DirEntries, owner: tuple[int, int]) -> None:
         self.entries = entries
         self.names = entries.raw_names()
-        named = [a for _, a in entries.named]
-        n_files = len(entries.file_names)
-        self.stats = encode_stats(
-            np.concatenate([np.array([a.mode for a in named], np.int64), np.full(n_files, FILE_MODE, np.int64)]),
-            np.concatenate([np.array([a.ino for a in named], np.int64), entries.file_inos]),
-            np.concatenate([np.array([a.nlink for a in named], np.int64), np.ones(n_files, np.int64)]),
-            np.concatenate([np.array([a.size for a in named], np.int64), entries.file_sizes]),
-            np.concatenate([np.array([a.mtime_ns for a in named], np.int64), entries.file_mtimes]),
-            owner)
-        self.address = self.stats.ctypes.data
+        self.owner = owner
+        self._kinds: np.ndarray | None = None
+        self._stats: np.ndarray | None = None
+
+    def _column(self, field: str, files: np.ndarray | int) -> np.ndarray:
+        """One attribute of every entry: the named entries' from their Attrs, then the files'."""
+        named = [getattr(a, field) for _, a in self.entries.named]
+        files = np.full(len(self.entries.file_names), files, np.int64) if isinstance(files, int) else files
+        return np.concatenate([np.array(named, np.int64), files])
+
+    @property
+    def kinds(self) -> np.ndarray:
+        """``struct stat``s with only st_ino and st_mode set."""
+        kinds = self._kinds
+        if kinds is None:
+            kinds = np.zeros(len(self.names), STAT_DTYPE)
+            kinds["st_mode"] = self._column("mode", FILE_MODE)
+            kinds["st_ino"] = self._column("ino", self.entries.file_inos)
+            self._kinds = kinds
+        return kinds
+
+    @property
+    def stats(self) -> np.ndarray:
+        """Complete ``struct stat``s."""
+        stats = self._stats
+        if stats is None:
+            e = self.entries
+            stats = self._stats = encode_stats(
+                self._column("mode", FILE_MODE), self._column("ino", e.file_inos), self._column("nlink", 1),
+                self._column("size", e.file_sizes), self._column("mtime_ns", e.file_mtimes), self.owner)
+        return stats
 
 
 def encode_stats(modes, inos, nlinks, sizes, mtimes_ns, owner: tuple[int, int]) -> np.ndarray:
@@ -682,6 +722,7 @@ def serve(ops: PcrfsOperations, mountpoint: str, *, fsname: str, options: dict[s
     kwargs.update(options or {})
     mfuse_compat.check()  # every mfusepy internal used here is there
     ops.fast = _compiled_path(ops)
+    ops.fill_dir = fastpath.fill_dir_function(STAT_SIZE) if mf.fuse_version_major == 3 else None
     deadline.set_interrupt_probe(_interrupt_probe())
     try:
         PcrfsFUSE(ops, mountpoint, raw_fi=True, foreground=True, **kwargs)
