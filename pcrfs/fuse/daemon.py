@@ -7,7 +7,10 @@ unmounted. Its command line is :meth:`MountConfig.to_argv` (the options of
 ``pcrfs mount``, see :data:`pcrfs.fuse.config.OPTIONS`); it always serves in the
 foreground. What it has to say goes to its log through :mod:`logging`, configured
 here; an error that stops it is one ``pcrfs: error: ...`` line there, which
-``mount()`` repeats to its caller.
+``mount()`` repeats to its caller. Until the store is open and the mount point checked,
+what the user should hear and the error that stops it also go to ``mount()`` over its
+start-up pipe (:class:`~pcrfs.fuse.mounting.StartupReport`): the daemon is the only
+process that opens the store.
 
 SIGTERM, SIGINT and SIGHUP make the daemon unmount and exit (libfuse's handlers).
 
@@ -26,8 +29,8 @@ from typing import TYPE_CHECKING
 from ..fsutil import raise_open_file_limit
 from ..units import format_size
 from .config import MountConfig
-from .mounting import (Echo, MountError, MountInfo, READY_TIMEOUT, mount_config, open_log, open_store_checked,
-                       pid_file_for, prepare_mountpoint, read_pid, resolved)
+from .mounting import (Echo, MountError, MountInfo, READY_TIMEOUT, StartupReport, mount_config, open_log,
+                       open_store_checked, pid_file_for, prepare_mountpoint, read_pid, resolved)
 
 if TYPE_CHECKING:
     from ..store.reader import ReadOptions
@@ -51,9 +54,11 @@ def _redirect_output(log_file: str) -> None:
     os.close(fd)
 
 
-def serve(config: MountConfig, echo: Echo = log.info, read_options: "ReadOptions | None" = None) -> None:
+def serve(config: MountConfig, echo: Echo = log.info, read_options: "ReadOptions | None" = None,
+          report: StartupReport | None = None) -> None:
     """Mount as ``config`` says and serve in this process until unmounted or signalled.
-    ``read_options`` overrides what ``config`` says about reading the store."""
+    ``read_options`` overrides what ``config`` says about reading the store; ``report``
+    is told once the store is open and the mount point checked."""
     from ..views import ViewTree
     from .ops import PcrfsOperations
 
@@ -64,6 +69,8 @@ def serve(config: MountConfig, echo: Echo = log.info, read_options: "ReadOptions
     raise_open_file_limit()  # before the store sizes its table of open record files from it
     store = open_store_checked(config.store, config.cache_size, read_options or config.read_options())
     prepare_mountpoint(config.mountpoint, echo, allow_nonempty=nonempty)
+    if report is not None:
+        report.checked()
     if config.log_file:
         _redirect_output(config.log_file)
     configure_logging()
@@ -118,15 +125,27 @@ def start(config: MountConfig, echo: Echo = log.info, timeout: float = READY_TIM
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
+    report = StartupReport.from_environment()
+
+    def echo(text: str) -> None:
+        log.warning("%s", text)
+        if report is not None:
+            report.echo(text)
+
     try:
-        serve(MountConfig.from_argv(sys.argv[1:] if argv is None else argv), echo=log.warning)
+        serve(MountConfig.from_argv(sys.argv[1:] if argv is None else argv), echo=echo, report=report)
     except (MountError, ValueError) as e:
         log.error("pcrfs: error: %s", e)
+        if report is not None:  # before the checks were done: mount() raises this; after: a no-op
+            report.error(str(e))
         return 1
     except Exception as e:  # noqa: BLE001 - the traceback goes to the log, one line to `pcrfs mount`
         log.exception("the daemon failed")
         log.error("pcrfs: error: the daemon failed: %s: %s", type(e).__name__, e)
         return 1
+    finally:
+        if report is not None:
+            report.close()
     return 0
 
 
