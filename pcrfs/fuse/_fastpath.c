@@ -934,6 +934,28 @@ static const char *out_of_bounds(const State *st, uint64_t blob_len) {
     return NULL;
 }
 
+/* The path table: image i + 1 at the first free slot from its path's hash, in image
+ * order. Almost all the time goes to cache misses on the slots (1.28M images: an 8 MiB
+ * table), so the slots of a batch of paths are hashed and prefetched before any is
+ * filled; the table is the one a plain loop in image order makes. */
+#define TABLE_BATCH 32
+static void build_table(State *st) {
+    uint64_t slots[TABLE_BATCH];
+    for (uint64_t i0 = 0; i0 < st->n_images; i0 += TABLE_BATCH) {
+        uint64_t m = st->n_images - i0 < TABLE_BATCH ? st->n_images - i0 : TABLE_BATCH;
+        for (uint64_t j = 0; j < m; j++) {
+            uint64_t a = st->path_offsets[i0 + j], b = st->path_offsets[i0 + j + 1];
+            slots[j] = hash_bytes(st->blob + a, b - a) & st->mask;
+            __builtin_prefetch(&st->table[slots[j]], 1);
+        }
+        for (uint64_t j = 0; j < m; j++) {
+            uint64_t slot = slots[j];
+            while (st->table[slot]) slot = (slot + 1) & st->mask;
+            st->table[slot] = (uint32_t)(i0 + j + 1);
+        }
+    }
+}
+
 static PyTypeObject StateType;
 
 static PyObject *configure(PyObject *self, PyObject *args, PyObject *kwargs) {
@@ -1042,12 +1064,7 @@ static PyObject *configure(PyObject *self, PyObject *args, PyObject *kwargs) {
     for (uint64_t r = 0; r < R; r++) st->fds[r] = -1;
     st->mask = cap - 1;
     Py_BEGIN_ALLOW_THREADS
-    for (uint64_t i = 0; i < n; i++) {
-        uint64_t a = st->path_offsets[i], b = st->path_offsets[i + 1];
-        uint64_t slot = hash_bytes(st->blob + a, b - a) & st->mask;
-        while (st->table[slot]) slot = (slot + 1) & st->mask;
-        st->table[slot] = (uint32_t)(i + 1);
-    }
+    build_table(st);
     Py_END_ALLOW_THREADS
     st->ready = 1;
     return (PyObject *)st;
