@@ -185,7 +185,7 @@ def test_lru_never_closes_a_descriptor_in_use(many_records):
         want = [s.read(i, s.num_groups) for i in range(s.num_images)]
         s.records.close()
         s.records = LocalRecords(many_records, np.asarray(s.index.records["size"]), max_open=4)
-        s.fetcher.source = s.records
+        s.images.source = s.records
         errors = []
 
         def reader(seed: int) -> None:

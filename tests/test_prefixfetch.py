@@ -18,6 +18,7 @@ import pytest
 
 from pcrfs.remote.fs import RemoteOptions, filesystem
 from pcrfs.store import format as fmt
+from pcrfs.store.cache import PrefixKey
 from pcrfs.store.errors import CorruptData, StoreUnavailable
 from pcrfs.store.reader import ReadOptions, open_store
 
@@ -151,8 +152,8 @@ def test_a_higher_fidelity_extends_the_prefix(url, remote, reader):
 
 def test_prefixes_split_into_concurrent_parts(url, remote, reader):
     with open_store(url, options=opts(remote)) as s:
-        s.fetcher.prefixes.policy.part_bytes = 20_000
-        s.fetcher.prefixes.policy.max_parts = 4
+        s.prefixes.policy.part_bytes = 20_000
+        s.prefixes.policy.max_parts = 4
         assert s.read(0, s.num_groups) == reader.read(0, s.num_groups)
         assert s.records.requests == 4
 
@@ -206,7 +207,7 @@ def test_a_full_disk_cache_evicts_and_never_fails_reads(url, remote, reader, tmp
     with open_store(url, options=o) as s:
         for i in shuffled(s.num_images):
             assert s.read(i, s.num_groups) == reader.read(i, s.num_groups)
-        assert s.fetcher.disk.nbytes <= 600_000
+        assert s.images.disk.nbytes <= 600_000
     # a disk that refuses writes (ENOSPC): reads are served all the same
     o = opts(remote, disk_cache=str(tmp_path / "dc2"), disk_cache_bytes=1 << 30)
     with open_store(url, options=o) as s:
@@ -215,7 +216,7 @@ def test_a_full_disk_cache_evicts_and_never_fails_reads(url, remote, reader, tmp
         monkeypatch.setattr("pcrfs.store.diskcache.DiskCache._create", staticmethod(no_space))
         for i in shuffled(s.num_images):
             assert s.read(i, 2) == reader.read(i, 2)
-        assert len(s.fetcher.disk) == 0
+        assert len(s.images.disk) == 0
     # ... and with no room in memory either: one prefix, then image by image (no refetching)
     spans = reader.index.record_group_offsets[:, 2].astype(int) - reader.index.record_group_offsets[:, 0].astype(int)
     smallest = int(spans[spans > 0].min())  # a memory cache too small for any record's prefix at k=2
@@ -229,7 +230,7 @@ def test_a_full_disk_cache_evicts_and_never_fails_reads(url, remote, reader, tmp
 
 def test_an_epoch_fetches_the_rest_of_the_view_ahead_of_its_reads(url, remote, reader):
     with open_store(url, options=opts(remote)) as s:
-        prefixes = s.fetcher.prefixes
+        prefixes = s.prefixes
         prefixes.policy.prefetch_after = 2
         records = sorted({s.index.record_of(i) for i in range(s.num_images)})
         firsts = [next(i for i in range(s.num_images) if s.index.record_of(i) == r) for r in records[:2]]
@@ -255,10 +256,31 @@ def test_small_caches_fall_back_to_image_reads(url, remote, reader):
 
 
 def test_off_for_local_stores_and_when_asked(url, remote, source_store):
+    """The read tiers a store chooses when it opens, in the order reads try them."""
     with open_store(source_store) as s:
-        assert s.fetcher.prefixes is None
+        assert s.prefixes is None
+        assert s.tiers == ("memory cache", "local pread") and s.io_stats()["tiers"] == list(s.tiers)
+    with open_store(source_store, options=ReadOptions(readahead_bytes=1 << 20)) as s:
+        assert s.tiers == ("per-image groups",)  # readahead needs the fetching machinery
     with open_store(url, options=opts(remote, record_prefix=False)) as s:
-        assert s.fetcher.prefixes is None
+        assert s.prefixes is None and s.tiers == ("per-image groups",)
+    with open_store(url, options=opts(remote)) as s:
+        assert s.tiers == ("record prefixes", "per-image groups")
+
+
+def test_a_declined_read_says_why_and_the_next_tier_serves_it(url, remote, reader):
+    """The record-prefix tier either serves a read or declines it with a reason (a typed
+    answer, never None); the per-image tier then serves it."""
+    from pcrfs.store.tiers import Declined
+
+    with open_store(url, options=opts(remote, cache_bytes=64 << 10)) as s:  # too small: IMAGES mode
+        i = 3
+        wanted = s.ranges(i, 2)
+        with s.records.deadline() as deadline:
+            answer = s.prefixes.serve(i, 2, wanted, deadline)
+            assert isinstance(answer, Declined) and "policy" in answer.why
+            assert s.images.serve(i, 2, wanted, deadline) == [reader.read(i, 2)[:-2][:wanted[0].length],
+                                                              reader.read(i, 2)[wanted[0].length:-2]]
 
 
 # ---- damage: exactly the affected images fail -------------------------------------------------
@@ -293,7 +315,7 @@ def test_a_damaged_group_is_eio_for_its_image_only(source_store, remote, reader)
 
 def test_a_failing_part_is_eio_for_the_images_in_it_and_heals(url, remote, reader):
     with open_store(url, options=opts(remote)) as s:
-        prefixes = s.fetcher.prefixes
+        prefixes = s.prefixes
         prefixes.policy.part_bytes = 30_000
         prefixes.retry_after = 0.0
         r = 1
@@ -500,14 +522,14 @@ def test_prefixes_served_from_memory_are_saved_to_the_disk_cache_for_the_next_mo
 def test_a_prefix_leaving_memory_is_written_back_once(url, remote, reader, tmp_path):
     o = opts(remote, disk_cache=str(tmp_path / "dc"), disk_cache_bytes=1 << 30)
     with open_store(url, options=o) as s:
-        prefixes = s.fetcher.prefixes
+        prefixes = s.prefixes
         for i in shuffled(s.num_images):
             assert s.read(i, 2) == reader.read(i, 2)
-        assert prefixes.written_back == 0 and len(s.fetcher.disk) == 0
-        held = [key for key, _ in s.cache.items() if key[0] == "prefix"]
+        assert prefixes.written_back == 0 and len(s.images.disk) == 0
+        held = [key for key, _ in s.cache.items() if isinstance(key, PrefixKey)]
         assert len(held) == records_with_images(s)
         s.cache.put("filler", b"x" * (s.cache.capacity - 1))  # pushes every prefix out
-        assert prefixes.written_back == len(held) and len(s.fetcher.disk) == len(held)
+        assert prefixes.written_back == len(held) and len(s.images.disk) == len(held)
         for i in shuffled(s.num_images, 1):  # now served from the disk cache: no request
             before = s.records.requests
             assert s.read(i, 2) == reader.read(i, 2)
@@ -581,7 +603,7 @@ def test_a_500_mid_prefix_costs_only_its_images_a_second_read(url, moto, reader)
     try:
         remote = RemoteOptions(endpoint_url=proxy.endpoint, attempts=1)
         with open_store(url, options=opts(remote)) as s:
-            prefixes = s.fetcher.prefixes
+            prefixes = s.prefixes
             prefixes.policy.part_bytes = 20_000
             r = 1
             images = [i for i in range(s.num_images) if s.index.record_of(i) == r]

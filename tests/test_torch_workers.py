@@ -361,7 +361,7 @@ def test_a_process_killed_mid_download_wedges_no_one(s3w, layout, tmp_path):
         got: dict = {}
         reader = threading.Thread(target=lambda: got.update(data=[b.read(i, K) for i in images]))
         reader.start()
-        shared = b.fetcher.prefixes.disk
+        shared = b.prefixes.disk
         _wait_until(lambda: shared.waits >= 1 or not reader.is_alive(), "B waits for A's fetch")
         assert reader.is_alive() and "data" not in got  # B is waiting, not serving
         a.send_signal(signal.SIGKILL)

@@ -12,9 +12,22 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, NamedTuple
 
 log = logging.getLogger("pcrfs.store")
+
+
+class GroupKey(NamedTuple):
+    """The memory-cache key of scan group ``group`` (1-based) of image ``image``: its
+    verified bytes (the per-image tier's entries, and the local tier's)."""
+    image: int
+    group: int
+
+
+class PrefixKey(NamedTuple):
+    """The memory-cache key of record ``record``'s prefix: a
+    :class:`~pcrfs.store.prefixfetch.RecordPrefix` (the record-prefix tier's entries)."""
+    record: int
 
 
 class ByteLRU:

@@ -41,6 +41,21 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ENTRY_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
+def image_entry(image: int) -> str:
+    """The disk-cache entry of an image's groups 1..m (the per-image tier)."""
+    return str(int(image))
+
+
+def prefix_entry(record: int) -> str:
+    """The disk-cache entry of a record's prefix (the record-prefix tier)."""
+    return f"r{int(record)}"
+
+
+def record_of_entry(name: str) -> int | None:
+    """The record whose prefix entry ``name`` is (:func:`prefix_entry`), or None."""
+    return int(name[1:]) if name.startswith("r") and name[1:].isdigit() else None
+
+
 class UnsafeCacheDirectory(OSError):
     """The cache directory (or one inside it) is not private to the user running pcrfs."""
 

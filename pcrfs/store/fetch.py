@@ -13,13 +13,12 @@ store. For every group it tries, in order:
    (:func:`~pcrfs.store.backends.coalesce`), and all of them are requested at
    once.
 
-Before all of that, a :class:`~pcrfs.store.prefixfetch.PrefixFetcher` (remote
-stores) may answer from, or fetch, the record's whole group-1..k prefix (see
-:mod:`pcrfs.store.prefix` for when); when it declines, the steps above run.
+It is the store's last read tier (:mod:`pcrfs.store.readpath`): the record-prefix
+tier before it may have served the read or declined it.
 
 Every group's CRC-32 is checked before its bytes are returned or cached.
 A read has one deadline (:meth:`~pcrfs.store.backends.RecordSource.deadline`, opened
-here and shared by every layer below): its record-prefix attempt, the per-image
+by the read path and handed to every tier): its record-prefix attempt, the per-image
 fetch after it and any wait on a fetch another reader started all end by then
 (:class:`~pcrfs.store.errors.ReadTimedOut`, EIO).
 With ``whole_image`` (remote stores) the first read of an image fetches all
@@ -41,17 +40,16 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..remote.deadline import Deadline
-from .cache import ByteLRU
-from .diskcache import DiskCache
+from .cache import ByteLRU, GroupKey
+from .diskcache import DiskCache, image_entry
 from .readahead import Readahead
 from .backends import RecordSource, Span, coalesce
 from .errors import CorruptData
 from .groups import GroupRange, GroupTable
-from .prefixfetch import PrefixFetcher
 from .tiers import Tiers
 
 log = logging.getLogger("pcrfs.store")
-Key = tuple[int, int]                  # (image, 1-based group)
+Key = GroupKey                         # (image, 1-based group): memory cache and fetches in flight
 Item = tuple[int, GroupRange]          # (image, where its group lives)
 
 
@@ -65,9 +63,8 @@ class GroupFetcher(Tiers):
     def __init__(self, groups: GroupTable, source: RecordSource, memory: ByteLRU | None = None,
                  disk: DiskCache | None = None, readahead: Readahead | None = None,
                  readahead_bytes: int = 16 << 20, whole_image: bool = False, prefetch_threads: int = 2,
-                 prefixes: PrefixFetcher | None = None, large_group_bytes: int = 1 << 20) -> None:
+                 large_group_bytes: int = 1 << 20) -> None:
         super().__init__(groups, source, memory, disk)
-        self.prefixes = prefixes
         self.large_group_bytes = large_group_bytes
         self.readahead = readahead
         self.readahead_bytes = readahead_bytes
@@ -81,15 +78,13 @@ class GroupFetcher(Tiers):
 
     def read_groups(self, i: int, k: int, wanted: list[GroupRange]) -> list[bytes]:
         """Verified bytes of ``wanted`` (groups of image ``i``, read at fidelity ``k``), within
-        the read's deadline (ReadTimedOut past it)."""
+        a deadline of its own (ReadTimedOut past it)."""
         with self.source.deadline() as deadline:
-            return self._read_groups(i, k, wanted, deadline)
+            return self.serve(i, k, wanted, deadline)
 
-    def _read_groups(self, i: int, k: int, wanted: list[GroupRange], deadline: Deadline) -> list[bytes]:
-        if self.prefixes is not None:
-            out = self.prefixes.read(i, k, wanted)
-            if out is not None:
-                return out
+    def serve(self, i: int, k: int, wanted: list[GroupRange], deadline: Deadline) -> list[bytes]:
+        """Verified bytes of ``wanted``, within the read's ``deadline``: this tier always
+        serves (it is the last one)."""
         if self.readahead is not None:
             self._maybe_prefetch(i, k)
         have: dict[int, bytes] = {}
@@ -132,7 +127,7 @@ class GroupFetcher(Tiers):
 
     def _cached(self, i: int, rng: GroupRange) -> bytes | None:
         if self.memory is not None:
-            data = self.memory.get((i, rng.group))
+            data = self.memory.get(GroupKey(i, rng.group))
             if data is not None:
                 return data
         if self.disk is not None:
@@ -140,7 +135,7 @@ class GroupFetcher(Tiers):
         return None
 
     def _available(self, i: int, g: int) -> bool:
-        key = (i, g)
+        key = GroupKey(i, g)
         if self.memory is not None and key in self.memory:
             return True
         with self._lock:
@@ -200,7 +195,7 @@ class GroupFetcher(Tiers):
                 continue
             out[(i, rng.group)] = data
             if self.memory is not None:
-                self.memory.put((i, rng.group), data)
+                self.memory.put(GroupKey(i, rng.group), data)
         if self.disk is not None:
             self._to_disk({i for i, _ in items}, out)
         return out
@@ -237,31 +232,31 @@ class GroupFetcher(Tiers):
     def _on_disk(self, i: int, rng: GroupRange) -> bool:
         if self.disk is None:
             return False
-        size = self.disk.size(str(i))
+        size = self.disk.size(image_entry(i))
         return size is not None and size >= self.groups.prefix_bytes(i, rng.group)
 
     def _from_disk(self, i: int, rng: GroupRange) -> bytes | None:
-        data = self.disk.read(str(i), self.groups.prefix_bytes(i, rng.group - 1), rng.length)
+        data = self.disk.read(image_entry(i), self.groups.prefix_bytes(i, rng.group - 1), rng.length)
         if data is None:
             return None
         if zlib.crc32(data) != rng.crc32:
             log.warning("disk cache entry of %s fails its CRC-32 check; dropped", self.groups.path(i))
-            self.disk.discard(str(i))
+            self.disk.discard(image_entry(i))
             return None
         if self.memory is not None:
-            self.memory.put((i, rng.group), data)
+            self.memory.put(GroupKey(i, rng.group), data)
         return data
 
     def _to_disk(self, images: set[int], fresh: dict[Key, Any]) -> None:
         """Write each image's longest available prefix of groups, if it is longer than the stored one."""
         for i in images:
-            key = str(i)
+            key = image_entry(i)
             stored = self.disk.size(key) or 0
             parts = []
             for g in range(1, self.groups.n_groups(i) + 1):
                 data = fresh.get((i, g))
                 if not isinstance(data, bytes) and self.memory is not None:
-                    data = self.memory.peek((i, g))
+                    data = self.memory.peek(GroupKey(i, g))
                 if not isinstance(data, bytes) and self.groups.prefix_bytes(i, g) <= stored:
                     data = self.disk.read(key, self.groups.prefix_bytes(i, g - 1), self.groups.prefix_bytes(i, g) - self.groups.prefix_bytes(i, g - 1))
                 if not isinstance(data, bytes):
@@ -280,12 +275,8 @@ class GroupFetcher(Tiers):
                                     failures=self.prefetch_failures, budget_bytes=self.readahead_bytes)
         if self.disk is not None:
             out["disk_cache"] = self.disk.stats()
-        if self.prefixes is not None:
-            out["record_prefix"] = self.prefixes.stats()
         return out
 
     def close(self) -> None:
-        if self.prefixes is not None:
-            self.prefixes.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

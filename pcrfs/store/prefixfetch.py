@@ -1,10 +1,10 @@
 """Record prefixes in the read path: fetch, check, cache and serve groups 1..k of whole records.
 
-:class:`PrefixFetcher` is asked first by :class:`~pcrfs.store.fetch.GroupFetcher`
-for every read of a remote store. It answers from
+:class:`PrefixFetcher` is the first read tier of a remote store (:mod:`pcrfs.store.readpath`):
+asked for every read, it answers from
 
 1. the record's prefix in the memory cache (one entry per record, key
-   ``("prefix", r)``: its bytes were checked when they arrived);
+   :class:`~pcrfs.store.cache.PrefixKey`: its bytes were checked when they arrived);
 2. the record's prefix in the disk cache (one file per record, ``r<record>``,
    holding the record's bytes from the group-1 region on; every group read back is
    checked against its CRC-32, a damaged file is dropped);
@@ -16,7 +16,8 @@ for every read of a remote store. It answers from
    parts are written straight from the client's buffers and checked through a
    read-only mapping of the file: no copy of the prefix in the daemon's memory),
    else in memory as far as it fits -- or
-4. nothing (``None``): the caller reads the image as before, group by group.
+4. :class:`~pcrfs.store.tiers.Declined`, with why: the next tier
+   (:class:`~pcrfs.store.fetch.GroupFetcher`) reads the image group by group.
 
 The mount's compiled path serves a record from its cached prefix itself
 (:meth:`PrefixFetcher.prefix_holder`: the buffer in memory or the file on disk,
@@ -32,7 +33,7 @@ Readers of the same record wait on one fetch. A prefix that arrives damaged
 -- a group failing its CRC, a part that came back short or failed after retries --
 is cached with those groups marked bad (and is not written to disk; after parts
 failed, only for ``retry_after`` seconds, then the prefix is fetched again); reads that
-need a bad group get ``None`` and fall back to the per-image path, which fetches
+need a bad group are declined (``BAD_GROUP``) and fall back to the per-image tier, which fetches
 the groups again and raises :class:`~pcrfs.store.errors.CorruptData` or
 :class:`~pcrfs.store.errors.StoreUnavailable` (EIO) if they are still wrong, so
 exactly the affected images fail and a transient error heals. A disk cache that
@@ -59,15 +60,20 @@ from typing import Any, Callable
 import numpy as np
 
 from ..remote.deadline import Deadline, DeadlineExceeded, Interrupted
-from .cache import ByteLRU
-from .diskcache import DiskCache
+from .cache import ByteLRU, PrefixKey
+from .diskcache import DiskCache, prefix_entry, record_of_entry
 from .backends import RecordSource
 from .errors import StoreUnavailable
 from .groups import GroupRange, GroupTable
 from .prefix import PrefixPlan, RecordPrefixPolicy, split_parts
-from .tiers import Tiers
+from .tiers import Declined, Tiers
 
 log = logging.getLogger("pcrfs.store")
+# why a read was left to the per-image tier
+POLICY = Declined("the record-prefix policy does not fetch this record now")
+FETCH_FAILED = Declined("the fetch of the record's prefix this read waited on failed")
+BAD_GROUP = Declined("a group this read needs arrived damaged in the record's prefix")
+NOTHING_WANTED = Declined("no group wanted")
 
 
 class RecordPrefix:
@@ -121,15 +127,12 @@ class PrefixFetcher(Tiers):
 
     # ---- serving ---------------------------------------------------------------------------
 
-    def read(self, i: int, k: int, wanted: list[GroupRange]) -> list[bytes] | None:
+    def serve(self, i: int, k: int, wanted: list[GroupRange], deadline: Deadline) -> list[bytes] | Declined:
         """Verified bytes of ``wanted`` (groups of image i at fidelity k) from record prefixes,
-        or None: read them image by image."""
+        within the read's ``deadline``; or :class:`Declined`: the next tier reads them image
+        by image (the policy said so, a fetch waited on failed, or a group is bad)."""
         if not wanted:
-            return None
-        with self.source.deadline() as deadline:
-            return self._read(i, k, wanted, deadline)
-
-    def _read(self, i: int, k: int, wanted: list[GroupRange], deadline: Deadline) -> list[bytes] | None:
+            return NOTHING_WANTED
         r = wanted[0].record
         need = wanted[-1].group if len(wanted) == 1 else max(rng.group for rng in wanted)
         while True:
@@ -152,15 +155,15 @@ class PrefixFetcher(Tiers):
                 except Exception:  # noqa: BLE001 - the fetcher logged it; read image by image
                     if not waiting.done():  # our own wait ended: the deadline passed, or an interrupt
                         raise
-                    return None
+                    return FETCH_FAILED
                 continue
             plan = self.policy.access(r, max(k, need), held, image=i)
             if plan is None:
                 # another process of the node fetching this record (a worker's read, or the
                 # main process fetching ahead of a sampler): its prefix, not image by image
-                if self._shared and self.disk.wait_for_other(self._key(r), deadline):
+                if self._shared and self.disk.wait_for_other(prefix_entry(r), deadline):
                     continue
-                return None
+                return POLICY
             for other in self.policy.prefetch(r, plan.groups):
                 self._ahead.submit(self._fetch_ahead, other, plan.groups)
             fetched = self._claim_and_fetch(plan, entry, on_disk, deadline)
@@ -197,26 +200,22 @@ class PrefixFetcher(Tiers):
             log.exception("record prefix %s: fetching ahead failed", self.source.describe(r))
 
     def _in_memory(self, r: int) -> RecordPrefix | None:
-        return self.memory.get(("prefix", r)) if self.memory is not None else None  # type: ignore[return-value]
+        return self.memory.get(PrefixKey(r)) if self.memory is not None else None  # type: ignore[return-value]
 
-    def _serve(self, entry: RecordPrefix, i: int, wanted: list[GroupRange]) -> list[bytes] | None:
+    def _serve(self, entry: RecordPrefix, i: int, wanted: list[GroupRange]) -> list[bytes] | Declined:
         data, base, bad = entry.data, entry.base, entry.bad
         if bad and any((i, rng.group) in bad for rng in wanted):
             self.fallbacks += 1
-            return None
+            return BAD_GROUP
         return [data[rng.offset - base:rng.offset - base + rng.length] for rng in wanted]
 
     # ---- the disk tier: one file per record -----------------------------------------------
-
-    @staticmethod
-    def _key(r: int) -> str:
-        return f"r{r}"
 
     def _disk_groups(self, r: int) -> int:
         """How many groups of record r the disk cache's prefix file covers."""
         if self.disk is None:
             return 0
-        size = self.disk.size(self._key(r))
+        size = self.disk.size(prefix_entry(r))
         if not size:
             return 0
         ends = self._bounds[r, 1:] - self._bounds[r, 0]
@@ -229,7 +228,7 @@ class PrefixFetcher(Tiers):
         its byte 0; how many groups of every image it holds. None if neither cache holds
         a sound one. The reader must check every group's CRC-32 as it reads, and let go
         when :meth:`on_dropped` reports the record."""
-        entry = self.memory.peek(("prefix", r)) if self.memory is not None else None
+        entry = self.memory.peek(PrefixKey(r)) if self.memory is not None else None
         if entry is not None and not entry.bad and entry.retry_at is None:  # type: ignore[union-attr]
             return entry.data, entry.base, entry.groups  # type: ignore[union-attr]
         return self._prefix_file(r)
@@ -237,7 +236,7 @@ class PrefixFetcher(Tiers):
     def _prefix_file(self, r: int) -> tuple[int, int, int] | None:
         if self.disk is None:
             return None
-        opened = self.disk.open_entry(self._key(r))  # a regular file, never blocking, never a link
+        opened = self.disk.open_entry(prefix_entry(r))  # a regular file, never blocking, never a link
         if opened is None:
             return None
         fd, size = opened
@@ -257,14 +256,15 @@ class PrefixFetcher(Tiers):
             listener(r)
 
     def _left_disk(self, key: str) -> None:
-        if key.startswith("r") and key[1:].isdigit():
-            self._dropped(int(key[1:]))
+        r = record_of_entry(key)
+        if r is not None:
+            self._dropped(r)
 
     def _left_memory(self, key: Any, entry: Any) -> None:
-        if not (isinstance(key, tuple) and key[0] == "prefix"):
+        if not isinstance(key, PrefixKey):
             return
-        self._dropped(key[1])
-        if ("prefix", key[1]) not in self.memory:  # evicted, not replaced by a longer prefix
+        self._dropped(key.record)
+        if key not in self.memory:  # evicted, not replaced by a longer prefix
             self._write_back(entry)
 
     def _write_back(self, entry: RecordPrefix) -> None:
@@ -272,12 +272,12 @@ class PrefixFetcher(Tiers):
         if self.disk is None or not entry.unsaved or self._disk_groups(entry.record) >= entry.groups:
             return
         entry.unsaved = False
-        if self.disk.put(self._key(entry.record), entry.data):
+        if self.disk.put(prefix_entry(entry.record), entry.data):
             self.written_back += 1
 
     def _serve_disk(self, r: int, wanted: list[GroupRange]) -> list[bytes] | None:
         base = int(self._bounds[r, 0])
-        key = self._key(r)
+        key = prefix_entry(r)
         out = self.disk.read_ranges(key, [(rng.offset - base, rng.length) for rng in wanted])
         if out is None:
             return None
@@ -322,7 +322,7 @@ class PrefixFetcher(Tiers):
         what that one wrote (None: look on disk again) or, if it wrote nothing (it died,
         or failed), fetches the record itself."""
         r = plan.record
-        with self.disk.fetching(self._key(r), deadline if wait else None) as mine:
+        with self.disk.fetching(prefix_entry(r), deadline if wait else None) as mine:
             if not mine:
                 return None
             now = self._disk_groups(r)
@@ -342,7 +342,7 @@ class PrefixFetcher(Tiers):
         if entry is not None and entry.groups == plan.first_group - 1:
             return entry.data
         if on_disk == plan.first_group - 1:
-            data = self.disk.read(self._key(plan.record))
+            data = self.disk.read(prefix_entry(plan.record))
             if data is not None and len(data) == plan.start - int(self._bounds[plan.record, 0]):
                 return data  # checked below with the new groups
         raise _Replan()
@@ -397,11 +397,11 @@ class PrefixFetcher(Tiers):
                               unsaved=sound and self.disk is not None)
         kept = False
         if self.memory is not None:
-            self.memory.put(("prefix", r), result)  # type: ignore[arg-type] - sized like bytes
-            kept = ("prefix", r) in self.memory
+            self.memory.put(PrefixKey(r), result)  # type: ignore[arg-type] - sized like bytes
+            kept = PrefixKey(r) in self.memory
         if self.disk is not None and sound and not kept:
             result.unsaved = False
-            kept = self.disk.put(self._key(r), data)
+            kept = self.disk.put(prefix_entry(r), data)
         if not kept and not failed:
             log.warning("a record prefix of %d bytes fits in neither cache; reading image by image", len(data))
             self.policy.not_kept(plan.groups)
@@ -423,7 +423,7 @@ class PrefixFetcher(Tiers):
             return pos
         if not data or len(data) > self.disk.capacity:
             return False
-        return self.disk.put_file(self._key(r), fill, len(data))
+        return self.disk.put_file(prefix_entry(r), fill, len(data))
 
     def _check(self, r: int, groups: int, base: int, data: Any) -> set[tuple[int, int]]:
         """(image, group) of every group 1..``groups`` of record r whose bytes fail their CRC-32."""
@@ -449,7 +449,7 @@ class PrefixFetcher(Tiers):
         self._ahead.shutdown(wait=True, cancel_futures=True)
         if self.memory is not None and self.disk is not None:
             unsaved = [entry for key, entry in self.memory.items()
-                       if isinstance(key, tuple) and key[0] == "prefix" and entry.unsaved]  # type: ignore[union-attr]
+                       if isinstance(key, PrefixKey) and entry.unsaved]  # type: ignore[union-attr]
             if unsaved:
                 log.info("saving %d record prefixes (%d bytes) to the disk cache", len(unsaved),
                          sum(len(entry) for entry in unsaved))

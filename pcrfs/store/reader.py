@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Union
 import numpy as np
 import yaml
 
-from .cache import ByteLRU
+from .cache import ByteLRU, GroupKey
 from .diskcache import DiskCache
 from .sharedcache import SharedDiskCache
 from ..jpeg.scans import EOI_BYTES
@@ -39,6 +39,7 @@ from .fetch import GroupFetcher
 from .groups import GroupRange, GroupTable
 from .prefix import group_bounds, store_policy
 from .prefixfetch import PrefixFetcher
+from .tiers import Declined
 from .index import Index, IndexFileError
 from .location import DEFAULT_READAHEAD, MANIFEST_MAX_BYTES, LocalLocation, StoreLocation, open_location  # noqa: F401
 
@@ -98,7 +99,7 @@ class Store:
                  index_dir: Path | None = None) -> None:
         self.location = location
         self.index_dir = index_dir  # the local directory the index was read from (a remote store's copy)
-        self.cache = cache  # verified groups, keyed (image, group)
+        self.cache = cache  # verified groups (GroupKey) and record prefixes (PrefixKey)
         self.manifest = manifest
         self.index = index
         self.groups = GroupTable(index)
@@ -117,13 +118,15 @@ class Store:
         # a shared disk cache holds record prefixes only (an entry per image would be a file
         # per image, counted by every writer of every process)
         image_disk = None if getattr(disk, "shared", False) else disk
-        self.fetcher = GroupFetcher(self.groups, self.records, cache, image_disk,
-                                    Readahead() if readahead_bytes else None, readahead_bytes,
-                                    whole_image=defaults.whole_image, prefixes=prefixes,
-                                    large_group_bytes=self.range_group_bytes)
+        # The read tiers, in the order a read tries them (_fetch_groups): record prefixes,
+        # which serve or decline, then per-image groups, which always serve.
+        self.prefixes: PrefixFetcher | None = prefixes
+        self.images = GroupFetcher(self.groups, self.records, cache, image_disk,
+                                   Readahead() if readahead_bytes else None, readahead_bytes,
+                                   whole_image=defaults.whole_image, large_group_bytes=self.range_group_bytes)
         # Local files without readahead, disk cache or rate limit need none of the
-        # fetcher's machinery (futures, in-flight sharing, span merging): a pread and a
-        # CRC per group. Measured: the fetcher path cost ~7x this floor per file.
+        # tiers' machinery (futures, in-flight sharing, span merging): a pread and a CRC
+        # per group (the "local pread" tier). Measured: the fetched path cost ~7x this floor per file.
         self._direct = defaults.direct and not readahead_bytes and disk is None and bwlimit is None
         self.classes: list[str] = list(manifest.get("classes", []))
         depth1 = [d for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
@@ -152,7 +155,7 @@ class Store:
     @property
     def serves_prefixes(self) -> bool:
         """True if record prefixes are fetched and cached (:meth:`prefix_holder`)."""
-        return self.fetcher.prefixes is not None
+        return self.prefixes is not None
 
     def prefix_holder(self, record: int) -> tuple[Any, int, int] | None:
         """What holds ``record``'s cached prefix -- its bytes (a buffer) or a new read-only
@@ -160,20 +163,39 @@ class Store:
         its byte 0 and how many groups of every image it holds; None if no cache does.
         Only the disk's bytes may have changed since they were checked: the caller
         checks every group's CRC-32 as it reads (see :meth:`on_prefix_dropped`)."""
-        prefixes = self.fetcher.prefixes
+        prefixes = self.prefixes
         return prefixes.prefix_holder(record) if prefixes is not None else None
 
     def fetch_prefix_ahead(self, record: int, k: int) -> Future | None:
         """Fetch ``record``'s prefix at fidelity ``k`` in the background, ahead of any read (a
         caller that knows the order records will be read in); None if this store does not
         read record prefixes."""
-        prefixes = self.fetcher.prefixes
+        prefixes = self.prefixes
         return prefixes.fetch_ahead(record, k) if prefixes is not None else None
 
     def on_prefix_dropped(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(record)`` when a record's cached prefix is dropped or replaced."""
-        if self.fetcher.prefixes is not None:
-            self.fetcher.prefixes.on_dropped(listener)
+        if self.prefixes is not None:
+            self.prefixes.on_dropped(listener)
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """The read tiers this store chose when it opened, in the order a read tries them
+        (every tier checks each group's CRC-32 before serving it)."""
+        if self._direct:
+            return ("memory cache", "local pread")
+        return (("record prefixes",) if self.prefixes is not None else ()) + ("per-image groups",)
+
+    def _fetch_groups(self, i: int, k: int, wanted: list[GroupRange]) -> list[bytes]:
+        """Verified bytes of ``wanted`` (groups of image i at fidelity k) through the tiers, in
+        order, within one deadline for the whole read: record prefixes serve them or decline
+        (:class:`~pcrfs.store.tiers.Declined`), per-image groups always serve."""
+        with self.records.deadline() as deadline:
+            if self.prefixes is not None:
+                out = self.prefixes.serve(i, k, wanted, deadline)
+                if not isinstance(out, Declined):
+                    return out
+            return self.images.serve(i, k, wanted, deadline)
 
     @property
     def reads_direct(self) -> bool:
@@ -269,8 +291,8 @@ class Store:
         if self._direct:  # every group kept in the memory cache (no page cache holds this file)
             parts = [self._read_direct(i, r, g, offsets[g], lengths[g], crcs[g], True) for g in range(len(lengths))]
         else:
-            parts = self.fetcher.read_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
-                                                    for g in range(len(lengths))])
+            parts = self._fetch_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
+                                              for g in range(len(lengths))])
         parts.append(EOI_BYTES)
         return b"".join(parts)
 
@@ -279,7 +301,7 @@ class Store:
         migration to another layout copies; :meth:`read` joins them into a file)."""
         i = self._ref(image)
         k = self.num_groups or 1
-        return self.fetcher.read_groups(i, k, self.groups.ranges(i, k))
+        return self._fetch_groups(i, k, self.groups.ranges(i, k))
 
     def read_at(self, image: ImageRef, k: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the fidelity-k file, reading only the
@@ -314,13 +336,13 @@ class Store:
 
     def _fetched_pieces(self, i: int, k: int, table: tuple[int, list[int], list[int], list[int]],
                         cuts: list[tuple[int, int, int]]) -> list[bytes]:
-        """The pieces ``cuts`` of image i's groups through the fetcher: the groups they need
+        """The pieces ``cuts`` of image i's groups through the tiers: the groups they need
         in one request to it, except a large group a piece cuts, which is read by range."""
         r, offsets, lengths, crcs = table
         big = self.range_group_bytes
         ranged = {g for g, lo, hi in cuts if lengths[g] > big and hi - lo < lengths[g]}
-        fetched = iter(self.fetcher.read_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
-                                                       for g, _, _ in cuts if g not in ranged]))
+        fetched = iter(self._fetch_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
+                                                 for g, _, _ in cuts if g not in ranged]))
         return [self._group_range(i, r, g, offsets[g], lengths[g], crcs[g], lo, hi) if g in ranged
                 else next(fetched)[lo:hi] for g, lo, hi in cuts]
 
@@ -338,14 +360,14 @@ class Store:
         """One verified group straight from a local record; ``keep`` caches it (partial reads)."""
         cache = self.cache
         if cache is not None:
-            data = cache.get((i, g + 1))
+            data = cache.get(GroupKey(i, g + 1))
             if data is not None:
                 return data
         data = self.records.read(r, offset, length)
         if zlib.crc32(data) != crc:
             raise self.groups.corrupt(i, g + 1, r, offset)
         if keep and cache is not None:
-            cache.put((i, g + 1), data)
+            cache.put(GroupKey(i, g + 1), data)
         return data
 
     def _group_range(self, i: int, r: int, g: int, offset: int, length: int, crc: int, lo: int, hi: int) -> bytes:
@@ -434,7 +456,7 @@ class Store:
         k = self.num_groups or 1
         for rng in self.ranges(i, k):
             try:
-                self.fetcher.read_groups(i, k, [rng])
+                self._fetch_groups(i, k, [rng])
             except CorruptData as e:
                 problems.append(str(e))
         return problems
@@ -446,12 +468,16 @@ class Store:
     def io_stats(self) -> dict[str, Any]:
         """Counters of the read path: requests and bytes from the store, retries,
         bandwidth limit, readahead and disk cache."""
-        out = {"source": self.records.stats()}
-        out.update(self.fetcher.stats())
+        out: dict[str, Any] = {"source": self.records.stats(), "tiers": list(self.tiers)}
+        out.update(self.images.stats())
+        if self.prefixes is not None:
+            out["record_prefix"] = self.prefixes.stats()
         return out
 
     def close(self) -> None:
-        self.fetcher.close()
+        if self.prefixes is not None:
+            self.prefixes.close()
+        self.images.close()
         self.records.close()
 
     def __enter__(self) -> "Store":

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NamedTuple
 
 from .backends import RecordSource
 from .cache import ByteLRU
 from .diskcache import DiskCache
 from .groups import GroupTable
+
+
+class Declined(NamedTuple):
+    """A tier's answer "not from me: ask the next tier", and why (counted in its stats)."""
+    why: str
 
 
 class Tiers:
