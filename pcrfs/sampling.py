@@ -589,7 +589,7 @@ def _open_location(text: str, view: str, storage_options: Mapping[str, Any] | No
     from .access import read_options
     from .store import format as fmt
     from .store.location import open_location
-    from .store.reader import parse_manifest
+    from .store.manifest import parse_manifest
 
     options = read_options(storage_options)
     loc = open_location(text, options.remote, Path(options.disk_cache) if options.disk_cache else None)

@@ -23,7 +23,7 @@ import io
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import yaml
@@ -33,7 +33,10 @@ from . import format as fmt
 from .errors import StoreError
 from .index import NPY_HEADER_MAX
 from .location import StoreLocation, open_location
-from .reader import Store, parse_manifest
+from .manifest import parse_manifest
+
+if TYPE_CHECKING:  # the format of the adaptive index needs no reader, only a store's location
+    from .reader import Store
 
 MANIFEST_KEY = "adaptive_index"
 METRIC = "ms-ssim-luma"
@@ -85,7 +88,7 @@ def write(target: "Store | str | os.PathLike", ks: np.ndarray, thresholds: Seque
     ``store_locked`` (a second flock through another descriptor would wait for itself).
     On an object store the last writer wins (each PUT is atomic, so readers never see a mix).
     """
-    location = target.location if isinstance(target, Store) else open_location(target)
+    location = target.location if hasattr(target, "location") else open_location(target)  # an open Store
     if store_locked:
         return _install(location, ks, thresholds)
     with location.writer_lock():
@@ -123,7 +126,7 @@ def _install(location: StoreLocation, ks: np.ndarray, thresholds: Sequence[float
     return entry
 
 
-def load(store: Store) -> AdaptiveIndex | None:
+def load(store: "Store") -> AdaptiveIndex | None:
     """The store's adaptive index, checked against the manifest; None if it has none.
 
     Raises :class:`AdaptiveIndexError` when the manifest describes one that is
