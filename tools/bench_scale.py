@@ -15,15 +15,25 @@ with the same names (empty files), then measures:
 ``source`` a version-1 store, ``shuffled`` a version-2 one with ``storage_order.npy``); each
 size measures every order against the same plain tree, one after the other.
 
+``--rounds N`` then measures, N times per store, the mount time, a walk of two views (each
+against a walk of the tmpfs tree just before it), the daemon's CPU per entry over each
+walk (/proc) and its RSS; with ``--baseline-tree DIR`` (another pcrfs source tree with its
+extension built in place, e.g. ``git archive OLD | tar -x -C DIR && cd DIR && python
+setup.py build_ext --inplace``) each round does that for DIR's pcrfs and this checkout's in
+turn, the order alternating, so old and new are compared on the same machine state
+(``side_by_side`` in the JSON, with medians and ranges per tree).
+
     python tools/bench_scale.py                      # writes results/bench_scale.{json,png}
     python tools/bench_scale.py --sizes 10000 100000 # quicker
     python tools/bench_scale.py --sizes 100000 1281167 --orders source,shuffled   # both formats
+    python tools/bench_scale.py --sizes 1281167 --mount-repeats 3 --rounds 4 --baseline-tree /tmp/old
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +46,7 @@ from benchlib import REPO as ROOT  # noqa: E402  (puts the checkout first on sys
 from benchlib import log  # noqa: E402
 from benchlib.mounts import CLEANUP, daemon_pid, is_mounted, unmount_pcrfs  # noqa: E402
 from benchlib.plots import pyplot, save  # noqa: E402
+from benchlib.proc import cpu_s  # noqa: E402
 from benchlib.results import Run, write_json  # noqa: E402
 
 import pcrfs  # noqa: E402
@@ -77,6 +88,13 @@ def walk_count(top: str) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def walk_measured(top: str, pid: int | None) -> tuple[float, int, float]:
+    """:func:`walk_count` and the daemon's CPU seconds over it (/proc, 10 ms ticks)."""
+    c0 = cpu_s(pid)
+    t, n = walk_count(top)
+    return t, n, cpu_s(pid) - c0
+
+
 def imagefolder_time(top: str) -> float | None:
     try:
         from torchvision.datasets import ImageFolder
@@ -97,8 +115,10 @@ def anon_mb(pid: int) -> float:
     return (m.rss - m.shared) / 2**20
 
 
-def bench_size(n: int, work: Path, orders: list[str], mount_repeats: int = 0) -> list[dict]:
-    """One result per storage order, each against the same plain tmpfs tree."""
+def bench_size(n: int, work: Path, orders: list[str], mount_repeats: int = 0,
+               trees: dict[str, Path] | None = None, rounds: int = 0) -> list[dict]:
+    """One result per storage order, each against the same plain tmpfs tree (and, with
+    ``rounds``, the side-by-side rounds of ``trees``)."""
     classes = 1000 if n >= 100_000 else max(10, n // 1300)
     plain = work / f"plain-{n}"
     plain.mkdir()
@@ -115,6 +135,8 @@ def bench_size(n: int, work: Path, orders: list[str], mount_repeats: int = 0) ->
                     t_plain, _ = timed(plain_tree, store, plain)
             r = bench_store(store_dir, n, plain, work / f"mnt-{n}-{order}", mount_repeats)
             r.update(order=order, make_store_s=round(t_make, 2), plain_tree_build_s=round(t_plain, 1))
+            if rounds:
+                r["side_by_side"] = side_by_side(store_dir, plain, work / f"mnt-{n}-{order}", trees, rounds, n)
             out.append(r)
             log(json.dumps(r))
             subprocess.run(["rm", "-rf", str(store_dir)], check=False)  # disk: one store of this size at a time
@@ -154,7 +176,7 @@ def bench_store(store_dir: Path, n: int, plain: Path, mnt: Path, mount_repeats: 
         one_class = store.classes[len(store.classes) // 2]
         t_ls_pcr = run_wall(["ls", "-l", str(mnt / "scan1" / one_class)])
         t_ls_plain = run_wall(["ls", "-l", str(plain / one_class)])
-        t_walk_pcr, files_pcr = walk_count(str(mnt / "scan1"))
+        t_walk_pcr, files_pcr, walk_cpu = walk_measured(str(mnt / "scan1"), pid)
         t_walk_plain, files_plain = walk_count(str(plain))
         # the same two walks again, the other one first: the first of a pair may pay for the other's
         # dentries being evicted (a shared machine); the ratio uses each tree's faster walk
@@ -175,6 +197,7 @@ def bench_store(store_dir: Path, n: int, plain: Path, mnt: Path, mount_repeats: 
                              "ratio": round(t_ls_pcr / t_ls_plain, 2)},
             "os_walk_s": {"pcrfs": round(t_walk_pcr, 3), "plain": round(t_walk_plain, 3),
                           "ratio": round(t_walk_pcr / t_walk_plain, 2), "files": files_pcr,
+                          "daemon_us_per_entry": round(walk_cpu / files_pcr * 1e6, 3),
                           "second_pair": {"pcrfs_scan3": round(t_walk_pcr2, 3), "plain": round(t_walk_plain2, 3),
                                           "ratio": round(t_walk_pcr2 / t_walk_plain2, 2)},
                           "best_ratio": round(min(t_walk_pcr, t_walk_pcr2) / min(t_walk_plain, t_walk_plain2), 2)},
@@ -188,6 +211,60 @@ def bench_store(store_dir: Path, n: int, plain: Path, mnt: Path, mount_repeats: 
         unmount_pcrfs(mnt, pid)
         store.close()
     return result
+
+
+SIDE_VIEWS = ("scan1", "scan3")  # walked in each side-by-side round (a view walked before is cached by the kernel)
+
+
+def side_round(store_dir: Path, plain: Path, mnt: Path, name: str, tree: Path, n: int) -> dict:
+    """One round for one source tree: ``pcrfs mount`` (that tree's CLI and daemon, through
+    PYTHONPATH) until ready, then each of SIDE_VIEWS walked right after a walk of the tmpfs
+    tree, with the daemon's CPU per entry; RSS after the mount and after the walks."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    t0 = time.perf_counter()
+    subprocess.run(PCRFS + ["mount", "--log-file", str(mnt.parent / f"{mnt.name}-{name}.log"), str(store_dir),
+                            str(mnt)], check=True, stdout=subprocess.DEVNULL, env=env, cwd="/")
+    row: dict = {"tree": name, "mount_ready_s": round(time.perf_counter() - t0, 3),
+                 "loadavg_1m": round(os.getloadavg()[0], 2)}
+    pid = daemon_pid(mnt)
+    try:
+        row["rss_mb_after_mount"] = round(rss_mb(pid), 1)
+        for view in SIDE_VIEWS:
+            t_plain, _ = walk_count(str(plain))
+            t, files, cpu = walk_measured(str(mnt / view), pid)
+            assert files == n, (files, n)
+            row[view] = {"pcrfs_s": round(t, 3), "plain_s": round(t_plain, 3), "ratio": round(t / t_plain, 2),
+                         "daemon_us_per_entry": round(cpu / files * 1e6, 3)}
+        row["rss_mb_after_walks"] = round(rss_mb(pid), 1)
+    finally:
+        unmount_pcrfs(mnt, pid)
+    return row
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": min(values), "max": max(values), "runs": values}
+
+
+def side_by_side(store_dir: Path, plain: Path, mnt: Path, trees: dict[str, Path], rounds: int, n: int) -> dict:
+    """``rounds`` rounds of :func:`side_round` for every tree, the trees' order alternating
+    from round to round; each tree's medians and ranges."""
+    names, rows = list(trees), []
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            rows.append(side_round(store_dir, plain, mnt, name, trees[name], n))
+            log(json.dumps(rows[-1]))
+    summary = {}
+    for name in names:
+        mine = [row for row in rows if row["tree"] == name]
+        summary[name] = {
+            "mount_ready_s": spread([row["mount_ready_s"] for row in mine]),
+            "walk_ratio": spread([row[v]["ratio"] for row in mine for v in SIDE_VIEWS]),
+            "daemon_us_per_entry": spread([row[v]["daemon_us_per_entry"] for row in mine for v in SIDE_VIEWS]),
+            "rss_mb_max": max(max(row["rss_mb_after_mount"], row["rss_mb_after_walks"]) for row in mine),
+            "loadavg_1m": spread([row["loadavg_1m"] for row in mine]),
+        }
+    return {"trees": {name: str(path) for name, path in trees.items()}, "views": list(SIDE_VIEWS),
+            "summary": summary, "rounds": rows}
 
 
 def plot(all_results: list[dict], out: Path) -> None:
@@ -244,6 +321,11 @@ def targets(results: list[dict]) -> dict:
             "walk_le_3x_tmpfs": {"value": r["os_walk_s"]["ratio"], "best_of_two_pairs": r["os_walk_s"]["best_ratio"],
                                  "met": r["os_walk_s"]["ratio"] <= 3.0},
         }
+        for name, summary in r.get("side_by_side", {}).get("summary", {}).items():
+            t = out[f"{order}_{r['entries']}"]
+            t["mount_le_2s"][f"side_by_side_{name}"] = summary["mount_ready_s"]
+            t["rss_le_300mb"][f"side_by_side_{name}_max"] = summary["rss_mb_max"]
+            t["walk_le_3x_tmpfs"][f"side_by_side_{name}"] = summary["walk_ratio"]
     return out
 
 
@@ -255,9 +337,19 @@ def main() -> None:
                          "convert's default), source (version 1) [default: shuffled]")
     ap.add_argument("--mount-repeats", type=int, default=0,
                     help="also time N more mounts of each store (median and min in the JSON)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="side-by-side rounds per store: mount, two view walks against the tmpfs tree, daemon "
+                         "CPU per entry and RSS [default: 3 with --baseline-tree, else 0]")
+    ap.add_argument("--baseline-tree", type=Path,
+                    help="another pcrfs source tree (extension built in place) measured in the same rounds, "
+                         "alternating with this checkout")
+    ap.add_argument("--baseline-label", default="baseline",
+                    help="the baseline tree's name in the JSON (e.g. its commit) [default: baseline]")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_scale.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "results" / "bench_scale.png")
     args = ap.parse_args()
+    trees = {"this": ROOT} | ({args.baseline_label: args.baseline_tree.resolve()} if args.baseline_tree else {})
+    rounds = args.rounds or (3 if args.baseline_tree else 0)
     run = Run("tools/bench_scale.py")
     results = []
     with tempfile.TemporaryDirectory(prefix="pcrfs-scale-") as tmp:
@@ -269,7 +361,7 @@ def main() -> None:
         imagefolder_time(str(warm.parent))
         try:
             for n in args.sizes:
-                results += bench_size(n, Path(tmp), args.orders.split(","), args.mount_repeats)
+                results += bench_size(n, Path(tmp), args.orders.split(","), args.mount_repeats, trees, rounds)
         finally:
             CLEANUP.all()
     doc = run.doc(benchmark="pcrfs at ImageNet scale (metadata)", date=run.started.isoformat(timespec="seconds"),
