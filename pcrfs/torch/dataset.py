@@ -181,7 +181,7 @@ class ImageFolder(torch.utils.data.Dataset):
             store = self._open()
         view = self._view_now()
         i = int(self._images[index])
-        return store.read(i, view.k if view.ks is None else int(view.ks[i]))
+        return store.read(i, view.k_of(i))
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         data = io.BytesIO(self.read_bytes(index))
