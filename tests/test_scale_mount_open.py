@@ -155,3 +155,22 @@ def test_cli_mount_reports_the_store_error_in_one_line(tmp_path):
     with pytest.raises(MountError) as expected:
         mounting.open_store_checked(str(tmp_path / "nothing"), 0)
     assert res.stderr == f"pcrfs: error: {expected.value}\n"
+
+
+@needs_fuse
+def test_a_mount_that_fails_its_checks_leaves_no_default_log(demo_store, tmp_path):
+    """Without --log-file the daemon logs to the runtime directory; a mount refused at its
+    checks leaves nothing there (as when the caller ran the checks before starting it)."""
+    runtime = mounting.runtime_dir()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    before = set(os.listdir(runtime))
+    for store, mnt in ((tmp_path / "nothing", tmp_path), (demo_store, full)):
+        with pytest.raises(MountError):
+            mounting.mount(store, mnt)
+    assert set(os.listdir(runtime)) == before
+    log = tmp_path / "given.log"
+    with pytest.raises(MountError) as e:
+        mounting.mount(demo_store, full, log_file=log)
+    assert "not empty" in log.read_text() and "not empty" in str(e.value)  # a log asked for keeps the error

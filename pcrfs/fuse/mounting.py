@@ -527,6 +527,9 @@ def resolved(config: MountConfig) -> MountConfig:
 def _start_daemon(config: MountConfig, echo: Echo, timeout: float) -> MountInfo:
     mp = config.mountpoint
     log_path = config.log_file or str(default_log_file(mp))
+    # a default log made for a mount that fails its checks goes again (none was made when
+    # this process ran the checks itself)
+    drop_log = not config.log_file and not os.path.exists(log_path)
     if config.log_file:
         os.close(open_log(log_path))
     # The daemon opens the store and checks the mount point, in the order this process
@@ -547,7 +550,12 @@ def _start_daemon(config: MountConfig, echo: Echo, timeout: float) -> MountInfo:
     finally:
         os.close(report_w)
     _children[proc.pid] = proc
-    _wait_checked(proc, report, echo)
+    try:
+        _wait_checked(proc, report, echo)
+    except MountError:
+        if drop_log:
+            Path(log_path).unlink(missing_ok=True)
+        raise
     _wait_ready(proc, mp, log_path, log_start, timeout)
     echo(f"pcrfs: mounted {config.store} at {mp} (daemon pid {proc.pid}, log {log_path})")
     return MountInfo(config.store, mp, proc.pid, log_path, str(pid_file_for(mp)))
