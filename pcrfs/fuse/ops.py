@@ -47,7 +47,11 @@ Semantics (what the kernel sees):
   ImageFolder: names and d_type only; 0.5 s of a 1.28M-file walk), so after a
   listing whose attributes went unused (the kernel asked for its later chunks
   without them) listings are names only, handed to libfuse whole, until a
-  lookup of a file shows that callers stat what they list again.
+  lookup of a file shows that callers stat what they list again. A names-only
+  listing builds no sizes and no complete stats (only inode and mode: d_ino and
+  d_type), and the compiled path hands the entries to libfuse's filler in one C
+  loop (``_fastpath.fill_dir``): a walk costs the daemon ~0.4-0.5 us of CPU per
+  entry at 1.28M entries (~1.1 us with a ctypes call per entry).
 * **Errors.** A missing path is ENOENT; stored bytes that fail their checksum
   (or a missing/changed record file) are EIO with one log line naming the file
   (the kernel retries a failed readahead READ with one-page READs, so one failing
