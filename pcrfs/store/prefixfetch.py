@@ -176,8 +176,12 @@ class PrefixFetcher(Tiers):
         cache holds it or a fetch of it is in flight, here or in another process sharing the
         disk cache): for a caller that knows the order records will be read in (a sampler's).
         The future ends when the fetch does (never raises: a read of the record will tell)."""
-        self.policy.announce()
+        self.announce()
         return self._ahead.submit(self._fetch_ahead, r, k)
+
+    def announce(self) -> None:
+        """A reader that knows its order reads here (:meth:`RecordPrefixPolicy.announce`)."""
+        self.policy.announce()
 
     def _fetch_ahead(self, r: int, k: int) -> None:
         """Fetch record r's prefix at fidelity k before any read asks (unless held or in flight)."""

@@ -173,6 +173,15 @@ class Store:
         prefixes = self.prefixes
         return prefixes.fetch_ahead(record, k) if prefixes is not None else None
 
+    def announce(self) -> None:
+        """A reader that knows its order (a ``RecordShuffleSampler``, whose window fits the
+        cache) reads this store: from now on a read of a record whose prefix is not held
+        fetches it at once, without waiting for evidence of an epoch or of locality (see
+        :meth:`~pcrfs.store.prefix.RecordPrefixPolicy.announce`). Nothing where record
+        prefixes are not read."""
+        if self.prefixes is not None:
+            self.prefixes.announce()
+
     def on_prefix_dropped(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(record)`` when a record's cached prefix is dropped or replaced."""
         if self.prefixes is not None:

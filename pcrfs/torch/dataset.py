@@ -108,6 +108,9 @@ class ImageFolder(torch.utils.data.Dataset):
             opened = None
         self._store = opened
         self._forks = access.forks
+        # fetch_ahead was asked for: this process and its workers (forked or spawned after it)
+        # read in the sampler's order, so their stores fetch a record's prefix on its first read
+        self._follows_sampler = False
         self._views: dict[str, View] | None = tree.views
         self._view_names = list(tree.views)
         self.classes: list[str] = order.classes
@@ -143,6 +146,8 @@ class ImageFolder(torch.utils.data.Dataset):
             # threads belong to the parent); this process gets its own.
             self._store = open_store(self.root, options=self._process_options())
             self._forks = access.forks
+            if self._follows_sampler:
+                self._store.announce()
             self._views = ViewTree(self._store).views
             self._current = (-1, None)
         return self._store
@@ -170,6 +175,9 @@ class ImageFolder(torch.utils.data.Dataset):
         Returns the :class:`~pcrfs.ahead.FetchAhead` (``close()`` stops it)."""
         from .ahead import dataset_fetch_ahead
 
+        self._follows_sampler = True  # before the loader starts its workers: they inherit it
+        if self._store is not None and self._forks == access.forks:
+            self._store.announce()
         return dataset_fetch_ahead(self, sampler, ahead, behind)
 
     # ---- items -----------------------------------------------------------------------
