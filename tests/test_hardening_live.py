@@ -164,3 +164,66 @@ def test_mount_serves_no_wrong_byte_when_records_and_index_change_in_place(demo_
         assert again["wrong"] == [] and again["other_errors"] == []
         assert again["eio"] or eio  # the edits were seen
     assert mounting.daemon_alive(info.pid)
+
+
+def test_s3_records_replaced_after_open_are_never_served_by_any_door(demo_store, tmp_path_factory):
+    """Every record object of an s3:// store replaced by a damaged copy after the readers opened
+    it (a store re-uploaded in place): the Store API (record prefixes and per-image reads), the
+    pcr:// fsspec filesystem and pcrfs.torch.ImageFolder each give the intact bytes (from what
+    they had checked and kept) or an error -- never a wrong byte (issue 26, first target)."""
+    from s3util import store_on_moto
+
+    from pcrfs.filesystem import PCRFileSystem
+    from pcrfs.remote.fs import RemoteOptions, filesystem
+    from pcrfs.store.errors import StoreUnavailable
+    from pcrfs.store.reader import ReadOptions
+
+    with store_on_moto(demo_store, "replaced", "demo.pcr", tmp_path_factory) as (path, endpoint):
+        url = f"s3://{path}"
+        so = {"endpoint_url": endpoint, "readahead_bytes": 0, "attempts": 1}
+        with open_store(demo_store) as intact:
+            n, k = intact.num_images, intact.num_groups
+            want = {(i, kk): intact.read(i, kk) for i in range(n) for kk in (2, k)}
+            names = [intact.path(i) for i in range(n)]
+        doors, stores = [], []
+        for prefixes in (True, False):
+            opts = ReadOptions(remote=RemoteOptions(endpoint_url=endpoint, attempts=1), readahead_bytes=0,
+                               record_prefix=prefixes, cache_bytes=(64 << 20) if prefixes else (1 << 20))
+            s = open_store(url, options=opts)
+            stores.append(s)
+            doors.append((f"store prefixes={prefixes}", lambda i, kk, s=s: s.read(i, kk)))
+        fs = PCRFileSystem(url, target_options=so)
+        doors.append(("pcr://", lambda i, kk: fs.cat_file(f"{'full' if kk == k else f'scan{kk}'}/{names[i]}")))
+        try:
+            from pcrfs.torch import ImageFolder
+        except ImportError:  # pragma: no cover - torch is in the test extras
+            ImageFolder = None
+        if ImageFolder is not None:
+            ds = ImageFolder(url, view="scan2", storage_options=so, shared_cache=False)
+            order = {int(img): j for j, img in enumerate(ds._images)}
+            doors.append(("ImageFolder", lambda i, kk: ds.read_bytes(order[i]) if kk == 2 and i in order
+                          else want[(i, kk)]))
+        for _, read in doors:  # a first pass: some of it is kept (caches, record prefixes)
+            for i in range(0, n, 3):
+                assert read(i, 2) == want[(i, 2)]
+        assert stores[0].io_stats()["record_prefix"]["fetches"] > 0  # that door read record prefixes
+        s3 = filesystem(url, RemoteOptions(endpoint_url=endpoint))
+        for key in s3.ls(f"{path}/{fmt.RECORDS_DIR}"):
+            data = bytearray(s3.cat_file(key))
+            for j in range(fmt.RECORD_HEADER_SIZE, len(data), 97):
+                data[j] ^= 0x5A
+            s3.pipe_file(key, bytes(data))
+        for name, read in doors:
+            wrong = failed = 0
+            for i in range(n):
+                for kk in (2, k):
+                    try:
+                        got = read(i, kk)
+                    except (CorruptData, StoreUnavailable, OSError):
+                        failed += 1
+                        continue
+                    wrong += got != want[(i, kk)]
+            assert wrong == 0, name
+            assert failed > 0, name  # what was not kept is read again, and found damaged
+        for s in stores:
+            s.close()
