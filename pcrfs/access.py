@@ -14,7 +14,7 @@ from dataclasses import fields
 from typing import Any, Mapping
 
 from .remote.fs import RemoteOptions
-from .store.adaptive import AdaptiveIndexError, load as load_adaptive_index
+from .store.adaptiveindex import AdaptiveIndexError, load as load_adaptive_index
 from .store.errors import StoreError
 from .store.reader import ReadOptions, Store, open_store
 from .views import View, ViewTree

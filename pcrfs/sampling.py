@@ -1,7 +1,7 @@
 """A record-aware shuffle: indices for ``ImageFolder`` over a mount that keep few records open.
 
 A uniform shuffle reads every record of a store all through the epoch, so a
-record-prefix cache (:mod:`pcrfs.store.prefix`) must hold the whole view to
+record-prefix cache (:mod:`pcrfs.store.prefixpolicy`) must hold the whole view to
 fetch each record once. :class:`RecordShuffleSampler` shuffles differently, in
 the manner of MosaicML Streaming's shard shuffles: the records are taken in a
 random order, and the indices of the images of a sliding **window** of
@@ -318,7 +318,7 @@ class RecordShuffleSampler:
         image while the mount's policy learns that the reads are local. Not for adaptive
         views (their k varies per image; the mount's policy serves them as before)."""
         from .ahead import FetchAhead, fixed_ks, mount_fetcher
-        from .store.prefix import group_bounds
+        from .store.prefixpolicy import group_bounds
 
         index = catalogue.index
         bounds = group_bounds(index.record_group_offsets, index.records["size"])
@@ -457,7 +457,7 @@ def catalogue_fingerprint(images: np.ndarray, record_of: np.ndarray, names: Any 
 
 def _prefix_spans(store: Any, view: str) -> np.ndarray:
     """Bytes of each (non-empty) record's prefix at ``view``."""
-    from .store.prefix import group_bounds
+    from .store.prefixpolicy import group_bounds
 
     k = _view_k(store, view)
     bounds = group_bounds(store.index.record_group_offsets, store.index.records["size"])

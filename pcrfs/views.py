@@ -27,7 +27,7 @@ import numpy as np
 
 from .jpeg.scans import EOI_BYTES
 from .store import format as fmt
-from .store.adaptive import AdaptiveIndexError, load as load_adaptive_index
+from .store.adaptiveindex import AdaptiveIndexError, load as load_adaptive_index
 from .store.reader import Store
 
 STATS_DIR = ".pcrfs"

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pcrfs.convert import convert
 from pcrfs.fuse import fastpath
 from pcrfs.jpeg.scans import EOI_BYTES
-from pcrfs.store import adaptive
+from pcrfs.store import adaptiveindex as adaptive
 from pcrfs.store import format as fmt
 from pcrfs.store.reader import RANGE_GROUP_BYTES, open_store
 from pcrfs.views import FileNode, ViewTree

@@ -307,7 +307,7 @@ def test_symlinked_manifest_or_index_is_refused(small, tmp_path, rel):
 
 
 def _with_adaptive_index(root: Path) -> str:
-    from pcrfs.store import adaptive
+    from pcrfs.store import adaptiveindex as adaptive
 
     with open_store(root) as s:
         adaptive.write(s, np.zeros((s.num_images, 3), dtype=np.uint8))
@@ -315,7 +315,7 @@ def _with_adaptive_index(root: Path) -> str:
 
 
 def test_symlinked_adaptive_index_is_refused(small, tmp_path):
-    from pcrfs.store import adaptive
+    from pcrfs.store import adaptiveindex as adaptive
 
     rel = _with_adaptive_index(small)
     with open_store(small) as s:
@@ -404,7 +404,7 @@ def test_fifo_adaptive_index_fails_fast(small):
     rel = _with_adaptive_index(small)
     _fifo_in_place_of(small, rel)
     code = f"""
-from pcrfs.store import adaptive
+from pcrfs.store import adaptiveindex as adaptive
 from pcrfs.store.reader import open_store
 s = open_store({str(small)!r})
 try:

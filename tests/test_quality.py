@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 import pcrfs
 from pcrfs.cli import main
-from pcrfs.quality import adaptive as scoring, luma, measure, msssim
-from pcrfs.store import adaptive
+from pcrfs.quality import luma, measure, msssim, scoring
+from pcrfs.store import adaptiveindex as adaptive
 from pcrfs.store import format as fmt
 from pcrfs.views import ViewTree
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 import pcrfs
 from pcrfs.cli import main
 from pcrfs.convert import convert
-from pcrfs.quality import adaptive as scoring, build
-from pcrfs.store import adaptive
+from pcrfs.quality import build, scoring
+from pcrfs.store import adaptiveindex as adaptive
 from pcrfs.store import format as fmt
 
 RECORD = 256 * 1024  # the demo set in ~15 records

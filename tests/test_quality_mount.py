@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pcrfs
-from pcrfs.store import adaptive
+from pcrfs.store import adaptiveindex as adaptive
 from pcrfs.views import ROOT_HINT_DIR
 
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli

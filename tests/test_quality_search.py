@@ -11,8 +11,9 @@ import pcrfs
 from corpus import make_edge_cases
 from pcrfs.convert import convert
 from pcrfs.jpeg.scans import ScanError, scan_components, scan_ends
-from pcrfs.quality import adaptive, luma, measure, msssim, search
-from pcrfs.store.adaptive import THRESHOLDS
+from pcrfs.quality import luma, measure, msssim, search
+from pcrfs.quality import scoring as adaptive
+from pcrfs.store.adaptiveindex import THRESHOLDS
 
 T = THRESHOLDS
 

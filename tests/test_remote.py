@@ -107,7 +107,7 @@ def view_bytes(store, k: int) -> int:
 
 
 def mixed_overhead(url: str, remote: RemoteOptions, k: int) -> int:
-    """The most bytes a pass over a shuffled store reads twice at fidelity k (store/prefix.py):
+    """The most bytes a pass over a shuffled store reads twice at fidelity k (store/prefixpolicy.py):
     the images read one by one before the reads look like an epoch (in path order: the
     first class and the first of the next), then again within their record's prefix."""
     with open_store(url, options=ropts(remote)) as s:
@@ -349,7 +349,7 @@ def test_sequential_epoch_costs_few_requests_and_shuffled_no_waste(one_record_st
     doc = stats_of(seq)["store_reads"]
     assert view_bytes(local, k) <= doc["bytes"] <= view_bytes(local, k) + extra
     # mixed records: the first class read image by image, a request per group, before the
-    # reads look like an epoch (store/prefix.py EpochGate)
+    # reads look like an epoch (store/prefixpolicy.py EpochGate)
     first_class = 0 if storage == "source" else sum(1 for i in range(n) if local.label(i) == 0)
     assert doc["requests"] <= 1.2 * n + k * first_class, doc
 
@@ -453,7 +453,7 @@ def test_mount_helper_rejects_malformed_options(remote_store, tmp_path, capsys):
 def test_adaptive_views_of_a_remote_store(demo_src, remote, moto, local, mounts):
     """`pcrfs quality s3://... --write-index` installs the adaptive index in the bucket
     (array first, manifest last) and a mount of the URL serves ssim90/95/98."""
-    from pcrfs.store import adaptive
+    from pcrfs.store import adaptiveindex as adaptive
 
     url = f"s3://{BUCKET}/adaptive.pcr"
     convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)

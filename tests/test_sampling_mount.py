@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from pcrfs.sampling import HEADROOM, IN_FLIGHT_RECORDS, RecordShuffleSampler, WindowWarning, catalogue_fingerprint
-from pcrfs.store.prefix import group_bounds
+from pcrfs.store.prefixpolicy import group_bounds
 from pcrfs.store.reader import ReadOptions, open_store
 
 from mountutil import fuse_unavailable

@@ -14,7 +14,7 @@ import pytest
 
 from pcrfs.convert import convert
 from pcrfs.convert.migrate import migrate
-from pcrfs.store import adaptive
+from pcrfs.store import adaptiveindex as adaptive
 from pcrfs.store import format as fmt
 from pcrfs.store.reader import StoreError, open_store
 from pcrfs.store.verify import verify_store

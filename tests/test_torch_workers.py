@@ -34,7 +34,7 @@ from pcrfs.remote.deadline import Deadline  # noqa: E402
 from pcrfs.remote.fs import RemoteOptions  # noqa: E402
 from pcrfs.sampling import RecordShuffleSampler  # noqa: E402
 from pcrfs.store.diskcache import UnsafeCacheDirectory  # noqa: E402
-from pcrfs.store.prefix import group_bounds  # noqa: E402
+from pcrfs.store.prefixpolicy import group_bounds  # noqa: E402
 from pcrfs.store.reader import ReadOptions, open_store  # noqa: E402
 from pcrfs.store.sharedcache import SharedDiskCache  # noqa: E402
 from pcrfs.torch import ImageFolder  # noqa: E402

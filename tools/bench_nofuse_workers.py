@@ -165,7 +165,7 @@ def parse_args() -> argparse.Namespace:
 
 def store_facts(store: Path, view: str) -> dict:
     """The local store's images and records, whether it is shuffled, and the bytes of ``view``."""
-    from pcrfs.store.prefix import group_bounds
+    from pcrfs.store.prefixpolicy import group_bounds
     from pcrfs.store.reader import open_store
 
     k = int(view[4:])

@@ -359,8 +359,8 @@ def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
 
 def _adaptive_views(s) -> dict:
     """`info`'s adaptive views (pcrfs quality --write-index): bytes and fraction of the full view each."""
-    from ..quality.adaptive import summarize
-    from ..store import adaptive
+    from ..quality.scoring import summarize
+    from ..store import adaptiveindex as adaptive
 
     try:
         index = adaptive.load(s)

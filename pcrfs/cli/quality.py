@@ -111,7 +111,7 @@ def _describe_choice(choice, metric_label: str) -> str:
 
 
 def _load_adaptive(store):
-    from ..store.adaptive import AdaptiveIndexError, load
+    from ..store.adaptiveindex import AdaptiveIndexError, load
 
     try:
         return load(store)
@@ -135,7 +135,7 @@ def _progress_resumable(quiet: bool, desc: str):
 
 def report_index(store, store_path: str, built, entry: dict, as_json: bool) -> None:
     """What `quality --write-index` and `convert --quality-index` print about the new index."""
-    from ..quality import adaptive
+    from ..quality import scoring as adaptive
 
     for image, reason in built.failures[:20]:
         _warn(f"{store.path(image)}: not scored ({reason}); its adaptive views serve it whole")

@@ -130,7 +130,7 @@ def _copy_batch(old: Store, images: list[StoredImage]) -> tuple[list[ImageEntry]
 def _carry_adaptive_index(old: Store, location: str, remote: RemoteOptions, bad: list[dict]) -> None:
     """The source's adaptive index, for the images the new store holds (by path: the image
     order is the path order in both, less the damaged images)."""
-    from ..store import adaptive
+    from ..store import adaptiveindex as adaptive
 
     try:
         index = adaptive.load(old)

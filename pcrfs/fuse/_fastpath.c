@@ -11,7 +11,7 @@
  * CRC-32 of every group before any of its bytes is served.
  *
  * A remote store's records are read here only as far as a cache holds them: a
- * record prefix (pcrfs.store.prefixfetch) in the memory cache (a buffer this module
+ * record prefix (pcrfs.store.prefixtier) in the memory cache (a buffer this module
  * holds a reference to) or in the disk cache (a descriptor of its file); either holds
  * the record's bytes from `base` on, groups 1..`held` of every image. Such a holder
  * can be taken back (revoke: the cache dropped or replaced it); readers hold a

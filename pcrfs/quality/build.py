@@ -9,10 +9,10 @@ directory (:func:`resume_dir`), bound to the store's content by the CRC-32 of it
 images' scan-group CRCs, so an interrupted run, a convert killed after its
 manifest, or a later ``pcrfs quality --write-index`` starts where the last one
 stopped. The client assembles the parts in image order, writes the index
-atomically (:func:`.adaptive.write`) and only then removes the resume directory.
+atomically (:func:`.scoring.write`) and only then removes the resume directory.
 
 Whoever scores a part, and in whatever order, the ks are those of
-:func:`.adaptive.compute`: one function on the same bytes.
+:func:`.scoring.compute`: one function on the same bytes.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ..fsutil import write_atomic
-from ..store import adaptive
+from ..store import adaptiveindex as adaptive
 
 if TYPE_CHECKING:
     import distributed
@@ -303,7 +303,7 @@ def build(store: "Store", thresholds: Sequence[float] = adaptive.THRESHOLDS, *, 
 def build_and_write(store: "Store", thresholds: Sequence[float] = adaptive.THRESHOLDS, *,
                     store_locked: bool = False, **kwargs) -> tuple[Built, dict]:
     """:func:`build`, then install the index atomically, then drop the kept parts
-    (``store_locked``: the caller holds the store's lock, see :func:`.adaptive.write`)."""
+    (``store_locked``: the caller holds the store's lock, see :func:`.scoring.write`)."""
     built = build(store, thresholds, **kwargs)
     entry = adaptive.write(store, built.ks, thresholds, store_locked=store_locked)
     built.parts.remove()

@@ -414,7 +414,7 @@ def quality_table(store: Store, *, sample: int | None = 200, seed: int = 0, timi
     window). ``exhaustive``: :func:`measure_image` for every image, every decode timed
     (the oracle: slower, the same quantities).
     """
-    from ..store.adaptive import THRESHOLDS
+    from ..store.adaptiveindex import THRESHOLDS
 
     t0 = time.perf_counter()
     images = sample_images(store.num_images, sample, seed)

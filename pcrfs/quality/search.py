@@ -1,7 +1,7 @@
 """The smallest k reaching each MS-SSIM threshold, as the exhaustive search finds it, for far less work.
 
 The exhaustive search (:func:`.measure.measure_image` with ``stop_at``, then
-:func:`.adaptive.smallest_k`) decodes k = 1, 2, ... and scores each decode with
+:func:`.scoring.smallest_k`) decodes k = 1, 2, ... and scores each decode with
 :class:`.msssim.Reference` until the highest threshold is reached. It is kept as
 the oracle; :func:`search_ks` returns exactly its answer, with three savings:
 

@@ -2,7 +2,7 @@
 
 :class:`GroupTable` answers "groups 1..k of image i: record, offsets, lengths, CRC-32s"
 for the store (:mod:`pcrfs.store.reader`) and the fetchers below it
-(:mod:`pcrfs.store.fetch`, :mod:`pcrfs.store.prefixfetch`). It does no I/O and knows
+(:mod:`pcrfs.store.fetch`, :mod:`pcrfs.store.prefixtier`). It does no I/O and knows
 no store: the fetchers get this table and a record source, never the store, so the
 read path's dependencies point one way (store -> fetchers -> table, source).
 :meth:`GroupTable.corrupt` is the one message for a group that fails its CRC-32,

@@ -33,7 +33,7 @@ from ..fsutil import fsync_dir, write_atomic
 from ..imagenames import looks_like_image_tree
 from ..remote.bwlimit import TokenBucket
 from ..remote.fs import RemoteError, RemoteOptions, explain, is_url
-from ..remote.prefix import ObjectPrefix
+from ..remote.objectprefix import ObjectPrefix
 from . import format as fmt
 from .backends import LocalRecords, RecordSource, remote_records
 from .errors import StoreError
@@ -48,7 +48,7 @@ DEFAULT_READAHEAD = 16 << 20  # bytes per readahead window (remote stores)
 class ReadDefaults:
     """How a location's records are best read, where the read options leave it open."""
     readahead_bytes: int = 0     # readahead window budget (0: off)
-    record_prefix: bool = False  # fetch whole record prefixes (pcrfs.store.prefix)
+    record_prefix: bool = False  # fetch whole record prefixes (pcrfs.store.prefixpolicy)
     # Fetch all of an image's groups 1..k on its first read, not only those a read overlaps:
     # where each request pays a round trip, k concurrent requests beat k sequential ones.
     whole_image: bool = False

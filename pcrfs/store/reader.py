@@ -36,8 +36,8 @@ from .backends import RecordSource, Span
 from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
 from .fetch import GroupFetcher
 from .groups import GroupRange, GroupTable
-from .prefix import group_bounds, store_policy
-from .prefixfetch import PrefixFetcher
+from .prefixpolicy import group_bounds, store_policy
+from .prefixtier import PrefixFetcher
 from .tiers import Declined
 from .index import Index, IndexFileError
 from .manifest import parse_manifest, read_manifest  # noqa: F401 - part of this module's API
@@ -74,7 +74,7 @@ class ReadOptions:
     disk_cache: str | None = None         # directory for a size-capped on-disk group cache
     disk_cache_bytes: int = 10 << 30
     readahead_bytes: int | None = None    # window budget; None: the location's default; 0: off
-    record_prefix: bool | None = None     # whole-record prefixes (pcrfs.store.prefix); None: the location's default
+    record_prefix: bool | None = None     # whole-record prefixes (pcrfs.store.prefixpolicy); None: the location's default
     # A record-prefix cache in a directory the processes of one node share (DataLoader workers:
     # pcrfs.store.sharedcache), capped at shared_cache_bytes for all of them together; it takes
     # the place of disk_cache (which still holds the index copy)
@@ -82,7 +82,7 @@ class ReadOptions:
     shared_cache_bytes: int = 0
     # processes that split one pass over the store between them (DataLoader workers sharing
     # shared_cache): each sees 1/readers of a record's reads, so a mixed record's prefix is
-    # fetched after 1/readers of the reads one process would wait for (pcrfs.store.prefix)
+    # fetched after 1/readers of the reads one process would wait for (pcrfs.store.prefixpolicy)
     prefix_readers: int = 1
 
     def readahead_for(self, location: StoreLocation) -> int:
@@ -113,7 +113,7 @@ class Store:
         if index.shuffled and prefixes is not None:
             # records that mix the dataset: the images after one in path order lie all over
             # the store, so readahead would fetch them one by one and their record prefixes
-            # again; a path-order pass is served by record prefixes (see store/prefix.py)
+            # again; a path-order pass is served by record prefixes (see store/prefixpolicy.py)
             readahead_bytes = 0
         # a shared disk cache holds record prefixes only (an entry per image would be a file
         # per image, counted by every writer of every process)
@@ -177,7 +177,7 @@ class Store:
         """A reader that knows its order (a ``RecordShuffleSampler``, whose window fits the
         cache) reads this store: from now on a read of a record whose prefix is not held
         fetches it at once, without waiting for evidence of an epoch or of locality (see
-        :meth:`~pcrfs.store.prefix.RecordPrefixPolicy.announce`). Nothing where record
+        :meth:`~pcrfs.store.prefixpolicy.RecordPrefixPolicy.announce`). Nothing where record
         prefixes are not read."""
         if self.prefixes is not None:
             self.prefixes.announce()

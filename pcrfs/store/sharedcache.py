@@ -31,7 +31,7 @@ entries renamed into place whole) and, across processes:
   caller's to remove.
 
 The cache checks nothing it stores: callers check every group's CRC-32 in what they
-read back (:class:`~pcrfs.store.prefixfetch.PrefixFetcher` does) and :meth:`discard`
+read back (:class:`~pcrfs.store.prefixtier.PrefixFetcher` does) and :meth:`discard`
 an entry that fails. Every entry is read through a descriptor of one file, which a
 rename or an eviction by another process cannot change under the reader. Listeners
 (:meth:`on_drop`) hear of the drops this process makes, not of other processes'.

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 from ..fsutil import write_atomic
 from ..remote.fs import RemoteError, RemoteOptions, explain, is_url
-from ..remote.prefix import ObjectPrefix
+from ..remote.objectprefix import ObjectPrefix
 from . import format as fmt
 from .location import _digest, default_cache_dir
 

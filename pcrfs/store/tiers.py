@@ -2,7 +2,7 @@
 their table of fetches in flight.
 
 :class:`~pcrfs.store.fetch.GroupFetcher` (per image) and
-:class:`~pcrfs.store.prefixfetch.PrefixFetcher` (per record prefix) read the same tiers
+:class:`~pcrfs.store.prefixtier.PrefixFetcher` (per record prefix) read the same tiers
 in the same order (memory, in flight, disk, source); they differ in the unit they
 fetch, so what they share is this state, not their logic.
 """

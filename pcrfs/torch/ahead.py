@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..ahead import FetchAhead, sampler_position  # noqa: F401 - sampler_position: re-exported
-from ..store.prefix import group_bounds
+from ..store.prefixpolicy import group_bounds
 
 
 def dataset_fetch_ahead(dataset: Any, sampler: Any, ahead: int | None = None,

@@ -8,7 +8,7 @@ views"): ``index/adaptive_k-XXXXXXXX.npy``, a u1[n, T] array, described in
 This module is the format's side (names, encoding, checks, installing, loading); it
 lives beside the index because the view layer loads it at mount time, and needs
 numpy and PyYAML only. Computing the ks (decoding, MS-SSIM) is
-:mod:`pcrfs.quality.adaptive`'s.
+:mod:`pcrfs.quality.scoring`'s.
 
 Writing it never leaves a reader with a half-written state: the array goes to
 a new file named after its CRC-32, the manifest is then replaced atomically

@@ -7,7 +7,7 @@ need not cost k ranged GETs per image: one span per record -- fetched as a few
 large parts -- serves every image of the record at that fidelity. Whether that
 pays depends on whether the prefix stays cached until the record's other images
 are read. This module decides; it does no I/O and knows nothing about bytes in
-flight (the store's fetcher, :mod:`pcrfs.store.prefixfetch`, does the fetching,
+flight (the store's fetcher, :mod:`pcrfs.store.prefixtier`, does the fetching,
 checking and caching).
 
 The policy, per read of image i (record r) at fidelity k:

@@ -465,7 +465,7 @@ def test_the_compiled_path_serves_prefix_files_and_lets_a_damaged_one_go(url, re
 
 @needs_fuse
 def test_evicted_and_extended_prefix_files_are_let_go(url, remote, reader, mounts, tmp_path, monkeypatch):
-    from pcrfs.store.prefix import group_bounds
+    from pcrfs.store.prefixpolicy import group_bounds
 
     _compiled_or_skip(monkeypatch)
     bounds = group_bounds(reader.index.record_group_offsets, reader.index.records["size"])

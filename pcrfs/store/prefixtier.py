@@ -8,7 +8,7 @@ asked for every read, it answers from
 2. the record's prefix in the disk cache (one file per record, ``r<record>``,
    holding the record's bytes from the group-1 region on; every group read back is
    checked against its CRC-32, a damaged file is dropped);
-3. a new fetch, when :class:`~pcrfs.store.prefix.RecordPrefixPolicy` says so: the
+3. a new fetch, when :class:`~pcrfs.store.prefixpolicy.RecordPrefixPolicy` says so: the
    span as a few ranged GETs at once, every group of every image in it checked,
    then cached: in the memory cache when the policy finds the whole view fits
    there (written back to the disk cache, if any, when it leaves memory and when
@@ -65,7 +65,7 @@ from .diskcache import DiskCache, prefix_entry, record_of_entry
 from .backends import RecordSource
 from .errors import StoreUnavailable
 from .groups import GroupRange, GroupTable
-from .prefix import PrefixPlan, RecordPrefixPolicy, split_parts
+from .prefixpolicy import PrefixPlan, RecordPrefixPolicy, split_parts
 from .tiers import Declined, Tiers
 
 log = logging.getLogger("pcrfs.store")
