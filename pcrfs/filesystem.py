@@ -28,11 +28,10 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from . import access
 from .access import open_with_options
 from .store.reader import Store
-from .views import ROOT_HINT_DIR, STATS_DIR, DirNode, FileNode, Node, View, ViewTree
+from .views import ROOT_HINT_DIR, STATS_DIR, DirNode, Node, ViewTree
 
 PROTOCOL = "pcr"
 _LOCAL_PROTOCOLS = (None, "", "file", "local")
-DIRECTORY_MEMO = 128  # directories whose name -> image maps a filesystem keeps for its per-read lookups
 
 
 class ReadOnlyError(PermissionError):
@@ -77,7 +76,6 @@ class PCRFileSystem(AbstractFileSystem):
             self._store = open_with_options(self.location, self.target_options)
             self._forks = access.forks
             self._tree = ViewTree(self._store)
-            self._dirs: dict[str, tuple[View, dict[str, int]]] = {}
         return self._tree
 
     @property
@@ -113,40 +111,18 @@ class PCRFileSystem(AbstractFileSystem):
         return tree, tree.resolve("/" + path)
 
     def _file(self, path: str) -> tuple[int, int]:
-        """``(image, k)`` of the file at ``path``: what the store reads."""
-        # This runs per read: the common case skips fsspec's general path cleaning and
-        # finds the file by its directory (memoized) and name, not by a walk of the path.
-        if self._store is None or self._forks != access.forks:
-            self._view_tree()
+        """``(image, k)`` of the file at ``path``: what the store reads (``ViewTree.file``)."""
+        # This runs per read: the common case skips fsspec's general path cleaning.
+        tree = self._view_tree()
         if not isinstance(path, str):
             path = self._strip_protocol(path)
         elif path.startswith("pcr://"):
             path = path[6:]
-        head, _, name = path.rpartition("/")
-        known = self._dirs.get(head)
-        if known is None:
-            known = self._directory(head)
-        image = known[1].get(name) if known is not None else None
-        if image is None:  # not a plain path to a file: the full walk says what it is
-            _, node = self._resolve(path)
-            if not isinstance(node, FileNode):
-                raise IsADirectoryError(path)
-            return node.image, node.view.k_of(node.image)
-        view = known[0]
-        return image, view.k if view.ks is None else int(view.ks[image])
-
-    def _directory(self, path: str) -> tuple[View, dict[str, int]] | None:
-        """The view and ``name -> image`` map of the directory at ``path`` (None if it is not one)."""
         try:
-            _, node = self._resolve(path)
+            return tree.file(path)
         except FileNotFoundError:
-            return None
-        if not isinstance(node, DirNode) or node.view is None or node.dir_id < 0:
-            return None
-        if len(self._dirs) >= DIRECTORY_MEMO:
-            self._dirs.clear()  # as many directories as the view tree's listing cache; then start over
-        known = self._dirs[path] = (node.view, self._tree.listing(node.dir_id).files)
-        return known
+            self._resolve(path)  # says which views there are, or what is missing
+            raise
 
     def info(self, path: str, **kwargs: Any) -> dict:
         tree, node = self._resolve(path)

@@ -260,11 +260,44 @@ class ViewTree:
         self._listing_cap = listing_cache
         self._lock = threading.Lock()
         self.counters = ViewCounters(list(self.views))
+        # directory path -> (its view, name -> image): file()'s memo, as large as the listing cache
+        self._file_dirs: dict[str, tuple[View, dict[str, int]]] = {}
         self.mtime_ns = int(time.time_ns())
         self._per_view = 2 + len(self._dir_names) + store.num_images
         self.started = time.time()
 
     # ---- directory listings ----------------------------------------------------
+
+    def file(self, path: str) -> tuple[int, int]:
+        """``(image, k)`` of the file at ``path`` in a view (``scan5/c/x.jpg``, leading '/'
+        optional): what the store reads for it -- the one lookup behind every door that names
+        files by path (the mount's ``resolve`` is its slow path, the pcr:// filesystem calls
+        it per read). Its directory and name, memoized per directory, not a walk of the path;
+        FileNotFoundError / IsADirectoryError as :meth:`resolve` says."""
+        head, _, name = path.strip("/").rpartition("/")
+        known = self._file_dirs.get(head)
+        if known is None:
+            known = self._file_directory(head)
+        image = known[1].get(name) if known is not None else None
+        if image is None:  # not a plain path to a file: the full walk says what it is
+            node = self.resolve("/" + path.strip("/"))
+            if not isinstance(node, FileNode):
+                raise IsADirectoryError(path)
+            return node.image, node.view.k_of(node.image)
+        return image, known[0].k_of(image)
+
+    def _file_directory(self, path: str) -> tuple[View, dict[str, int]] | None:
+        """The view and ``name -> image`` map of the view directory at ``path`` (None if not one)."""
+        try:
+            node = self.resolve("/" + path)
+        except FileNotFoundError:
+            return None
+        if not isinstance(node, DirNode) or node.view is None or node.dir_id < 0:
+            return None
+        if len(self._file_dirs) >= self._listing_cap:
+            self._file_dirs.clear()  # as many directories as the listing cache; then start over
+        known = self._file_dirs[path] = (node.view, self.listing(node.dir_id).files)
+        return known
 
     def listing(self, dir_id: int) -> DirListing:
         with self._lock:

@@ -128,3 +128,23 @@ def test_after_a_bare_walk_listings_go_whole_and_names_only(tree):
     assert [(g[0], g[3], g[4]) for g in whole] == [(g[0], g[3], g[4]) for g in paged]
     ops._attr_of(path + "/" + os.fsdecode(whole[-1][0]))  # a file lookup: callers stat again
     assert [g[2] for g in _fill(ops, path, 0, FUSE_READDIR_PLUS)] == [g[2] for g in paged]
+
+
+def test_file_is_the_one_path_lookup_and_agrees_with_resolve(tree):
+    """ViewTree.file (memoized per directory; the pcr:// filesystem's per-read lookup) gives
+    the (image, k) the mount's resolve gives, for every file of two views; directories and
+    missing names fail as resolve does."""
+    store = tree.store
+    for view in ("scan2", "full"):
+        for i in range(store.num_images):
+            path = f"{view}/{store.path(i)}"
+            node = tree.resolve("/" + path)
+            assert tree.file(path) == tree.file("/" + path) == (node.image, node.view.k_of(node.image)) == \
+                (i, tree.views[view].k)
+    klass = store.path(0).split("/")[0]
+    with pytest.raises(IsADirectoryError):
+        tree.file(f"scan2/{klass}")
+    with pytest.raises(FileNotFoundError):
+        tree.file(f"scan2/{klass}/no-such.jpg")
+    with pytest.raises(FileNotFoundError):
+        tree.file(f"scan99/{store.path(0)}")
