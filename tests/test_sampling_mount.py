@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pcrfs.sampling import HEADROOM, IN_FLIGHT_RECORDS, RecordShuffleSampler, WindowWarning, catalogue_fingerprint
+from pcrfs.sampling import (HEADROOM, IN_FLIGHT_RECORDS, RecordShuffleSampler, WindowWarning, ahead_window,
+                            catalogue_fingerprint, default_window)
 from pcrfs.store.prefixpolicy import group_bounds
 from pcrfs.store.reader import ReadOptions, open_store
 
@@ -71,6 +72,7 @@ def test_the_default_window_fits_a_4M_mount(big_store, mounts):
     assert sampler.cache_bytes == CACHE and sampler.view == "scan5"
     assert 2 <= sampler.window < records
     # the window and the record the loader's batches in flight still read fit, one more would not
+    # (a local store: read image by image, nothing fetched ahead, so all of it)
     w = sampler.window + IN_FLIGHT_RECORDS
     assert w * view_spans.max() <= HEADROOM * CACHE < (w + 1) * view_spans.max()
     ds = datasets.ImageFolder(str(mnt / "scan5"), loader=read_file)
@@ -82,13 +84,15 @@ def test_a_window_that_does_not_fit_the_mount_is_clamped_with_a_warning(big_stor
     larger than its cache holds is clamped, with a warning saying what cache it would need;
     on one that reads image by image (a local store's, by default) it is taken as asked."""
     mnt = Path(mounts.mount(big_store, "m", cache_size="4M", read_options=ReadOptions(record_prefix=True)).mountpoint)
-    fits = RecordShuffleSampler(mnt / "full").window
+    with open_store(big_store) as store:
+        fits = default_window(store, "full", CACHE)  # the largest window the mount holds
+    assert RecordShuffleSampler(mnt / "full").window == ahead_window(fits)  # the default: half of it
     with pytest.warns(WindowWarning, match=r"does not fit .* at least \d+ bytes \(the mount's --cache-size\)"):
         s = RecordShuffleSampler(mnt / "full", window=fits + 5)
     assert s.window == fits
     with pytest.warns(WindowWarning, match="more than"):
         s = RecordShuffleSampler(mnt, view="full", cache_bytes=256 << 20)  # the mount root and a view
-    assert s.window == fits and s.cache_bytes == CACHE and s.view == "full"
+    assert s.window == ahead_window(fits) and s.cache_bytes == CACHE and s.view == "full"
     assert RecordShuffleSampler(mnt / "full", window=fits).window == fits  # what fits: no warning
     small = RecordShuffleSampler(mnt / "full", cache_bytes=CACHE // 4)  # less than the mount keeps: taken
     assert small.window <= fits and small.cache_bytes == CACHE // 4
@@ -226,6 +230,11 @@ def test_the_sampler_tells_an_s3_mount_what_it_reads_next(on_moto, mounts, tmp_p
     mnt = Path(info.mountpoint)
     ds = datasets.ImageFolder(str(mnt / "scan2"), loader=read_file)
     sampler = RecordShuffleSampler(mnt / "scan2", seed=2)
+    # records fetched whole and mixing the dataset: half the window that fits, the rest of the
+    # cache for the records fetched ahead
+    with open_store(url, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint))) as s:
+        fits = int(HEADROOM * (4 << 20) // spans(s, 2).max()) - IN_FLIGHT_RECORDS
+    assert sampler.window == ahead_window(max(1, fits))
     it = iter(sampler)
     first = next(it)
     stats = lambda: json.loads(os.getxattr(mnt, "user.pcrfs.stats"))  # noqa: E731
