@@ -54,6 +54,15 @@ Modules (each one job; none imports a tool):
                        and ``LinkProxy(upstream_port, latency, rate)``: a user-space link on
                        127.0.0.1 (latency per request, a shared rate, requests/GETs/bytes counted;
                        ``.counts()``); ``upload(files, endpoint)``; ``free_port()``.
+``benchlib.revisions`` ``code_tree(rev, work)``: another git revision's pcrfs (compiled path
+                       built in place) beside the checkout's, ``env_for(tree)`` to run it.
+``benchlib.turns``     ``Child``: processes that take turns answering requests, so variants are
+                       measured alternately, a few milliseconds apart.
+``benchlib.loaders``   training epochs as benchmarks run them (torchvision or ``pcrfs.torch``
+                       ImageFolder, ``decode`` or ``bytes`` loaders), drained and timed.
+``benchlib.lockstep``  training processes (ranks) that run each epoch together on a signal.
+``benchlib.training_targets``, ``benchlib.training_plot``: issue 25's targets and plot for
+                       ``tools/bench_remote_epoch.py``'s rows.
 
 Rules the library keeps so the figures are comparable between tools: CPU per item comes from
 /proc (it does not drift with the machine's load the way wall time does), every result records
