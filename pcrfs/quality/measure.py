@@ -73,14 +73,7 @@ def measure_image(store: Store, i: int, timing: bool = False, stop_at: float | N
     ``stop_at``: stop decoding once MS-SSIM reaches this value; the remaining ks
     are left as NaN (enough to find the smallest k reaching thresholds up to it).
     """
-    g_store = store.num_groups
-    n = store.n_groups(i)
-    sizes = np.array([store.size(i, k) for k in range(1, g_store + 1)], dtype=np.int64)
-    ssim = np.full(g_store, np.nan)
-    psnr = np.full(g_store, np.nan)
-    ssim[n - 1:] = 1.0
-    psnr[n - 1:] = msssim.PSNR_CAP
-    decode_s = np.full(g_store, np.nan) if timing else None
+    n, sizes, ssim, psnr, decode_s = _blank_scores(store, i, timing)
     full = store.read(i, n)
     ref = msssim.Reference(decode_luma(full))
     previous = None
@@ -101,6 +94,20 @@ def measure_image(store: Store, i: int, timing: bool = False, stop_at: float | N
     return ImageScores(i, n, sizes, ssim, psnr, decode_s)
 
 
+def _blank_scores(store: Store, i: int, timing: bool) -> tuple[int, np.ndarray, np.ndarray, np.ndarray,
+                                                                  np.ndarray | None]:
+    """Image i's group count, its file size at every k, and MS-SSIM / PSNR / decode-time rows
+    to fill: NaN below its own group count, exact (1.0, the PSNR cap) from it on."""
+    g_store = store.num_groups
+    n = store.n_groups(i)
+    sizes = np.array([store.size(i, k) for k in range(1, g_store + 1)], dtype=np.int64)
+    ssim = np.full(g_store, np.nan)
+    psnr = np.full(g_store, np.nan)
+    ssim[n - 1:] = 1.0
+    psnr[n - 1:] = msssim.PSNR_CAP
+    return n, sizes, ssim, psnr, np.full(g_store, np.nan) if timing else None
+
+
 def score_image(store: Store, i: int, timing: bool = False, exact_near: Sequence[float] = (),
                 max_windows: int | None = None) -> ImageScores:
     """:func:`measure_image` (no ``stop_at``) with the index search's machinery: the same
@@ -110,14 +117,7 @@ def score_image(store: Store, i: int, timing: bool = False, exact_near: Sequence
     (:meth:`.search.FastReference.scores`); the result's ``estimated`` says if any was."""
     from .search import FastReference, reference_luma
 
-    g_store = store.num_groups
-    n = store.n_groups(i)
-    sizes = np.array([store.size(i, k) for k in range(1, g_store + 1)], dtype=np.int64)
-    ssim = np.full(g_store, np.nan)
-    psnr = np.full(g_store, np.nan)
-    ssim[n - 1:] = 1.0
-    psnr[n - 1:] = msssim.PSNR_CAP
-    decode_s = np.full(g_store, np.nan) if timing else None
+    n, sizes, ssim, psnr, decode_s = _blank_scores(store, i, timing)
     full = store.read(i, n)
     estimated = False
     if n > 1:
