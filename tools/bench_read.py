@@ -567,29 +567,29 @@ def add_paired_ratios(ratios: dict, raw: dict[str, list[dict]], colds: list[str]
                                                                               "first", "first")
 
 
+def at_least(value: float, limit: float, digits: int, paired: dict | None = None) -> dict:
+    """A ratio target ``value >= limit`` (rounded to ``digits``), with its paired rounds' median."""
+    out = {"target": f">= {limit}x", "value": round(value, digits), "met": value >= limit}
+    if paired is not None:
+        out["paired_rounds_median"] = round(paired["median"], digits)
+    return out
+
+
 def full_view_targets(ratios: dict) -> dict:
     """The targets of MNT/full: against ratarmount, its own first pass and the decode rate."""
-    targets: dict = {}
     rf = ratios["pcrfs:full:remount"]
-    targets["full_first_pass_vs_ratarmount_first_pass"] = {
-        "target": f">= {TARGET_VS_RATARMOUNT}x", "value": round(rf["first_over_ratarmount_first"], 3),
-        "met": rf["first_over_ratarmount_first"] >= TARGET_VS_RATARMOUNT,
-        "paired_rounds_median": round(rf["paired_rounds_first_over_ratarmount_first"]["median"], 3)}
-    targets["full_second_pass_vs_first_pass"] = {
-        "target": f">= {TARGET_SECOND_VS_FIRST}x", "value": round(rf["second_over_first"], 3),
-        "met": rf["second_over_first"] >= TARGET_SECOND_VS_FIRST}
-    targets["full_first_pass_vs_decode_one_core"] = {
-        "target": f">= {TARGET_VS_DECODE}x", "value": round(rf["first_over_decode"], 2),
-        "met": rf["first_over_decode"] >= TARGET_VS_DECODE,
-        "paired_rounds_median": round(rf["paired_rounds_first_over_decode"]["median"], 2)}
-    targets["full_second_pass_vs_decode_one_core"] = {
-        "target": f">= {TARGET_VS_DECODE}x", "value": round(rf["second_over_decode"], 2),
-        "met": rf["second_over_decode"] >= TARGET_VS_DECODE}
+    targets = {
+        "full_first_pass_vs_ratarmount_first_pass": at_least(
+            rf["first_over_ratarmount_first"], TARGET_VS_RATARMOUNT, 3,
+            rf["paired_rounds_first_over_ratarmount_first"]),
+        "full_second_pass_vs_first_pass": at_least(rf["second_over_first"], TARGET_SECOND_VS_FIRST, 3),
+        "full_first_pass_vs_decode_one_core": at_least(
+            rf["first_over_decode"], TARGET_VS_DECODE, 2, rf["paired_rounds_first_over_decode"]),
+        "full_second_pass_vs_decode_one_core": at_least(rf["second_over_decode"], TARGET_VS_DECODE, 2),
+    }
     if "pcrfs:full:drop" in ratios:
-        rd = ratios["pcrfs:full:drop"]
-        targets["(drop_caches) full_first_pass_vs_ratarmount_first_pass"] = {
-            "target": f">= {TARGET_VS_RATARMOUNT}x", "value": round(rd["first_over_ratarmount_first"], 3),
-            "met": rd["first_over_ratarmount_first"] >= TARGET_VS_RATARMOUNT}
+        targets["(drop_caches) full_first_pass_vs_ratarmount_first_pass"] = at_least(
+            ratios["pcrfs:full:drop"]["first_over_ratarmount_first"], TARGET_VS_RATARMOUNT, 3)
     return targets
 
 

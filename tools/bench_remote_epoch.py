@@ -65,7 +65,6 @@ import signal
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +116,6 @@ def make_shards(src: Path, out: Path, shards: int) -> list[Path]:
 
 # ---- epochs -----------------------------------------------------------------------------------------
 
-_drain = drain  # the loaders' drain (benchlib.loaders), under its old name here
-
-
 def wds_epoch(urls: list[str], workers: int, batch: int, seed: int, loader: str = "decode") -> dict:
     import webdataset as wds
     from torch.utils.data import DataLoader
@@ -127,14 +123,9 @@ def wds_epoch(urls: list[str], workers: int, batch: int, seed: int, loader: str 
     ds = wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False).shuffle(500)
     if loader == "bytes":
         ds = ds.to_tuple("jpg", "cls").map_tuple(bytes_size, lambda c: int(c))
-        return _drain(DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate_sizes))
+        return drain(DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate_sizes))
     ds = ds.decode("pil").to_tuple("jpg", "cls").map_tuple(transform(), int)
-    loader = DataLoader(ds, batch_size=batch, num_workers=workers)
-    t0 = time.perf_counter()
-    n = 0
-    for x, _ in loader:
-        n += x.shape[0]
-    return {"seconds": round(time.perf_counter() - t0, 3), "images": n}
+    return drain(DataLoader(ds, batch_size=batch, num_workers=workers))
 
 
 def delta(after: dict, before: dict) -> dict:

@@ -56,7 +56,7 @@ from benchlib.mounts import CLEANUP, PcrfsMount  # noqa: E402
 from benchlib.proc import cpu_split_s, loadavg  # noqa: E402
 from benchlib.remote import BUCKET, S3RVER_ENV, LinkProxy, S3rver, store_files, upload  # noqa: E402
 from benchlib.results import Run, write_json  # noqa: E402
-from bench_remote_epoch import bytes_size, collate_sizes, read_bytes, transform  # noqa: E402
+from bench_remote_epoch import bytes_size, collate_sizes, drain, read_bytes, transform  # noqa: E402
 
 ORDERS = ("source", "shuffled")
 GETS_PER_IMAGE = 0.05
@@ -128,11 +128,7 @@ def path_epoch(root: Path, workers: int, batch: int, loader: str) -> dict:
     else:
         ds = datasets.ImageFolder(str(root), transform())
         dl = DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers)
-    t0 = time.perf_counter()
-    n = 0
-    for x, _ in dl:
-        n += x.shape[0]
-    return {"seconds": round(time.perf_counter() - t0, 3), "images": n}
+    return drain(dl)
 
 
 def delta(after: dict, before: dict) -> dict:
