@@ -432,6 +432,7 @@ class ViewTree:
             return out
         listing = self.listing(node.dir_id)
         view = node.view
+        self.store.note_listed(node.dir_id)  # a walk of every class says an epoch starts
         for name, d in listing.subdirs.items():
             out.add(name, self.attr(DirNode(view, d)))
         base = self._ino(view, 1 + len(self._dir_names))

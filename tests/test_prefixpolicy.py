@@ -259,3 +259,30 @@ def test_an_announced_reader_fetches_on_first_read_whatever_the_gate_and_history
     tiny = RecordPrefixPolicy(one, 1)                    # IMAGES mode: a prefix fits no cache
     tiny.announce()
     assert tiny.access(0, 4, 0, image=0) is None
+
+
+def test_a_walk_of_every_class_directory_opens_the_gate_and_one_class_listing_does_not():
+    """A dataset loader lists every class before its first read (torchvision's ImageFolder):
+    that opens the gate, so a path-order pass fetches prefixes from its first image; a
+    ``cp -r`` of one class lists only its directory and still reads image by image."""
+    from pcrfs.store.prefixpolicy import EpochGate
+
+    classes_of = np.concatenate([[-1, -1], np.repeat(np.arange(8), 50)])  # two images at the root
+    gate = EpochGate(classes_of, min_images=100)
+    assert not gate.listed(-1) and not gate.listed(3) and not gate.listed(3)
+    assert not any(gate.note(i) for i in range(2, 52))    # class 0 read: still shut
+    assert [gate.listed(c) for c in range(8)] == [False] * 7 + [True]  # the last class listed
+    assert gate.open and gate.opened_by == "walk" and gate.note(0)
+    p = RecordPrefixPolicy(bounds(records=8), 1 << 40, gate=EpochGate(classes_of, min_images=100))
+    p.listed(5)                                           # a copy of class 5 lists its directory
+    assert all(p.access(i % 8, 4, 0, image=i) is None for i in range(252, 302))
+    assert p.stats()["epoch_gate"] == "shut"
+    for c in range(8):
+        p.listed(c)
+    plan = p.access(2, 4, 0, image=2)                      # the first read after the walk
+    assert plan is not None and plan.record == 2
+    assert p.prefetch(2, 4) == [0, 1, 3, 4, 5, 6, 7]       # and the rest of the view ahead
+    assert p.stats()["epoch_gate"] == "walk"
+    ungated = RecordPrefixPolicy(bounds(records=8), 1 << 40)
+    ungated.listed(0)                                      # a store in source order: no gate at all
+    assert "epoch_gate" not in ungated.stats()

@@ -363,6 +363,39 @@ def test_sequential_epoch_costs_few_requests_and_shuffled_no_waste(one_record_st
 
 
 @needs_fuse
+def test_a_walk_then_a_path_order_pass_fetches_prefixes_from_the_first_image(remote_store, moto, local, mounts):
+    """torchvision's ImageFolder lists every class directory before its first read: on a store
+    whose records mix the dataset that walk opens the epoch gate, so a path-order pass (a
+    validation epoch) reads no image one by one -- exactly the view's bytes, a request or so
+    per record. A copy of one class lists only its own directory: image by image, its bytes."""
+    opts = ropts(RemoteOptions(endpoint_url=moto.endpoint))
+    k, n = 5, local.num_images
+    records = int((local.index.records["n_images"] > 0).sum())
+    mnt = Path(mounts.mount(remote_store, "walked", read_options=opts).mountpoint) / f"scan{k}"
+    files = [Path(root) / f for root, _, names in sorted(os.walk(mnt)) for f in sorted(names)]
+    assert len(files) == n
+    for i, f in enumerate(files):
+        assert f.read_bytes() == local.read(i, k), f
+    doc = stats_of(mnt.parent)
+    assert doc["io"]["record_prefix"]["epoch_gate"] == "walk"
+    assert doc["io"]["record_prefix"]["deferred"] == 0
+    assert doc["store_reads"]["bytes"] == view_bytes(local, k)
+    assert doc["store_reads"]["requests"] <= 2 * records, doc["store_reads"]
+
+    one = Path(mounts.mount(remote_store, "oneclass", read_options=opts).mountpoint) / f"scan{k}"
+    cls = local.classes[0]
+    mine = [i for i in range(n) if local.label(i) == 0]
+    copied = [Path(root) / f for root, _, names in os.walk(one / cls) for f in names]
+    assert sorted(copied) == sorted(one / local.path(i) for i in mine)
+    for f in copied:
+        f.read_bytes()
+    doc = stats_of(one.parent)
+    assert doc["io"]["record_prefix"]["epoch_gate"] == "shut"
+    assert doc["io"]["record_prefix"]["fetches"] == 0
+    assert doc["store_reads"]["bytes"] <= 2 * sum(local.size(i, k) - 2 for i in mine)
+
+
+@needs_fuse
 def test_server_going_away_is_eio_and_the_mount_recovers(remote_store, moto, local, mounts):
     proxy = FaultProxy(moto.port)
     try:

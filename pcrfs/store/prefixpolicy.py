@@ -80,12 +80,17 @@ The policy, per read of image i (record r) at fidelity k:
   requests on a 15-record store; a sampler over a mount, ~40 images per mount) and were
   dropped.
 
-  The price of the gate is fixed by the one-class copy it protects: a path-order pass
-  reads its first class (and 0.5 % of the images) image by image, ``k`` requests each,
-  before anything else -- about ``k / classes`` requests per image of the epoch. At
-  ImageNet's 1,000 classes that is ~0.02 GET per image at ``scan5``; with 8 classes of
-  equal size it is ~0.6: a store of few large classes read in path order (a validation
-  set) is better written ``--order source``.
+  The price of the gate, judged on reads alone, is fixed by the one-class copy it
+  protects: a path-order pass would read its first class (and 0.5 % of the images) image
+  by image, ``k`` requests each -- about ``k / classes`` requests per image of the epoch:
+  ~0.02 GET per image at ``scan5`` with ImageNet's 1,000 classes, ~0.6 with 8 classes
+  (measured: 0.53). Reads in path order cannot tell the two apart until the second class
+  begins, but the listings can: a dataset loader lists every class directory before its
+  first read (torchvision's ``ImageFolder``; ``pcrfs.torch.ImageFolder`` says so itself),
+  a ``cp -r``/``tar`` of one class lists only its own. A listing of every class directory
+  (:meth:`EpochGate.listed`) therefore opens the gate before the first read. A ``du`` or
+  ``ls -R`` of a whole view followed by a copy of one class is read as an epoch: in
+  ``VIEW`` mode that fetches the view's prefixes -- at most what the cache holds.
 
 * **a reader that says what it reads** -- a ``RecordShuffleSampler`` over a mount (an
   extended attribute, :mod:`pcrfs.ahead`) or ``ImageFolder.fetch_ahead`` names the
@@ -126,7 +131,10 @@ class EpochGate:
         self.min_images = max(1, min(int(min_images), len(self.classes_of)))
         self._images: set[int] = set()
         self._classes: set[int] = set()
+        # the classes whose directories a walk must list: all of them (images at the root aside)
+        self._unlisted: set[int] = {int(c) for c in np.unique(self.classes_of) if c >= 0}
         self._open = False
+        self.opened_by = ""  # "reads" or "walk", for the stats
         self._lock = threading.Lock()
 
     @property
@@ -144,9 +152,27 @@ class EpochGate:
                 self._classes.add(int(self.classes_of[image]))
             self._images.add(image)
             if len(self._images) >= self.min_images and len(self._classes) >= self.min_classes:
-                self._open = True
-                self._images.clear()
+                self._open_by("reads")
             return self._open
+
+    def listed(self, c: int) -> bool:
+        """Note a listing of class ``c``'s directory; True once open. A listing of every class
+        directory -- how a dataset loader starts (torchvision's ``ImageFolder`` walks every
+        class before its first read) -- opens the gate: a ``cp -r`` or ``tar`` of one class
+        lists only its own directory. ``du`` or ``ls -R`` of the whole view opens it too; what
+        that can cost is bounded by the mode (``VIEW``: the view fits the cache)."""
+        if self._open or c < 0:
+            return self._open
+        with self._lock:
+            self._unlisted.discard(int(c))
+            if not self._unlisted and not self._open:
+                self._open_by("walk")
+            return self._open
+
+    def _open_by(self, why: str) -> None:
+        self._open = True
+        self.opened_by = why
+        self._images.clear()
 
 
 class Mode(enum.Enum):
@@ -276,6 +302,11 @@ class RecordPrefixPolicy:
             return None
         return self.plan(record, k, held)
 
+    def listed(self, c: int) -> None:
+        """A listing of class ``c``'s directory (:meth:`EpochGate.listed`); nothing without a gate."""
+        if self.gate is not None:
+            self.gate.listed(c)
+
     def announce(self) -> None:
         """A reader told which records it reads next (``RecordShuffleSampler`` hinting the
         mount, ``ImageFolder.fetch_ahead``): its order keeps at most a cache's worth of records
@@ -325,8 +356,11 @@ class RecordPrefixPolicy:
                     del self._counts[old]
             return len(self._recent) >= history and len(self._counts) <= fit
 
-    def stats(self) -> dict[str, int]:
-        return {"fetches": self.fetches, "declined": self.declined, "deferred": self.deferred}
+    def stats(self) -> dict[str, int | str]:
+        out = {"fetches": self.fetches, "declined": self.declined, "deferred": self.deferred}
+        if self.gate is not None:
+            out["epoch_gate"] = self.gate.opened_by or "shut"
+        return out
 
 
 def store_policy(bounds: np.ndarray, memory_bytes: int, disk_bytes: int,

@@ -183,6 +183,10 @@ class PrefixFetcher(Tiers):
         """A reader that knows its order reads here (:meth:`RecordPrefixPolicy.announce`)."""
         self.policy.announce()
 
+    def listed(self, c: int) -> None:
+        """A reader listed class ``c``'s directory (:meth:`RecordPrefixPolicy.listed`)."""
+        self.policy.listed(c)
+
     def _fetch_ahead(self, r: int, k: int) -> None:
         """Fetch record r's prefix at fidelity k before any read asks (unless held or in flight)."""
         if self._closing:

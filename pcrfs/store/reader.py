@@ -129,7 +129,7 @@ class Store:
         # per group (the "local pread" tier). Measured: the fetched path cost ~7x this floor per file.
         self._direct = defaults.direct and not readahead_bytes and disk is None and bwlimit is None
         self.classes: list[str] = list(manifest.get("classes", []))
-        depth1 = [d for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
+        depth1 = _class_dirs(index)
         self._class_first = np.array([int(index.dir_ranges[d][0]) for d in depth1], dtype=np.int64)
         self._class_end = np.array([int(index.dir_ranges[d][1]) for d in depth1], dtype=np.int64)
         self._mtime_col = index.images["src_mtime_ns"]  # a plain column: cheaper to index than a row's field
@@ -137,6 +137,7 @@ class Store:
         self._blocks: OrderedDict[tuple[int, int], list[int]] = OrderedDict()  # CRC per CHECK_BLOCK of huge groups
         self._large_lock = threading.Lock()
         self._loading: dict[tuple[int, int], threading.Lock] = {}
+        self._class_of_dir: dict[int, int] | None = None  # note_listed's map, made on first use
 
     def _prefix_fetcher(self, cache: ByteLRU | None, disk: DiskCache | None) -> PrefixFetcher | None:
         """Record-prefix fetching, by default where the location says (the policy falls back to
@@ -181,6 +182,27 @@ class Store:
         prefixes are not read."""
         if self.prefixes is not None:
             self.prefixes.announce()
+
+    def note_listed(self, dir_id: int) -> None:
+        """A reader listed directory ``dir_id`` of a view. On a store whose records mix the
+        dataset, a listing of every class directory is how a dataset loader starts an epoch
+        (see :meth:`~pcrfs.store.prefixpolicy.EpochGate.listed`); anything else is ignored."""
+        prefixes = self.prefixes
+        if prefixes is None or not self.index.shuffled:
+            return
+        class_of_dir = self._class_of_dir
+        if class_of_dir is None:
+            class_of_dir = self._class_of_dir = {d: c for c, d in enumerate(_class_dirs(self.index))}
+        c = class_of_dir.get(dir_id)
+        if c is not None:
+            prefixes.listed(c)
+
+    def note_walk(self) -> None:
+        """A reader holds a listing of the whole tree (a dataset over a view): as a listing of
+        every class directory (:meth:`note_listed`)."""
+        if self.prefixes is not None and self.index.shuffled:
+            for d in _class_dirs(self.index):
+                self.note_listed(d)
 
     def on_prefix_dropped(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(record)`` when a record's cached prefix is dropped or replaced."""
@@ -496,9 +518,14 @@ class Store:
         self.close()
 
 
+def _class_dirs(index: Index) -> list[int]:
+    """The top-level directories (classes), in class-number order: their directory ids."""
+    return [d for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
+
+
 def _classes_of(index: Index) -> np.ndarray:
     """i8[n]: each image's class (its top-level directory's number), -1 for images at the root."""
-    depth1 = [d for d in range(len(index.dirs)) if (name := index.dirs[d]) and "/" not in name]
+    depth1 = _class_dirs(index)
     first = np.array([int(index.dir_ranges[d][0]) for d in depth1], dtype=np.int64)
     end = np.array([int(index.dir_ranges[d][1]) for d in depth1], dtype=np.int64)
     images = np.arange(index.num_images, dtype=np.int64)

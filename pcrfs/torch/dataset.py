@@ -107,6 +107,8 @@ class ImageFolder(torch.utils.data.Dataset):
             opened.close()
             opened = None
         self._store = opened
+        if opened is not None:
+            opened.note_walk()
         self._forks = access.forks
         # fetch_ahead was asked for: this process and its workers (forked or spawned after it)
         # read in the sampler's order, so their stores fetch a record's prefix on its first read
@@ -146,6 +148,7 @@ class ImageFolder(torch.utils.data.Dataset):
             # threads belong to the parent); this process gets its own.
             self._store = open_store(self.root, options=self._process_options())
             self._forks = access.forks
+            self._store.note_walk()  # a dataset over the whole view: read as an epoch from the start
             if self._follows_sampler:
                 self._store.announce()
             self._views = ViewTree(self._store).views
