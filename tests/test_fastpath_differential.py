@@ -34,7 +34,8 @@ from pcrfs.fuse import fastpath
 from pcrfs.jpeg.scans import EOI_BYTES
 from pcrfs.store import adaptiveindex as adaptive
 from pcrfs.store import format as fmt
-from pcrfs.store.reader import RANGE_GROUP_BYTES, open_store
+from pcrfs.store.largegroups import RANGE_GROUP_BYTES
+from pcrfs.store.reader import open_store
 from pcrfs.views import FileNode, ViewTree
 
 OWNER = (os.getuid(), os.getgid())
@@ -314,7 +315,7 @@ def large_group_store(tmp_path_factory) -> Path:
 def test_a_large_group_cut_by_a_read_goes_to_python(module, large_group_store, monkeypatch):
     from pcrfs.fuse import fastpath as fastpath_mod
 
-    # the compiled path keeps groups up to reader.KEEP_GROUP_BYTES that reads cut; with the
+    # the compiled path keeps groups up to largegroups.KEEP_GROUP_BYTES that reads cut; with the
     # cut at RANGE_GROUP_BYTES this photo's large groups are over it
     monkeypatch.setattr(fastpath_mod, "KEEP_GROUP_BYTES", RANGE_GROUP_BYTES)
     p = Pair(module, large_group_store)

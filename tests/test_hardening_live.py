@@ -15,7 +15,7 @@ import pytest
 from mountutil import fuse_unavailable
 from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
-from pcrfs.store import reader as reader_mod
+from pcrfs.store import largegroups as large_mod
 from pcrfs.store.reader import CorruptData, open_store
 from reliability import read_all_files
 
@@ -73,9 +73,9 @@ def test_records_edited_in_place_are_never_served(demo_store, tmp_path, cut):
 def test_huge_groups_are_checked_block_by_block_after_their_first_pass(demo_store, tmp_path, monkeypatch):
     """A group too large to keep is served by blocks whose CRCs its checked pass recorded:
     an edit after that pass is found in the block it touches, never served."""
-    monkeypatch.setattr(reader_mod, "KEEP_GROUP_BYTES", 0)  # every large group goes the block way
-    monkeypatch.setattr(reader_mod, "CHECK_BLOCK", 256)
-    monkeypatch.setattr(reader_mod, "GROUP_PIECE", 1024)
+    monkeypatch.setattr(large_mod, "KEEP_GROUP_BYTES", 0)  # every large group goes the block way
+    monkeypatch.setattr(large_mod, "CHECK_BLOCK", 256)
+    monkeypatch.setattr(large_mod, "GROUP_PIECE", 1024)
     root = tmp_path / "s.pcr"
     shutil.copytree(demo_store, root)
     with open_store(root) as s:

@@ -258,10 +258,10 @@ def test_small_caches_fall_back_to_image_reads(url, remote, reader):
 def test_off_for_local_stores_and_when_asked(url, remote, source_store):
     """The read tiers a store chooses when it opens, in the order reads try them."""
     with open_store(source_store) as s:
-        assert s.prefixes is None
+        assert s.prefixes is None and s.pread is not None and s.reads_direct
         assert s.tiers == ("memory cache", "local pread") and s.io_stats()["tiers"] == list(s.tiers)
     with open_store(source_store, options=ReadOptions(readahead_bytes=1 << 20)) as s:
-        assert s.tiers == ("per-image groups",)  # readahead needs the fetching machinery
+        assert s.tiers == ("per-image groups",) and s.pread is None  # readahead needs the fetching machinery
     with open_store(url, options=opts(remote, record_prefix=False)) as s:
         assert s.prefixes is None and s.tiers == ("per-image groups",)
     with open_store(url, options=opts(remote)) as s:

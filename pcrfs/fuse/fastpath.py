@@ -5,7 +5,7 @@ With it, libfuse's worker threads answer an image file's ``getattr`` and ``read`
 daemon no Python at all, and several readers are served on several cores at once
 (see the C file for what it does and what it leaves to Python). Reads are served
 there for a local store read without readahead, disk cache or bandwidth limit
-(``Store._direct``), and for a remote store from the record prefixes its caches
+(``Store.pread``, the local pread tier), and for a remote store from the record prefixes its caches
 hold (``Store.prefix_holder``: a buffer in memory or a file on disk, taken back
 when the cache drops or replaces it); for other stores only attributes are. The Python
 callbacks stay installed behind it for everything else and for every failure.
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..jpeg.scans import EOI_BYTES
-from ..store.reader import KEEP_GROUP_BYTES
+from ..store.largegroups import KEEP_GROUP_BYTES
 from ..views import ViewTree
 
 log = logging.getLogger("pcrfs.fuse")

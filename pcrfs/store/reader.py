@@ -14,9 +14,6 @@ business; where they come from is a record source's (:mod:`pcrfs.store.backends`
 from __future__ import annotations
 
 import os
-import threading
-import zlib
-from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 
-from .cache import ByteLRU, GroupKey
+from .cache import ByteLRU
 from .diskcache import DiskCache
 from .sharedcache import SharedDiskCache
 from ..jpeg.scans import EOI_BYTES
@@ -32,7 +29,7 @@ from .readahead import Readahead
 from ..remote.bwlimit import TokenBucket
 from ..remote.fs import RemoteOptions
 from . import format as fmt
-from .backends import RecordSource, Span
+from .backends import RecordSource
 from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
 from .fetch import GroupFetcher
 from .groups import GroupRange, GroupTable
@@ -40,29 +37,12 @@ from .prefixpolicy import group_bounds, store_policy
 from .prefixtier import PrefixFetcher
 from .tiers import Declined
 from .index import Index, IndexFileError
+from .largegroups import RANGE_GROUP_BYTES, LargeGroups
+from .pread import LocalPread
 from .manifest import parse_manifest, read_manifest  # noqa: F401 - part of this module's API
 from .location import DEFAULT_READAHEAD, MANIFEST_MAX_BYTES, LocalLocation, StoreLocation, open_location  # noqa: F401
 
 ImageRef = Union[int, str]
-
-# A group larger than this (or than an eighth of the group cache, if that is more) that a
-# read cuts is not kept in the group cache (it would flush it). Its first read streams it
-# whole through its CRC in GROUP_PIECE pieces; what later reads are served from depends
-# on its size, and in neither case can bytes changed in the record afterwards (an edit in
-# place, an object replaced) reach a reader:
-# - up to KEEP_GROUP_BYTES: the checked bytes themselves, kept in a private buffer (the
-#   buffers of recently cut groups share LARGE_GROUP_BUFFER bytes): read once in all;
-# - larger: only the CRC-32 of each CHECK_BLOCK of it, taken during the checked pass (so
-#   they are as trustworthy as the group's own CRC); a later read fetches the blocks it
-#   overlaps and checks each against its CRC before serving a byte. Memory stays bounded
-#   (4 bytes per 64 KiB) and a file read in kernel pieces costs about twice its bytes.
-RANGE_GROUP_BYTES = 1 << 20
-GROUP_PIECE = 1 << 20
-GROUP_PIECES_AT_ONCE = 4      # pieces requested together (a remote store fetches them concurrently)
-LARGE_GROUP_BUFFER = 64 << 20
-KEEP_GROUP_BYTES = 24 << 20
-CHECK_BLOCK = 64 << 10        # divides GROUP_PIECE
-BLOCK_TABLES = 4096           # groups whose block CRCs are remembered
 
 
 @dataclass(frozen=True)
@@ -124,19 +104,15 @@ class Store:
         self.images = GroupFetcher(self.groups, self.records, cache, image_disk,
                                    Readahead() if readahead_bytes else None, readahead_bytes,
                                    whole_image=defaults.whole_image, large_group_bytes=self.range_group_bytes)
-        # Local files without readahead, disk cache or rate limit need none of the
-        # tiers' machinery (futures, in-flight sharing, span merging): a pread and a CRC
-        # per group (the "local pread" tier). Measured: the fetched path cost ~7x this floor per file.
-        self._direct = defaults.direct and not readahead_bytes and disk is None and bwlimit is None
+        self.large = LargeGroups(self.records, self.groups)  # large groups reads cut, on every path
+        # Local files without readahead, disk cache or rate limit: the "local pread" tier alone
+        direct = defaults.direct and not readahead_bytes and disk is None and bwlimit is None
+        self.pread: LocalPread | None = LocalPread(self.records, self.groups, cache, self.large) if direct else None
         self.classes: list[str] = list(manifest.get("classes", []))
         depth1 = _class_dirs(index)
         self._class_first = np.array([int(index.dir_ranges[d][0]) for d in depth1], dtype=np.int64)
         self._class_end = np.array([int(index.dir_ranges[d][1]) for d in depth1], dtype=np.int64)
         self._mtime_col = index.images["src_mtime_ns"]  # a plain column: cheaper to index than a row's field
-        self._large = ByteLRU(LARGE_GROUP_BUFFER)  # checked private copies of large groups reads cut
-        self._blocks: OrderedDict[tuple[int, int], list[int]] = OrderedDict()  # CRC per CHECK_BLOCK of huge groups
-        self._large_lock = threading.Lock()
-        self._loading: dict[tuple[int, int], threading.Lock] = {}
         self._class_of_dir: dict[int, int] | None = None  # note_listed's map, made on first use
 
     def _prefix_fetcher(self, cache: ByteLRU | None, disk: DiskCache | None) -> PrefixFetcher | None:
@@ -213,8 +189,8 @@ class Store:
     def tiers(self) -> tuple[str, ...]:
         """The read tiers this store chose when it opened, in the order a read tries them
         (every tier checks each group's CRC-32 before serving it)."""
-        if self._direct:
-            return ("memory cache", "local pread")
+        if self.pread is not None:
+            return self.pread.names
         return (("record prefixes",) if self.prefixes is not None else ()) + ("per-image groups",)
 
     def _fetch_groups(self, i: int, k: int, wanted: list[GroupRange]) -> list[bytes]:
@@ -232,7 +208,7 @@ class Store:
     def reads_direct(self) -> bool:
         """True if reads are a pread and a CRC per group (a local store without readahead,
         disk cache or bandwidth limit): what the mount's compiled read path may do itself."""
-        return self._direct
+        return self.pread is not None
 
     @property
     def root(self) -> Path | str:
@@ -318,9 +294,10 @@ class Store:
     def read(self, image: ImageRef, k: int) -> bytes:
         """The image at fidelity k as a complete JPEG (whole image if it has < k groups)."""
         i = self._ref(image)
-        r, offsets, lengths, crcs = self.groups.table(i, k)
-        if self._direct:  # every group kept in the memory cache (no page cache holds this file)
-            parts = [self._read_direct(i, r, g, offsets[g], lengths[g], crcs[g], True) for g in range(len(lengths))]
+        table = self.groups.table(i, k)
+        r, offsets, lengths, crcs = table
+        if self.pread is not None:  # every group kept in the memory cache (no page cache holds this file)
+            parts = self.pread.groups_of(i, table)
         else:
             parts = self._fetch_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
                                               for g in range(len(lengths))])
@@ -337,149 +314,40 @@ class Store:
     def read_at(self, image: ImageRef, k: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the fidelity-k file, reading only the
         groups that overlap the request (each whole, to check its CRC, except a large
-        group the request cuts: see :meth:`_group_range`)."""
+        group the request cuts: :class:`~pcrfs.store.largegroups.LargeGroups`)."""
         i = self._ref(image)
         table = self.groups.table(i, k)  # (record, offsets, lengths, crcs)
         lengths = table[2]
         end = offset + size
-        if self._direct and offset == 0 and end >= sum(lengths) + len(EOI_BYTES):
-            return self._read_whole_direct(i, table)  # the whole file: the mount's common case
+        pread = self.pread
+        if pread is not None and offset == 0 and end >= sum(lengths) + len(EOI_BYTES):
+            return pread.whole(i, table)  # the whole file: the mount's common case
         cuts, pos = _overlaps(lengths, offset, end)
-        if self._direct:
-            out = [self._direct_piece(i, table, g, lo, hi) for g, lo, hi in cuts]
+        if pread is not None:
+            out = [pread.piece(i, table, g, lo, hi) for g, lo, hi in cuts]
         else:
             out = self._fetched_pieces(i, k, table, cuts)
         if end > pos:  # the request reaches into the EOI marker
             out.append(EOI_BYTES[max(offset - pos, 0):min(end - pos, len(EOI_BYTES))])
         return b"".join(out)
 
-    def _direct_piece(self, i: int, table: tuple[int, list[int], list[int], list[int]], g: int,
-                      lo: int, hi: int) -> bytes:
-        """Bytes [lo, hi) of group g (0-based) of image i, read directly. A group the request
-        covers whole goes to the kernel's page cache with the file; one it cuts is read once
-        into the buffers of cut groups (:meth:`_group_range`), so the kernel's pieces of a
-        file -- sequential, or concurrent from its readahead -- read it from the store once."""
-        r, offsets, lengths, crcs = table
-        length = lengths[g]
-        if hi - lo == length:
-            return self._read_direct(i, r, g, offsets[g], length, crcs[g], False)
-        return self._group_range(i, r, g, offsets[g], length, crcs[g], lo, hi)
-
     def _fetched_pieces(self, i: int, k: int, table: tuple[int, list[int], list[int], list[int]],
                         cuts: list[tuple[int, int, int]]) -> list[bytes]:
         """The pieces ``cuts`` of image i's groups through the tiers: the groups they need
-        in one request to it, except a large group a piece cuts, which is read by range."""
+        in one request to it, except a large group a piece cuts (:class:`~pcrfs.store.largegroups.LargeGroups`)."""
         r, offsets, lengths, crcs = table
         big = self.range_group_bytes
         ranged = {g for g, lo, hi in cuts if lengths[g] > big and hi - lo < lengths[g]}
         fetched = iter(self._fetch_groups(i, k, [GroupRange(g + 1, r, offsets[g], lengths[g], crcs[g])
                                                  for g, _, _ in cuts if g not in ranged]))
-        return [self._group_range(i, r, g, offsets[g], lengths[g], crcs[g], lo, hi) if g in ranged
+        return [self.large.read(i, r, g, offsets[g], lengths[g], crcs[g], lo, hi) if g in ranged
                 else next(fetched)[lo:hi] for g, lo, hi in cuts]
-
-    def _read_whole_direct(self, i: int, table: tuple[int, list[int], list[int], list[int]]) -> bytes:
-        """The whole file of a local store: its groups in one call to the source, each checked."""
-        r, offsets, lengths, crcs = table
-        parts = self.records.read_in_record(r, offsets, lengths)
-        for g, data in enumerate(parts):
-            if zlib.crc32(data) != crcs[g]:
-                raise self.groups.corrupt(i, g + 1, r, offsets[g])
-        parts.append(EOI_BYTES)
-        return b"".join(parts)
-
-    def _read_direct(self, i: int, r: int, g: int, offset: int, length: int, crc: int, keep: bool) -> bytes:
-        """One verified group straight from a local record; ``keep`` caches it (partial reads)."""
-        cache = self.cache
-        if cache is not None:
-            data = cache.get(GroupKey(i, g + 1))
-            if data is not None:
-                return data
-        data = self.records.read(r, offset, length)
-        if zlib.crc32(data) != crc:
-            raise self.groups.corrupt(i, g + 1, r, offset)
-        if keep and cache is not None:
-            cache.put(GroupKey(i, g + 1), data)
-        return data
-
-    def _group_range(self, i: int, r: int, g: int, offset: int, length: int, crc: int, lo: int, hi: int) -> bytes:
-        """Bytes [lo, hi) of a large group (0-based ``g`` of image ``i``), from a copy whose CRC
-        was checked and that cannot change under the reader.
-
-        The first read of the group streams all of it through the CRC in pieces of
-        GROUP_PIECE into a private buffer; later reads are served from that buffer, so
-        reading a large file in kernel-sized pieces reads it from the store once. Concurrent
-        first reads of one group wait for a single pass."""
-        if hi <= lo:
-            return b""
-        key = (i, g + 1)
-        keep = length <= min(KEEP_GROUP_BYTES, self._large.capacity)
-        with self._large_lock:
-            data = self._large.get(key) if keep else None
-            blocks = self._blocks.get(key) if not keep else None
-            if data is None and blocks is None:  # concurrent first reads of one group wait for one pass
-                busy = self._loading.setdefault(key, threading.Lock())
-        if data is None and blocks is None:
-            try:
-                with busy:
-                    with self._large_lock:
-                        data, blocks = self._large.peek(key), self._blocks.get(key)
-                    if data is None and blocks is None:
-                        data, blocks = self._check_group_streaming(i, r, g, offset, length, crc, keep)
-                        with self._large_lock:
-                            if keep:
-                                self._large.put(key, data)
-                            else:
-                                self._blocks[key] = blocks
-                                while len(self._blocks) > BLOCK_TABLES:
-                                    self._blocks.popitem(last=False)
-            finally:
-                with self._large_lock:
-                    self._loading.pop(key, None)
-        if data is not None:
-            return data[lo:hi]
-        return self._checked_blocks(i, r, g, offset, length, blocks, lo, hi)
 
     def cut_groups(self, image: int) -> list[tuple[int, bytearray]]:
         """(1-based group, checked bytes) of the image's groups that reads cut and whose private
-        copies are kept (see :meth:`_group_range`): for the mount's compiled path, which then
-        serves the rest of the file without reading them again."""
-        n = int(self.index.images["n_groups"][image])
-        return [(g, data) for g in range(1, n + 1) if (data := self._large.peek((image, g))) is not None]
-
-    def _check_group_streaming(self, i: int, r: int, g: int, offset: int, length: int, crc: int,
-                               keep: bool) -> tuple[bytearray | None, list[int] | None]:
-        """One pass over the whole group that checks its CRC: its bytes (``keep``) in a private
-        buffer no one else holds, or else the CRC-32 of each CHECK_BLOCK of it."""
-        spans = [Span(r, offset + p, min(GROUP_PIECE, length - p)) for p in range(0, length, GROUP_PIECE)]
-        c, pos = 0, 0
-        out = bytearray() if keep else None
-        blocks: list[int] = []
-        for b in range(0, len(spans), GROUP_PIECES_AT_ONCE):
-            for piece in self.records.read_spans(spans[b:b + GROUP_PIECES_AT_ONCE]):
-                c = zlib.crc32(piece, c)
-                pos += len(piece)
-                if out is not None:
-                    out += piece
-                else:
-                    with memoryview(piece) as view:
-                        blocks += [zlib.crc32(view[q:q + CHECK_BLOCK]) for q in range(0, len(view), CHECK_BLOCK)]
-        if c != crc or pos != length:
-            raise self.groups.corrupt(i, g + 1, r, offset)
-        return (out, None) if keep else (None, blocks)
-
-    def _checked_blocks(self, i: int, r: int, g: int, offset: int, length: int, blocks: list[int],
-                        lo: int, hi: int) -> bytes:
-        """Bytes [lo, hi) of a huge group: the blocks they overlap, each checked against the
-        CRC the group's checked pass recorded for it."""
-        b0, b1 = lo // CHECK_BLOCK, (hi - 1) // CHECK_BLOCK + 1
-        start = b0 * CHECK_BLOCK
-        data = self.records.read(r, offset + start, min(length, b1 * CHECK_BLOCK) - start)
-        with memoryview(data) as view:
-            for b in range(b0, b1):
-                q = (b - b0) * CHECK_BLOCK
-                if zlib.crc32(view[q:q + CHECK_BLOCK]) != blocks[b]:
-                    raise self.groups.corrupt(i, g + 1, r, offset)
-            return bytes(view[lo - start:hi - start])
+        copies are kept (:class:`~pcrfs.store.largegroups.LargeGroups`): for the mount's compiled
+        path, which then serves the rest of the file without reading them again."""
+        return self.large.cut_groups(image, int(self.index.images["n_groups"][image]))
 
     def verify_image(self, i: int) -> list[str]:
         """Problems with image i's stored groups (empty if it is intact)."""
