@@ -150,12 +150,14 @@ def test_scoring_workers_keep_one_blas_thread(demo_store):
 
 
 def test_a_blas_slower_than_the_cpu_is_named():
+    """Only where the scoring filters with BLAS: the compiled filter does not use it."""
     old = [{"internal_api": "openblas", "architecture": "Nehalem"}]
     new = [{"internal_api": "openblas", "architecture": "SkylakeX"}]
-    note = search.blas_kernel_note(old, {"sse2", "avx", "avx2"})
-    assert note and "Nehalem" in note and "OPENBLAS_CORETYPE=Haswell" in note
-    assert search.blas_kernel_note(new, {"avx2", "avx512f"}) is None
-    assert search.blas_kernel_note(old, {"sse2", "sse4_2"}) is None  # the CPU can run nothing newer
+    note = search.blas_kernel_note(old, {"sse2", "avx", "avx2"}, compiled=False)
+    assert note and "Nehalem" in note and "OPENBLAS_CORETYPE=Haswell" in note and "_ssimfilter" in note
+    assert search.blas_kernel_note(new, {"avx2", "avx512f"}, compiled=False) is None
+    assert search.blas_kernel_note(old, {"sse2", "sse4_2"}, compiled=False) is None  # nothing newer to run
+    assert search.blas_kernel_note(old, {"sse2", "avx", "avx2"}, compiled=True) is None
 
 
 # ---- timing on a subset --------------------------------------------------------------------------

@@ -20,7 +20,15 @@ images: CPU seconds (getrusage) and wall seconds, and checks the ks are equal.
 Then `convert` against `convert --quality-index` on the same photos (one thread
 each, rounds interleaved), and `quality --write-index` on a Dask LocalCluster of
 1 and 2 worker processes (CPU of the workers from os.times, index compared with
-the local one).
+the local one). Where the compiled SSIM filter (pcrfs.quality._ssimfilter) is built,
+the search and `convert --quality-index` are also timed with the BLAS filter it
+replaced (``fast_blas``, ``convert_quality_index_blas``), in the same rounds; the JSON
+names the CPU, its AVX2, and OpenBLAS's kernel set. Run it again under
+OPENBLAS_CORETYPE=Nehalem to see both filters under pre-AVX2 kernels:
+
+    python tools/bench_quality.py --photos imagenet --no-table --cost-images 200 --cost-rounds 2 \
+        --convert-rounds 2 --dask-rounds 1 -j 2 --out results/bench_quality_imagenet_s8_default
+    OPENBLAS_CORETYPE=Nehalem python tools/bench_quality.py ... --out results/bench_quality_imagenet_s8_nehalem
 
     python tools/bench_quality.py --per-class 25 --cost-images 200 --convert-rounds 3 --dask-workers 1,2
 
@@ -47,6 +55,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,12 +106,36 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+@contextmanager
+def blas_filter(on: bool):
+    """pcrfs.quality.search filtering with BLAS products (on) or its compiled filter."""
+    before = search.USE_COMPILED
+    search.USE_COMPILED = before and not on
+    try:
+        yield
+    finally:
+        search.USE_COMPILED = before
+
+
+def filter_facts() -> dict:
+    """Which filter the search runs by default, and the BLAS kernel set its fallback gets."""
+    from threadpoolctl import threadpool_info
+
+    return {"compiled_filter": search.USE_COMPILED,
+            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+            "blas_architecture": sorted({str(i.get("architecture")) for i in threadpool_info()
+                                         if i.get("user_api") == "blas"})}
+
+
 def scoring_cost(store, images: int, rounds: int) -> dict:
     """Exhaustive search against the fast one on the first ``images`` images, in this
-    process, rounds interleaved; CPU and wall per image (medians over rounds)."""
+    process, rounds interleaved; CPU and wall per image (medians over rounds). With the
+    compiled filter built, the fast search also with the BLAS filter (``fast_blas``)."""
     n = min(images, store.num_images)
     thresholds = index_format.THRESHOLDS
     runs: dict[str, list] = {"exhaustive": [], "fast": []}
+    if search.USE_COMPILED:
+        runs["fast_blas"] = []
     answers = {}
     stats = search.SearchStats()
     for _ in range(rounds):
@@ -113,45 +146,59 @@ def scoring_cost(store, images: int, rounds: int) -> dict:
                                           store.n_groups(i), thresholds) for i in range(n)]
             else:
                 stats = search.SearchStats()
-                with search.single_threaded_blas():
+                with search.single_threaded_blas(), blas_filter(name == "fast_blas"):
                     ks = [search.search_ks(search.file_reader(store, i), store.n_groups(i), thresholds, stats)
                           for i in range(n)]
             runs[name].append(((_cpu() - c0) / n * 1000, (time.perf_counter() - t0) / n * 1000))
             answers[name] = np.array(ks)
     med = {name: {"cpu_ms_per_image": round(float(np.median([r[0] for r in v])), 2),
-                  "wall_ms_per_image": round(float(np.median([r[1] for r in v])), 2)} for name, v in runs.items()}
-    return {
-        "images": n, "rounds": rounds, "thresholds": list(thresholds), **med,
+                  "wall_ms_per_image": round(float(np.median([r[1] for r in v])), 2),
+                  "cpu_ms_each_round": [round(r[0], 2) for r in v]} for name, v in runs.items()}
+    out = {
+        "images": n, "rounds": rounds, "thresholds": list(thresholds), **filter_facts(), **med,
         "cpu_ratio": round(med["exhaustive"]["cpu_ms_per_image"] / med["fast"]["cpu_ms_per_image"], 2),
-        "identical_ks": bool(np.array_equal(answers["exhaustive"], answers["fast"])),
+        "identical_ks": all(np.array_equal(answers["exhaustive"], a) for a in answers.values()),
         "fast_search_stats": {k: v for k, v in vars(stats).items()},
         "loadavg_after": os.getloadavg(),
     }
+    if "fast_blas" in med:
+        blas, compiled = med["fast_blas"]["cpu_ms_per_image"], med["fast"]["cpu_ms_per_image"]
+        out["blas_over_compiled_cpu"] = round(blas / compiled, 2)
+    return out
 
 
 def convert_cost(src: Path, tmp: Path, rounds: int) -> dict:
-    """Plain convert against convert --quality-index, one worker thread each, rounds interleaved."""
+    """Plain convert against convert --quality-index, one worker thread each, rounds interleaved
+    (with the compiled filter built, --quality-index also with the BLAS filter)."""
     runs: dict[str, list] = {"convert": [], "convert_quality_index": []}
+    if search.USE_COMPILED:
+        runs["convert_quality_index_blas"] = []
     indexes = set()
     images = 0
     for r in range(rounds):
         for name in runs:
             out = tmp / f"{name}-{r}.pcr"
-            c0, t0 = _cpu(), time.perf_counter()
-            res = convert(src, out, workers=1, quality_index=name != "convert")
-            runs[name].append((_cpu() - c0, time.perf_counter() - t0))
+            with blas_filter(name.endswith("_blas")):
+                c0, t0 = _cpu(), time.perf_counter()
+                res = convert(src, out, workers=1, quality_index=name != "convert")
+                runs[name].append((_cpu() - c0, time.perf_counter() - t0))
             images = res.images
             if res.adaptive is not None:
                 indexes.add(next((out / "index").glob("adaptive_k-*.npy")).read_bytes())
-            import shutil
             shutil.rmtree(out)
     med = {name: {"cpu_ms_per_image": round(1000 * float(np.median([c for c, _ in v])) / images, 2),
                   "wall_ms_per_image": round(1000 * float(np.median([w for _, w in v])) / images, 2)}
            for name, v in runs.items()}
-    return {"images": images, "rounds": rounds, "workers": 1, **med,
-            "cpu_ratio": round(med["convert_quality_index"]["cpu_ms_per_image"] / med["convert"]["cpu_ms_per_image"], 2),
-            "wall_ratio": round(med["convert_quality_index"]["wall_ms_per_image"] / med["convert"]["wall_ms_per_image"], 2),
-            "same_index_every_round": len(indexes) == 1, "loadavg_after": os.getloadavg()}
+    base = med["convert"]
+    out = {"images": images, "rounds": rounds, "workers": 1, **filter_facts(), **med,
+           "cpu_ratio": round(med["convert_quality_index"]["cpu_ms_per_image"] / base["cpu_ms_per_image"], 2),
+           "wall_ratio": round(med["convert_quality_index"]["wall_ms_per_image"] / base["wall_ms_per_image"], 2),
+           "same_index_every_round": len(indexes) == 1, "loadavg_after": os.getloadavg()}
+    if "convert_quality_index_blas" in med:
+        blas = med["convert_quality_index_blas"]
+        out["cpu_ratio_blas"] = round(blas["cpu_ms_per_image"] / base["cpu_ms_per_image"], 2)
+        out["wall_ratio_blas"] = round(blas["wall_ms_per_image"] / base["wall_ms_per_image"], 2)
+    return out
 
 
 def _worker_cpu(client) -> float:
@@ -523,7 +570,11 @@ def index_costs(args: argparse.Namespace, tmp: Path, src: Path, store, store_pat
           f"exhaustive {cost['exhaustive']['cpu_ms_per_image']} ms CPU / "
           f"{cost['exhaustive']['wall_ms_per_image']} ms wall; fast {cost['fast']['cpu_ms_per_image']} ms CPU / "
           f"{cost['fast']['wall_ms_per_image']} ms wall ({cost['cpu_ratio']}x less CPU); "
-          f"identical ks: {cost['identical_ks']}; load average {load_before[0]:.2f}")
+          + (f"fast with the BLAS filter {cost['fast_blas']['cpu_ms_per_image']} ms CPU "
+             f"({cost['blas_over_compiled_cpu']}x the compiled filter's); " if "fast_blas" in cost else "")
+          + f"filter {'compiled' if cost['compiled_filter'] else 'BLAS'}, BLAS kernels "
+          f"{'/'.join(cost['blas_architecture'])}; identical ks: {cost['identical_ks']}; "
+          f"load average {load_before[0]:.2f}")
 
     t0 = time.perf_counter()
     ks, failures = adaptive.compute(store, workers=args.workers)
@@ -533,7 +584,9 @@ def index_costs(args: argparse.Namespace, tmp: Path, src: Path, store, store_pat
     if conv_cost:
         print(f"convert: {conv_cost['convert']['cpu_ms_per_image']} ms CPU per image; with --quality-index "
               f"{conv_cost['convert_quality_index']['cpu_ms_per_image']} ms ({conv_cost['cpu_ratio']}x CPU, "
-              f"{conv_cost['wall_ratio']}x wall)")
+              f"{conv_cost['wall_ratio']}x wall)"
+              + (f"; with the BLAS filter {conv_cost['convert_quality_index_blas']['cpu_ms_per_image']} ms "
+                 f"({conv_cost['cpu_ratio_blas']}x CPU)" if "cpu_ratio_blas" in conv_cost else ""))
     dask = None
     if args.dask_workers and args.dask_rounds > 0:
         dask = dask_scaling(store_path, [int(n) for n in args.dask_workers.split(",")],

@@ -11,14 +11,17 @@ the oracle; :func:`search_ks` returns exactly its answer, with three savings:
   reached none of the thresholds still open. This holds only where libjpeg's
   greyscale output *is* the first component, i.e. the JPEG is YCbCr (the rule of
   libjpeg's ``default_decompress_parms``); anything else is decoded at every k.
-* **Faster filtering, nearly the same numbers.** The Gaussian window is applied as
-  a banded matrix product (BLAS, float32) on small row/column blocks, to the three
-  products of a decode stacked in one array, instead of ``scipy.ndimage.correlate1d``
-  (float64) per product; a decode enters as its difference from the reference, so
-  the float32 sums stay small (:class:`FastReference`). Scores agree with the
-  oracle's to better than 2e-6, 6e-7 at scores above 0.85 (measured on every k of 40
-  demo photos; tests/test_quality_search.py checks every k of a
-  sample of the test images).
+* **Faster filtering, nearly the same numbers.** The Gaussian window is applied in
+  float32 to the three products of a decode stacked in one array, instead of
+  ``scipy.ndimage.correlate1d`` (float64) per product: by the compiled separable filter
+  ``_ssimfilter`` (pcrfs/quality/_ssimfilter.c), or where it was not built by a banded
+  matrix product (BLAS) on small row/column blocks, whose speed is OpenBLAS's kernel
+  set's (:func:`blas_kernel_note`). A decode enters as its difference from the
+  reference, so the float32 sums stay small (:class:`FastReference`). Scores agree
+  with the oracle's to better than 2e-6, 6e-7 at scores above 0.85, with the banded
+  products, and to 1.1e-7 with the compiled filter (measured on every k of 40 demo
+  photos; tests/test_quality_search.py checks every k of a sample of the test images,
+  tests/test_quality_filter.py both filters).
 * **Coarse scales first, stop at the bound.** Every MS-SSIM term is at most 1
   (Cauchy-Schwarz), so once the coarser scales are scored the product of their
   terms bounds the final score from above; a decode whose bound is already below
@@ -46,7 +49,16 @@ from ..jpeg.scans import scan_components
 from . import msssim
 from .luma import decode_luma, luma_of
 
-MARGIN = 1e-5   # |fast - oracle score| < 6e-7 measured above 0.85, 1.1e-6 at 0.75 (float32 sums; see FastReference)
+try:  # the compiled window (setup.py builds it where a C compiler is at hand): no BLAS in its cost
+    from . import _ssimfilter
+except ImportError:  # pragma: no cover - the banded products below stand in
+    _ssimfilter = None
+
+# whether _filter runs the compiled window; False: the banded products (BLAS). The tests and
+# tools/bench_quality.py set it to compare the two; nothing else should.
+USE_COMPILED = _ssimfilter is not None
+
+MARGIN = 1e-5   # |fast - oracle score| < 1.1e-6 measured (BLAS filter; 1.1e-7 compiled): float32 sums, FastReference
 ESTIMATE_MARGIN = 1e-3  # a sampled estimate this close to a threshold is computed on every window
                         # (5x the worst estimate error measured on 12-20 Mpx photos)
 BLOCK = 16      # rows/columns per banded product: small blocks waste few multiplications on zeros
@@ -109,36 +121,55 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+@dataclass(frozen=True)
+class Window:
+    """The separable window, made once per tap set: its taps (float32, what the compiled
+    filter reads) and the banded matrices of the BLAS fallback (:func:`_banded`)."""
+    taps: np.ndarray  # float32 (n,), read-only
+    g: np.ndarray     # BLOCK x (BLOCK + n - 1), row i holding the taps at columns i..i+n-1
+    gt: np.ndarray    # its transpose, contiguous (BLAS reads that faster than a view)
+
+
 @lru_cache(maxsize=16)
-def _bands(taps: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """G, BLOCK x (BLOCK + n - 1), row i holding the taps at columns i..i+n-1 (a valid
-    correlation), and its transpose, contiguous (BLAS reads that faster than a view)."""
+def window_of(taps: tuple[float, ...]) -> Window:
+    """The :class:`Window` of ``taps`` (a tuple, so that it can be cached)."""
     n = len(taps)
+    t = np.array(taps, dtype=np.float32)
     g = np.zeros((BLOCK, BLOCK + n - 1), dtype=np.float32)
     for i in range(BLOCK):
-        g[i, i:i + n] = taps
+        g[i, i:i + n] = t
     gt = np.ascontiguousarray(g.T)
-    g.setflags(write=False)
-    gt.setflags(write=False)
-    return g, gt
+    for arr in (t, g, gt):
+        arr.setflags(write=False)
+    return Window(t, g, gt)
 
 
 def filter_stack(a: np.ndarray, taps: np.ndarray, name: str = "f") -> np.ndarray:
     """The separable window over the valid region of each image in ``a`` (float32 (c, H, W))
-    -> (c, H-n+1, W-n+1). The result is a scratch array, valid until the next call with ``name``.
-
-    Vertical pass: one (stacked) product per row block covers the c images. Horizontal
-    pass: the result seen as (c*m, W) rows, one product per column block. Each image of
-    the result is contiguous: the elementwise work on it runs on whole arrays (numpy's
-    loops on the rows of a strided (m, c, m2) view cost about three times as much).
-    """
-    return _filter(a, _bands(tuple(float(t) for t in taps)), name)
+    -> (c, H-n+1, W-n+1). The result is a scratch array, valid until the next call with ``name``."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return _filter(a, window_of(tuple(float(t) for t in taps)), name)
 
 
-def _filter(a: np.ndarray, bands: tuple[np.ndarray, np.ndarray], name: str = "f") -> np.ndarray:
-    """:func:`filter_stack` with the banded matrices already made."""
-    g, gt = bands
-    n = g.shape[1] - BLOCK + 1
+def _filter(a: np.ndarray, win: Window, name: str = "f") -> np.ndarray:
+    """:func:`filter_stack` of a C-contiguous float32 stack with the :class:`Window` made: the
+    compiled filter (symmetric taps folded, SIMD, the GIL released: no BLAS in its cost) unless
+    :data:`USE_COMPILED` is False, else :func:`_banded`. Each image of the result is
+    contiguous: the elementwise work on it runs on whole arrays."""
+    if USE_COMPILED:
+        c, h, w = a.shape
+        n = len(win.taps)
+        return _ssimfilter.filter_valid(a, win.taps, _scratch.get(name + ".h", (c, h - n + 1, w - n + 1)))
+    return _banded(a, win, name)
+
+
+def _banded(a: np.ndarray, win: Window, name: str) -> np.ndarray:
+    """The window as banded matrix products (BLAS sgemm). Vertical pass: one (stacked)
+    product per row block covers the c images. Horizontal pass: the result seen as
+    (c*m, W) rows, one product per column block (numpy's loops on the rows of a strided
+    (m, c, m2) view cost about three times as much)."""
+    g, gt = win.g, win.gt
+    n = len(win.taps)
     c, h, w = a.shape
     m, m2 = h - n + 1, w - n + 1
     vert = _scratch.get(name + ".v", (c, m, w))
@@ -198,7 +229,8 @@ class FastReference:
     terms rewritten with x = r + d (exact algebra) need the window sums of d, d*d and
     r*d, all small where x is close to r, and the reference's own sums are taken on
     r - 128; float32 then keeps every score within 6e-7 of the oracle's float64 one
-    above 0.85, 1.1e-6 lower (measured on 40 demo photos; :data:`MARGIN` is 1e-5).
+    above 0.85, 1.1e-6 lower, with the BLAS filter, and within 1.1e-7 with the compiled one
+    (measured on 40 demo photos; :data:`MARGIN` is 1e-5).
     """
 
     def __init__(self, ref: np.ndarray, max_windows: int | None = None) -> None:
@@ -210,7 +242,7 @@ class FastReference:
             raise ValueError(f"MS-SSIM works on 2-D luminance arrays, got shape {ref.shape}")
         self.shape = ref.shape
         self.taps, self.scales, self.weights = msssim.parameters(ref.shape)
-        self._bands = _bands(tuple(float(t) for t in self.taps))
+        self._window = window_of(tuple(float(t) for t in self.taps))
         self._w = [float(w) for w in self.weights]
         self._y = ref
         self._oracle: msssim.Reference | None = None
@@ -250,7 +282,7 @@ class FastReference:
             a = _scratch.get("ref", (2, i1 - i0 + n - 1, img.shape[1]))
             np.subtract(img[i0:i1 + n - 1], CENTRE, out=a[0])
             np.multiply(a[0], a[0], out=a[1])
-            f = _filter(a, self._bands)
+            f = _filter(a, self._window)
             np.add(f[0], CENTRE, out=mu[i0:i1])
             np.multiply(mu[i0:i1], np.float32(2), out=mu2[i0:i1])
             var = _scratch.get("var", f.shape[1:])
@@ -297,7 +329,7 @@ class FastReference:
         inner += np.float32(msssim.C2 - 1)
         np.reciprocal(inner, out=inner)
         self._windows = var2.size  # h is f^T(1/D); the division by the window count is in the bound
-        return _filter(inv, self._bands, name="h")[0].ravel()
+        return _filter(inv, self._window, name="h")[0].ravel()
 
     def _finest_lower_bound(self, d: np.ndarray) -> float:
         if self._weights1 is None:
@@ -331,7 +363,7 @@ class FastReference:
                 a[0] = d[rows]
             np.multiply(a[0], a[0], out=a[1])
             np.multiply(a[0], r2[rows], out=a[2])  # 2 r d
-            f = _filter(a, self._bands)
+            f = _filter(a, self._window)
             mu_d = f[0]
             cov2 = _scratch.get("t1", mu_d.shape)
             np.multiply(mu2[out], mu_d, out=cov2)
@@ -567,7 +599,8 @@ def file_reader(store, i: int) -> Callable[[int], bytes]:
 
 
 # OpenBLAS kernel sets (threadpoolctl's "architecture") older than AVX2: its sgemm there is
-# 2-4x slower at the filter's products, and the search ~1.5x (measured with OPENBLAS_CORETYPE)
+# 2-6x slower at the banded products of the fallback filter, and the search with it ~1.5x
+# (measured with OPENBLAS_CORETYPE); the compiled filter uses no BLAS
 PRE_AVX2_KERNELS = frozenset({
     "katmai", "coppermine", "northwood", "prescott", "banias", "atom", "core2", "penryn", "dunnington",
     "nehalem", "athlon", "opteron", "opteron_sse3", "barcelona", "nano", "bobcat", "sandybridge",
@@ -585,10 +618,16 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def blas_kernel_note(blas: Sequence[dict] | None = None, cpu_flags: set[str] | None = None) -> str | None:
-    """A line for a host whose OpenBLAS runs kernels older than its CPU (AVX2 present, an
-    SSE or AVX kernel set chosen: an unrecognised CPU model, OPENBLAS_CORETYPE), else None.
-    ``blas``: threadpoolctl's records, ``cpu_flags``: /proc/cpuinfo's (for the tests)."""
+def blas_kernel_note(blas: Sequence[dict] | None = None, cpu_flags: set[str] | None = None,
+                     compiled: bool | None = None) -> str | None:
+    """A line for a host that filters with BLAS (the compiled filter not built) and whose
+    OpenBLAS runs kernels older than its CPU (AVX2 present, an SSE or AVX kernel set chosen:
+    an unrecognised CPU model, OPENBLAS_CORETYPE), else None. ``blas``: threadpoolctl's
+    records, ``cpu_flags``: /proc/cpuinfo's, ``compiled``: :data:`USE_COMPILED` (for the tests)."""
+    if compiled is None:
+        compiled = USE_COMPILED
+    if compiled:
+        return None  # the compiled filter's cost does not depend on BLAS
     if cpu_flags is None:
         cpu_flags = _cpu_flags()
     if "avx2" not in cpu_flags:
@@ -603,9 +642,10 @@ def blas_kernel_note(blas: Sequence[dict] | None = None, cpu_flags: set[str] | N
                    and str(i.get("architecture", "")).lower() in PRE_AVX2_KERNELS})
     if not slow:
         return None
-    return (f"OpenBLAS runs its {'/'.join(slow)} kernels on this AVX2 CPU, so MS-SSIM scoring takes about "
-            f"1.5x the CPU time; OPENBLAS_CORETYPE=Haswell (or Zen, SkylakeX) set before the command "
-            f"picks faster ones")
+    return (f"pcrfs was installed without its compiled SSIM filter (pcrfs.quality._ssimfilter: no C compiler "
+            f"at install time?), and OpenBLAS runs its {'/'.join(slow)} kernels on this AVX2 CPU, so MS-SSIM "
+            f"scoring takes about 1.5x the CPU time; OPENBLAS_CORETYPE=Haswell (or Zen, SkylakeX) set before "
+            f"the command picks faster ones, reinstalling pcrfs with gcc at hand builds the filter")
 
 
 @contextmanager
