@@ -3,8 +3,8 @@ from ._version import __version__
 
 
 def open_store(location, **kwargs):
-    """Open a PCR store read-only; see :class:`pcrfs.store.reader.Store`."""
-    from .store.reader import open_store as _open
+    """Open a PCR store read-only; see :class:`pcrfs.store.read.reader.Store`."""
+    from .store.read.reader import open_store as _open
 
     return _open(location, **kwargs)
 

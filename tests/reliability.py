@@ -255,7 +255,7 @@ def reader_loop(mnt: str | os.PathLike, store_path: str | os.PathLike, *, second
     Returns counters: reads, bytes, wrong_reads, wrong_bytes, listings, errors (errno name ->
     count) and seconds.
     """
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.reader import open_store
 
     store = open_store(store_path)
     rng = random.Random(seed)

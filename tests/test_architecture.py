@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,9 @@ CLICK_USERS = ("cli",)
 FUSE_USERS = ("fuse", "cli")
 # where the kinds of store locations (local directory, object-store prefix) are told apart
 LOCATION_KINDS = ("LocalLocation", "RemoteLocation", "LocalSink", "ObjectSink")
-LOCATION_MODULES = ("store.location", "store.sink")
+LOCATION_MODULES = ("store.sources.location", "store.write.sink")
 # other ways to ask the kind, each also allowed where it is defined
-KIND_TESTS = {"is_url": "remote.fs", "LocalRecords": "store.backends"}
+KIND_TESTS = {"is_url": "remote.fs", "LocalRecords": "store.sources.backends"}
 PATH_TYPES = ("Path", "PurePath", "PosixPath", "PurePosixPath")  # isinstance(x, Path): "is it local?"
 # modules outside LOCATION_MODULES that may ask isinstance(..., Path), and why: an argument's
 # type (str | Path) would be a reason, a store's kind never is. None left: arguments are taken
@@ -42,7 +43,7 @@ PATH_CHECKS_ALLOWED: dict[str, str] = {}
 # modules that may look for "://" in a string (`"://" in text`: "is it a URL?"), and why
 SCHEME_CHECKS_ALLOWED = {
     "remote.fs": "defines is_url",
-    "filesystem": "composes fsspec's chained URLs (pcr::s3://...), URL syntax rather than a store's kind",
+    "access.filesystem": "composes fsspec's chained URLs (pcr::s3://...), URL syntax rather than a store's kind",
 }
 
 
@@ -121,6 +122,69 @@ def test_lower_layers_never_import_the_fuse_layer_the_cli_or_click():
     assert not bad, "layering broken:\n" + "\n".join(bad)
 
 
+# the store's subpackages, bottom up: each may import only those listed (and store.errors);
+# nothing in the store imports the layers above it (access, quality, convert, ...)
+STORE_LAYERS = {
+    "store.format": (),
+    "store.sources": ("store.format",),
+    "store.read": ("store.format", "store.sources"),
+    "store.write": ("store.format", "store.sources"),
+}
+STORE_MAY_USE = ("store.errors", "jpeg", "remote", "fsutil", "imagenames", "units", "_version")
+# public names that are the FUSE-free access layer's modules under another name (sys.modules alias)
+ACCESS_ALIASES = {"torch": "access.torch", "sampling": "access.sampling", "filesystem": "access.filesystem"}
+
+
+def _store_layer_breaks(module: str, tree: ast.Module) -> list[str]:
+    """Imports of ``module`` (in the store) that reach past the layers below it."""
+    layer = next((name for name in STORE_LAYERS if _within(module, (name,))), None)
+    if layer is None:
+        return []
+    allowed = (layer,) + STORE_LAYERS[layer] + STORE_MAY_USE
+    return [f"{module}:{line} imports pcrfs.{name}" for name, line in _imports(module, tree)
+            if not name.startswith("<ext>:") and name not in ("store", "store.format") + STORE_LAYERS[layer]
+            and not _within(name, allowed)]
+
+
+def test_the_store_subpackages_import_only_the_layers_below():
+    bad = [line for module, tree in MODULES.items() for line in _store_layer_breaks(module, tree)]
+    assert set(STORE_LAYERS) | {"store.errors"} >= {m for m in MODULES if m.startswith("store.") and m.count(".") == 1}, \
+        "a module directly in pcrfs/store/ other than errors: put it in the subpackage of its job"
+    assert not bad, "store layering broken (format < sources < read, write):\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("module, source", [
+    ("store.format.index", "from ..sources.location import open_location\n"),
+    ("store.sources.cache", "from ..read.reader import Store\n"),
+    ("store.read.fetch", "from ..write.sink import RecordSink\n"),
+    ("store.write.writer", "from ..read import reader\n"),
+    ("store.read.reader", "from ...access.views import ViewTree\n"),
+    ("store.format.groups", "from ...quality import scoring\n"),
+])
+def test_the_store_layering_check_catches_what_it_is_for(module, source):
+    assert _store_layer_breaks(module, ast.parse(source))
+    assert not _store_layer_breaks(module, ast.parse("from ...store.errors import StoreError\n"))
+
+
+def test_the_public_access_names_are_aliases_and_nothing_else():
+    """pcrfs.torch, pcrfs.sampling and pcrfs.filesystem *are* the access layer's modules: each
+    alias module holds the alias only (no code of its own to drift), and the import gives
+    the very module object."""
+    import importlib
+    for alias, real in ACCESS_ALIASES.items():
+        tree = MODULES[alias]
+        body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+        assert all(isinstance(n, (ast.Import, ast.ImportFrom, ast.Assign)) for n in body), alias
+        assigns = [ast.unparse(n) for n in body if isinstance(n, ast.Assign)]
+        assert assigns[0] == "sys.modules[__name__] = _module", alias
+        assert all(a.startswith("sys.modules[__name__ + '.") for a in assigns[1:]), alias  # its submodules
+        if alias == "torch" and importlib.util.find_spec("torch") is None:
+            continue
+        assert importlib.import_module(f"pcrfs.{alias}") is importlib.import_module(f"pcrfs.{real}")
+        for sub in [m for m in sys.modules if m.startswith(f"pcrfs.{real}.")]:
+            assert importlib.import_module(sub.replace(real, alias, 1)) is sys.modules[sub]
+
+
 def _writes_to_terminal(node: ast.AST) -> bool:
     if isinstance(node, ast.Call):
         f = node.func
@@ -189,7 +253,7 @@ def _kind_questions(module: str, tree: ast.AST) -> list[str]:
 
 def test_nothing_outside_the_location_code_asks_which_kind_of_store_it_has():
     bad = [line for module, tree in MODULES.items() for line in _kind_questions(module, tree)]
-    assert not bad, "ask the location, sink or record source what it can do (pcrfs.store.location), " \
+    assert not bad, "ask the location, sink or record source what it can do (pcrfs.store.sources.location), " \
         "not which kind it is:\n" + "\n".join(bad)
 
 
@@ -213,12 +277,12 @@ def test_the_kind_check_catches_what_it_is_for(source):
     # the lint must be able to fail: each snippet asks a store's kind outside the location code ...
     assert _kind_questions("quality.build", ast.parse(source))
     # ... and the location code itself may ask it
-    assert not _kind_questions("store.location", ast.parse(source))
+    assert not _kind_questions("store.sources.location", ast.parse(source))
 
 
 @pytest.mark.parametrize("source, module", [
     ("def is_url(location):\n    return bool(_URL.match(location))\nis_url('s3://b')\n", "remote.fs"),
-    ("class LocalRecords(RecordSource):\n    pass\nLocalRecords(root, sizes)\n", "store.backends"),
+    ("class LocalRecords(RecordSource):\n    pass\nLocalRecords(root, sizes)\n", "store.sources.backends"),
 ])
 def test_the_kind_check_allows_the_defining_module(source, module):
     assert not _kind_questions(module, ast.parse(source))
@@ -328,6 +392,6 @@ def test_the_cycle_check_catches_a_cycle():
 
 
 def test_relative_imports_resolve_to_modules():
-    tree = ast.parse("from ..store import format as fmt\nfrom .reader import Store\nfrom .. import _version\n")
-    names = {n for n, _ in _imports("store.fetch", tree)}
-    assert {"store.format", "store.reader", "_version"} <= names
+    tree = ast.parse("from .. import format as fmt\nfrom .reader import Store\nfrom ... import _version\n")
+    names = {n for n, _ in _imports("store.read.fetch", tree)}
+    assert {"store.format", "store.read.reader", "_version"} <= names

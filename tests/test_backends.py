@@ -9,14 +9,14 @@ import time
 import pytest
 
 import pcrfs
-from pcrfs.store.cache import ByteLRU
-from pcrfs.store.diskcache import DiskCache
-from pcrfs.store.readahead import Readahead
+from pcrfs.store.sources.cache import ByteLRU
+from pcrfs.store.sources.diskcache import DiskCache
+from pcrfs.store.read.readahead import Readahead
 from pcrfs.remote.bwlimit import TokenBucket, parse_rate
 from pcrfs.remote.retry import RetryPolicy, is_final
-from pcrfs.store.backends import LocalRecords, Span, coalesce
+from pcrfs.store.sources.backends import LocalRecords, Span, coalesce
 from pcrfs.store.errors import CorruptData
-from pcrfs.store.fetch import GroupFetcher
+from pcrfs.store.read.fetch import GroupFetcher
 
 
 def test_coalesce_merges_touching_spans_per_record():

@@ -1,6 +1,6 @@
 """The capabilities callers ask instead of a store's kind (issue 28): each answered by the
-location (pcrfs.store.location), the sink (pcrfs.store.sink) or the record source
-(pcrfs.store.backends), with the answers the kind checks they replace used to give."""
+location (pcrfs.store.sources.location), the sink (pcrfs.store.write.sink) or the record source
+(pcrfs.store.sources.backends), with the answers the kind checks they replace used to give."""
 from __future__ import annotations
 
 import hashlib
@@ -14,11 +14,11 @@ from pcrfs.convert import target as target_mod
 from pcrfs.fuse.mounting import store_location
 from pcrfs.quality.build import RESUME_DIR, resume_dir
 from pcrfs.store import format as fmt
-from pcrfs.store.backends import FsspecRecords, LocalRecords
-from pcrfs.store.location import (LocalLocation, RemoteLocation, absolute_location, canonical_location,
+from pcrfs.store.sources.backends import FsspecRecords, LocalRecords
+from pcrfs.store.sources.location import (LocalLocation, RemoteLocation, absolute_location, canonical_location,
                                   image_tree_example, join_location, local_directory, local_work_dir,
                                   names_a_store, open_location)
-from pcrfs.store.sink import LocalSink, ObjectSink, open_sink, staging_path
+from pcrfs.store.write.sink import LocalSink, ObjectSink, open_sink, staging_path
 
 URL = "memory://bucket/some/store"
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pcrfs.cli import main
 from pcrfs.store import format as fmt
-from pcrfs.store.reader import open_store
+from pcrfs.store.read.reader import open_store
 
 
 def run(*args):
@@ -217,7 +217,7 @@ def test_damaged_index_is_a_clean_error(store_copy):
 
 
 def test_damaged_manifest_is_a_clean_error(store_copy):
-    """BUG (pcrfs/store/reader.py): a manifest whose index_files entry has the wrong shape
+    """BUG (pcrfs/store/read/reader.py): a manifest whose index_files entry has the wrong shape
     escapes open_store as AttributeError, and the CLI prints a traceback."""
     m = (store_copy / fmt.MANIFEST).read_text()
     (store_copy / fmt.MANIFEST).write_text(m.replace("index_files:\n", "index_files: []\nold_index_files:\n"))

@@ -23,8 +23,8 @@ from corpus import JPEG_KEYS, NON_JPEG_KEYS, make_bad_files, make_edge_cases
 from pcrfs.cli import main
 from pcrfs.convert import StoreExists, convert
 from pcrfs.store import format as fmt
-from pcrfs.store.reader import StoreError, open_store
-from pcrfs.store.writer import ResumeMismatch
+from pcrfs.store.read.reader import StoreError, open_store
+from pcrfs.store.write.writer import ResumeMismatch
 
 # ----------------------------------------------------------------- helpers
 
@@ -201,7 +201,7 @@ def _opts(**kw):
 
 
 def test_bad_file_with_invalid_utf8_name_is_reported(tmp_path, demo_src):
-    """BUG (pcrfs/store/writer.py, finalize): report.json is written with
+    """BUG (pcrfs/store/write/writer.py, finalize): report.json is written with
     ``json.dumps(..., ensure_ascii=False).encode()``; a bad (or skipped) file whose name is
     not valid UTF-8 (surrogate-escaped str) makes ``.encode()`` raise UnicodeEncodeError, so
     the conversion can never finish (every re-run fails the same way)."""
@@ -383,7 +383,7 @@ def test_local_records_follow_the_batch_plan(tmp_path, demo_src, order):
 def test_batch_of_bad_files_only_is_an_empty_record(tmp_path, demo_src):
     """A batch with no convertible file still becomes its record (0 images): record r stays
     batch r, and readers and `verify` accept the empty record between full ones."""
-    from pcrfs.store.verify import verify_store
+    from pcrfs.store.read.verify import verify_store
 
     src = tmp_path / "src"
     copy_classes(demo_src, src, classes=("cat",), per_class=3)

@@ -30,7 +30,7 @@ import pytest
 
 from pcrfs.remote.fs import RemoteOptions, filesystem
 from pcrfs.store.errors import StoreUnavailable
-from pcrfs.store.reader import ReadOptions, open_store
+from pcrfs.store.read.reader import ReadOptions, open_store
 
 from mountutil import fuse_unavailable, wait_until
 from s3util import LOOPBACK, MotoServer, s3_available, s3_environment

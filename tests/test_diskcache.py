@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pcrfs.store.diskcache import DiskCache
+from pcrfs.store.sources.diskcache import DiskCache
 
 
 def test_put_read_and_ranges(tmp_path):
@@ -57,7 +57,7 @@ def test_a_vanished_file_is_a_miss(tmp_path):
 def test_a_full_file_system_costs_old_entries_not_the_write(tmp_path, monkeypatch):
     import errno as errno_mod
 
-    from pcrfs.store import diskcache as dc_mod
+    from pcrfs.store.sources import diskcache as dc_mod
 
     cache = dc_mod.DiskCache(tmp_path / "c", 1 << 20)
     assert cache.put("old1", b"a" * 1000) and cache.put("old2", b"b" * 1000)
@@ -152,7 +152,7 @@ def test_a_fifo_or_symlink_in_place_of_an_entry_is_a_miss_not_a_hang(tmp_path):
 
 @pytest.mark.parametrize("mode", [0o777, 0o770])
 def test_a_cache_directory_others_can_write_is_refused(tmp_path, mode):
-    from pcrfs.store.diskcache import UnsafeCacheDirectory
+    from pcrfs.store.sources.diskcache import UnsafeCacheDirectory
 
     d = tmp_path / "shared"
     d.mkdir()
@@ -162,7 +162,7 @@ def test_a_cache_directory_others_can_write_is_refused(tmp_path, mode):
 
 
 def test_a_cache_directory_that_is_a_symlink_or_owned_by_another_user_is_refused(tmp_path):
-    from pcrfs.store.diskcache import UnsafeCacheDirectory
+    from pcrfs.store.sources.diskcache import UnsafeCacheDirectory
 
     real = tmp_path / "real"
     real.mkdir(mode=0o700)

@@ -21,8 +21,8 @@ from pcrfs.cli import main
 from pcrfs.convert import convert, list_sources, plan_batches
 from pcrfs.remote.fs import RemoteOptions, filesystem
 from pcrfs.store import format as fmt
-from pcrfs.store.reader import ReadOptions, StoreError, open_store
-from pcrfs.store.verify import verify_store
+from pcrfs.store.read.reader import ReadOptions, StoreError, open_store
+from pcrfs.store.read.verify import verify_store
 
 from s3util import MotoServer, s3_available, s3_environment
 

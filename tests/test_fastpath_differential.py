@@ -32,11 +32,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pcrfs.convert import convert
 from pcrfs.fuse import fastpath
 from pcrfs.jpeg.scans import EOI_BYTES
-from pcrfs.store import adaptiveindex as adaptive
+from pcrfs.store.format import adaptiveindex as adaptive
+from pcrfs.store.write import install
 from pcrfs.store import format as fmt
-from pcrfs.store.largegroups import RANGE_GROUP_BYTES
-from pcrfs.store.reader import open_store
-from pcrfs.views import FileNode, ViewTree
+from pcrfs.store.read.largegroups import RANGE_GROUP_BYTES
+from pcrfs.store.read.reader import open_store
+from pcrfs.access.views import FileNode, ViewTree
 
 OWNER = (os.getuid(), os.getgid())
 
@@ -152,7 +153,7 @@ def with_adaptive(src: Path, dest: Path, seed: int) -> Path:
     with open_store(dest) as s:
         n, g = s.num_images, s.num_groups
     rng = np.random.default_rng(seed)
-    adaptive.write(dest, rng.integers(0, g + 1, size=(n, len(adaptive.THRESHOLDS)), dtype=np.uint8))
+    install.adaptive_index(dest, rng.integers(0, g + 1, size=(n, len(adaptive.THRESHOLDS)), dtype=np.uint8))
     return dest
 
 

@@ -21,8 +21,8 @@ import time
 import pytest
 
 from pcrfs.fuse import fastpath
-from pcrfs.store.reader import open_store
-from pcrfs.views import ViewTree
+from pcrfs.store.read.reader import open_store
+from pcrfs.access.views import ViewTree
 
 READ = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64,
                         ctypes.c_void_p)

@@ -25,7 +25,7 @@ from fsspec.tests.abstract.get import AbstractGetTests
 from PIL import Image
 
 from pcrfs.convert import convert
-from pcrfs.filesystem import PCRFileSystem, ReadOnlyError, register
+from pcrfs.access.filesystem import PCRFileSystem, ReadOnlyError, register
 from pcrfs.store import format as fmt
 from pcrfs.store.errors import CorruptData, StoreError
 

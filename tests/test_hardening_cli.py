@@ -28,8 +28,8 @@ from pcrfs.convert import SourceFile, SourceListing, StoreBusy, convert, list_so
 from pcrfs.fsutil import lock_exclusive
 from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
-from pcrfs.store.index import Index, StringTable
-from pcrfs.store.reader import open_store
+from pcrfs.store.format.index import Index, StringTable
+from pcrfs.store.read.reader import open_store
 
 needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 
@@ -273,7 +273,7 @@ def test_mount_with_an_unusable_path(demo_store, tmp_path, option):
 def test_store_errors_anywhere_in_a_command_are_one_line(demo_store, monkeypatch):
     """The CLI's net: a StoreError or CorruptData raised past a command, or any other
     exception, is one line (PCRFS_DEBUG=1 gives the traceback back)."""
-    import pcrfs.store.verify as verify_mod
+    import pcrfs.store.read.verify as verify_mod
     from pcrfs.store.errors import CorruptData, StoreError
 
     for exc, needle in ((StoreError("index is inconsistent: crafted"), "crafted"),
@@ -395,7 +395,7 @@ def test_path_component_over_255_bytes_is_a_bad_file(demo_src, tmp_path):
 # ---- item 11: directory link counts -------------------------------------------------------------
 
 def test_view_tree_nlink_in_a_nested_tree(demo_src, tmp_path):
-    from pcrfs.views import ViewTree
+    from pcrfs.access.views import ViewTree
 
     src = tmp_path / "src"
     for rel in ("a/b/x.jpg", "a/c/y.jpg", "a/w.jpg", "d/z.jpg", "top.jpg"):

@@ -15,8 +15,8 @@ import pytest
 from mountutil import fuse_unavailable
 from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
-from pcrfs.store import largegroups as large_mod
-from pcrfs.store.reader import CorruptData, open_store
+from pcrfs.store.read import largegroups as large_mod
+from pcrfs.store.read.reader import CorruptData, open_store
 from reliability import read_all_files
 
 needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
@@ -173,10 +173,10 @@ def test_s3_records_replaced_after_open_are_never_served_by_any_door(demo_store,
     they had checked and kept) or an error -- never a wrong byte (issue 26, first target)."""
     from s3util import store_on_moto
 
-    from pcrfs.filesystem import PCRFileSystem
+    from pcrfs.access.filesystem import PCRFileSystem
     from pcrfs.remote.fs import RemoteOptions, filesystem
     from pcrfs.store.errors import StoreUnavailable
-    from pcrfs.store.reader import ReadOptions
+    from pcrfs.store.read.reader import ReadOptions
 
     with store_on_moto(demo_store, "replaced", "demo.pcr", tmp_path_factory) as (path, endpoint):
         url = f"s3://{path}"
@@ -195,7 +195,7 @@ def test_s3_records_replaced_after_open_are_never_served_by_any_door(demo_store,
         fs = PCRFileSystem(url, target_options=so)
         doors.append(("pcr://", lambda i, kk: fs.cat_file(f"{'full' if kk == k else f'scan{kk}'}/{names[i]}")))
         try:
-            from pcrfs.torch import ImageFolder
+            from pcrfs.access.torch import ImageFolder
         except ImportError:  # pragma: no cover - torch is in the test extras
             ImageFolder = None
         if ImageFolder is not None:

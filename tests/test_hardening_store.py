@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 from mountutil import fuse_unavailable
 from pcrfs.cli import main as cli_main
 from pcrfs.store import format as fmt
-from pcrfs.store.backends import LocalRecords
+from pcrfs.store.sources.backends import LocalRecords
 from pcrfs.store.errors import CorruptData, StoreError
-from pcrfs.store.index import file_crc32
-from pcrfs.store.reader import open_store
-from pcrfs.store.verify import verify_store
-from pcrfs.store.writer import ImageEntry, StoreWriter
+from pcrfs.store.format.index import file_crc32
+from pcrfs.store.read.reader import open_store
+from pcrfs.store.read.verify import verify_store
+from pcrfs.store.write.writer import ImageEntry, StoreWriter
 from reliability import pcrfs_argv, run_limited
 
 needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
@@ -121,7 +121,7 @@ def test_reader_serves_more_records_than_it_may_open_files(many_records):
     code = f"""
 import resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-from pcrfs.store.reader import open_store
+from pcrfs.store.read.reader import open_store
 s = open_store({str(many_records)!r})
 want = [s.read(i, s.num_groups) for i in range(s.num_images)]
 for i in reversed(range(s.num_images)):
@@ -307,15 +307,17 @@ def test_symlinked_manifest_or_index_is_refused(small, tmp_path, rel):
 
 
 def _with_adaptive_index(root: Path) -> str:
-    from pcrfs.store import adaptiveindex as adaptive
+    from pcrfs.store.format import adaptiveindex as adaptive
+    from pcrfs.store.write import install
 
     with open_store(root) as s:
-        adaptive.write(s, np.zeros((s.num_images, 3), dtype=np.uint8))
+        install.adaptive_index(s, np.zeros((s.num_images, 3), dtype=np.uint8))
     return f"{fmt.INDEX_DIR}/{manifest(root)['adaptive_index']['file']}"
 
 
 def test_symlinked_adaptive_index_is_refused(small, tmp_path):
-    from pcrfs.store import adaptiveindex as adaptive
+    from pcrfs.store.format import adaptiveindex as adaptive
+    from pcrfs.store.write import install
 
     rel = _with_adaptive_index(small)
     with open_store(small) as s:
@@ -404,8 +406,9 @@ def test_fifo_adaptive_index_fails_fast(small):
     rel = _with_adaptive_index(small)
     _fifo_in_place_of(small, rel)
     code = f"""
-from pcrfs.store import adaptiveindex as adaptive
-from pcrfs.store.reader import open_store
+from pcrfs.store.format import adaptiveindex as adaptive
+from pcrfs.store.write import install
+from pcrfs.store.read.reader import open_store
 s = open_store({str(small)!r})
 try:
     adaptive.load(s)
@@ -711,7 +714,7 @@ def _canonical_reference(name: bytes) -> bool:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text(alphabet="a./\0", max_size=7).map(str.encode), max_size=6))
 def test_vectorized_name_check_matches_a_per_name_check(names):
-    from pcrfs.store.index import _bad_name
+    from pcrfs.store.format.index import _bad_name
 
     offsets = np.zeros(len(names) + 1, dtype=fmt.OFFSET_DTYPE)
     np.cumsum([len(n) for n in names], out=offsets[1:])
@@ -760,7 +763,7 @@ def _sorted_reference(names: list[bytes]) -> int | None:
                          min_size=1, max_size=3).map(lambda parts: "/".join(parts).encode()), max_size=7),
        st.booleans())
 def test_vectorized_order_check_matches_a_per_name_check(names, sort):
-    from pcrfs.store.index import _first_unsorted
+    from pcrfs.store.format.index import _first_unsorted
 
     if sort:
         names = sorted(set(names), key=lambda n: tuple(n.split(b"/")))

@@ -13,7 +13,7 @@ from PIL import Image
 from mountutil import fuse_unavailable
 from pcrfs.convert import convert
 from pcrfs.fuse.fastpath import DISABLE_ENV
-from pcrfs.store.reader import open_store
+from pcrfs.store.read.reader import open_store
 
 needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 

@@ -25,7 +25,7 @@ import pytest
 from mountutil import fuse_unavailable
 from pcrfs.store import format as fmt
 from pcrfs.store.errors import StoreError
-from pcrfs.store.reader import open_store
+from pcrfs.store.read.reader import open_store
 from s3util import LOOPBACK, S3_ENV, MotoServer, free_port, s3_available
 
 needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))

@@ -25,7 +25,7 @@ from PIL import Image
 from pcrfs.fuse import mounting
 from pcrfs.cli.mount import read_stats
 from pcrfs.store import format as fmt
-from pcrfs.views import ROOT_HINT_DIR
+from pcrfs.access.views import ROOT_HINT_DIR
 
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli, wait_until
 
@@ -205,7 +205,7 @@ def test_writes_fail_with_erofs_and_change_nothing(mnt, reader):
 def test_operations_refuse_writes_without_the_kernel(reader):
     # the adapter itself answers EROFS too (defence in depth if the kernel passed a write on)
     from pcrfs.fuse.ops import PcrfsOperations, mf
-    from pcrfs.views import ViewTree
+    from pcrfs.access.views import ViewTree
 
     ops = PcrfsOperations(ViewTree(reader))
     for name in ("write", "create", "mknod", "mkdir", "rmdir", "unlink", "rename", "link", "symlink",
@@ -224,7 +224,7 @@ def test_stats_file_fits_the_size_the_kernel_was_told(reader):
     # the kernel keeps the size from the last getattr until the next invalidation: a
     # document grown since must still be served whole within that size
     from pcrfs.fuse.ops import STATS_FILE_HEADROOM, PcrfsOperations
-    from pcrfs.views import ViewTree
+    from pcrfs.access.views import ViewTree
 
     ops = PcrfsOperations(ViewTree(reader))
     told = ops.getattr("/.pcrfs/stats")["st_size"]

@@ -37,7 +37,7 @@ def test_the_wheel_carries_the_package_only(dists):
     names = zipfile.ZipFile(dists["wheel"]).namelist()
     top = {n.split("/", 1)[0] for n in names}
     assert top == {"pcrfs", f"pcrfs-{pcrfs.__version__}.dist-info"}, top
-    assert "pcrfs/fuse/ops.py" in names and "pcrfs/store/reader.py" in names
+    assert "pcrfs/fuse/ops.py" in names and "pcrfs/store/read/reader.py" in names
 
 
 @pytest.mark.parametrize("kind", ["wheel", "sdist"])

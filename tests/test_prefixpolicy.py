@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pcrfs.store.prefixpolicy import Mode, RecordPrefixPolicy, group_bounds, split_parts
+from pcrfs.store.read.prefixpolicy import Mode, RecordPrefixPolicy, group_bounds, split_parts
 
 MiB = 1 << 20
 
@@ -124,7 +124,7 @@ def test_window_mode_declines_a_uniform_shuffle(records):
 
 
 def test_window_mode_accepts_record_shuffle_sampler_orders():
-    from pcrfs.sampling import record_shuffle
+    from pcrfs.access.sampling import record_shuffle
 
     p = window_policy(200)
     record_of = np.repeat(np.arange(200), 50)
@@ -177,7 +177,7 @@ def test_no_prefetching_outside_view_mode_or_when_off():
 def test_a_small_read_of_mixed_records_fetches_no_prefix_and_an_epoch_fetches_all():
     """A class of 1,281 images spread over 1,000 records (1.3 per record) never opens the gate;
     a uniform epoch opens it within its first percent and fetches every record once."""
-    from pcrfs.store.prefixpolicy import EpochGate
+    from pcrfs.store.read.prefixpolicy import EpochGate
 
     rng = np.random.default_rng(5)
     n_rec, per, n_classes = 1000, 1281, 1000
@@ -205,7 +205,7 @@ def test_a_small_read_of_mixed_records_fetches_no_prefix_and_an_epoch_fetches_al
 def test_the_epoch_gate_opens_for_an_epoch_and_never_for_a_class_copy():
     """A mixed store's prefixes wait until reads touch two classes and 0.5 % of the images:
     a copy of one class (any size) never opens it, a second class does."""
-    from pcrfs.store.prefixpolicy import EpochGate
+    from pcrfs.store.read.prefixpolicy import EpochGate
 
     classes_of = np.repeat(np.arange(10), 100)           # 10 classes of 100 images
     gate = EpochGate(classes_of, min_images=5)
@@ -223,7 +223,7 @@ def test_in_view_mode_an_open_gate_fetches_at_once_and_prefetches_the_rest():
     """Once the gate is open, a VIEW-mode read fetches its record's prefix on its first
     image and starts the rest of the view (a path-order pass reads no more images one by
     one); in WINDOW mode the reads must still stay in few records."""
-    from pcrfs.store.prefixpolicy import EpochGate
+    from pcrfs.store.read.prefixpolicy import EpochGate
 
     classes_of = np.repeat(np.arange(10), 100)
     view = RecordPrefixPolicy(bounds(records=8), 1 << 40, gate=EpochGate(classes_of, min_images=5))
@@ -245,7 +245,7 @@ def test_in_view_mode_an_open_gate_fetches_at_once_and_prefetches_the_rest():
 def test_an_announced_reader_fetches_on_first_read_whatever_the_gate_and_history():
     """A reader that named its records (a sampler's fetch-ahead hint) keeps at most a cache's
     worth of records open: from then on any read of an unheld record fetches its prefix."""
-    from pcrfs.store.prefixpolicy import EpochGate
+    from pcrfs.store.read.prefixpolicy import EpochGate
 
     classes_of = np.repeat(np.arange(10), 100)
     one = bounds(records=8)
@@ -265,7 +265,7 @@ def test_a_walk_of_every_class_directory_opens_the_gate_and_one_class_listing_do
     """A dataset loader lists every class before its first read (torchvision's ImageFolder):
     that opens the gate, so a path-order pass fetches prefixes from its first image; a
     ``cp -r`` of one class lists only its directory and still reads image by image."""
-    from pcrfs.store.prefixpolicy import EpochGate
+    from pcrfs.store.read.prefixpolicy import EpochGate
 
     classes_of = np.concatenate([[-1, -1], np.repeat(np.arange(8), 50)])  # two images at the root
     gate = EpochGate(classes_of, min_images=100)

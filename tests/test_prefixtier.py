@@ -18,9 +18,9 @@ import pytest
 
 from pcrfs.remote.fs import RemoteOptions, filesystem
 from pcrfs.store import format as fmt
-from pcrfs.store.cache import PrefixKey
+from pcrfs.store.sources.cache import PrefixKey
 from pcrfs.store.errors import CorruptData, StoreUnavailable
-from pcrfs.store.reader import ReadOptions, open_store
+from pcrfs.store.read.reader import ReadOptions, open_store
 
 from mountutil import fuse_unavailable
 from s3util import MotoServer, s3_available, s3_environment
@@ -213,7 +213,7 @@ def test_a_full_disk_cache_evicts_and_never_fails_reads(url, remote, reader, tmp
     with open_store(url, options=o) as s:
         def no_space(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
-        monkeypatch.setattr("pcrfs.store.diskcache.DiskCache._create", staticmethod(no_space))
+        monkeypatch.setattr("pcrfs.store.sources.diskcache.DiskCache._create", staticmethod(no_space))
         for i in shuffled(s.num_images):
             assert s.read(i, 2) == reader.read(i, 2)
         assert len(s.images.disk) == 0
@@ -271,7 +271,7 @@ def test_off_for_local_stores_and_when_asked(url, remote, source_store):
 def test_a_declined_read_says_why_and_the_next_tier_serves_it(url, remote, reader):
     """The record-prefix tier either serves a read or declines it with a reason (a typed
     answer, never None); the per-image tier then serves it."""
-    from pcrfs.store.tiers import Declined
+    from pcrfs.store.read.tiers import Declined
 
     with open_store(url, options=opts(remote, cache_bytes=64 << 10)) as s:  # too small: IMAGES mode
         i = 3
@@ -465,7 +465,7 @@ def test_the_compiled_path_serves_prefix_files_and_lets_a_damaged_one_go(url, re
 
 @needs_fuse
 def test_evicted_and_extended_prefix_files_are_let_go(url, remote, reader, mounts, tmp_path, monkeypatch):
-    from pcrfs.store.prefixpolicy import group_bounds
+    from pcrfs.store.read.prefixpolicy import group_bounds
 
     _compiled_or_skip(monkeypatch)
     bounds = group_bounds(reader.index.record_group_offsets, reader.index.records["size"])
@@ -552,7 +552,7 @@ def test_the_mount_option_travels_to_the_daemon():
 
 def test_s3_reads_use_obstore_when_installed_and_s3fs_on_request(url, remote, reader, monkeypatch):
     pytest.importorskip("obstore")
-    from pcrfs.store.backends import FsspecRecords, ObstoreRecords
+    from pcrfs.store.sources.backends import FsspecRecords, ObstoreRecords
 
     with open_store(url, options=opts(remote)) as s:
         assert isinstance(s.records, ObstoreRecords)

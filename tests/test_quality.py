@@ -14,9 +14,10 @@ from click.testing import CliRunner
 import pcrfs
 from pcrfs.cli import main
 from pcrfs.quality import luma, measure, msssim, scoring
-from pcrfs.store import adaptiveindex as adaptive
+from pcrfs.store.format import adaptiveindex as adaptive
+from pcrfs.store.write import install
 from pcrfs.store import format as fmt
-from pcrfs.views import ViewTree
+from pcrfs.access.views import ViewTree
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,7 @@ def test_compute_write_load_roundtrip(store_copy):
         for t, threshold in enumerate(adaptive.THRESHOLDS):
             assert full.ms_ssim[ks[i, t] - 1] >= threshold
 
-    entry = adaptive.write(store_copy, ks)
+    entry = install.adaptive_index(store_copy, ks)
     manifest = yaml.safe_load((store_copy / fmt.MANIFEST).read_text())
     assert manifest[adaptive.MANIFEST_KEY] == entry
     path = store_copy / fmt.INDEX_DIR / entry["file"]
@@ -194,8 +195,8 @@ def test_compute_write_load_roundtrip(store_copy):
 def test_rewrite_replaces_the_old_file(store_copy):
     s = pcrfs.open_store(store_copy)
     n, g = s.num_images, s.num_groups
-    first = adaptive.write(store_copy, np.full((n, 3), 2, np.uint8))
-    second = adaptive.write(store_copy, np.full((n, 3), g, np.uint8))
+    first = install.adaptive_index(store_copy, np.full((n, 3), 2, np.uint8))
+    second = install.adaptive_index(store_copy, np.full((n, 3), g, np.uint8))
     files = sorted(p.name for p in (store_copy / fmt.INDEX_DIR).glob(adaptive.FILE_PREFIX + "*"))
     assert files == [second["file"]] != [first["file"]]
     assert int(adaptive.load(pcrfs.open_store(store_copy)).ks.max()) == g
@@ -204,8 +205,8 @@ def test_rewrite_replaces_the_old_file(store_copy):
 def test_crash_before_the_manifest_keeps_the_old_index(store_copy, monkeypatch):
     s = pcrfs.open_store(store_copy)
     old = np.full((s.num_images, 3), 3, np.uint8)
-    adaptive.write(store_copy, old)
-    from pcrfs.store import location
+    install.adaptive_index(store_copy, old)
+    from pcrfs.store.sources import location
 
     real = location.write_atomic
 
@@ -216,13 +217,13 @@ def test_crash_before_the_manifest_keeps_the_old_index(store_copy, monkeypatch):
 
     monkeypatch.setattr(location, "write_atomic", crash_on_manifest)
     with pytest.raises(OSError):
-        adaptive.write(store_copy, np.full((s.num_images, 3), 1, np.uint8))
+        install.adaptive_index(store_copy, np.full((s.num_images, 3), 1, np.uint8))
     assert np.array_equal(adaptive.load(pcrfs.open_store(store_copy)).ks, old)
 
 
 def test_damaged_or_stale_index_is_refused_and_the_mount_goes_on(store_copy, caplog):
     s = pcrfs.open_store(store_copy)
-    entry = adaptive.write(store_copy, np.full((s.num_images, 3), 2, np.uint8))
+    entry = install.adaptive_index(store_copy, np.full((s.num_images, 3), 2, np.uint8))
     path = store_copy / fmt.INDEX_DIR / entry["file"]
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
@@ -244,9 +245,9 @@ def test_damaged_or_stale_index_is_refused_and_the_mount_goes_on(store_copy, cap
 def test_write_refuses_a_wrong_shape(store_copy):
     s = pcrfs.open_store(store_copy)
     with pytest.raises(adaptive.AdaptiveIndexError, match="shape"):
-        adaptive.write(store_copy, np.ones((s.num_images - 1, 3), np.uint8))
+        install.adaptive_index(store_copy, np.ones((s.num_images - 1, 3), np.uint8))
     with pytest.raises(adaptive.AdaptiveIndexError, match="scan groups"):
-        adaptive.write(store_copy, np.full((s.num_images, 3), s.num_groups + 1, np.uint8))
+        install.adaptive_index(store_copy, np.full((s.num_images, 3), s.num_groups + 1, np.uint8))
     assert adaptive.MANIFEST_KEY not in pcrfs.open_store(store_copy).manifest
 
 
@@ -254,7 +255,7 @@ def test_view_tree_serves_each_image_at_its_own_k(store_copy):
     s = pcrfs.open_store(store_copy)
     rng = np.random.default_rng(5)
     ks = rng.integers(0, s.num_groups + 1, size=(s.num_images, 3)).astype(np.uint8)  # 0 = full
-    adaptive.write(store_copy, ks)
+    install.adaptive_index(store_copy, ks)
     s = pcrfs.open_store(store_copy)
     tree = ViewTree(s)
     assert list(tree.views)[-4:] == ["full", "ssim90", "ssim95", "ssim98"]

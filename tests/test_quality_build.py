@@ -14,7 +14,8 @@ import pcrfs
 from pcrfs.cli import main
 from pcrfs.convert import convert
 from pcrfs.quality import build, scoring
-from pcrfs.store import adaptiveindex as adaptive
+from pcrfs.store.format import adaptiveindex as adaptive
+from pcrfs.store.write import install
 from pcrfs.store import format as fmt
 
 RECORD = 256 * 1024  # the demo set in ~15 records
@@ -135,7 +136,7 @@ def test_killed_between_manifest_and_index(demo_src, reference, tmp_path, monkey
         raise _Stop
 
     with monkeypatch.context() as m:
-        m.setattr(adaptive, "write", crash)
+        m.setattr(install, "adaptive_index", crash)
         with pytest.raises(_Stop):
             convert(demo_src, store, record_bytes=RECORD, workers=2, quality_index=True)
     assert (store / fmt.MANIFEST).exists() and (store / build.RESUME_DIR).is_dir()
@@ -292,7 +293,7 @@ def test_convert_quality_index_to_s3(demo_src, reference, tmp_path):
     from s3util import MotoServer, s3_available, s3_environment
 
     from pcrfs.remote.fs import RemoteOptions, filesystem
-    from pcrfs.store.reader import ReadOptions, open_store
+    from pcrfs.store.read.reader import ReadOptions, open_store
 
     if s3_available() is not None:
         pytest.skip(str(s3_available()))

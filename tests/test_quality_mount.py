@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import pcrfs
-from pcrfs.store import adaptiveindex as adaptive
-from pcrfs.views import ROOT_HINT_DIR
+from pcrfs.store.format import adaptiveindex as adaptive
+from pcrfs.access.views import ROOT_HINT_DIR
 
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli
 

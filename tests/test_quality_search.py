@@ -13,7 +13,7 @@ from pcrfs.convert import convert
 from pcrfs.jpeg.scans import ScanError, scan_components, scan_ends
 from pcrfs.quality import luma, measure, msssim, search
 from pcrfs.quality import scoring as adaptive
-from pcrfs.store.adaptiveindex import THRESHOLDS
+from pcrfs.store.format.adaptiveindex import THRESHOLDS
 
 T = THRESHOLDS
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from pcrfs.store.readahead import Readahead
+from pcrfs.store.read.readahead import Readahead
 
 
 def walk(ra: Readahead, order, k=3, limit=10_000, clip=None):

@@ -29,9 +29,9 @@ import pcrfs
 from mountutil import fuse_unavailable
 from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
-from pcrfs.store.index import file_crc32
-from pcrfs.store.reader import CorruptData, StoreError, open_store
-from pcrfs.store.verify import verify_store
+from pcrfs.store.format.index import file_crc32
+from pcrfs.store.read.reader import CorruptData, StoreError, open_store
+from pcrfs.store.read.verify import verify_store
 from reliability import budget, figures, pcrfs_argv, read_all_files, run_limited, views  # noqa: F401
 
 needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
@@ -390,7 +390,7 @@ def test_inconsistent_index_is_refused_or_read_as_corrupt(demo_store, index_scra
 
 
 def _tree_listing(store) -> list:
-    from pcrfs.views import ViewTree
+    from pcrfs.access.views import ViewTree
 
     tree, out = ViewTree(store), []
 

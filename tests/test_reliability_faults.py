@@ -34,8 +34,8 @@ import yaml
 from mountutil import fuse_unavailable, pcrfs_cli, wait_until
 from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
-from pcrfs.store.reader import StoreError, open_store
-from pcrfs.store.verify import verify_store
+from pcrfs.store.read.reader import StoreError, open_store
+from pcrfs.store.read.verify import verify_store
 from reliability import (Load, Tmpfs, budget, figures, pcrfs_argv, popen_limited,  # noqa: F401
                          read_all_files, run_limited, start_reader_process, tmpfs_unavailable)
 

@@ -42,7 +42,7 @@ from corpus import jpeg_segments
 from pcrfs.demo import demo_photos
 from pcrfs.jpeg.scans import EOI_BYTES, SOI_BYTES, ScanError, is_progressive, scan_ends, split_groups
 from pcrfs.jpeg.transcode import BadImage, TranscodeOptions, transcode
-from pcrfs.store.reader import open_store
+from pcrfs.store.read.reader import open_store
 from reliability import budget, figures, pcrfs_argv, run_limited, scratch_dir  # noqa: F401 (fixture)
 
 CASE_SECONDS = 20.0   # time bound for one case (a tiny tree) on a loaded 2-core machine

@@ -38,10 +38,10 @@ from pcrfs.cli import main as cli_main
 from pcrfs.convert import convert, list_sources
 from pcrfs.fuse import mounting
 from pcrfs.store import format as fmt
-from pcrfs.store.index import file_crc32
-from pcrfs.store.reader import StoreError, open_store
-from pcrfs.store.verify import verify_store
-from pcrfs.store.writer import ImageEntry, StoreWriter
+from pcrfs.store.format.index import file_crc32
+from pcrfs.store.read.reader import StoreError, open_store
+from pcrfs.store.read.verify import verify_store
+from pcrfs.store.write.writer import ImageEntry, StoreWriter
 from reliability import REPO, pcrfs_argv, read_all_files, run_limited, tmpfs_unavailable, views
 
 needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
@@ -127,7 +127,7 @@ def test_file_swapped_for_escaping_link_after_listing_is_not_followed(demo_src, 
 # ---- names ----------------------------------------------------------------------------------------
 
 def test_dotdot_and_absolute_lookups_find_nothing(demo_store, tmp_path):
-    from pcrfs.views import ViewTree
+    from pcrfs.access.views import ViewTree
 
     with open_store(demo_store) as s:
         real = s.path(0)

@@ -19,7 +19,7 @@ import pytest
 
 from mountutil import fuse_unavailable
 from pcrfs.fuse import mounting
-from pcrfs.store.reader import open_store
+from pcrfs.store.read.reader import open_store
 from reliability import Load, budget, figures, read_all_files  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))

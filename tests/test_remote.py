@@ -24,9 +24,9 @@ from pcrfs.cli import main
 from pcrfs.convert import convert
 from pcrfs.remote.fs import RemoteOptions, filesystem
 from pcrfs.store import format as fmt
-from pcrfs.store import sink as sink_mod
-from pcrfs.store.reader import ReadOptions, StoreError, StoreUnavailable, open_store
-from pcrfs.views import ROOT_HINT_DIR
+from pcrfs.store.write import sink as sink_mod
+from pcrfs.store.read.reader import ReadOptions, StoreError, StoreUnavailable, open_store
+from pcrfs.access.views import ROOT_HINT_DIR
 
 from mountutil import fuse_unavailable, pcrfs_cli, wait_until
 from s3util import NO_CREDENTIALS_ENV, FaultProxy, MotoServer, s3_available, s3_environment
@@ -107,7 +107,7 @@ def view_bytes(store, k: int) -> int:
 
 
 def mixed_overhead(url: str, remote: RemoteOptions, k: int) -> int:
-    """The most bytes a pass over a shuffled store reads twice at fidelity k (store/prefixpolicy.py):
+    """The most bytes a pass over a shuffled store reads twice at fidelity k (store/read/prefixpolicy.py):
     the images read one by one before the reads look like an epoch (in path order: the
     first class and the first of the next), then again within their record's prefix."""
     with open_store(url, options=ropts(remote)) as s:
@@ -349,7 +349,7 @@ def test_sequential_epoch_costs_few_requests_and_shuffled_no_waste(one_record_st
     doc = stats_of(seq)["store_reads"]
     assert view_bytes(local, k) <= doc["bytes"] <= view_bytes(local, k) + extra
     # mixed records: the first class read image by image, a request per group, before the
-    # reads look like an epoch (store/prefixpolicy.py EpochGate)
+    # reads look like an epoch (store/read/prefixpolicy.py EpochGate)
     first_class = 0 if storage == "source" else sum(1 for i in range(n) if local.label(i) == 0)
     assert doc["requests"] <= 1.2 * n + k * first_class, doc
 
@@ -486,7 +486,8 @@ def test_mount_helper_rejects_malformed_options(remote_store, tmp_path, capsys):
 def test_adaptive_views_of_a_remote_store(demo_src, remote, moto, local, mounts):
     """`pcrfs quality s3://... --write-index` installs the adaptive index in the bucket
     (array first, manifest last) and a mount of the URL serves ssim90/95/98."""
-    from pcrfs.store import adaptiveindex as adaptive
+    from pcrfs.store.format import adaptiveindex as adaptive
+    from pcrfs.store.write import install
 
     url = f"s3://{BUCKET}/adaptive.pcr"
     convert(demo_src, url, record_bytes=RECORD_BYTES, workers=2, remote=remote)
@@ -508,7 +509,7 @@ def test_adaptive_views_of_a_remote_store(demo_src, remote, moto, local, mounts)
             assert data == local.read(i, int(ks[i])), (view, i)
     # replaced: the new array is in place and named by the manifest, the old one is gone
     whole = np.full_like(index.ks, local.num_groups)
-    again = adaptive.write(store, whole)
+    again = install.adaptive_index(store, whole)
     assert again["file"] != entry["file"]
     assert fs.exists(f"{BUCKET}/adaptive.pcr/index/{again['file']}")
     assert not fs.exists(f"{BUCKET}/adaptive.pcr/index/{entry['file']}")

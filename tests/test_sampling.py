@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pcrfs.sampling import RecordShuffleSampler, record_shuffle
+from pcrfs.access.sampling import RecordShuffleSampler, record_shuffle
 
 catalogues = st.lists(st.integers(0, 40), min_size=0, max_size=25).map(
     lambda sizes: np.repeat(np.arange(len(sizes)), sizes))  # record_of: record r holds sizes[r] items

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pcrfs.sampling import (HEADROOM, IN_FLIGHT_RECORDS, RecordShuffleSampler, WindowWarning, ahead_window,
+from pcrfs.access.sampling import (HEADROOM, IN_FLIGHT_RECORDS, RecordShuffleSampler, WindowWarning, ahead_window,
                             catalogue_fingerprint, default_window)
-from pcrfs.store.prefixpolicy import group_bounds
-from pcrfs.store.reader import ReadOptions, open_store
+from pcrfs.store.read.prefixpolicy import group_bounds
+from pcrfs.store.read.reader import ReadOptions, open_store
 
 from mountutil import fuse_unavailable
 from s3util import NO_CREDENTIALS_ENV, s3_available, store_on_moto
@@ -159,7 +159,7 @@ def test_a_mounted_s3_view_needs_no_credentials_and_no_endpoint(on_moto, demo_st
     got = run_python(f"""
         import json
         from pcrfs.sampling import RecordShuffleSampler
-        import pcrfs.store.backends as backends
+        import pcrfs.store.sources.backends as backends
         s = RecordShuffleSampler({str(mnt / "scan2")!r}, seed=1)
         print(json.dumps({{"order": list(s), "window": s.window, "cache": s.cache_bytes, "view": s.view,
                           "fingerprint": s.fingerprint, "obstore": backends._obstore_pid}}))
@@ -181,7 +181,7 @@ def test_an_s3_url_takes_storage_options_and_leaves_nothing_open(on_moto, reader
         import json, weakref
         import s3fs, torch
         from pcrfs.sampling import RecordShuffleSampler
-        import pcrfs.store.backends as backends
+        import pcrfs.store.sources.backends as backends
         s = RecordShuffleSampler({url!r}, view="scan2", seed=1, window=3,
                                  storage_options={{"endpoint_url": {endpoint!r}}})
         sessions = [f for f in weakref.finalize._registry

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pcrfs.sampling import RecordShuffleSampler, split, unseen
+from pcrfs.access.sampling import RecordShuffleSampler, split, unseen
 
 torch = pytest.importorskip("torch")
 stateful = pytest.importorskip("torchdata.stateful_dataloader")
@@ -278,7 +278,7 @@ def test_foreign_states_are_refused_and_change_nothing(reader, demo_src, tmp_pat
         shuffled.load_state_dict(state)
     # another store with the same image count: refused by its names and records
     from pcrfs.convert import convert
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.reader import open_store
 
     other = tmp_path / "other.pcr"
     convert(demo_src, other, record_bytes=128 * 1024, workers=2)

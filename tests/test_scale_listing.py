@@ -10,8 +10,8 @@ import pytest
 
 from pcrfs.fuse import fastpath
 from pcrfs.fuse.ops import FUSE_READDIR_PLUS, STAT_SIZE, PcrfsFUSE, PcrfsOperations, mf
-from pcrfs.store.reader import open_store
-from pcrfs.views import ViewTree
+from pcrfs.store.read.reader import open_store
+from pcrfs.access.views import ViewTree
 
 FILLER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int)
 COMPILED = fastpath.fill_dir_function(STAT_SIZE)

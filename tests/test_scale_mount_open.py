@@ -106,7 +106,7 @@ def test_the_report_descriptor_comes_from_the_environment(monkeypatch):
 
 @needs_fuse
 def test_mount_does_not_open_the_store_in_the_calling_process(demo_store, tmp_path, monkeypatch):
-    import pcrfs.store.reader as reader
+    import pcrfs.store.read.reader as reader
 
     def refuse(*args, **kwargs):
         raise AssertionError("the caller opened the store")

@@ -14,10 +14,11 @@ import pytest
 
 from pcrfs.convert import convert
 from pcrfs.convert.migrate import migrate
-from pcrfs.store import adaptiveindex as adaptive
+from pcrfs.store.format import adaptiveindex as adaptive
+from pcrfs.store.write import install
 from pcrfs.store import format as fmt
-from pcrfs.store.reader import StoreError, open_store
-from pcrfs.store.verify import verify_store
+from pcrfs.store.read.reader import StoreError, open_store
+from pcrfs.store.read.verify import verify_store
 
 DATA = Path(__file__).parent / "data"
 V1_STORE = DATA / "v1-store"     # written by pcrfs at dc00721 (format version 1), never rewritten
@@ -105,7 +106,7 @@ def test_a_reader_of_version_1_refuses_a_version_2_store_clearly(demo_store, mon
 def test_a_storage_order_that_is_not_a_permutation_is_refused(demo_store, tmp_path):
     import yaml
 
-    from pcrfs.store.index import file_crc32
+    from pcrfs.store.format.index import file_crc32
 
     root = tmp_path / "s.pcr"
     shutil.copytree(demo_store, root)
@@ -128,7 +129,7 @@ def test_a_store_copied_into_the_shuffled_order_serves_every_view_byte_identical
         ks[::5] = [3, 5, 9]
     src = tmp_path / "old.pcr"
     shutil.copytree(source_store, src)
-    adaptive.write(src, ks)
+    install.adaptive_index(src, ks)
     res = migrate(src, tmp_path / "new.pcr", order="shuffled", seed=3, record_bytes=200 * 1024)
     assert res.images == len(ks) and res.bad == []
     with open_store(src) as old, open_store(tmp_path / "new.pcr") as new:
@@ -166,7 +167,7 @@ def test_copying_to_s3_serves_the_same_views(source_store, tmp_path):
     from s3util import MotoServer, s3_environment
 
     from pcrfs.remote.fs import RemoteOptions, filesystem
-    from pcrfs.store.reader import ReadOptions
+    from pcrfs.store.read.reader import ReadOptions
 
     with s3_environment(tmp_path / "xdg"):
         server = MotoServer(tmp_path / "moto.log")

@@ -1,4 +1,4 @@
-"""The reader API (pcrfs.store.reader) on the converted demo store, and its refusals.
+"""The reader API (pcrfs.store.read.reader) on the converted demo store, and its refusals.
 
 Everything that damages a store works on a copy in tmp_path; the session
 fixture ``demo_store`` is only ever read.
@@ -21,7 +21,7 @@ from PIL import Image
 
 from pcrfs.jpeg.scans import EOI_BYTES, split_groups
 from pcrfs.store import format as fmt
-from pcrfs.store.reader import CorruptData, StoreError, open_store
+from pcrfs.store.read.reader import CorruptData, StoreError, open_store
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +296,7 @@ def test_refuses_manifest_missing_key(store_copy, key):
     "num_images: string",
 ])
 def test_refuses_structurally_damaged_manifest(store_copy, damage):
-    """BUG (pcrfs/store/reader.py, read_manifest/open_store): a manifest that parses as YAML
+    """BUG (pcrfs/store/read/reader.py, read_manifest/open_store): a manifest that parses as YAML
     but has the wrong shape escapes as AttributeError/TypeError/KeyError instead of
     StoreError, so `pcrfs info/verify/get/mount` die with a traceback."""
     def edit(m):
@@ -456,7 +456,7 @@ def test_only_the_location_code_tells_local_from_remote():
     kinds = {"LocalLocation", "RemoteLocation"}
     found = []
     for name, tree in _modules():
-        if name == "store/location.py":
+        if name == "store/sources/location.py":
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
@@ -472,8 +472,8 @@ def test_the_fetchers_never_reach_back_into_the_store():
     import ast
     found = []
     for name, tree in _modules():
-        if name not in ("store/fetch.py", "store/prefixtier.py", "store/groups.py", "store/tiers.py",
-                        "store/pread.py", "store/largegroups.py"):
+        if name not in ("store/read/fetch.py", "store/read/prefixtier.py", "store/format/groups.py", "store/read/tiers.py",
+                        "store/read/pread.py", "store/read/largegroups.py"):
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] in ("reader", "location"):
@@ -487,7 +487,7 @@ def test_the_adaptive_index_format_lives_in_the_store():
     import ast
     found = []
     for name, tree in _modules():
-        if not (name.startswith("store/") or name in ("views.py", "access.py")):
+        if not (name.startswith("store/") or name.startswith("access/")):
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and "quality" in (node.module or ""):

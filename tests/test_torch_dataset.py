@@ -23,7 +23,7 @@ import pcrfs  # noqa: E402
 from pcrfs.convert import convert  # noqa: E402
 from pcrfs.store import format as fmt  # noqa: E402
 from pcrfs.store.errors import CorruptData, StoreError  # noqa: E402
-from pcrfs.torch import ImageFolder  # noqa: E402
+from pcrfs.access.torch import ImageFolder  # noqa: E402
 
 from mountutil import Mounts, fuse_unavailable, pcrfs_cli  # noqa: E402
 from s3util import NO_CREDENTIALS_ENV, store_on_moto  # noqa: E402
@@ -271,7 +271,7 @@ def test_corrupt_group_names_the_image_also_from_a_worker(tree_store, store, tmp
 
 def test_import_without_torch_says_what_to_install():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-            "import pcrfs, pcrfs.filesystem, pcrfs.imagefolder\n"
+            "import pcrfs, pcrfs.filesystem, pcrfs.access.imagefolder\n"
             "try:\n    import pcrfs.torch\nexcept ImportError as e:\n    print('ERR', e)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -1,5 +1,5 @@
 """pcrfs.torch.ImageFolder over s3:// with DataLoader workers: each record prefix downloaded
-once per node, whatever the number of workers (issue 25; pcrfs.store.sharedcache).
+once per node, whatever the number of workers (issue 25; pcrfs.store.sources.sharedcache).
 
 Real components only: moto's S3 server on loopback behind a proxy that counts every GET
 (and can hold one back), real DataLoaders with 2 worker processes, real processes killed
@@ -32,12 +32,12 @@ from pcrfs.convert import convert  # noqa: E402
 from pcrfs.demo import make_demo  # noqa: E402
 from pcrfs.remote.deadline import Deadline  # noqa: E402
 from pcrfs.remote.fs import RemoteOptions  # noqa: E402
-from pcrfs.sampling import RecordShuffleSampler  # noqa: E402
-from pcrfs.store.diskcache import UnsafeCacheDirectory  # noqa: E402
-from pcrfs.store.prefixpolicy import group_bounds  # noqa: E402
-from pcrfs.store.reader import ReadOptions, open_store  # noqa: E402
-from pcrfs.store.sharedcache import SharedDiskCache  # noqa: E402
-from pcrfs.torch import ImageFolder  # noqa: E402
+from pcrfs.access.sampling import RecordShuffleSampler  # noqa: E402
+from pcrfs.store.sources.diskcache import UnsafeCacheDirectory  # noqa: E402
+from pcrfs.store.read.prefixpolicy import group_bounds  # noqa: E402
+from pcrfs.store.read.reader import ReadOptions, open_store  # noqa: E402
+from pcrfs.store.sources.sharedcache import SharedDiskCache  # noqa: E402
+from pcrfs.access.torch import ImageFolder  # noqa: E402
 
 from s3util import LOOPBACK, MotoServer, free_port, s3_available, s3_environment  # noqa: E402
 
@@ -308,7 +308,7 @@ def _shared_cache(ds) -> SharedDiskCache:
 READER = textwrap.dedent("""
     import sys
     from pcrfs.remote.fs import RemoteOptions
-    from pcrfs.store.reader import ReadOptions, open_store
+    from pcrfs.store.read.reader import ReadOptions, open_store
     url, endpoint, directory, cap, images = sys.argv[1:6]
     options = ReadOptions(remote=RemoteOptions(endpoint_url=endpoint), shared_cache=directory,
                           shared_cache_bytes=int(cap))
@@ -385,7 +385,7 @@ def test_a_process_killed_mid_download_wedges_no_one(s3w, layout, tmp_path):
 
 WRITER = textwrap.dedent("""
     import os, random, sys
-    from pcrfs.store.sharedcache import SharedDiskCache
+    from pcrfs.store.sources.sharedcache import SharedDiskCache
     directory, cap, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     cache = SharedDiskCache(directory, cap)
     rng = random.Random(seed)

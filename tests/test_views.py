@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from pcrfs.fuse.ops import FUSE_FILL_DIR_PLUS, FUSE_READDIR_PLUS, PcrfsFUSE, PcrfsOperations
-from pcrfs.store.reader import open_store
-from pcrfs.views import ViewTree, split_names
+from pcrfs.store.read.reader import open_store
+from pcrfs.access.views import ViewTree, split_names
 
 # names as a filesystem allows them: any bytes but '/' and NUL, not "." or ".."
 name_bytes = hs.binary(min_size=1, max_size=12).map(lambda b: b.replace(b"/", b"_").replace(b"\0", b"-")).filter(

@@ -69,7 +69,7 @@ import pcrfs  # noqa: E402
 from pcrfs.convert import convert, list_sources  # noqa: E402
 from pcrfs.jpeg import turbojpeg  # noqa: E402
 from pcrfs.store import format as fmt  # noqa: E402
-from pcrfs.store.sink import LocalSink  # noqa: E402
+from pcrfs.store.write.sink import LocalSink  # noqa: E402
 
 METHODS = ("pcrfs", "reference", "bare")
 JPEGTRAN_ARGS = ("-copy", "none", "-optimize", "-progressive")
@@ -394,7 +394,7 @@ def stage_breakdown(src: Path, out: Path, limit: int, record_bytes: int = fmt.DE
     from pcrfs.convert.local import transcode_source
     from pcrfs.convert.plan import fingerprint, plan_batches, without_bad_names
     from pcrfs.jpeg.transcode import TranscodeOptions
-    from pcrfs.store.writer import Problem, StoreWriter
+    from pcrfs.store.write.writer import Problem, StoreWriter
 
     pc = time.perf_counter
     t = dict.fromkeys(("listing_and_plan", "transcode_source", "write_record_excl_put"), 0.0)
@@ -460,7 +460,7 @@ def _read_and_transform(files) -> dict:
 
 def verify(files, pcrfs_store: Path, ref_tmpdir: Path, bare_outs: list[bytes], sample: int,
            seed: int) -> dict:
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.reader import open_store
     n = len(files)
     jt_sizes = [os.path.getsize(ref_tmpdir / f"{i:08d}.jpg") for i in range(n)]
     jt_total = sum(jt_sizes)
@@ -826,7 +826,7 @@ class Bench:
         if "pcrfs_source" in last:  # the same images, names, group lengths and CRCs in either order
             check["source_order_index_equals_shuffled"] = check_dask_store(last["pcrfs"]["store"],
                                                                            last["pcrfs_source"]["store"])
-            from pcrfs.store.reader import open_store
+            from pcrfs.store.read.reader import open_store
             with open_store(last["pcrfs"]["store"]) as a, open_store(last["pcrfs_source"]["store"]) as b:
                 check["format_versions"] = {"pcrfs": a.manifest["format_version"],
                                             "pcrfs_source": b.manifest["format_version"]}

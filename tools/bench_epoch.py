@@ -48,8 +48,8 @@ from benchlib.results import Run, write_json  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 
 from pcrfs.remote.fs import RemoteOptions, filesystem  # noqa: E402
-from pcrfs.store.reader import ReadOptions, open_store  # noqa: E402
-from pcrfs.store.verify import cumulative_fractions  # noqa: E402
+from pcrfs.store.read.reader import ReadOptions, open_store  # noqa: E402
+from pcrfs.store.read.verify import cumulative_fractions  # noqa: E402
 from s3util import S3_ENV, MotoServer  # noqa: E402  (tests/s3util.py: moto on loopback)
 
 VIEWS = ["scan1", "scan2", "scan5", "full"]

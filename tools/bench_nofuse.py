@@ -44,7 +44,7 @@ from benchlib.proc import cpu_s, loadavg, self_cpu_s  # noqa: E402
 from benchlib.reads import warm  # noqa: E402
 from benchlib.results import Run, write_json  # noqa: E402
 
-from pcrfs.store.reader import open_store  # noqa: E402
+from pcrfs.store.read.reader import open_store  # noqa: E402
 
 EPOCH_VIEWS = ["scan1", "scan5", "full"]
 
@@ -84,7 +84,7 @@ def run_variant(variant: str, view: str, store: Path, src: Path, mnt: Path, args
     from torchvision import datasets
 
     if variant == "dataset":
-        from pcrfs.torch import ImageFolder
+        from pcrfs.access.torch import ImageFolder
 
         return epoch(lambda: ImageFolder(store, view=view, transform=transform()), args)
     if variant == "baseline":
@@ -99,8 +99,8 @@ def raw_reads(store_path: Path, view: str, rounds: int, passes: int) -> dict:
     """Files/s and CPU per file of the reader API, the dataset's bytes and fsspec cat_file."""
     import fsspec
 
-    from pcrfs.filesystem import register
-    from pcrfs.torch import ImageFolder
+    from pcrfs.access.filesystem import register
+    from pcrfs.access.torch import ImageFolder
 
     register()
     store = open_store(store_path)

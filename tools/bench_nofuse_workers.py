@@ -3,7 +3,7 @@ worker costs the link.
 
 ``pcrfs.torch.ImageFolder(s3://...)`` opens one store per DataLoader worker. Before issue 25
 each kept its own record-prefix cache, so with 2 workers every record prefix crossed the
-link twice; now the workers of a node share one (:mod:`pcrfs.store.sharedcache`). This
+link twice; now the workers of a node share one (:mod:`pcrfs.store.sources.sharedcache`). This
 tool measures both in one run, side by side: the same epochs through the same link, once
 with the checkout's pcrfs and once with the pcrfs of ``--before`` (a git revision, its
 ``pcrfs/`` extracted under the work directory), each epoch in a fresh process.
@@ -48,8 +48,8 @@ def child(config: dict) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from pcrfs.sampling import RecordShuffleSampler
-    from pcrfs.torch import ImageFolder
+    from pcrfs.access.sampling import RecordShuffleSampler
+    from pcrfs.access.torch import ImageFolder
 
     opts = dict(config["storage_options"])
     loader = None if config["loader"] == "decode" else _size_of
@@ -165,8 +165,8 @@ def parse_args() -> argparse.Namespace:
 
 def store_facts(store: Path, view: str) -> dict:
     """The local store's images and records, whether it is shuffled, and the bytes of ``view``."""
-    from pcrfs.store.prefixpolicy import group_bounds
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.prefixpolicy import group_bounds
+    from pcrfs.store.read.reader import open_store
 
     k = int(view[4:])
     with open_store(store) as s:
@@ -177,7 +177,7 @@ def store_facts(store: Path, view: str) -> dict:
 
 def fetch_index(url: str, endpoint: str) -> None:
     from pcrfs.remote.fs import RemoteOptions
-    from pcrfs.store.reader import ReadOptions, open_store
+    from pcrfs.store.read.reader import ReadOptions, open_store
 
     with open_store(url, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint))):
         pass  # the index, fetched once into the cache directory every epoch's process reads it from

@@ -46,7 +46,7 @@ def main() -> int:
     a = p.parse_args()
     run = Run("tools/bench_prefix_cpu.py")
     from pcrfs.remote.fs import RemoteOptions
-    from pcrfs.store.reader import ReadOptions, open_store
+    from pcrfs.store.read.reader import ReadOptions, open_store
 
     os.environ.update(S3RVER_ENV)
     os.environ["XDG_CACHE_HOME"] = str(a.workdir / "xdg")

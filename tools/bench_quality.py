@@ -71,7 +71,7 @@ from pcrfs.demo import make_demo  # noqa: E402
 from benchlib.machine import machine_facts, source_state  # noqa: E402
 from pcrfs.quality import measure, search  # noqa: E402
 from pcrfs.quality import scoring as adaptive  # noqa: E402
-from pcrfs.store import adaptiveindex as index_format  # noqa: E402
+from pcrfs.store.format import adaptiveindex as index_format  # noqa: E402
 from pcrfs.quality.plot import plot_table  # noqa: E402
 
 

@@ -280,7 +280,7 @@ def copy_full_view(ctx, info: dict) -> None:
             with open(os.path.join(root, rel), "rb") as f:
                 dst.write_bytes(f.read())
     # the copy must be the store's full-fidelity bytes
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.reader import open_store
     with open_store(ctx.store) as st:
         for i in range(0, st.num_images, max(1, st.num_images // 50)):
             if (ctx.full_dir / st.path(i)).read_bytes() != st.read(i, st.num_groups):
@@ -303,7 +303,7 @@ def build_tar(ctx, info: dict) -> None:
 
 
 def view_sizes(ctx, views: list[str]) -> dict:
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.reader import open_store
     out = {}
     with open_store(ctx.store) as st:
         for v in views:
@@ -783,7 +783,7 @@ def kernel_prepare(work: Path, per_class: int, seed: int, workers: int) -> dict:
     res = convert(src, store, workers=workers)
     if res.bad or res.skipped:
         raise RuntimeError(f"convert reported problems: {res.bad[:3]} {res.skipped[:3]}")
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.reader import open_store
     with open_store(store) as st:
         for i in range(st.num_images):
             dst = plain / st.path(i)

@@ -81,7 +81,7 @@ def _shuffled(n: int, seed: int) -> list[int]:
 
 def local_reader(config: dict):
     """The local store kept open; ``pass(view, seed)``: CPU µs per file of one pass of whole files."""
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.reader import open_store
 
     _warm(config["store"])
     s = open_store(config["store"])
@@ -114,7 +114,7 @@ def _epoch_us(s, k: int, order: list[int]) -> float:
 def remote_reader(config: dict):
     """``epochs(seed)``: a fresh store of the s3:// URL, epoch 1 and epoch 2, CPU µs per image each."""
     from pcrfs.remote.fs import RemoteOptions
-    from pcrfs.store.reader import ReadOptions, open_store
+    from pcrfs.store.read.reader import ReadOptions, open_store
 
     opts = ReadOptions(remote=RemoteOptions(endpoint_url=config["endpoint"]), cache_bytes=256 << 20,
                        readahead_bytes=0, record_prefix=True)
@@ -397,7 +397,7 @@ def prepare_store(args: argparse.Namespace) -> Path:
 
 
 def store_facts(store: Path, args: argparse.Namespace) -> dict:
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.reader import open_store
 
     with open_store(store) as s:
         facts = {"path": str(store), "images": s.num_images, "records": len(s.index.records),

@@ -138,7 +138,7 @@ SAMPLER_MODES = ("sampler", "sampler4m", "sampler4m_ra", "ranks2")  # mounts rea
 def mount_options(mode: str, args, proxy: LinkProxy, disk: Path) -> tuple[int, Any]:
     """(``--cache-size``, read options) of a mount in ``mode``."""
     from pcrfs.remote.fs import RemoteOptions
-    from pcrfs.store.reader import ReadOptions
+    from pcrfs.store.read.reader import ReadOptions
 
     remote = RemoteOptions(endpoint_url=proxy.endpoint)
     if mode not in SAMPLER_MODES:
@@ -177,7 +177,7 @@ def log_row(r: dict) -> None:
 
 def mounted_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Path, local_store: Path) -> list[dict]:
     """Epochs 1 and 2 of ``view`` on a fresh mount in ``mode``; one row per epoch."""
-    from pcrfs.sampling import RecordShuffleSampler
+    from pcrfs.access.sampling import RecordShuffleSampler
 
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
@@ -278,7 +278,7 @@ def dataset_run(mode: str, view: str, url: str, proxy: LinkProxy, args, work: Pa
 def local_view_copy(store: Path, view: str, dest: Path) -> Path:
     """The files of ``view`` of the local ``store`` under ``dest`` (class/name, as a mount serves
     them), made once."""
-    from pcrfs.torch import ImageFolder
+    from pcrfs.access.torch import ImageFolder
 
     if (dest / ".complete").exists():
         return dest
@@ -413,8 +413,8 @@ def parse_sizes(args: argparse.Namespace) -> None:
 
 def store_facts(store: Path) -> tuple[dict, dict]:
     """(the local store's images and records, the bytes of each of VIEWS)."""
-    from pcrfs.store.reader import open_store
-    from pcrfs.store.verify import cumulative_fractions
+    from pcrfs.store.read.reader import open_store
+    from pcrfs.store.read.verify import cumulative_fractions
 
     with open_store(store) as s:
         n_images, n_records, groups = s.num_images, len(s.index.records), s.num_groups
@@ -470,8 +470,8 @@ def run_modes(args: argparse.Namespace, proxy: LinkProxy, shards: list[Path], wo
 def prefix_bytes(store: Path) -> dict:
     """The bytes of each of VIEWS as record prefixes (groups 1..k of every record: what a
     reader of whole prefixes fetches); the view's files add an EOI each."""
-    from pcrfs.store.prefixpolicy import group_bounds
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.prefixpolicy import group_bounds
+    from pcrfs.store.read.reader import open_store
 
     with open_store(store) as s:
         b = group_bounds(s.index.record_group_offsets, s.index.records["size"])

@@ -103,8 +103,8 @@ def stores(work: Path, src: Path, record_size: int, orders: list[str], seed: int
 
 
 def describe(store: Path, view: str) -> dict:
-    from pcrfs.store.reader import open_store
-    from pcrfs.store.verify import cumulative_fractions
+    from pcrfs.store.read.reader import open_store
+    from pcrfs.store.read.verify import cumulative_fractions
 
     with open_store(store) as s:
         fr = {f"scan{f['k']}": f["bytes"] for f in cumulative_fractions(s)}
@@ -141,7 +141,7 @@ def mount_options(cache: str, proxy: LinkProxy, work: Path, tag: str, args) -> d
     --small-readahead, no disk cache: a view that does not fit the caches, as ImageNet's
     does not fit the default 256M)."""
     from pcrfs.remote.fs import RemoteOptions
-    from pcrfs.store.reader import ReadOptions
+    from pcrfs.store.read.reader import ReadOptions
 
     if cache not in ("default", "disk", "small"):
         raise SystemExit(f"unknown cache setting {cache!r} (default, disk, small)")

@@ -50,7 +50,7 @@ from benchlib.proc import loadavg  # noqa: E402
 from benchlib.results import Run, write_json  # noqa: E402
 
 from pcrfs.convert.plan import SourceFile, SourceListing, plan_batches, storage_order  # noqa: E402
-from pcrfs.sampling import RecordShuffleSampler  # noqa: E402
+from pcrfs.access.sampling import RecordShuffleSampler  # noqa: E402
 from pcrfs.store import format as fmt  # noqa: E402
 
 TARGET = 0.95  # shuffled classes per batch >= 0.95 x a uniform shuffle's (issue 24)
@@ -112,7 +112,7 @@ def window_rows(record_of: np.ndarray, labels: np.ndarray, classes: int, batch: 
 
 def store_rows(path: Path, batch: int, windows: list[int]) -> dict:
     """The table on a converted store, and whether the rule reproduces its storage order and records."""
-    from pcrfs.store.reader import open_store
+    from pcrfs.store.read.reader import open_store
 
     with open_store(path) as st:
         ix, m = st.index, st.manifest

@@ -2,7 +2,7 @@
 """Write an ImageNet-scale PCR store (1,281,167 entries in 1,000 classes) in minutes.
 
 The index, manifest and directory structure are exactly what `pcrfs convert`
-produces (same writer code: ``pcrfs.store.writer.publish``). To keep disk use
+produces (same writer code: ``pcrfs.store.write.writer.publish``). To keep disk use
 small, every record holds the same pool of tiny real progressive JPEGs (cut
 from the demo photographs), repeated; each record file is still a real,
 verifiable record, so reads through the reader or the mount return valid JPEGs.
@@ -33,8 +33,8 @@ from benchlib import log  # noqa: E402  (puts the checkout first on sys.path)
 from pcrfs.jpeg import scans, turbojpeg  # noqa: E402
 from pcrfs.convert.plan import SourceListing, storage_order  # noqa: E402
 from pcrfs.store import format as fmt  # noqa: E402
-from pcrfs.store.index import Index, StringTable  # noqa: E402
-from pcrfs.store.writer import publish  # noqa: E402
+from pcrfs.store.format.index import Index, StringTable  # noqa: E402
+from pcrfs.store.write.writer import publish  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 

@@ -311,8 +311,8 @@ def _reader_microbench(store: Path, rel: list[str], view: str) -> dict:
     import zlib
 
     from pcrfs.store import format as fmt
-    from pcrfs.store.reader import open_store
-    from pcrfs.views import ViewTree
+    from pcrfs.store.read.reader import open_store
+    from pcrfs.access.views import ViewTree
 
     out: dict = {}
     pc = time.perf_counter

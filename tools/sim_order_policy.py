@@ -7,7 +7,7 @@ log-normal sizes of mean ``--mean-kb``, cut into records by the converter's rule
 (``storage_order`` + ``plan_batches``, 64 MiB) in the ``--orders`` given. A record's
 group regions are sized from ``--group-fractions`` (cumulative share of an image's bytes
 in groups 1..k; the default is the demo store's). The policy is the store's own,
-``pcrfs.store.prefixpolicy.store_policy`` (``group_bounds``, the cache budgets, and for a
+``pcrfs.store.read.prefixpolicy.store_policy`` (``group_bounds``, the cache budgets, and for a
 shuffled store the epoch gate, image i's class being ``i // --per-class``), fed one
 read at a time:
 
@@ -42,7 +42,7 @@ from benchlib.results import Run, write_json  # noqa: E402
 from bench_shuffle import catalogue, records_by_rule  # noqa: E402
 
 from pcrfs.store import format as fmt  # noqa: E402
-from pcrfs.store.prefixpolicy import group_bounds, store_policy  # noqa: E402
+from pcrfs.store.read.prefixpolicy import group_bounds, store_policy  # noqa: E402
 
 DEMO_FRACTIONS = "0.082,0.213,0.257,0.305,0.435,0.637,0.651,0.686,0.721,1.0"  # pcrfs info of the demo store
 CACHES = {"default": (256 << 20, 0), "disk10g": (256 << 20, 10 << 30), "disk100g": (256 << 20, 100 << 30)}

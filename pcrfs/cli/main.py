@@ -19,7 +19,7 @@ from .options import (SIZE, dask_cluster, dask_failure, dask_options, describe_c
 
 def _open(store: str, endpoint_url: str | None = None):
     from ..remote.fs import RemoteOptions
-    from ..store.reader import ReadOptions, StoreError, open_store
+    from ..store.read.reader import ReadOptions, StoreError, open_store
 
     try:
         return open_store(store, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url)))
@@ -153,7 +153,7 @@ def convert(src: Path, store: str, workers, record_size, quality, non_jpeg, keep
     from ..convert.target import check_arguments
     from ..jpeg.transcode import TranscodeOptions
     from ..remote.fs import RemoteOptions
-    from ..store.location import absolute_location, names_a_store
+    from ..store.sources.location import absolute_location, names_a_store
 
     if names_a_store(src):
         if use_dask or scheduler or quality_index:
@@ -199,8 +199,8 @@ def _migrate(src: str, store: str, record_size: int, overwrite: bool, quiet: boo
     from ..convert.target import StoreExists
     from ..remote.fs import RemoteError, RemoteOptions
     from ..store.errors import StoreError
-    from ..store.location import image_tree_example, local_directory
-    from ..store.writer import ResumeMismatch
+    from ..store.sources.location import image_tree_example, local_directory
+    from ..store.write.writer import ResumeMismatch
 
     example = image_tree_example(store)
     if example is not None:
@@ -258,7 +258,7 @@ def _run_convert(src: Path, store: str, kwargs: dict, cluster, progress: _Conver
     from ..convert import StoreExists, convert as run_convert
     from ..jpeg.turbojpeg import TurboJPEGUnavailable
     from ..remote.fs import RemoteError
-    from ..store.writer import ResumeMismatch
+    from ..store.write.writer import ResumeMismatch
 
     try:
         with cluster or nullcontext(None) as client:
@@ -286,7 +286,7 @@ def _run_convert(src: Path, store: str, kwargs: dict, cluster, progress: _Conver
 
 def _report_convert(result, store: str, skip_bad: bool, endpoint_url: str | None) -> None:
     from ..store import format as fmt
-    from ..store.location import join_location
+    from ..store.sources.location import join_location
 
     report_path = join_location(store, fmt.REPORT)
     # the ratio is of the whole source: a resumed run reads only the rest, the store holds all
@@ -321,7 +321,7 @@ def _report_adaptive(store: str, built, entry: dict, endpoint_url: str | None) -
 @endpoint_option
 def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
     """Show counts, classes, scan groups and the bytes each fidelity view needs."""
-    from ..store.verify import cumulative_fractions
+    from ..store.read.verify import cumulative_fractions
 
     s = _open(store, endpoint_url)
     m = s.manifest
@@ -360,7 +360,7 @@ def info(store: str, as_json: bool, endpoint_url: str | None) -> None:
 def _adaptive_views(s) -> dict:
     """`info`'s adaptive views (pcrfs quality --write-index): bytes and fraction of the full view each."""
     from ..quality.scoring import summarize
-    from ..store import adaptiveindex as adaptive
+    from ..store.format import adaptiveindex as adaptive
 
     try:
         index = adaptive.load(s)
@@ -384,7 +384,7 @@ def verify(store: str, quiet: bool, endpoint_url: str | None) -> None:
     """
     from tqdm import tqdm
 
-    from ..store.verify import verify_store
+    from ..store.read.verify import verify_store
 
     s = _open(store, endpoint_url)
     total = int(s.index.records["size"].sum()) if len(s.index.records) else 0
@@ -407,7 +407,7 @@ def verify(store: str, quiet: bool, endpoint_url: str | None) -> None:
 @endpoint_option
 def get(store: str, path: str, k, output, endpoint_url: str | None) -> None:
     """Extract the image at PATH (relative, as in the source tree) at fidelity --scan."""
-    from ..store.reader import CorruptData, StoreUnavailable
+    from ..store.read.reader import CorruptData, StoreUnavailable
 
     s = _open(store, endpoint_url)
     k = k or s.num_groups
@@ -454,7 +454,7 @@ def _write_out(output: Path | None, data: bytes) -> None:
 def _write_pieces(output: Path | None, first: bytes, pieces) -> None:
     """``first`` then every piece to ``output`` (standard output if None), each failure one
     line; a file that could not be written whole is removed (never left partly right)."""
-    from ..store.reader import CorruptData, StoreUnavailable
+    from ..store.read.reader import CorruptData, StoreUnavailable
 
     try:
         out = open(output, "wb") if output is not None else sys.stdout.buffer

@@ -111,7 +111,7 @@ def _describe_choice(choice, metric_label: str) -> str:
 
 
 def _load_adaptive(store):
-    from ..store.adaptiveindex import AdaptiveIndexError, load
+    from ..store.format.adaptiveindex import AdaptiveIndexError, load
 
     try:
         return load(store)
@@ -299,7 +299,7 @@ def _check_usage(ctx: click.Context, plot: Path | None, target_ssim: float | Non
 def _open_scored_store(store: str, endpoint_url: str | None):
     """The store to score (one error line if it cannot be opened or holds no images)."""
     from ..remote.fs import RemoteOptions
-    from ..store.reader import ReadOptions, StoreError, open_store
+    from ..store.read.reader import ReadOptions, StoreError, open_store
 
     try:
         s = open_store(store, options=ReadOptions(remote=RemoteOptions(endpoint_url=endpoint_url)))
@@ -374,7 +374,7 @@ def _write_index_cmd(s, store: str, workers: int, quiet: bool, as_json: bool, us
                      scheduler: str | None, remote) -> None:
     from contextlib import nullcontext
 
-    from ..store.reader import StoreError
+    from ..store.read.reader import StoreError
 
     cluster = dask_cluster(use_dask, scheduler, workers if use_dask else None)
     try:

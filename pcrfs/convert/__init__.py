@@ -5,7 +5,7 @@ becomes record r. Locally, images are processed in that order by a thread pool
 (:mod:`.local`; the libjpeg-turbo transform and Pillow release the GIL) and each
 batch is written as a record when its last file is in; on a Dask cluster
 (:mod:`.dask`) each batch is one task. Either way records reach the store through
-one :class:`~pcrfs.store.sink.RecordSink`, the store is identical whatever the
+one :class:`~pcrfs.store.write.sink.RecordSink`, the store is identical whatever the
 worker count, and a re-run resumes with the records not yet finished.
 
 The store may also be a URL (``s3://bucket/prefix``): the writer's state then waits

@@ -4,15 +4,15 @@ The client lists the source and plans the batches (:func:`.plan.plan_batches`)
 exactly as a local conversion does; each batch still to do becomes one Dask task,
 :func:`convert_batch`, which reads and transcodes the batch's files on a worker
 (:func:`.local.transcode_source`), builds the record
-(:func:`pcrfs.store.writer.build_record`), puts it into the store through the same
-:class:`~pcrfs.store.sink.RecordSink` a local conversion uses and returns only its
+(:func:`pcrfs.store.write.writer.build_record`), puts it into the store through the same
+:class:`~pcrfs.store.write.sink.RecordSink` a local conversion uses and returns only its
 description (a few hundred bytes per image). The client writes each description to
 ``.partial/`` as it arrives, so an interrupted run resumes with the records not yet
 done, and finalizes the store (index, report, manifest last) once all are in.
 Records are therefore byte-identical to a local conversion's.
 
 A record reaches the store atomically whatever happens to a worker (see
-:mod:`pcrfs.store.sink`). A worker that dies mid-task leaves at most a temporary
+:mod:`pcrfs.store.write.sink`). A worker that dies mid-task leaves at most a temporary
 file, which the writer deletes before finalizing; Dask runs the task again elsewhere.
 
 Workers must see the source at the client's path and write the store at the
@@ -31,8 +31,8 @@ from ..cluster import run_bounded
 from ..jpeg.transcode import TranscodeOptions
 from ..remote.fs import RemoteOptions
 from ..store import format as fmt
-from ..store.sink import open_sink
-from ..store.writer import ImageEntry, Problem, StoreWriter, build_record
+from ..store.write.sink import open_sink
+from ..store.write.writer import ImageEntry, Problem, StoreWriter, build_record
 from .local import transcode_source
 from .plan import Batch, ProgressFn, SourceFile
 

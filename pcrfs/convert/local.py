@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..jpeg.transcode import BadImage, SkippedImage, TranscodeOptions, transcode
 from ..store import format as fmt
-from ..store.writer import ImageEntry, Problem, StoreWriter
+from ..store.write.writer import ImageEntry, Problem, StoreWriter
 from .plan import Batch, ProgressFn, SourceFile
 
 

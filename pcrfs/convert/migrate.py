@@ -26,8 +26,8 @@ import numpy as np
 from ..remote.fs import RemoteOptions
 from ..store import format as fmt
 from ..store.errors import CorruptData, StoreUnavailable
-from ..store.reader import ReadOptions, Store, open_store
-from ..store.writer import ImageEntry, Problem, StoreWriter
+from ..store.read.reader import ReadOptions, Store, open_store
+from ..store.write.writer import ImageEntry, Problem, StoreWriter
 from .plan import SourceListing, plan_batches, storage_order
 from .target import FinishedButNotCleaned, StoreTarget
 
@@ -130,7 +130,8 @@ def _copy_batch(old: Store, images: list[StoredImage]) -> tuple[list[ImageEntry]
 def _carry_adaptive_index(old: Store, location: str, remote: RemoteOptions, bad: list[dict]) -> None:
     """The source's adaptive index, for the images the new store holds (by path: the image
     order is the path order in both, less the damaged images)."""
-    from ..store import adaptiveindex as adaptive
+    from ..store.format import adaptiveindex as adaptive
+    from ..store.write import install
 
     try:
         index = adaptive.load(old)
@@ -142,4 +143,4 @@ def _carry_adaptive_index(old: Store, location: str, remote: RemoteOptions, bad:
     kept = [i for i in range(old.num_images) if old.path(i) not in dropped] if dropped else slice(None)
     with open_store(location, options=ReadOptions(remote=remote)) as new:
         # the migration holds the store's lock (a second flock would wait for itself)
-        adaptive.write(new, np.asarray(index.ks)[kept], index.thresholds, store_locked=True)
+        install.adaptive_index(new, np.asarray(index.ks)[kept], index.thresholds, store_locked=True)

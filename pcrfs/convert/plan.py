@@ -20,7 +20,7 @@ import numpy as np
 
 from ..jpeg.transcode import TranscodeOptions
 from ..store import format as fmt
-from ..store.writer import Problem
+from ..store.write.writer import Problem
 
 NAME_MAX = 255  # bytes per path component (Linux's limit, which the mount must meet)
 

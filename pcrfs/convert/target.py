@@ -1,8 +1,8 @@
 """The store a conversion writes: chosen from the path or URL, locked against a second
 conversion, checked (never clobber a finished store; ``--overwrite`` empties one) and
-handed to a :class:`~pcrfs.store.writer.StoreWriter`.
+handed to a :class:`~pcrfs.store.write.writer.StoreWriter`.
 
-The sink (:func:`~pcrfs.store.sink.open_sink`) says where the writer works: in a local
+The sink (:func:`~pcrfs.store.write.sink.open_sink`) says where the writer works: in a local
 store itself, or, for a store at a URL, in a local staging directory (under
 ``~/.cache/pcrfs/staging`` by default) whose resume state, index, report and manifest
 wait there until the sink uploads them.
@@ -22,9 +22,9 @@ import yaml
 from ..fsutil import LockHeld, lock_exclusive
 from ..remote.fs import RemoteOptions
 from ..store import format as fmt
-from ..store.location import local_directory
-from ..store.sink import LocalSink, RecordSink, open_sink, staging_path  # noqa: F401 (staging_path: re-exported)
-from ..store.writer import StoreWriter
+from ..store.sources.location import local_directory
+from ..store.write.sink import LocalSink, RecordSink, open_sink, staging_path  # noqa: F401 (staging_path: re-exported)
+from ..store.write.writer import StoreWriter
 from .plan import refuse_overlap, refuse_swapped
 
 

@@ -1,4 +1,4 @@
-"""The FUSE mount: a thin adapter from the kernel to :class:`pcrfs.views.ViewTree`.
+"""The FUSE mount: a thin adapter from the kernel to :class:`pcrfs.access.views.ViewTree`.
 
 * :mod:`pcrfs.fuse.ops`      -- the mfusepy ``Operations`` (read-only, caching policy)
 * :mod:`pcrfs.fuse.fastpath` -- the optional compiled lookups and reads (``_fastpath.c``)

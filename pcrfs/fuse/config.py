@@ -22,7 +22,7 @@ from ..remote.deadline import DEFAULT_READ_DEADLINE
 from ..units import parse_size
 
 if TYPE_CHECKING:  # the store layer is imported when a mount opens its store
-    from ..store.reader import ReadOptions
+    from ..store.read.reader import ReadOptions
 
 DEFAULT_CACHE_SIZE = "256M"
 
@@ -279,7 +279,7 @@ class MountConfig:
     # -- what the mount is made of
     def read_options(self) -> "ReadOptions":
         from ..remote.fs import RemoteOptions
-        from ..store.reader import ReadOptions
+        from ..store.read.reader import ReadOptions
 
         remote = RemoteOptions(endpoint_url=self.endpoint_url, read_deadline=self.read_deadline or None)
         return ReadOptions(remote=remote, bwlimit=self.bwlimit,

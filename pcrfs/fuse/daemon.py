@@ -33,7 +33,7 @@ from .mounting import (Echo, MountError, MountInfo, READY_TIMEOUT, StartupReport
                        open_store_checked, pid_file_for, prepare_mountpoint, read_pid, resolved)
 
 if TYPE_CHECKING:
-    from ..store.reader import ReadOptions
+    from ..store.read.reader import ReadOptions
 
 log = logging.getLogger("pcrfs.fuse")
 LOG_FORMAT = "%(asctime)s pcrfs[%(process)d] %(levelname)s %(message)s"
@@ -59,7 +59,7 @@ def serve(config: MountConfig, echo: Echo = log.info, read_options: "ReadOptions
     """Mount as ``config`` says and serve in this process until unmounted or signalled.
     ``read_options`` overrides what ``config`` says about reading the store; ``report``
     is told once the store is open and the mount point checked."""
-    from ..views import ViewTree
+    from ..access.views import ViewTree
     from .ops import PcrfsOperations
 
     config = resolved(config)

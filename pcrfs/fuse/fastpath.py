@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..jpeg.scans import EOI_BYTES
-from ..store.largegroups import KEEP_GROUP_BYTES
-from ..views import ViewTree
+from ..store.read.largegroups import KEEP_GROUP_BYTES
+from ..access.views import ViewTree
 
 log = logging.getLogger("pcrfs.fuse")
 

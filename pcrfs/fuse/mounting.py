@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from .config import DEFAULT_CACHE_SIZE, MountConfig
 
 if TYPE_CHECKING:  # the store layer itself is imported when a mount starts
-    from ..store.reader import ReadOptions
+    from ..store.read.reader import ReadOptions
 
 log = logging.getLogger("pcrfs.fuse")
 
@@ -304,14 +304,14 @@ def prepare_mountpoint(mountpoint: str, echo: Echo = _log, allow_nonempty: bool 
 def store_location(store: str | os.PathLike) -> str:
     """An absolute path for a local store (found as :func:`_abs` finds one: the daemon runs
     from another directory); a URL (s3://...) without a trailing slash."""
-    from ..store.location import canonical_location
+    from ..store.sources.location import canonical_location
 
     return canonical_location(store, _abs)
 
 
 def open_store_checked(store: str, cache_bytes: int, read_options: "ReadOptions | None" = None):
     """The store, opened; MountError with the reader's reason if it cannot be."""
-    from ..store.reader import StoreError, open_store
+    from ..store.read.reader import StoreError, open_store
 
     try:
         return open_store(store, cache_bytes=cache_bytes, options=read_options)

@@ -1,4 +1,4 @@
-"""mfusepy ``Operations`` over a :class:`~pcrfs.views.ViewTree`: the whole FUSE adapter.
+"""mfusepy ``Operations`` over a :class:`~pcrfs.access.views.ViewTree`: the whole FUSE adapter.
 
 Semantics (what the kernel sees):
 
@@ -89,8 +89,8 @@ import numpy as np
 
 from ..remote import deadline
 from ..remote.deadline import DeadlineExceeded
-from ..store.reader import CorruptData
-from ..views import FILE_MODE, Attr, DirEntries, DirNode, FileNode, StatsNode, ViewTree
+from ..store.read.reader import CorruptData
+from ..access.views import FILE_MODE, Attr, DirEntries, DirNode, FileNode, StatsNode, ViewTree
 from . import fastpath, load_mfusepy, mfuse_compat
 from .fastpath import FastPath
 

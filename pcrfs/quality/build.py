@@ -31,13 +31,14 @@ import numpy as np
 from PIL import Image
 
 from ..fsutil import write_atomic
-from ..store import adaptiveindex as adaptive
+from ..store.format import adaptiveindex as adaptive
+from ..store.write import install
 
 if TYPE_CHECKING:
     import distributed
 
     from ..remote.fs import RemoteOptions
-    from ..store.reader import Store
+    from ..store.read.reader import Store
 
 PART_IMAGES = 16   # ~0.25 s of scoring; a 400-image record is 25 tasks: 2 workers idle 1/25 at the end (32: 1/13)
 RESUME_DIR = ".adaptive-partial"   # inside a local store; URL stores: $XDG_CACHE_HOME/pcrfs/adaptive/
@@ -130,7 +131,7 @@ def _store_reader(store: "Store", i: int) -> Callable[[int], bytes]:
 
 def resume_dir(location: str) -> Path:
     """Where the scored parts of the store at ``location`` (a directory or a URL) are kept."""
-    from ..store.location import local_work_dir
+    from ..store.sources.location import local_work_dir
 
     return local_work_dir(location, RESUME_DIR, "adaptive")
 
@@ -193,7 +194,7 @@ def _open_for_worker(location: str, binding: int, remote: "RemoteOptions | None"
     """A worker's handle on the store, opened once per process, location and content
     (``binding``: the CRC-32 of its group CRC index file, so a store replaced at the same
     path is opened afresh)."""
-    from ..store.reader import ReadOptions, open_store
+    from ..store.read.reader import ReadOptions, open_store
 
     key = (location, binding)
     store = _worker_stores.get(key)
@@ -305,7 +306,7 @@ def build_and_write(store: "Store", thresholds: Sequence[float] = adaptive.THRES
     """:func:`build`, then install the index atomically, then drop the kept parts
     (``store_locked``: the caller holds the store's lock, see :func:`.scoring.write`)."""
     built = build(store, thresholds, **kwargs)
-    entry = adaptive.write(store, built.ks, thresholds, store_locked=store_locked)
+    entry = install.adaptive_index(store, built.ks, thresholds, store_locked=store_locked)
     built.parts.remove()
     return built, entry
 
@@ -410,7 +411,7 @@ class ConvertScoring:
         """After the manifest: the index from the kept parts (scoring any a run without
         --quality-index left out), written atomically; then the parts go. The caller,
         ``convert``, holds the store's lock."""
-        from ..store.reader import ReadOptions, open_store
+        from ..store.read.reader import ReadOptions, open_store
 
         options = ReadOptions(remote=remote) if remote is not None else ReadOptions()
         with open_store(store_location, options=options) as store:

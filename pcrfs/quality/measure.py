@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from ..store.reader import Store
+from ..store.read.reader import Store
 from . import msssim
 from .luma import decode_luma, luma_of
 
@@ -171,7 +171,7 @@ _worker_store: Store | None = None
 
 def _init_worker(root: str) -> None:
     global _worker_store
-    from ..store.reader import open_store
+    from ..store.read.reader import open_store
 
     _worker_store = open_store(root, verify_index=False)  # the parent has verified it
 
@@ -414,7 +414,7 @@ def quality_table(store: Store, *, sample: int | None = 200, seed: int = 0, timi
     window). ``exhaustive``: :func:`measure_image` for every image, every decode timed
     (the oracle: slower, the same quantities).
     """
-    from ..store.adaptiveindex import THRESHOLDS
+    from ..store.format.adaptiveindex import THRESHOLDS
 
     t0 = time.perf_counter()
     images = sample_images(store.num_images, sample, seed)

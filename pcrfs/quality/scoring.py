@@ -1,7 +1,7 @@
 """Computing the adaptive-k index: per image, the smallest k reaching each MS-SSIM threshold.
 
 The index's format (its file, manifest entry, checks, writing and loading) is
-:mod:`pcrfs.store.adaptiveindex`, beside the store's index; this module scores images
+:mod:`pcrfs.store.format.adaptiveindex`, beside the store's index; this module scores images
 (decoding, MS-SSIM: :mod:`.measure`, :mod:`.search`) to fill it.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..jpeg.scans import EOI_BYTES
-from ..store.adaptiveindex import DTYPE, THRESHOLDS, view_name
-from ..store.reader import Store
+from ..store.format.adaptiveindex import DTYPE, THRESHOLDS, view_name
+from ..store.read.reader import Store
 
 
 def smallest_k(ms_ssim: np.ndarray, n_groups: int, thresholds: Sequence[float] = THRESHOLDS) -> np.ndarray:

@@ -4,6 +4,6 @@
 * :mod:`.bwlimit` -- a token bucket that caps the bandwidth taken from the store;
 * :mod:`.fs`      -- fsspec/s3fs filesystems from URLs, and errors a user can act on.
 
-Nothing here knows about the PCR format; :mod:`pcrfs.store.backends` and
-:mod:`pcrfs.store.location` build the store's view of a remote location on top.
+Nothing here knows about the PCR format; :mod:`pcrfs.store.sources.backends` and
+:mod:`pcrfs.store.sources.location` build the store's view of a remote location on top.
 """

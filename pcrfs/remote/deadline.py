@@ -13,7 +13,7 @@ timeout, once per path and once per waiting reader). Here:
   in other threads (requests in a pool, another reader's fetch): never past the
   deadline. The work left behind ends on its own: each request has its client's
   timeouts, capped to the deadline's length (:func:`pcrfs.remote.fs.filesystem`,
-  :class:`pcrfs.store.backends.ObstoreRecords`), and its retries stop at the
+  :class:`pcrfs.store.sources.backends.ObstoreRecords`), and its retries stop at the
   deadline too (:class:`pcrfs.remote.retry.RetryPolicy`).
 * :meth:`Deadline.run` runs work of a read in a pool thread under the read's
   deadline (:func:`in_worker` is then true: the caller is already waiting with it,

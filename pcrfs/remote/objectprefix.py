@@ -1,7 +1,7 @@
 """One prefix of an object store (``s3://bucket/prefix``) with pcrfs's retry policy.
 
-The reading side (:class:`pcrfs.store.location.RemoteLocation`) and the writing side
-(:class:`pcrfs.store.sink.ObjectSink`) both talk to a store's prefix the same way:
+The reading side (:class:`pcrfs.store.sources.location.RemoteLocation`) and the writing side
+(:class:`pcrfs.store.write.sink.ObjectSink`) both talk to a store's prefix the same way:
 names relative to the store, every call retried by one :class:`~.retry.RetryPolicy`,
 and a failure that survives the retries turned into one readable line. They differ
 only in the exception that line travels in.

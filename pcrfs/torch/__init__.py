@@ -1,19 +1,11 @@
-"""PyTorch without FUSE: a drop-in for ``torchvision.datasets.ImageFolder`` over a store.
+"""``pcrfs.torch``, the public name of :mod:`pcrfs.access.torch` (the FUSE-free access layer's
+package, ``pcrfs/access/``): this module *is* that one (and its submodules are that
+package's), so both names give the same objects."""
+import sys
 
-``RecordShuffleSampler`` (from :mod:`pcrfs.sampling`) yields indices in this
-dataset's order -- the order of ``torchvision.datasets.ImageFolder`` over a mounted
-view -- so it serves both as ``sampler=``.
+from ..access import torch as _module
+from ..access.torch import ahead as _ahead, dataset as _dataset
 
-Needs PyTorch (``pip install 'pcrfs[torch]'``, which also brings torchvision for
-the transforms); importing :mod:`pcrfs` itself never does.
-"""
-try:
-    import torch  # noqa: F401 - absolute: the real PyTorch, not this package
-except ImportError as e:  # pragma: no cover - exercised with torch hidden
-    raise ImportError(f"pcrfs.torch needs PyTorch ({e}): pip install 'pcrfs[torch]'") from e
-
-from ..imagefolder import IMG_EXTENSIONS
-from ..sampling import RecordShuffleSampler  # pure Python; here so `sampler=` is one import away
-from .dataset import ImageFolder, pil_loader
-
-__all__ = ["ImageFolder", "IMG_EXTENSIONS", "RecordShuffleSampler", "pil_loader"]
+sys.modules[__name__] = _module
+sys.modules[__name__ + ".ahead"] = _ahead
+sys.modules[__name__ + ".dataset"] = _dataset

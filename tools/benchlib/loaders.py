@@ -75,7 +75,7 @@ def imagefolder_epoch(root: Path, workers: int, batch: int, seed: int, sampler=N
 
 def pcrfs_dataset(url: str, view: str, storage_options: dict, loader: str = "decode") -> Any:
     """``pcrfs.torch.ImageFolder(url, view=view, storage_options=...)`` with the benchmark's loader."""
-    from pcrfs.torch import ImageFolder
+    from pcrfs.access.torch import ImageFolder
 
     if loader == "bytes":
         return ImageFolder(url, view=view, loader=file_size, transform=None, storage_options=storage_options)
@@ -102,7 +102,7 @@ def epoch_runner(config: dict) -> tuple[Callable[[int], dict], dict]:
     import torchvision.datasets  # noqa: F401
     import torchvision.transforms  # noqa: F401
 
-    from pcrfs.sampling import RecordShuffleSampler
+    from pcrfs.access.sampling import RecordShuffleSampler
 
     rank, world = int(config.get("rank", 0)), int(config.get("world_size", 1))
     workers, batch, loader = int(config["workers"]), int(config["batch"]), config.get("loader", "decode")

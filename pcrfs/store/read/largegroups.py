@@ -11,9 +11,9 @@ import threading
 import zlib
 from collections import OrderedDict
 
-from .backends import RecordSource, Span
-from .cache import ByteLRU
-from .groups import GroupTable
+from ..sources.backends import RecordSource, Span
+from ..sources.cache import ByteLRU
+from ..format.groups import GroupTable
 
 # A group larger than this (or than an eighth of the group cache, if that is more) that a
 # read cuts is not kept in the group cache (it would flush it). Its first read streams it

@@ -8,7 +8,7 @@ of order), so ``kill -9`` at any point loses at most the records in progress.
 ``finalize`` writes the index, the report and, last of all, the manifest: a store
 without ``pcr.yaml`` is never readable as complete.
 
-Records reach the store through a :class:`~pcrfs.store.sink.RecordSink`, the
+Records reach the store through a :class:`~pcrfs.store.write.sink.RecordSink`, the
 one way to write a record (a Dask task writes its own record through one too).
 The writer's own files (``.partial/``, index, report, manifest) are made in its
 working directory: the store itself, or for an object store a local staging
@@ -29,10 +29,10 @@ from typing import Callable, Sequence
 import numpy as np
 import yaml
 
-from .._version import __version__
-from ..fsutil import fsync_dir, write_atomic
-from . import format as fmt
-from .index import Index, StringTable, directories_of
+from ..._version import __version__
+from ...fsutil import fsync_dir, write_atomic
+from .. import format as fmt
+from ..format.index import Index, StringTable, directories_of
 from .sink import LocalSink, RecordSink
 
 

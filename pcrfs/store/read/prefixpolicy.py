@@ -7,7 +7,7 @@ need not cost k ranged GETs per image: one span per record -- fetched as a few
 large parts -- serves every image of the record at that fidelity. Whether that
 pays depends on whether the prefix stays cached until the record's other images
 are read. This module decides; it does no I/O and knows nothing about bytes in
-flight (the store's fetcher, :mod:`pcrfs.store.prefixtier`, does the fetching,
+flight (the store's fetcher, :mod:`pcrfs.store.read.prefixtier`, does the fetching,
 checking and caching).
 
 The policy, per read of image i (record r) at fidelity k:
@@ -93,7 +93,7 @@ The policy, per read of image i (record r) at fidelity k:
   ``VIEW`` mode that fetches the view's prefixes -- at most what the cache holds.
 
 * **a reader that says what it reads** -- a ``RecordShuffleSampler`` over a mount (an
-  extended attribute, :mod:`pcrfs.ahead`) or ``ImageFolder.fetch_ahead`` names the
+  extended attribute, :mod:`pcrfs.access.ahead`) or ``ImageFolder.fetch_ahead`` names the
   records it reads next, and they are fetched ahead of their reads; after that
   (:meth:`RecordPrefixPolicy.announce`) any read of a record whose prefix is not held
   fetches it at once: such a reader keeps at most a cache's worth of records open.

@@ -8,7 +8,7 @@ for ``s3://`` with obstore (Rust ``object_store``), which costs the client ~10x
 less CPU per request and ~3x less per MB than s3fs (``tools/bench_s3_client.py``),
 and is used for ``s3://`` when obstore is installed (:func:`remote_records`). All honour an optional bandwidth
 limit. Which spans to ask for (coalescing, readahead, caching) is decided above
-this layer, in :mod:`pcrfs.store.fetch`.
+this layer, in :mod:`pcrfs.store.read.fetch`.
 
 A remote source's every call ends within the read's deadline (:mod:`pcrfs.remote.deadline`;
 ``RemoteOptions.read_deadline``): the one of the read in progress on the calling thread,
@@ -32,13 +32,13 @@ from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from ..remote.bwlimit import TokenBucket
-from ..remote.deadline import Deadline, DeadlineExceeded, Interrupted, in_worker, scope
-from ..remote.fs import RemoteOptions, explain
-from ..remote.retry import RetryPolicy
-from . import format as fmt
-from .errors import CorruptData, ReadTimedOut, StoreUnavailable
-from .files import open_regular
+from ...remote.bwlimit import TokenBucket
+from ...remote.deadline import Deadline, DeadlineExceeded, Interrupted, in_worker, scope
+from ...remote.fs import RemoteOptions, explain
+from ...remote.retry import RetryPolicy
+from .. import format as fmt
+from ..errors import CorruptData, ReadTimedOut, StoreUnavailable
+from ..format.files import open_regular
 
 log = logging.getLogger("pcrfs.store")
 
@@ -197,7 +197,7 @@ class LocalRecords(RecordSource):
     Descriptors are kept in an LRU table bounded by ``max_open`` (a store may have more
     records than the process may open files: ImageNet at 64 MiB records is ~2,200). Each
     record file is opened as a regular file only (no symlink, FIFO or device; see
-    :mod:`pcrfs.store.files`) and its size and 16-byte header are checked against the
+    :mod:`pcrfs.store.format.files`) and its size and 16-byte header are checked against the
     index every time it is opened, before any byte of it is served. No lock is held
     while a file is opened; a descriptor evicted while a read uses it is closed by the
     last user, so a number is never reused under a running ``pread``.

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .store import format as fmt
-from .store.reader import Store
+from ..store import format as fmt
+from ..store.read.reader import Store
 from .views import ViewTree
 
 # torchvision.datasets.folder.IMG_EXTENSIONS (matched case-insensitively, as there)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import format as fmt
+from .. import format as fmt
 from .files import NotRegularFile, open_regular
 
 

@@ -25,10 +25,10 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
-from .jpeg.scans import EOI_BYTES
-from .store import format as fmt
-from .store.adaptiveindex import AdaptiveIndexError, load as load_adaptive_index
-from .store.reader import Store
+from ..jpeg.scans import EOI_BYTES
+from ..store import format as fmt
+from ..store.format.adaptiveindex import AdaptiveIndexError, load as load_adaptive_index
+from ..store.read.reader import Store
 
 STATS_DIR = ".pcrfs"
 STATS_FILE = "stats"
@@ -42,7 +42,7 @@ FULL_VIEW = "full"
 FILE_MODE = st.S_IFREG | 0o444
 DIR_MODE = st.S_IFDIR | 0o555
 
-log = logging.getLogger("pcrfs.views")
+log = logging.getLogger("pcrfs.access.views")
 
 
 @dataclass(frozen=True)

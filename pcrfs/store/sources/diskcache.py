@@ -31,7 +31,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-from .files import kind_of
+from ..format.files import kind_of
 
 log = logging.getLogger("pcrfs.store")
 

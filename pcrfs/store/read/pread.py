@@ -3,18 +3,18 @@
 A store on local files without readahead, a disk cache or a rate limit needs none of the
 fetching tiers' machinery (futures, fetches in flight shared between readers, merged
 spans): measured, that machinery cost ~7x this floor per file. The store chooses this
-tier when it opens (:attr:`pcrfs.store.reader.Store.tiers`); the mount's compiled read
+tier when it opens (:attr:`pcrfs.store.read.reader.Store.tiers`); the mount's compiled read
 path (:mod:`pcrfs.fuse.fastpath`) does the same work in C where it may.
 """
 from __future__ import annotations
 
 import zlib
 
-from .backends import RecordSource
-from .cache import ByteLRU, GroupKey
-from .groups import GroupTable
+from ..sources.backends import RecordSource
+from ..sources.cache import ByteLRU, GroupKey
+from ..format.groups import GroupTable
 from .largegroups import LargeGroups
-from ..jpeg.scans import EOI_BYTES
+from ...jpeg.scans import EOI_BYTES
 
 Table = tuple[int, list[int], list[int], list[int]]  # (record, offsets, lengths, CRCs) of an image's groups
 
@@ -48,7 +48,7 @@ class LocalPread:
     def piece(self, i: int, table: Table, g: int, lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of group g (0-based) of image i. A group the request covers whole goes
         to the kernel's page cache with the file; one it cuts is read once into the buffers of
-        cut groups (:class:`~pcrfs.store.largegroups.LargeGroups`), so the kernel's pieces of a
+        cut groups (:class:`~pcrfs.store.read.largegroups.LargeGroups`), so the kernel's pieces of a
         file -- sequential, or concurrent from its readahead -- read it from the store once."""
         r, offsets, lengths, crcs = table
         length = lengths[g]

@@ -1,7 +1,7 @@
 """Where a conversion's records go: a local store directory or an object-store prefix.
 
 A :class:`RecordSink` is the one way a record reaches a store, whoever writes it: the
-:class:`~pcrfs.store.writer.StoreWriter` of a local conversion and a Dask task on a
+:class:`~pcrfs.store.write.writer.StoreWriter` of a local conversion and a Dask task on a
 worker (:mod:`pcrfs.convert.dask`) alike. :meth:`~RecordSink.put` is atomic either way:
 on a filesystem through a temporary name unique to the attempt, fsync and rename (two
 attempts of one Dask task, even on two machines, each rename a whole record); at an
@@ -20,11 +20,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..fsutil import write_atomic
-from ..remote.fs import RemoteError, RemoteOptions, explain, is_url
-from ..remote.objectprefix import ObjectPrefix
-from . import format as fmt
-from .location import _digest, default_cache_dir
+from ...fsutil import write_atomic
+from ...remote.fs import RemoteError, RemoteOptions, explain, is_url
+from ...remote.objectprefix import ObjectPrefix
+from .. import format as fmt
+from ..sources.location import _digest, default_cache_dir
 
 Data = bytes | Iterable[bytes | memoryview]  # a record's chunks are written in order, never joined locally
 
@@ -61,7 +61,7 @@ class RecordSink(ABC):
     def staging_dir(self, cache_dir: Path | None = None) -> Path | None:
         """The local directory where a writer keeps its resume state, index, report and
         manifest until :meth:`publish` (``cache_dir``: the cache to put it in, default
-        :func:`~pcrfs.store.location.default_cache_dir`), or None where the writer works
+        :func:`~pcrfs.store.sources.location.default_cache_dir`), or None where the writer works
         in the store itself (a local directory)."""
         return None
 

@@ -1,8 +1,8 @@
 """Where every scan group lives, from the index alone: the table the read path consults.
 
 :class:`GroupTable` answers "groups 1..k of image i: record, offsets, lengths, CRC-32s"
-for the store (:mod:`pcrfs.store.reader`) and the fetchers below it
-(:mod:`pcrfs.store.fetch`, :mod:`pcrfs.store.prefixtier`). It does no I/O and knows
+for the store (:mod:`pcrfs.store.read.reader`) and the fetchers below it
+(:mod:`pcrfs.store.read.fetch`, :mod:`pcrfs.store.read.prefixtier`). It does no I/O and knows
 no store: the fetchers get this table and a record source, never the store, so the
 read path's dependencies point one way (store -> fetchers -> table, source).
 :meth:`GroupTable.corrupt` is the one message for a group that fails its CRC-32,
@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .errors import CorruptData
+from ..errors import CorruptData
 from .index import Index
 
 

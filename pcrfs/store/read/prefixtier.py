@@ -4,11 +4,11 @@
 asked for every read, it answers from
 
 1. the record's prefix in the memory cache (one entry per record, key
-   :class:`~pcrfs.store.cache.PrefixKey`: its bytes were checked when they arrived);
+   :class:`~pcrfs.store.sources.cache.PrefixKey`: its bytes were checked when they arrived);
 2. the record's prefix in the disk cache (one file per record, ``r<record>``,
    holding the record's bytes from the group-1 region on; every group read back is
    checked against its CRC-32, a damaged file is dropped);
-3. a new fetch, when :class:`~pcrfs.store.prefixpolicy.RecordPrefixPolicy` says so: the
+3. a new fetch, when :class:`~pcrfs.store.read.prefixpolicy.RecordPrefixPolicy` says so: the
    span as a few ranged GETs at once, every group of every image in it checked,
    then cached: in the memory cache when the policy finds the whole view fits
    there (written back to the disk cache, if any, when it leaves memory and when
@@ -16,8 +16,8 @@ asked for every read, it answers from
    parts are written straight from the client's buffers and checked through a
    read-only mapping of the file: no copy of the prefix in the daemon's memory),
    else in memory as far as it fits -- or
-4. :class:`~pcrfs.store.tiers.Declined`, with why: the next tier
-   (:class:`~pcrfs.store.fetch.GroupFetcher`) reads the image group by group.
+4. :class:`~pcrfs.store.read.tiers.Declined`, with why: the next tier
+   (:class:`~pcrfs.store.read.fetch.GroupFetcher`) reads the image group by group.
 
 The mount's compiled path serves a record from its cached prefix itself
 (:meth:`PrefixFetcher.prefix_holder`: the buffer in memory or the file on disk,
@@ -59,12 +59,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..remote.deadline import Deadline, DeadlineExceeded, Interrupted
-from .cache import ByteLRU, PrefixKey
-from .diskcache import DiskCache, prefix_entry, record_of_entry
-from .backends import RecordSource
-from .errors import StoreUnavailable
-from .groups import GroupRange, GroupTable
+from ...remote.deadline import Deadline, DeadlineExceeded, Interrupted
+from ..sources.cache import ByteLRU, PrefixKey
+from ..sources.diskcache import DiskCache, prefix_entry, record_of_entry
+from ..sources.backends import RecordSource
+from ..errors import StoreUnavailable
+from ..format.groups import GroupRange, GroupTable
 from .prefixpolicy import PrefixPlan, RecordPrefixPolicy, split_parts
 from .tiers import Declined, Tiers
 

@@ -1,8 +1,8 @@
 """What both fetchers stand on: the group table, the record source, the two caches, and
 their table of fetches in flight.
 
-:class:`~pcrfs.store.fetch.GroupFetcher` (per image) and
-:class:`~pcrfs.store.prefixtier.PrefixFetcher` (per record prefix) read the same tiers
+:class:`~pcrfs.store.read.fetch.GroupFetcher` (per image) and
+:class:`~pcrfs.store.read.prefixtier.PrefixFetcher` (per record prefix) read the same tiers
 in the same order (memory, in flight, disk, source); they differ in the unit they
 fetch, so what they share is this state, not their logic.
 """
@@ -12,10 +12,10 @@ import threading
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
-from .backends import RecordSource
-from .cache import ByteLRU
-from .diskcache import DiskCache
-from .groups import GroupTable
+from ..sources.backends import RecordSource
+from ..sources.cache import ByteLRU
+from ..sources.diskcache import DiskCache
+from ..format.groups import GroupTable
 
 
 class Declined(NamedTuple):

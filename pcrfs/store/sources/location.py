@@ -12,7 +12,7 @@ questions asked of a location the user wrote before anything is opened (is it a
 store, where may work on it be kept, how is it named from another directory): the
 rest of pcrfs never asks which kind of location it has.
 
-The writing side is :mod:`pcrfs.store.sink`.
+The writing side is :mod:`pcrfs.store.write.sink`.
 """
 from __future__ import annotations
 
@@ -29,18 +29,18 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..fsutil import fsync_dir, write_atomic
-from ..imagenames import looks_like_image_tree
-from ..remote.bwlimit import TokenBucket
-from ..remote.fs import RemoteError, RemoteOptions, explain, is_url
-from ..remote.objectprefix import ObjectPrefix
-from . import format as fmt
+from ...fsutil import fsync_dir, write_atomic
+from ...imagenames import looks_like_image_tree
+from ...remote.bwlimit import TokenBucket
+from ...remote.fs import RemoteError, RemoteOptions, explain, is_url
+from ...remote.objectprefix import ObjectPrefix
+from .. import format as fmt
 from .backends import LocalRecords, RecordSource, remote_records
-from .errors import StoreError
-from .files import NotRegularFile, kind_of, read_capped
-from .index import size_limits
+from ..errors import StoreError
+from ..format.files import NotRegularFile, kind_of, read_capped
+from ..format.index import size_limits
+from ..format.manifest import MANIFEST_MAX_BYTES, parse_manifest
 
-MANIFEST_MAX_BYTES = 2 << 20  # a manifest is a few KiB plus a line per class (ImageNet-21k: ~300 KB)
 DEFAULT_READAHEAD = 16 << 20  # bytes per readahead window (remote stores)
 
 
@@ -48,13 +48,13 @@ DEFAULT_READAHEAD = 16 << 20  # bytes per readahead window (remote stores)
 class ReadDefaults:
     """How a location's records are best read, where the read options leave it open."""
     readahead_bytes: int = 0     # readahead window budget (0: off)
-    record_prefix: bool = False  # fetch whole record prefixes (pcrfs.store.prefixpolicy)
+    record_prefix: bool = False  # fetch whole record prefixes (pcrfs.store.read.prefixpolicy)
     # Fetch all of an image's groups 1..k on its first read, not only those a read overlaps:
     # where each request pays a round trip, k concurrent requests beat k sequential ones.
     whole_image: bool = False
     # Reads may bypass the fetcher -- a pread and a CRC per group -- when nothing else
     # (readahead, disk cache, rate limit) is asked for: local files, where the fetcher's
-    # futures and span merging cost several times the read itself (pcrfs.store.reader)
+    # futures and span merging cost several times the read itself (pcrfs.store.read.reader)
     direct: bool = False
 
 
@@ -369,7 +369,7 @@ def open_location(location: str | os.PathLike, options: RemoteOptions = RemoteOp
 
 # ---- questions about a location as the user wrote it, answered without opening it ------------
 # Whether a string names a local directory or a URL is decided here (and in
-# pcrfs.store.sink for writers); callers ask for what they need instead.
+# pcrfs.store.write.sink for writers); callers ask for what they need instead.
 
 def names_a_store(location: str | os.PathLike) -> bool:
     """True if ``location`` is to be read as a store, not as an image tree: a URL (only
@@ -427,3 +427,8 @@ def local_work_dir(location: str | os.PathLike, name: str, cache_area: str) -> P
         return Path(text) / name
     key = hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
     return default_cache_dir() / cache_area / key
+
+
+def read_manifest(root: Path) -> dict:
+    """The manifest of the local store at ``root``."""
+    return parse_manifest(LocalLocation(root).manifest_bytes(), str(Path(root) / fmt.MANIFEST))

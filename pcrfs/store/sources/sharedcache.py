@@ -4,7 +4,7 @@
 cache of its own, each worker downloaded every record prefix the others downloaded
 (2 workers: 2.00x the view's bytes an epoch). :class:`SharedDiskCache` is one
 directory that all of them use, with the properties of
-:class:`~pcrfs.store.diskcache.DiskCache` (private directory, files reached through
+:class:`~pcrfs.store.sources.diskcache.DiskCache` (private directory, files reached through
 directory descriptors without following links, ``O_EXCL|O_NOFOLLOW`` temporary files,
 entries renamed into place whole) and, across processes:
 
@@ -31,7 +31,7 @@ entries renamed into place whole) and, across processes:
   caller's to remove.
 
 The cache checks nothing it stores: callers check every group's CRC-32 in what they
-read back (:class:`~pcrfs.store.prefixtier.PrefixFetcher` does) and :meth:`discard`
+read back (:class:`~pcrfs.store.read.prefixtier.PrefixFetcher` does) and :meth:`discard`
 an entry that fails. Every entry is read through a descriptor of one file, which a
 rename or an eviction by another process cannot change under the reader. Listeners
 (:meth:`on_drop`) hear of the drops this process makes, not of other processes'.

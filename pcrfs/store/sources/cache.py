@@ -2,7 +2,7 @@
 
 Scan group g of an image is the same bytes in every view scanK with K >= g, so
 caching groups (not assembled files) lets scan1, scan5 and full share them.
-Record prefixes (:mod:`pcrfs.store.prefixtier`) share the same budget: any value
+Record prefixes (:mod:`pcrfs.store.read.prefixtier`) share the same budget: any value
 whose ``len()`` is its size in bytes may be cached. Whoever holds on to values past
 a ``get`` (the mount's compiled path) or must save them elsewhere before they go
 (the disk cache's write-back) hears of every value that leaves (:meth:`on_evict`).
@@ -26,7 +26,7 @@ class GroupKey(NamedTuple):
 
 class PrefixKey(NamedTuple):
     """The memory-cache key of record ``record``'s prefix: a
-    :class:`~pcrfs.store.prefixtier.RecordPrefix` (the record-prefix tier's entries)."""
+    :class:`~pcrfs.store.read.prefixtier.RecordPrefix` (the record-prefix tier's entries)."""
     record: int
 
 

@@ -2,7 +2,7 @@
 
 Readers find a record's prefix only when they read its images: each record that joins
 the sampler's window is first read image by image while the store's prefix policy
-(:mod:`pcrfs.store.prefixpolicy`) gathers evidence that the reads are an epoch and stay in
+(:mod:`pcrfs.store.read.prefixpolicy`) gathers evidence that the reads are an epoch and stay in
 few records, then a worker waits for its prefix while the others wait for it too. The
 sampler knows better: its epoch order is fixed, and it hands indices to the loader
 ahead of the workers.
@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-log = logging.getLogger("pcrfs.ahead")
+log = logging.getLogger("pcrfs.access.ahead")
 
 POLL_S = 0.01     # how often the sampler's position is looked at
 HEADROOM = 0.9    # the share of the cache that records in use and fetched ahead may fill (as the window)
@@ -71,7 +71,7 @@ class FetchAhead:
     """Asks ``fetch(r, k)`` for the record prefixes ``sampler``'s order needs next.
 
     ``record_of[j]``: the record of the sampler's index j; ``bounds``: the store's
-    :func:`~pcrfs.store.prefixpolicy.group_bounds`; ``record_ks()``: (a key that changes with
+    :func:`~pcrfs.store.read.prefixpolicy.group_bounds`; ``record_ks()``: (a key that changes with
     the view, i8[R] the groups of each record's prefix the view reads: 0 for none);
     ``capacity``: bytes of the cache the prefixes go to (0: do nothing)."""
 

@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import format as fmt
-from .backends import Span
-from .index import directories_of
+from .. import format as fmt
+from ..sources.backends import Span
+from ..format.index import directories_of
 from .reader import Store
 
 

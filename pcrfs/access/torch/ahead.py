@@ -1,8 +1,8 @@
 """``ImageFolder.fetch_ahead(sampler)``: record prefixes fetched ahead of a sampler into the
-dataset's shared cache (:mod:`pcrfs.store.sharedcache`), where the DataLoader workers find
+dataset's shared cache (:mod:`pcrfs.store.sources.sharedcache`), where the DataLoader workers find
 them -- or wait for the fetch in flight: one flight per record across the processes.
 
-The planning (which records, how many, when) is :class:`pcrfs.ahead.FetchAhead`'s; this
+The planning (which records, how many, when) is :class:`pcrfs.access.ahead.FetchAhead`'s; this
 module gives it the dataset's records, views and store. It needs the shared cache (a
 remote store, ``shared_cache=True``); otherwise it does nothing.
 """
@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from ..ahead import FetchAhead, sampler_position  # noqa: F401 - sampler_position: re-exported
-from ..store.prefixpolicy import group_bounds
+from ...store.read.prefixpolicy import group_bounds
 
 
 def dataset_fetch_ahead(dataset: Any, sampler: Any, ahead: int | None = None,
                         behind: int | None = None) -> FetchAhead:
-    """A :class:`~pcrfs.ahead.FetchAhead` of ``sampler``'s order into ``dataset``'s shared cache."""
+    """A :class:`~pcrfs.access.ahead.FetchAhead` of ``sampler``'s order into ``dataset``'s shared cache."""
     store = dataset._open()
     capacity = int(dataset._options.shared_cache_bytes) if dataset._options.shared_cache else 0
     index = store.index

@@ -18,7 +18,7 @@ so a ``set_view`` between epochs is seen by the next item each worker loads. A
 copy made any other way (``pickle.dumps``, ``copy.deepcopy``) keeps the view it had
 then, with a slot of its own.
 
-Each process opens its own :class:`~pcrfs.store.reader.Store` on first use (a
+Each process opens its own :class:`~pcrfs.store.read.reader.Store` on first use (a
 fork is noticed through :data:`pcrfs.access.forks`), so no file descriptor, lock or
 thread pool crosses a fork.
 
@@ -26,7 +26,7 @@ thread pool crosses a fork.
 as whole record prefixes (remote stores), the stores of all processes reading
 through this dataset -- its DataLoader workers, and the process that made it --
 keep the prefixes in one cache on this machine's disk
-(:class:`~pcrfs.store.sharedcache.SharedDiskCache`), not one each: a record is
+(:class:`~pcrfs.store.sources.sharedcache.SharedDiskCache`), not one each: a record is
 fetched by one worker while any other that needs it waits for it and then reads the
 file (an ``flock`` per record, released by the kernel if the fetching worker dies),
 every group read from it checked against its CRC-32. Its size cap holds for all the
@@ -39,7 +39,7 @@ it is ``disk_cache_bytes`` in ``DISK_CACHE/shared`` (kept for the next run).
 and cap; ``shared_cache=False`` (the argument) gives each process a cache of its own,
 as before. With a :class:`~pcrfs.sampling.RecordShuffleSampler`,
 :meth:`ImageFolder.fetch_ahead` fetches the records its order needs next into that
-cache, so decoding overlaps the download (:mod:`pcrfs.torch.ahead`).
+cache, so decoding overlaps the download (:mod:`pcrfs.access.torch.ahead`).
 """
 from __future__ import annotations
 
@@ -58,10 +58,10 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from .. import access
-from ..access import find_view, read_options
+from ... import access
+from .. import find_view, read_options
 from ..imagefolder import IMG_EXTENSIONS, imagefolder_order
-from ..store.reader import ReadOptions, Store, open_store
+from ...store.read.reader import ReadOptions, Store, open_store
 from ..views import View, ViewTree
 
 
@@ -174,8 +174,8 @@ class ImageFolder(torch.utils.data.Dataset):
     def fetch_ahead(self, sampler: Any, ahead: int | None = None, behind: int | None = None) -> Any:
         """Fetch record prefixes ahead of ``sampler``'s order (a :class:`~pcrfs.sampling.RecordShuffleSampler`
         that a DataLoader over this dataset iterates, in this process) into the shared cache,
-        in a thread, so the workers' decoding overlaps the download: see :mod:`pcrfs.ahead`.
-        Returns the :class:`~pcrfs.ahead.FetchAhead` (``close()`` stops it)."""
+        in a thread, so the workers' decoding overlaps the download: see :mod:`pcrfs.access.ahead`.
+        Returns the :class:`~pcrfs.access.ahead.FetchAhead` (``close()`` stops it)."""
         from .ahead import dataset_fetch_ahead
 
         self._follows_sampler = True  # before the loader starts its workers: they inherit it

@@ -7,9 +7,9 @@ that follow) and checks each group's CRC-32 before returning it, so damaged data
 raises :class:`CorruptData` (errno EIO) instead of coming back as garbage.
 
 A store lives at a local path or at an fsspec URL such as ``s3://bucket/prefix``
-(:mod:`pcrfs.store.location`); the same :class:`Store` serves both. Which bytes
-are requested when (caches, coalescing, readahead) is :mod:`pcrfs.store.fetch`'s
-business; where they come from is a record source's (:mod:`pcrfs.store.backends`).
+(:mod:`pcrfs.store.sources.location`); the same :class:`Store` serves both. Which bytes
+are requested when (caches, coalescing, readahead) is :mod:`pcrfs.store.read.fetch`'s
+business; where they come from is a record source's (:mod:`pcrfs.store.sources.backends`).
 """
 from __future__ import annotations
 
@@ -21,26 +21,26 @@ from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 
-from .cache import ByteLRU
-from .diskcache import DiskCache
-from .sharedcache import SharedDiskCache
-from ..jpeg.scans import EOI_BYTES
+from ..sources.cache import ByteLRU
+from ..sources.diskcache import DiskCache
+from ..sources.sharedcache import SharedDiskCache
+from ...jpeg.scans import EOI_BYTES
 from .readahead import Readahead
-from ..remote.bwlimit import TokenBucket
-from ..remote.fs import RemoteOptions
-from . import format as fmt
-from .backends import RecordSource
-from .errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
+from ...remote.bwlimit import TokenBucket
+from ...remote.fs import RemoteOptions
+from .. import format as fmt
+from ..sources.backends import RecordSource
+from ..errors import CorruptData, StoreError, StoreUnavailable  # noqa: F401 - part of this module's API
 from .fetch import GroupFetcher
-from .groups import GroupRange, GroupTable
+from ..format.groups import GroupRange, GroupTable
 from .prefixpolicy import group_bounds, store_policy
 from .prefixtier import PrefixFetcher
 from .tiers import Declined
-from .index import Index, IndexFileError
+from ..format.index import Index, IndexFileError
 from .largegroups import RANGE_GROUP_BYTES, LargeGroups
 from .pread import LocalPread
-from .manifest import parse_manifest, read_manifest  # noqa: F401 - part of this module's API
-from .location import DEFAULT_READAHEAD, MANIFEST_MAX_BYTES, LocalLocation, StoreLocation, open_location  # noqa: F401
+from ..format.manifest import parse_manifest
+from ..sources.location import DEFAULT_READAHEAD, MANIFEST_MAX_BYTES, LocalLocation, StoreLocation, open_location, read_manifest  # noqa: F401
 
 ImageRef = Union[int, str]
 
@@ -54,15 +54,15 @@ class ReadOptions:
     disk_cache: str | None = None         # directory for a size-capped on-disk group cache
     disk_cache_bytes: int = 10 << 30
     readahead_bytes: int | None = None    # window budget; None: the location's default; 0: off
-    record_prefix: bool | None = None     # whole-record prefixes (pcrfs.store.prefixpolicy); None: the location's default
+    record_prefix: bool | None = None     # whole-record prefixes (pcrfs.store.read.prefixpolicy); None: the location's default
     # A record-prefix cache in a directory the processes of one node share (DataLoader workers:
-    # pcrfs.store.sharedcache), capped at shared_cache_bytes for all of them together; it takes
+    # pcrfs.store.sources.sharedcache), capped at shared_cache_bytes for all of them together; it takes
     # the place of disk_cache (which still holds the index copy)
     shared_cache: str | None = None
     shared_cache_bytes: int = 0
     # processes that split one pass over the store between them (DataLoader workers sharing
     # shared_cache): each sees 1/readers of a record's reads, so a mixed record's prefix is
-    # fetched after 1/readers of the reads one process would wait for (pcrfs.store.prefixpolicy)
+    # fetched after 1/readers of the reads one process would wait for (pcrfs.store.read.prefixpolicy)
     prefix_readers: int = 1
 
     def readahead_for(self, location: StoreLocation) -> int:
@@ -93,7 +93,7 @@ class Store:
         if index.shuffled and prefixes is not None:
             # records that mix the dataset: the images after one in path order lie all over
             # the store, so readahead would fetch them one by one and their record prefixes
-            # again; a path-order pass is served by record prefixes (see store/prefixpolicy.py)
+            # again; a path-order pass is served by record prefixes (see store/read/prefixpolicy.py)
             readahead_bytes = 0
         # a shared disk cache holds record prefixes only (an entry per image would be a file
         # per image, counted by every writer of every process)
@@ -154,7 +154,7 @@ class Store:
         """A reader that knows its order (a ``RecordShuffleSampler``, whose window fits the
         cache) reads this store: from now on a read of a record whose prefix is not held
         fetches it at once, without waiting for evidence of an epoch or of locality (see
-        :meth:`~pcrfs.store.prefixpolicy.RecordPrefixPolicy.announce`). Nothing where record
+        :meth:`~pcrfs.store.read.prefixpolicy.RecordPrefixPolicy.announce`). Nothing where record
         prefixes are not read."""
         if self.prefixes is not None:
             self.prefixes.announce()
@@ -162,7 +162,7 @@ class Store:
     def note_listed(self, dir_id: int) -> None:
         """A reader listed directory ``dir_id`` of a view. On a store whose records mix the
         dataset, a listing of every class directory is how a dataset loader starts an epoch
-        (see :meth:`~pcrfs.store.prefixpolicy.EpochGate.listed`); anything else is ignored."""
+        (see :meth:`~pcrfs.store.read.prefixpolicy.EpochGate.listed`); anything else is ignored."""
         prefixes = self.prefixes
         if prefixes is None or not self.index.shuffled:
             return
@@ -196,7 +196,7 @@ class Store:
     def _fetch_groups(self, i: int, k: int, wanted: list[GroupRange]) -> list[bytes]:
         """Verified bytes of ``wanted`` (groups of image i at fidelity k) through the tiers, in
         order, within one deadline for the whole read: record prefixes serve them or decline
-        (:class:`~pcrfs.store.tiers.Declined`), per-image groups always serve."""
+        (:class:`~pcrfs.store.read.tiers.Declined`), per-image groups always serve."""
         with self.records.deadline() as deadline:
             if self.prefixes is not None:
                 out = self.prefixes.serve(i, k, wanted, deadline)
@@ -314,7 +314,7 @@ class Store:
     def read_at(self, image: ImageRef, k: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the fidelity-k file, reading only the
         groups that overlap the request (each whole, to check its CRC, except a large
-        group the request cuts: :class:`~pcrfs.store.largegroups.LargeGroups`)."""
+        group the request cuts: :class:`~pcrfs.store.read.largegroups.LargeGroups`)."""
         i = self._ref(image)
         table = self.groups.table(i, k)  # (record, offsets, lengths, crcs)
         lengths = table[2]
@@ -334,7 +334,7 @@ class Store:
     def _fetched_pieces(self, i: int, k: int, table: tuple[int, list[int], list[int], list[int]],
                         cuts: list[tuple[int, int, int]]) -> list[bytes]:
         """The pieces ``cuts`` of image i's groups through the tiers: the groups they need
-        in one request to it, except a large group a piece cuts (:class:`~pcrfs.store.largegroups.LargeGroups`)."""
+        in one request to it, except a large group a piece cuts (:class:`~pcrfs.store.read.largegroups.LargeGroups`)."""
         r, offsets, lengths, crcs = table
         big = self.range_group_bytes
         ranged = {g for g, lo, hi in cuts if lengths[g] > big and hi - lo < lengths[g]}
@@ -345,7 +345,7 @@ class Store:
 
     def cut_groups(self, image: int) -> list[tuple[int, bytearray]]:
         """(1-based group, checked bytes) of the image's groups that reads cut and whose private
-        copies are kept (:class:`~pcrfs.store.largegroups.LargeGroups`): for the mount's compiled
+        copies are kept (:class:`~pcrfs.store.read.largegroups.LargeGroups`): for the mount's compiled
         path, which then serves the rest of the file without reading them again."""
         return self.large.cut_groups(image, int(self.index.images["n_groups"][image]))
 

@@ -1,30 +1,30 @@
 """From "groups of image i" to verified bytes: caches, requests in flight, readahead.
 
 :class:`GroupFetcher` sits between the group table (which groups an image at
-fidelity k needs, where they are: :class:`~pcrfs.store.groups.GroupTable`) and a
+fidelity k needs, where they are: :class:`~pcrfs.store.format.groups.GroupTable`) and a
 record source (bytes of spans); it is given both and never calls back into the
 store. For every group it tries, in order:
 
-1. the memory cache (:class:`~pcrfs.store.cache.ByteLRU`, keyed (image, group));
+1. the memory cache (:class:`~pcrfs.store.sources.cache.ByteLRU`, keyed (image, group));
 2. a request already in flight for it (another reader's, or readahead's);
-3. the disk cache (:class:`~pcrfs.store.diskcache.DiskCache`), one file per image
+3. the disk cache (:class:`~pcrfs.store.sources.diskcache.DiskCache`), one file per image
    holding a prefix of its groups (groups 1..m, concatenated);
 4. the source: the missing groups become spans, adjacent spans are merged
-   (:func:`~pcrfs.store.backends.coalesce`), and all of them are requested at
+   (:func:`~pcrfs.store.sources.backends.coalesce`), and all of them are requested at
    once.
 
 It is the store's last read tier (:mod:`pcrfs.store.readpath`): the record-prefix
 tier before it may have served the read or declined it.
 
 Every group's CRC-32 is checked before its bytes are returned or cached.
-A read has one deadline (:meth:`~pcrfs.store.backends.RecordSource.deadline`, opened
+A read has one deadline (:meth:`~pcrfs.store.sources.backends.RecordSource.deadline`, opened
 by the read path and handed to every tier): its record-prefix attempt, the per-image
 fetch after it and any wait on a fetch another reader started all end by then
 (:class:`~pcrfs.store.errors.ReadTimedOut`, EIO).
 With ``whole_image`` (remote stores) the first read of an image fetches all
 its groups 1..k together, not only those the read overlaps: the kernel reads
 a file in 128 KiB pieces, and k concurrent requests beat k sequential ones.
-A :class:`~pcrfs.store.readahead.Readahead` policy, if given, is told about every
+A :class:`~pcrfs.store.read.readahead.Readahead` policy, if given, is told about every
 read and answers with runs of following images; those are fetched in the
 background, one span per (record, group) -- "groups 1..k of the next images"
 costs k requests, whatever the number of images.
@@ -39,13 +39,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..remote.deadline import Deadline
-from .cache import ByteLRU, GroupKey
-from .diskcache import DiskCache, image_entry
+from ...remote.deadline import Deadline
+from ..sources.cache import ByteLRU, GroupKey
+from ..sources.diskcache import DiskCache, image_entry
 from .readahead import Readahead
-from .backends import RecordSource, Span, coalesce
-from .errors import CorruptData
-from .groups import GroupRange, GroupTable
+from ..sources.backends import RecordSource, Span, coalesce
+from ..errors import CorruptData
+from ..format.groups import GroupRange, GroupTable
 from .tiers import Tiers
 
 log = logging.getLogger("pcrfs.store")
@@ -57,7 +57,7 @@ class GroupFetcher(Tiers):
     """Verified groups of images, from the caches, requests in flight, or ``source``.
 
     ``large_group_bytes``: groups longer than this are the store's to read by range
-    (:meth:`pcrfs.store.reader.Store.read_at`), so neither a whole-image fetch nor
+    (:meth:`pcrfs.store.read.reader.Store.read_at`), so neither a whole-image fetch nor
     readahead reads them whole in passing."""
 
     def __init__(self, groups: GroupTable, source: RecordSource, memory: ByteLRU | None = None,

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from . import format as fmt
-from .errors import StoreError
-from .location import MANIFEST_MAX_BYTES, LocalLocation
+from .. import format as fmt
+from ..errors import StoreError
 
 
 class _ManifestLoader(yaml.SafeLoader):
@@ -28,6 +27,7 @@ class _ManifestLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+MANIFEST_MAX_BYTES = 2 << 20  # a manifest is a few KiB plus a line per class (ImageNet-21k: ~300 KB)
 MANIFEST_MAX_DEPTH = 64  # nested collections in a manifest (pcrfs writes 3)
 
 
@@ -116,9 +116,3 @@ def parse_manifest(raw: bytes, where: str) -> dict:
 
 def _uint(value: object) -> bool:
     return type(value) is int and value >= 0
-
-
-def read_manifest(root: Path) -> dict:
-    """The manifest of the local store at ``root``."""
-    location = LocalLocation(root)
-    return parse_manifest(location.manifest_bytes(), str(Path(root) / fmt.MANIFEST))

@@ -13,10 +13,10 @@ import re
 from dataclasses import fields
 from typing import Any, Mapping
 
-from .remote.fs import RemoteOptions
-from .store.adaptiveindex import AdaptiveIndexError, load as load_adaptive_index
-from .store.errors import StoreError
-from .store.reader import ReadOptions, Store, open_store
+from ..remote.fs import RemoteOptions
+from ..store.format.adaptiveindex import AdaptiveIndexError, load as load_adaptive_index
+from ..store.errors import StoreError
+from ..store.read.reader import ReadOptions, Store, open_store
 from .views import View, ViewTree
 
 _REMOTE_KEYS = {f.name for f in fields(RemoteOptions)}

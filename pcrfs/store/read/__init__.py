@@ -1,0 +1,1 @@
+"""Reading a store: the Store, its read tiers and their pure policies."""

@@ -1,0 +1,1 @@
+"""Where records come from and what keeps them: locations, record sources, caches."""
