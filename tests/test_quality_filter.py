@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pcrfs.quality import luma, msssim, search
-from pcrfs.store.adaptiveindex import THRESHOLDS
+from pcrfs.store.format.adaptiveindex import THRESHOLDS
 
 compiled = pytest.mark.skipif(search._ssimfilter is None, reason="pcrfs.quality._ssimfilter was not built")
 
