@@ -72,6 +72,7 @@ from benchlib.machine import machine_facts, source_state  # noqa: E402
 from pcrfs.quality import measure, search  # noqa: E402
 from pcrfs.quality import scoring as adaptive  # noqa: E402
 from pcrfs.store.format import adaptiveindex as index_format  # noqa: E402
+from pcrfs.store.write import install  # noqa: E402
 from pcrfs.quality.plot import plot_table  # noqa: E402
 
 
@@ -579,7 +580,7 @@ def index_costs(args: argparse.Namespace, tmp: Path, src: Path, store, store_pat
     t0 = time.perf_counter()
     ks, failures = adaptive.compute(store, workers=args.workers)
     index_s = time.perf_counter() - t0
-    index_format.write(store_path, ks)
+    install.adaptive_index(store_path, ks)
     conv_cost = convert_cost(src, tmp, args.convert_rounds) if args.convert_rounds else None
     if conv_cost:
         print(f"convert: {conv_cost['convert']['cpu_ms_per_image']} ms CPU per image; with --quality-index "
