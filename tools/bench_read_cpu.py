@@ -79,9 +79,19 @@ def _shuffled(n: int, seed: int) -> list[int]:
     return order
 
 
+def _reader():
+    """(ReadOptions, open_store) of the variant's pcrfs, before or after the store's split into
+    subpackages (f036d8a moved pcrfs/store/reader.py to pcrfs/store/read/reader.py)."""
+    try:
+        from pcrfs.store.read.reader import ReadOptions, open_store
+    except ImportError:
+        from pcrfs.store.reader import ReadOptions, open_store  # type: ignore[no-redef]
+    return ReadOptions, open_store
+
+
 def local_reader(config: dict):
     """The local store kept open; ``pass(view, seed)``: CPU µs per file of one pass of whole files."""
-    from pcrfs.store.read.reader import open_store
+    _, open_store = _reader()
 
     _warm(config["store"])
     s = open_store(config["store"])
@@ -114,7 +124,7 @@ def _epoch_us(s, k: int, order: list[int]) -> float:
 def remote_reader(config: dict):
     """``epochs(seed)``: a fresh store of the s3:// URL, epoch 1 and epoch 2, CPU µs per image each."""
     from pcrfs.remote.fs import RemoteOptions
-    from pcrfs.store.read.reader import ReadOptions, open_store
+    ReadOptions, open_store = _reader()
 
     opts = ReadOptions(remote=RemoteOptions(endpoint_url=config["endpoint"]), cache_bytes=256 << 20,
                        readahead_bytes=0, record_prefix=True)
