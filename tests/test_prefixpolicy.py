@@ -98,9 +98,15 @@ def test_plans_split_large_spans_into_parts():
     assert plan.parts[0][0] == plan.start and sum(n for _, n in plan.parts) == plan.end - plan.start
 
 
-def window_policy(records: int) -> RecordPrefixPolicy:
-    # 10 records fit (10 MiB each at k=4, 0.9 x 112 MiB); a history of 30 reads
-    return RecordPrefixPolicy(bounds(records=records), memory_bytes=112 * MiB, disk_bytes=0)
+def window_policy(records: int, mixed: bool = False) -> RecordPrefixPolicy:
+    # 10 records fit (10 MiB each at k=4, 0.9 x 112 MiB); a history of 30 reads. ``mixed``: the
+    # records mix the dataset (a shuffled store: pins apply), with an epoch gate open from the start
+    from pcrfs.store.read.prefixpolicy import EpochGate
+
+    gate = EpochGate(np.zeros(records, np.int64), min_images=1) if mixed else None
+    if gate is not None:
+        gate.listed(0)  # the one class listed: a loader's walk opened it
+    return RecordPrefixPolicy(bounds(records=records), memory_bytes=112 * MiB, disk_bytes=0, gate=gate)
 
 
 def test_window_mode_fetches_once_reads_show_record_locality():
@@ -111,7 +117,7 @@ def test_window_mode_fetches_once_reads_show_record_locality():
     plans = [p.access(r, 4, held=0) for _ in range(5) for r in range(8)]
     assert plans[:29] == [None] * 29
     assert [pl.record for pl in plans[29:]] == [5, 6, 7] + list(range(8))
-    assert p.stats() == {"fetches": 11, "declined": 29, "deferred": 0}
+    assert p.stats() == {"fetches": 11, "declined": 29, "deferred": 0, "pinned": 0}
 
 
 @pytest.mark.parametrize("records", [20, 30, 1000])
@@ -232,8 +238,8 @@ def test_in_view_mode_an_open_gate_fetches_at_once_and_prefetches_the_rest():
     plan = view.access(3, 4, 0, image=100)              # class 1's first image: fetched at once
     assert plan is not None and plan.record == 3
     assert view.prefetch(3, 4) == [0, 1, 2, 4, 5, 6, 7]  # and the rest of the view, ahead
-    one = bounds(records=8)
-    fit_two = int((one[:, 4] - one[:, 0]).mean() * 2.5)  # ~2 average prefixes fit: WINDOW mode
+    one = bounds(records=16)
+    fit_two = int((one[:, 4] - one[:, 0]).mean() * 2.5)  # ~2 average prefixes fit (of 16: too few to pin)
     window = RecordPrefixPolicy(one, fit_two, gate=EpochGate(classes_of, min_images=5))
     assert window.mode(4)[0] is Mode.WINDOW
     window.access(0, 4, 0, image=500)
@@ -286,3 +292,99 @@ def test_a_walk_of_every_class_directory_opens_the_gate_and_one_class_listing_do
     ungated = RecordPrefixPolicy(bounds(records=8), 1 << 40)
     ungated.listed(0)                                      # a store in source order: no gate at all
     assert "epoch_gate" not in ungated.stats()
+
+
+def test_window_mode_pins_prefixes_where_the_cache_holds_a_large_share_of_the_records():
+    """Reads that are not record-local (a uniform shuffle; a path-order pass over a shuffled
+    store) with 10 of 20 records fitting: the first 10 records met are fetched once and kept,
+    so about half the reads come from prefixes and nothing is fetched twice (the first 30
+    reads fill the history, image by image). With 10 of 1,000 fitting nothing is pinned
+    (they would serve 1 % of the reads)."""
+    rng = random.Random(3)
+    held: dict[int, int] = {}            # what a cache that keeps every fetched prefix holds
+    p = window_policy(20, mixed=True)
+    served = fetched = 0
+    for _ in range(4000):
+        r = rng.randrange(20)
+        plan = p.access(r, 4, held=held.get(r, 0))
+        if plan is not None:
+            fetched += 1
+            held[r] = plan.groups
+        served += r in held
+    assert fetched == 10 == p.stats()["pinned"] and len(held) == 10
+    assert 0.45 < served / 4000 < 0.55
+    assert p.access(next(iter(held)), 4, held=4) is None     # a kept prefix serves, no new fetch
+    few = window_policy(1000, mixed=True)
+    assert all(few.access(rng.randrange(1000), 4, held=0) is None for _ in range(4000))
+    assert few.stats()["pinned"] == 0
+    source = window_policy(20)
+    for _ in range(4000):
+        source.access(rng.randrange(20), 4, held=0)
+    assert source.stats()["pinned"] == 0
+
+
+def test_a_pinned_prefix_dropped_stops_pinning_at_that_fidelity():
+    """A pinned record read again with nothing held was evicted (the other reads' groups need
+    the cache): pinning more would fetch prefixes to lose them, so it stops -- at that k only."""
+    p = window_policy(20, mixed=True)
+    assert all(p.access(5 + t % 15, 4, held=0) is None for t in range(29))  # the history fills: 15 records
+    assert p.access(0, 4, held=0) is not None                # not local: pinned
+    assert p.access(1, 4, held=0) is not None
+    assert p.access(0, 4, held=2) is not None                 # held, at a lower k: extended
+    assert p.access(1, 4, held=0) is None                     # dropped: no refetch ...
+    assert p.access(2, 4, held=0) is None                     # ... and no new pin at k = 4
+    assert p.stats()["pinned"] == 2
+    # k = 3 pins on its own (16 fit there): once 48 reads fill its history, records are pinned
+    held: dict[int, int] = {}
+    for t in range(60):
+        r = 5 + t % 15
+        plan = p.access(r, 3, held=held.get(r, 0))
+        if plan is not None:
+            held[r] = plan.groups
+    assert len(held) == 15 and p.stats()["pinned"] > 2      # each fetched once, kept
+
+
+def test_the_memory_cache_evicts_no_kept_entry():
+    """ByteLRU.keep_while: kept entries (pinned record prefixes) are passed over by eviction,
+    whatever their age; a value that fits only by evicting kept ones is not cached."""
+    from pcrfs.store.sources.cache import ByteLRU, GroupKey, PrefixKey
+
+    cache = ByteLRU(100)
+    pinned = {1, 2}
+    cache.keep_while(lambda key: type(key) is PrefixKey and key.record in pinned)
+    gone = []
+    cache.on_evict(lambda key, value: gone.append(key))
+    cache.put(PrefixKey(1), b"a" * 30)
+    cache.put(PrefixKey(2), b"b" * 30)
+    for i in range(10):                                   # per-image groups stream through
+        cache.put(GroupKey(i, 1), b"g" * 20)
+    assert cache.peek(PrefixKey(1)) is not None and cache.peek(PrefixKey(2)) is not None
+    assert gone == [GroupKey(i, 1) for i in range(8)] and cache.nbytes == 100
+    cache.put(GroupKey(99, 1), b"x" * 50)                  # fits only by evicting a pinned prefix
+    assert cache.peek(GroupKey(99, 1)) is None and cache.peek(PrefixKey(1)) is not None
+    assert gone[-1] == GroupKey(99, 1) and cache.nbytes <= 100
+    pinned.clear()                                        # unpinned: ordinary entries again
+    cache.put(GroupKey(100, 1), b"y" * 50)
+    assert cache.peek(GroupKey(100, 1)) is not None and cache.nbytes <= 100
+
+
+def test_pins_never_take_more_than_the_memory_cache_headroom():
+    """The cache keeps pinned prefixes whatever else is read, so their bytes stay within 90 %
+    of the memory cache, however many records would fit by the average prefix."""
+    sizes = bounds(records=20)
+    sizes[:2, 4] += 30 * MiB                              # records 0 and 1: 40 MiB prefixes, the rest 10
+    from pcrfs.store.read.prefixpolicy import EpochGate
+
+    gate = EpochGate(np.zeros(20, np.int64), min_images=1)
+    gate.listed(0)
+    p = RecordPrefixPolicy(sizes, memory_bytes=112 * MiB, gate=gate)
+    assert p.mode(4) == (Mode.WINDOW, 7)                  # 7 average (13 MiB) prefixes fit
+    held: dict[int, int] = {}
+    for t in range(400):
+        r = (t * 7) % 20
+        plan = p.access(r, 4, held=held.get(r, 0))
+        if plan is not None:
+            held[r] = plan.groups
+    pinned = [r for r in range(20) if p.is_pinned(r)]
+    assert sum(int(sizes[r, 4] - sizes[r, 0]) for r in pinned) <= 0.9 * 112 * MiB
+    assert 0 in pinned and 1 in pinned and len(pinned) < 7  # the byte cap, not the count, stopped them

@@ -122,6 +122,8 @@ class PrefixFetcher(Tiers):
         self._shared = bool(getattr(disk, "shared", False))
         if memory is not None:
             memory.on_evict(self._left_memory)
+            # pinned prefixes stay: the compiled path reads them without refreshing their LRU place
+            memory.keep_while(lambda key: type(key) is PrefixKey and policy.is_pinned(key.record))
         if disk is not None:
             disk.on_drop(self._left_disk)
 

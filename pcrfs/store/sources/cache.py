@@ -41,6 +41,15 @@ class ByteLRU:
         self.hits = 0
         self.misses = 0
         self._evict_listeners: list[Callable[[Hashable, Any], None]] = []
+        self._kept: Callable[[Hashable], bool] | None = None
+
+    def keep_while(self, kept: Callable[[Hashable], bool]) -> None:
+        """Evict no entry for which ``kept(key)`` is true (called under the cache's lock: it
+        must be quick and take no lock of the cache's): the record-prefix tier's pinned
+        prefixes, which the mount's compiled path reads without refreshing them here. A value
+        that fits only by evicting kept entries is not cached (the owner of ``kept`` keeps its
+        entries' total below the capacity)."""
+        self._kept = kept
 
     def on_evict(self, listener: Callable[[Hashable, Any], None]) -> None:
         """Call ``listener(key, value)`` after a value leaves (evicted or replaced; no lock held)."""
@@ -82,10 +91,21 @@ class ByteLRU:
                 gone.append((key, old))
             self._items[key] = value
             self._bytes += size
+            kept, skipped = self._kept, 0
             while self._bytes > self.capacity:
-                evicted = self._items.popitem(last=False)
-                self._bytes -= len(evicted[1])
-                gone.append(evicted)
+                oldest = next(iter(self._items))
+                if kept is not None and oldest != key and kept(oldest):
+                    self._items.move_to_end(oldest)  # kept: to the back of the line
+                    skipped += 1
+                    if skipped < len(self._items):
+                        continue
+                    oldest = key  # only kept entries besides it: the new value goes
+                value_gone = self._items.pop(oldest)
+                self._bytes -= len(value_gone)
+                gone.append((oldest, value_gone))
+                skipped = 0
+                if oldest == key:
+                    break
         if gone and self._evict_listeners:
             for k, v in gone:
                 for listener in self._evict_listeners:
