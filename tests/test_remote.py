@@ -514,3 +514,42 @@ def test_adaptive_views_of_a_remote_store(demo_src, remote, moto, local, mounts)
     assert fs.exists(f"{BUCKET}/adaptive.pcr/index/{again['file']}")
     assert not fs.exists(f"{BUCKET}/adaptive.pcr/index/{entry['file']}")
     assert np.array_equal(adaptive.load(pcrfs.open_store(url, options=ropts(remote))).ks, whole)
+
+
+def test_opening_a_store_on_an_endpoint_that_never_answers_ends_within_the_read_deadline():
+    """An endpoint that accepts connections and never answers: opening a store there (its
+    first request, the manifest) gives up within the read deadline, all retries included --
+    before, attempts x read timeout (2.5 minutes at the defaults)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])  # accepted, never answered
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        remote = RemoteOptions(endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}", read_deadline=2.0)
+        t0 = time.monotonic()
+        with pytest.raises(StoreError) as e:
+            open_store("s3://bucket/x.pcr", options=ReadOptions(remote=remote))
+        took = time.monotonic() - t0
+        assert took < 8, took           # one 2 s attempt and no retry past the deadline; 5 attempts were ~12 s
+        assert "s3://bucket/x.pcr" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        stop.set()
+        t.join()
+        for c in held:
+            c.close()
+        server.close()

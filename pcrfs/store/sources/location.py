@@ -31,6 +31,7 @@ import numpy as np
 
 from ...fsutil import fsync_dir, write_atomic
 from ...imagenames import looks_like_image_tree
+from ...remote import deadline as deadlines
 from ...remote.bwlimit import TokenBucket
 from ...remote.fs import RemoteError, RemoteOptions, explain, is_url
 from ...remote.objectprefix import ObjectPrefix
@@ -258,6 +259,13 @@ class RemoteLocation(ObjectPrefix, StoreLocation):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
 
     def manifest_bytes(self) -> bytes:
+        # the store's first request says whether the endpoint answers at all: within the read
+        # deadline, all retries included (an endpoint that accepts connections and never
+        # answers took attempts x read timeout, 2.5 minutes, before this)
+        with deadlines.scope(self.options.read_deadline):
+            return self._manifest_bytes()
+
+    def _manifest_bytes(self) -> bytes:
         try:
             data = self._call(lambda: self.fs.cat_file(self._path(fmt.MANIFEST), start=0, end=MANIFEST_MAX_BYTES + 1),
                               f"GET {self.url}/{fmt.MANIFEST}")
