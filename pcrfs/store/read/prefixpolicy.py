@@ -32,12 +32,14 @@ The policy, per read of image i (record r) at fidelity k:
     30 or more), so it keeps reading image by image
     instead of fetching prefixes that would be evicted before the record's
     other images are read (with 30 % fitting, a prefix would serve ~1 % of its
-    images) -- except, on a store whose records mix the dataset, where the cache holds at
-    least ``PIN_MIN_SHARE`` of the records: there the first ``fit`` records such reads meet are fetched and kept
-    (*pinned*, :meth:`RecordPrefixPolicy._pin`), so that share of the reads is served
-    by prefixes fetched once (measured: a path-order pass over a shuffled store with a
-    cache holding 9 of its 15 records fetched 8.4x the view's bytes before pinning). The first ``history_factor * fit`` reads of a mount are read image
-    by image while the history fills: a fixed cost of about
+    images) -- except, on a store whose records mix the dataset, where the cache
+    holds at least ``PIN_MIN_SHARE`` of the records: there the first ``fit``
+    records such reads meet are fetched and kept (*pinned*,
+    :meth:`RecordPrefixPolicy._pin`), so that share of the reads is served by
+    prefixes fetched once (measured: a path-order pass over a shuffled store with
+    a cache holding 9 of its 15 records fetched 8.4x the view's bytes before
+    pinning, 1.01x after). The first ``history_factor * fit`` reads of a mount are
+    read image by image while the history fills: a fixed cost of about
     ``history_factor * fit * k`` requests.
   - ``IMAGES`` otherwise: per-image reads (every group of the image at once),
     as without this module -- also from the moment a fetched prefix could be kept
@@ -105,7 +107,10 @@ The policy, per read of image i (record r) at fidelity k:
 * **what to evict** -- nothing is chosen here: a record's prefix is one entry of
   the memory cache and one file of the disk cache, so both caches' LRU order
   drops least recently read records whole. ``VIEW`` mode keeps ``headroom`` so
-  the view's own prefixes do not evict each other.
+  the view's own prefixes do not evict each other. Pinned prefixes are the
+  exception: the memory cache evicts none (:meth:`RecordPrefixPolicy.is_pinned`,
+  ``ByteLRU.keep_while``), as the mount's compiled path reads them without
+  refreshing their place; their bytes stay within ``headroom`` of it.
 """
 from __future__ import annotations
 
