@@ -113,7 +113,7 @@ class Store:
         self._class_first = np.array([int(index.dir_ranges[d][0]) for d in depth1], dtype=np.int64)
         self._class_end = np.array([int(index.dir_ranges[d][1]) for d in depth1], dtype=np.int64)
         self._mtime_col = index.images["src_mtime_ns"]  # a plain column: cheaper to index than a row's field
-        self._class_of_dir: dict[int, int] | None = None  # note_listed's map, made on first use
+        self._class_of_dir = {d: c for c, d in enumerate(depth1)}  # a class directory's class number
 
     def _prefix_fetcher(self, cache: ByteLRU | None, disk: DiskCache | None) -> PrefixFetcher | None:
         """Record-prefix fetching, by default where the location says (the policy falls back to
@@ -163,22 +163,15 @@ class Store:
         """A reader listed directory ``dir_id`` of a view. On a store whose records mix the
         dataset, a listing of every class directory is how a dataset loader starts an epoch
         (see :meth:`~pcrfs.store.read.prefixpolicy.EpochGate.listed`); anything else is ignored."""
-        prefixes = self.prefixes
-        if prefixes is None or not self.index.shuffled:
-            return
-        class_of_dir = self._class_of_dir
-        if class_of_dir is None:
-            class_of_dir = self._class_of_dir = {d: c for c, d in enumerate(_class_dirs(self.index))}
-        c = class_of_dir.get(dir_id)
-        if c is not None:
-            prefixes.listed(c)
+        c = self._class_of_dir.get(dir_id)
+        if c is not None and self.prefixes is not None and self.index.shuffled:
+            self.prefixes.listed(c)
 
     def note_walk(self) -> None:
         """A reader holds a listing of the whole tree (a dataset over a view): as a listing of
         every class directory (:meth:`note_listed`)."""
-        if self.prefixes is not None and self.index.shuffled:
-            for d in _class_dirs(self.index):
-                self.note_listed(d)
+        for d in self._class_of_dir:
+            self.note_listed(d)
 
     def on_prefix_dropped(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(record)`` when a record's cached prefix is dropped or replaced."""
